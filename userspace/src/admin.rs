@@ -1,0 +1,141 @@
+//! The admin API (SPEC §12): `/health`, `/metrics`, `/routes`, `/routes/{host}/policy`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{header::CONTENT_TYPE, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::proxy::body::{full, ProxyBody};
+use crate::state::State;
+
+#[derive(Serialize)]
+struct RouteView<'a> {
+    route: String,
+    options: &'a BTreeMap<String, String>,
+    endpoints: Vec<EndpointView<'a>>,
+}
+
+#[derive(Serialize)]
+struct EndpointView<'a> {
+    address: &'a str,
+    tls_san: Option<&'a str>,
+    protocol: &'static str,
+    tags: &'a BTreeMap<String, String>,
+    private_instance_id: &'a str,
+    private_instance_index: &'a str,
+    static_route: bool,
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json<T: Serialize>(v: &T) -> Response<ProxyBody> {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => respond(StatusCode::OK, "application/json", s),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+    }
+}
+
+fn routes(state: &State) -> Response<ProxyBody> {
+    let table = state.registry.table();
+    let views: Vec<RouteView<'_>> = table
+        .pools()
+        .into_iter()
+        .map(|p| RouteView {
+            route: p.key.to_string(),
+            options: &p.options,
+            endpoints: p
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    address: &e.addr,
+                    tls_san: e.tls_san.as_deref(),
+                    protocol: match e.protocol {
+                        crate::registry::Protocol::Http1 => "http1",
+                        crate::registry::Protocol::Http2 => "http2",
+                    },
+                    tags: &e.tags,
+                    private_instance_id: &e.private_instance_id,
+                    private_instance_index: &e.private_instance_index,
+                    static_route: e.permanent,
+                })
+                .collect(),
+        })
+        .collect();
+    json(&views)
+}
+
+fn route(state: &State, req: &Request<Incoming>) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    match path {
+        "/health" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(),
+        ),
+        "/routes" => routes(state),
+        _ => {
+            let Some(host) = path
+                .strip_prefix("/routes/")
+                .and_then(|rest| rest.strip_suffix("/policy"))
+            else {
+                return respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
+            };
+            let rt = state.runtime.load();
+            let table = state.registry.table();
+            let route_path = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("path=")))
+                .unwrap_or("");
+            match crate::explain::explain(&rt.config, &table, host, route_path, None) {
+                Ok(e) => json(&e),
+                Err(e) => respond(StatusCode::NOT_FOUND, "text/plain", format!("{e}\n")),
+            }
+        }
+    }
+}
+
+/// Serves the admin API until shutdown.
+pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let resp = if req.method() == Method::GET {
+                        route(&state, &req)
+                    } else {
+                        respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into())
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

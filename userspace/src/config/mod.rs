@@ -1,0 +1,741 @@
+//! Configuration (SPEC §3): YAML → [`raw`] serde types → validated [`Config`].
+//!
+//! Validation collects every problem with its key path (`domains[0].ca_certs: …`) instead of
+//! stopping at the first one; unknown keys are problems too.
+
+mod pem;
+mod raw;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
+
+use crate::names::DomainPattern;
+use crate::registry::ValidRegistration;
+pub use pem::{load_certified_key, load_certs, CertFile};
+use raw::*;
+
+/// A whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from (for messages and reloads); `None` for the embedded demo.
+    pub source: Option<PathBuf>,
+    pub listen: Listen,
+    pub admin: Option<SocketAddr>,
+    pub tls: Tls,
+    pub forwarded_client_cert: XfccMode,
+    pub domains: Vec<Domain>,
+    pub endpoint_selection: EndpointSelection,
+    pub backends: Backends,
+    pub registry: RegistrySettings,
+    pub nats: Option<Nats>,
+    pub routes: Vec<ValidRegistration>,
+    pub access_log: AccessLog,
+    pub xdp: Xdp,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug)]
+pub struct Listen {
+    pub https: SocketAddr,
+    pub http: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tls {
+    /// Server certificates; the first is the default when no SAN matches the SNI.
+    pub certificates: Vec<ServerCert>,
+    pub handshake_timeout: Duration,
+    pub ktls: KtlsMode,
+}
+
+/// One server certificate with the names it serves.
+#[derive(Clone, Debug)]
+pub struct ServerCert {
+    pub key: Arc<CertifiedKey>,
+    /// DNS SANs of the leaf, normalised; `*.` entries match one label.
+    pub dns_names: Vec<DomainPattern>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KtlsMode {
+    Auto,
+    On,
+    Off,
+}
+
+/// What happens to an incoming `X-Forwarded-Client-Cert` header (SPEC §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XfccMode {
+    AlwaysForward,
+    Forward,
+    SanitizeSet,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XfccFormat {
+    Raw,
+    Envoy,
+}
+
+/// An identity-aware (mTLS) domain.
+#[derive(Clone, Debug)]
+pub struct Domain {
+    pub pattern: DomainPattern,
+    /// Trust anchors client certificates must chain to.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    pub forwarded_client_cert: XfccMode,
+    pub xfcc_format: XfccFormat,
+    pub allowed_sources: Option<AllowedSources>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowedSources {
+    pub cidrs: Vec<IpNet>,
+    pub registry_hosts: bool,
+}
+
+/// `authorization.endpoint_selection` (SPEC §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EndpointSelection {
+    #[default]
+    Filter,
+    Strict,
+}
+
+#[derive(Clone, Debug)]
+pub struct Backends {
+    /// Trust anchors for TLS backends; `None` = the router cannot verify TLS backends.
+    pub ca_certs: Option<Vec<CertificateDer<'static>>>,
+    /// Client certificate presented to TLS backends.
+    pub client_cert: Option<Arc<CertifiedKey>>,
+    pub connect_timeout: Duration,
+    pub response_header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_endpoint: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct RegistrySettings {
+    pub droplet_stale_threshold: Duration,
+    pub prune_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Nats {
+    pub servers: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    /// `None` = stdout.
+    pub path: Option<PathBuf>,
+    pub extra_fields: Vec<ExtraField>,
+}
+
+/// An access-log extra field (SPEC §9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtraField {
+    TlsSni,
+    CallerCfApp,
+    CallerCfSpace,
+    CallerCfOrg,
+    RoutePolicy,
+    FailedAttempts,
+    BackendTime,
+    Ktls,
+}
+
+impl ExtraField {
+    pub const ALL: [(&'static str, ExtraField); 8] = [
+        ("tls_sni", ExtraField::TlsSni),
+        ("caller_cf_app", ExtraField::CallerCfApp),
+        ("caller_cf_space", ExtraField::CallerCfSpace),
+        ("caller_cf_org", ExtraField::CallerCfOrg),
+        ("route_policy", ExtraField::RoutePolicy),
+        ("failed_attempts", ExtraField::FailedAttempts),
+        ("backend_time", ExtraField::BackendTime),
+        ("ktls", ExtraField::Ktls),
+    ];
+
+    /// The field's name as it appears in the log line.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("", |(n, _)| n)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Xdp {
+    pub interfaces: Vec<String>,
+    pub mode: XdpMode,
+    pub ports: Vec<u16>,
+    pub reject: XdpReject,
+    pub deny_learning: DenyLearning,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpReject {
+    Reset,
+    Drop,
+}
+
+#[derive(Clone, Debug)]
+pub struct DenyLearning {
+    pub enabled: bool,
+    pub threshold: u32,
+    pub window: Duration,
+    pub ttl: Duration,
+    pub max_ttl: Duration,
+    pub exempt: Vec<IpNet>,
+}
+
+/// Connection and request limits. Not in SPEC §3's example; documented in the README.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 50_000,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            h2_max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// One problem found in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path such as `domains[0].forwarded_client_cert`.
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Why a config could not be used. Always the operator's input at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("{}: {} problem(s):\n{}", path.display(), problems.len(),
+        problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// Every problem, one `key: reason` line each.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems.iter().map(|p| p.to_string()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths in it are relative to its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut cfg = Self::from_yaml(&text, base, path)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Validates YAML text; `base` resolves relative paths, `name` is used in messages.
+    pub fn from_yaml(text: &str, base: &Path, name: &Path) -> Result<Config, ConfigError> {
+        let mut unknown = Vec::new();
+        let de = serde_norway::Deserializer::from_str(text);
+        let raw: RawConfig = {
+            let mut on_unknown = |path: serde_ignored::Path<'_>| {
+                unknown.push(Problem {
+                    key: format_ignored(&path.to_string()),
+                    reason: "unknown key".into(),
+                })
+            };
+            let de = serde_ignored::Deserializer::new(de, &mut on_unknown);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                ConfigError::Syntax {
+                    path: name.to_path_buf(),
+                    message: if path == "." || path.is_empty() {
+                        format!("invalid YAML: {inner}")
+                    } else {
+                        format!("{}: {inner}", format_ignored(&path))
+                    },
+                }
+            })?
+        };
+        let mut v = Validator {
+            base,
+            problems: unknown,
+        };
+        let cfg = v.config(raw);
+        if v.problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                path: name.to_path_buf(),
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// The mTLS domain that governs a normalised host name (exact beats wildcard).
+    pub fn domain_for(&self, host: &str) -> Option<&Domain> {
+        crate::names::best_match(self.domains.iter().map(|d| &d.pattern), host)
+            .map(|i| &self.domains[i])
+    }
+}
+
+/// serde_ignored and serde_path_to_error write `domains.0.name`; we write `domains[0].name`.
+fn format_ignored(path: &str) -> String {
+    let mut out = String::new();
+    for seg in path.split('.').filter(|s| !s.is_empty() && *s != "?") {
+        if seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
+struct Validator<'a> {
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<&str>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        match humantime::parse_duration(raw.trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.problem(key, "must be greater than zero");
+                default
+            }
+            Err(_) => {
+                self.problem(key, format!("invalid duration '{raw}', expected e.g. '10s' or '2m'"));
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, raw: &str) -> Option<SocketAddr> {
+        match raw.trim().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(key, format!("invalid address '{raw}', expected IP:PORT"));
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, key: &str, raw: Option<&str>, options: &[(&str, T)], default: T, what: &str) -> T {
+        let Some(raw) = raw else { return default };
+        if let Some((_, v)) = options.iter().find(|(n, _)| *n == raw) {
+            return *v;
+        }
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        self.problem(key, format!("invalid {what} '{raw}', must be one of {}", names.join(", ")));
+        default
+    }
+
+    fn cidrs(&mut self, key: &str, raw: &[String]) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for (i, c) in raw.iter().enumerate() {
+            let parsed = c.parse::<IpNet>().or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => out.push(n.trunc()),
+                Err(_) => self.problem(format!("{key}[{i}]"), format!("invalid CIDR '{c}'")),
+            }
+        }
+        out
+    }
+
+    fn certs(&mut self, key: &str, rel: &str) -> Option<Vec<CertificateDer<'static>>> {
+        match load_certs(self.base, rel) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.problem(key, e);
+                None
+            }
+        }
+    }
+
+    fn certified_key(&mut self, key: &str, chain: Option<&str>, pkey: Option<&str>) -> Option<CertFile> {
+        match (chain, pkey) {
+            (Some(c), Some(k)) => match load_certified_key(self.base, c, k) {
+                Ok(ck) => Some(ck),
+                Err((field, e)) => {
+                    self.problem(format!("{key}.{field}"), e);
+                    None
+                }
+            },
+            (None, _) => {
+                self.problem(format!("{key}.cert_chain"), "required");
+                None
+            }
+            (_, None) => {
+                self.problem(format!("{key}.private_key"), "required");
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let fallback: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let listen = match raw.listen {
+            Some(l) => {
+                let https = match l.https.as_deref() {
+                    Some(a) => self.addr("listen.https", a),
+                    None => {
+                        self.problem("listen.https", "required");
+                        None
+                    }
+                };
+                let http = l.http.as_deref().and_then(|a| self.addr("listen.http", a));
+                Listen {
+                    https: https.unwrap_or(fallback),
+                    http,
+                }
+            }
+            None => {
+                self.problem("listen.https", "required");
+                Listen { https: fallback, http: None }
+            }
+        };
+        let admin = raw
+            .admin
+            .and_then(|a| a.listen)
+            .and_then(|a| self.addr("admin.listen", &a));
+
+        let mut certificates = Vec::new();
+        if raw.tls.certificates.is_empty() {
+            self.problem("tls.certificates", "at least one server certificate is required");
+        }
+        for (i, c) in raw.tls.certificates.iter().enumerate() {
+            let key = format!("tls.certificates[{i}]");
+            if let Some(cf) = self.certified_key(&key, c.cert_chain.as_deref(), c.private_key.as_deref()) {
+                certificates.push(ServerCert {
+                    key: cf.key,
+                    dns_names: cf.dns_names,
+                });
+            }
+        }
+        let tls = Tls {
+            certificates,
+            handshake_timeout: self.duration(
+                "tls.handshake_timeout",
+                raw.tls.handshake_timeout.as_deref(),
+                Duration::from_secs(10),
+            ),
+            ktls: self.choice(
+                "tls.ktls",
+                raw.tls.ktls.as_deref(),
+                &[("auto", KtlsMode::Auto), ("on", KtlsMode::On), ("off", KtlsMode::Off)],
+                KtlsMode::Auto,
+                "mode",
+            ),
+        };
+
+        let xfcc_modes = [
+            ("always_forward", XfccMode::AlwaysForward),
+            ("forward", XfccMode::Forward),
+            ("sanitize_set", XfccMode::SanitizeSet),
+        ];
+        let forwarded_client_cert = self.choice(
+            "forwarded_client_cert",
+            raw.forwarded_client_cert.as_deref(),
+            &xfcc_modes,
+            XfccMode::AlwaysForward,
+            "mode",
+        );
+
+        let mut domains: Vec<Domain> = Vec::new();
+        for (i, d) in raw.domains.iter().enumerate() {
+            let key = format!("domains[{i}]");
+            let pattern = match d.name.as_deref() {
+                None => {
+                    self.problem(format!("{key}.name"), "required");
+                    None
+                }
+                Some(n) => match DomainPattern::parse(n) {
+                    Ok(p) => {
+                        if domains.iter().any(|o| o.pattern == p) {
+                            self.problem(format!("{key}.name"), format!("duplicate domain '{p}'"));
+                        }
+                        Some(p)
+                    }
+                    Err(e) => {
+                        self.problem(format!("{key}.name"), e.to_string());
+                        None
+                    }
+                },
+            };
+            let ca_certs = match d.ca_certs.as_deref() {
+                None => {
+                    self.problem(format!("{key}.ca_certs"), "required");
+                    None
+                }
+                Some(p) => self.certs(&format!("{key}.ca_certs"), p),
+            };
+            let mode = self.choice(
+                &format!("{key}.forwarded_client_cert"),
+                d.forwarded_client_cert.as_deref(),
+                &xfcc_modes,
+                XfccMode::SanitizeSet,
+                "mode",
+            );
+            let format = self.choice(
+                &format!("{key}.xfcc_format"),
+                d.xfcc_format.as_deref(),
+                &[("raw", XfccFormat::Raw), ("envoy", XfccFormat::Envoy)],
+                XfccFormat::Raw,
+                "format",
+            );
+            let allowed_sources = d.allowed_sources.as_ref().map(|a| AllowedSources {
+                cidrs: self.cidrs(&format!("{key}.allowed_sources.cidrs"), &a.cidrs),
+                registry_hosts: a.registry_hosts,
+            });
+            if let (Some(pattern), Some(ca_certs)) = (pattern, ca_certs) {
+                domains.push(Domain {
+                    pattern,
+                    ca_certs,
+                    forwarded_client_cert: mode,
+                    xfcc_format: format,
+                    allowed_sources,
+                });
+            }
+        }
+
+        let endpoint_selection = self.choice(
+            "authorization.endpoint_selection",
+            raw.authorization.endpoint_selection.as_deref(),
+            &[("filter", EndpointSelection::Filter), ("strict", EndpointSelection::Strict)],
+            EndpointSelection::Filter,
+            "mode",
+        );
+
+        let b = &raw.backends;
+        let ca_certs = b.ca_certs.as_deref().and_then(|p| self.certs("backends.ca_certs", p));
+        let client_cert = if b.cert_chain.is_some() || b.private_key.is_some() {
+            self.certified_key("backends", b.cert_chain.as_deref(), b.private_key.as_deref())
+                .map(|c| c.key)
+        } else {
+            None
+        };
+        let backends = Backends {
+            ca_certs,
+            client_cert,
+            connect_timeout: self.duration("backends.connect_timeout", b.connect_timeout.as_deref(), Duration::from_secs(5)),
+            response_header_timeout: self.duration(
+                "backends.response_header_timeout",
+                b.response_header_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+            idle_timeout: self.duration("backends.idle_timeout", b.idle_timeout.as_deref(), Duration::from_secs(90)),
+            max_idle_per_endpoint: b.max_idle_per_endpoint.unwrap_or(100),
+        };
+
+        let registry = RegistrySettings {
+            droplet_stale_threshold: self.duration(
+                "registry.droplet_stale_threshold",
+                raw.registry.droplet_stale_threshold.as_deref(),
+                Duration::from_secs(120),
+            ),
+            prune_interval: self.duration(
+                "registry.prune_interval",
+                raw.registry.prune_interval.as_deref(),
+                Duration::from_secs(30),
+            ),
+        };
+
+        let nats = raw.nats.map(|n| {
+            if n.servers.is_empty() {
+                self.problem("nats.servers", "at least one server is required");
+            }
+            for (i, s) in n.servers.iter().enumerate() {
+                if !s.starts_with("nats://") && !s.starts_with("tls://") {
+                    self.problem(format!("nats.servers[{i}]"), format!("invalid URL '{s}', expected nats://HOST:PORT"));
+                }
+            }
+            Nats { servers: n.servers }
+        });
+
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            match ValidRegistration::try_from(r) {
+                Ok(v) => {
+                    for bad in &v.policy.malformed {
+                        self.problem(
+                            format!("routes[{i}].options.route_policy_sources"),
+                            format!("malformed source '{bad}', expected cf:any, cf:app:<guid>, cf:space:<guid> or cf:org:<guid>"),
+                        );
+                    }
+                    routes.push(v)
+                }
+                Err(e) => self.problem(format!("routes[{i}]"), e.to_string()),
+            }
+        }
+
+        let access_log = AccessLog {
+            path: match raw.access_log.path.as_deref() {
+                None | Some("-") => None,
+                Some(p) => Some(self.base.join(p)),
+            },
+            extra_fields: match raw.access_log.extra_fields {
+                None => ExtraField::ALL[..5].iter().map(|(_, f)| *f).collect(),
+                Some(names) => names
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, n)| {
+                        let found = ExtraField::ALL.iter().find(|(name, _)| name == n).map(|(_, f)| *f);
+                        if found.is_none() {
+                            let all: Vec<&str> = ExtraField::ALL.iter().map(|(n, _)| *n).collect();
+                            self.problem(
+                                format!("access_log.extra_fields[{i}]"),
+                                format!("unknown field '{n}', must be one of {}", all.join(", ")),
+                            );
+                        }
+                        found
+                    })
+                    .collect(),
+            },
+        };
+
+        let x = &raw.xdp;
+        let dl = &x.deny_learning;
+        let threshold = dl.threshold.unwrap_or(20);
+        if threshold == 0 {
+            self.problem("xdp.deny_learning.threshold", "must be at least 1");
+        }
+        let ttl = self.duration("xdp.deny_learning.ttl", dl.ttl.as_deref(), Duration::from_secs(60));
+        let max_ttl = self.duration("xdp.deny_learning.max_ttl", dl.max_ttl.as_deref(), Duration::from_secs(3600));
+        if max_ttl < ttl {
+            self.problem("xdp.deny_learning.max_ttl", "must not be shorter than ttl");
+        }
+        let ports = x
+            .ports
+            .clone()
+            .unwrap_or_else(|| [listen.https.port()].into_iter().filter(|p| *p != 0).collect());
+        if ports.contains(&0) {
+            self.problem("xdp.ports", "port 0 is not a valid port");
+        }
+        let xdp = Xdp {
+            interfaces: x.interfaces.clone(),
+            mode: self.choice(
+                "xdp.mode",
+                x.mode.as_deref(),
+                &[("auto", XdpMode::Auto), ("native", XdpMode::Native), ("skb", XdpMode::Skb)],
+                XdpMode::Auto,
+                "mode",
+            ),
+            ports,
+            reject: self.choice(
+                "xdp.reject",
+                x.reject.as_deref(),
+                &[("reset", XdpReject::Reset), ("drop", XdpReject::Drop)],
+                XdpReject::Reset,
+                "action",
+            ),
+            deny_learning: DenyLearning {
+                enabled: dl.enabled.unwrap_or(true),
+                threshold,
+                window: self.duration("xdp.deny_learning.window", dl.window.as_deref(), Duration::from_secs(10)),
+                ttl,
+                max_ttl,
+                exempt: self.cidrs("xdp.deny_learning.exempt", &dl.exempt),
+            },
+        };
+
+        let defaults = Limits::default();
+        let l = &raw.limits;
+        let max_header_bytes = l.max_header_bytes.unwrap_or(defaults.max_header_bytes);
+        if max_header_bytes < 8192 {
+            self.problem("limits.max_header_bytes", "must be at least 8192");
+        }
+        let limits = Limits {
+            max_connections: l.max_connections.unwrap_or(defaults.max_connections).max(1),
+            max_header_bytes: max_header_bytes.max(8192),
+            header_read_timeout: self.duration(
+                "limits.header_read_timeout",
+                l.header_read_timeout.as_deref(),
+                defaults.header_read_timeout,
+            ),
+            idle_timeout: self.duration("limits.idle_timeout", l.idle_timeout.as_deref(), defaults.idle_timeout),
+            h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(defaults.h2_max_concurrent_streams),
+        };
+
+        Config {
+            source: None,
+            listen,
+            admin,
+            tls,
+            forwarded_client_cert,
+            domains,
+            endpoint_selection,
+            backends,
+            registry,
+            nats,
+            routes,
+            access_log,
+            xdp,
+            limits,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

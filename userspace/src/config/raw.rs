@@ -1,0 +1,138 @@
+//! The config file as written: every scalar that needs checking is kept as a string here so that
+//! validation can report all problems at once, each with its key path.
+
+use serde::Deserialize;
+
+use crate::registry::Registration;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    pub listen: Option<RawListen>,
+    pub admin: Option<RawAdmin>,
+    pub tls: RawTls,
+    pub forwarded_client_cert: Option<String>,
+    pub domains: Vec<RawDomain>,
+    pub authorization: RawAuthorization,
+    pub backends: RawBackends,
+    pub registry: RawRegistry,
+    pub nats: Option<RawNats>,
+    pub routes: Vec<Registration>,
+    pub access_log: RawAccessLog,
+    pub xdp: RawXdp,
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawListen {
+    pub https: Option<String>,
+    pub http: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTls {
+    pub certificates: Vec<RawCertificate>,
+    pub handshake_timeout: Option<String>,
+    pub ktls: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawCertificate {
+    pub cert_chain: Option<String>,
+    pub private_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawDomain {
+    pub name: Option<String>,
+    pub ca_certs: Option<String>,
+    pub forwarded_client_cert: Option<String>,
+    pub xfcc_format: Option<String>,
+    pub allowed_sources: Option<RawAllowedSources>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAllowedSources {
+    pub cidrs: Vec<String>,
+    pub registry_hosts: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAuthorization {
+    pub endpoint_selection: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawBackends {
+    pub ca_certs: Option<String>,
+    pub cert_chain: Option<String>,
+    pub private_key: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub response_header_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_idle_per_endpoint: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRegistry {
+    pub droplet_stale_threshold: Option<String>,
+    pub prune_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawNats {
+    pub servers: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAccessLog {
+    pub path: Option<String>,
+    pub extra_fields: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawXdp {
+    pub interfaces: Vec<String>,
+    pub mode: Option<String>,
+    pub ports: Option<Vec<u16>>,
+    pub reject: Option<String>,
+    pub deny_learning: RawDenyLearning,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawDenyLearning {
+    pub enabled: Option<bool>,
+    pub threshold: Option<u32>,
+    pub window: Option<String>,
+    pub ttl: Option<String>,
+    pub max_ttl: Option<String>,
+    pub exempt: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub h2_max_concurrent_streams: Option<u32>,
+}

@@ -1,0 +1,245 @@
+//! "Who may reach this route?": the `explain` view shared by the CLI and `/routes/{host}/policy`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde::Serialize;
+
+use crate::authz::{check_scope, decide_sources, ScopeTags};
+use crate::config::{Config, EndpointSelection};
+use crate::identity::{IdentityError, PeerCert};
+use crate::names::{normalize_authority, normalize_host};
+use crate::routing::RouteTable;
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub host: String,
+    pub route: String,
+    /// The mTLS domain governing the host, if any.
+    pub domain: Option<String>,
+    pub enforcing: bool,
+    pub scope: Option<String>,
+    pub sources: Vec<String>,
+    pub malformed_sources: Vec<String>,
+    pub endpoint_selection: &'static str,
+    pub endpoints: Vec<EndpointView>,
+    pub caller: Option<CallerDecision>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub address: String,
+    pub tls: bool,
+    pub app_id: String,
+    pub space_id: String,
+    pub organization_id: String,
+    pub instance_id: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CallerDecision {
+    pub certificate: String,
+    pub app: Option<String>,
+    pub space: Option<String>,
+    pub org: Option<String>,
+    pub decision: &'static str,
+    pub rule: String,
+    /// Endpoints this caller's requests may be sent to.
+    pub reachable_endpoints: Vec<String>,
+}
+
+/// Why nothing can be explained.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("no route for host '{0}'")]
+    NoRoute(String),
+    #[error("caller certificate: {0}")]
+    BadCaller(String),
+}
+
+/// Explains the route for `host` (and `path`), optionally deciding for a caller's certificate chain
+/// (leaf first), which is verified against the host's domain CA as the handshake would.
+pub fn explain(
+    config: &Config,
+    table: &RouteTable,
+    host: &str,
+    path: &str,
+    caller: Option<&[CertificateDer<'static>]>,
+) -> Result<Explanation, ExplainError> {
+    let host = normalize_authority(host);
+    let pool = table
+        .lookup(&host, path)
+        .ok_or_else(|| ExplainError::NoRoute(host.clone()))?;
+    let domain = config.domain_for(&host);
+    let policy = &pool.policy;
+    let caller = match caller {
+        None => None,
+        Some(chain) => {
+            let leaf = chain
+                .first()
+                .ok_or_else(|| ExplainError::BadCaller("no certificate in the file".into()))?;
+            let certificate = match domain {
+                None => "not checked: host is not in an mTLS domain (no client certificate is requested)".to_string(),
+                Some(d) => verify(&d.ca_certs, chain).map_or_else(|e| format!("rejected at handshake: {e}"), |()| {
+                    format!("valid for {}", d.pattern)
+                }),
+            };
+            let peer = PeerCert::from_der(leaf);
+            let (decision, rule, reachable) = decide(config, pool, &peer, domain.is_some(), &certificate);
+            let id = peer.identity.as_ref().ok();
+            Some(CallerDecision {
+                certificate,
+                app: id.map(|i| i.app.clone()),
+                space: id.and_then(|i| i.space.clone()),
+                org: id.and_then(|i| i.org.clone()),
+                decision,
+                rule,
+                reachable_endpoints: reachable,
+            })
+        }
+    };
+    Ok(Explanation {
+        host: host.clone(),
+        route: pool.key.to_string(),
+        domain: domain.map(|d| d.pattern.to_string()),
+        enforcing: policy.is_enforcing(),
+        scope: policy.scope.as_ref().map(ToString::to_string),
+        sources: policy.sources.iter().map(ToString::to_string).collect(),
+        malformed_sources: policy.malformed.clone(),
+        endpoint_selection: match config.endpoint_selection {
+            EndpointSelection::Filter => "filter",
+            EndpointSelection::Strict => "strict",
+        },
+        endpoints: pool
+            .endpoints
+            .iter()
+            .map(|e| EndpointView {
+                address: e.addr.clone(),
+                tls: e.tls_san.is_some(),
+                app_id: e.app_id().to_string(),
+                space_id: e.space_id().to_string(),
+                organization_id: e.organization_id().to_string(),
+                instance_id: e.private_instance_id.clone(),
+            })
+            .collect(),
+        caller,
+    })
+}
+
+fn verify(cas: &[CertificateDer<'static>], chain: &[CertificateDer<'static>]) -> Result<(), String> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(cas.iter().cloned());
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    verifier
+        .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn decide(
+    config: &Config,
+    pool: &crate::routing::Pool,
+    peer: &PeerCert,
+    mtls: bool,
+    certificate: &str,
+) -> (&'static str, String, Vec<String>) {
+    let all: Vec<String> = pool.endpoints.iter().map(|e| e.addr.clone()).collect();
+    if mtls && certificate.starts_with("rejected") {
+        return ("deny", "handshake".into(), Vec::new());
+    }
+    let Some(scope) = &pool.policy.scope else {
+        return ("allow", "-".into(), all);
+    };
+    let id = match &peer.identity {
+        Ok(id) => id,
+        Err(IdentityError::NoApp | IdentityError::Conflict(_) | IdentityError::Unparsable(_)) => {
+            return ("deny", "identity_extraction".into(), Vec::new())
+        }
+    };
+    let mut denial = None;
+    let mut reachable = Vec::new();
+    for e in &pool.endpoints {
+        match check_scope(scope, id, e.as_ref()) {
+            Ok(()) => reachable.push(e.addr.clone()),
+            Err(d) => denial = Some(d),
+        }
+    }
+    if reachable.is_empty() {
+        let rule = denial.map_or_else(String::new, |d| d.0.to_string());
+        return ("deny", rule, reachable);
+    }
+    match decide_sources(&pool.policy, id) {
+        Err(d) => ("deny", d.0.to_string(), Vec::new()),
+        Ok(rule) => {
+            let partial = reachable.len() < all.len();
+            let rule = if partial && config.endpoint_selection == EndpointSelection::Strict {
+                format!("{rule} (strict selection: 403 when an endpoint outside the scope is picked)")
+            } else {
+                rule.to_string()
+            };
+            ("allow", rule, reachable)
+        }
+    }
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "route:     {}", self.route)?;
+        writeln!(
+            f,
+            "domain:    {}",
+            self.domain.as_deref().map_or("- (server TLS only, no caller identity)".to_string(), |d| format!("{d} (mTLS)"))
+        )?;
+        match &self.scope {
+            None => writeln!(f, "policy:    not enforcing: every caller that reaches the route is proxied")?,
+            Some(s) => {
+                writeln!(f, "policy:    scope={s}, endpoint selection {}", self.endpoint_selection)?;
+                if self.sources.is_empty() {
+                    writeln!(f, "sources:   none: every caller is denied (route:no_route_policies)")?;
+                } else {
+                    writeln!(f, "sources:   {}", self.sources.join(", "))?;
+                }
+            }
+        }
+        if !self.malformed_sources.is_empty() {
+            writeln!(f, "ignored:   malformed sources {}", self.malformed_sources.join(", "))?;
+        }
+        writeln!(f, "endpoints:")?;
+        for e in &self.endpoints {
+            let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+            writeln!(
+                f,
+                "  {}{} app={} space={} org={} instance={}",
+                e.address,
+                if e.tls { " (tls)" } else { "" },
+                dash(&e.app_id),
+                dash(&e.space_id),
+                dash(&e.organization_id),
+                dash(&e.instance_id)
+            )?;
+        }
+        if let Some(c) = &self.caller {
+            let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
+            writeln!(f, "caller:    app={} space={} org={}", dash(&c.app), dash(&c.space), dash(&c.org))?;
+            writeln!(f, "certificate: {}", c.certificate)?;
+            writeln!(f, "decision:  {} ({})", c.decision, c.rule)?;
+            if c.decision == "allow" {
+                writeln!(f, "reaches:   {}", c.reachable_endpoints.join(", "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Normalises a host for lookups from user input (CLI or URL path).
+pub fn host_arg(raw: &str) -> String {
+    normalize_host(raw.trim())
+}

@@ -1,0 +1,318 @@
+//! Wiring: listeners, per-connection limits and timeouts, reload and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::accesslog::{AccessLogger, OpenError};
+use crate::config::{Config, Limits};
+use crate::metrics::{KtlsLabels, Metrics};
+use crate::proxy::{self, BackendPool, ConnCtx};
+use crate::registry::Registry;
+use crate::state::{Runtime, State};
+use crate::tls::{self, TlsBuildError};
+
+/// Why the gateway could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsBuildError),
+    #[error(transparent)]
+    AccessLog(#[from] OpenError),
+    #[error("{0} cannot change on reload; restart to apply it")]
+    NeedsRestart(&'static str),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    state: Arc<State>,
+    https: SocketAddr,
+    http: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    connections: Arc<AtomicUsize>,
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+impl Gateway {
+    /// Binds every listener and starts serving. Returns once all listeners accept connections.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let log = AccessLogger::start(
+            config.access_log.path.clone(),
+            config.access_log.extra_fields.clone(),
+            metrics.clone(),
+        )
+        .await?;
+        let registry = Registry::new(metrics.clone());
+        registry.replace_static(&config.routes, config.registry.droplet_stale_threshold);
+        count_malformed(&metrics, &config);
+        let https_l = bind("listen.https", config.listen.https).await?;
+        let http_l = match config.listen.http {
+            Some(a) => Some(bind("listen.http", a).await?),
+            None => None,
+        };
+        let admin_l = match config.admin {
+            Some(a) => Some(bind("admin.listen", a).await?),
+            None => None,
+        };
+        tracing::info!(
+            ktls = ?config.tls.ktls,
+            "kernel TLS is not available in this build; TLS records stay in userspace rustls"
+        );
+        let limits = config.limits.clone();
+        let state = Arc::new(State {
+            runtime: ArcSwap::from_pointee(Runtime::build(config)?),
+            registry,
+            metrics,
+            log,
+            backends: BackendPool::default(),
+        });
+        let (shutdown, _) = watch::channel(false);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let gw = Gateway {
+            https: https_l.local_addr().map_err(|source| StartError::Bind {
+                key: "listen.https",
+                addr: state.runtime.load().config.listen.https,
+                source,
+            })?,
+            http: http_l.as_ref().and_then(|l| l.local_addr().ok()),
+            admin: admin_l.as_ref().and_then(|l| l.local_addr().ok()),
+            state: state.clone(),
+            shutdown,
+            connections,
+        };
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        tokio::spawn(accept_loop(gw.clone_parts(), https_l, slots.clone(), true));
+        if let Some(l) = http_l {
+            tokio::spawn(accept_loop(gw.clone_parts(), l, slots, false));
+        }
+        if let Some(l) = admin_l {
+            tokio::spawn(crate::admin::serve(state.clone(), l, gw.shutdown.subscribe()));
+        }
+        tracing::info!(https = %gw.https, http = ?gw.http, admin = ?gw.admin, "portcullis is serving");
+        Ok(gw)
+    }
+
+    fn clone_parts(&self) -> Parts {
+        Parts {
+            state: self.state.clone(),
+            shutdown: self.shutdown.subscribe(),
+            connections: self.connections.clone(),
+        }
+    }
+
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Applies a new config: certificates, domains, policies and static routes change for the
+    /// next connection or request; established connections keep running. Listener addresses and
+    /// limits need a restart.
+    pub fn reload(&self, config: Config) -> Result<(), StartError> {
+        let current = self.state.runtime.load();
+        let old = &current.config;
+        if old.listen.https != config.listen.https || old.listen.http != config.listen.http {
+            return Err(StartError::NeedsRestart("listen"));
+        }
+        if old.admin != config.admin {
+            return Err(StartError::NeedsRestart("admin.listen"));
+        }
+        let runtime = Runtime::build(config)?;
+        let cfg = &runtime.config;
+        self.state
+            .registry
+            .replace_static(&cfg.routes, cfg.registry.droplet_stale_threshold);
+        count_malformed(&self.state.metrics, cfg);
+        self.state.runtime.store(Arc::new(runtime));
+        self.state.log.reopen();
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting, lets open connections finish their requests for up to `drain`.
+    pub async fn shutdown(self, drain: Duration) {
+        let _ = self.shutdown.send(true);
+        let deadline = Instant::now() + drain;
+        while self.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn count_malformed(metrics: &Metrics, config: &Config) {
+    let n: usize = config.routes.iter().map(|r| r.policy.malformed.len()).sum();
+    metrics.route_policy_malformed_sources.inc_by(n as u64);
+}
+
+struct Parts {
+    state: Arc<State>,
+    shutdown: watch::Receiver<bool>,
+    connections: Arc<AtomicUsize>,
+}
+
+async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>, tls: bool) {
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = p.shutdown.changed() => return,
+        };
+        let (tcp, client) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = p.shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let state = p.state.clone();
+        let shutdown = p.shutdown.clone();
+        let connections = p.connections.clone();
+        connections.fetch_add(1, Ordering::Relaxed);
+        state.metrics.connections_active.inc();
+        tokio::spawn(async move {
+            if tls {
+                serve_tls(state.clone(), tcp, client, shutdown).await;
+            } else {
+                let conn = ConnCtx {
+                    client,
+                    tls: None,
+                    ktls: false,
+                    inflight: Arc::default(),
+                    requests: Default::default(),
+                };
+                serve_http(state.clone(), tcp, conn, shutdown).await;
+            }
+            state.metrics.connections_active.dec();
+            connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tls(state: Arc<State>, tcp: TcpStream, client: SocketAddr, shutdown: watch::Receiver<bool>) {
+    let rt = state.runtime.load_full();
+    match tls::accept(tcp, &rt.tls, rt.config.tls.handshake_timeout).await {
+        Err((pattern, failure)) => {
+            state.metrics.count_handshake(pattern.as_ref(), failure.label());
+            tracing::debug!(%client, domain = ?pattern.map(|p| p.to_string()), error = %failure, "handshake failed");
+        }
+        Ok(accepted) => {
+            state.metrics.count_handshake(accepted.info.mtls.as_ref(), "ok");
+            state
+                .metrics
+                .ktls_connections
+                .get_or_create(&KtlsLabels { mode: "userspace" })
+                .inc();
+            drop(rt);
+            let conn = ConnCtx {
+                client,
+                tls: Some(accepted.info),
+                ktls: false,
+                inflight: Arc::default(),
+                requests: Default::default(),
+            };
+            serve_http(state, accepted.stream, conn, shutdown).await;
+        }
+    }
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+async fn serve_http<S>(state: Arc<State>, io: S, conn: ConnCtx, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let limits = state.runtime.load().config.limits.clone();
+    let conn = Arc::new(conn);
+    let inflight = conn.inflight.clone();
+    let svc_state = state.clone();
+    let svc_conn = conn.clone();
+    let service = service_fn(move |req| proxy::handle(svc_state.clone(), svc_conn.clone(), req));
+    let builder = builder(&limits);
+    let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(serving);
+    let idle = limits.idle_timeout;
+    let mut idle_since = Instant::now();
+    let mut seen = 0;
+    let mut closing = false;
+    loop {
+        let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(100));
+        tokio::select! {
+            res = serving.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(client = %conn.client, error = %e, "connection ended with error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(tick) => {
+                let started = conn.requests.load(Ordering::Relaxed);
+                if inflight.load(Ordering::Relaxed) > 0 || started != seen {
+                    seen = started;
+                    idle_since = Instant::now();
+                } else if !closing && idle_since.elapsed() >= idle {
+                    closing = true;
+                    serving.as_mut().graceful_shutdown();
+                }
+            }
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                serving.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}

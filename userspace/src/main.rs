@@ -1,0 +1,198 @@
+//! The `portcullis` command line (SPEC §2). Exit codes: 0 success, 2 invalid input, 1 runtime
+//! failure.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use portcullis::config::{load_certs, Config};
+use portcullis::gateway::Gateway;
+use portcullis::registry::Registry;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "Identity-aware mTLS gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway. Without --config, run the self-contained demo on loopback.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Demo only: HTTPS listen address.
+        #[arg(long, default_value = "127.0.0.1:8443", conflicts_with = "config")]
+        demo_listen: SocketAddr,
+        /// Demo only: admin listen address.
+        #[arg(long, default_value = "127.0.0.1:8082", conflicts_with = "config")]
+        demo_admin: SocketAddr,
+    },
+    /// Validate a config file; exit 2 listing every problem.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show who may reach a route and, with a caller certificate, the decision.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        host: String,
+        /// Request path, for routes registered with a path.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// PEM file with the caller's certificate (leaf first, then intermediates).
+        #[arg(long)]
+        caller_cert: Option<PathBuf>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: valid", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Explain {
+            config,
+            host,
+            path,
+            caller_cert,
+        } => explain(&config, &host, &path, caller_cert.as_deref()),
+        Command::Run {
+            config,
+            demo_listen,
+            demo_admin,
+        } => {
+            init_tracing();
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(run(config, demo_listen, demo_admin))
+        }
+    }
+}
+
+fn explain(config: &Path, host: &str, path: &str, caller: Option<&Path>) -> ExitCode {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let chain = match caller {
+        None => None,
+        Some(p) => match load_certs(Path::new("."), &p.to_string_lossy()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("--caller-cert: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let registry = Registry::new(Default::default());
+    registry.replace_static(&cfg.routes, cfg.registry.droplet_stale_threshold);
+    match portcullis::explain::explain(&cfg, &registry.table(), host, path, chain.as_deref()) {
+        Ok(e) => {
+            print!("{e}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", config.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: SocketAddr) -> ExitCode {
+    let (cfg, demo) = match &config {
+        Some(path) => match load(path) {
+            Ok(c) => (c, None),
+            Err(code) => return code,
+        },
+        None => match portcullis::demo::prepare(demo_listen, demo_admin).await {
+            Ok(d) => (d.config.clone(), Some(d)),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let gateway = match Gateway::start(cfg).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{e}");
+            if demo.is_some() {
+                eprintln!("hint: choose free ports with --demo-listen 127.0.0.1:0 --demo-admin 127.0.0.1:0");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(d) = &demo {
+        eprintln!(
+            "{}",
+            portcullis::demo::instructions(&d.dir, gateway.https_addr(), gateway.admin_addr())
+        );
+    }
+    let signals = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+    );
+    let (Ok(mut hup), Ok(mut term)) = signals else {
+        eprintln!("cannot install signal handlers");
+        return ExitCode::from(1);
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let Some(path) = &config else {
+                    tracing::info!("SIGHUP: the demo has no config file to reload");
+                    continue;
+                };
+                match Config::load(path) {
+                    Ok(c) => {
+                        if let Err(e) = gateway.reload(c) {
+                            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    gateway.shutdown(Duration::from_secs(10)).await;
+    if let Some(d) = demo {
+        let _ = std::fs::remove_dir_all(&d.dir);
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,151 @@
+//! Prometheus metrics (SPEC §12). Names and labels here are relied on by users' dashboards.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub decision: &'static str,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub domain: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KtlsLabels {
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    pub subject: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdpVerdictLabels {
+    pub domain: String,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdpAttachLabels {
+    pub interface: String,
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: &'static str,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<CodeLabels, Counter>,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub ktls_connections: Family<KtlsLabels, Counter>,
+    pub registry_endpoints: Gauge,
+    pub registry_messages: Family<RegistryLabels, Counter>,
+    pub route_policy_malformed_sources: Counter,
+    pub xdp_verdicts: Family<XdpVerdictLabels, Counter>,
+    pub xdp_deny_entries: Gauge,
+    pub xdp_attached: Family<XdpAttachLabels, Gauge>,
+    pub connections_active: Gauge,
+    pub backend_errors: Family<ErrorLabels, Counter>,
+    pub access_log_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let m = Metrics {
+            requests: Family::default(),
+            authz_decisions: Family::default(),
+            tls_handshakes: Family::default(),
+            ktls_connections: Family::default(),
+            registry_endpoints: Gauge::default(),
+            registry_messages: Family::default(),
+            route_policy_malformed_sources: Counter::default(),
+            xdp_verdicts: Family::default(),
+            xdp_deny_entries: Gauge::default(),
+            xdp_attached: Family::default(),
+            connections_active: Gauge::default(),
+            backend_errors: Family::default(),
+            access_log_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests answered, by status code", m.requests.clone());
+        registry.register("authz_decisions", "Authorization decisions, by rule", m.authz_decisions.clone());
+        registry.register("tls_handshakes", "TLS handshakes, by mTLS domain and result", m.tls_handshakes.clone());
+        registry.register("ktls_connections", "Connections by TLS record layer", m.ktls_connections.clone());
+        registry.register("registry_endpoints", "Endpoint registrations in the route table", m.registry_endpoints.clone());
+        registry.register("registry_messages", "Registry messages, by subject and result", m.registry_messages.clone());
+        registry.register(
+            "route_policy_malformed_sources",
+            "Malformed route_policy_sources entries skipped, once per registration",
+            m.route_policy_malformed_sources.clone(),
+        );
+        registry.register("xdp_verdicts", "XDP verdicts on ClientHellos", m.xdp_verdicts.clone());
+        registry.register("xdp_deny_entries", "Learned denials in the XDP DENY map", m.xdp_deny_entries.clone());
+        registry.register("xdp_attached", "Whether the XDP program is attached", m.xdp_attached.clone());
+        registry.register("connections_active", "Client connections open", m.connections_active.clone());
+        registry.register("backend_errors", "Backend failures, by kind", m.backend_errors.clone());
+        registry.register("access_log_dropped", "Access-log records dropped because the writer fell behind", m.access_log_dropped.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn count_request(&self, status: u16) {
+        self.requests
+            .get_or_create(&CodeLabels {
+                code: status.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn count_decision(&self, allowed: bool, rule: String) {
+        self.authz_decisions
+            .get_or_create(&AuthzLabels {
+                decision: if allowed { "allow" } else { "deny" },
+                rule,
+            })
+            .inc();
+    }
+
+    pub fn count_handshake(&self, domain: Option<&crate::names::DomainPattern>, result: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&HandshakeLabels {
+                domain: domain.map_or_else(|| "-".to_string(), ToString::to_string),
+                result,
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,197 @@
+//! Request and response header handling: hop-by-hop removal, forwarding headers, B3, XFCC.
+
+use base64::Engine as _;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+
+use crate::config::{XfccFormat, XfccMode};
+use crate::identity::PeerCert;
+
+pub const X_CF_ROUTERERROR: &str = "x-cf-routererror";
+pub const XFCC: &str = "x-forwarded-client-cert";
+pub const X_VCAP_REQUEST_ID: &str = "x-vcap-request-id";
+pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const X_REQUEST_START: &str = "x-request-start";
+const B3_TRACE: &str = "x-b3-traceid";
+const B3_SPAN: &str = "x-b3-spanid";
+const B3_PARENT: &str = "x-b3-parentspanid";
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Whether a request asks for a protocol upgrade (WebSocket and others, HTTP/1.1 only).
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(UPGRADE)
+        && h.get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers and those named in `Connection`. With `keep_upgrade`, `Upgrade`
+/// and `Connection: upgrade` survive so an authorized upgrade can be forwarded.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(keep_upgrade && n == UPGRADE) {
+            h.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if keep_upgrade {
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(UPGRADE);
+    }
+}
+
+/// Keeps a valid UUID request id, else sets a new one; returns the value used.
+pub fn request_id(h: &mut HeaderMap) -> String {
+    if let Some(v) = h.get(X_VCAP_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if uuid::Uuid::try_parse(v).is_ok() {
+            return v.to_string();
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert(X_VCAP_REQUEST_ID, v);
+    }
+    id
+}
+
+fn is_hex(s: &str, lens: &[usize]) -> bool {
+    lens.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Continues an incoming B3 trace (new span, parent = incoming span) or starts one.
+pub fn b3(h: &mut HeaderMap) {
+    let span = format!("{:016x}", rand::random::<u64>());
+    let trace = h.get(B3_TRACE).and_then(|v| v.to_str().ok()).filter(|t| is_hex(t, &[16, 32]));
+    match trace {
+        Some(_) => {
+            let parent = h
+                .get(B3_SPAN)
+                .and_then(|v| v.to_str().ok())
+                .filter(|s| is_hex(s, &[16]))
+                .map(str::to_string);
+            match parent.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                Some(p) => h.insert(B3_PARENT, p),
+                None => h.remove(B3_PARENT),
+            };
+        }
+        None => {
+            let t = format!("{:032x}", rand::random::<u128>());
+            if let Ok(v) = HeaderValue::from_str(&t) {
+                h.insert(B3_TRACE, v);
+            }
+            h.remove(B3_PARENT);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&span) {
+        h.insert(B3_SPAN, v);
+    }
+}
+
+/// Appends the client address to `X-Forwarded-For`; returns the new value.
+pub fn forwarded_for(h: &mut HeaderMap, client_ip: &str) -> String {
+    let joined = h
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let value = if joined.is_empty() {
+        client_ip.to_string()
+    } else {
+        format!("{joined}, {client_ip}")
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    value
+}
+
+/// The XFCC value for a leaf certificate in the given format.
+pub fn xfcc_value(peer: &PeerCert, format: XfccFormat) -> String {
+    match format {
+        XfccFormat::Raw => base64::engine::general_purpose::STANDARD.encode(&peer.der),
+        XfccFormat::Envoy => format!(
+            "Hash={};Subject=\"{}\"",
+            peer.sha256_hex(),
+            peer.envoy_subject.replace('"', "\\\"")
+        ),
+    }
+}
+
+/// Applies an XFCC mode (SPEC §8).
+pub fn apply_xfcc(h: &mut HeaderMap, mode: XfccMode, format: XfccFormat, peer: Option<&PeerCert>) {
+    match mode {
+        XfccMode::AlwaysForward => {}
+        XfccMode::Forward => {
+            if peer.is_none() {
+                h.remove(XFCC);
+            }
+        }
+        XfccMode::SanitizeSet => {
+            h.remove(XFCC);
+            if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&xfcc_value(p, format)).ok()) {
+                h.insert(XFCC, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn request_id_kept_only_when_uuid() {
+        let mut h = HeaderMap::new();
+        h.insert(X_VCAP_REQUEST_ID, HeaderValue::from_static("not-a-uuid"));
+        let id = request_id(&mut h);
+        assert!(uuid::Uuid::try_parse(&id).is_ok());
+        assert_eq!(request_id(&mut h), id);
+    }
+
+    #[test]
+    fn b3_continues_a_trace() {
+        let mut h = HeaderMap::new();
+        h.insert(B3_TRACE, HeaderValue::from_static("0123456789abcdef0123456789abcdef"));
+        h.insert(B3_SPAN, HeaderValue::from_static("0123456789abcdef"));
+        b3(&mut h);
+        assert_eq!(h[B3_TRACE], "0123456789abcdef0123456789abcdef");
+        assert_eq!(h[B3_PARENT], "0123456789abcdef");
+        assert_ne!(h[B3_SPAN], "0123456789abcdef");
+    }
+}

@@ -1,0 +1,476 @@
+//! The request pipeline (SPEC §6): host → lookup → binding → identity → authorization with
+//! endpoint selection → proxy → exactly one access-log record.
+
+pub mod body;
+mod headers;
+mod pool;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderValue, CONTENT_TYPE, HOST, REFERER, USER_AGENT};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::accesslog::AccessRecord;
+use crate::authz::{check_scope, decide_sources, Denial, Rule};
+use crate::config::{Config, EndpointSelection, XfccFormat};
+use crate::identity::Identity;
+use crate::names::{normalize_authority, DomainPattern};
+use crate::registry::Protocol;
+use crate::routing::Endpoint;
+use crate::state::State;
+use crate::tls::ConnTls;
+use body::{empty, full, BoxError, Counted, Finish, ProxyBody};
+pub use headers::{is_upgrade, xfcc_value, X_CF_ROUTERERROR, XFCC};
+pub use pool::BackendPool;
+use pool::{ConnectSettings, Lease};
+
+/// Most endpoints tried for one request when connecting fails (SPEC §6).
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// What the proxy knows about a client connection.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub client: SocketAddr,
+    /// TLS facts; `None` on the plain HTTP listener.
+    pub tls: Option<ConnTls>,
+    /// Whether the kernel does this connection's TLS records.
+    pub ktls: bool,
+    /// Requests in flight (the idle timer only runs when this is zero).
+    pub inflight: Arc<AtomicUsize>,
+    /// Requests started on this connection (the idle timer restarts when it moves).
+    pub requests: AtomicU64,
+}
+
+impl ConnCtx {
+    fn identity(&self) -> Option<&Identity> {
+        self.tls.as_ref()?.peer.as_ref()?.identity.as_ref().ok()
+    }
+
+    fn mtls(&self) -> Option<&DomainPattern> {
+        self.tls.as_ref()?.mtls.as_ref()
+    }
+}
+
+/// Every answer the gateway gives itself instead of the backend's.
+#[derive(Debug)]
+enum Reject {
+    EmptyHost,
+    UnknownRoute(String),
+    Misdirected,
+    /// Identity or policy denial: always final, never retried.
+    Forbidden(Rule),
+    EndpointFailure,
+    EndpointTimeout,
+}
+
+impl Reject {
+    /// The one place a rejection becomes a status, a body and an `X-Cf-Routererror`.
+    fn response(&self) -> Response<ProxyBody> {
+        let (status, body, router_error): (StatusCode, String, Option<&str>) = match self {
+            Reject::EmptyHost => (StatusCode::BAD_REQUEST, String::new(), Some("empty_host")),
+            Reject::UnknownRoute(host) => (
+                StatusCode::NOT_FOUND,
+                format!("Requested route ('{host}') does not exist."),
+                Some("unknown_route"),
+            ),
+            Reject::Misdirected => (StatusCode::MISDIRECTED_REQUEST, String::new(), None),
+            Reject::Forbidden(Rule::IdentityExtraction) => (StatusCode::FORBIDDEN, String::new(), None),
+            Reject::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden".into(), None),
+            Reject::EndpointFailure => (StatusCode::BAD_GATEWAY, String::new(), Some("endpoint_failure")),
+            Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new(), Some("endpoint_timeout")),
+        };
+        let has_body = !body.is_empty();
+        let mut resp = Response::new(if has_body { full(body) } else { empty() });
+        *resp.status_mut() = status;
+        if has_body {
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        }
+        if let Some(e) = router_error {
+            resp.headers_mut().insert(X_CF_ROUTERERROR, HeaderValue::from_static(e));
+        }
+        resp
+    }
+
+    fn router_error(&self) -> &'static str {
+        match self {
+            Reject::EmptyHost => "empty_host",
+            Reject::UnknownRoute(_) => "unknown_route",
+            Reject::EndpointFailure => "endpoint_failure",
+            Reject::EndpointTimeout => "endpoint_timeout",
+            Reject::Misdirected | Reject::Forbidden(_) => "",
+        }
+    }
+}
+
+/// Whether a connection may carry a request for `host` (SPEC §6 binding rows). A host inside an
+/// mTLS domain needs a connection that required a client certificate for that same domain.
+pub fn binding_ok(cfg: &Config, conn_mtls: Option<&DomainPattern>, host: &str) -> bool {
+    let governing = cfg.domain_for(host).map(|d| &d.pattern);
+    match conn_mtls {
+        Some(p) => p.matches(host) && governing == Some(p),
+        None => governing.is_none(),
+    }
+}
+
+/// Work that runs once a response is finished: log, count, release counters.
+struct Completion {
+    state: Arc<State>,
+    record: AccessRecord,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+    inflight: Arc<AtomicUsize>,
+    endpoint_active: Option<Arc<AtomicUsize>>,
+    lease: Option<(Lease, usize)>,
+}
+
+impl Completion {
+    fn finish(mut self, response_bytes: u64, clean: bool) {
+        self.record.response_bytes = response_bytes;
+        self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.record.response_time = self.started.elapsed();
+        self.state.metrics.count_request(self.record.status);
+        self.state.log.log(&self.record);
+        if let Some(a) = self.endpoint_active.take() {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let (true, Some((lease, max_idle))) = (clean, self.lease.take()) {
+            self.state.backends.checkin(lease, max_idle);
+        }
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn wrap(self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        let (parts, body) = resp.into_parts();
+        let body = Finish::new(body, Box::new(move |n, clean| self.finish(n, clean)));
+        Response::from_parts(parts, BodyExt::boxed_unsync(body))
+    }
+}
+
+fn header_str(req: &Request<Incoming>, name: http::header::HeaderName) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn scheme_of(conn: &ConnCtx) -> &'static str {
+    if conn.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+fn proto_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Serves one request. Never fails: every error becomes a response.
+pub async fn handle(
+    state: Arc<State>,
+    conn: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    let started = Instant::now();
+    conn.inflight.fetch_add(1, Ordering::Relaxed);
+    conn.requests.fetch_add(1, Ordering::Relaxed);
+    let raw_host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default();
+    let host = normalize_authority(&raw_host);
+    let tls = conn.tls.as_ref();
+    let identity = conn.identity();
+    let record = AccessRecord {
+        host: host.clone(),
+        start: SystemTime::now(),
+        method: req.method().to_string(),
+        uri: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        proto: proto_name(req.version()),
+        status: 0,
+        request_bytes: 0,
+        response_bytes: 0,
+        referer: header_str(&req, REFERER),
+        user_agent: header_str(&req, USER_AGENT),
+        client: conn.client,
+        backend: String::new(),
+        x_forwarded_for: String::new(),
+        x_forwarded_proto: String::new(),
+        vcap_request_id: String::new(),
+        response_time: Duration::ZERO,
+        backend_time: None,
+        app_id: String::new(),
+        app_index: String::new(),
+        instance_id: String::new(),
+        tls_sni: tls.and_then(|t| t.sni.clone()).unwrap_or_default(),
+        caller_app: identity.map(|i| i.app.clone()).unwrap_or_default(),
+        caller_space: identity.and_then(|i| i.space.clone()).unwrap_or_default(),
+        caller_org: identity.and_then(|i| i.org.clone()).unwrap_or_default(),
+        route_policy: String::new(),
+        failed_attempts: 0,
+        ktls: conn.ktls,
+        router_error: String::new(),
+    };
+    let mut done = Completion {
+        state: state.clone(),
+        record,
+        started,
+        request_bytes: Arc::default(),
+        inflight: conn.inflight.clone(),
+        endpoint_active: None,
+        lease: None,
+    };
+    // Logged for every request, including the gateway's own rejections.
+    let mut req = req;
+    done.record.vcap_request_id = headers::request_id(req.headers_mut());
+    done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), &conn.client.ip().to_string());
+    done.record.x_forwarded_proto = scheme_of(&conn).to_string();
+    let resp = match route(&state, &conn, req, &host, &raw_host, &mut done).await {
+        Ok(resp) => resp,
+        Err(reject) => {
+            done.record.router_error = reject.router_error().to_string();
+            reject.response()
+        }
+    };
+    done.record.status = resp.status().as_u16();
+    Ok(done.wrap(resp))
+}
+
+async fn route(
+    state: &Arc<State>,
+    conn: &ConnCtx,
+    mut req: Request<Incoming>,
+    host: &str,
+    raw_host: &str,
+    done: &mut Completion,
+) -> Result<Response<ProxyBody>, Reject> {
+    if host.is_empty() {
+        return Err(Reject::EmptyHost);
+    }
+    let rt = state.runtime.load_full();
+    let table = state.registry.table();
+    let path = req.uri().path().to_string();
+    let pool = table.lookup(host, &path).ok_or_else(|| Reject::UnknownRoute(host.to_string()))?;
+    if !binding_ok(&rt.config, conn.mtls(), host) {
+        return Err(Reject::Misdirected);
+    }
+
+    // Authorization with endpoint selection.
+    let mut selector = pool.selector();
+    let mut first: Option<Arc<Endpoint>> = None;
+    let identity = conn.identity();
+    let scope = pool.policy.scope.as_ref();
+    if let Some(scope) = scope {
+        let decision = (|| {
+            let id = identity.ok_or(Denial(Rule::IdentityExtraction))?;
+            match rt.config.endpoint_selection {
+                EndpointSelection::Filter => {
+                    let mut last = None;
+                    for e in &pool.endpoints {
+                        match check_scope(scope, id, e.as_ref()) {
+                            Ok(()) => {
+                                last = None;
+                                break;
+                            }
+                            Err(d) => last = Some(d),
+                        }
+                    }
+                    if let Some(d) = last {
+                        return Err(d);
+                    }
+                }
+                EndpointSelection::Strict => {
+                    let ep = selector.next(|_| true).ok_or(Denial(Rule::RoutePolicies))?;
+                    check_scope(scope, id, ep.as_ref())?;
+                    first = Some(ep);
+                }
+            }
+            decide_sources(&pool.policy, id)
+        })();
+        match decision {
+            Ok(rule) => {
+                done.record.route_policy = rule.to_string();
+                state.metrics.count_decision(true, done.record.route_policy.clone());
+            }
+            Err(Denial(rule)) => {
+                done.record.route_policy = rule.to_string();
+                state.metrics.count_decision(false, done.record.route_policy.clone());
+                return Err(Reject::Forbidden(rule));
+            }
+        }
+    }
+
+    // Build the backend request.
+    let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let h = &mut parts.headers;
+    headers::strip_hop_by_hop(h, upgrade);
+    h.insert(headers::X_FORWARDED_PROTO, HeaderValue::from_static(scheme_of(conn)));
+    if let Ok(v) = HeaderValue::from_str(&done.record.x_forwarded_for) {
+        h.insert(headers::X_FORWARDED_FOR, v);
+    }
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    if let Ok(v) = HeaderValue::from_str(&now_ms.to_string()) {
+        h.insert(headers::X_REQUEST_START, v);
+    }
+    headers::b3(h);
+    let (mode, format) = match rt.config.domain_for(host) {
+        Some(d) => (d.forwarded_client_cert, d.xfcc_format),
+        None => (rt.config.forwarded_client_cert, XfccFormat::Raw),
+    };
+    let peer = conn.tls.as_ref().and_then(|t| t.peer.as_deref());
+    headers::apply_xfcc(h, mode, format, peer);
+    if !h.contains_key(HOST) {
+        if let Ok(v) = HeaderValue::from_str(raw_host) {
+            h.insert(HOST, v);
+        }
+    }
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let body = Counted::new(body, done.request_bytes.clone());
+    let mut pending = Some(Request::from_parts(parts, BodyExt::boxed_unsync(body.map_err(BoxError::from))));
+
+    // Proxy, retrying connection failures on other endpoints.
+    let settings = ConnectSettings {
+        tls: rt.backend_tls.as_ref(),
+        connect_timeout: rt.config.backends.connect_timeout,
+        idle_timeout: rt.config.backends.idle_timeout,
+        max_idle: rt.config.backends.max_idle_per_endpoint,
+    };
+    let eligible = |e: &Endpoint| match (scope, identity) {
+        (Some(s), Some(id)) => check_scope(s, id, e).is_ok(),
+        _ => true,
+    };
+    let mut failed = 0;
+    while failed < MAX_ATTEMPTS {
+        let Some(ep) = first.take().or_else(|| selector.next(eligible)) else { break };
+        done.record.backend = ep.addr.clone();
+        done.record.app_id = ep.app_id().to_string();
+        done.record.app_index = ep.private_instance_index.clone();
+        done.record.instance_id = ep.private_instance_id.clone();
+        let leased = if upgrade {
+            state.backends.connect_fresh(&ep, &settings).await
+        } else {
+            state.backends.checkout(&ep, &settings).await
+        };
+        let mut lease = match leased {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(endpoint = %ep.addr, error = %e, "backend connect failed");
+                state.metrics.backend_errors.get_or_create(&crate::metrics::ErrorLabels { kind: e.kind() }).inc();
+                failed += 1;
+                done.record.failed_attempts = failed;
+                continue;
+            }
+        };
+        let Some(mut out) = pending.take() else { break };
+        let target = if ep.protocol == Protocol::Http2 {
+            *out.version_mut() = Version::HTTP_2;
+            let scheme = if ep.tls_san.is_some() { "https" } else { "http" };
+            format!("{scheme}://{raw_host}{pq}")
+        } else {
+            *out.version_mut() = Version::HTTP_11;
+            pq.clone()
+        };
+        if let Ok(u) = target.parse::<Uri>() {
+            *out.uri_mut() = u;
+        }
+        ep.active.fetch_add(1, Ordering::Relaxed);
+        done.endpoint_active = Some(ep.active.clone());
+        let sent_at = Instant::now();
+        let timeout = rt.config.backends.response_header_timeout;
+        let result = match tokio::time::timeout(timeout, send_retrying_stale(state, &ep, &settings, &mut lease, out)).await {
+            Ok(r) => r,
+            Err(_) => {
+                state.metrics.backend_errors.get_or_create(&crate::metrics::ErrorLabels { kind: "timeout" }).inc();
+                return Err(Reject::EndpointTimeout);
+            }
+        };
+        match result {
+            Ok(mut resp) => {
+                done.record.backend_time = Some(sent_at.elapsed());
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+                    let backend_upgrade = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(bridge(client_upgrade, backend_upgrade));
+                    let (mut rparts, _) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut rparts.headers, true);
+                    return Ok(Response::from_parts(rparts, empty()));
+                }
+                let (mut rparts, rbody) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut rparts.headers, false);
+                if !upgrade {
+                    done.lease = Some((lease, settings.max_idle));
+                }
+                return Ok(Response::from_parts(rparts, BodyExt::boxed_unsync(rbody.map_err(BoxError::from))));
+            }
+            Err((e, request)) => {
+                ep.active.fetch_sub(1, Ordering::Relaxed);
+                done.endpoint_active = None;
+                state.metrics.backend_errors.get_or_create(&crate::metrics::ErrorLabels { kind: "send" }).inc();
+                tracing::debug!(endpoint = %ep.addr, error = %e, "backend request failed");
+                match request {
+                    // Nothing was sent: safe to try another endpoint.
+                    Some(r) => {
+                        pending = Some(r);
+                        failed += 1;
+                        done.record.failed_attempts = failed;
+                    }
+                    None => return Err(Reject::EndpointFailure),
+                }
+            }
+        }
+    }
+    Err(Reject::EndpointFailure)
+}
+
+/// Sends on `lease`; when a pooled connection turns out closed before anything was sent, retries
+/// once on a new connection to the same endpoint (a stale pool entry is not a failed endpoint).
+async fn send_retrying_stale(
+    state: &State,
+    ep: &Endpoint,
+    settings: &ConnectSettings<'_>,
+    lease: &mut Lease,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, (hyper::Error, Option<Request<ProxyBody>>)> {
+    match lease.send(req).await {
+        Ok(r) => Ok(r),
+        Err(f) if lease.reused && f.request.is_some() => {
+            let Some(req) = f.request else { return Err((f.error, None)) };
+            match state.backends.connect_fresh(ep, settings).await {
+                Ok(mut fresh) => {
+                    let r = fresh.send(req).await.map_err(|f| (f.error, f.request));
+                    *lease = fresh;
+                    r
+                }
+                Err(_) => Err((f.error, Some(req))),
+            }
+        }
+        Err(f) => Err((f.error, f.request)),
+    }
+}
+
+async fn bridge(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut backend = hyper_util::rt::TokioIo::new(backend);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+}

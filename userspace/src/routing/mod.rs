@@ -1,0 +1,319 @@
+//! Route snapshots and endpoint selection (SPEC §4, §7, §10).
+//!
+//! A [`RouteTable`] is immutable once built: the registry builds a new one per change and swaps it
+//! in whole, so one request always sees one consistent view of route, options and endpoints.
+
+mod select;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::authz::{RoutePolicy, ScopeTags};
+use crate::registry::{LoadBalancing, Protocol, RouteKey, ValidRegistration};
+pub use select::Selector;
+
+/// One backend instance registered under a route.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// `host:port` (`[v6]:port`), as connected to.
+    pub addr: String,
+    pub host: String,
+    pub port: u16,
+    /// SAN the backend's certificate must carry; `Some` means TLS to this endpoint.
+    pub tls_san: Option<String>,
+    pub protocol: Protocol,
+    pub tags: BTreeMap<String, String>,
+    pub app: String,
+    pub private_instance_id: String,
+    pub private_instance_index: String,
+    pub availability_zone: String,
+    /// Requests in flight to this endpoint (least-connection); shared across snapshots.
+    pub active: Arc<AtomicUsize>,
+    /// Never pruned (static config routes).
+    pub permanent: bool,
+    pub stale_threshold: Duration,
+    pub refreshed: Instant,
+}
+
+impl Endpoint {
+    fn tag(&self, name: &str) -> &str {
+        self.tags.get(name).map_or("", String::as_str)
+    }
+
+    /// The endpoint's `app_id` tag, or the registration's `app` field.
+    pub fn app_id(&self) -> &str {
+        match self.tag("app_id") {
+            "" => &self.app,
+            t => t,
+        }
+    }
+}
+
+impl ScopeTags for Endpoint {
+    fn space_id(&self) -> &str {
+        self.tag("space_id")
+    }
+    fn organization_id(&self) -> &str {
+        self.tag("organization_id")
+    }
+}
+
+/// All endpoints registered under one route key, with the pool-level options.
+#[derive(Debug)]
+pub struct Pool {
+    pub key: RouteKey,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub policy: RoutePolicy,
+    pub load_balancing: LoadBalancing,
+    /// The raw options of the registration that set them, for `/routes`.
+    pub options: BTreeMap<String, String>,
+    /// Round-robin position; shared across snapshots so rebuilding does not reset the rotation.
+    next: Arc<AtomicUsize>,
+}
+
+impl Pool {
+    /// Starts a selection: endpoints are offered in load-balancing order, skipping those tried.
+    pub fn selector(&self) -> Selector<'_> {
+        Selector::new(self, self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// An immutable view of every route.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// Pools per host, longest path first.
+    hosts: HashMap<String, Vec<Arc<Pool>>>,
+    endpoints: usize,
+}
+
+impl RouteTable {
+    /// The pool for a normalised host and a request path: longest matching path prefix, on
+    /// segment boundaries (`/api` matches `/api` and `/api/x`, not `/apix`).
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Pool>> {
+        let pools = self.hosts.get(host)?;
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        pools.iter().find(|p| {
+            let prefix = p.key.path.as_str();
+            prefix.is_empty()
+                || (path.starts_with(prefix)
+                    && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+        })
+    }
+
+    /// Every pool, ordered by route key.
+    pub fn pools(&self) -> Vec<&Arc<Pool>> {
+        let mut all: Vec<_> = self.hosts.values().flatten().collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all
+    }
+
+    /// How many endpoint registrations (endpoint × route) the table holds.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints
+    }
+
+    /// Every distinct endpoint host, for `registry_hosts` allow-lists.
+    pub fn endpoint_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .hosts
+            .values()
+            .flatten()
+            .flat_map(|p| p.endpoints.iter().map(|e| e.host.clone()))
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+}
+
+#[derive(Debug)]
+struct PoolState {
+    endpoints: BTreeMap<String, Arc<Endpoint>>,
+    policy: RoutePolicy,
+    load_balancing: LoadBalancing,
+    options: BTreeMap<String, String>,
+    next: Arc<AtomicUsize>,
+}
+
+/// The registry's working state; [`RegistryState::snapshot`] freezes it into a [`RouteTable`].
+#[derive(Debug, Default)]
+pub struct RegistryState {
+    pools: HashMap<RouteKey, PoolState>,
+}
+
+impl RegistryState {
+    /// Adds or refreshes an endpoint under each of its route keys. The pool's options follow the
+    /// newest registration whose options differ from them.
+    pub fn register(&mut self, reg: &ValidRegistration, permanent: bool, default_stale: Duration, now: Instant) {
+        let addr = reg.addr();
+        for key in &reg.keys {
+            let pool = self.pools.entry(key.clone()).or_insert_with(|| PoolState {
+                endpoints: BTreeMap::new(),
+                policy: reg.policy.clone(),
+                load_balancing: reg.load_balancing,
+                options: reg.raw.options.clone(),
+                next: Arc::default(),
+            });
+            if pool.options != reg.raw.options {
+                pool.options = reg.raw.options.clone();
+                pool.policy = reg.policy.clone();
+                pool.load_balancing = reg.load_balancing;
+            }
+            let active = pool
+                .endpoints
+                .get(&addr)
+                .map(|e| e.active.clone())
+                .unwrap_or_default();
+            let r = &reg.raw;
+            let stale = r
+                .stale_threshold_in_seconds
+                .filter(|s| *s > 0)
+                .map_or(default_stale, Duration::from_secs);
+            pool.endpoints.insert(
+                addr.clone(),
+                Arc::new(Endpoint {
+                    addr: addr.clone(),
+                    host: reg.host.clone(),
+                    port: reg.port,
+                    tls_san: reg.tls_san.clone(),
+                    protocol: reg.protocol,
+                    tags: r.tags.clone(),
+                    app: r.app.clone().unwrap_or_default(),
+                    private_instance_id: r.private_instance_id.clone().unwrap_or_default(),
+                    private_instance_index: r.private_instance_index.clone().unwrap_or_default(),
+                    availability_zone: r.availability_zone.clone().unwrap_or_default(),
+                    active,
+                    permanent,
+                    stale_threshold: stale,
+                    refreshed: now,
+                }),
+            );
+        }
+    }
+
+    /// Removes an endpoint from each of its route keys; a route with no endpoint left is gone.
+    /// Permanent (static) endpoints are kept.
+    pub fn unregister(&mut self, reg: &ValidRegistration) -> usize {
+        let addr = reg.addr();
+        let mut removed = 0;
+        for key in &reg.keys {
+            if let Some(pool) = self.pools.get_mut(key) {
+                if pool.endpoints.get(&addr).is_some_and(|e| !e.permanent) {
+                    pool.endpoints.remove(&addr);
+                    removed += 1;
+                }
+                if pool.endpoints.is_empty() {
+                    self.pools.remove(key);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Removes every permanent (static) endpoint; routes left empty are gone.
+    pub fn clear_permanent(&mut self) {
+        self.pools.retain(|_, pool| {
+            pool.endpoints.retain(|_, e| !e.permanent);
+            !pool.endpoints.is_empty()
+        });
+    }
+
+    /// Removes non-permanent, non-TLS endpoints not refreshed within their stale threshold.
+    pub fn prune(&mut self, now: Instant) -> usize {
+        let mut removed = 0;
+        self.pools.retain(|_, pool| {
+            pool.endpoints.retain(|_, e| {
+                let keep = e.permanent
+                    || e.tls_san.is_some()
+                    || now.saturating_duration_since(e.refreshed) <= e.stale_threshold;
+                removed += usize::from(!keep);
+                keep
+            });
+            !pool.endpoints.is_empty()
+        });
+        removed
+    }
+
+    /// Freezes the current state.
+    pub fn snapshot(&self) -> RouteTable {
+        let mut hosts: HashMap<String, Vec<Arc<Pool>>> = HashMap::new();
+        let mut endpoints = 0;
+        for (key, p) in &self.pools {
+            endpoints += p.endpoints.len();
+            hosts.entry(key.host.clone()).or_default().push(Arc::new(Pool {
+                key: key.clone(),
+                endpoints: p.endpoints.values().cloned().collect(),
+                policy: p.policy.clone(),
+                load_balancing: p.load_balancing,
+                options: p.options.clone(),
+                next: p.next.clone(),
+            }));
+        }
+        for pools in hosts.values_mut() {
+            pools.sort_by(|a, b| b.key.path.len().cmp(&a.key.path.len()));
+        }
+        RouteTable { hosts, endpoints }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registration;
+
+    fn reg(uri: &str, port: u16, opts: &[(&str, &str)]) -> ValidRegistration {
+        ValidRegistration::try_from(Registration {
+            uris: vec![uri.into()],
+            host: Some("127.0.0.1".into()),
+            port: Some(port),
+            options: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries() {
+        let mut s = RegistryState::default();
+        let now = Instant::now();
+        s.register(&reg("a.x", 1, &[]), false, Duration::from_secs(1), now);
+        s.register(&reg("a.x/api", 2, &[]), false, Duration::from_secs(1), now);
+        let t = s.snapshot();
+        assert_eq!(t.lookup("a.x", "/api/v1").unwrap().key.path, "/api");
+        assert_eq!(t.lookup("a.x", "/api?q").unwrap().key.path, "/api");
+        assert_eq!(t.lookup("a.x", "/apix").unwrap().key.path, "");
+        assert!(t.lookup("b.x", "/").is_none());
+    }
+
+    #[test]
+    fn newest_differing_options_win_and_last_endpoint_removes_route() {
+        let mut s = RegistryState::default();
+        let now = Instant::now();
+        let a = reg("a.x", 1, &[("route_policy_scope", "any")]);
+        let b = reg("a.x", 2, &[("route_policy_scope", "space")]);
+        s.register(&a, false, Duration::from_secs(1), now);
+        s.register(&b, false, Duration::from_secs(1), now);
+        assert_eq!(s.snapshot().lookup("a.x", "/").unwrap().options["route_policy_scope"], "space");
+        s.register(&a, false, Duration::from_secs(1), now);
+        assert_eq!(s.snapshot().lookup("a.x", "/").unwrap().options["route_policy_scope"], "any");
+        s.unregister(&a);
+        assert!(s.snapshot().lookup("a.x", "/").is_some());
+        s.unregister(&b);
+        assert!(s.snapshot().lookup("a.x", "/").is_none());
+    }
+
+    #[test]
+    fn prune_spares_permanent_and_fresh() {
+        let mut s = RegistryState::default();
+        let t0 = Instant::now();
+        s.register(&reg("a.x", 1, &[]), true, Duration::from_secs(1), t0);
+        s.register(&reg("a.x", 2, &[]), false, Duration::from_secs(1), t0);
+        s.register(&reg("b.x", 3, &[]), false, Duration::from_secs(1), t0);
+        assert_eq!(s.prune(t0 + Duration::from_secs(5)), 2);
+        let t = s.snapshot();
+        assert_eq!(t.lookup("a.x", "").unwrap().endpoints.len(), 1);
+        assert!(t.lookup("b.x", "").is_none());
+    }
+}

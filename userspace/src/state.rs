@@ -1,0 +1,41 @@
+//! State shared by every connection: the config-derived runtime (swapped on reload), the route
+//! registry, metrics, the access log and backend connections.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::ClientConfig;
+
+use crate::accesslog::AccessLogger;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::BackendPool;
+use crate::registry::Registry;
+use crate::tls::{backend_client_config, TlsBuildError, TlsServer};
+
+/// Everything derived from one config, built off the request path and swapped whole.
+pub struct Runtime {
+    pub config: Config,
+    pub tls: TlsServer,
+    pub backend_tls: Option<Arc<ClientConfig>>,
+}
+
+impl Runtime {
+    pub fn build(config: Config) -> Result<Self, TlsBuildError> {
+        let tls = TlsServer::build(&config)?;
+        let backend_tls = backend_client_config(&config.backends)?;
+        Ok(Runtime {
+            config,
+            tls,
+            backend_tls,
+        })
+    }
+}
+
+pub struct State {
+    pub runtime: ArcSwap<Runtime>,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub log: AccessLogger,
+    pub backends: BackendPool,
+}

@@ -1,0 +1,145 @@
+//! Accepting one TLS connection: read the ClientHello, pick the config for its SNI, handshake,
+//! all under one deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::{CertificateError, Error as TlsError};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::TlsServer;
+use crate::identity::PeerCert;
+use crate::names::{normalize_host, DomainPattern};
+
+/// What a connection's TLS handshake established.
+#[derive(Clone, Debug, Default)]
+pub struct ConnTls {
+    /// The normalised SNI, when the client sent one.
+    pub sni: Option<String>,
+    /// The mTLS domain pattern a client certificate was required (and verified) for.
+    pub mtls: Option<DomainPattern>,
+    /// The verified leaf, parsed once.
+    pub peer: Option<Arc<PeerCert>>,
+    /// ALPN selected `h2`.
+    pub h2: bool,
+}
+
+/// A completed handshake.
+pub struct Accepted {
+    pub stream: TlsStream<TcpStream>,
+    pub info: ConnTls,
+}
+
+/// Why a handshake failed. The label is the `result` of `portcullis_tls_handshakes_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeFailure {
+    #[error("handshake did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("client sent no certificate")]
+    NoCertificate,
+    #[error("client certificate is not issued by the domain's CA")]
+    UnknownCa,
+    #[error("client certificate has expired")]
+    Expired,
+    #[error("client certificate is not valid yet")]
+    NotYetValid,
+    #[error("client certificate was revoked")]
+    Revoked,
+    #[error("bad client certificate: {0}")]
+    BadCertificate(String),
+    #[error("TLS protocol error: {0}")]
+    Protocol(String),
+    #[error("connection error: {0}")]
+    Io(std::io::Error),
+}
+
+impl HandshakeFailure {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout(_) => "timeout",
+            HandshakeFailure::NoCertificate => "no_certificate",
+            HandshakeFailure::UnknownCa => "unknown_ca",
+            HandshakeFailure::Expired => "expired",
+            HandshakeFailure::NotYetValid => "not_yet_valid",
+            HandshakeFailure::Revoked => "revoked",
+            HandshakeFailure::BadCertificate(_) => "bad_certificate",
+            HandshakeFailure::Protocol(_) => "protocol",
+            HandshakeFailure::Io(_) => "io",
+        }
+    }
+
+    /// Whether the failure is the client's certificate's fault (deny learning counts these).
+    pub fn is_certificate_failure(&self) -> bool {
+        matches!(
+            self,
+            HandshakeFailure::NoCertificate
+                | HandshakeFailure::UnknownCa
+                | HandshakeFailure::Expired
+                | HandshakeFailure::NotYetValid
+                | HandshakeFailure::Revoked
+                | HandshakeFailure::BadCertificate(_)
+        )
+    }
+
+    fn from_io(e: std::io::Error) -> Self {
+        let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<TlsError>()) else {
+            return HandshakeFailure::Io(e);
+        };
+        match tls {
+            TlsError::NoCertificatesPresented => HandshakeFailure::NoCertificate,
+            TlsError::InvalidCertificate(c) => match c {
+                CertificateError::UnknownIssuer => HandshakeFailure::UnknownCa,
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    HandshakeFailure::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    HandshakeFailure::NotYetValid
+                }
+                CertificateError::Revoked => HandshakeFailure::Revoked,
+                other => HandshakeFailure::BadCertificate(format!("{other:?}")),
+            },
+            other => HandshakeFailure::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// Reads the ClientHello, selects the config for its SNI and completes the handshake within
+/// `deadline`. On failure, returns the mTLS pattern the SNI selected (for labels) with the reason.
+pub async fn accept(
+    tcp: TcpStream,
+    server: &TlsServer,
+    deadline: Duration,
+) -> Result<Accepted, (Option<DomainPattern>, HandshakeFailure)> {
+    let mut pattern = None;
+    let fut = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+            .await
+            .map_err(HandshakeFailure::from_io)?;
+        let sni = start.client_hello().server_name().map(normalize_host);
+        let (config, mtls) = server.select(sni.as_deref());
+        pattern = mtls.clone();
+        let stream = start.into_stream(config).await.map_err(HandshakeFailure::from_io)?;
+        let conn = stream.get_ref().1;
+        let peer = if mtls.is_some() {
+            conn.peer_certificates()
+                .and_then(|c| c.first())
+                .map(|leaf| Arc::new(PeerCert::from_der(leaf)))
+        } else {
+            None
+        };
+        let h2 = conn.alpn_protocol() == Some(b"h2");
+        Ok(Accepted {
+            stream,
+            info: ConnTls { sni, mtls, peer, h2 },
+        })
+    };
+    let res = tokio::time::timeout(deadline, fut).await;
+    match res {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => Err((pattern, e)),
+        Err(_) => Err((pattern, HandshakeFailure::Timeout(deadline))),
+    }
+}

@@ -1,0 +1,104 @@
+//! Server-side TLS configuration, built once per config (never per connection).
+
+use std::sync::Arc;
+
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::{Config, ServerCert};
+use crate::names::{best_match, normalize_host, DomainPattern};
+
+/// Every `ServerConfig` the listener may pick from, chosen by the ClientHello's SNI.
+#[derive(Debug)]
+pub struct TlsServer {
+    /// For SNIs outside every mTLS domain (and no SNI): server authentication only.
+    plain: Arc<ServerConfig>,
+    /// One per mTLS domain, in config order: client certificate required, verified against the
+    /// domain's CA bundle.
+    domains: Vec<(DomainPattern, Arc<ServerConfig>)>,
+}
+
+/// Why TLS settings could not be built from an otherwise valid config.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsBuildError {
+    #[error("domains[{index}].ca_certs: {reason}")]
+    ClientCa { index: usize, reason: String },
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+#[derive(Debug)]
+struct CertResolver {
+    certs: Vec<ServerCert>,
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let chosen = hello.server_name().and_then(|sni| {
+            let sni = normalize_host(sni);
+            self.certs.iter().find_map(|c| {
+                best_match(&c.dns_names, &sni).map(|_| c)
+            })
+        });
+        chosen.or(self.certs.first()).map(|c| c.key.clone())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn base(
+    resolver: Arc<CertResolver>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<ServerConfig, rustls::Error> {
+    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let mut cfg = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    }
+    .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.ignore_client_order = true;
+    Ok(cfg)
+}
+
+impl TlsServer {
+    /// Builds the plain config and one client-verifying config per mTLS domain.
+    pub fn build(config: &Config) -> Result<Self, TlsBuildError> {
+        let resolver = Arc::new(CertResolver {
+            certs: config.tls.certificates.clone(),
+        });
+        let plain = Arc::new(base(resolver.clone(), None)?);
+        let mut domains = Vec::new();
+        for (index, d) in config.domains.iter().enumerate() {
+            let mut roots = RootCertStore::empty();
+            let (added, ignored) = roots.add_parsable_certificates(d.ca_certs.iter().cloned());
+            if added == 0 {
+                return Err(TlsBuildError::ClientCa {
+                    index,
+                    reason: format!("none of the {ignored} certificate(s) is a usable trust anchor"),
+                });
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsBuildError::ClientCa {
+                    index,
+                    reason: e.to_string(),
+                })?;
+            domains.push((d.pattern.clone(), Arc::new(base(resolver.clone(), Some(verifier))?)));
+        }
+        Ok(TlsServer { plain, domains })
+    }
+
+    /// The config for a ClientHello's SNI, and the mTLS pattern it requires a client cert for.
+    pub fn select(&self, sni: Option<&str>) -> (Arc<ServerConfig>, Option<DomainPattern>) {
+        let found = sni.and_then(|s| best_match(self.domains.iter().map(|(p, _)| p), s));
+        match found {
+            Some(i) => (self.domains[i].1.clone(), Some(self.domains[i].0.clone())),
+            None => (self.plain.clone(), None),
+        }
+    }
+}
