@@ -1,0 +1,72 @@
+//! The real gateway against real sockets: rustls + hyper clients, rcgen PKIs, echo backends.
+
+mod support;
+
+#[path = "gateway/accesslog.rs"]
+mod accesslog;
+#[path = "gateway/admin.rs"]
+mod admin;
+#[path = "gateway/backends.rs"]
+mod backends;
+#[path = "gateway/handshake.rs"]
+mod handshake;
+#[path = "gateway/hardening.rs"]
+mod hardening;
+#[path = "gateway/limits.rs"]
+mod limits;
+#[path = "gateway/pipeline.rs"]
+mod pipeline;
+#[path = "gateway/selection.rs"]
+mod selection;
+#[path = "gateway/websocket.rs"]
+mod websocket;
+#[path = "gateway/xfcc.rs"]
+mod xfcc;
+
+use std::net::SocketAddr;
+
+/// A loopback port with nothing listening on it.
+pub fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// One route entry for a test config.
+pub fn route(uri: &str, backend: SocketAddr, tags: &str, options: &str) -> String {
+    format!(
+        "  - uris: [\"{uri}\"]\n    host: \"{}\"\n    port: {}\n    tags: {{{tags}}}\n    options: {{{options}}}\n",
+        backend.ip(),
+        backend.port()
+    )
+}
+
+/// The config most pipeline tests use: two mTLS domains and routes for every policy shape.
+pub fn pipeline_yaml(backend: SocketAddr, extra: &str) -> String {
+    let t1 = "app_id: backend, space_id: space-1, organization_id: org-1";
+    let dead: SocketAddr = format!("127.0.0.1:{}", dead_port()).parse().unwrap();
+    let mut y = String::from(
+        "forwarded_client_cert: forward\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    forwarded_client_cert: forward\n\
+         \x20 - name: \"*.other.identity\"\n    ca_certs: identity-ca.pem\n\
+         routes:\n",
+    );
+    y += &route("open.apps.identity", backend, t1, "");
+    y += &route("any-a.apps.identity", backend, t1, "route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"");
+    y += &route("space.apps.identity", backend, t1, "route_policy_scope: space, route_policy_sources: \"cf:any\"");
+    y += &route("org.apps.identity", backend, t1, "route_policy_scope: org, route_policy_sources: \"cf:any\"");
+    y += &route("orgless.apps.identity", backend, "app_id: backend, space_id: space-1", "route_policy_scope: org, route_policy_sources: \"cf:any\"");
+    y += &route("weird.apps.identity", backend, t1, "route_policy_scope: galaxy, route_policy_sources: \"cf:any\"");
+    y += &route("nosrc.apps.identity", backend, t1, "route_policy_scope: any");
+    y += &route("srcspace.apps.identity", backend, t1, "route_policy_scope: any, route_policy_sources: \"cf:space:space-1\"");
+    y += &route("srcorg.apps.identity", backend, t1, "route_policy_scope: any, route_policy_sources: \"cf:app:nobody, cf:org:org-1\"");
+    y += &route("x.other.identity", backend, t1, "");
+    y += &route("open.apps.plain", backend, t1, "");
+    y += &route("enforced.apps.plain", backend, t1, "route_policy_scope: any, route_policy_sources: \"cf:any\"");
+    y += &route("half.apps.identity", dead, t1, "");
+    y += &route("half.apps.identity", backend, t1, "");
+    for _ in 0..3 {
+        let d: SocketAddr = format!("127.0.0.1:{}", dead_port()).parse().unwrap();
+        y += &route("dead.apps.identity", d, t1, "");
+    }
+    y + extra
+}

@@ -70,6 +70,15 @@ async fn answer(name: Arc<str>, count: Arc<AtomicU64>, req: Request<Incoming>) -
 
 /// Starts an echo backend named `name` on `addr` (port 0 for any).
 pub async fn start(name: &str, addr: SocketAddr) -> std::io::Result<EchoServer> {
+    start_with(name, addr, None).await
+}
+
+/// Starts an echo backend that serves TLS with `tls` when given.
+pub async fn start_with(
+    name: &str,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<EchoServer> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let requests = Arc::new(AtomicU64::new(0));
@@ -79,14 +88,23 @@ pub async fn start(name: &str, addr: SocketAddr) -> std::io::Result<EchoServer> 
         while let Ok((tcp, _)) = listener.accept().await {
             let name = name.clone();
             let count = count.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let (name, count) = (name.clone(), count.clone());
                     async move { Ok::<_, std::convert::Infallible>(answer(name, count, req).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                    }
+                    Some(cfg) => {
+                        if let Ok(stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                }
             });
         }
     });

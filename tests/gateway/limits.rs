@@ -1,0 +1,63 @@
+//! Limits a production gateway needs: header size, handshake deadline, idle connections.
+
+use std::time::{Duration, Instant};
+
+use portcullis::echo;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::route;
+use crate::support::client::Conn;
+use crate::support::gateway::TestGateway;
+use crate::support::pki::TestPki;
+
+async fn gateway(pki: &TestPki) -> TestGateway {
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let mut y = String::from(
+        "tls:\n  certificates: [{cert_chain: server.pem, private_key: server.key}]\n  handshake_timeout: 1s\n\
+         limits: {max_header_bytes: 8192, idle_timeout: 1s}\nroutes:\n",
+    );
+    y += &route("open.apps.plain", backend.addr, "app_id: x", "");
+    TestGateway::start(pki, &y).await
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let pki = TestPki::new();
+    let gw = gateway(&pki).await;
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("open.apps.plain"), None, false).await.unwrap();
+    let big = "x".repeat(20_000);
+    let req = c.build("open.apps.plain", "/", &[("x-big", &big)]);
+    assert_eq!(c.send(req).await.unwrap().status, 431);
+}
+
+#[tokio::test]
+async fn silent_clients_are_dropped_at_the_handshake_deadline() {
+    let pki = TestPki::new();
+    let gw = gateway(&pki).await;
+    let started = Instant::now();
+    let mut tcp = TcpStream::connect(gw.https()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("closed by the gateway");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(gw.metric("portcullis_tls_handshakes_total{domain=\"-\",result=\"timeout\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let pki = TestPki::new();
+    let gw = gateway(&pki).await;
+    for h2 in [false, true] {
+        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("open.apps.plain"), None, h2).await.unwrap();
+        assert_eq!(c.get("open.apps.plain", "/").await.unwrap().status, 200);
+        // Activity keeps it open…
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(c.get("open.apps.plain", "/").await.unwrap().status, 200);
+        }
+        // …silence past idle_timeout closes it.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(c.get("open.apps.plain", "/").await.is_err(), "h2={h2}");
+    }
+}
