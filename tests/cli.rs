@@ -1,0 +1,327 @@
+//! The `portcullis` binary: the demo, `check`, `explain`, and SIGHUP reload.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use portcullis::echo;
+use support::client::Conn;
+use support::pki::TestPki;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+/// A child process killed on drop, with its stderr lines streamed to a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("PORTCULLIS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary starts");
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 20 s) for a stderr line containing `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line with '{needle}' in:\n{}", self.seen.join("\n"));
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn demo_prints_curl_commands_that_give_200_and_403() {
+    let mut demo = Running::start(&[
+        "run",
+        "--demo-listen",
+        "127.0.0.1:0",
+        "--demo-admin",
+        "127.0.0.1:0",
+    ]);
+    demo.wait_for("/metrics");
+    let commands: Vec<String> = demo
+        .seen
+        .iter()
+        .filter(|l| l.trim_start().starts_with("curl -sS -i"))
+        .map(|l| l.trim().to_string())
+        .collect();
+    assert_eq!(commands.len(), 3, "{:#?}", demo.seen);
+    let status = |cmd: &str| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("timeout 20 {cmd}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let first = text.lines().next().unwrap_or_default().to_string();
+        assert!(
+            first.starts_with("HTTP/"),
+            "{cmd}\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        first
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    assert_eq!(status(&commands[0]), 200, "allowed caller");
+    assert_eq!(status(&commands[1]), 403, "denied caller");
+    assert_eq!(status(&commands[2]), 200, "same-space caller");
+    // The printed explain command works too and names the deciding rule.
+    let explain = demo
+        .seen
+        .iter()
+        .find(|l| l.trim_start().starts_with("portcullis explain"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let args: Vec<&str> = explain.split_whitespace().skip(1).collect();
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("decision:  deny (route:route_policies)"),
+        "{text}"
+    );
+    // Denials are not logged per request on stderr (SPEC §13): only start-up lines are there.
+    std::thread::sleep(Duration::from_millis(200));
+    while let Ok(l) = demo.lines.try_recv() {
+        assert!(
+            !l.contains("403") && !l.to_lowercase().contains("denied"),
+            "per-request log line: {l}"
+        );
+    }
+}
+
+fn write_config(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn check_lists_every_problem_with_key_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    TestPki::new().write(dir.path());
+    let bad = write_config(
+        dir.path(),
+        "bad.yaml",
+        r#"
+listen: {https: "not-an-address"}
+tls:
+  certificates: [{cert_chain: missing.pem, private_key: server.key}]
+  handshake_timeout: soon
+  colour: blue
+forwarded_client_cert: foo
+domains:
+  - {name: "a.*.identity", ca_certs: identity-ca.pem, forwarded_client_cert: bar}
+  - {name: "*.ok.identity", ca_certs: nowhere.pem, xfcc_format: xml}
+authorization: {endpoint_selection: maybe}
+routes:
+  - {uris: [x.ok.identity], port: 80}
+  - {uris: [y.ok.identity], host: 10.0.0.1, port: 80, options: {route_policy_sources: "cf:app:A, bogus"}}
+xdp: {reject: explode, deny_learning: {exempt: ["10.0.0.0/33"]}}
+"#,
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "listen.https: invalid address 'not-an-address'",
+        "tls.certificates[0].cert_chain: cannot read",
+        "tls.handshake_timeout: invalid duration 'soon'",
+        "tls.colour: unknown key",
+        "forwarded_client_cert: invalid mode 'foo', must be one of always_forward, forward, sanitize_set",
+        "domains[0].name: 'a.*.identity'",
+        "domains[0].forwarded_client_cert: invalid mode 'bar'",
+        "domains[1].ca_certs: cannot read",
+        "domains[1].xfcc_format: invalid format 'xml', must be one of raw, envoy",
+        "authorization.endpoint_selection: invalid mode 'maybe', must be one of filter, strict",
+        "routes[0]: missing host",
+        "routes[1].options.route_policy_sources: malformed source 'bogus'",
+        "xdp.reject: invalid action 'explode', must be one of reset, drop",
+        "xdp.deny_learning.exempt[0]: invalid CIDR '10.0.0.0/33'",
+    ] {
+        assert!(err.contains(expected), "missing '{expected}' in:\n{err}");
+    }
+    assert!(err.contains(&bad.display().to_string()), "names the file");
+
+    // One clear line each, never a panic.
+    let cases = [
+        ("yaml.yaml", "listen: {https: \"a\"\ndomains: : :\n", "invalid YAML: did not find expected ',' or '}' at line 2 column 1"),
+        ("type.yaml", "listen: {https: \"127.0.0.1:1\"}\ndomains: 7\n", "domains: invalid type"),
+        ("pem.yaml", "listen: {https: \"127.0.0.1:1\"}\ntls: {certificates: [{cert_chain: junk.pem, private_key: server.key}]}\n", "no CERTIFICATE block"),
+        ("key.yaml", "listen: {https: \"127.0.0.1:1\"}\ntls: {certificates: [{cert_chain: server.pem, private_key: identity-ca.pem}]}\n", "private_key"),
+    ];
+    std::fs::write(dir.path().join("junk.pem"), "this is not PEM\n").unwrap();
+    for (name, text, expected) in cases {
+        let p = write_config(dir.path(), name, text);
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(expected), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/portcullis.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+}
+
+fn reload_config(https_port: u16, sources: &str, backend: std::net::SocketAddr) -> String {
+    format!(
+        r#"listen: {{https: "127.0.0.1:{https_port}"}}
+tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}]}}
+domains: [{{name: "*.apps.identity", ca_certs: identity-ca.pem}}]
+access_log: {{path: access.log}}
+routes:
+  - uris: [r.apps.identity, slow.apps.identity]
+    host: "{ip}"
+    port: {port}
+    tags: {{app_id: backend}}
+    options: {{route_policy_scope: any, route_policy_sources: "{sources}"}}
+"#,
+        ip = backend.ip(),
+        port = backend.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_flips_policy_without_dropping_connections() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = write_config(
+        dir.path(),
+        "portcullis.yaml",
+        &reload_config(port, "cf:app:app-b", backend.addr),
+    );
+    let mut gw = Running::start(&["run", "--config", cfg.to_str().unwrap()]);
+    gw.wait_for("portcullis is serving");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let mut caller = Conn::tls(
+        addr,
+        &pki.server_ca,
+        Some("r.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        caller.get("r.apps.identity", "/").await.unwrap().status,
+        403
+    );
+
+    // A long request, allowed for B, on another connection.
+    let mut long = Conn::tls(
+        addr,
+        &pki.server_ca,
+        Some("slow.apps.identity"),
+        Some(&pki.b),
+        true,
+    )
+    .await
+    .unwrap();
+    let slow = tokio::spawn(async move {
+        long.get("slow.apps.identity", "/slow?ms=2500")
+            .await
+            .map(|r| r.status)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    write_config(
+        dir.path(),
+        "portcullis.yaml",
+        &reload_config(port, "cf:app:app-a, cf:app:app-b", backend.addr),
+    );
+    gw.signal("-HUP");
+    gw.wait_for("configuration reloaded");
+    // The next request on the same, already established connection is allowed.
+    assert_eq!(
+        caller.get("r.apps.identity", "/").await.unwrap().status,
+        200
+    );
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "the long request survived the reload"
+    );
+
+    // A broken config on SIGHUP keeps the running one.
+    write_config(dir.path(), "portcullis.yaml", "listen: [broken\n");
+    gw.signal("-HUP");
+    gw.wait_for("reload failed; keeping the running configuration");
+    assert_eq!(
+        caller.get("r.apps.identity", "/").await.unwrap().status,
+        200
+    );
+}

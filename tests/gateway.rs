@@ -51,17 +51,62 @@ pub fn pipeline_yaml(backend: SocketAddr, extra: &str) -> String {
          routes:\n",
     );
     y += &route("open.apps.identity", backend, t1, "");
-    y += &route("any-a.apps.identity", backend, t1, "route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"");
-    y += &route("space.apps.identity", backend, t1, "route_policy_scope: space, route_policy_sources: \"cf:any\"");
-    y += &route("org.apps.identity", backend, t1, "route_policy_scope: org, route_policy_sources: \"cf:any\"");
-    y += &route("orgless.apps.identity", backend, "app_id: backend, space_id: space-1", "route_policy_scope: org, route_policy_sources: \"cf:any\"");
-    y += &route("weird.apps.identity", backend, t1, "route_policy_scope: galaxy, route_policy_sources: \"cf:any\"");
-    y += &route("nosrc.apps.identity", backend, t1, "route_policy_scope: any");
-    y += &route("srcspace.apps.identity", backend, t1, "route_policy_scope: any, route_policy_sources: \"cf:space:space-1\"");
-    y += &route("srcorg.apps.identity", backend, t1, "route_policy_scope: any, route_policy_sources: \"cf:app:nobody, cf:org:org-1\"");
+    y += &route(
+        "any-a.apps.identity",
+        backend,
+        t1,
+        "route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"",
+    );
+    y += &route(
+        "space.apps.identity",
+        backend,
+        t1,
+        "route_policy_scope: space, route_policy_sources: \"cf:any\"",
+    );
+    y += &route(
+        "org.apps.identity",
+        backend,
+        t1,
+        "route_policy_scope: org, route_policy_sources: \"cf:any\"",
+    );
+    y += &route(
+        "orgless.apps.identity",
+        backend,
+        "app_id: backend, space_id: space-1",
+        "route_policy_scope: org, route_policy_sources: \"cf:any\"",
+    );
+    y += &route(
+        "weird.apps.identity",
+        backend,
+        t1,
+        "route_policy_scope: galaxy, route_policy_sources: \"cf:any\"",
+    );
+    y += &route(
+        "nosrc.apps.identity",
+        backend,
+        t1,
+        "route_policy_scope: any",
+    );
+    y += &route(
+        "srcspace.apps.identity",
+        backend,
+        t1,
+        "route_policy_scope: any, route_policy_sources: \"cf:space:space-1\"",
+    );
+    y += &route(
+        "srcorg.apps.identity",
+        backend,
+        t1,
+        "route_policy_scope: any, route_policy_sources: \"cf:app:nobody, cf:org:org-1\"",
+    );
     y += &route("x.other.identity", backend, t1, "");
     y += &route("open.apps.plain", backend, t1, "");
-    y += &route("enforced.apps.plain", backend, t1, "route_policy_scope: any, route_policy_sources: \"cf:any\"");
+    y += &route(
+        "enforced.apps.plain",
+        backend,
+        t1,
+        "route_policy_scope: any, route_policy_sources: \"cf:any\"",
+    );
     y += &route("half.apps.identity", dead, t1, "");
     y += &route("half.apps.identity", backend, t1, "");
     for _ in 0..3 {

@@ -15,39 +15,104 @@ async fn lines_for_200_403_404_421() {
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, extra)).await;
     let ca = &pki.server_ca;
 
-    let mut a = Conn::tls(gw.https(), ca, Some("any-a.apps.identity"), Some(&pki.a), false).await.unwrap();
-    let req = a.build("any-a.apps.identity", "/ok?x=1", &[("user-agent", "test-agent"), ("referer", "http://ref/"), ("x-forwarded-for", "10.1.1.1")]);
+    let mut a = Conn::tls(
+        gw.https(),
+        ca,
+        Some("any-a.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    let req = a.build(
+        "any-a.apps.identity",
+        "/ok?x=1",
+        &[
+            ("user-agent", "test-agent"),
+            ("referer", "http://ref/"),
+            ("x-forwarded-for", "10.1.1.1"),
+        ],
+    );
     let ok = a.send(req).await.unwrap();
     assert_eq!(ok.status, 200);
     let vcap = ok.echo().headers["x-vcap-request-id"].clone();
-    let mut b = Conn::tls(gw.https(), ca, Some("any-a.apps.identity"), Some(&pki.b), true).await.unwrap();
-    assert_eq!(b.get("any-a.apps.identity", "/denied").await.unwrap().status, 403);
-    assert_eq!(a.get("missing.apps.identity", "/nope").await.unwrap().status, 404);
-    let mut plain = Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, false).await.unwrap();
-    assert_eq!(plain.get("any-a.apps.identity", "/wrong-conn").await.unwrap().status, 421);
+    let mut b = Conn::tls(
+        gw.https(),
+        ca,
+        Some("any-a.apps.identity"),
+        Some(&pki.b),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.get("any-a.apps.identity", "/denied")
+            .await
+            .unwrap()
+            .status,
+        403
+    );
+    assert_eq!(
+        a.get("missing.apps.identity", "/nope")
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+    let mut plain = Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        plain
+            .get("any-a.apps.identity", "/wrong-conn")
+            .await
+            .unwrap()
+            .status,
+        421
+    );
 
     let lines = gw.log_lines(4).await;
     assert_eq!(lines.len(), 4, "{lines:#?}");
     let keys = |l: &LogLine| l.fields.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
     let expected_keys = [
-        "x_forwarded_for", "x_forwarded_proto", "vcap_request_id", "response_time", "gorouter_time", "app_id",
-        "app_index", "instance_id", "caller_cf_org", "route_policy", "tls_sni", "caller_cf_space", "caller_cf_app",
+        "x_forwarded_for",
+        "x_forwarded_proto",
+        "vcap_request_id",
+        "response_time",
+        "gorouter_time",
+        "app_id",
+        "app_index",
+        "instance_id",
+        "caller_cf_org",
+        "route_policy",
+        "tls_sni",
+        "caller_cf_space",
+        "caller_cf_app",
         "x_cf_routererror",
     ];
     let backend_addr = backend.addr.to_string();
 
     let l = LogLine::parse(&lines[0]);
     assert_eq!(keys(&l), expected_keys);
-    assert_eq!((l.host.as_str(), l.request.as_str(), l.status), ("any-a.apps.identity", "GET /ok?x=1 HTTP/1.1", 200));
+    assert_eq!(
+        (l.host.as_str(), l.request.as_str(), l.status),
+        ("any-a.apps.identity", "GET /ok?x=1 HTTP/1.1", 200)
+    );
     assert_eq!(l.req_bytes, 0);
     assert_eq!(l.resp_bytes, ok.body.len() as u64);
-    assert_eq!((l.referer.as_str(), l.user_agent.as_str()), ("http://ref/", "test-agent"));
+    assert_eq!(
+        (l.referer.as_str(), l.user_agent.as_str()),
+        ("http://ref/", "test-agent")
+    );
     assert!(l.client.starts_with("127.0.0.1:"));
     assert_eq!(l.backend, backend_addr);
     assert_eq!(l.field("x_forwarded_for"), "10.1.1.1, 127.0.0.1");
     assert_eq!(l.field("x_forwarded_proto"), "https");
     assert_eq!(l.field("vcap_request_id"), vcap);
-    assert!(l.field("response_time").parse::<f64>().unwrap() >= l.field("gorouter_time").parse::<f64>().unwrap());
+    assert!(
+        l.field("response_time").parse::<f64>().unwrap()
+            >= l.field("gorouter_time").parse::<f64>().unwrap()
+    );
     assert_eq!(l.field("app_id"), "backend");
     assert_eq!((l.field("app_index"), l.field("instance_id")), ("-", "-"));
     assert_eq!(l.field("caller_cf_org"), "org-1");
@@ -59,8 +124,18 @@ async fn lines_for_200_403_404_421() {
 
     let l = LogLine::parse(&lines[1]);
     assert_eq!(keys(&l), expected_keys);
-    assert_eq!((l.request.as_str(), l.status, l.resp_bytes), ("GET /denied HTTP/2.0", 403, 9));
-    assert_eq!((l.backend.as_str(), l.referer.as_str(), l.user_agent.as_str()), ("-", "-", "-"));
+    assert_eq!(
+        (l.request.as_str(), l.status, l.resp_bytes),
+        ("GET /denied HTTP/2.0", 403, 9)
+    );
+    assert_eq!(
+        (
+            l.backend.as_str(),
+            l.referer.as_str(),
+            l.user_agent.as_str()
+        ),
+        ("-", "-", "-")
+    );
     assert_eq!(l.field("app_id"), "-");
     assert_eq!(l.field("caller_cf_app"), "app-b");
     assert_eq!(l.field("caller_cf_org"), "org-2");
@@ -71,7 +146,10 @@ async fn lines_for_200_403_404_421() {
     let l = LogLine::parse(&lines[2]);
     assert_eq!(keys(&l), expected_keys);
     assert_eq!((l.host.as_str(), l.status), ("missing.apps.identity", 404));
-    assert_eq!(l.resp_bytes, "Requested route ('missing.apps.identity') does not exist.".len() as u64);
+    assert_eq!(
+        l.resp_bytes,
+        "Requested route ('missing.apps.identity') does not exist.".len() as u64
+    );
     assert_eq!(l.field("route_policy"), "-");
     assert_eq!(l.field("tls_sni"), "any-a.apps.identity");
     assert_eq!(l.field("caller_cf_app"), "app-a");
@@ -79,9 +157,19 @@ async fn lines_for_200_403_404_421() {
 
     let l = LogLine::parse(&lines[3]);
     assert_eq!(keys(&l), expected_keys);
-    assert_eq!((l.host.as_str(), l.status, l.resp_bytes), ("any-a.apps.identity", 421, 0));
+    assert_eq!(
+        (l.host.as_str(), l.status, l.resp_bytes),
+        ("any-a.apps.identity", 421, 0)
+    );
     assert_eq!(l.field("tls_sni"), "open.apps.plain");
-    for f in ["caller_cf_app", "caller_cf_space", "caller_cf_org", "route_policy", "x_cf_routererror", "app_id"] {
+    for f in [
+        "caller_cf_app",
+        "caller_cf_space",
+        "caller_cf_org",
+        "route_policy",
+        "x_cf_routererror",
+        "app_id",
+    ] {
         assert_eq!(l.field(f), "-", "{f}");
     }
 }

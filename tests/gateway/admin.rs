@@ -30,15 +30,32 @@ async fn health_metrics_routes_and_policy() {
     assert_eq!(any_a["endpoints"][0]["tags"]["space_id"], "space-1");
     assert_eq!(any_a["endpoints"][0]["address"], backend.addr.to_string());
 
-    let r = c.get("admin", "/routes/ANY-A.apps.identity/policy").await.unwrap();
+    let r = c
+        .get("admin", "/routes/ANY-A.apps.identity/policy")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let p: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(p["domain"], "*.apps.identity");
     assert_eq!(p["scope"], "any");
     assert_eq!(p["sources"][0], "cf:app:app-a");
-    assert_eq!(c.get("admin", "/routes/nope.apps.identity/policy").await.unwrap().status, 404);
+    assert_eq!(
+        c.get("admin", "/routes/nope.apps.identity/policy")
+            .await
+            .unwrap()
+            .status,
+        404
+    );
 
-    let _ = crate::support::client::get(gw.https(), &pki.server_ca, Some(&pki.a), "any-a.apps.identity", "/", false).await;
+    let _ = crate::support::client::get(
+        gw.https(),
+        &pki.server_ca,
+        Some(&pki.a),
+        "any-a.apps.identity",
+        "/",
+        false,
+    )
+    .await;
     gw.log_lines(1).await;
     let m = c.get("admin", "/metrics").await.unwrap().body;
     for name in [

@@ -15,15 +15,25 @@ async fn tls_backend_with_san_check() {
     let pki = TestPki::new();
     let leaf = pki.backend_ca.server(&["backend.internal"]).unwrap();
     let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
+        CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
     let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    let tls_backend = echo::start_with("tls-backend", ([127, 0, 0, 1], 0).into(), Some(Arc::new(cfg))).await.unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let tls_backend = echo::start_with(
+        "tls-backend",
+        ([127, 0, 0, 1], 0).into(),
+        Some(Arc::new(cfg)),
+    )
+    .await
+    .unwrap();
     let port = tls_backend.addr.port();
     let y = format!(
         "routes:\n\
@@ -32,11 +42,29 @@ async fn tls_backend_with_san_check() {
     );
     let gw = TestGateway::start(&pki, &y).await;
     for _ in 0..3 {
-        let r = get(gw.https(), &pki.server_ca, None, "good.apps.plain", "/", false).await.unwrap();
+        let r = get(
+            gw.https(),
+            &pki.server_ca,
+            None,
+            "good.apps.plain",
+            "/",
+            false,
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.echo().backend, "tls-backend");
     }
-    let r = get(gw.https(), &pki.server_ca, None, "bad.apps.plain", "/", true).await.unwrap();
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "bad.apps.plain",
+        "/",
+        true,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 502);
     assert_eq!(r.header("x-cf-routererror"), Some("endpoint_failure"));
     assert_eq!(tls_backend.requests(), 3);

@@ -20,22 +20,87 @@ async fn bad_client_certificates_fail_the_handshake_and_are_counted() {
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
     let ca = &pki.server_ca;
     for h2 in [false, true] {
-        let e = get(gw.https(), ca, None, "any-a.apps.identity", "/", h2).await.unwrap_err();
-        assert!(alert(&e).contains("CertificateRequired") || alert(&e).contains("HandshakeFailure"), "{e:?}");
-        let e = get(gw.https(), ca, Some(&pki.wrong_ca), "any-a.apps.identity", "/", h2).await.unwrap_err();
+        let e = get(gw.https(), ca, None, "any-a.apps.identity", "/", h2)
+            .await
+            .unwrap_err();
+        assert!(
+            alert(&e).contains("CertificateRequired") || alert(&e).contains("HandshakeFailure"),
+            "{e:?}"
+        );
+        let e = get(
+            gw.https(),
+            ca,
+            Some(&pki.wrong_ca),
+            "any-a.apps.identity",
+            "/",
+            h2,
+        )
+        .await
+        .unwrap_err();
         assert!(alert(&e).contains("UnknownCA"), "{e:?}");
-        let e = get(gw.https(), ca, Some(&pki.expired), "any-a.apps.identity", "/", h2).await.unwrap_err();
+        let e = get(
+            gw.https(),
+            ca,
+            Some(&pki.expired),
+            "any-a.apps.identity",
+            "/",
+            h2,
+        )
+        .await
+        .unwrap_err();
         assert!(alert(&e).contains("CertificateExpired"), "{e:?}");
     }
     // A valid certificate on the same SNI works; so does a plain SNI without one.
-    assert_eq!(get(gw.https(), ca, Some(&pki.a), "any-a.apps.identity", "/", false).await.unwrap().status, 200);
-    assert_eq!(get(gw.https(), ca, None, "open.apps.plain", "/", false).await.unwrap().status, 200);
+    assert_eq!(
+        get(
+            gw.https(),
+            ca,
+            Some(&pki.a),
+            "any-a.apps.identity",
+            "/",
+            false
+        )
+        .await
+        .unwrap()
+        .status,
+        200
+    );
+    assert_eq!(
+        get(gw.https(), ca, None, "open.apps.plain", "/", false)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let d = "domain=\"*.apps.identity\"";
-    assert_eq!(gw.metric(&format!("portcullis_tls_handshakes_total{{{d},result=\"no_certificate\"}}")), 2.0);
-    assert_eq!(gw.metric(&format!("portcullis_tls_handshakes_total{{{d},result=\"unknown_ca\"}}")), 2.0);
-    assert_eq!(gw.metric(&format!("portcullis_tls_handshakes_total{{{d},result=\"expired\"}}")), 2.0);
-    assert_eq!(gw.metric(&format!("portcullis_tls_handshakes_total{{{d},result=\"ok\"}}")), 1.0);
-    assert_eq!(gw.metric("portcullis_tls_handshakes_total{domain=\"-\",result=\"ok\"}"), 1.0);
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"no_certificate\"}}"
+        )),
+        2.0
+    );
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"unknown_ca\"}}"
+        )),
+        2.0
+    );
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"expired\"}}"
+        )),
+        2.0
+    );
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"ok\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("portcullis_tls_handshakes_total{domain=\"-\",result=\"ok\"}"),
+        1.0
+    );
     // Only the two successful requests were logged.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gw.log_lines(2).await.len(), 2);

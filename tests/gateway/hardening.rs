@@ -16,11 +16,27 @@ async fn identity_comes_from_the_certificate_never_from_xfcc() {
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
     let forged = base64::engine::general_purpose::STANDARD.encode(&pki.a.der);
     for h2 in [false, true] {
-        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("any-a.apps.identity"), Some(&pki.b), h2).await.unwrap();
-        let req = c.build("any-a.apps.identity", "/", &[("x-forwarded-client-cert", &forged)]);
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("any-a.apps.identity"),
+            Some(&pki.b),
+            h2,
+        )
+        .await
+        .unwrap();
+        let req = c.build(
+            "any-a.apps.identity",
+            "/",
+            &[("x-forwarded-client-cert", &forged)],
+        );
         // …but the decision is B's: denied.
         assert_eq!(c.send(req).await.unwrap().status, 403);
-        let req = c.build("open.apps.identity", "/", &[("x-forwarded-client-cert", &forged)]);
+        let req = c.build(
+            "open.apps.identity",
+            "/",
+            &[("x-forwarded-client-cert", &forged)],
+        );
         let echo = c.send(req).await.unwrap().echo();
         assert_eq!(echo.headers.get("x-forwarded-client-cert"), Some(&forged));
     }
@@ -34,14 +50,40 @@ async fn host_names_are_normalised_before_every_decision() {
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
     let port = gw.https().port().to_string();
     for h2 in [false, true] {
-        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("Any-A.APPS.identity"), Some(&pki.a), h2).await.unwrap();
-        for host in ["ANY-A.apps.Identity.", &format!("any-a.apps.identity:{port}"), &format!("Any-A.Apps.Identity.:{port}")] {
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("Any-A.APPS.identity"),
+            Some(&pki.a),
+            h2,
+        )
+        .await
+        .unwrap();
+        for host in [
+            "ANY-A.apps.Identity.",
+            &format!("any-a.apps.identity:{port}"),
+            &format!("Any-A.Apps.Identity.:{port}"),
+        ] {
             let r = c.get(host, "/").await.unwrap();
             assert_eq!(r.status, 200, "host {host}");
         }
         // The binding check sees the same normalised name: still 421 across domains.
-        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("OPEN.apps.plain."), None, h2).await.unwrap();
-        assert_eq!(c.get(&format!("ANY-A.apps.identity.:{port}"), "/").await.unwrap().status, 421);
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("OPEN.apps.plain."),
+            None,
+            h2,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            c.get(&format!("ANY-A.apps.identity.:{port}"), "/")
+                .await
+                .unwrap()
+                .status,
+            421
+        );
     }
 }
 
@@ -51,9 +93,16 @@ async fn no_per_request_denial_logging_only_counters() {
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
     for _ in 0..3 {
-        let r = crate::support::client::get(gw.https(), &pki.server_ca, Some(&pki.b), "any-a.apps.identity", "/", false)
-            .await
-            .unwrap();
+        let r = crate::support::client::get(
+            gw.https(),
+            &pki.server_ca,
+            Some(&pki.b),
+            "any-a.apps.identity",
+            "/",
+            false,
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status, 403);
     }
     // Exactly one access-log line per request and the denial is counted.

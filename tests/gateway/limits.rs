@@ -25,7 +25,15 @@ async fn gateway(pki: &TestPki) -> TestGateway {
 async fn oversized_headers_get_431() {
     let pki = TestPki::new();
     let gw = gateway(&pki).await;
-    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("open.apps.plain"), None, false).await.unwrap();
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.plain"),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
     let big = "x".repeat(20_000);
     let req = c.build("open.apps.plain", "/", &[("x-big", &big)]);
     assert_eq!(c.send(req).await.unwrap().status, 431);
@@ -38,10 +46,15 @@ async fn silent_clients_are_dropped_at_the_handshake_deadline() {
     let started = Instant::now();
     let mut tcp = TcpStream::connect(gw.https()).await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("closed by the gateway");
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("closed by the gateway");
     assert!(matches!(n, Ok(0) | Err(_)));
     assert!(started.elapsed() >= Duration::from_millis(900));
-    assert_eq!(gw.metric("portcullis_tls_handshakes_total{domain=\"-\",result=\"timeout\"}"), 1.0);
+    assert_eq!(
+        gw.metric("portcullis_tls_handshakes_total{domain=\"-\",result=\"timeout\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -49,7 +62,15 @@ async fn idle_connections_are_closed() {
     let pki = TestPki::new();
     let gw = gateway(&pki).await;
     for h2 in [false, true] {
-        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("open.apps.plain"), None, h2).await.unwrap();
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("open.apps.plain"),
+            None,
+            h2,
+        )
+        .await
+        .unwrap();
         assert_eq!(c.get("open.apps.plain", "/").await.unwrap().status, 200);
         // Activity keeps it open…
         for _ in 0..3 {

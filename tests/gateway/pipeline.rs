@@ -3,10 +3,10 @@
 use portcullis::echo;
 
 use crate::pipeline_yaml;
+use crate::support::bounded;
 use crate::support::client::{get, Conn};
 use crate::support::gateway::{LogLine, TestGateway};
 use crate::support::pki::TestPki;
-use crate::support::bounded;
 
 #[tokio::test]
 async fn policy_rows_answer_and_log_the_deciding_rule() {
@@ -16,29 +16,110 @@ async fn policy_rows_answer_and_log_the_deciding_rule() {
     let ca = &pki.server_ca;
     // (caller, host, status, body, route_policy)
     let cases = [
-        (&pki.a, "any-a.apps.identity", 200, None, "route:cf:app:app-a"),
-        (&pki.b, "any-a.apps.identity", 403, Some("Forbidden"), "route:route_policies"),
-        (&pki.no_ou, "any-a.apps.identity", 403, Some(""), "identity_extraction"),
-        (&pki.conflicting, "any-a.apps.identity", 403, Some(""), "identity_extraction"),
+        (
+            &pki.a,
+            "any-a.apps.identity",
+            200,
+            None,
+            "route:cf:app:app-a",
+        ),
+        (
+            &pki.b,
+            "any-a.apps.identity",
+            403,
+            Some("Forbidden"),
+            "route:route_policies",
+        ),
+        (
+            &pki.no_ou,
+            "any-a.apps.identity",
+            403,
+            Some(""),
+            "identity_extraction",
+        ),
+        (
+            &pki.conflicting,
+            "any-a.apps.identity",
+            403,
+            Some(""),
+            "identity_extraction",
+        ),
         (&pki.no_ou, "open.apps.identity", 200, None, "-"),
         (&pki.a, "space.apps.identity", 200, None, "route:cf:any"),
-        (&pki.b, "space.apps.identity", 403, Some("Forbidden"), "domain:scope=space:post-selection"),
+        (
+            &pki.b,
+            "space.apps.identity",
+            403,
+            Some("Forbidden"),
+            "domain:scope=space:post-selection",
+        ),
         (&pki.c, "org.apps.identity", 200, None, "route:cf:any"),
-        (&pki.b, "org.apps.identity", 403, Some("Forbidden"), "domain:scope=org:post-selection"),
-        (&pki.a, "orgless.apps.identity", 403, Some("Forbidden"), "domain:scope=org:post-selection"),
-        (&pki.a_orgless, "orgless.apps.identity", 403, Some("Forbidden"), "domain:scope=org:post-selection"),
-        (&pki.a, "weird.apps.identity", 403, Some("Forbidden"), "domain:scope=unknown:post-selection"),
-        (&pki.a, "nosrc.apps.identity", 403, Some("Forbidden"), "route:no_route_policies"),
-        (&pki.c, "srcspace.apps.identity", 200, None, "route:cf:space:space-1"),
-        (&pki.b, "srcspace.apps.identity", 403, Some("Forbidden"), "route:route_policies"),
-        (&pki.c, "srcorg.apps.identity", 200, None, "route:cf:org:org-1"),
+        (
+            &pki.b,
+            "org.apps.identity",
+            403,
+            Some("Forbidden"),
+            "domain:scope=org:post-selection",
+        ),
+        (
+            &pki.a,
+            "orgless.apps.identity",
+            403,
+            Some("Forbidden"),
+            "domain:scope=org:post-selection",
+        ),
+        (
+            &pki.a_orgless,
+            "orgless.apps.identity",
+            403,
+            Some("Forbidden"),
+            "domain:scope=org:post-selection",
+        ),
+        (
+            &pki.a,
+            "weird.apps.identity",
+            403,
+            Some("Forbidden"),
+            "domain:scope=unknown:post-selection",
+        ),
+        (
+            &pki.a,
+            "nosrc.apps.identity",
+            403,
+            Some("Forbidden"),
+            "route:no_route_policies",
+        ),
+        (
+            &pki.c,
+            "srcspace.apps.identity",
+            200,
+            None,
+            "route:cf:space:space-1",
+        ),
+        (
+            &pki.b,
+            "srcspace.apps.identity",
+            403,
+            Some("Forbidden"),
+            "route:route_policies",
+        ),
+        (
+            &pki.c,
+            "srcorg.apps.identity",
+            200,
+            None,
+            "route:cf:org:org-1",
+        ),
     ];
     let mut expected_lines = Vec::new();
     for h2 in [false, true] {
         for (caller, host, status, body, rule) in &cases {
-            let resp = bounded("request", get(gw.https(), ca, Some(caller), host, "/p?q=1", h2))
-                .await
-                .unwrap_or_else(|e| panic!("{host}: {e:?}"));
+            let resp = bounded(
+                "request",
+                get(gw.https(), ca, Some(caller), host, "/p?q=1", h2),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e:?}"));
             assert_eq!(resp.status, *status, "{host} h2={h2}: {}", resp.body);
             match body {
                 Some(b) => assert_eq!(resp.body, *b, "{host}"),
@@ -54,10 +135,21 @@ async fn policy_rows_answer_and_log_the_deciding_rule() {
         assert_eq!(l.host, *host);
         assert_eq!(l.status, *status);
         assert_eq!(l.field("route_policy"), rule, "{line}");
-        assert_eq!(l.request.ends_with(if *h2 { "HTTP/2.0" } else { "HTTP/1.1" }), true, "{line}");
+        let proto = if *h2 { "HTTP/2.0" } else { "HTTP/1.1" };
+        assert!(l.request.ends_with(proto), "{line}");
     }
-    assert_eq!(gw.metric("portcullis_authz_decisions_total{decision=\"deny\",rule=\"route:route_policies\"}"), 4.0);
-    assert_eq!(gw.metric("portcullis_authz_decisions_total{decision=\"allow\",rule=\"route:cf:app:app-a\"}"), 2.0);
+    assert_eq!(
+        gw.metric(
+            "portcullis_authz_decisions_total{decision=\"deny\",rule=\"route:route_policies\"}"
+        ),
+        4.0
+    );
+    assert_eq!(
+        gw.metric(
+            "portcullis_authz_decisions_total{decision=\"allow\",rule=\"route:cf:app:app-a\"}"
+        ),
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -66,11 +158,29 @@ async fn a_403_is_final_and_never_reaches_the_backend() {
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
     for _ in 0..5 {
-        let r = get(gw.https(), &pki.server_ca, Some(&pki.b), "any-a.apps.identity", "/", false).await.unwrap();
+        let r = get(
+            gw.https(),
+            &pki.server_ca,
+            Some(&pki.b),
+            "any-a.apps.identity",
+            "/",
+            false,
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status, 403);
     }
     assert_eq!(backend.requests(), 0);
-    let r = get(gw.https(), &pki.server_ca, Some(&pki.a), "any-a.apps.identity", "/", false).await.unwrap();
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        Some(&pki.a),
+        "any-a.apps.identity",
+        "/",
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(backend.requests(), 1);
 }
@@ -80,15 +190,34 @@ async fn host_rows_empty_and_unknown() {
     let pki = TestPki::new();
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
-    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("open.apps.plain"), None, false).await.unwrap();
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.plain"),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
     let r = c.get("", "/").await.unwrap();
     assert_eq!(r.status, 400);
     assert_eq!(r.header("x-cf-routererror"), Some("empty_host"));
     for h2 in [false, true] {
-        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some("open.apps.plain"), None, h2).await.unwrap();
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("open.apps.plain"),
+            None,
+            h2,
+        )
+        .await
+        .unwrap();
         let r = c.get("missing.apps.plain", "/x").await.unwrap();
         assert_eq!(r.status, 404);
-        assert_eq!(r.body, "Requested route ('missing.apps.plain') does not exist.");
+        assert_eq!(
+            r.body,
+            "Requested route ('missing.apps.plain') does not exist."
+        );
         assert_eq!(r.header("x-cf-routererror"), Some("unknown_route"));
         // Lookup comes before the binding check: an unknown mTLS host is a 404, not a 421.
         let r = c.get("missing.apps.identity", "/").await.unwrap();
@@ -104,7 +233,9 @@ async fn binding_rows_421_and_coalescing() {
     let ca = &pki.server_ca;
     for h2 in [false, true] {
         // Non-mTLS SNI, mTLS host.
-        let mut c = Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, h2).await.unwrap();
+        let mut c = Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, h2)
+            .await
+            .unwrap();
         let r = c.get("any-a.apps.identity", "/").await.unwrap();
         assert_eq!((r.status, r.body.as_str()), (421, ""));
         assert!(r.header("x-cf-routererror").is_none());
@@ -114,11 +245,15 @@ async fn binding_rows_421_and_coalescing() {
         let mut c = Conn::tls(gw.https(), ca, None, None, h2).await.unwrap();
         assert_eq!(c.get("open.apps.identity", "/").await.unwrap().status, 421);
         // Another mTLS domain's connection.
-        let mut c = Conn::tls(gw.https(), ca, Some("x.other.identity"), Some(&pki.a), h2).await.unwrap();
+        let mut c = Conn::tls(gw.https(), ca, Some("x.other.identity"), Some(&pki.a), h2)
+            .await
+            .unwrap();
         assert_eq!(c.get("any-a.apps.identity", "/").await.unwrap().status, 421);
         assert_eq!(c.get("x.other.identity", "/").await.unwrap().status, 200);
         // mTLS connection for *.apps.identity, host outside it.
-        let mut c = Conn::tls(gw.https(), ca, Some("open.apps.identity"), Some(&pki.a), h2).await.unwrap();
+        let mut c = Conn::tls(gw.https(), ca, Some("open.apps.identity"), Some(&pki.a), h2)
+            .await
+            .unwrap();
         assert_eq!(c.get("open.apps.plain", "/").await.unwrap().status, 421);
         // Coalescing under one pattern is allowed.
         assert_eq!(c.get("any-a.apps.identity", "/").await.unwrap().status, 200);
@@ -134,28 +269,65 @@ async fn identity_row_for_enforcing_route_outside_mtls() {
     let pki = TestPki::new();
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
-    let r = get(gw.https(), &pki.server_ca, None, "enforced.apps.plain", "/", false).await.unwrap();
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "enforced.apps.plain",
+        "/",
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!((r.status, r.body.as_str()), (403, ""));
     let line = gw.log_lines(1).await;
-    assert_eq!(LogLine::parse(&line[0]).field("route_policy"), "identity_extraction");
+    assert_eq!(
+        LogLine::parse(&line[0]).field("route_policy"),
+        "identity_extraction"
+    );
 }
 
 #[tokio::test]
 async fn connection_failures_are_retried_then_502() {
     let pki = TestPki::new();
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
-    let extra = "access_log:\n  path: access.log\n  extra_fields: [route_policy, failed_attempts]\n";
+    let extra =
+        "access_log:\n  path: access.log\n  extra_fields: [route_policy, failed_attempts]\n";
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, extra)).await;
     for _ in 0..6 {
-        let r = get(gw.https(), &pki.server_ca, Some(&pki.a), "half.apps.identity", "/", false).await.unwrap();
+        let r = get(
+            gw.https(),
+            &pki.server_ca,
+            Some(&pki.a),
+            "half.apps.identity",
+            "/",
+            false,
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status, 200);
     }
-    let r = get(gw.https(), &pki.server_ca, Some(&pki.a), "dead.apps.identity", "/", true).await.unwrap();
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        Some(&pki.a),
+        "dead.apps.identity",
+        "/",
+        true,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 502);
     assert_eq!(r.header("x-cf-routererror"), Some("endpoint_failure"));
     let lines = gw.log_lines(7).await;
-    let attempts: Vec<String> = lines[..6].iter().map(|l| LogLine::parse(l).field("failed_attempts").to_string()).collect();
-    assert!(attempts.contains(&"1".to_string()) && attempts.contains(&"0".to_string()), "{attempts:?}");
+    let attempts: Vec<String> = lines[..6]
+        .iter()
+        .map(|l| LogLine::parse(l).field("failed_attempts").to_string())
+        .collect();
+    assert!(
+        attempts.contains(&"1".to_string()) && attempts.contains(&"0".to_string()),
+        "{attempts:?}"
+    );
     let dead = LogLine::parse(&lines[6]);
     assert_eq!(dead.field("failed_attempts"), "3");
     assert_eq!(dead.field("x_cf_routererror"), "endpoint_failure");

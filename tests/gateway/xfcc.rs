@@ -11,10 +11,21 @@ use crate::support::pki::TestPki;
 
 const SPOOF: &str = "spoofed-by-caller";
 
-async fn xfcc_seen(gw: &TestGateway, pki: &TestPki, host: &str, mtls: bool, incoming: Option<&str>) -> Option<String> {
+async fn xfcc_seen(
+    gw: &TestGateway,
+    pki: &TestPki,
+    host: &str,
+    mtls: bool,
+    incoming: Option<&str>,
+) -> Option<String> {
     let cert = mtls.then_some(&pki.a);
-    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), cert, false).await.unwrap();
-    let headers: Vec<(&str, &str)> = incoming.map(|v| ("x-forwarded-client-cert", v)).into_iter().collect();
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), cert, false)
+        .await
+        .unwrap();
+    let headers: Vec<(&str, &str)> = incoming
+        .map(|v| ("x-forwarded-client-cert", v))
+        .into_iter()
+        .collect();
     let req = c.build(host, "/", &headers);
     let resp = c.send(req).await.unwrap();
     assert_eq!(resp.status, 200, "{host}: {}", resp.body);
@@ -44,12 +55,24 @@ async fn modes_and_formats() {
         let sanitize = mode == "sanitize_set";
         // mTLS, raw format, with and without an incoming header.
         let got = xfcc_seen(&gw, &pki, "r.apps.identity", true, Some(SPOOF)).await;
-        assert_eq!(got.as_deref(), Some(if sanitize { raw.as_str() } else { SPOOF }), "{mode} raw");
+        assert_eq!(
+            got.as_deref(),
+            Some(if sanitize { raw.as_str() } else { SPOOF }),
+            "{mode} raw"
+        );
         let got = xfcc_seen(&gw, &pki, "r.apps.identity", true, None).await;
-        assert_eq!(got.as_deref(), sanitize.then_some(raw.as_str()), "{mode} raw, none incoming");
+        assert_eq!(
+            got.as_deref(),
+            sanitize.then_some(raw.as_str()),
+            "{mode} raw, none incoming"
+        );
         // mTLS, envoy format.
         let got = xfcc_seen(&gw, &pki, "r.other.identity", true, Some(SPOOF)).await;
-        assert_eq!(got.as_deref(), Some(if sanitize { envoy.as_str() } else { SPOOF }), "{mode} envoy");
+        assert_eq!(
+            got.as_deref(),
+            Some(if sanitize { envoy.as_str() } else { SPOOF }),
+            "{mode} envoy"
+        );
         // No client certificate: the global mode for hosts outside every mTLS domain.
         let got = xfcc_seen(&gw, &pki, "r.apps.plain", false, Some(SPOOF)).await;
         let expect = match mode {

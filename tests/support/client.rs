@@ -10,8 +10,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis::echo::Echo;
 use portcullis::pki::{Ca, Leaf};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -27,7 +27,8 @@ pub struct Resp {
 impl Resp {
     /// The echo backend's description of the request it received.
     pub fn echo(&self) -> Echo {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not an echo body ({e}): {}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not an echo body ({e}): {}", self.body))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -39,16 +40,18 @@ impl Resp {
 pub fn tls_config(ca: &Ca, cert: Option<&Leaf>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.der.clone()).unwrap();
-    let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
     let mut cfg = match cert {
         None => builder.with_no_client_auth(),
         Some(leaf) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
             let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
             builder.with_client_auth_cert(chain, key).unwrap()
         }
@@ -89,9 +92,17 @@ pub enum CallError {
 
 impl Conn {
     /// Opens a TLS connection and an HTTP connection on it (h2 when `h2`).
-    pub async fn tls(addr: SocketAddr, ca: &Ca, sni: Option<&str>, cert: Option<&Leaf>, h2: bool) -> Result<Conn, CallError> {
+    pub async fn tls(
+        addr: SocketAddr,
+        ca: &Ca,
+        sni: Option<&str>,
+        cert: Option<&Leaf>,
+        h2: bool,
+    ) -> Result<Conn, CallError> {
         let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let stream = tls_connect(addr, ca, sni, cert, alpn).await.map_err(CallError::Tls)?;
+        let stream = tls_connect(addr, ca, sni, cert, alpn)
+            .await
+            .map_err(CallError::Tls)?;
         Self::over(stream, h2).await
     }
 
@@ -112,7 +123,9 @@ impl Conn {
             tokio::spawn(c);
             Ok(Conn::H2(s))
         } else {
-            let (s, c) = http1::handshake(TokioIo::new(io)).await.map_err(CallError::Http)?;
+            let (s, c) = http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(CallError::Http)?;
             tokio::spawn(c.with_upgrades());
             Ok(Conn::H1(s))
         }

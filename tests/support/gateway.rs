@@ -79,7 +79,10 @@ impl TestGateway {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("access log has fewer than {n} lines:\n{}", std::fs::read_to_string(&path).unwrap_or_default());
+        panic!(
+            "access log has fewer than {n} lines:\n{}",
+            std::fs::read_to_string(&path).unwrap_or_default()
+        );
     }
 
     /// The Prometheus exposition.
@@ -91,7 +94,10 @@ impl TestGateway {
     pub fn metric(&self, sample: &str) -> f64 {
         self.metrics()
             .lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 }

@@ -36,9 +36,19 @@ pub struct TestPki {
 }
 
 fn diego(ca: &Ca, app: &str, space: &str, org: &str, v: Validity) -> Leaf {
-    let (a, s, o) = (format!("app:{app}"), format!("space:{space}"), format!("organization:{org}"));
-    ca.client(&[&[Attr::Cn("instance")], &[Attr::Ou(&o), Attr::Ou(&s), Attr::Ou(&a)]], v)
-        .expect("client cert")
+    let (a, s, o) = (
+        format!("app:{app}"),
+        format!("space:{space}"),
+        format!("organization:{org}"),
+    );
+    ca.client(
+        &[
+            &[Attr::Cn("instance")],
+            &[Attr::Ou(&o), Attr::Ou(&s), Attr::Ou(&a)],
+        ],
+        v,
+    )
+    .expect("client cert")
 }
 
 impl TestPki {
@@ -46,7 +56,10 @@ impl TestPki {
         let server_ca = Ca::root("test server CA").unwrap();
         let identity_root = Ca::root("test identity root").unwrap();
         let ica = identity_root.intermediate("instanceIdentityCA").unwrap();
-        let rogue = Ca::root("rogue CA").unwrap().intermediate("instanceIdentityCA").unwrap();
+        let rogue = Ca::root("rogue CA")
+            .unwrap()
+            .intermediate("instanceIdentityCA")
+            .unwrap();
         let backend_ca = Ca::root("test backend CA").unwrap();
         TestPki {
             a: diego(&ica, APP_A, SPACE1, ORG1, Validity::Current),
@@ -64,14 +77,26 @@ impl TestPki {
             b: diego(&ica, APP_B, SPACE2, ORG2, Validity::Current),
             a_orgless: ica
                 .client(
-                    &[&[Attr::Cn("x")], &[Attr::Ou(&format!("app:{APP_A}")), Attr::Ou(&format!("space:{SPACE1}"))]],
+                    &[
+                        &[Attr::Cn("x")],
+                        &[
+                            Attr::Ou(&format!("app:{APP_A}")),
+                            Attr::Ou(&format!("space:{SPACE1}")),
+                        ],
+                    ],
                     Validity::Current,
                 )
                 .unwrap(),
-            no_ou: ica.client(&[&[Attr::Cn("no-ou"), Attr::O("acme")]], Validity::Current).unwrap(),
+            no_ou: ica
+                .client(&[&[Attr::Cn("no-ou"), Attr::O("acme")]], Validity::Current)
+                .unwrap(),
             conflicting: ica
                 .client(
-                    &[&[Attr::Cn("x")], &[Attr::Ou(&format!("app:{APP_A}"))], &[Attr::Ou(&format!("app:{APP_B}"))]],
+                    &[
+                        &[Attr::Cn("x")],
+                        &[Attr::Ou(&format!("app:{APP_A}"))],
+                        &[Attr::Ou(&format!("app:{APP_B}"))],
+                    ],
                     Validity::Current,
                 )
                 .unwrap(),

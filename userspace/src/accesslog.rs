@@ -76,15 +76,19 @@ impl AccessRecord {
     /// Renders the line (with a trailing newline).
     pub fn render(&self, extra: &[ExtraField]) -> String {
         let mut o = String::with_capacity(512);
-        o.push_str(if self.host.is_empty() { "-" } else { &self.host });
-        let _ = write!(
-            o,
-            " - [{}] ",
-            humantime::format_rfc3339_nanos(self.start)
-        );
+        o.push_str(if self.host.is_empty() {
+            "-"
+        } else {
+            &self.host
+        });
+        let _ = write!(o, " - [{}] ", humantime::format_rfc3339_nanos(self.start));
         let request_line = format!("{} {} {}", self.method, self.uri, self.proto);
         quoted(&mut o, &request_line);
-        let _ = write!(o, " {} {} {} ", self.status, self.request_bytes, self.response_bytes);
+        let _ = write!(
+            o,
+            " {} {} {} ",
+            self.status, self.request_bytes, self.response_bytes
+        );
         quoted(&mut o, &self.referer);
         o.push(' ');
         quoted(&mut o, &self.user_agent);
@@ -99,7 +103,9 @@ impl AccessRecord {
         field(&mut o, "x_forwarded_for", &self.x_forwarded_for);
         field(&mut o, "x_forwarded_proto", &self.x_forwarded_proto);
         field(&mut o, "vcap_request_id", &self.vcap_request_id);
-        let gorouter = self.response_time.saturating_sub(self.backend_time.unwrap_or_default());
+        let gorouter = self
+            .response_time
+            .saturating_sub(self.backend_time.unwrap_or_default());
         let _ = write!(
             o,
             " response_time:{} gorouter_time:{}",
@@ -270,7 +276,11 @@ mod tests {
             ktls: false,
             router_error: String::new(),
         };
-        let line = r.render(&[ExtraField::RoutePolicy, ExtraField::TlsSni, ExtraField::CallerCfOrg]);
+        let line = r.render(&[
+            ExtraField::RoutePolicy,
+            ExtraField::TlsSni,
+            ExtraField::CallerCfOrg,
+        ]);
         assert_eq!(
             line,
             "a.apps.identity - [2023-11-14T22:13:20.123456789Z] \"GET /x?y=1 HTTP/1.1\" 403 0 9 \"-\" \

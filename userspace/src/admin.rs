@@ -35,14 +35,19 @@ struct EndpointView<'a> {
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
 fn json<T: Serialize>(v: &T) -> Response<ProxyBody> {
     match serde_json::to_string_pretty(v) {
         Ok(s) => respond(StatusCode::OK, "application/json", s),
-        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
     }
 }
 
@@ -128,7 +133,11 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
                     let resp = if req.method() == Method::GET {
                         route(&state, &req)
                     } else {
-                        respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into())
+                        respond(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "text/plain",
+                            "GET only\n".into(),
+                        )
                     };
                     Ok::<_, std::convert::Infallible>(resp)
                 }

@@ -22,7 +22,10 @@ pub enum DemoError {
     #[error("demo PKI: {0}")]
     Pki(#[from] PkiError),
     #[error("demo files in {}: {source}", dir.display())]
-    Io { dir: PathBuf, source: std::io::Error },
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("demo backend: {0}")]
     Backend(std::io::Error),
     #[error(transparent)]
@@ -39,17 +42,28 @@ pub struct Demo {
 /// Makes the PKI and config in a fresh temporary folder and starts the backend.
 pub async fn prepare(https: SocketAddr, admin: SocketAddr) -> Result<Demo, DemoError> {
     let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
-    let io = |source| DemoError::Io { dir: dir.clone(), source };
+    let io = |source| DemoError::Io {
+        dir: dir.clone(),
+        source,
+    };
     std::fs::create_dir_all(&dir).map_err(io)?;
 
     let server_ca = Ca::root("portcullis demo server CA")?;
-    let server = server_ca.server(&["*.apps.identity", "*.apps.plain", "localhost", "127.0.0.1"])?;
+    let server =
+        server_ca.server(&["*.apps.identity", "*.apps.plain", "localhost", "127.0.0.1"])?;
     let identity_root = Ca::root("portcullis demo identity root")?;
     let identity_ca = identity_root.intermediate("instanceIdentityCA")?;
     let caller = |app: &str, cn: &str| {
-        let (ou_app, ou_space, ou_org) = (format!("app:{app}"), format!("space:{SPACE}"), format!("organization:{ORG}"));
+        let (ou_app, ou_space, ou_org) = (
+            format!("app:{app}"),
+            format!("space:{SPACE}"),
+            format!("organization:{ORG}"),
+        );
         identity_ca.client(
-            &[&[Attr::Cn(cn)], &[Attr::Ou(&ou_org), Attr::Ou(&ou_space), Attr::Ou(&ou_app)]],
+            &[
+                &[Attr::Cn(cn)],
+                &[Attr::Ou(&ou_org), Attr::Ou(&ou_space), Attr::Ou(&ou_app)],
+            ],
             Validity::Current,
         )
     };
@@ -74,7 +88,11 @@ pub async fn prepare(https: SocketAddr, admin: SocketAddr) -> Result<Demo, DemoE
         std::fs::write(dir.join(name), text).map_err(io)?;
     }
     let config = Config::load(&dir.join("portcullis.yaml"))?;
-    Ok(Demo { dir, config, backend })
+    Ok(Demo {
+        dir,
+        config,
+        backend,
+    })
 }
 
 fn config_yaml(https: SocketAddr, admin: SocketAddr, backend: SocketAddr) -> String {
@@ -143,7 +161,9 @@ pub fn instructions(dir: &std::path::Path, https: SocketAddr, admin: Option<Sock
         curl("denied", "space.apps.identity"),
     );
     if let Some(a) = admin {
-        out.push_str(&format!("\nAdmin API:\n  curl http://{a}/routes\n  curl http://{a}/metrics\n"));
+        out.push_str(&format!(
+            "\nAdmin API:\n  curl http://{a}/routes\n  curl http://{a}/metrics\n"
+        ));
     }
     out
 }

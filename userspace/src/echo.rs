@@ -40,7 +40,11 @@ impl EchoServer {
     }
 }
 
-async fn answer(name: Arc<str>, count: Arc<AtomicU64>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn answer(
+    name: Arc<str>,
+    count: Arc<AtomicU64>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     count.fetch_add(1, Ordering::Relaxed);
     if req.uri().path() == "/slow" {
         let ms = req
@@ -55,16 +59,26 @@ async fn answer(name: Arc<str>, count: Arc<AtomicU64>, req: Request<Incoming>) -
     let echo = Echo {
         backend: name.to_string(),
         method: req.method().to_string(),
-        path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
         headers: req
             .headers()
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
     };
     let body = serde_json::to_string_pretty(&echo).unwrap_or_default() + "\n";
     let mut resp = Response::new(full(body));
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 

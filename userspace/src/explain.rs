@@ -88,7 +88,8 @@ pub fn explain(
                 }),
             };
             let peer = PeerCert::from_der(leaf);
-            let (decision, rule, reachable) = decide(config, pool, &peer, domain.is_some(), &certificate);
+            let (decision, rule, reachable) =
+                decide(config, pool, &peer, domain.is_some(), &certificate);
             let id = peer.identity.as_ref().ok();
             Some(CallerDecision {
                 certificate,
@@ -129,7 +130,10 @@ pub fn explain(
     })
 }
 
-fn verify(cas: &[CertificateDer<'static>], chain: &[CertificateDer<'static>]) -> Result<(), String> {
+fn verify(
+    cas: &[CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
+) -> Result<(), String> {
     let mut roots = RootCertStore::empty();
     roots.add_parsable_certificates(cas.iter().cloned());
     let verifier = WebPkiClientVerifier::builder_with_provider(
@@ -181,7 +185,9 @@ fn decide(
         Ok(rule) => {
             let partial = reachable.len() < all.len();
             let rule = if partial && config.endpoint_selection == EndpointSelection::Strict {
-                format!("{rule} (strict selection: 403 when an endpoint outside the scope is picked)")
+                format!(
+                    "{rule} (strict selection: 403 when an endpoint outside the scope is picked)"
+                )
             } else {
                 rule.to_string()
             };
@@ -196,25 +202,48 @@ impl fmt::Display for Explanation {
         writeln!(
             f,
             "domain:    {}",
-            self.domain.as_deref().map_or("- (server TLS only, no caller identity)".to_string(), |d| format!("{d} (mTLS)"))
+            self.domain.as_deref().map_or(
+                "- (server TLS only, no caller identity)".to_string(),
+                |d| format!("{d} (mTLS)")
+            )
         )?;
         match &self.scope {
-            None => writeln!(f, "policy:    not enforcing: every caller that reaches the route is proxied")?,
+            None => writeln!(
+                f,
+                "policy:    not enforcing: every caller that reaches the route is proxied"
+            )?,
             Some(s) => {
-                writeln!(f, "policy:    scope={s}, endpoint selection {}", self.endpoint_selection)?;
+                writeln!(
+                    f,
+                    "policy:    scope={s}, endpoint selection {}",
+                    self.endpoint_selection
+                )?;
                 if self.sources.is_empty() {
-                    writeln!(f, "sources:   none: every caller is denied (route:no_route_policies)")?;
+                    writeln!(
+                        f,
+                        "sources:   none: every caller is denied (route:no_route_policies)"
+                    )?;
                 } else {
                     writeln!(f, "sources:   {}", self.sources.join(", "))?;
                 }
             }
         }
         if !self.malformed_sources.is_empty() {
-            writeln!(f, "ignored:   malformed sources {}", self.malformed_sources.join(", "))?;
+            writeln!(
+                f,
+                "ignored:   malformed sources {}",
+                self.malformed_sources.join(", ")
+            )?;
         }
         writeln!(f, "endpoints:")?;
         for e in &self.endpoints {
-            let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+            let dash = |s: &str| {
+                if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
             writeln!(
                 f,
                 "  {}{} app={} space={} org={} instance={}",
@@ -228,7 +257,13 @@ impl fmt::Display for Explanation {
         }
         if let Some(c) = &self.caller {
             let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
-            writeln!(f, "caller:    app={} space={} org={}", dash(&c.app), dash(&c.space), dash(&c.org))?;
+            writeln!(
+                f,
+                "caller:    app={} space={} org={}",
+                dash(&c.app),
+                dash(&c.space),
+                dash(&c.org)
+            )?;
             writeln!(f, "certificate: {}", c.certificate)?;
             writeln!(f, "decision:  {} ({})", c.decision, c.rule)?;
             if c.decision == "allow" {

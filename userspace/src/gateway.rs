@@ -108,7 +108,11 @@ impl Gateway {
             tokio::spawn(accept_loop(gw.clone_parts(), l, slots, false));
         }
         if let Some(l) = admin_l {
-            tokio::spawn(crate::admin::serve(state.clone(), l, gw.shutdown.subscribe()));
+            tokio::spawn(crate::admin::serve(
+                state.clone(),
+                l,
+                gw.shutdown.subscribe(),
+            ));
         }
         tracing::info!(https = %gw.https, http = ?gw.http, admin = ?gw.admin, "portcullis is serving");
         Ok(gw)
@@ -230,15 +234,24 @@ async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>,
     }
 }
 
-async fn serve_tls(state: Arc<State>, tcp: TcpStream, client: SocketAddr, shutdown: watch::Receiver<bool>) {
+async fn serve_tls(
+    state: Arc<State>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
     let rt = state.runtime.load_full();
     match tls::accept(tcp, &rt.tls, rt.config.tls.handshake_timeout).await {
         Err((pattern, failure)) => {
-            state.metrics.count_handshake(pattern.as_ref(), failure.label());
+            state
+                .metrics
+                .count_handshake(pattern.as_ref(), failure.label());
             tracing::debug!(%client, domain = ?pattern.map(|p| p.to_string()), error = %failure, "handshake failed");
         }
         Ok(accepted) => {
-            state.metrics.count_handshake(accepted.info.mtls.as_ref(), "ok");
+            state
+                .metrics
+                .count_handshake(accepted.info.mtls.as_ref(), "ok");
             state
                 .metrics
                 .ktls_connections
@@ -291,7 +304,9 @@ where
     let mut seen = 0;
     let mut closing = false;
     loop {
-        let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(100));
+        let tick = idle
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(100));
         tokio::select! {
             res = serving.as_mut() => {
                 if let Err(e) = res {

@@ -90,7 +90,10 @@ fn main() -> ExitCode {
             demo_admin,
         } => {
             init_tracing();
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");

@@ -95,23 +95,71 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Requests answered, by status code", m.requests.clone());
-        registry.register("authz_decisions", "Authorization decisions, by rule", m.authz_decisions.clone());
-        registry.register("tls_handshakes", "TLS handshakes, by mTLS domain and result", m.tls_handshakes.clone());
-        registry.register("ktls_connections", "Connections by TLS record layer", m.ktls_connections.clone());
-        registry.register("registry_endpoints", "Endpoint registrations in the route table", m.registry_endpoints.clone());
-        registry.register("registry_messages", "Registry messages, by subject and result", m.registry_messages.clone());
+        registry.register(
+            "requests",
+            "Requests answered, by status code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "authz_decisions",
+            "Authorization decisions, by rule",
+            m.authz_decisions.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes, by mTLS domain and result",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "ktls_connections",
+            "Connections by TLS record layer",
+            m.ktls_connections.clone(),
+        );
+        registry.register(
+            "registry_endpoints",
+            "Endpoint registrations in the route table",
+            m.registry_endpoints.clone(),
+        );
+        registry.register(
+            "registry_messages",
+            "Registry messages, by subject and result",
+            m.registry_messages.clone(),
+        );
         registry.register(
             "route_policy_malformed_sources",
             "Malformed route_policy_sources entries skipped, once per registration",
             m.route_policy_malformed_sources.clone(),
         );
-        registry.register("xdp_verdicts", "XDP verdicts on ClientHellos", m.xdp_verdicts.clone());
-        registry.register("xdp_deny_entries", "Learned denials in the XDP DENY map", m.xdp_deny_entries.clone());
-        registry.register("xdp_attached", "Whether the XDP program is attached", m.xdp_attached.clone());
-        registry.register("connections_active", "Client connections open", m.connections_active.clone());
-        registry.register("backend_errors", "Backend failures, by kind", m.backend_errors.clone());
-        registry.register("access_log_dropped", "Access-log records dropped because the writer fell behind", m.access_log_dropped.clone());
+        registry.register(
+            "xdp_verdicts",
+            "XDP verdicts on ClientHellos",
+            m.xdp_verdicts.clone(),
+        );
+        registry.register(
+            "xdp_deny_entries",
+            "Learned denials in the XDP DENY map",
+            m.xdp_deny_entries.clone(),
+        );
+        registry.register(
+            "xdp_attached",
+            "Whether the XDP program is attached",
+            m.xdp_attached.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Client connections open",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "backend_errors",
+            "Backend failures, by kind",
+            m.backend_errors.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access-log records dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -140,7 +188,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_handshake(&self, domain: Option<&crate::names::DomainPattern>, result: &'static str) {
+    pub fn count_handshake(
+        &self,
+        domain: Option<&crate::names::DomainPattern>,
+        result: &'static str,
+    ) {
         self.tls_handshakes
             .get_or_create(&HandshakeLabels {
                 domain: domain.map_or_else(|| "-".to_string(), ToString::to_string),

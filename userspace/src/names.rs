@@ -125,8 +125,14 @@ mod tests {
     #[test]
     fn normalises_case_dot_and_port() {
         assert_eq!(normalize_host("A.Apps.Identity."), "a.apps.identity");
-        assert_eq!(normalize_authority("A.apps.identity:8443"), "a.apps.identity");
-        assert_eq!(normalize_authority("a.apps.identity.:443"), "a.apps.identity");
+        assert_eq!(
+            normalize_authority("A.apps.identity:8443"),
+            "a.apps.identity"
+        );
+        assert_eq!(
+            normalize_authority("a.apps.identity.:443"),
+            "a.apps.identity"
+        );
         assert_eq!(normalize_authority("[::1]:443"), "::1");
         assert_eq!(normalize_authority("[::1]"), "::1");
         assert_eq!(normalize_authority("::1"), "::1");

@@ -6,8 +6,8 @@
 //! rcgen issuer key.
 
 use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SigningKey,
+    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SigningKey,
 };
 use rustls_pki_types::CertificateDer;
 
@@ -68,7 +68,11 @@ fn ca_params(cn: &str) -> Result<CertificateParams, PkiError> {
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     validity(&mut p, Validity::Current);
     Ok(p)
 }
@@ -103,9 +107,13 @@ impl Ca {
     /// A server certificate for DNS names and IP addresses.
     pub fn server(&self, names: &[&str]) -> Result<Leaf, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("server"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         validity(&mut params, Validity::Current);
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -118,7 +126,9 @@ impl Ca {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, "placeholder");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "placeholder");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         validity(&mut params, v);
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -176,7 +186,10 @@ fn elements(mut buf: &[u8]) -> Result<Vec<&[u8]>, PkiError> {
         } else {
             let n = first & 0x7f;
             let bytes = buf.get(2..2 + n).ok_or_else(bad)?;
-            (2 + n, bytes.iter().fold(0usize, |acc, b| (acc << 8) | *b as usize))
+            (
+                2 + n,
+                bytes.iter().fold(0usize, |acc, b| (acc << 8) | *b as usize),
+            )
         };
         let total = hdr + len;
         out.push(buf.get(..total).ok_or_else(bad)?);
@@ -218,7 +231,11 @@ fn with_subject(cert: &[u8], subject: &[u8], key: &KeyPair) -> Result<Vec<u8>, P
     };
     let mut fields = elements(content(tbs)?)?;
     // version [0], serial, signature, issuer, validity, subject, …
-    let subject_index = if fields.first().is_some_and(|f| f[0] == 0xa0) { 5 } else { 4 };
+    let subject_index = if fields.first().is_some_and(|f| f[0] == 0xa0) {
+        5
+    } else {
+        4
+    };
     if fields.len() <= subject_index {
         return Err(rcgen::Error::CouldNotParseCertificate);
     }
@@ -244,27 +261,58 @@ mod tests {
         let ica = root.intermediate("instanceIdentityCA").unwrap();
         let leaf = ica
             .client(
-                &[&[Attr::Cn("inst-1")], &[Attr::Ou("organization:O1"), Attr::Ou("space:S1"), Attr::Ou("app:A")]],
+                &[
+                    &[Attr::Cn("inst-1")],
+                    &[
+                        Attr::Ou("organization:O1"),
+                        Attr::Ou("space:S1"),
+                        Attr::Ou("app:A"),
+                    ],
+                ],
                 Validity::Current,
             )
             .unwrap();
         let peer = PeerCert::from_der(&leaf.der);
         let id = peer.identity.unwrap();
-        assert_eq!((id.app.as_str(), id.space.as_deref(), id.org.as_deref()), ("A", Some("S1"), Some("O1")));
-        assert_eq!(peer.envoy_subject, "CN=inst-1,OU=organization:O1,OU=space:S1,OU=app:A");
+        assert_eq!(
+            (id.app.as_str(), id.space.as_deref(), id.org.as_deref()),
+            ("A", Some("S1"), Some("O1"))
+        );
+        assert_eq!(
+            peer.envoy_subject,
+            "CN=inst-1,OU=organization:O1,OU=space:S1,OU=app:A"
+        );
     }
 
     #[test]
     fn conflicting_or_missing_ous_give_no_identity() {
         let ca = Ca::root("root").unwrap();
         let conflict = ca
-            .client(&[&[Attr::Cn("x")], &[Attr::Ou("app:A")], &[Attr::Ou("app:B")]], Validity::Current)
+            .client(
+                &[&[Attr::Cn("x")], &[Attr::Ou("app:A")], &[Attr::Ou("app:B")]],
+                Validity::Current,
+            )
             .unwrap();
-        assert_eq!(PeerCert::from_der(&conflict.der).identity, Err(IdentityError::Conflict("app")));
-        let none = ca.client(&[&[Attr::Cn("x"), Attr::O("acme")]], Validity::Current).unwrap();
-        assert_eq!(PeerCert::from_der(&none.der).identity, Err(IdentityError::NoApp));
+        assert_eq!(
+            PeerCert::from_der(&conflict.der).identity,
+            Err(IdentityError::Conflict("app"))
+        );
+        let none = ca
+            .client(&[&[Attr::Cn("x"), Attr::O("acme")]], Validity::Current)
+            .unwrap();
+        assert_eq!(
+            PeerCert::from_der(&none.der).identity,
+            Err(IdentityError::NoApp)
+        );
         let empty = ca
-            .client(&[&[Attr::Ou("app:A")], &[Attr::Ou("space:")], &[Attr::Ou("app:A")]], Validity::Current)
+            .client(
+                &[
+                    &[Attr::Ou("app:A")],
+                    &[Attr::Ou("space:")],
+                    &[Attr::Ou("app:A")],
+                ],
+                Validity::Current,
+            )
             .unwrap();
         let id = PeerCert::from_der(&empty.der).identity.unwrap();
         assert_eq!(id.space, None);

@@ -75,8 +75,6 @@ pub fn decide_sources(policy: &RoutePolicy, caller: &Identity) -> Result<Rule, D
         .ok_or(Denial(Rule::RoutePolicies))
 }
 
-
-
 #[cfg(test)]
 mod tests {
     use super::*;

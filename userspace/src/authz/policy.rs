@@ -89,7 +89,10 @@ pub struct RoutePolicy {
 impl RoutePolicy {
     /// Builds a policy from the raw `route_policy_scope` and `route_policy_sources` options.
     pub fn from_options(scope: Option<&str>, sources: Option<&str>) -> Self {
-        let scope = scope.map(str::trim).filter(|s| !s.is_empty()).map(Scope::parse);
+        let scope = scope
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Scope::parse);
         let mut parsed = Vec::new();
         let mut malformed = Vec::new();
         for entry in sources.unwrap_or("").split(',').map(str::trim) {

@@ -262,7 +262,9 @@ impl ConfigError {
     /// Every problem, one `key: reason` line each.
     pub fn problems(&self) -> Vec<String> {
         match self {
-            ConfigError::Invalid { problems, .. } => problems.iter().map(|p| p.to_string()).collect(),
+            ConfigError::Invalid { problems, .. } => {
+                problems.iter().map(|p| p.to_string()).collect()
+            }
             other => vec![other.to_string()],
         }
     }
@@ -283,8 +285,18 @@ impl Config {
 
     /// Validates YAML text; `base` resolves relative paths, `name` is used in messages.
     pub fn from_yaml(text: &str, base: &Path, name: &Path) -> Result<Config, ConfigError> {
+        // Syntax first, so a YAML error is reported as such with its line and column.
+        let value: serde_norway::Value = match serde_norway::from_str(text) {
+            Ok(serde_norway::Value::Null) => serde_norway::Value::Mapping(Default::default()),
+            Ok(v) => v,
+            Err(e) => {
+                return Err(ConfigError::Syntax {
+                    path: name.to_path_buf(),
+                    message: format!("invalid YAML: {e}"),
+                })
+            }
+        };
         let mut unknown = Vec::new();
-        let de = serde_norway::Deserializer::from_str(text);
         let raw: RawConfig = {
             let mut on_unknown = |path: serde_ignored::Path<'_>| {
                 unknown.push(Problem {
@@ -292,16 +304,16 @@ impl Config {
                     reason: "unknown key".into(),
                 })
             };
-            let de = serde_ignored::Deserializer::new(de, &mut on_unknown);
+            let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
             serde_path_to_error::deserialize(de).map_err(|e| {
-                let path = e.path().to_string();
+                let path = format_ignored(&e.path().to_string());
                 let inner = e.into_inner();
                 ConfigError::Syntax {
                     path: name.to_path_buf(),
-                    message: if path == "." || path.is_empty() {
-                        format!("invalid YAML: {inner}")
+                    message: if path.is_empty() {
+                        format!("invalid configuration: {inner}")
                     } else {
-                        format!("{}: {inner}", format_ignored(&path))
+                        format!("{path}: {inner}")
                     },
                 }
             })?
@@ -366,7 +378,10 @@ impl Validator<'_> {
                 default
             }
             Err(_) => {
-                self.problem(key, format!("invalid duration '{raw}', expected e.g. '10s' or '2m'"));
+                self.problem(
+                    key,
+                    format!("invalid duration '{raw}', expected e.g. '10s' or '2m'"),
+                );
                 default
             }
         }
@@ -382,20 +397,35 @@ impl Validator<'_> {
         }
     }
 
-    fn choice<T: Copy>(&mut self, key: &str, raw: Option<&str>, options: &[(&str, T)], default: T, what: &str) -> T {
+    fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        raw: Option<&str>,
+        options: &[(&str, T)],
+        default: T,
+        what: &str,
+    ) -> T {
         let Some(raw) = raw else { return default };
         if let Some((_, v)) = options.iter().find(|(n, _)| *n == raw) {
             return *v;
         }
         let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-        self.problem(key, format!("invalid {what} '{raw}', must be one of {}", names.join(", ")));
+        self.problem(
+            key,
+            format!(
+                "invalid {what} '{raw}', must be one of {}",
+                names.join(", ")
+            ),
+        );
         default
     }
 
     fn cidrs(&mut self, key: &str, raw: &[String]) -> Vec<IpNet> {
         let mut out = Vec::new();
         for (i, c) in raw.iter().enumerate() {
-            let parsed = c.parse::<IpNet>().or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from));
+            let parsed = c
+                .parse::<IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from));
             match parsed {
                 Ok(n) => out.push(n.trunc()),
                 Err(_) => self.problem(format!("{key}[{i}]"), format!("invalid CIDR '{c}'")),
@@ -414,7 +444,12 @@ impl Validator<'_> {
         }
     }
 
-    fn certified_key(&mut self, key: &str, chain: Option<&str>, pkey: Option<&str>) -> Option<CertFile> {
+    fn certified_key(
+        &mut self,
+        key: &str,
+        chain: Option<&str>,
+        pkey: Option<&str>,
+    ) -> Option<CertFile> {
         match (chain, pkey) {
             (Some(c), Some(k)) => match load_certified_key(self.base, c, k) {
                 Ok(ck) => Some(ck),
@@ -453,7 +488,10 @@ impl Validator<'_> {
             }
             None => {
                 self.problem("listen.https", "required");
-                Listen { https: fallback, http: None }
+                Listen {
+                    https: fallback,
+                    http: None,
+                }
             }
         };
         let admin = raw
@@ -463,11 +501,16 @@ impl Validator<'_> {
 
         let mut certificates = Vec::new();
         if raw.tls.certificates.is_empty() {
-            self.problem("tls.certificates", "at least one server certificate is required");
+            self.problem(
+                "tls.certificates",
+                "at least one server certificate is required",
+            );
         }
         for (i, c) in raw.tls.certificates.iter().enumerate() {
             let key = format!("tls.certificates[{i}]");
-            if let Some(cf) = self.certified_key(&key, c.cert_chain.as_deref(), c.private_key.as_deref()) {
+            if let Some(cf) =
+                self.certified_key(&key, c.cert_chain.as_deref(), c.private_key.as_deref())
+            {
                 certificates.push(ServerCert {
                     key: cf.key,
                     dns_names: cf.dns_names,
@@ -484,7 +527,11 @@ impl Validator<'_> {
             ktls: self.choice(
                 "tls.ktls",
                 raw.tls.ktls.as_deref(),
-                &[("auto", KtlsMode::Auto), ("on", KtlsMode::On), ("off", KtlsMode::Off)],
+                &[
+                    ("auto", KtlsMode::Auto),
+                    ("on", KtlsMode::On),
+                    ("off", KtlsMode::Off),
+                ],
                 KtlsMode::Auto,
                 "mode",
             ),
@@ -563,29 +610,47 @@ impl Validator<'_> {
         let endpoint_selection = self.choice(
             "authorization.endpoint_selection",
             raw.authorization.endpoint_selection.as_deref(),
-            &[("filter", EndpointSelection::Filter), ("strict", EndpointSelection::Strict)],
+            &[
+                ("filter", EndpointSelection::Filter),
+                ("strict", EndpointSelection::Strict),
+            ],
             EndpointSelection::Filter,
             "mode",
         );
 
         let b = &raw.backends;
-        let ca_certs = b.ca_certs.as_deref().and_then(|p| self.certs("backends.ca_certs", p));
+        let ca_certs = b
+            .ca_certs
+            .as_deref()
+            .and_then(|p| self.certs("backends.ca_certs", p));
         let client_cert = if b.cert_chain.is_some() || b.private_key.is_some() {
-            self.certified_key("backends", b.cert_chain.as_deref(), b.private_key.as_deref())
-                .map(|c| c.key)
+            self.certified_key(
+                "backends",
+                b.cert_chain.as_deref(),
+                b.private_key.as_deref(),
+            )
+            .map(|c| c.key)
         } else {
             None
         };
         let backends = Backends {
             ca_certs,
             client_cert,
-            connect_timeout: self.duration("backends.connect_timeout", b.connect_timeout.as_deref(), Duration::from_secs(5)),
+            connect_timeout: self.duration(
+                "backends.connect_timeout",
+                b.connect_timeout.as_deref(),
+                Duration::from_secs(5),
+            ),
             response_header_timeout: self.duration(
                 "backends.response_header_timeout",
                 b.response_header_timeout.as_deref(),
                 Duration::from_secs(60),
             ),
-            idle_timeout: self.duration("backends.idle_timeout", b.idle_timeout.as_deref(), Duration::from_secs(90)),
+            idle_timeout: self.duration(
+                "backends.idle_timeout",
+                b.idle_timeout.as_deref(),
+                Duration::from_secs(90),
+            ),
             max_idle_per_endpoint: b.max_idle_per_endpoint.unwrap_or(100),
         };
 
@@ -608,7 +673,10 @@ impl Validator<'_> {
             }
             for (i, s) in n.servers.iter().enumerate() {
                 if !s.starts_with("nats://") && !s.starts_with("tls://") {
-                    self.problem(format!("nats.servers[{i}]"), format!("invalid URL '{s}', expected nats://HOST:PORT"));
+                    self.problem(
+                        format!("nats.servers[{i}]"),
+                        format!("invalid URL '{s}', expected nats://HOST:PORT"),
+                    );
                 }
             }
             Nats { servers: n.servers }
@@ -641,7 +709,10 @@ impl Validator<'_> {
                     .iter()
                     .enumerate()
                     .filter_map(|(i, n)| {
-                        let found = ExtraField::ALL.iter().find(|(name, _)| name == n).map(|(_, f)| *f);
+                        let found = ExtraField::ALL
+                            .iter()
+                            .find(|(name, _)| name == n)
+                            .map(|(_, f)| *f);
                         if found.is_none() {
                             let all: Vec<&str> = ExtraField::ALL.iter().map(|(n, _)| *n).collect();
                             self.problem(
@@ -661,15 +732,25 @@ impl Validator<'_> {
         if threshold == 0 {
             self.problem("xdp.deny_learning.threshold", "must be at least 1");
         }
-        let ttl = self.duration("xdp.deny_learning.ttl", dl.ttl.as_deref(), Duration::from_secs(60));
-        let max_ttl = self.duration("xdp.deny_learning.max_ttl", dl.max_ttl.as_deref(), Duration::from_secs(3600));
+        let ttl = self.duration(
+            "xdp.deny_learning.ttl",
+            dl.ttl.as_deref(),
+            Duration::from_secs(60),
+        );
+        let max_ttl = self.duration(
+            "xdp.deny_learning.max_ttl",
+            dl.max_ttl.as_deref(),
+            Duration::from_secs(3600),
+        );
         if max_ttl < ttl {
             self.problem("xdp.deny_learning.max_ttl", "must not be shorter than ttl");
         }
-        let ports = x
-            .ports
-            .clone()
-            .unwrap_or_else(|| [listen.https.port()].into_iter().filter(|p| *p != 0).collect());
+        let ports = x.ports.clone().unwrap_or_else(|| {
+            [listen.https.port()]
+                .into_iter()
+                .filter(|p| *p != 0)
+                .collect()
+        });
         if ports.contains(&0) {
             self.problem("xdp.ports", "port 0 is not a valid port");
         }
@@ -678,7 +759,11 @@ impl Validator<'_> {
             mode: self.choice(
                 "xdp.mode",
                 x.mode.as_deref(),
-                &[("auto", XdpMode::Auto), ("native", XdpMode::Native), ("skb", XdpMode::Skb)],
+                &[
+                    ("auto", XdpMode::Auto),
+                    ("native", XdpMode::Native),
+                    ("skb", XdpMode::Skb),
+                ],
                 XdpMode::Auto,
                 "mode",
             ),
@@ -693,7 +778,11 @@ impl Validator<'_> {
             deny_learning: DenyLearning {
                 enabled: dl.enabled.unwrap_or(true),
                 threshold,
-                window: self.duration("xdp.deny_learning.window", dl.window.as_deref(), Duration::from_secs(10)),
+                window: self.duration(
+                    "xdp.deny_learning.window",
+                    dl.window.as_deref(),
+                    Duration::from_secs(10),
+                ),
                 ttl,
                 max_ttl,
                 exempt: self.cidrs("xdp.deny_learning.exempt", &dl.exempt),
@@ -714,8 +803,14 @@ impl Validator<'_> {
                 l.header_read_timeout.as_deref(),
                 defaults.header_read_timeout,
             ),
-            idle_timeout: self.duration("limits.idle_timeout", l.idle_timeout.as_deref(), defaults.idle_timeout),
-            h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(defaults.h2_max_concurrent_streams),
+            idle_timeout: self.duration(
+                "limits.idle_timeout",
+                l.idle_timeout.as_deref(),
+                defaults.idle_timeout,
+            ),
+            h2_max_concurrent_streams: l
+                .h2_max_concurrent_streams
+                .unwrap_or(defaults.h2_max_concurrent_streams),
         };
 
         Config {
@@ -738,4 +833,35 @@ impl Validator<'_> {
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_paths_use_brackets_for_indices() {
+        assert_eq!(format_ignored("domains.0.name"), "domains[0].name");
+        assert_eq!(
+            format_ignored("routes.12.options.x"),
+            "routes[12].options.x"
+        );
+        assert_eq!(format_ignored("."), "");
+    }
+
+    #[test]
+    fn missing_listen_and_certificates_are_both_reported() {
+        let err = Config::from_yaml(
+            "admin: {listen: \"127.0.0.1:1\"}\n",
+            Path::new("."),
+            Path::new("t.yaml"),
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        assert!(
+            problems.contains(&"listen.https: required".to_string()),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with("tls.certificates:")),
+            "{problems:?}"
+        );
+    }
+}

@@ -33,7 +33,10 @@ pub fn load_certs(base: &Path, rel: &str) -> Result<Vec<CertificateDer<'static>>
     }
     for (i, c) in certs.iter().enumerate() {
         if let Err(e) = X509Certificate::from_der(c) {
-            return Err(format!("'{rel}': certificate #{} is not valid X.509: {e}", i + 1));
+            return Err(format!(
+                "'{rel}': certificate #{} is not valid X.509: {e}",
+                i + 1
+            ));
         }
     }
     Ok(certs)
@@ -41,17 +44,35 @@ pub fn load_certs(base: &Path, rel: &str) -> Result<Vec<CertificateDer<'static>>
 
 /// Loads a chain and its private key and checks that they belong together. On failure the first
 /// element names the field at fault (`cert_chain` or `private_key`).
-pub fn load_certified_key(base: &Path, chain: &str, key: &str) -> Result<CertFile, (&'static str, String)> {
+pub fn load_certified_key(
+    base: &Path,
+    chain: &str,
+    key: &str,
+) -> Result<CertFile, (&'static str, String)> {
     let certs = load_certs(base, chain).map_err(|e| ("cert_chain", e))?;
     let key_bytes = read(base, key).map_err(|e| ("private_key", e))?;
-    let der = PrivateKeyDer::from_pem_slice(&key_bytes)
-        .map_err(|e| ("private_key", format!("'{key}': no usable private key: {e}")))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| ("private_key", format!("'{key}': unsupported private key: {e}")))?;
+    let der = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
+        (
+            "private_key",
+            format!("'{key}': no usable private key: {e}"),
+        )
+    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| {
+        (
+            "private_key",
+            format!("'{key}': unsupported private key: {e}"),
+        )
+    })?;
     let ck = CertifiedKey::new(certs, signing);
     if let Err(e) = ck.keys_match() {
-        if !matches!(e, rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) {
-            return Err(("private_key", format!("'{key}' does not match the certificate in '{chain}'")));
+        if !matches!(
+            e,
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)
+        ) {
+            return Err((
+                "private_key",
+                format!("'{key}' does not match the certificate in '{chain}'"),
+            ));
         }
     }
     let dns_names = san_patterns(&ck.cert[0]);

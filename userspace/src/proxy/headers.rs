@@ -83,7 +83,10 @@ fn is_hex(s: &str, lens: &[usize]) -> bool {
 /// Continues an incoming B3 trace (new span, parent = incoming span) or starts one.
 pub fn b3(h: &mut HeaderMap) {
     let span = format!("{:016x}", rand::random::<u64>());
-    let trace = h.get(B3_TRACE).and_then(|v| v.to_str().ok()).filter(|t| is_hex(t, &[16, 32]));
+    let trace = h
+        .get(B3_TRACE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| is_hex(t, &[16, 32]));
     match trace {
         Some(_) => {
             let parent = h
@@ -187,7 +190,10 @@ mod tests {
     #[test]
     fn b3_continues_a_trace() {
         let mut h = HeaderMap::new();
-        h.insert(B3_TRACE, HeaderValue::from_static("0123456789abcdef0123456789abcdef"));
+        h.insert(
+            B3_TRACE,
+            HeaderValue::from_static("0123456789abcdef0123456789abcdef"),
+        );
         h.insert(B3_SPAN, HeaderValue::from_static("0123456789abcdef"));
         b3(&mut h);
         assert_eq!(h[B3_TRACE], "0123456789abcdef0123456789abcdef");

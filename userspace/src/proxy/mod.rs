@@ -25,7 +25,7 @@ use crate::routing::Endpoint;
 use crate::state::State;
 use crate::tls::ConnTls;
 use body::{empty, full, BoxError, Counted, Finish, ProxyBody};
-pub use headers::{is_upgrade, xfcc_value, X_CF_ROUTERERROR, XFCC};
+pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
 pub use pool::BackendPool;
 use pool::{ConnectSettings, Lease};
 
@@ -79,19 +79,33 @@ impl Reject {
                 Some("unknown_route"),
             ),
             Reject::Misdirected => (StatusCode::MISDIRECTED_REQUEST, String::new(), None),
-            Reject::Forbidden(Rule::IdentityExtraction) => (StatusCode::FORBIDDEN, String::new(), None),
+            Reject::Forbidden(Rule::IdentityExtraction) => {
+                (StatusCode::FORBIDDEN, String::new(), None)
+            }
             Reject::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden".into(), None),
-            Reject::EndpointFailure => (StatusCode::BAD_GATEWAY, String::new(), Some("endpoint_failure")),
-            Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new(), Some("endpoint_timeout")),
+            Reject::EndpointFailure => (
+                StatusCode::BAD_GATEWAY,
+                String::new(),
+                Some("endpoint_failure"),
+            ),
+            Reject::EndpointTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                String::new(),
+                Some("endpoint_timeout"),
+            ),
         };
         let has_body = !body.is_empty();
         let mut resp = Response::new(if has_body { full(body) } else { empty() });
         *resp.status_mut() = status;
         if has_body {
-            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
         }
         if let Some(e) = router_error {
-            resp.headers_mut().insert(X_CF_ROUTERERROR, HeaderValue::from_static(e));
+            resp.headers_mut()
+                .insert(X_CF_ROUTERERROR, HeaderValue::from_static(e));
         }
         resp
     }
@@ -188,7 +202,12 @@ pub async fn handle(
         .uri()
         .authority()
         .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
         .unwrap_or_default();
     let host = normalize_authority(&raw_host);
     let tls = conn.tls.as_ref();
@@ -197,7 +216,11 @@ pub async fn handle(
         host: host.clone(),
         start: SystemTime::now(),
         method: req.method().to_string(),
-        uri: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        uri: req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
         proto: proto_name(req.version()),
         status: 0,
         request_bytes: 0,
@@ -235,7 +258,8 @@ pub async fn handle(
     // Logged for every request, including the gateway's own rejections.
     let mut req = req;
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
-    done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), &conn.client.ip().to_string());
+    done.record.x_forwarded_for =
+        headers::forwarded_for(req.headers_mut(), &conn.client.ip().to_string());
     done.record.x_forwarded_proto = scheme_of(&conn).to_string();
     let resp = match route(&state, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => resp,
@@ -262,7 +286,9 @@ async fn route(
     let rt = state.runtime.load_full();
     let table = state.registry.table();
     let path = req.uri().path().to_string();
-    let pool = table.lookup(host, &path).ok_or_else(|| Reject::UnknownRoute(host.to_string()))?;
+    let pool = table
+        .lookup(host, &path)
+        .ok_or_else(|| Reject::UnknownRoute(host.to_string()))?;
     if !binding_ok(&rt.config, conn.mtls(), host) {
         return Err(Reject::Misdirected);
     }
@@ -302,11 +328,15 @@ async fn route(
         match decision {
             Ok(rule) => {
                 done.record.route_policy = rule.to_string();
-                state.metrics.count_decision(true, done.record.route_policy.clone());
+                state
+                    .metrics
+                    .count_decision(true, done.record.route_policy.clone());
             }
             Err(Denial(rule)) => {
                 done.record.route_policy = rule.to_string();
-                state.metrics.count_decision(false, done.record.route_policy.clone());
+                state
+                    .metrics
+                    .count_decision(false, done.record.route_policy.clone());
                 return Err(Reject::Forbidden(rule));
             }
         }
@@ -318,11 +348,17 @@ async fn route(
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, upgrade);
-    h.insert(headers::X_FORWARDED_PROTO, HeaderValue::from_static(scheme_of(conn)));
+    h.insert(
+        headers::X_FORWARDED_PROTO,
+        HeaderValue::from_static(scheme_of(conn)),
+    );
     if let Ok(v) = HeaderValue::from_str(&done.record.x_forwarded_for) {
         h.insert(headers::X_FORWARDED_FOR, v);
     }
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     if let Ok(v) = HeaderValue::from_str(&now_ms.to_string()) {
         h.insert(headers::X_REQUEST_START, v);
     }
@@ -338,9 +374,16 @@ async fn route(
             h.insert(HOST, v);
         }
     }
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
     let body = Counted::new(body, done.request_bytes.clone());
-    let mut pending = Some(Request::from_parts(parts, BodyExt::boxed_unsync(body.map_err(BoxError::from))));
+    let mut pending = Some(Request::from_parts(
+        parts,
+        BodyExt::boxed_unsync(body.map_err(BoxError::from)),
+    ));
 
     // Proxy, retrying connection failures on other endpoints.
     let settings = ConnectSettings {
@@ -355,7 +398,9 @@ async fn route(
     };
     let mut failed = 0;
     while failed < MAX_ATTEMPTS {
-        let Some(ep) = first.take().or_else(|| selector.next(eligible)) else { break };
+        let Some(ep) = first.take().or_else(|| selector.next(eligible)) else {
+            break;
+        };
         done.record.backend = ep.addr.clone();
         done.record.app_id = ep.app_id().to_string();
         done.record.app_index = ep.private_instance_index.clone();
@@ -369,7 +414,11 @@ async fn route(
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "backend connect failed");
-                state.metrics.backend_errors.get_or_create(&crate::metrics::ErrorLabels { kind: e.kind() }).inc();
+                state
+                    .metrics
+                    .backend_errors
+                    .get_or_create(&crate::metrics::ErrorLabels { kind: e.kind() })
+                    .inc();
                 failed += 1;
                 done.record.failed_attempts = failed;
                 continue;
@@ -378,7 +427,11 @@ async fn route(
         let Some(mut out) = pending.take() else { break };
         let target = if ep.protocol == Protocol::Http2 {
             *out.version_mut() = Version::HTTP_2;
-            let scheme = if ep.tls_san.is_some() { "https" } else { "http" };
+            let scheme = if ep.tls_san.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             format!("{scheme}://{raw_host}{pq}")
         } else {
             *out.version_mut() = Version::HTTP_11;
@@ -391,10 +444,19 @@ async fn route(
         done.endpoint_active = Some(ep.active.clone());
         let sent_at = Instant::now();
         let timeout = rt.config.backends.response_header_timeout;
-        let result = match tokio::time::timeout(timeout, send_retrying_stale(state, &ep, &settings, &mut lease, out)).await {
+        let result = match tokio::time::timeout(
+            timeout,
+            send_retrying_stale(state, &ep, &settings, &mut lease, out),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => {
-                state.metrics.backend_errors.get_or_create(&crate::metrics::ErrorLabels { kind: "timeout" }).inc();
+                state
+                    .metrics
+                    .backend_errors
+                    .get_or_create(&crate::metrics::ErrorLabels { kind: "timeout" })
+                    .inc();
                 return Err(Reject::EndpointTimeout);
             }
         };
@@ -414,12 +476,19 @@ async fn route(
                 if !upgrade {
                     done.lease = Some((lease, settings.max_idle));
                 }
-                return Ok(Response::from_parts(rparts, BodyExt::boxed_unsync(rbody.map_err(BoxError::from))));
+                return Ok(Response::from_parts(
+                    rparts,
+                    BodyExt::boxed_unsync(rbody.map_err(BoxError::from)),
+                ));
             }
             Err((e, request)) => {
                 ep.active.fetch_sub(1, Ordering::Relaxed);
                 done.endpoint_active = None;
-                state.metrics.backend_errors.get_or_create(&crate::metrics::ErrorLabels { kind: "send" }).inc();
+                state
+                    .metrics
+                    .backend_errors
+                    .get_or_create(&crate::metrics::ErrorLabels { kind: "send" })
+                    .inc();
                 tracing::debug!(endpoint = %ep.addr, error = %e, "backend request failed");
                 match request {
                     // Nothing was sent: safe to try another endpoint.
@@ -448,7 +517,9 @@ async fn send_retrying_stale(
     match lease.send(req).await {
         Ok(r) => Ok(r),
         Err(f) if lease.reused && f.request.is_some() => {
-            let Some(req) = f.request else { return Err((f.error, None)) };
+            let Some(req) = f.request else {
+                return Err((f.error, None));
+            };
             match state.backends.connect_fresh(ep, settings).await {
                 Ok(mut fresh) => {
                     let r = fresh.send(req).await.map_err(|f| (f.error, f.request));

@@ -84,7 +84,10 @@ pub struct SendFailure {
 
 impl Lease {
     /// Sends one request on this connection.
-    pub async fn send(&mut self, req: Request<ProxyBody>) -> Result<Response<Incoming>, SendFailure> {
+    pub async fn send(
+        &mut self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, SendFailure> {
         let res = match &mut self.sender {
             Sender::H1(s) => {
                 if let Err(error) = s.ready().await {
@@ -120,7 +123,11 @@ pub struct ConnectSettings<'a> {
 
 impl BackendPool {
     /// A connection to `ep`: an idle one when available, else a new one.
-    pub async fn checkout(&self, ep: &Endpoint, s: &ConnectSettings<'_>) -> Result<Lease, ConnectError> {
+    pub async fn checkout(
+        &self,
+        ep: &Endpoint,
+        s: &ConnectSettings<'_>,
+    ) -> Result<Lease, ConnectError> {
         let key = Key {
             addr: ep.addr.clone(),
             san: ep.tls_san.clone(),
@@ -133,7 +140,11 @@ impl BackendPool {
     }
 
     /// A new connection that is never pooled (for protocol upgrades such as WebSocket).
-    pub async fn connect_fresh(&self, ep: &Endpoint, s: &ConnectSettings<'_>) -> Result<Lease, ConnectError> {
+    pub async fn connect_fresh(
+        &self,
+        ep: &Endpoint,
+        s: &ConnectSettings<'_>,
+    ) -> Result<Lease, ConnectError> {
         let key = Key {
             addr: ep.addr.clone(),
             san: ep.tls_san.clone(),
@@ -171,7 +182,9 @@ impl BackendPool {
         if closed {
             return;
         }
-        let Ok(mut idle) = self.idle.lock() else { return };
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
         let list = idle.entry(lease.key).or_default();
         if matches!(lease.sender, Sender::H2(_)) {
             if list.is_empty() {
@@ -182,17 +195,27 @@ impl BackendPool {
         }
     }
 
-    async fn connect(&self, ep: &Endpoint, key: Key, s: &ConnectSettings<'_>, upgrades: bool) -> Result<Lease, ConnectError> {
-        let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect((ep.host.as_str(), ep.port)))
-            .await
-            .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
-            .map_err(ConnectError::Tcp)?;
+    async fn connect(
+        &self,
+        ep: &Endpoint,
+        key: Key,
+        s: &ConnectSettings<'_>,
+        upgrades: bool,
+    ) -> Result<Lease, ConnectError> {
+        let tcp = tokio::time::timeout(
+            s.connect_timeout,
+            TcpStream::connect((ep.host.as_str(), ep.port)),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
+        .map_err(ConnectError::Tcp)?;
         let _ = tcp.set_nodelay(true);
         let sender = match &ep.tls_san {
             None => handshake(TokioIo::new(tcp), key.h2, upgrades).await?,
             Some(san) => {
                 let cfg = s.tls.ok_or(ConnectError::NoTlsConfig)?;
-                let name = ServerName::try_from(san.clone()).map_err(|_| ConnectError::BadSan(san.clone()))?;
+                let name = ServerName::try_from(san.clone())
+                    .map_err(|_| ConnectError::BadSan(san.clone()))?;
                 let connector = tokio_rustls::TlsConnector::from(cfg.clone());
                 let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
                     .await
@@ -224,9 +247,15 @@ where
         });
         Ok(Sender::H2(sender))
     } else {
-        let (sender, conn) = http1::handshake(io).await.map_err(ConnectError::Handshake)?;
+        let (sender, conn) = http1::handshake(io)
+            .await
+            .map_err(ConnectError::Handshake)?;
         tokio::spawn(async move {
-            let res = if upgrades { conn.with_upgrades().await } else { conn.await };
+            let res = if upgrades {
+                conn.with_upgrades().await
+            } else {
+                conn.await
+            };
             if let Err(e) = res {
                 tracing::debug!(error = %e, "backend connection closed");
             }

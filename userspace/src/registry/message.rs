@@ -239,7 +239,10 @@ mod tests {
     #[test]
     fn route_keys_normalise() {
         let k = RouteKey::parse("App.Apps.Identity./v1/?x=1").unwrap();
-        assert_eq!((k.host.as_str(), k.path.as_str()), ("app.apps.identity", "/v1"));
+        assert_eq!(
+            (k.host.as_str(), k.path.as_str()),
+            ("app.apps.identity", "/v1")
+        );
         assert_eq!(RouteKey::parse("a.b/").unwrap().path, "");
         assert!(RouteKey::parse("").is_none());
         assert!(RouteKey::parse("a b").is_none());
@@ -257,7 +260,10 @@ mod tests {
         assert!(v.policy.is_enforcing());
         let mut bad = ok.clone();
         bad.host = None;
-        assert_eq!(ValidRegistration::try_from(bad).unwrap_err(), RegistrationError::MissingHost);
+        assert_eq!(
+            ValidRegistration::try_from(bad).unwrap_err(),
+            RegistrationError::MissingHost
+        );
         let mut bad = ok.clone();
         bad.route_service_url = Some("http://rs".into());
         assert_eq!(
@@ -266,6 +272,9 @@ mod tests {
         );
         let mut bad = ok;
         bad.tls_port = Some(443);
-        assert_eq!(ValidRegistration::try_from(bad).unwrap_err(), RegistrationError::TlsWithoutSan);
+        assert_eq!(
+            ValidRegistration::try_from(bad).unwrap_err(),
+            RegistrationError::TlsWithoutSan
+        );
     }
 }

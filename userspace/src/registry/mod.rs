@@ -54,7 +54,9 @@ impl Registry {
         };
         let result = change(&mut state);
         let table = state.snapshot();
-        self.metrics.registry_endpoints.set(table.endpoint_count() as i64);
+        self.metrics
+            .registry_endpoints
+            .set(table.endpoint_count() as i64);
         self.table.store(Arc::new(table));
         result
     }

@@ -146,7 +146,13 @@ pub struct RegistryState {
 impl RegistryState {
     /// Adds or refreshes an endpoint under each of its route keys. The pool's options follow the
     /// newest registration whose options differ from them.
-    pub fn register(&mut self, reg: &ValidRegistration, permanent: bool, default_stale: Duration, now: Instant) {
+    pub fn register(
+        &mut self,
+        reg: &ValidRegistration,
+        permanent: bool,
+        default_stale: Duration,
+        now: Instant,
+    ) {
         let addr = reg.addr();
         for key in &reg.keys {
             let pool = self.pools.entry(key.clone()).or_insert_with(|| PoolState {
@@ -242,17 +248,20 @@ impl RegistryState {
         let mut endpoints = 0;
         for (key, p) in &self.pools {
             endpoints += p.endpoints.len();
-            hosts.entry(key.host.clone()).or_default().push(Arc::new(Pool {
-                key: key.clone(),
-                endpoints: p.endpoints.values().cloned().collect(),
-                policy: p.policy.clone(),
-                load_balancing: p.load_balancing,
-                options: p.options.clone(),
-                next: p.next.clone(),
-            }));
+            hosts
+                .entry(key.host.clone())
+                .or_default()
+                .push(Arc::new(Pool {
+                    key: key.clone(),
+                    endpoints: p.endpoints.values().cloned().collect(),
+                    policy: p.policy.clone(),
+                    load_balancing: p.load_balancing,
+                    options: p.options.clone(),
+                    next: p.next.clone(),
+                }));
         }
         for pools in hosts.values_mut() {
-            pools.sort_by(|a, b| b.key.path.len().cmp(&a.key.path.len()));
+            pools.sort_by_key(|p| std::cmp::Reverse(p.key.path.len()));
         }
         RouteTable { hosts, endpoints }
     }
@@ -268,7 +277,10 @@ mod tests {
             uris: vec![uri.into()],
             host: Some("127.0.0.1".into()),
             port: Some(port),
-            options: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            options: opts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         })
         .unwrap()
@@ -295,9 +307,15 @@ mod tests {
         let b = reg("a.x", 2, &[("route_policy_scope", "space")]);
         s.register(&a, false, Duration::from_secs(1), now);
         s.register(&b, false, Duration::from_secs(1), now);
-        assert_eq!(s.snapshot().lookup("a.x", "/").unwrap().options["route_policy_scope"], "space");
+        assert_eq!(
+            s.snapshot().lookup("a.x", "/").unwrap().options["route_policy_scope"],
+            "space"
+        );
         s.register(&a, false, Duration::from_secs(1), now);
-        assert_eq!(s.snapshot().lookup("a.x", "/").unwrap().options["route_policy_scope"], "any");
+        assert_eq!(
+            s.snapshot().lookup("a.x", "/").unwrap().options["route_policy_scope"],
+            "any"
+        );
         s.unregister(&a);
         assert!(s.snapshot().lookup("a.x", "/").is_some());
         s.unregister(&b);

@@ -71,12 +71,16 @@ mod tests {
     fn round_robin_rotates_and_retries_skip_tried() {
         let t = table("round-robin", &[1, 2, 3]).snapshot();
         let pool = t.lookup("a.x", "/").unwrap();
-        let firsts: Vec<u16> = (0..3).map(|_| pool.selector().next(|_| true).unwrap().port).collect();
+        let firsts: Vec<u16> = (0..3)
+            .map(|_| pool.selector().next(|_| true).unwrap().port)
+            .collect();
         let mut sorted = firsts.clone();
         sorted.sort();
         assert_eq!(sorted, vec![1, 2, 3]);
         let mut sel = pool.selector();
-        let seen: Vec<u16> = std::iter::from_fn(|| sel.next(|_| true)).map(|e| e.port).collect();
+        let seen: Vec<u16> = std::iter::from_fn(|| sel.next(|_| true))
+            .map(|e| e.port)
+            .collect();
         assert_eq!(seen.len(), 3);
         assert_eq!(sel.attempts(), 3);
         assert!(pool.selector().next(|e| e.port == 9).is_none());
@@ -86,7 +90,9 @@ mod tests {
     fn least_connection_prefers_idle() {
         let t = table("least-connection", &[1, 2]).snapshot();
         let pool = t.lookup("a.x", "").unwrap();
-        pool.endpoints[0].active.store(5, std::sync::atomic::Ordering::Relaxed);
+        pool.endpoints[0]
+            .active
+            .store(5, std::sync::atomic::Ordering::Relaxed);
         for _ in 0..4 {
             assert_eq!(pool.selector().next(|_| true).unwrap().port, 2);
         }

@@ -85,7 +85,10 @@ impl HandshakeFailure {
     }
 
     fn from_io(e: std::io::Error) -> Self {
-        let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<TlsError>()) else {
+        let Some(tls) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<TlsError>())
+        else {
             return HandshakeFailure::Io(e);
         };
         match tls {
@@ -121,7 +124,10 @@ pub async fn accept(
         let sni = start.client_hello().server_name().map(normalize_host);
         let (config, mtls) = server.select(sni.as_deref());
         pattern = mtls.clone();
-        let stream = start.into_stream(config).await.map_err(HandshakeFailure::from_io)?;
+        let stream = start
+            .into_stream(config)
+            .await
+            .map_err(HandshakeFailure::from_io)?;
         let conn = stream.get_ref().1;
         let peer = if mtls.is_some() {
             conn.peer_certificates()
@@ -133,7 +139,12 @@ pub async fn accept(
         let h2 = conn.alpn_protocol() == Some(b"h2");
         Ok(Accepted {
             stream,
-            info: ConnTls { sni, mtls, peer, h2 },
+            info: ConnTls {
+                sni,
+                mtls,
+                peer,
+                h2,
+            },
         })
     };
     let res = tokio::time::timeout(deadline, fut).await;

@@ -38,9 +38,9 @@ impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let chosen = hello.server_name().and_then(|sni| {
             let sni = normalize_host(sni);
-            self.certs.iter().find_map(|c| {
-                best_match(&c.dns_names, &sni).map(|_| c)
-            })
+            self.certs
+                .iter()
+                .find_map(|c| best_match(&c.dns_names, &sni).map(|_| c))
         });
         chosen.or(self.certs.first()).map(|c| c.key.clone())
     }
@@ -54,7 +54,8 @@ fn base(
     resolver: Arc<CertResolver>,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
 ) -> Result<ServerConfig, rustls::Error> {
-    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let mut cfg = match verifier {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
@@ -79,7 +80,9 @@ impl TlsServer {
             if added == 0 {
                 return Err(TlsBuildError::ClientCa {
                     index,
-                    reason: format!("none of the {ignored} certificate(s) is a usable trust anchor"),
+                    reason: format!(
+                        "none of the {ignored} certificate(s) is a usable trust anchor"
+                    ),
                 });
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
@@ -88,7 +91,10 @@ impl TlsServer {
                     index,
                     reason: e.to_string(),
                 })?;
-            domains.push((d.pattern.clone(), Arc::new(base(resolver.clone(), Some(verifier))?)));
+            domains.push((
+                d.pattern.clone(),
+                Arc::new(base(resolver.clone(), Some(verifier))?),
+            ));
         }
         Ok(TlsServer { plain, domains })
     }

@@ -1,0 +1,128 @@
+//! Micro-benchmarks of the pure functions on every request's path. Macro benchmarks against the
+//! rivals (BENCH.md) belong next to these once `cargo xtask bench` drives them.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use portcullis::accesslog::AccessRecord;
+use portcullis::authz::{check_scope, decide_sources, RoutePolicy, Scope};
+use portcullis::config::ExtraField;
+use portcullis::identity::PeerCert;
+use portcullis::pki::{Attr, Ca, Validity};
+use portcullis::registry::{Registration, ValidRegistration};
+use portcullis::routing::RegistryState;
+
+fn table(n: usize) -> portcullis::routing::RouteTable {
+    let mut s = RegistryState::default();
+    let now = Instant::now();
+    for i in 0..n {
+        let r = ValidRegistration::try_from(Registration {
+            uris: vec![format!("app-{i}.apps.identity")],
+            host: Some(format!(
+                "10.{}.{}.{}",
+                (i >> 16) & 255,
+                (i >> 8) & 255,
+                i & 255
+            )),
+            port: Some(8080),
+            tags: [("space_id".to_string(), "s".to_string())].into(),
+            options: [("route_policy_scope".to_string(), "any".to_string())].into(),
+            ..Default::default()
+        })
+        .expect("valid");
+        s.register(&r, false, Duration::from_secs(120), now);
+    }
+    s.snapshot()
+}
+
+fn routing(c: &mut Criterion) {
+    for n in [10, 100_000] {
+        let t = table(n);
+        let host = format!("app-{}.apps.identity", n / 2);
+        c.bench_function(&format!("route lookup, {n} routes"), |b| {
+            b.iter(|| black_box(t.lookup(black_box(&host), "/v1/things")).is_some())
+        });
+    }
+}
+
+fn identity_and_authz(c: &mut Criterion) {
+    let ca = Ca::root("bench").expect("ca");
+    let leaf = ca
+        .client(
+            &[
+                &[Attr::Cn("i")],
+                &[
+                    Attr::Ou("organization:o"),
+                    Attr::Ou("space:s"),
+                    Attr::Ou("app:a"),
+                ],
+            ],
+            Validity::Current,
+        )
+        .expect("leaf");
+    c.bench_function("identity extraction", |b| {
+        b.iter(|| PeerCert::from_der(black_box(&leaf.der)))
+    });
+    let peer = PeerCert::from_der(&leaf.der);
+    let id = peer.identity.clone().expect("identity");
+    let policy = RoutePolicy::from_options(Some("space"), Some("cf:app:x,cf:app:y,cf:space:s"));
+    let t = table(1);
+    let ep = t
+        .lookup("app-0.apps.identity", "/")
+        .expect("route")
+        .endpoints[0]
+        .clone();
+    c.bench_function("authorization decision", |b| {
+        b.iter(|| {
+            check_scope(&Scope::Space, black_box(&id), ep.as_ref()).is_ok()
+                && decide_sources(black_box(&policy), &id).is_ok()
+        })
+    });
+    c.bench_function("xfcc envoy encoding", |b| {
+        b.iter(|| {
+            portcullis::proxy::xfcc_value(black_box(&peer), portcullis::config::XfccFormat::Envoy)
+        })
+    });
+}
+
+fn access_log(c: &mut Criterion) {
+    let r = AccessRecord {
+        host: "app.apps.identity".into(),
+        start: SystemTime::now(),
+        method: "GET".into(),
+        uri: "/v1/things?x=1".into(),
+        proto: "HTTP/1.1",
+        status: 200,
+        request_bytes: 0,
+        response_bytes: 1024,
+        referer: String::new(),
+        user_agent: "oha/1.0".into(),
+        client: SocketAddr::from(([10, 0, 0, 1], 50000)),
+        backend: "10.0.1.2:8080".into(),
+        x_forwarded_for: "10.0.0.1".into(),
+        x_forwarded_proto: "https".into(),
+        vcap_request_id: "6ba7b810-9dad-11d1-80b4-00c04fd430c8".into(),
+        response_time: Duration::from_micros(900),
+        backend_time: Some(Duration::from_micros(700)),
+        app_id: "backend".into(),
+        app_index: "0".into(),
+        instance_id: "inst".into(),
+        tls_sni: "app.apps.identity".into(),
+        caller_app: "a".into(),
+        caller_space: "s".into(),
+        caller_org: "o".into(),
+        route_policy: "route:cf:app:a".into(),
+        failed_attempts: 0,
+        ktls: false,
+        router_error: String::new(),
+    };
+    let extra: Vec<ExtraField> = ExtraField::ALL[..5].iter().map(|(_, f)| *f).collect();
+    c.bench_function("access-log rendering", |b| {
+        b.iter(|| black_box(&r).render(&extra))
+    });
+}
+
+criterion_group!(benches, routing, identity_and_authz, access_log);
+criterion_main!(benches);
