@@ -16,6 +16,8 @@ mod hardening;
 mod limits;
 #[path = "gateway/pipeline.rs"]
 mod pipeline;
+#[path = "gateway/reload.rs"]
+mod reload;
 #[path = "gateway/selection.rs"]
 mod selection;
 #[path = "gateway/websocket.rs"]

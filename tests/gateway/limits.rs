@@ -82,3 +82,38 @@ async fn idle_connections_are_closed() {
         assert!(c.get("open.apps.plain", "/").await.is_err(), "h2={h2}");
     }
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_slot() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let mut y = String::from("limits: {max_connections: 1}\nroutes:\n");
+    y += &route("open.apps.plain", backend.addr, "app_id: x", "");
+    let gw = TestGateway::start(&pki, &y).await;
+    let ca = &pki.server_ca;
+    let mut first = Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, false)
+        .await
+        .unwrap();
+    assert_eq!(first.get("open.apps.plain", "/").await.unwrap().status, 200);
+    // The only slot is taken: a second handshake does not even start.
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(800),
+        Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, false),
+    )
+    .await;
+    assert!(
+        waiting.is_err(),
+        "second connection was served beyond the limit"
+    );
+    drop(first);
+    let mut second = crate::support::bounded(
+        "slot freed",
+        Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        second.get("open.apps.plain", "/").await.unwrap().status,
+        200
+    );
+}

@@ -189,13 +189,6 @@ struct Parts {
 
 async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>, tls: bool) {
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = p.shutdown.changed() => return,
-        };
         let (tcp, client) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
@@ -205,6 +198,15 @@ async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>,
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+            _ = p.shutdown.changed() => return,
+        };
+        // At the limit, this listener stops accepting until a slot frees up; a permit is only
+        // ever held for a real connection (listeners share the slots).
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
             },
             _ = p.shutdown.changed() => return,
         };
