@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod nats;
 pub mod pki;
 
 use std::future::Future;

@@ -80,10 +80,26 @@ fn routes(state: &State) -> Response<ProxyBody> {
     json(&views)
 }
 
-fn route(state: &State, req: &Request<Incoming>) -> Response<ProxyBody> {
+/// Largest caller-certificate PEM accepted by `POST /routes/{host}/policy`.
+const MAX_CALLER_PEM: usize = 64 * 1024;
+
+fn route<B>(state: &State, req: &Request<B>, caller_pem: Option<&[u8]>) -> Response<ProxyBody> {
     let path = req.uri().path();
     match path {
-        "/health" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/health" => {
+            if state
+                .registry_connected
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                respond(StatusCode::OK, "text/plain", "ok\n".into())
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "registry: not connected to NATS yet\n".into(),
+                )
+            }
+        }
         "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -104,7 +120,18 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<ProxyBody> {
                 .query()
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("path=")))
                 .unwrap_or("");
-            match crate::explain::explain(&rt.config, &table, host, route_path, None) {
+            let chain = match caller_pem.map(crate::config::parse_certs) {
+                None => None,
+                Some(Ok(c)) => Some(c),
+                Some(Err(e)) => {
+                    return respond(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        format!("caller certificate: {e}\n"),
+                    )
+                }
+            };
+            match crate::explain::explain(&rt.config, &table, host, route_path, chain.as_deref()) {
                 Ok(e) => json(&e),
                 Err(e) => respond(StatusCode::NOT_FOUND, "text/plain", format!("{e}\n")),
             }
@@ -131,13 +158,25 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
                 let state = state.clone();
                 async move {
                     let resp = if req.method() == Method::GET {
-                        route(&state, &req)
+                        route(&state, &req, None)
+                    } else if req.method() == Method::POST && req.uri().path().ends_with("/policy")
+                    {
+                        let (parts, body) = req.into_parts();
+                        let limited = http_body_util::Limited::new(body, MAX_CALLER_PEM);
+                        match http_body_util::BodyExt::collect(limited).await {
+                            Ok(b) => {
+                                route(&state, &Request::from_parts(parts, ()), Some(&b.to_bytes()))
+                            }
+                            Err(e) => respond(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                "text/plain",
+                                format!("{e}\n"),
+                            ),
+                        }
                     } else {
-                        respond(
-                            StatusCode::METHOD_NOT_ALLOWED,
-                            "text/plain",
-                            "GET only\n".into(),
-                        )
+                        let allowed =
+                            "GET, or POST a caller certificate to /routes/{host}/policy\n";
+                        respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", allowed.into())
                     };
                     Ok::<_, std::convert::Infallible>(resp)
                 }

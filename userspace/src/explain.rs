@@ -6,15 +6,15 @@ use std::sync::Arc;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, UnixTime};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::authz::{check_scope, decide_sources, ScopeTags};
 use crate::config::{Config, EndpointSelection};
 use crate::identity::{IdentityError, PeerCert};
-use crate::names::{normalize_authority, normalize_host};
+use crate::names::normalize_authority;
 use crate::routing::RouteTable;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Explanation {
     pub host: String,
     pub route: String,
@@ -24,12 +24,12 @@ pub struct Explanation {
     pub scope: Option<String>,
     pub sources: Vec<String>,
     pub malformed_sources: Vec<String>,
-    pub endpoint_selection: &'static str,
+    pub endpoint_selection: String,
     pub endpoints: Vec<EndpointView>,
     pub caller: Option<CallerDecision>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct EndpointView {
     pub address: String,
     pub tls: bool,
@@ -39,13 +39,13 @@ pub struct EndpointView {
     pub instance_id: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CallerDecision {
     pub certificate: String,
     pub app: Option<String>,
     pub space: Option<String>,
     pub org: Option<String>,
-    pub decision: &'static str,
+    pub decision: String,
     pub rule: String,
     /// Endpoints this caller's requests may be sent to.
     pub reachable_endpoints: Vec<String>,
@@ -96,7 +96,7 @@ pub fn explain(
                 app: id.map(|i| i.app.clone()),
                 space: id.and_then(|i| i.space.clone()),
                 org: id.and_then(|i| i.org.clone()),
-                decision,
+                decision: decision.to_string(),
                 rule,
                 reachable_endpoints: reachable,
             })
@@ -113,7 +113,8 @@ pub fn explain(
         endpoint_selection: match config.endpoint_selection {
             EndpointSelection::Filter => "filter",
             EndpointSelection::Strict => "strict",
-        },
+        }
+        .to_string(),
         endpoints: pool
             .endpoints
             .iter()
@@ -274,7 +275,86 @@ impl fmt::Display for Explanation {
     }
 }
 
-/// Normalises a host for lookups from user input (CLI or URL path).
-pub fn host_arg(raw: &str) -> String {
-    normalize_host(raw.trim())
+/// Why a running gateway could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("--admin: expected http://HOST:PORT, got '{0}'")]
+    BadUrl(String),
+    #[error("cannot reach the admin API at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("admin API: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("admin API answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("admin API answered something that is not an explanation: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+impl FetchError {
+    /// Whether the operator's input is at fault (exit 2) rather than the connection (exit 1).
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            FetchError::BadUrl(_)
+                | FetchError::Status {
+                    status: 400..=499,
+                    ..
+                }
+        )
+    }
+}
+
+/// Asks a running gateway's admin API (`GET /routes/{host}/policy`, or `POST` with the caller's
+/// PEM) for the explanation, so routes learned from NATS are included.
+pub async fn fetch(
+    admin: &str,
+    host: &str,
+    path: &str,
+    caller_pem: Option<Vec<u8>>,
+) -> Result<Explanation, FetchError> {
+    use http_body_util::{BodyExt, Full};
+
+    let authority = admin
+        .strip_prefix("http://")
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|a| !a.is_empty() && !a.contains('/'))
+        .ok_or_else(|| FetchError::BadUrl(admin.to_string()))?;
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    .map_err(|_| FetchError::Connect {
+        addr: authority.to_string(),
+        source: std::io::ErrorKind::TimedOut.into(),
+    })?
+    .map_err(|source| FetchError::Connect {
+        addr: authority.to_string(),
+        source,
+    })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let uri = format!("/routes/{}/policy?path={}", normalize_authority(host), path);
+    let builder = http::Request::builder().uri(uri).header("host", authority);
+    let req = match caller_pem {
+        None => builder.method("GET").body(Full::new(bytes::Bytes::new())),
+        Some(pem) => builder
+            .method("POST")
+            .body(Full::new(bytes::Bytes::from(pem))),
+    }
+    .map_err(|_| FetchError::BadUrl(admin.to_string()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if status != 200 {
+        return Err(FetchError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_string(),
+        });
+    }
+    Ok(serde_json::from_slice(&body)?)
 }

@@ -1,7 +1,7 @@
 //! Wiring: listeners, per-connection limits and timeouts, reload and shutdown.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,8 @@ pub enum StartError {
     Tls(#[from] TlsBuildError),
     #[error(transparent)]
     AccessLog(#[from] OpenError),
+    #[error(transparent)]
+    Nats(#[from] crate::registry::nats::NatsError),
     #[error("{0} cannot change on reload; restart to apply it")]
     NeedsRestart(&'static str),
 }
@@ -81,13 +83,18 @@ impl Gateway {
             "kernel TLS is not available in this build; TLS records stay in userspace rustls"
         );
         let limits = config.limits.clone();
+        let has_nats = config.nats.is_some();
         let state = Arc::new(State {
             runtime: ArcSwap::from_pointee(Runtime::build(config)?),
             registry,
             metrics,
             log,
             backends: BackendPool::default(),
+            registry_connected: AtomicBool::new(!has_nats),
         });
+        if let Err(e) = crate::registry::nats::start(state.clone()).await {
+            return Err(StartError::Nats(e));
+        }
         let (shutdown, _) = watch::channel(false);
         let connections = Arc::new(AtomicUsize::new(0));
         let gw = Gateway {
@@ -153,6 +160,9 @@ impl Gateway {
         }
         if old.admin != config.admin {
             return Err(StartError::NeedsRestart("admin.listen"));
+        }
+        if old.nats.as_ref().map(|n| &n.servers) != config.nats.as_ref().map(|n| &n.servers) {
+            return Err(StartError::NeedsRestart("nats"));
         }
         let runtime = Runtime::build(config)?;
         let cfg = &runtime.config;

@@ -37,9 +37,14 @@ enum Command {
         config: PathBuf,
     },
     /// Show who may reach a route and, with a caller certificate, the decision.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "admin"])))]
     Explain {
+        /// Explain from a config file (static routes only).
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Ask a running gateway's admin API instead (includes routes learned from NATS).
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
         #[arg(long)]
         host: String,
         /// Request path, for routes registered with a path.
@@ -80,10 +85,15 @@ fn main() -> ExitCode {
         },
         Command::Explain {
             config,
+            admin,
             host,
             path,
             caller_cert,
-        } => explain(&config, &host, &path, caller_cert.as_deref()),
+        } => match (config, admin) {
+            (Some(config), _) => explain(&config, &host, &path, caller_cert.as_deref()),
+            (None, Some(admin)) => explain_remote(&admin, &host, &path, caller_cert.as_deref()),
+            (None, None) => ExitCode::from(2),
+        },
         Command::Run {
             config,
             demo_listen,
@@ -130,6 +140,43 @@ fn explain(config: &Path, host: &str, path: &str, caller: Option<&Path>) -> Exit
         Err(e) => {
             eprintln!("{}: {e}", config.display());
             ExitCode::from(2)
+        }
+    }
+}
+
+fn explain_remote(admin: &str, host: &str, path: &str, caller: Option<&Path>) -> ExitCode {
+    let pem = match caller.map(std::fs::read) {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            eprintln!(
+                "--caller-cert: cannot read '{}': {e}",
+                caller
+                    .map(Path::display)
+                    .map(|d| d.to_string())
+                    .unwrap_or_default()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(portcullis::explain::fetch(admin, host, path, pem)) {
+        Ok(e) => {
+            print!("{e}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(if e.is_input_error() { 2 } else { 1 })
         }
     }
 }

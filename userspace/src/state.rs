@@ -1,6 +1,7 @@
 //! State shared by every connection: the config-derived runtime (swapped on reload), the route
 //! registry, metrics, the access log and backend connections.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -38,4 +39,6 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     pub log: AccessLogger,
     pub backends: BackendPool,
+    /// Whether the dynamic registry is connected (always true without NATS).
+    pub registry_connected: AtomicBool,
 }

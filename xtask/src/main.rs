@@ -49,7 +49,7 @@ fn have(program: &str) -> bool {
 }
 
 /// Debian packages the tests use, by the command each provides.
-const PACKAGES: &[(&str, &str)] = &[("curl", "curl")];
+const PACKAGES: &[(&str, &str)] = &[("curl", "curl"), ("nats-server", "nats-server")];
 
 fn deps() -> Result<()> {
     let missing: Vec<&str> = PACKAGES

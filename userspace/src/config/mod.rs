@@ -17,7 +17,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::names::DomainPattern;
 use crate::registry::ValidRegistration;
-pub use pem::{load_certified_key, load_certs, CertFile};
+pub use pem::{load_certified_key, load_certs, parse_certs, CertFile};
 use raw::*;
 
 /// A whole, validated configuration.

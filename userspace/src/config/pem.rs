@@ -25,18 +25,20 @@ fn read(base: &Path, rel: &str) -> Result<Vec<u8>, String> {
 /// Reads every CERTIFICATE block of a PEM file (relative to `base`); at least one is required.
 pub fn load_certs(base: &Path, rel: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let bytes = read(base, rel)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    parse_certs(&bytes).map_err(|e| format!("'{rel}': {e}"))
+}
+
+/// Parses every CERTIFICATE block of PEM text; at least one is required, each valid X.509.
+pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("'{rel}': invalid PEM: {e}"))?;
+        .map_err(|e| format!("invalid PEM: {e}"))?;
     if certs.is_empty() {
-        return Err(format!("'{rel}': no CERTIFICATE block found"));
+        return Err("no CERTIFICATE block found".into());
     }
     for (i, c) in certs.iter().enumerate() {
         if let Err(e) = X509Certificate::from_der(c) {
-            return Err(format!(
-                "'{rel}': certificate #{} is not valid X.509: {e}",
-                i + 1
-            ));
+            return Err(format!("certificate #{} is not valid X.509: {e}", i + 1));
         }
     }
     Ok(certs)

@@ -1,6 +1,7 @@
 //! The route registry: registrations in, immutable [`RouteTable`] snapshots out (SPEC §10).
 
 mod message;
+pub mod nats;
 
 pub use message::{
     LoadBalancing, Protocol, Registration, RegistrationError, RouteKey, ValidRegistration,

@@ -1,0 +1,617 @@
+//! GoRouter's registration protocol over a real nats-server (SPEC §10).
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use portcullis::echo;
+use portcullis::pki::Leaf;
+use portcullis::registry::nats::StartMessage;
+use serde_json::json;
+use support::client::{get, Conn};
+use support::gateway::TestGateway;
+use support::nats::{NatsServer, Relay};
+use support::pki::TestPki;
+
+fn config(nats_url: &str, registry: &str) -> String {
+    format!(
+        "nats: {{servers: [\"{nats_url}\"]}}\nregistry: {{{registry}}}\n\
+         domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\n"
+    )
+}
+
+async fn nats_client(url: &str) -> async_nats::Client {
+    support::bounded("nats connect", async_nats::connect(url))
+        .await
+        .unwrap()
+}
+
+fn registration(uri: &str, backend: std::net::SocketAddr, extra: serde_json::Value) -> Vec<u8> {
+    let mut msg = json!({
+        "uris": [uri],
+        "host": backend.ip().to_string(),
+        "port": backend.port(),
+        "private_instance_id": "inst",
+        "tags": {"app_id": "backend", "space_id": "space-1", "organization_id": "org-1"},
+    });
+    if let (Some(m), Some(e)) = (msg.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::to_vec(&msg).unwrap()
+}
+
+/// Polls until `host` answers `want` (bounded), returns the last status.
+async fn wait_status(
+    gw: &TestGateway,
+    pki: &TestPki,
+    cert: Option<&Leaf>,
+    host: &str,
+    want: u16,
+) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = get(gw.https(), &pki.server_ca, cert, host, "/", false)
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0);
+        if status == want || Instant::now() > deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts a gateway on `nats_url` and returns once it has announced itself with `router.start`,
+/// which it publishes after subscribing: registrations sent from then on are not lost.
+async fn start_subscribed(pki: &TestPki, observer_url: &str, yaml: &str) -> TestGateway {
+    let observer = nats_client(observer_url).await;
+    let mut starts = observer.subscribe("router.start").await.unwrap();
+    observer.flush().await.unwrap();
+    let gw = TestGateway::start(pki, yaml).await;
+    next_start(&mut starts).await;
+    gw
+}
+
+async fn next_start(sub: &mut async_nats::Subscriber) -> StartMessage {
+    let msg = support::bounded("router.start", sub.next())
+        .await
+        .expect("subscription open");
+    serde_json::from_slice(&msg.payload).expect("start message JSON")
+}
+
+#[tokio::test]
+async fn register_unregister_greet_and_start() {
+    let nats = NatsServer::start();
+    let observer = nats_client(&nats.url()).await;
+    let mut starts = observer.subscribe("router.start").await.unwrap();
+    observer.flush().await.unwrap();
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &config(&nats.url(), "droplet_stale_threshold: 90s")).await;
+
+    let start = next_start(&mut starts).await;
+    let (index, id) = start.id.split_once('-').unwrap();
+    assert_eq!(index, "0");
+    assert!(uuid::Uuid::try_parse(id).is_ok(), "{}", start.id);
+    assert_eq!(start.hosts, vec!["127.0.0.1".to_string()]);
+    assert_eq!(start.minimum_register_interval_in_seconds, 5);
+    assert_eq!(start.prune_threshold_in_seconds, 90);
+    let raw: serde_json::Value =
+        serde_json::from_slice(&serde_json::to_vec(&start).unwrap()).unwrap();
+    let mut keys: Vec<&String> = raw.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "hosts",
+            "id",
+            "minimumRegisterIntervalInSeconds",
+            "pruneThresholdInSeconds"
+        ]
+    );
+
+    let reply = support::bounded("greet", observer.request("router.greet", "".into()))
+        .await
+        .unwrap();
+    let greeted: StartMessage = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(greeted, start);
+
+    // One registration, several URIs; each answers.
+    let msg = registration(
+        "n1.apps.plain",
+        backend.addr,
+        json!({"uris": ["n1.apps.plain", "N2.Apps.Plain./x/"]}),
+    );
+    observer
+        .publish("router.register", msg.clone().into())
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, None, "n1.apps.plain", 200).await,
+        200
+    );
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "n2.apps.plain",
+        "/x/y",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        get(
+            gw.https(),
+            &pki.server_ca,
+            None,
+            "n2.apps.plain",
+            "/",
+            false
+        )
+        .await
+        .unwrap()
+        .status,
+        404
+    );
+    observer
+        .publish("router.unregister", msg.into())
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, None, "n1.apps.plain", 404).await,
+        404
+    );
+    assert_eq!(
+        gw.metric("portcullis_registry_messages_total{subject=\"router.register\",result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric(
+            "portcullis_registry_messages_total{subject=\"router.unregister\",result=\"ok\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn policy_changes_and_pool_level_last_writer_wins() {
+    let nats = NatsServer::start();
+    let nc = nats_client(&nats.url()).await;
+    let pki = TestPki::new();
+    let e1 = echo::start("e1", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let e2 = echo::start("e2", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = start_subscribed(&pki, &nats.url(), &config(&nats.url(), "")).await;
+    let policy = |sources: &str| json!({"options": {"route_policy_scope": "any", "route_policy_sources": sources}});
+
+    nc.publish(
+        "router.register",
+        registration("p.apps.identity", e1.addr, policy("cf:app:app-b")).into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, Some(&pki.b), "p.apps.identity", 200).await,
+        200
+    );
+    let mut a = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("p.apps.identity"),
+        Some(&pki.a),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.get("p.apps.identity", "/").await.unwrap().status, 403);
+
+    // A re-registration with new options flips the decision for the next request.
+    nc.publish(
+        "router.register",
+        registration("p.apps.identity", e1.addr, policy("cf:app:app-a")).into(),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.get("p.apps.identity", "/").await.unwrap().status != 200 {
+        assert!(Instant::now() < deadline, "policy change never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Another endpoint registering different options: the newest differing registration wins
+    // for the whole pool.
+    nc.publish(
+        "router.register",
+        registration("p.apps.identity", e2.addr, policy("cf:app:app-b")).into(),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.get("p.apps.identity", "/").await.unwrap().status != 403 {
+        assert!(
+            Instant::now() < deadline,
+            "pool options never followed the newest registration"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            a.get("p.apps.identity", "/").await.unwrap().status,
+            403,
+            "both endpoints share the pool policy"
+        );
+    }
+    // Refreshing e1 with the options the pool already has changes nothing.
+    nc.publish(
+        "router.register",
+        registration("p.apps.identity", e1.addr, policy("cf:app:app-b")).into(),
+    )
+    .await
+    .unwrap();
+    nc.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.get("p.apps.identity", "/").await.unwrap().status, 403);
+}
+
+#[tokio::test]
+async fn bad_messages_are_dropped_counted_and_harmless() {
+    let nats = NatsServer::start();
+    let nc = nats_client(&nats.url()).await;
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = start_subscribed(&pki, &nats.url(), &config(&nats.url(), "")).await;
+    nc.publish(
+        "router.register",
+        registration("good.apps.plain", backend.addr, json!({})).into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, None, "good.apps.plain", 200).await,
+        200
+    );
+
+    let bad: [(&str, Vec<u8>); 7] = [
+        ("invalid_json", b"{not json".to_vec()),
+        ("invalid_json", vec![0xff, 0xfe, 0x00]),
+        (
+            "missing_host",
+            br#"{"uris":["good.apps.plain"],"port":1}"#.to_vec(),
+        ),
+        (
+            "missing_port",
+            br#"{"uris":["good.apps.plain"],"host":"127.0.0.1"}"#.to_vec(),
+        ),
+        ("missing_uris", br#"{"host":"127.0.0.1","port":1}"#.to_vec()),
+        (
+            "route_service_not_https",
+            registration(
+                "good.apps.plain",
+                backend.addr,
+                json!({"route_service_url": "http://rs"}),
+            ),
+        ),
+        (
+            "invalid_json",
+            br#"{"uris":"good.apps.plain","host":"127.0.0.1","port":1}"#.to_vec(),
+        ),
+    ];
+    for (_, payload) in &bad {
+        nc.publish("router.register", payload.clone().into())
+            .await
+            .unwrap();
+        nc.publish("router.unregister", payload.clone().into())
+            .await
+            .unwrap();
+    }
+    // The subscriber is still alive and the good route untouched.
+    nc.publish(
+        "router.register",
+        registration("after.apps.plain", backend.addr, json!({})).into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, None, "after.apps.plain", 200).await,
+        200
+    );
+    assert_eq!(
+        get(
+            gw.https(),
+            &pki.server_ca,
+            None,
+            "good.apps.plain",
+            "/",
+            false
+        )
+        .await
+        .unwrap()
+        .status,
+        200
+    );
+    for (label, n) in [
+        ("invalid_json", 3.0),
+        ("missing_host", 1.0),
+        ("missing_port", 1.0),
+        ("missing_uris", 1.0),
+        ("route_service_not_https", 1.0),
+    ] {
+        for subject in ["router.register", "router.unregister"] {
+            let sample = format!(
+                "portcullis_registry_messages_total{{subject=\"{subject}\",result=\"{label}\"}}"
+            );
+            assert_eq!(gw.metric(&sample), n, "{sample}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn pruning_is_suspended_while_nats_is_down() {
+    let mut nats = NatsServer::start();
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let mut y = config(&nats.url(), "prune_interval: 200ms");
+    y += &format!(
+        "routes: [{{uris: [static.apps.plain], host: \"{}\", port: {}}}]\n",
+        backend.addr.ip(),
+        backend.addr.port()
+    );
+    let gw = start_subscribed(&pki, &nats.url(), &y).await;
+    let nc = nats_client(&nats.url()).await;
+    let stale_soon = json!({"stale_threshold_in_seconds": 1});
+    nc.publish(
+        "router.register",
+        registration("fresh.apps.plain", backend.addr, stale_soon.clone()).into(),
+    )
+    .await
+    .unwrap();
+    nc.publish(
+        "router.register",
+        registration("stale.apps.plain", backend.addr, stale_soon).into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, None, "stale.apps.plain", 200).await,
+        200
+    );
+    // Unrefreshed for longer than its threshold: pruned.
+    assert_eq!(
+        wait_status(&gw, &pki, None, "stale.apps.plain", 404).await,
+        404
+    );
+
+    nc.publish(
+        "router.register",
+        registration(
+            "stale.apps.plain",
+            backend.addr,
+            json!({"stale_threshold_in_seconds": 1}),
+        )
+        .into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, None, "stale.apps.plain", 200).await,
+        200
+    );
+    nats.stop();
+    drop(nc);
+    // Well past the threshold while NATS is down: nothing is pruned.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        get(
+            gw.https(),
+            &pki.server_ca,
+            None,
+            "stale.apps.plain",
+            "/",
+            false
+        )
+        .await
+        .unwrap()
+        .status,
+        200
+    );
+    let admin = gw.gw.admin_addr().unwrap();
+    let mut c = Conn::plain(admin).await.unwrap();
+    assert_eq!(c.get("admin", "/health").await.unwrap().status, 503);
+
+    nats.restart();
+    let nc = nats_client(&nats.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Conn::plain(admin)
+        .await
+        .unwrap()
+        .get("admin", "/health")
+        .await
+        .unwrap()
+        .status
+        != 200
+    {
+        assert!(Instant::now() < deadline, "gateway never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Connected again and still unrefreshed: pruned now. A refreshed one stays (re-sent until
+    // the restored subscription sees it, as route emitters do); static routes stay.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let refresh = registration(
+            "fresh.apps.plain",
+            backend.addr,
+            json!({"stale_threshold_in_seconds": 30}),
+        );
+        nc.publish("router.register", refresh.into()).await.unwrap();
+        if get(
+            gw.https(),
+            &pki.server_ca,
+            None,
+            "fresh.apps.plain",
+            "/",
+            false,
+        )
+        .await
+        .unwrap()
+        .status
+            == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "refresh never applied after reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        wait_status(&gw, &pki, None, "stale.apps.plain", 404).await,
+        404
+    );
+    assert_eq!(
+        get(
+            gw.https(),
+            &pki.server_ca,
+            None,
+            "static.apps.plain",
+            "/",
+            false
+        )
+        .await
+        .unwrap()
+        .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn reconnect_republishes_router_start() {
+    let nats = NatsServer::start();
+    let relay = Relay::start(nats.port).await;
+    let observer = nats_client(&nats.url()).await;
+    let mut starts = observer.subscribe("router.start").await.unwrap();
+    observer.flush().await.unwrap();
+    let pki = TestPki::new();
+    let gw = TestGateway::start(&pki, &config(&relay.url(), "")).await;
+    let first = next_start(&mut starts).await;
+    // The gateway loses its NATS connection (the observer does not) and gets it back.
+    relay.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.restore();
+    let again = next_start(&mut starts).await;
+    assert_eq!(again, first, "same router id and settings after reconnect");
+    drop(gw);
+}
+
+/// SPEC §10 churn: 1,000 registrations and 1,000 unregistrations per second on other routes for 30 s
+/// cause zero failed requests on stable routes under steady load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_on_other_routes_never_fails_stable_ones() {
+    let nats = NatsServer::start();
+    let nc = nats_client(&nats.url()).await;
+    let pki = Arc::new(TestPki::new());
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = Arc::new(start_subscribed(&pki, &nats.url(), &config(&nats.url(), "")).await);
+    for i in 0..4 {
+        let msg = registration(
+            &format!("stable-{i}.apps.identity"),
+            backend.addr,
+            json!({"options": {"route_policy_scope": "any", "route_policy_sources": "cf:app:app-a"}}),
+        );
+        nc.publish("router.register", msg.into()).await.unwrap();
+    }
+    for i in 0..4 {
+        assert_eq!(
+            wait_status(
+                &gw,
+                &pki,
+                Some(&pki.a),
+                &format!("stable-{i}.apps.identity"),
+                200
+            )
+            .await,
+            200
+        );
+    }
+    let run_for = Duration::from_secs(30);
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for i in 0..4 {
+        let (gw, pki, ok, failed) = (gw.clone(), pki.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            let host = format!("stable-{i}.apps.identity");
+            let mut conn = Conn::tls(
+                gw.https(),
+                &pki.server_ca,
+                Some(&host),
+                Some(&pki.a),
+                i % 2 == 1,
+            )
+            .await
+            .unwrap();
+            let end = Instant::now() + run_for;
+            while Instant::now() < end {
+                match conn.get(&host, "/").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let churn_backend = backend.addr;
+    let churn = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let end = Instant::now() + run_for;
+        let mut n = 0u64;
+        while Instant::now() < end {
+            tick.tick().await;
+            for _ in 0..10 {
+                let uri = format!("churn-{}.apps.identity", n % 1000);
+                let msg = registration(
+                    &uri,
+                    churn_backend,
+                    json!({"options": {"route_policy_scope": "any", "route_policy_sources": "cf:any"}}),
+                );
+                nc.publish("router.register", msg.clone().into())
+                    .await
+                    .unwrap();
+                let old = format!("churn-{}.apps.identity", (n + 500) % 1000);
+                nc.publish(
+                    "router.unregister",
+                    registration(&old, churn_backend, json!({})).into(),
+                )
+                .await
+                .unwrap();
+                n += 1;
+            }
+        }
+        nc.flush().await.unwrap();
+        n
+    });
+    for l in load {
+        l.await.unwrap();
+    }
+    let published = churn.await.unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("churn: {published} register+unregister pairs in {run_for:?}; stable requests ok={ok} failed={failed}");
+    assert_eq!(failed, 0);
+    assert!(ok > 1000, "steady load too small to mean anything: {ok}");
+    assert!(
+        published as f64 >= 0.8 * 1000.0 * run_for.as_secs_f64(),
+        "churn rate too low: {published}"
+    );
+    let applied =
+        gw.metric("portcullis_registry_messages_total{subject=\"router.register\",result=\"ok\"}");
+    assert!(
+        applied >= published as f64,
+        "registrations applied: {applied} of {published}"
+    );
+}

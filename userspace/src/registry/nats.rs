@@ -1,0 +1,235 @@
+//! GoRouter's registration protocol over NATS (SPEC §10).
+//!
+//! Subscribes `router.register` and `router.unregister`, answers `router.greet`, publishes
+//! `router.start` on every (re)connection. Messages are applied in batches: each batch becomes one
+//! new snapshot. Pruning of stale endpoints runs only while the connection is up.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::{ConnectOptions, Event};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{Registration, RegistrationError, ValidRegistration};
+use crate::config::Config;
+use crate::metrics::RegistryLabels;
+use crate::state::State;
+
+/// Most messages applied as one snapshot.
+const MAX_BATCH: usize = 4096;
+/// The minimum register interval announced to route emitters.
+const MINIMUM_REGISTER_INTERVAL_SECS: u64 = 5;
+
+/// The `router.start` / `router.greet` reply body.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StartMessage {
+    pub id: String,
+    pub hosts: Vec<String>,
+    #[serde(rename = "minimumRegisterIntervalInSeconds")]
+    pub minimum_register_interval_in_seconds: u64,
+    #[serde(rename = "pruneThresholdInSeconds")]
+    pub prune_threshold_in_seconds: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("nats.servers: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error("nats: cannot subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+enum Change {
+    Register(ValidRegistration),
+    Unregister(ValidRegistration),
+}
+
+/// Decodes a message body into a registration, or the `result` label of why it was refused.
+/// Never panics, whatever the bytes (a fuzz target holds it to that).
+pub fn decode_message(payload: &[u8]) -> Result<ValidRegistration, &'static str> {
+    let raw: Registration = serde_json::from_slice(payload).map_err(|_| "invalid_json")?;
+    ValidRegistration::try_from(raw).map_err(|e: RegistrationError| e.label())
+}
+
+/// The address other components reach this gateway on: the source address the kernel picks
+/// toward the first NATS server, else the HTTPS listen address.
+fn host_ip(config: &Config) -> IpAddr {
+    let listen = config.listen.https.ip();
+    let probe = config
+        .nats
+        .as_ref()
+        .and_then(|n| n.servers.first())
+        .and_then(|url| {
+            let hostport = url.split("://").nth(1)?.split('/').next()?;
+            let hostport = hostport.rsplit('@').next()?;
+            let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+                .ok()?
+                .next()?;
+            let sock = UdpSocket::bind(if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            })
+            .ok()?;
+            sock.connect(addr).ok()?;
+            sock.local_addr().ok().map(|a| a.ip())
+        });
+    probe.unwrap_or(listen)
+}
+
+/// Connects (retrying in the background when NATS is down) and runs the subscriber until the
+/// process ends.
+pub async fn start(state: Arc<State>) -> Result<(), NatsError> {
+    let rt = state.runtime.load_full();
+    let Some(nats) = rt.config.nats.clone() else {
+        return Ok(());
+    };
+    let start_msg = StartMessage {
+        id: format!("0-{}", uuid::Uuid::new_v4()),
+        hosts: vec![host_ip(&rt.config).to_string()],
+        minimum_register_interval_in_seconds: MINIMUM_REGISTER_INTERVAL_SECS,
+        prune_threshold_in_seconds: rt.config.registry.droplet_stale_threshold.as_secs(),
+    };
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let options = ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .name("portcullis")
+        .event_callback(move |event| {
+            let tx = events_tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        });
+    let client = options.connect(nats.servers.clone()).await?;
+    let register = client.subscribe("router.register").await?;
+    let unregister = client.subscribe("router.unregister").await?;
+    let greet = client.subscribe("router.greet").await?;
+    tracing::info!(servers = ?nats.servers, id = %start_msg.id, "registry subscribed to NATS");
+    tokio::spawn(run(
+        state, client, register, unregister, greet, events, start_msg,
+    ));
+    Ok(())
+}
+
+async fn run(
+    state: Arc<State>,
+    client: async_nats::Client,
+    register: async_nats::Subscriber,
+    unregister: async_nats::Subscriber,
+    mut greet: async_nats::Subscriber,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    start_msg: StartMessage,
+) {
+    let start_body = Bytes::from(serde_json::to_vec(&start_msg).unwrap_or_default());
+    let mut changes = futures_util::stream::select(
+        register.map(|m| (true, m.payload)),
+        unregister.map(|m| (false, m.payload)),
+    );
+    let prune_every = state.runtime.load().config.registry.prune_interval;
+    let mut prune = tokio::time::interval(prune_every);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            Some((is_register, payload)) = changes.next() => {
+                let mut batch = Vec::with_capacity(64);
+                push(&state, &mut batch, is_register, &payload);
+                // Everything already queued joins this batch: one snapshot per burst.
+                while batch.len() < MAX_BATCH {
+                    match futures_util::FutureExt::now_or_never(changes.next()) {
+                        Some(Some((r, p))) => push(&state, &mut batch, r, &p),
+                        _ => break,
+                    }
+                }
+                apply(&state, batch);
+            }
+            Some(msg) = greet.next() => {
+                if let Some(reply) = msg.reply {
+                    if let Err(e) = client.publish(reply, start_body.clone()).await {
+                        tracing::warn!(error = %e, "router.greet reply failed");
+                    }
+                }
+            }
+            Some(event) = events.recv() => match event {
+                Event::Connected => {
+                    state.registry_connected.store(true, Ordering::Relaxed);
+                    if let Err(e) = client.publish("router.start", start_body.clone()).await {
+                        tracing::warn!(error = %e, "router.start publish failed");
+                    }
+                    tracing::info!("NATS connected; router.start published");
+                }
+                Event::Disconnected => {
+                    state.registry_connected.store(false, Ordering::Relaxed);
+                    tracing::warn!("NATS disconnected; pruning suspended");
+                }
+                other => tracing::debug!(event = %other, "NATS event"),
+            },
+            _ = prune.tick() => {
+                let connected = client.connection_state() == async_nats::connection::State::Connected;
+                if connected {
+                    let removed = state.registry.update(|s| s.prune(Instant::now()));
+                    if removed > 0 {
+                        tracing::info!(removed, "pruned stale endpoints");
+                    }
+                }
+            }
+            else => return,
+        }
+    }
+}
+
+fn push(state: &State, batch: &mut Vec<Change>, is_register: bool, payload: &[u8]) {
+    let subject = if is_register {
+        "router.register"
+    } else {
+        "router.unregister"
+    };
+    let result = match decode_message(payload) {
+        Ok(reg) => {
+            if is_register && !reg.policy.malformed.is_empty() {
+                state
+                    .metrics
+                    .route_policy_malformed_sources
+                    .inc_by(reg.policy.malformed.len() as u64);
+            }
+            batch.push(if is_register {
+                Change::Register(reg)
+            } else {
+                Change::Unregister(reg)
+            });
+            "ok"
+        }
+        Err(label) => label,
+    };
+    state
+        .metrics
+        .registry_messages
+        .get_or_create(&RegistryLabels {
+            subject: subject.to_string(),
+            result,
+        })
+        .inc();
+}
+
+fn apply(state: &State, batch: Vec<Change>) {
+    if batch.is_empty() {
+        return;
+    }
+    let stale = state.runtime.load().config.registry.droplet_stale_threshold;
+    let now = Instant::now();
+    state.registry.update(|s| {
+        for change in &batch {
+            match change {
+                Change::Register(r) => s.register(r, false, stale, now),
+                Change::Unregister(r) => {
+                    s.unregister(r);
+                }
+            }
+        }
+    });
+}
