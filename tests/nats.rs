@@ -615,3 +615,81 @@ async fn churn_on_other_routes_never_fails_stable_ones() {
         "registrations applied: {applied} of {published}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_against_a_running_gateway_sees_nats_routes() {
+    let nats = NatsServer::start();
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = start_subscribed(&pki, &nats.url(), &config(&nats.url(), "")).await;
+    let nc = nats_client(&nats.url()).await;
+    let opts =
+        json!({"options": {"route_policy_scope": "space", "route_policy_sources": "cf:app:app-a"}});
+    nc.publish(
+        "router.register",
+        registration("dyn.apps.identity", backend.addr, opts).into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, Some(&pki.a), "dyn.apps.identity", 200).await,
+        200
+    );
+
+    let admin = format!("http://{}", gw.gw.admin_addr().unwrap());
+    let caller = gw.dir.path().join("caller-b.pem");
+    std::fs::write(&caller, &pki.b.chain_pem).unwrap();
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let out = tokio::process::Command::new(bin)
+        .args(["explain", "--admin", &admin, "--host", "DYN.apps.identity"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("route:     dyn.apps.identity"), "{text}");
+    assert!(text.contains("policy:    scope=space"), "{text}");
+    assert!(text.contains("sources:   cf:app:app-a"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{} app=backend space=space-1 org=org-1",
+            backend.addr
+        )),
+        "{text}"
+    );
+
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "explain",
+            "--admin",
+            &admin,
+            "--host",
+            "dyn.apps.identity",
+            "--caller-cert",
+        ])
+        .arg(&caller)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("caller:    app=app-b space=space-2 org=org-2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("decision:  deny (domain:scope=space:post-selection)"),
+        "{text}"
+    );
+
+    let out = tokio::process::Command::new(bin)
+        .args(["explain", "--admin", &admin, "--host", "nope.apps.identity"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no route for host 'nope.apps.identity'"));
+}

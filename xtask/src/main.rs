@@ -21,8 +21,42 @@ enum Task {
     Build,
     /// Everything CI checks: prerequisites, `cargo fmt --check`, clippy -D warnings, all tests.
     Test,
-    /// Criterion micro-benchmarks of the hot pure functions.
+    /// Benchmarks: criterion micro-benchmarks and the registry at 100,000 routes.
     Bench,
+    /// Run every fuzz target for a while (cargo-fuzz on the nightly toolchain).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+/// Fuzz targets under `fuzz/`, each with a seed corpus in `fuzz/corpus/<name>`.
+const FUZZ_TARGETS: &[&str] = &["registration"];
+/// The nightly toolchain cargo-fuzz builds with.
+const NIGHTLY: &str = "nightly";
+
+fn fuzz(seconds: u64) -> Result<()> {
+    if !cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    for target in FUZZ_TARGETS {
+        // New inputs go to a scratch corpus; the seeds in the repo stay as they are.
+        let scratch = std::env::temp_dir().join(format!("portcullis-fuzz-{target}"));
+        std::fs::create_dir_all(&scratch)?;
+        run(Command::new("cargo")
+            .arg(format!("+{NIGHTLY}"))
+            .args(["fuzz", "run", target])
+            .arg(&scratch)
+            .arg(format!("fuzz/corpus/{target}"))
+            .args(["--", &format!("-max_total_time={seconds}")]))?;
+    }
+    Ok(())
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -99,8 +133,15 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            run(cargo().args(["test", "--workspace"]))
+            run(cargo().args(["test", "--workspace"]))?;
+            // A short fuzzing pass on every target: CI shows the decoders do not panic.
+            fuzz(30)
         }
-        Task::Bench => run(cargo().args(["bench", "-p", "portcullis", "--bench", "micro"])),
+        Task::Bench => {
+            deps()?;
+            run(cargo().args(["bench", "-p", "portcullis", "--bench", "micro"]))?;
+            run(cargo().args(["bench", "-p", "portcullis", "--bench", "registry_scale"]))
+        }
+        Task::Fuzz { seconds } => fuzz(seconds),
     }
 }

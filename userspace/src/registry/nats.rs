@@ -22,6 +22,8 @@ use crate::state::State;
 
 /// Most messages applied as one snapshot.
 const MAX_BATCH: usize = 4096;
+/// Messages buffered per subscription.
+const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 /// The minimum register interval announced to route emitters.
 const MINIMUM_REGISTER_INTERVAL_SECS: u64 = 5;
 
@@ -100,6 +102,9 @@ pub async fn start(state: Arc<State>) -> Result<(), NatsError> {
         .retry_on_initial_connect()
         .max_reconnects(None)
         .name("portcullis")
+        // Room for a full re-registration burst from a large foundation before the server
+        // would have to drop messages to a slow consumer.
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .event_callback(move |event| {
             let tx = events_tx.clone();
             async move {
@@ -166,6 +171,13 @@ async fn run(
                 Event::Disconnected => {
                     state.registry_connected.store(false, Ordering::Relaxed);
                     tracing::warn!("NATS disconnected; pruning suspended");
+                }
+                Event::SlowConsumer(sid) => {
+                    state.metrics.registry_messages.get_or_create(&RegistryLabels {
+                        subject: format!("subscription {sid}"),
+                        result: "slow_consumer",
+                    }).inc();
+                    tracing::warn!(sid, "NATS dropped messages: the registry is a slow consumer");
                 }
                 other => tracing::debug!(event = %other, "NATS event"),
             },

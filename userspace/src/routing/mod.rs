@@ -80,11 +80,12 @@ impl Pool {
     }
 }
 
-/// An immutable view of every route.
-#[derive(Debug, Default)]
+/// An immutable view of every route. Cloning is O(1): the host map is persistent, so a new
+/// snapshot shares everything a change did not touch.
+#[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     /// Pools per host, longest path first.
-    hosts: HashMap<String, Vec<Arc<Pool>>>,
+    hosts: imbl::HashMap<String, Arc<[Arc<Pool>]>>,
     endpoints: usize,
 }
 
@@ -104,7 +105,7 @@ impl RouteTable {
 
     /// Every pool, ordered by route key.
     pub fn pools(&self) -> Vec<&Arc<Pool>> {
-        let mut all: Vec<_> = self.hosts.values().flatten().collect();
+        let mut all: Vec<_> = self.hosts.values().flat_map(|p| p.iter()).collect();
         all.sort_by(|a, b| a.key.cmp(&b.key));
         all
     }
@@ -119,7 +120,7 @@ impl RouteTable {
         let mut hosts: Vec<String> = self
             .hosts
             .values()
-            .flatten()
+            .flat_map(|p| p.iter())
             .flat_map(|p| p.endpoints.iter().map(|e| e.host.clone()))
             .collect();
         hosts.sort();
@@ -138,9 +139,13 @@ struct PoolState {
 }
 
 /// The registry's working state; [`RegistryState::snapshot`] freezes it into a [`RouteTable`].
+/// Changes mark their route keys dirty; a snapshot rebuilds only those, so its cost follows the
+/// size of the change, not of the table.
 #[derive(Debug, Default)]
 pub struct RegistryState {
     pools: HashMap<RouteKey, PoolState>,
+    table: RouteTable,
+    dirty: std::collections::HashSet<RouteKey>,
 }
 
 impl RegistryState {
@@ -155,6 +160,7 @@ impl RegistryState {
     ) {
         let addr = reg.addr();
         for key in &reg.keys {
+            self.dirty.insert(key.clone());
             let pool = self.pools.entry(key.clone()).or_insert_with(|| PoolState {
                 endpoints: BTreeMap::new(),
                 policy: reg.policy.clone(),
@@ -208,6 +214,7 @@ impl RegistryState {
             if let Some(pool) = self.pools.get_mut(key) {
                 if pool.endpoints.get(&addr).is_some_and(|e| !e.permanent) {
                     pool.endpoints.remove(&addr);
+                    self.dirty.insert(key.clone());
                     removed += 1;
                 }
                 if pool.endpoints.is_empty() {
@@ -220,8 +227,13 @@ impl RegistryState {
 
     /// Removes every permanent (static) endpoint; routes left empty are gone.
     pub fn clear_permanent(&mut self) {
-        self.pools.retain(|_, pool| {
+        let dirty = &mut self.dirty;
+        self.pools.retain(|key, pool| {
+            let before = pool.endpoints.len();
             pool.endpoints.retain(|_, e| !e.permanent);
+            if pool.endpoints.len() != before {
+                dirty.insert(key.clone());
+            }
             !pool.endpoints.is_empty()
         });
     }
@@ -229,41 +241,66 @@ impl RegistryState {
     /// Removes non-permanent, non-TLS endpoints not refreshed within their stale threshold.
     pub fn prune(&mut self, now: Instant) -> usize {
         let mut removed = 0;
-        self.pools.retain(|_, pool| {
+        let dirty = &mut self.dirty;
+        self.pools.retain(|key, pool| {
+            let before = pool.endpoints.len();
             pool.endpoints.retain(|_, e| {
-                let keep = e.permanent
+                e.permanent
                     || e.tls_san.is_some()
-                    || now.saturating_duration_since(e.refreshed) <= e.stale_threshold;
-                removed += usize::from(!keep);
-                keep
+                    || now.saturating_duration_since(e.refreshed) <= e.stale_threshold
             });
+            if pool.endpoints.len() != before {
+                removed += before - pool.endpoints.len();
+                dirty.insert(key.clone());
+            }
             !pool.endpoints.is_empty()
         });
         removed
     }
 
-    /// Freezes the current state.
-    pub fn snapshot(&self) -> RouteTable {
-        let mut hosts: HashMap<String, Vec<Arc<Pool>>> = HashMap::new();
-        let mut endpoints = 0;
-        for (key, p) in &self.pools {
-            endpoints += p.endpoints.len();
-            hosts
-                .entry(key.host.clone())
-                .or_default()
-                .push(Arc::new(Pool {
-                    key: key.clone(),
-                    endpoints: p.endpoints.values().cloned().collect(),
-                    policy: p.policy.clone(),
-                    load_balancing: p.load_balancing,
-                    options: p.options.clone(),
-                    next: p.next.clone(),
-                }));
+    /// Freezes the current state: rebuilds the pools of every key changed since the last call and
+    /// returns a table sharing everything else with the previous one.
+    pub fn snapshot(&mut self) -> RouteTable {
+        let mut by_host: HashMap<String, Vec<RouteKey>> = HashMap::new();
+        for key in self.dirty.drain() {
+            by_host.entry(key.host.clone()).or_default().push(key);
         }
-        for pools in hosts.values_mut() {
+        for (host, keys) in by_host {
+            let old = self
+                .table
+                .hosts
+                .get(&host)
+                .cloned()
+                .unwrap_or_else(|| Arc::new([]));
+            let old_count: usize = old.iter().map(|p| p.endpoints.len()).sum();
+            // Untouched pools of this host are kept as they are; changed ones are rebuilt.
+            let mut pools: Vec<Arc<Pool>> = old
+                .iter()
+                .filter(|p| !keys.contains(&p.key))
+                .cloned()
+                .collect();
+            for key in &keys {
+                if let Some(p) = self.pools.get(key) {
+                    pools.push(Arc::new(Pool {
+                        key: key.clone(),
+                        endpoints: p.endpoints.values().cloned().collect(),
+                        policy: p.policy.clone(),
+                        load_balancing: p.load_balancing,
+                        options: p.options.clone(),
+                        next: p.next.clone(),
+                    }));
+                }
+            }
             pools.sort_by_key(|p| std::cmp::Reverse(p.key.path.len()));
+            let new_count: usize = pools.iter().map(|p| p.endpoints.len()).sum();
+            self.table.endpoints = self.table.endpoints + new_count - old_count;
+            if pools.is_empty() {
+                self.table.hosts.remove(&host);
+            } else {
+                self.table.hosts.insert(host, pools.into());
+            }
         }
-        RouteTable { hosts, endpoints }
+        self.table.clone()
     }
 }
 

@@ -1,0 +1,23 @@
+//! Any bytes on `router.register` / `router.unregister`: decoding never panics, and whatever
+//! decodes can be registered, looked up and unregistered without panicking either.
+#![no_main]
+
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use portcullis::registry::nats::decode_message;
+use portcullis::routing::RegistryState;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(reg) = decode_message(data) else { return };
+    let mut state = RegistryState::default();
+    state.register(&reg, false, Duration::from_secs(1), Instant::now());
+    let table = state.snapshot();
+    for key in &reg.keys {
+        let pool = table.lookup(&key.host, &key.path).expect("a registered key is routable");
+        let mut sel = pool.selector();
+        assert!(sel.next(|_| true).is_some());
+    }
+    state.unregister(&reg);
+    assert_eq!(state.snapshot().endpoint_count(), 0);
+});
