@@ -25,3 +25,4 @@ pub mod registry;
 pub mod routing;
 pub mod state;
 pub mod tls;
+pub mod xdp;

@@ -17,8 +17,10 @@ struct Cli {
 enum Task {
     /// Install what the tests need (Debian packages, rustup components).
     Deps,
-    /// Build the release binary.
+    /// Build the eBPF object and the release binary.
     Build,
+    /// Build the XDP program (installs rust-src, LLVM 22 and bpf-linker when missing).
+    BuildEbpf,
     /// Everything CI checks: prerequisites, `cargo fmt --check`, clippy -D warnings, all tests.
     Test,
     /// Benchmarks: criterion micro-benchmarks and the registry at 100,000 routes.
@@ -33,8 +35,107 @@ enum Task {
 
 /// Fuzz targets under `fuzz/`, each with a seed corpus in `fuzz/corpus/<name>`.
 const FUZZ_TARGETS: &[&str] = &["registration"];
-/// The nightly toolchain cargo-fuzz builds with.
-const NIGHTLY: &str = "nightly";
+/// The nightly toolchain for the eBPF target and cargo-fuzz: LLVM 22, to match bpf-linker built
+/// against Debian's LLVM 22 (a nightly on LLVM 23 fails with `Invalid record`), and Rust >= 1.98
+/// for aya 0.16.
+const NIGHTLY: &str = "nightly-2026-06-15";
+/// Where the XDP object lands.
+pub const EBPF_OBJECT: &str =
+    "ebpf/portcullis-ebpf/target/bpfel-unknown-none/release/portcullis-ebpf";
+
+fn nightly() -> Result<()> {
+    let listed = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()?;
+    if !String::from_utf8_lossy(&listed.stdout).contains(NIGHTLY) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "clippy",
+        "--toolchain",
+        NIGHTLY,
+    ]))
+}
+
+fn ebpf_deps() -> Result<()> {
+    nightly()?;
+    if !have("bpf-linker") {
+        if !std::path::Path::new("/usr/lib/llvm-22/bin/llvm-config").exists() {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            run(Command::new("apt-get").args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "llvm-22-dev",
+            ]))?;
+        }
+        run(cargo().env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// `cargo +NIGHTLY <verb> …` for the eBPF crate, for the BPF target, with BTF.
+fn ebpf_cargo(verb: &str) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir("ebpf/portcullis-ebpf")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .arg(format!("+{NIGHTLY}"))
+        .args([
+            verb,
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+        ]);
+    c
+}
+
+fn build_ebpf() -> Result<()> {
+    ebpf_deps()?;
+    run(&mut ebpf_cargo("build"))
+}
+
+/// Privileged tests need bpffs at /sys/fs/bpf.
+fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
 
 fn fuzz(seconds: u64) -> Result<()> {
     if !cargo()
@@ -49,7 +150,9 @@ fn fuzz(seconds: u64) -> Result<()> {
         // New inputs go to a scratch corpus; the seeds in the repo stay as they are.
         let scratch = std::env::temp_dir().join(format!("portcullis-fuzz-{target}"));
         std::fs::create_dir_all(&scratch)?;
+        nightly()?;
         run(Command::new("cargo")
+            .env_remove("RUSTUP_TOOLCHAIN")
             .arg(format!("+{NIGHTLY}"))
             .args(["fuzz", "run", target])
             .arg(&scratch)
@@ -121,10 +224,19 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match Cli::parse().task {
         Task::Deps => deps(),
-        Task::Build => run(cargo().args(["build", "--release", "-p", "portcullis"])),
+        Task::Build => {
+            build_ebpf()?;
+            run(cargo().args(["build", "--release", "-p", "portcullis"]))
+        }
+        Task::BuildEbpf => build_ebpf(),
         Task::Test => {
             deps()?;
+            build_ebpf()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(Command::new("cargo")
+                .current_dir("ebpf/portcullis-ebpf")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .args([&format!("+{NIGHTLY}"), "fmt", "--check"]))?;
             run(cargo().args([
                 "clippy",
                 "--workspace",
@@ -133,7 +245,15 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            run(cargo().args(["test", "--workspace"]))?;
+            run(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
+            let mut test = cargo();
+            test.args(["test", "--workspace"]);
+            if is_root() {
+                // The XDP packet table must run, not skip, wherever it can.
+                mount_bpffs()?;
+                test.env("PORTCULLIS_REQUIRE_XDP", "1");
+            }
+            run(&mut test)?;
             // A short fuzzing pass on every target: CI shows the decoders do not panic.
             fuzz(30)
         }

@@ -27,7 +27,7 @@ use crate::tls::ConnTls;
 use body::{empty, full, BoxError, Counted, Finish, ProxyBody};
 pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
 pub use pool::BackendPool;
-use pool::{ConnectSettings, Lease};
+use pool::{ConnectSettings, Lease, SendFailure};
 
 /// Most endpoints tried for one request when connecting fails (SPEC §6).
 pub const MAX_ATTEMPTS: usize = 3;
@@ -481,7 +481,8 @@ async fn route(
                     BodyExt::boxed_unsync(rbody.map_err(BoxError::from)),
                 ));
             }
-            Err((e, request)) => {
+            Err(failure) => {
+                let SendFailure { error: e, request } = *failure;
                 ep.active.fetch_sub(1, Ordering::Relaxed);
                 done.endpoint_active = None;
                 state
@@ -513,23 +514,25 @@ async fn send_retrying_stale(
     settings: &ConnectSettings<'_>,
     lease: &mut Lease,
     req: Request<ProxyBody>,
-) -> Result<Response<Incoming>, (hyper::Error, Option<Request<ProxyBody>>)> {
+) -> Result<Response<Incoming>, Box<SendFailure>> {
     match lease.send(req).await {
-        Ok(r) => Ok(r),
-        Err(f) if lease.reused && f.request.is_some() => {
-            let Some(req) = f.request else {
-                return Err((f.error, None));
+        Err(mut f) if lease.reused => {
+            let Some(req) = f.request.take() else {
+                return Err(f);
             };
             match state.backends.connect_fresh(ep, settings).await {
                 Ok(mut fresh) => {
-                    let r = fresh.send(req).await.map_err(|f| (f.error, f.request));
+                    let r = fresh.send(req).await;
                     *lease = fresh;
                     r
                 }
-                Err(_) => Err((f.error, Some(req))),
+                Err(_) => {
+                    f.request = Some(req);
+                    Err(f)
+                }
             }
         }
-        Err(f) => Err((f.error, f.request)),
+        other => other,
     }
 }
 

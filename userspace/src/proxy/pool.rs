@@ -87,22 +87,24 @@ impl Lease {
     pub async fn send(
         &mut self,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendFailure> {
+    ) -> Result<Response<Incoming>, Box<SendFailure>> {
         let res = match &mut self.sender {
             Sender::H1(s) => {
                 if let Err(error) = s.ready().await {
-                    return Err(SendFailure {
+                    return Err(Box::new(SendFailure {
                         error,
                         request: Some(req),
-                    });
+                    }));
                 }
                 s.try_send_request(req).await
             }
             Sender::H2(s) => s.try_send_request(req).await,
         };
-        res.map_err(|mut e| SendFailure {
-            request: e.take_message(),
-            error: e.into_error(),
+        res.map_err(|mut e| {
+            Box::new(SendFailure {
+                request: e.take_message(),
+                error: e.into_error(),
+            })
         })
     }
 }

@@ -1,0 +1,428 @@
+//! The XDP SNI gate (SPEC §11).
+//!
+//! Per packet: Ethernet (up to two VLAN tags), IPv4 or IPv6, TCP to a configured port. When the
+//! segment starts a TLS handshake record holding a whole ClientHello, the SNI is extracted,
+//! normalised and classified; a source that is denied for the domain, or outside its allow-list,
+//! is rejected. Everything uncertain passes, with a counter: the daemon repeats every check.
+//!
+//! Verifier notes: only the fixed 14-byte Ethernet window is read in place; every field at a
+//! packet-derived offset is copied to the stack with `bpf_xdp_load_bytes`, and every loop is
+//! bounded by a constant.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes, bpf_xdp_store_bytes};
+use aya_ebpf::macros::{map, xdp};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::programs::XdpContext;
+use portcullis_common::{
+    lower, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, ALLOW_ENTRIES,
+    COUNTER_ENTRIES, DENY_ENTRIES, DOMAIN_HAS_ALLOWLIST, FLOW_ENTRIES, FNV_OFFSET, FNV_PRIME,
+    MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS, PORT_ENTRIES, REJECT_DROP, SNI_BUF,
+};
+
+#[map(name = "DOMAINS")]
+static DOMAINS: HashMap<u64, DomainEntry> = HashMap::pinned(2 * MAX_DOMAINS + 2, 0);
+#[map(name = "ALLOW")]
+static ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::pinned(ALLOW_ENTRIES, 0);
+#[map(name = "DENY")]
+static DENY: HashMap<DenyKey, u64> = HashMap::pinned(DENY_ENTRIES, 0);
+#[map(name = "FLOWS")]
+static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(FLOW_ENTRIES, 0);
+#[map(name = "PORTS")]
+static PORTS: HashMap<u16, u8> = HashMap::pinned(PORT_ENTRIES, 0);
+#[map(name = "SETTINGS")]
+static SETTINGS: Array<u32> = Array::pinned(1, 0);
+/// The SNI copy: 256 bytes do not fit next to the headers on the 512-byte BPF stack.
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<[u8; SNI_BUF]> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const TLS_HANDSHAKE: u8 = 0x16;
+const CLIENT_HELLO: u8 = 0x01;
+const EXT_SERVER_NAME: u16 = 0;
+
+/// Why parsing stopped: each maps to a PASS counter (or to no counter for ordinary traffic).
+#[derive(Clone, Copy)]
+enum Stop {
+    /// Not for the gate (not TCP, not a configured port, no payload, ordinary TLS records).
+    Ignore,
+    Count(Counter),
+}
+
+#[xdp]
+pub fn sni_gate(ctx: XdpContext) -> u32 {
+    match gate(&ctx) {
+        Ok(action) => action,
+        Err(Stop::Ignore) => xdp_action::XDP_PASS,
+        Err(Stop::Count(c)) => {
+            count(c, 0);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn count(c: Counter, domain: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c.index(domain)) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn load<const N: usize>(ctx: &XdpContext, offset: u32, stop: Stop) -> Result<[u8; N], Stop> {
+    let mut buf = [0u8; N];
+    // SAFETY: the helper bounds-checks against the packet and writes at most N bytes to `buf`.
+    let r =
+        unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, buf.as_mut_ptr() as *mut c_void, N as u32) };
+    if r < 0 {
+        return Err(stop);
+    }
+    Ok(buf)
+}
+
+#[inline(always)]
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+struct Flow {
+    key: FlowKey,
+    l4: u32,
+    payload: u32,
+    payload_len: u32,
+    flags: u8,
+}
+
+fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
+    let flow = parse_l2_l4(ctx)?;
+    if flow.flags & TCP_SYN != 0 {
+        // A new connection on this 4-tuple: forget an old rejection.
+        let _ = FLOWS.remove(&flow.key);
+        return Err(Stop::Ignore);
+    }
+    // SAFETY: the value is copied out at once.
+    if let Some(reason) = unsafe { FLOWS.get(&flow.key) } {
+        count(Counter::RejectFlow, *reason & 0xffff);
+        return Ok(if reject_mode() == REJECT_DROP {
+            xdp_action::XDP_DROP
+        } else {
+            // The local socket is already gone: the stack answers this segment with a RST, which
+            // is how the client learns.
+            xdp_action::XDP_PASS
+        });
+    }
+    if flow.payload_len == 0 {
+        return Err(Stop::Ignore);
+    }
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Stop::Ignore)?;
+    // SAFETY: this CPU's slot, used only within this run of the program.
+    let sni = unsafe { &mut *scratch };
+    let len = client_hello_sni(ctx, flow.payload, flow.payload_len, sni)?;
+    let (full, parent) = hash_sni(sni, len);
+    let (domain, flags) = classify(full, parent).ok_or(Stop::Count(Counter::PassUnknownDomain))?;
+
+    let now = unsafe { bpf_ktime_get_ns() };
+    let deny = DenyKey {
+        domain_id: domain,
+        addr: flow.key.src,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(expiry) = unsafe { DENY.get(&deny) } {
+        if *expiry > now {
+            return reject(ctx, &flow, domain, Counter::RejectDeny);
+        }
+    }
+    if flags & DOMAIN_HAS_ALLOWLIST != 0 {
+        let key = Key::new(
+            32 + 128,
+            AllowKey {
+                domain_be: domain.to_be_bytes(),
+                addr: flow.key.src,
+            },
+        );
+        if ALLOW.get(&key).is_none() {
+            return reject(ctx, &flow, domain, Counter::RejectAllowlist);
+        }
+    }
+    count(Counter::Pass, domain);
+    Ok(xdp_action::XDP_PASS)
+}
+
+fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
+    let start = ctx.data();
+    if start + 14 > ctx.data_end() {
+        return Err(Stop::Ignore);
+    }
+    // SAFETY: bounds checked just above.
+    let eth = unsafe { *(start as *const [u8; 14]) };
+    let mut proto = be16(&eth, 12);
+    let mut off: u32 = 14;
+    for _ in 0..MAX_VLAN_TAGS {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let tag: [u8; 4] = load(ctx, off, Stop::Ignore)?;
+        proto = be16(&tag, 2);
+        off += 4;
+    }
+    let (src, dst, l4, ip_end): (Addr, Addr, u32, u32) = match proto {
+        ETH_P_IP => {
+            let ip: [u8; 20] = load(ctx, off, Stop::Ignore)?;
+            if ip[9] != IPPROTO_TCP {
+                return Err(Stop::Ignore);
+            }
+            if ip[0] >> 4 != 4 || (ip[0] & 0x0f) < 5 {
+                return Err(Stop::Count(Counter::PassIpUnparsed));
+            }
+            if be16(&ip, 6) & 0x3fff != 0 {
+                // More fragments, or not the first one: the TCP payload is not whole here.
+                return Err(Stop::Count(Counter::PassIpUnparsed));
+            }
+            let ihl = ((ip[0] & 0x0f) as u32) * 4;
+            let total = be16(&ip, 2) as u32;
+            (
+                v4_mapped([ip[12], ip[13], ip[14], ip[15]]),
+                v4_mapped([ip[16], ip[17], ip[18], ip[19]]),
+                off + ihl,
+                off + total,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip: [u8; 40] = load(ctx, off, Stop::Ignore)?;
+            let next = ip[6];
+            if next != IPPROTO_TCP {
+                return match next {
+                    // Hop-by-hop, routing, fragment, destination options, AH, ESP, mobility.
+                    0 | 43 | 44 | 60 | 51 | 50 | 135 => Err(Stop::Count(Counter::PassIpUnparsed)),
+                    _ => Err(Stop::Ignore),
+                };
+            }
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&ip[8..24]);
+            dst.copy_from_slice(&ip[24..40]);
+            (src, dst, off + 40, off + 40 + be16(&ip, 4) as u32)
+        }
+        _ => return Err(Stop::Ignore),
+    };
+    let tcp: [u8; 20] = load(ctx, l4, Stop::Ignore)?;
+    let dport = be16(&tcp, 2);
+    // SAFETY: existence check only.
+    if unsafe { PORTS.get(&dport) }.is_none() {
+        return Err(Stop::Ignore);
+    }
+    let payload = l4 + ((tcp[12] >> 4) as u32) * 4;
+    if payload > ip_end || (tcp[12] >> 4) < 5 {
+        return Err(Stop::Count(Counter::PassIpUnparsed));
+    }
+    Ok(Flow {
+        key: FlowKey {
+            src,
+            dst,
+            sport: u16::from_ne_bytes([tcp[0], tcp[1]]),
+            dport: u16::from_ne_bytes([tcp[2], tcp[3]]),
+        },
+        l4,
+        payload,
+        payload_len: ip_end - payload,
+        flags: tcp[13],
+    })
+}
+
+/// Finds the SNI of a ClientHello that starts at `base` and is whole in this segment; copies it
+/// to `out` and returns its length.
+fn client_hello_sni(
+    ctx: &XdpContext,
+    base: u32,
+    len: u32,
+    out: &mut [u8; SNI_BUF],
+) -> Result<u32, Stop> {
+    let unparsed = Stop::Count(Counter::PassUnparsed);
+    let first: [u8; 1] = load(ctx, base, Stop::Ignore)?;
+    if first[0] != TLS_HANDSHAKE {
+        // Application data, alerts and change-cipher-spec are ordinary traffic; anything that is
+        // not a TLS record at all is counted.
+        return Err(match first[0] {
+            0x14..=0x17 => Stop::Ignore,
+            _ => Stop::Count(Counter::PassNotClientHello),
+        });
+    }
+    if len < 9 {
+        return Err(Stop::Count(Counter::PassSplit));
+    }
+    let head: [u8; 9] = load(ctx, base, unparsed)?;
+    if head[1] != 3 || head[5] != CLIENT_HELLO {
+        return Err(Stop::Count(Counter::PassNotClientHello));
+    }
+    let record_end = 5 + be16(&head, 3) as u32;
+    if record_end > len {
+        return Err(Stop::Count(Counter::PassSplit));
+    }
+    // handshake header (4) + legacy_version (2) + random (32)
+    let mut p: u32 = 5 + 4 + 2 + 32;
+    let sid: [u8; 1] = load(ctx, base + p, unparsed)?;
+    p += 1 + sid[0] as u32;
+    let suites: [u8; 2] = load(ctx, base + p, unparsed)?;
+    p += 2 + be16(&suites, 0) as u32;
+    if p >= record_end {
+        return Err(unparsed);
+    }
+    let comp: [u8; 1] = load(ctx, base + p, unparsed)?;
+    p += 1 + comp[0] as u32;
+    if p + 2 > record_end {
+        // A ClientHello without extensions has no SNI.
+        return Err(Stop::Count(Counter::PassNoSni));
+    }
+    let ext_len: [u8; 2] = load(ctx, base + p, unparsed)?;
+    let ext_end = p + 2 + be16(&ext_len, 0) as u32;
+    p += 2;
+    if ext_end > record_end {
+        return Err(unparsed);
+    }
+    for _ in 0..MAX_EXTENSIONS {
+        if p == ext_end {
+            return Err(Stop::Count(Counter::PassNoSni));
+        }
+        if p + 4 > ext_end {
+            return Err(unparsed);
+        }
+        let ext: [u8; 4] = load(ctx, base + p, unparsed)?;
+        let body = be16(&ext, 2) as u32;
+        if p + 4 + body > ext_end {
+            return Err(unparsed);
+        }
+        if be16(&ext, 0) == EXT_SERVER_NAME {
+            let sn: [u8; 5] = load(ctx, base + p + 4, unparsed)?;
+            let name_len = be16(&sn, 3) as u32;
+            if sn[2] != 0 || 5 + name_len > body || name_len == 0 {
+                return Err(unparsed);
+            }
+            if name_len > MAX_SNI_LEN as u32 {
+                return Err(Stop::Count(Counter::PassSniTooLong));
+            }
+            // LLVM tests `name_len == 0` before the byte swap (zero either way), and the verifier
+            // loses the range across the swap. A volatile reload is opaque to LLVM, so these
+            // checks land on the very register passed to the helper.
+            // SAFETY: reading a local.
+            let n = unsafe { core::ptr::read_volatile(&name_len) };
+            if n == 0 || n > MAX_SNI_LEN as u32 {
+                return Err(unparsed);
+            }
+            // SAFETY: n is in 1..=255 and `out` holds 256 bytes.
+            let r = unsafe {
+                bpf_xdp_load_bytes(ctx.ctx, base + p + 9, out.as_mut_ptr() as *mut c_void, n)
+            };
+            if r < 0 {
+                return Err(unparsed);
+            }
+            return Ok(n);
+        }
+        p += 4 + body;
+    }
+    Err(unparsed)
+}
+
+/// The same hashes as `portcullis_common::sni_hashes`, over the stack copy.
+#[inline(always)]
+fn hash_sni(sni: &[u8; SNI_BUF], len: u32) -> (u64, u64) {
+    let last = sni[((len - 1) as usize) & (SNI_BUF - 1)];
+    let len = if last == b'.' { len - 1 } else { len };
+    let mut full = FNV_OFFSET;
+    let mut parent = FNV_OFFSET;
+    let mut seen_dot = false;
+    for (i, raw) in sni.iter().enumerate() {
+        if i as u32 >= len {
+            break;
+        }
+        let b = lower(*raw);
+        full = (full ^ b as u64).wrapping_mul(FNV_PRIME);
+        if seen_dot {
+            parent = (parent ^ b as u64).wrapping_mul(FNV_PRIME);
+        } else if b == b'.' {
+            seen_dot = true;
+        }
+    }
+    // No dot, or an empty first label: no wildcard can match (0 is never looked up).
+    let parent = if seen_dot && sni[0] != b'.' {
+        parent
+    } else {
+        0
+    };
+    (full, parent)
+}
+
+/// Exact beats wildcard.
+#[inline(always)]
+fn classify(full: u64, parent: u64) -> Option<(u32, u32)> {
+    // SAFETY: values are copied out at once.
+    if let Some(e) = unsafe { DOMAINS.get(&full) } {
+        if e.exact_id != 0 && e.exact_id <= MAX_DOMAINS {
+            return Some((e.exact_id, e.exact_flags));
+        }
+    }
+    if parent != 0 {
+        if let Some(e) = unsafe { DOMAINS.get(&parent) } {
+            if e.wildcard_id != 0 && e.wildcard_id <= MAX_DOMAINS {
+                return Some((e.wildcard_id, e.wildcard_flags));
+            }
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn reject_mode() -> u32 {
+    SETTINGS.get(0).copied().unwrap_or(0)
+}
+
+fn reject(ctx: &XdpContext, flow: &Flow, domain: u32, why: Counter) -> Result<u32, Stop> {
+    let _ = FLOWS.insert(&flow.key, &(domain | ((why as u32) << 16)), 0);
+    count(why, domain);
+    if reject_mode() == REJECT_DROP {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    // Turn the segment into RST|ACK for the local stack: it tears the socket down at once (the
+    // ClientHello's sequence number is exactly the next one expected). Only the flags byte
+    // changes, so the checksum is updated incrementally (RFC 1624).
+    let words: [u8; 6] = load(ctx, flow.l4 + 12, Stop::Ignore)?;
+    let old = be16(&words, 0);
+    let new = (old & 0xff00) | (TCP_RST | TCP_ACK) as u16;
+    let csum = be16(&words, 4);
+    let mut sum = (!csum as u32) + (!old as u32) + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let csum = !(sum as u16);
+    let mut flags = [(new & 0xff) as u8];
+    let mut check = csum.to_be_bytes();
+    // SAFETY: both writes are inside the TCP header just loaded.
+    unsafe {
+        bpf_xdp_store_bytes(ctx.ctx, flow.l4 + 13, flags.as_mut_ptr() as *mut c_void, 1);
+        bpf_xdp_store_bytes(ctx.ctx, flow.l4 + 16, check.as_mut_ptr() as *mut c_void, 2);
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
