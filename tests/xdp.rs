@@ -504,3 +504,135 @@ fn packet_table() {
         Some((1, allow)),
     );
 }
+
+/// One mTLS GET from `source` inside the namespace; `Err` carries what went wrong.
+fn call_from(
+    ns: &support::netns::Netns,
+    source: String,
+    target: std::net::SocketAddr,
+    pki: std::sync::Arc<TestPki>,
+) -> Result<u16, String> {
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            let attempt = async {
+                let tcp = sock
+                    .connect(target)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                let cfg = support::client::tls_config(&pki.server_ca, Some(&pki.a), &[b"http/1.1"]);
+                let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("tls: {e}"))?;
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                        .await
+                        .map_err(|e| format!("http: {e}"))?;
+                tokio::spawn(conn);
+                let req = http::Request::get("/")
+                    .header("host", "a.apps.identity")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("request: {e}"))?;
+                Ok(resp.status().as_u16())
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
+                .await
+                .unwrap_or(Err("no answer in 10 s".into()))
+        })
+    })
+}
+
+/// SPEC §11 end to end: the real daemon with the gate attached to a veth; a source outside the
+/// domain's allow-list is reset before the daemon sees a ClientHello, an allowed one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_end_to_end_in_a_namespace() {
+    if object().is_none() {
+        return;
+    }
+    let ns = support::netns::Netns::new();
+    let pki = std::sync::Arc::new(TestPki::new());
+    let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let port = 8443;
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/portcullis-e2e-{}",
+        std::process::id()
+    )));
+    let yaml = format!(
+        "listen: {{https: \"{host}:{port}\"}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
+         xdp: {{interfaces: [{iface}], ports: [{port}], reject: reset, pin_path: \"{pin}\"}}\n\
+         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
+        host = ns.host(),
+        allowed = ns.client(3),
+        iface = ns.host_if,
+        pin = pin.0.display(),
+        bport = backend.addr.port(),
+    );
+    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
+    assert!(gw.gw.state().xdp.is_some(), "XDP attached");
+    assert!(gw.metrics().contains(&format!(
+        "portcullis_xdp_attached{{interface=\"{}\"",
+        ns.host_if
+    )));
+    let target = gw.https();
+
+    assert_eq!(
+        call_from(&ns, ns.client(3), target, pki.clone()),
+        Ok(200),
+        "allowed source"
+    );
+    let d = "domain=\"*.apps.identity\"";
+    let handshakes_before = gw.metric(&format!(
+        "portcullis_tls_handshakes_total{{{d},result=\"ok\"}}"
+    ));
+    for _ in 0..3 {
+        let r = call_from(&ns, ns.client(2), target, pki.clone());
+        assert!(r.is_err(), "outside the allow-list: {r:?}");
+    }
+    // The daemon never saw those ClientHellos: no handshake of any result for the domain.
+    let m = gw.metrics();
+    let domain_handshakes: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("portcullis_tls_handshakes_total") && l.contains(d))
+        .collect();
+    assert_eq!(domain_handshakes.len(), 1, "{domain_handshakes:?}");
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"ok\"}}"
+        )),
+        handshakes_before
+    );
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_xdp_verdicts_total{{{d},verdict=\"reject\",reason=\"allowlist\"}}"
+        )),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_xdp_verdicts_total{{{d},verdict=\"pass\",reason=\"-\"}}"
+        )),
+        1.0
+    );
+    // Still served afterwards.
+    assert_eq!(
+        call_from(&ns, ns.client(3), target, pki.clone()),
+        Ok(200),
+        "allowed source again"
+    );
+    drop(gw);
+}

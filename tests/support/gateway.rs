@@ -87,7 +87,11 @@ impl TestGateway {
 
     /// The Prometheus exposition.
     pub fn metrics(&self) -> String {
-        self.gw.state().metrics.encode()
+        let state = self.gw.state();
+        if let Some(x) = &state.xdp {
+            x.export(&state.metrics);
+        }
+        state.metrics.encode()
     }
 
     /// The value of one metric sample line, e.g. `portcullis_requests_total{code="200"}`; 0 if absent.

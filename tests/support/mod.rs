@@ -5,6 +5,7 @@
 pub mod client;
 pub mod gateway;
 pub mod nats;
+pub mod netns;
 pub mod packets;
 pub mod pki;
 

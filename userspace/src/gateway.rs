@@ -82,6 +82,22 @@ impl Gateway {
             ktls = ?config.tls.ktls,
             "kernel TLS is not available in this build; TLS records stay in userspace rustls"
         );
+        let xdp = match crate::xdp::XdpRuntime::start(&config, &metrics) {
+            Ok(x) => x,
+            Err(e) => {
+                for iface in &config.xdp.interfaces {
+                    metrics
+                        .xdp_attached
+                        .get_or_create(&crate::metrics::XdpAttachLabels {
+                            interface: iface.clone(),
+                            mode: "none",
+                        })
+                        .set(0);
+                }
+                tracing::warn!(error = %e, "XDP gate unavailable; the daemon still checks every connection");
+                None
+            }
+        };
         let limits = config.limits.clone();
         let has_nats = config.nats.is_some();
         let state = Arc::new(State {
@@ -91,6 +107,7 @@ impl Gateway {
             log,
             backends: BackendPool::default(),
             registry_connected: AtomicBool::new(!has_nats),
+            xdp,
         });
         if let Err(e) = crate::registry::nats::start(state.clone()).await {
             return Err(StartError::Nats(e));
@@ -166,6 +183,11 @@ impl Gateway {
         }
         let runtime = Runtime::build(config)?;
         let cfg = &runtime.config;
+        if let Some(x) = &self.state.xdp {
+            if let Err(e) = x.sync(cfg) {
+                tracing::error!(error = %e, "XDP maps not updated");
+            }
+        }
         self.state
             .registry
             .replace_static(&cfg.routes, cfg.registry.droplet_stale_threshold);

@@ -48,6 +48,11 @@ pub struct XdpAttachLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: &'static str,
 }
@@ -65,6 +70,7 @@ pub struct Metrics {
     pub xdp_verdicts: Family<XdpVerdictLabels, Counter>,
     pub xdp_deny_entries: Gauge,
     pub xdp_attached: Family<XdpAttachLabels, Gauge>,
+    pub xdp_unparsed: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
     pub backend_errors: Family<ErrorLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -90,6 +96,7 @@ impl Metrics {
             xdp_verdicts: Family::default(),
             xdp_deny_entries: Gauge::default(),
             xdp_attached: Family::default(),
+            xdp_unparsed: Family::default(),
             connections_active: Gauge::default(),
             backend_errors: Family::default(),
             access_log_dropped: Counter::default(),

@@ -41,4 +41,6 @@ pub struct State {
     pub backends: BackendPool,
     /// Whether the dynamic registry is connected (always true without NATS).
     pub registry_connected: AtomicBool,
+    /// The XDP gate, when configured and available.
+    pub xdp: Option<crate::xdp::XdpRuntime>,
 }

@@ -55,7 +55,7 @@ pub const COUNTER_ENTRIES: u32 = (MAX_DOMAINS + 1) * COUNTERS_PER_DOMAIN;
 /// What the gate counts. Per domain: `Pass`, `RejectAllowlist`, `RejectDeny`, `RejectFlow`;
 /// the rest under domain 0.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Counter {
     /// ClientHello for a known domain, allowed through.
     Pass = 0,

@@ -175,6 +175,8 @@ impl ExtraField {
 #[derive(Clone, Debug)]
 pub struct Xdp {
     pub interfaces: Vec<String>,
+    /// bpffs folder where the maps are pinned (survive daemon restarts).
+    pub pin_path: PathBuf,
     pub mode: XdpMode,
     pub ports: Vec<u16>,
     pub reject: XdpReject,
@@ -756,6 +758,7 @@ impl Validator<'_> {
         }
         let xdp = Xdp {
             interfaces: x.interfaces.clone(),
+            pin_path: PathBuf::from(x.pin_path.as_deref().unwrap_or("/sys/fs/bpf/portcullis")),
             mode: self.choice(
                 "xdp.mode",
                 x.mode.as_deref(),

@@ -113,6 +113,7 @@ pub struct RawXdp {
     pub mode: Option<String>,
     pub ports: Option<Vec<u16>>,
     pub reject: Option<String>,
+    pub pin_path: Option<String>,
     pub deny_learning: RawDenyLearning,
 }
 

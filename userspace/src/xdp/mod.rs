@@ -20,6 +20,9 @@ use portcullis_common::{
 use crate::config::{Config, XdpReject};
 use crate::names::DomainPattern;
 
+mod runtime;
+pub use runtime::{XdpRuntime, OBJECT};
+
 /// The program's name in the object.
 pub const PROGRAM: &str = "sni_gate";
 
@@ -39,6 +42,15 @@ pub enum XdpError {
     Missing(&'static str),
     #[error("more than {MAX_DOMAINS} domains")]
     TooManyDomains,
+    #[error("this binary was built without the XDP object (run `cargo xtask build`)")]
+    NotBuilt,
+    #[error("xdp.pin_path: cannot create '{}': {source}", path.display())]
+    PinPath {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("xdp.interfaces: '{0}' is not a valid interface")]
+    Interface(String),
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
