@@ -505,12 +505,35 @@ fn packet_table() {
     );
 }
 
+/// Waits (at most 5 s) for a metric sample to reach `value`: the daemon records a failure just
+/// after the client has seen it.
+async fn wait_metric(gw: &support::gateway::TestGateway, sample: &str, value: f64) {
+    for _ in 0..100 {
+        if gw.metric(sample) == value {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.metric(sample), value, "{sample}");
+}
+
 /// One mTLS GET from `source` inside the namespace; `Err` carries what went wrong.
 fn call_from(
     ns: &support::netns::Netns,
     source: String,
     target: std::net::SocketAddr,
     pki: std::sync::Arc<TestPki>,
+) -> Result<u16, String> {
+    call_with(ns, source, target, pki, false)
+}
+
+/// Like `call_from`; with `wrong_ca` the caller presents a certificate the domain does not trust.
+fn call_with(
+    ns: &support::netns::Netns,
+    source: String,
+    target: std::net::SocketAddr,
+    pki: std::sync::Arc<TestPki>,
+    wrong_ca: bool,
 ) -> Result<u16, String> {
     ns.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -525,7 +548,8 @@ fn call_from(
                     .connect(target)
                     .await
                     .map_err(|e| format!("connect: {e}"))?;
-                let cfg = support::client::tls_config(&pki.server_ca, Some(&pki.a), &[b"http/1.1"]);
+                let leaf = if wrong_ca { &pki.wrong_ca } else { &pki.a };
+                let cfg = support::client::tls_config(&pki.server_ca, Some(leaf), &[b"http/1.1"]);
                 let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
                 let tls = tokio_rustls::TlsConnector::from(cfg)
                     .connect(name, tcp)
@@ -560,7 +584,7 @@ async fn allow_list_end_to_end_in_a_namespace() {
     if object().is_none() {
         return;
     }
-    let ns = support::netns::Netns::new();
+    let ns = support::netns::Netns::new(0);
     let pki = std::sync::Arc::new(TestPki::new());
     let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
         .await
@@ -635,4 +659,96 @@ async fn allow_list_end_to_end_in_a_namespace() {
         "allowed source again"
     );
     drop(gw);
+}
+
+/// SPEC §11 deny learning end to end: `threshold` handshake failures from one source get it
+/// rejected by XDP while another source with the same SNI gets through; exempt sources are
+/// never learned; the denial expires; a restarted daemon keeps enforcing it from the first packet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_learning_expiry_exempt_and_restart() {
+    if object().is_none() {
+        return;
+    }
+    let ns = support::netns::Netns::new(1);
+    let pki = std::sync::Arc::new(TestPki::new());
+    let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let port = 8444;
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/portcullis-learn-{}",
+        std::process::id()
+    )));
+    let (bad, good) = (ns.client(2), ns.client(3));
+    let yaml = format!(
+        "listen: {{https: \"{host}:{port}\"}}\n\
+         domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\n\
+         xdp:\n  interfaces: [{iface}]\n  ports: [{port}]\n  pin_path: \"{pin}\"\n\
+         \x20 deny_learning: {{threshold: 3, window: 10s, ttl: 2s, max_ttl: 1m, exempt: [\"{good}/32\"]}}\n\
+         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}}}]\n",
+        host = ns.host(),
+        iface = ns.host_if,
+        pin = pin.0.display(),
+        bport = backend.addr.port(),
+    );
+    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
+    let target = gw.https();
+    let d = "domain=\"*.apps.identity\"";
+    let rejected_deny = |gw: &support::gateway::TestGateway| {
+        gw.metric(&format!(
+            "portcullis_xdp_verdicts_total{{{d},verdict=\"reject\",reason=\"deny\"}}"
+        ))
+    };
+
+    for _ in 0..3 {
+        assert!(call_with(&ns, bad.clone(), target, pki.clone(), true).is_err());
+    }
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"unknown_ca\"}}"
+        )),
+        3.0
+    );
+    wait_metric(&gw, "portcullis_xdp_deny_learned_total", 1.0).await;
+    // Learned: even a valid certificate from that source is now stopped before TLS.
+    let r = call_from(&ns, bad.clone(), target, pki.clone());
+    assert!(r.is_err(), "learned source: {r:?}");
+    assert_eq!(rejected_deny(&gw), 1.0);
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"ok\"}}"
+        )),
+        0.0
+    );
+    // Another source with the same SNI is served.
+    assert_eq!(call_from(&ns, good.clone(), target, pki.clone()), Ok(200));
+    // An exempt source is never learned, whatever it does.
+    for _ in 0..5 {
+        assert!(call_with(&ns, good.clone(), target, pki.clone(), true).is_err());
+    }
+    assert_eq!(call_from(&ns, good.clone(), target, pki.clone()), Ok(200));
+    assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 1.0);
+    // The denial expires (ttl 2 s).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        call_from(&ns, bad.clone(), target, pki.clone()),
+        Ok(200),
+        "after the ttl"
+    );
+
+    // Learned again (ttl now 4 s), then the daemon restarts on the same pins.
+    for _ in 0..3 {
+        assert!(call_with(&ns, bad.clone(), target, pki.clone(), true).is_err());
+    }
+    wait_metric(&gw, "portcullis_xdp_deny_learned_total", 2.0).await;
+    let support::gateway::TestGateway { gw: old, dir } = gw;
+    old.shutdown(std::time::Duration::from_millis(200)).await;
+    let config = portcullis::config::Config::load(&dir.path().join("portcullis.yaml")).unwrap();
+    let restarted = portcullis::gateway::Gateway::start(config).await.unwrap();
+    let gw = support::gateway::TestGateway { gw: restarted, dir };
+    let before = rejected_deny(&gw);
+    let r = call_from(&ns, bad.clone(), target, pki.clone());
+    assert!(r.is_err(), "learned denial survives a restart: {r:?}");
+    assert!(rejected_deny(&gw) > before);
+    assert_eq!(call_from(&ns, good.clone(), target, pki.clone()), Ok(200));
 }

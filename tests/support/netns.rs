@@ -1,5 +1,6 @@
 //! A client network namespace joined to the host by a veth pair, torn down on drop. Addresses:
-//! host side 10.200.N.1, namespace side 10.200.N.2 and 10.200.N.3 (N from the process id).
+//! host side 10.(200+K).N.1, namespace side .2 and .3 (N from the process id, K per namespace so
+//! tests in one process do not collide).
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -8,6 +9,7 @@ pub struct Netns {
     pub name: String,
     pub host_if: String,
     pub net: u8,
+    pub k: u8,
 }
 
 fn ip(args: &[&str]) {
@@ -24,14 +26,15 @@ fn ip(args: &[&str]) {
 }
 
 impl Netns {
-    pub fn new() -> Netns {
+    pub fn new(k: u8) -> Netns {
         let id = std::process::id() % 200 + 20;
         let ns = Netns {
-            name: format!("pcl-client-{id}"),
-            host_if: format!("pclh{id}"),
+            name: format!("pcl-client-{id}-{k}"),
+            host_if: format!("pclh{id}k{k}"),
             net: id as u8,
+            k,
         };
-        let peer = format!("pclc{id}");
+        let peer = format!("pclc{id}k{k}");
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         let _ = Command::new("ip")
             .args(["link", "del", &ns.host_if])
@@ -75,11 +78,11 @@ impl Netns {
     }
 
     pub fn host(&self) -> String {
-        format!("10.200.{}.1", self.net)
+        format!("10.{}.{}.1", 200 + self.k, self.net)
     }
 
     pub fn client(&self, last: u8) -> String {
-        format!("10.200.{}.{last}", self.net)
+        format!("10.{}.{}.{last}", 200 + self.k, self.net)
     }
 
     /// Runs `f` on a thread inside the namespace.

@@ -109,6 +109,7 @@ impl Gateway {
             registry_connected: AtomicBool::new(!has_nats),
             xdp,
         });
+
         if let Err(e) = crate::registry::nats::start(state.clone()).await {
             return Err(StartError::Nats(e));
         }
@@ -126,6 +127,23 @@ impl Gateway {
             shutdown,
             connections,
         };
+        if gw.state.xdp.is_some() {
+            let s = gw.state.clone();
+            let mut stop = gw.shutdown.subscribe();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            if let Some(x) = &s.xdp {
+                                x.sweep(&s.metrics);
+                            }
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         tokio::spawn(accept_loop(gw.clone_parts(), https_l, slots.clone(), true));
         if let Some(l) = http_l {
@@ -201,6 +219,11 @@ impl Gateway {
     /// Stops accepting, lets open connections finish their requests for up to `drain`.
     pub async fn shutdown(self, drain: Duration) {
         let _ = self.shutdown.send(true);
+        if let Some(x) = &self.state.xdp {
+            if self.state.runtime.load().config.xdp.detach_on_exit {
+                x.detach();
+            }
+        }
         let deadline = Instant::now() + drain;
         while self.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -280,6 +303,12 @@ async fn serve_tls(
             state
                 .metrics
                 .count_handshake(pattern.as_ref(), failure.label());
+            // Certificate failures on an mTLS domain feed deny learning.
+            if let (true, Some(p), Some(x)) =
+                (failure.is_certificate_failure(), &pattern, &state.xdp)
+            {
+                x.failure(p, client.ip(), &state.metrics);
+            }
             tracing::debug!(%client, domain = ?pattern.map(|p| p.to_string()), error = %failure, "handshake failed");
         }
         Ok(accepted) => {

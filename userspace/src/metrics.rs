@@ -69,6 +69,7 @@ pub struct Metrics {
     pub route_policy_malformed_sources: Counter,
     pub xdp_verdicts: Family<XdpVerdictLabels, Counter>,
     pub xdp_deny_entries: Gauge,
+    pub xdp_deny_learned: Counter,
     pub xdp_attached: Family<XdpAttachLabels, Gauge>,
     pub xdp_unparsed: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
@@ -95,6 +96,7 @@ impl Metrics {
             route_policy_malformed_sources: Counter::default(),
             xdp_verdicts: Family::default(),
             xdp_deny_entries: Gauge::default(),
+            xdp_deny_learned: Counter::default(),
             xdp_attached: Family::default(),
             xdp_unparsed: Family::default(),
             connections_active: Gauge::default(),
@@ -146,6 +148,16 @@ impl Metrics {
             "xdp_deny_entries",
             "Learned denials in the XDP DENY map",
             m.xdp_deny_entries.clone(),
+        );
+        registry.register(
+            "xdp_deny_learned",
+            "Denials learned from repeated failures",
+            m.xdp_deny_learned.clone(),
+        );
+        registry.register(
+            "xdp_unparsed",
+            "ClientHellos the XDP gate passed without a decision, by why",
+            m.xdp_unparsed.clone(),
         );
         registry.register(
             "xdp_attached",

@@ -175,8 +175,10 @@ impl ExtraField {
 #[derive(Clone, Debug)]
 pub struct Xdp {
     pub interfaces: Vec<String>,
-    /// bpffs folder where the maps are pinned (survive daemon restarts).
+    /// bpffs folder where the maps and links are pinned (survive daemon restarts).
     pub pin_path: PathBuf,
+    /// Detach on clean shutdown (default: stay attached so protection outlives the daemon).
+    pub detach_on_exit: bool,
     pub mode: XdpMode,
     pub ports: Vec<u16>,
     pub reject: XdpReject,
@@ -759,6 +761,7 @@ impl Validator<'_> {
         let xdp = Xdp {
             interfaces: x.interfaces.clone(),
             pin_path: PathBuf::from(x.pin_path.as_deref().unwrap_or("/sys/fs/bpf/portcullis")),
+            detach_on_exit: x.detach_on_exit,
             mode: self.choice(
                 "xdp.mode",
                 x.mode.as_deref(),

@@ -114,6 +114,7 @@ pub struct RawXdp {
     pub ports: Option<Vec<u16>>,
     pub reject: Option<String>,
     pub pin_path: Option<String>,
+    pub detach_on_exit: bool,
     pub deny_learning: RawDenyLearning,
 }
 

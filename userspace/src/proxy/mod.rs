@@ -337,6 +337,9 @@ async fn route(
                 state
                     .metrics
                     .count_decision(false, done.record.route_policy.clone());
+                if let (Some(x), Some(p)) = (&state.xdp, conn.mtls()) {
+                    x.failure(p, conn.client.ip(), &state.metrics);
+                }
                 return Err(Reject::Forbidden(rule));
             }
         }

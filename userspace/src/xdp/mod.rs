@@ -20,7 +20,9 @@ use portcullis_common::{
 use crate::config::{Config, XdpReject};
 use crate::names::DomainPattern;
 
+mod learn;
 mod runtime;
+pub use learn::{monotonic_ns, Learner};
 pub use runtime::{XdpRuntime, OBJECT};
 
 /// The program's name in the object.
@@ -51,6 +53,8 @@ pub enum XdpError {
     },
     #[error("xdp.interfaces: '{0}' is not a valid interface")]
     Interface(String),
+    #[error("XDP link: {0}")]
+    Link(String),
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
@@ -243,6 +247,22 @@ impl Gate {
             0,
         )
         .map_err(map_err(maps::DENY))
+    }
+
+    /// Removes denials that expired before `now_ns`; returns how many are left.
+    pub fn sweep_denials(&mut self, now_ns: u64) -> Result<usize, XdpError> {
+        let mut deny: HashMap<&mut MapData, DenyKey, u64> =
+            HashMap::try_from(self.map_mut(maps::DENY)?).map_err(map_err(maps::DENY))?;
+        let entries: Vec<(DenyKey, u64)> = deny.iter().filter_map(Result::ok).collect();
+        let mut live = 0;
+        for (k, expiry) in entries {
+            if expiry <= now_ns {
+                deny.remove(&k).map_err(map_err(maps::DENY))?;
+            } else {
+                live += 1;
+            }
+        }
+        Ok(live)
     }
 
     /// Every counter, summed over CPUs, as `(domain id, counter, value)` for non-zero values.

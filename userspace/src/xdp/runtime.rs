@@ -3,14 +3,20 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Mutex;
+use std::time::Instant;
 
-use aya::programs::xdp::XdpMode as AyaMode;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::{XdpLink, XdpMode as AyaMode};
 use portcullis_common::Counter;
 
-use super::{Gate, MapPlan, XdpError};
+use super::learn::{monotonic_ns, Learner};
+use super::{addr_bytes, Gate, MapPlan, XdpError};
 use crate::config::{Config, XdpMode};
 use crate::metrics::{KindLabels, Metrics, XdpAttachLabels, XdpVerdictLabels};
+use crate::names::DomainPattern;
 
 /// The XDP object built by `cargo xtask build-ebpf`, embedded at compile time (empty if absent).
 pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/portcullis-ebpf.o"));
@@ -22,6 +28,9 @@ pub struct XdpRuntime {
     names: Mutex<Vec<String>>,
     /// Counter values already exported.
     seen: Mutex<HashMap<(u32, Counter), u64>>,
+    learner: Mutex<Learner>,
+    /// Links pinned in bpffs: they keep the program attached across daemon restarts.
+    links: Mutex<Vec<(String, PinnedLink)>>,
 }
 
 fn names(config: &Config) -> Vec<String> {
@@ -47,8 +56,12 @@ impl XdpRuntime {
         })?;
         let mut gate = Gate::load(OBJECT, &xdp.pin_path)?;
         gate.sync(&MapPlan::from_config(config)?)?;
+        let mut links = Vec::new();
         for iface in &xdp.interfaces {
-            let mode = gate.attach(iface, xdp.mode)?;
+            let (mode, pinned) = gate.attach(iface, xdp.mode, &xdp.pin_path)?;
+            if let Some(p) = pinned {
+                links.push((iface.clone(), p));
+            }
             metrics
                 .xdp_attached
                 .get_or_create(&XdpAttachLabels {
@@ -62,12 +75,79 @@ impl XdpRuntime {
             gate: Mutex::new(gate),
             names: Mutex::new(names(config)),
             seen: Mutex::default(),
+            learner: Mutex::new(Learner::new(xdp.deny_learning.clone())),
+            links: Mutex::new(links),
         }))
     }
 
-    /// Brings the maps in line with a new config.
+    /// A handshake failure or a 403 from `source` on `domain`; may learn a denial.
+    pub fn failure(&self, domain: &DomainPattern, source: IpAddr, metrics: &Metrics) {
+        let id = {
+            let Ok(names) = self.names.lock() else { return };
+            let name = domain.to_string();
+            match names.iter().position(|n| *n == name) {
+                Some(i) if i > 0 => i as u32,
+                _ => return,
+            }
+        };
+        let ttl = match self.learner.lock() {
+            Ok(mut l) => l.failure(id, source, Instant::now()),
+            Err(_) => return,
+        };
+        let Some(ttl) = ttl else { return };
+        let expiry = monotonic_ns().saturating_add(ttl.as_nanos() as u64);
+        let written = self
+            .gate
+            .lock()
+            .map(|mut g| g.deny(id, addr_bytes(source), expiry));
+        match written {
+            Ok(Ok(())) => {
+                tracing::info!(%source, domain = %domain, ttl = ?ttl, "learned denial");
+                metrics.xdp_deny_learned.inc();
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "learned denial not written"),
+            Err(_) => {}
+        }
+    }
+
+    /// Removes expired denials from the map and forgets quiet sources; updates the gauge.
+    pub fn sweep(&self, metrics: &Metrics) {
+        if let Ok(mut l) = self.learner.lock() {
+            l.sweep(Instant::now());
+        }
+        if let Ok(mut g) = self.gate.lock() {
+            match g.sweep_denials(monotonic_ns()) {
+                Ok(live) => {
+                    metrics.xdp_deny_entries.set(live as i64);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot sweep the DENY map"),
+            }
+        }
+    }
+
+    /// Detaches from every interface (unpins the links). Only on an operator's request: the
+    /// default is to stay attached so a restart keeps protection.
+    pub fn detach(&self) {
+        let Ok(mut links) = self.links.lock() else {
+            return;
+        };
+        for (iface, link) in links.drain(..) {
+            match link.unpin() {
+                Ok(fd) => {
+                    drop(fd);
+                    tracing::info!(interface = %iface, "XDP gate detached");
+                }
+                Err(e) => tracing::warn!(interface = %iface, error = %e, "cannot unpin XDP link"),
+            }
+        }
+    }
+
+    /// Brings the maps (and deny-learning settings) in line with a new config.
     pub fn sync(&self, config: &Config) -> Result<(), XdpError> {
         let plan = MapPlan::from_config(config)?;
+        if let Ok(mut l) = self.learner.lock() {
+            l.set_settings(config.xdp.deny_learning.clone());
+        }
         if let Ok(mut g) = self.gate.lock() {
             g.sync(&plan)?;
         }
@@ -141,14 +221,29 @@ fn unparsed_kind(c: Counter) -> &'static str {
 }
 
 impl Gate {
-    /// Attaches to `iface`; `auto` tries native first, then generic. Returns the mode used.
-    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<&'static str, XdpError> {
+    /// Attaches to `iface`; `auto` tries native first, then generic. When a link pinned by an
+    /// earlier run exists, the new program replaces the old one in it atomically (no moment
+    /// without the gate). Returns the mode and the pinned link.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: XdpMode,
+        pin_dir: &Path,
+    ) -> Result<(&'static str, Option<PinnedLink>), XdpError> {
         let name = CString::new(iface).map_err(|_| XdpError::Interface(iface.to_string()))?;
+        let pin = pin_dir.join(format!("link-{iface}"));
         let prog: &mut aya::programs::Xdp = self
             .ebpf
             .program_mut(super::PROGRAM)
             .ok_or(XdpError::Missing(super::PROGRAM))?
             .try_into()?;
+        if let Ok(existing) = PinnedLink::from_pin(&pin) {
+            let fd = FdLink::from(existing);
+            let link = XdpLink::try_from(fd).map_err(|e| XdpError::Link(e.to_string()))?;
+            prog.attach_to_link(link)?;
+            let again = PinnedLink::from_pin(&pin).map_err(|e| XdpError::Link(e.to_string()))?;
+            return Ok(("pinned", Some(again)));
+        }
         let attempts: &[(AyaMode, &'static str)] = match mode {
             XdpMode::Native => &[(AyaMode::Driver, "native")],
             XdpMode::Skb => &[(AyaMode::Skb, "skb")],
@@ -157,7 +252,19 @@ impl Gate {
         let mut last = None;
         for (m, label) in attempts {
             match prog.attach(name.as_c_str(), *m) {
-                Ok(_) => return Ok(label),
+                Ok(id) => {
+                    let link = prog.take_link(id)?;
+                    // A bpf_link can be pinned; a legacy netlink attachment cannot, and is then
+                    // detached when the daemon exits.
+                    let pinned = match FdLink::try_from(link) {
+                        Ok(fd) => Some(fd.pin(&pin).map_err(|e| XdpError::Link(e.to_string()))?),
+                        Err(e) => {
+                            tracing::warn!(interface = %iface, error = %e, "XDP link cannot be pinned; it ends with the daemon");
+                            None
+                        }
+                    };
+                    return Ok((label, pinned));
+                }
                 Err(e) => last = Some(e),
             }
         }

@@ -1,0 +1,161 @@
+//! Deny learning (SPEC §11): a source that fails the handshake or is denied (403) on a domain
+//! `threshold` times within `window` is denied for `ttl`, doubling on each repeat up to
+//! `max_ttl`; `exempt` CIDRs never are. Pure bookkeeping: the caller writes the DENY map.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::DenyLearning;
+
+#[derive(Debug)]
+struct Strikes {
+    window_start: Instant,
+    failures: u32,
+    /// Denials so far (each doubles the next ttl).
+    denials: u32,
+    denied_until: Option<Instant>,
+}
+
+/// Per (domain id, source) failure counts.
+#[derive(Debug)]
+pub struct Learner {
+    settings: DenyLearning,
+    sources: HashMap<(u32, IpAddr), Strikes>,
+}
+
+impl Learner {
+    pub fn new(settings: DenyLearning) -> Self {
+        Learner {
+            settings,
+            sources: HashMap::new(),
+        }
+    }
+
+    /// New settings from a reloaded config; what was counted so far is kept.
+    pub fn set_settings(&mut self, settings: DenyLearning) {
+        self.settings = settings;
+    }
+
+    /// Records one failure; returns the ttl to deny for when this one crosses the threshold.
+    pub fn failure(&mut self, domain: u32, source: IpAddr, now: Instant) -> Option<Duration> {
+        let s = &self.settings;
+        if !s.enabled || s.exempt.iter().any(|n| n.contains(&source)) {
+            return None;
+        }
+        let e = self.sources.entry((domain, source)).or_insert(Strikes {
+            window_start: now,
+            failures: 0,
+            denials: 0,
+            denied_until: None,
+        });
+        if e.denied_until.is_some_and(|until| until > now) {
+            // Already denied (a request that was in flight, or XDP not in front): no new strike.
+            return None;
+        }
+        if now.duration_since(e.window_start) > s.window {
+            e.window_start = now;
+            e.failures = 0;
+        }
+        e.failures += 1;
+        if e.failures < s.threshold {
+            return None;
+        }
+        let factor = 1u32.checked_shl(e.denials).unwrap_or(u32::MAX);
+        let ttl = s.ttl.saturating_mul(factor).min(s.max_ttl);
+        e.denials += 1;
+        e.failures = 0;
+        e.window_start = now;
+        e.denied_until = Some(now + ttl);
+        Some(ttl)
+    }
+
+    /// Forgets sources with no recent failure and no denial in force or to remember (a source
+    /// quiet for `max_ttl` after its last denial starts over at `ttl`).
+    pub fn sweep(&mut self, now: Instant) {
+        let s = &self.settings;
+        self.sources.retain(|_, e| {
+            let recent = now.duration_since(e.window_start) <= s.window;
+            let remembered = e.denied_until.is_some_and(|u| now < u + s.max_ttl);
+            recent || remembered
+        });
+    }
+}
+
+/// Nanoseconds on the monotonic clock, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into `ts` only.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> DenyLearning {
+        DenyLearning {
+            enabled: true,
+            threshold: 3,
+            window: Duration::from_secs(10),
+            ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(200),
+            exempt: vec!["10.0.0.0/8".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn threshold_window_doubling_and_cap() {
+        let mut l = Learner::new(settings());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t = Instant::now();
+        assert_eq!(l.failure(1, ip, t), None);
+        assert_eq!(l.failure(1, ip, t), None);
+        // Outside the window the count starts over.
+        let t = t + Duration::from_secs(11);
+        assert_eq!(l.failure(1, ip, t), None);
+        assert_eq!(l.failure(1, ip, t), None);
+        assert_eq!(l.failure(1, ip, t), Some(Duration::from_secs(60)));
+        // While denied, nothing counts.
+        assert_eq!(l.failure(1, ip, t + Duration::from_secs(1)), None);
+        // Other domains are separate.
+        assert_eq!(l.failure(2, ip, t), None);
+        let mut t = t + Duration::from_secs(61);
+        for expected in [120, 200, 200] {
+            assert_eq!(l.failure(1, ip, t), None);
+            assert_eq!(l.failure(1, ip, t), None);
+            assert_eq!(l.failure(1, ip, t), Some(Duration::from_secs(expected)));
+            t += Duration::from_secs(expected + 1);
+        }
+    }
+
+    #[test]
+    fn exempt_and_disabled_never_learn() {
+        let mut l = Learner::new(settings());
+        let t = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(l.failure(1, "10.1.2.3".parse().unwrap(), t), None);
+        }
+        let mut off = settings();
+        off.enabled = false;
+        let mut l = Learner::new(off);
+        for _ in 0..10 {
+            assert_eq!(l.failure(1, "192.0.2.1".parse().unwrap(), t), None);
+        }
+    }
+
+    #[test]
+    fn sweep_forgets_quiet_sources() {
+        let mut l = Learner::new(settings());
+        let t = Instant::now();
+        l.failure(1, "192.0.2.1".parse().unwrap(), t);
+        l.sweep(t + Duration::from_secs(5));
+        assert_eq!(l.sources.len(), 1);
+        l.sweep(t + Duration::from_secs(11));
+        assert!(l.sources.is_empty());
+    }
+}
