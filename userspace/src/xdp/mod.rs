@@ -308,6 +308,7 @@ impl Gate {
         opts.data_in = Some(frame);
         opts.repeat = repeat;
         let res = self.program()?.test_run(opts)?;
+        // The kernel reports the mean duration of one run.
         Ok(res.duration.as_nanos() as f64)
     }
 }
