@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use portcullis::config::Config;
-use portcullis::xdp::{addr_bytes, Gate, MapPlan};
+use portcullis::xdp::twin::{self, TwinMaps};
+use portcullis::xdp::{addr_bytes, monotonic_ns, Gate, MapPlan};
 use portcullis_common::{Counter, REJECT_DROP};
 use support::packets::{client_hello, rustls_client_hello, tcp_checksum_ok, Segment, SniAt, SYN};
 use support::pki::TestPki;
@@ -69,8 +70,60 @@ xdp: {ports: [443, 8443], reject: reset}
     Config::load(&dir.path().join("p.yaml")).unwrap()
 }
 
-fn counters(gate: &Gate) -> BTreeMap<(u32, u32), u64> {
-    gate.counters()
+/// The kernel program and its pure-Rust twin, fed the same maps and the same frames.
+struct Under {
+    gate: Gate,
+    twin: std::cell::RefCell<TwinMaps>,
+}
+
+impl Under {
+    fn sync(&mut self, plan: &MapPlan) {
+        self.gate.sync(plan).unwrap();
+        let mut twin = self.twin.borrow_mut();
+        let (deny, flows) = (
+            std::mem::take(&mut twin.deny),
+            std::mem::take(&mut twin.flows),
+        );
+        *twin = TwinMaps::from_plan(plan);
+        twin.deny = deny;
+        twin.flows = flows;
+    }
+
+    fn deny(&mut self, domain: u32, addr: portcullis_common::Addr, expiry: u64) {
+        self.gate.deny(domain, addr, expiry).unwrap();
+        let key = portcullis_common::DenyKey {
+            domain_id: domain,
+            addr,
+        };
+        self.twin.borrow_mut().deny.insert(key, expiry);
+    }
+
+    /// Runs a frame through both; asserts the same action and output frame; returns the kernel's
+    /// action and frame and the counter the twin moved.
+    fn run(&self, name: &str, frame: &[u8]) -> (u32, Vec<u8>, Option<(u32, Counter)>) {
+        let (action, out) = self.gate.test_run(frame).unwrap();
+        let v = twin::classify(frame, &mut self.twin.borrow_mut(), monotonic_ns());
+        let twin_action = match v.action {
+            twin::Action::Pass => XDP_PASS,
+            twin::Action::Drop => XDP_DROP,
+        };
+        assert_eq!(
+            action, twin_action,
+            "{name}: kernel and twin disagree on the action"
+        );
+        if action == XDP_PASS {
+            assert_eq!(
+                out, v.frame,
+                "{name}: kernel and twin disagree on the frame"
+            );
+        }
+        (action, out, v.counter)
+    }
+}
+
+fn counters(gate: &Under) -> BTreeMap<(u32, u32), u64> {
+    gate.gate
+        .counters()
         .unwrap()
         .into_iter()
         .map(|(d, c, v)| ((d, c as u32), v))
@@ -79,15 +132,16 @@ fn counters(gate: &Gate) -> BTreeMap<(u32, u32), u64> {
 
 /// Runs one frame; asserts the action and that exactly `moved` (if any) went up by one.
 fn row(
-    gate: &Gate,
+    gate: &Under,
     name: &str,
     frame: &[u8],
     action: u32,
     moved: Option<(u32, Counter)>,
 ) -> Vec<u8> {
     let before = counters(gate);
-    let (got, out) = gate.test_run(frame).unwrap();
+    let (got, out, twin_counter) = gate.run(name, frame);
     assert_eq!(got, action, "{name}: action");
+    assert_eq!(twin_counter, moved, "{name}: the twin's counter");
     let after = counters(gate);
     let mut changed: Vec<((u32, u32), u64)> = after
         .iter()
@@ -118,15 +172,16 @@ fn packet_table() {
         std::process::id()
     )));
     std::fs::create_dir_all(&pin.0).unwrap();
-    let mut gate = Gate::load(&object, &pin.0).unwrap();
+    let mut gate = Under {
+        gate: Gate::load(&object, &pin.0).unwrap(),
+        twin: Default::default(),
+    };
     let mut plan = MapPlan::from_config(&gate_config()).unwrap();
-    gate.sync(&plan).unwrap();
+    gate.sync(&plan);
     // exact.mtls.domain is domain 2: one live and one expired denial.
     let far = u64::MAX / 2;
-    gate.deny(2, addr_bytes("10.9.9.9".parse().unwrap()), far)
-        .unwrap();
-    gate.deny(2, addr_bytes("10.9.9.8".parse().unwrap()), 1)
-        .unwrap();
+    gate.deny(2, addr_bytes("10.9.9.9".parse().unwrap()), far);
+    gate.deny(2, addr_bytes("10.9.9.8".parse().unwrap()), 1);
 
     let hello = |sni: &str| client_hello(sni, SniAt::Last, 32, 0);
     let seg = |src: &str, payload: Vec<u8>| {
@@ -424,7 +479,7 @@ fn packet_table() {
         Some((0, Counter::PassSplit)),
     );
     let s = seg("192.0.2.23", pq[1400..].to_vec());
-    let (action, _) = gate.test_run(&s.frame()).unwrap();
+    let (action, _, _) = gate.run("PQ ClientHello, second segment", &s.frame());
     assert_eq!(action, XDP_PASS, "PQ ClientHello, second segment");
 
     // A rejected flow: later packets are not reparsed. In reset mode they pass (the socket is
@@ -470,7 +525,7 @@ fn packet_table() {
 
     // Drop mode.
     plan.reject = REJECT_DROP;
-    gate.sync(&plan).unwrap();
+    gate.sync(&plan);
     let s = seg("192.0.2.30", hello("a.apps.identity"));
     let out = row(
         &gate,

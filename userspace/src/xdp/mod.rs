@@ -22,6 +22,7 @@ use crate::names::DomainPattern;
 
 mod learn;
 mod runtime;
+pub mod twin;
 pub use learn::{monotonic_ns, Learner};
 pub use runtime::{XdpRuntime, OBJECT};
 

@@ -1,0 +1,306 @@
+//! A pure-Rust twin of the XDP classifier: the same decisions and counters from the same maps,
+//! written independently over a byte slice. Tests and the fuzz target hold the kernel program
+//! to it frame by frame.
+
+use std::collections::{HashMap, HashSet};
+
+use portcullis_common::{
+    sni_hashes, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, DOMAIN_HAS_ALLOWLIST,
+    MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS, REJECT_DROP,
+};
+
+use super::MapPlan;
+
+/// What the program does with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pass,
+    Drop,
+}
+
+/// The twin's copy of the maps (FLOWS changes as frames are classified).
+#[derive(Clone, Debug, Default)]
+pub struct TwinMaps {
+    pub domains: HashMap<u64, DomainEntry>,
+    pub allow: Vec<(u32, AllowKey)>,
+    pub deny: HashMap<DenyKey, u64>,
+    pub flows: HashMap<FlowKey, u32>,
+    pub ports: HashSet<u16>,
+    pub reject: u32,
+}
+
+impl TwinMaps {
+    pub fn from_plan(plan: &MapPlan) -> Self {
+        TwinMaps {
+            domains: plan.domains.iter().copied().collect(),
+            allow: plan.allow.clone(),
+            ports: plan.ports.iter().copied().collect(),
+            reject: plan.reject,
+            ..Default::default()
+        }
+    }
+
+    fn allowed(&self, domain: u32, src: &[u8; 16]) -> bool {
+        let key: Vec<u8> = domain
+            .to_be_bytes()
+            .iter()
+            .chain(src.iter())
+            .copied()
+            .collect();
+        self.allow.iter().any(|(bits, k)| {
+            let stored: Vec<u8> = k.domain_be.iter().chain(k.addr.iter()).copied().collect();
+            let bits = *bits as usize;
+            (0..bits).all(|i| {
+                let (byte, bit) = (i / 8, 7 - (i % 8));
+                (key[byte] >> bit) & 1 == (stored[byte] >> bit) & 1
+            })
+        })
+    }
+}
+
+/// The outcome for one frame: the action, the counter that moved (domain, counter), and the
+/// frame as the program leaves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub action: Action,
+    pub counter: Option<(u32, Counter)>,
+    pub frame: Vec<u8>,
+}
+
+fn get<const N: usize>(f: &[u8], at: usize) -> Option<[u8; N]> {
+    f.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+/// `Err(None)`: passes with no counter; `Err(Some(c))`: passes and counts `c` under domain 0.
+type Step<T> = Result<T, Option<Counter>>;
+
+struct Parsed {
+    key: FlowKey,
+    l4: usize,
+    payload: usize,
+    payload_len: usize,
+    flags: u8,
+}
+
+fn l2_l4(f: &[u8], maps: &TwinMaps) -> Step<Parsed> {
+    let eth: [u8; 14] = get(f, 0).ok_or(None)?;
+    let mut proto = be16(&eth, 12);
+    let mut off = 14;
+    for _ in 0..MAX_VLAN_TAGS {
+        if proto != 0x8100 && proto != 0x88a8 {
+            break;
+        }
+        let tag: [u8; 4] = get(f, off).ok_or(None)?;
+        proto = be16(&tag, 2);
+        off += 4;
+    }
+    let (src, dst, l4, ip_end) = match proto {
+        0x0800 => {
+            let ip: [u8; 20] = get(f, off).ok_or(None)?;
+            if ip[9] != 6 {
+                return Err(None);
+            }
+            if ip[0] >> 4 != 4 || ip[0] & 0xf < 5 || be16(&ip, 6) & 0x3fff != 0 {
+                return Err(Some(Counter::PassIpUnparsed));
+            }
+            let v4 = |a: &[u8]| portcullis_common::v4_mapped([a[0], a[1], a[2], a[3]]);
+            (
+                v4(&ip[12..16]),
+                v4(&ip[16..20]),
+                off + (ip[0] & 0xf) as usize * 4,
+                off + be16(&ip, 2) as usize,
+            )
+        }
+        0x86dd => {
+            let ip: [u8; 40] = get(f, off).ok_or(None)?;
+            if ip[6] != 6 {
+                return Err(matches!(ip[6], 0 | 43 | 44 | 60 | 51 | 50 | 135)
+                    .then_some(Counter::PassIpUnparsed));
+            }
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&ip[8..24]);
+            dst.copy_from_slice(&ip[24..40]);
+            (src, dst, off + 40, off + 40 + be16(&ip, 4) as usize)
+        }
+        _ => return Err(None),
+    };
+    let tcp: [u8; 20] = get(f, l4).ok_or(None)?;
+    if !maps.ports.contains(&be16(&tcp, 2)) {
+        return Err(None);
+    }
+    let doff = (tcp[12] >> 4) as usize;
+    let payload = l4 + doff * 4;
+    if payload > ip_end || doff < 5 {
+        return Err(Some(Counter::PassIpUnparsed));
+    }
+    Ok(Parsed {
+        key: FlowKey {
+            src,
+            dst,
+            sport: u16::from_ne_bytes([tcp[0], tcp[1]]),
+            dport: u16::from_ne_bytes([tcp[2], tcp[3]]),
+        },
+        l4,
+        payload,
+        payload_len: ip_end - payload,
+        flags: tcp[13],
+    })
+}
+
+fn sni(f: &[u8], base: usize, len: usize) -> Step<Vec<u8>> {
+    let unparsed = Some(Counter::PassUnparsed);
+    let first: [u8; 1] = get(f, base).ok_or(None)?;
+    if first[0] != 0x16 {
+        return Err((!(0x14..=0x17).contains(&first[0])).then_some(Counter::PassNotClientHello));
+    }
+    if len < 9 {
+        return Err(Some(Counter::PassSplit));
+    }
+    let head: [u8; 9] = get(f, base).ok_or(unparsed)?;
+    if head[1] != 3 || head[5] != 1 {
+        return Err(Some(Counter::PassNotClientHello));
+    }
+    let record_end = 5 + be16(&head, 3) as usize;
+    if record_end > len {
+        return Err(Some(Counter::PassSplit));
+    }
+    let mut p = 43;
+    p += 1 + get::<1>(f, base + p).ok_or(unparsed)?[0] as usize;
+    p += 2 + be16(&get::<2>(f, base + p).ok_or(unparsed)?, 0) as usize;
+    if p >= record_end {
+        return Err(unparsed);
+    }
+    p += 1 + get::<1>(f, base + p).ok_or(unparsed)?[0] as usize;
+    if p + 2 > record_end {
+        return Err(Some(Counter::PassNoSni));
+    }
+    let ext_end = p + 2 + be16(&get::<2>(f, base + p).ok_or(unparsed)?, 0) as usize;
+    p += 2;
+    if ext_end > record_end {
+        return Err(unparsed);
+    }
+    for _ in 0..MAX_EXTENSIONS {
+        if p == ext_end {
+            return Err(Some(Counter::PassNoSni));
+        }
+        if p + 4 > ext_end {
+            return Err(unparsed);
+        }
+        let ext: [u8; 4] = get(f, base + p).ok_or(unparsed)?;
+        let body = be16(&ext, 2) as usize;
+        if p + 4 + body > ext_end {
+            return Err(unparsed);
+        }
+        if be16(&ext, 0) == 0 {
+            let sn: [u8; 5] = get(f, base + p + 4).ok_or(unparsed)?;
+            let n = be16(&sn, 3) as usize;
+            if sn[2] != 0 || 5 + n > body || n == 0 {
+                return Err(unparsed);
+            }
+            if n > MAX_SNI_LEN {
+                return Err(Some(Counter::PassSniTooLong));
+            }
+            return f
+                .get(base + p + 9..base + p + 9 + n)
+                .map(<[u8]>::to_vec)
+                .ok_or(unparsed);
+        }
+        p += 4 + body;
+    }
+    Err(unparsed)
+}
+
+/// Classifies one frame as the XDP program does, updating `maps.flows` the same way.
+pub fn classify(frame: &[u8], maps: &mut TwinMaps, now_ns: u64) -> Verdict {
+    let pass = |counter| Verdict {
+        action: Action::Pass,
+        counter,
+        frame: frame.to_vec(),
+    };
+    let flow = match l2_l4(frame, maps) {
+        Ok(f) => f,
+        Err(c) => return pass(c.map(|c| (0, c))),
+    };
+    if flow.flags & 0x02 != 0 {
+        maps.flows.remove(&flow.key);
+        return pass(None);
+    }
+    if let Some(reason) = maps.flows.get(&flow.key) {
+        let counter = Some((reason & 0xffff, Counter::RejectFlow));
+        return if maps.reject == REJECT_DROP {
+            Verdict {
+                action: Action::Drop,
+                counter,
+                frame: frame.to_vec(),
+            }
+        } else {
+            pass(counter)
+        };
+    }
+    if flow.payload_len == 0 {
+        return pass(None);
+    }
+    let name = match sni(frame, flow.payload, flow.payload_len) {
+        Ok(n) => n,
+        Err(c) => return pass(c.map(|c| (0, c))),
+    };
+    let (full, parent) = sni_hashes(&name);
+    let exact = maps
+        .domains
+        .get(&full)
+        .filter(|e| e.exact_id != 0 && e.exact_id <= MAX_DOMAINS)
+        .map(|e| (e.exact_id, e.exact_flags));
+    let wildcard = || {
+        parent
+            .and_then(|p| maps.domains.get(&p))
+            .filter(|e| e.wildcard_id != 0 && e.wildcard_id <= MAX_DOMAINS)
+            .map(|e| (e.wildcard_id, e.wildcard_flags))
+    };
+    let Some((domain, flags)) = exact.or_else(wildcard) else {
+        return pass(Some((0, Counter::PassUnknownDomain)));
+    };
+    let denied = maps
+        .deny
+        .get(&DenyKey {
+            domain_id: domain,
+            addr: flow.key.src,
+        })
+        .is_some_and(|expiry| *expiry > now_ns);
+    let why = if denied {
+        Counter::RejectDeny
+    } else if flags & DOMAIN_HAS_ALLOWLIST != 0 && !maps.allowed(domain, &flow.key.src) {
+        Counter::RejectAllowlist
+    } else {
+        return pass(Some((domain, Counter::Pass)));
+    };
+    maps.flows.insert(flow.key, domain | ((why as u32) << 16));
+    let counter = Some((domain, why));
+    if maps.reject == REJECT_DROP {
+        return Verdict {
+            action: Action::Drop,
+            counter,
+            frame: frame.to_vec(),
+        };
+    }
+    // RST|ACK in place of the flags, checksum adjusted (RFC 1624).
+    let mut out = frame.to_vec();
+    let at = flow.l4 + 12;
+    let old = be16(&out, at);
+    let new = (old & 0xff00) | 0x14;
+    let csum = be16(&out, flow.l4 + 16);
+    let mut sum = (!csum as u32) + (!old as u32) + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    out[flow.l4 + 13] = 0x14;
+    out[flow.l4 + 16..flow.l4 + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    Verdict {
+        action: Action::Pass,
+        counter,
+        frame: out,
+    }
+}
