@@ -9,12 +9,16 @@ use portcullis::registry::nats::decode_message;
 use portcullis::routing::RegistryState;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(reg) = decode_message(data) else { return };
+    let Ok(reg) = decode_message(data) else {
+        return;
+    };
     let mut state = RegistryState::default();
     state.register(&reg, false, Duration::from_secs(1), Instant::now());
     let table = state.snapshot();
     for key in &reg.keys {
-        let pool = table.lookup(&key.host, &key.path).expect("a registered key is routable");
+        let pool = table
+            .lookup(&key.host, &key.path)
+            .expect("a registered key is routable");
         let mut sel = pool.selector();
         assert!(sel.next(|_| true).is_some());
     }

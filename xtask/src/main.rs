@@ -35,6 +35,8 @@ enum Task {
 
 /// Fuzz targets under `fuzz/`, each with a seed corpus in `fuzz/corpus/<name>`.
 const FUZZ_TARGETS: &[&str] = &["registration"];
+/// Fuzz targets that load the XDP program: root, bpffs and the built object needed.
+const PRIVILEGED_FUZZ_TARGETS: &[&str] = &["xdp_twin"];
 /// The nightly toolchain for the eBPF target and cargo-fuzz: LLVM 22, to match bpf-linker built
 /// against Debian's LLVM 22 (a nightly on LLVM 23 fails with `Invalid record`), and Rust >= 1.98
 /// for aya 0.16.
@@ -146,7 +148,15 @@ fn fuzz(seconds: u64) -> Result<()> {
     {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    for target in FUZZ_TARGETS {
+    let privileged = if is_root() {
+        build_ebpf()?;
+        mount_bpffs()?;
+        PRIVILEGED_FUZZ_TARGETS
+    } else {
+        eprintln!("not root: skipping {PRIVILEGED_FUZZ_TARGETS:?}");
+        &[]
+    };
+    for target in FUZZ_TARGETS.iter().chain(privileged) {
         // New inputs go to a scratch corpus; the seeds in the repo stay as they are.
         let scratch = std::env::temp_dir().join(format!("portcullis-fuzz-{target}"));
         std::fs::create_dir_all(&scratch)?;

@@ -160,7 +160,8 @@ impl XdpRuntime {
     /// Adds what the kernel counted since the last call to the Prometheus counters.
     pub fn export(&self, metrics: &Metrics) {
         let Ok(gate) = self.gate.lock() else { return };
-        let counts = match gate.counters() {
+        let configured = self.names.lock().map(|n| n.len() as u32).unwrap_or(1);
+        let counts = match gate.counters_up_to(configured.saturating_sub(1)) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read XDP counters");

@@ -1,0 +1,121 @@
+//! The XDP program and its pure-Rust twin on the same frames: any disagreement on the action,
+//! the counter or the output frame is a crash. Runs as root with the object embedded (`cargo
+//! xtask fuzz` builds it). The first input byte picks the frame shape and source; the rest is the
+//! TCP payload, so the fuzzer works on the ClientHello parser.
+#![no_main]
+
+#[path = "../../tests/support/packets.rs"]
+#[allow(dead_code)]
+mod packets;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use ipnet::IpNet;
+use libfuzzer_sys::fuzz_target;
+use packets::Segment;
+use portcullis::xdp::twin::{classify, Action, TwinMaps};
+use portcullis::xdp::{addr_bytes, allow_entry, monotonic_ns, Gate, MapPlan, OBJECT};
+use portcullis_common::{name_hash, DenyKey, DomainEntry, DOMAIN_HAS_ALLOWLIST};
+
+struct Both {
+    gate: Gate,
+    twin: TwinMaps,
+}
+
+static BOTH: Mutex<Option<Both>> = Mutex::new(None);
+
+fn setup() -> Both {
+    assert!(
+        !OBJECT.is_empty(),
+        "build the XDP object first (cargo xtask build-ebpf)"
+    );
+    let pin = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/portcullis-fuzz-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&pin).expect("root and bpffs");
+    let mut gate = Gate::load(OBJECT, &pin).expect("load");
+    let net: IpNet = "10.1.0.0/16".parse().unwrap();
+    let plan = MapPlan {
+        domains: vec![
+            (
+                name_hash(b"apps.identity"),
+                DomainEntry {
+                    wildcard_id: 1,
+                    wildcard_flags: DOMAIN_HAS_ALLOWLIST,
+                    ..Default::default()
+                },
+            ),
+            (
+                name_hash(b"exact.mtls.domain"),
+                DomainEntry {
+                    exact_id: 2,
+                    ..Default::default()
+                },
+            ),
+        ],
+        allow: vec![allow_entry(1, &net)],
+        ports: vec![443],
+        reject: 0,
+    };
+    gate.sync(&plan).unwrap();
+    let mut twin = TwinMaps::from_plan(&plan);
+    let denied = addr_bytes("192.0.2.66".parse().unwrap());
+    gate.deny(2, denied, u64::MAX / 2).unwrap();
+    twin.deny.insert(
+        DenyKey {
+            domain_id: 2,
+            addr: denied,
+        },
+        u64::MAX / 2,
+    );
+    Both { gate, twin }
+}
+
+fn counters(gate: &Gate) -> BTreeMap<(u32, u32), u64> {
+    gate.counters_up_to(2)
+        .unwrap()
+        .into_iter()
+        .map(|(d, c, v)| ((d, c as u32), v))
+        .collect()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&shape, payload)) = data.split_first() else {
+        return;
+    };
+    let mut guard = BOTH.lock().unwrap();
+    let both = guard.get_or_insert_with(setup);
+    let src = ["10.1.2.3", "192.0.2.1", "192.0.2.66", "2001:db8::1"][(shape & 3) as usize];
+    let dst = if src.contains(':') {
+        "2001:db8::2"
+    } else {
+        "10.0.0.1"
+    };
+    let mut seg = Segment::new(src, dst, payload.to_vec());
+    if shape & 4 != 0 {
+        seg.vlans = vec![7];
+    }
+    if shape & 8 != 0 {
+        seg.tcp_options = vec![1, 1, 1, 1];
+    }
+    let frame = seg.frame();
+    both.gate.forget_flows().unwrap();
+    both.twin.flows.clear();
+    let before = counters(&both.gate);
+    let (action, out) = both.gate.test_run(&frame).unwrap();
+    let v = classify(&frame, &mut both.twin, monotonic_ns());
+    let after = counters(&both.gate);
+    let moved: Vec<(u32, u32)> = after
+        .iter()
+        .filter(|(k, n)| before.get(k) != Some(n))
+        .map(|(k, _)| *k)
+        .collect();
+    let twin_moved: Vec<(u32, u32)> = v.counter.map(|(d, c)| (d, c as u32)).into_iter().collect();
+    assert_eq!(moved, twin_moved, "counters differ");
+    assert_eq!(action == 1, v.action == Action::Drop, "actions differ");
+    if action == 2 {
+        assert_eq!(out, v.frame, "frames differ");
+    }
+});
