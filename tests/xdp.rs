@@ -807,3 +807,75 @@ async fn deny_learning_expiry_exempt_and_restart() {
     assert!(rejected_deny(&gw) > before);
     assert_eq!(call_from(&ns, good.clone(), target, pki.clone()), Ok(200));
 }
+
+/// `reject: drop` end to end: the ClientHello (and every retransmission) is dropped, so the daemon
+/// only ever sees an idle socket, which its handshake deadline closes without any SNI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_mode_end_to_end_in_a_namespace() {
+    if object().is_none() {
+        return;
+    }
+    let ns = support::netns::Netns::new(2);
+    let pki = std::sync::Arc::new(TestPki::new());
+    let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let port = 8445;
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/portcullis-drop-{}",
+        std::process::id()
+    )));
+    let yaml = format!(
+        "listen: {{https: \"{host}:{port}\"}}\n\
+         tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}], handshake_timeout: 1s}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
+         xdp: {{interfaces: [{iface}], ports: [{port}], reject: drop, pin_path: \"{pin}\"}}\n\
+         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}}}]\n",
+        host = ns.host(),
+        allowed = ns.client(3),
+        iface = ns.host_if,
+        pin = pin.0.display(),
+        bport = backend.addr.port(),
+    );
+    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
+    let target = gw.https();
+    let d = "domain=\"*.apps.identity\"";
+    for _ in 0..2 {
+        let r = call_from(&ns, ns.client(2), target, pki.clone());
+        assert!(r.is_err(), "outside the allow-list: {r:?}");
+    }
+    assert_eq!(call_from(&ns, ns.client(3), target, pki.clone()), Ok(200));
+    wait_metric(
+        &gw,
+        "portcullis_tls_handshakes_total{domain=\"-\",result=\"timeout\"}",
+        2.0,
+    )
+    .await;
+    let m = gw.metrics();
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_xdp_verdicts_total{{{d},verdict=\"reject\",reason=\"allowlist\"}}"
+        )),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"ok\"}}"
+        )),
+        1.0,
+        "{m}"
+    );
+    let failures = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("portcullis_tls_handshakes_total")
+                && l.contains(d)
+                && !l.contains("result=\"ok\"")
+        })
+        .count();
+    assert_eq!(
+        failures, 0,
+        "the daemon never saw the dropped ClientHellos:\n{m}"
+    );
+}
