@@ -879,3 +879,141 @@ async fn drop_mode_end_to_end_in_a_namespace() {
         "the daemon never saw the dropped ClientHellos:\n{m}"
     );
 }
+
+/// Fleet deny sharing (SPEC §11, NATS issue): a source learned as denied on gateway A is in
+/// gateway B's DENY map within one second; B's own exempt rules still hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_denials_reach_the_fleet_over_nats() {
+    if object().is_none() {
+        return;
+    }
+    use futures_util::StreamExt;
+    let nats = support::nats::NatsServer::start();
+    let (ns_a, ns_b) = (support::netns::Netns::new(3), support::netns::Netns::new(4));
+    let pki = std::sync::Arc::new(TestPki::new());
+    let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let (learned, exempt_on_b) = (ns_a.client(2), ns_a.client(3));
+    let pins = [
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/portcullis-fleet-a-{}",
+            std::process::id()
+        ))),
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/portcullis-fleet-b-{}",
+            std::process::id()
+        ))),
+    ];
+    let yaml = |ns: &support::netns::Netns, port: u16, pin: &PinDir, exempt: &str| {
+        format!(
+            "listen: {{https: \"{host}:{port}\"}}\n\
+             admin: {{listen: \"127.0.0.1:0\"}}\n\
+             nats: {{servers: [\"{url}\"]}}\n\
+             domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\n\
+             xdp:\n  interfaces: [{iface}]\n  ports: [{port}]\n  pin_path: \"{pin}\"\n\
+             \x20 deny_learning: {{threshold: 3, window: 10s, ttl: 60s, exempt: [{exempt}]}}\n\
+             routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}}}]\n",
+            host = ns.host(),
+            url = nats.url(),
+            iface = ns.host_if,
+            pin = pin.0.display(),
+            bport = backend.addr.port(),
+        )
+    };
+    let observer = async_nats::connect(nats.url()).await.unwrap();
+    let mut starts = observer.subscribe("router.start").await.unwrap();
+    observer.flush().await.unwrap();
+    let a = support::gateway::TestGateway::start(&pki, &yaml(&ns_a, 8446, &pins[0], "")).await;
+    let b = support::gateway::TestGateway::start(
+        &pki,
+        &yaml(&ns_b, 8447, &pins[1], &format!("\"{exempt_on_b}/32\"")),
+    )
+    .await;
+    for _ in 0..2 {
+        support::bounded("router.start", starts.next())
+            .await
+            .unwrap();
+    }
+    let denied_on_b = |source: &str| {
+        let xdp = b.gw.state().xdp.as_ref().expect("B has XDP");
+        xdp.denials()
+            .iter()
+            .any(|d| d.source.to_string() == source && d.domain == "*.apps.identity")
+    };
+
+    for _ in 0..3 {
+        assert!(call_with(&ns_a, learned.clone(), a.https(), pki.clone(), true).is_err());
+    }
+    wait_metric(&a, "portcullis_xdp_deny_learned_total", 1.0).await;
+    let learned_at = std::time::Instant::now();
+    // B's own program, on a ClientHello from the learned source to B's port: reset (RST|ACK).
+    let mut seg = Segment::new(
+        &learned,
+        &ns_b.host(),
+        client_hello("a.apps.identity", SniAt::Last, 32, 0),
+    );
+    seg.dport = 8447;
+    let frame = seg.frame();
+    let l4 = frame.len() - seg.tcp_header_len() - seg.payload.len();
+    let b_xdp = b.gw.state().xdp.as_ref().expect("B has XDP");
+    loop {
+        let (action, out) = b_xdp.test_run(&frame).unwrap();
+        if action == XDP_PASS && out[l4 + 13] == 0x14 {
+            break;
+        }
+        assert!(
+            learned_at.elapsed() < std::time::Duration::from_secs(1),
+            "B's XDP did not reject within 1 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "fleet: B's XDP rejects the source {:?} after A learned it",
+        learned_at.elapsed()
+    );
+    assert!(denied_on_b(&learned));
+    assert_eq!(
+        a.metric("portcullis_xdp_deny_shared_total{kind=\"sent\"}"),
+        1.0
+    );
+    assert_eq!(
+        b.metric("portcullis_xdp_deny_shared_total{kind=\"applied\"}"),
+        1.0
+    );
+    // A does not re-apply its own message.
+    assert_eq!(
+        a.metric("portcullis_xdp_deny_shared_total{kind=\"applied\"}"),
+        0.0
+    );
+
+    // A source B exempts is learned on A and shared, but B never denies it.
+    for _ in 0..3 {
+        assert!(call_with(&ns_a, exempt_on_b.clone(), a.https(), pki.clone(), true).is_err());
+    }
+    wait_metric(&a, "portcullis_xdp_deny_learned_total", 2.0).await;
+    wait_metric(
+        &b,
+        "portcullis_xdp_deny_shared_total{kind=\"ignored\"}",
+        1.0,
+    )
+    .await;
+    assert!(!denied_on_b(&exempt_on_b));
+    assert!(a
+        .gw
+        .state()
+        .xdp
+        .as_ref()
+        .unwrap()
+        .denials()
+        .iter()
+        .any(|d| d.source.to_string() == exempt_on_b));
+    // The admin API shows B's denials.
+    let admin = b.gw.admin_addr().unwrap();
+    let mut c = support::client::Conn::plain(admin).await.unwrap();
+    let body = c.get("admin", "/xdp/denials").await.unwrap().body;
+    assert!(
+        body.contains(&learned) && !body.contains(&exempt_on_b),
+        "{body}"
+    );
+}

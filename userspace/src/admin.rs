@@ -111,6 +111,7 @@ fn route<B>(state: &State, req: &Request<B>, caller_pem: Option<&[u8]>) -> Respo
             )
         }
         "/routes" => routes(state),
+        "/xdp/denials" => json(&state.xdp.as_ref().map(|x| x.denials()).unwrap_or_default()),
         _ => {
             let Some(host) = path
                 .strip_prefix("/routes/")

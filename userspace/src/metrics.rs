@@ -70,6 +70,7 @@ pub struct Metrics {
     pub xdp_verdicts: Family<XdpVerdictLabels, Counter>,
     pub xdp_deny_entries: Gauge,
     pub xdp_deny_learned: Counter,
+    pub xdp_deny_shared: Family<KindLabels, Counter>,
     pub xdp_attached: Family<XdpAttachLabels, Gauge>,
     pub xdp_unparsed: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
@@ -97,6 +98,7 @@ impl Metrics {
             xdp_verdicts: Family::default(),
             xdp_deny_entries: Gauge::default(),
             xdp_deny_learned: Counter::default(),
+            xdp_deny_shared: Family::default(),
             xdp_attached: Family::default(),
             xdp_unparsed: Family::default(),
             connections_active: Gauge::default(),
@@ -148,6 +150,11 @@ impl Metrics {
             "xdp_deny_entries",
             "Learned denials in the XDP DENY map",
             m.xdp_deny_entries.clone(),
+        );
+        registry.register(
+            "xdp_deny_shared",
+            "Denials shared over NATS, by direction (sent, applied, ignored)",
+            m.xdp_deny_shared.clone(),
         );
         registry.register(
             "xdp_deny_learned",

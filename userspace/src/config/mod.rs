@@ -129,6 +129,8 @@ pub struct RegistrySettings {
 #[derive(Clone, Debug)]
 pub struct Nats {
     pub servers: Vec<String>,
+    /// Publish learned denials on `portcullis.deny` and apply the fleet's (default true).
+    pub share_denials: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -683,7 +685,10 @@ impl Validator<'_> {
                     );
                 }
             }
-            Nats { servers: n.servers }
+            Nats {
+                servers: n.servers,
+                share_denials: n.share_denials.unwrap_or(true),
+            }
         });
 
         let mut routes = Vec::new();

@@ -97,6 +97,7 @@ pub struct RawRegistry {
 #[serde(default)]
 pub struct RawNats {
     pub servers: Vec<String>,
+    pub share_denials: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

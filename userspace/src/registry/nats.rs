@@ -19,6 +19,7 @@ use super::{Registration, RegistrationError, ValidRegistration};
 use crate::config::Config;
 use crate::metrics::RegistryLabels;
 use crate::state::State;
+use crate::xdp::SharedDenial;
 
 /// Most messages applied as one snapshot.
 const MAX_BATCH: usize = 4096;
@@ -115,22 +116,92 @@ pub async fn start(state: Arc<State>) -> Result<(), NatsError> {
     let register = client.subscribe("router.register").await?;
     let unregister = client.subscribe("router.unregister").await?;
     let greet = client.subscribe("router.greet").await?;
+    let fleet = match (&state.xdp, nats.share_denials) {
+        (Some(xdp), true) => {
+            let sub = client.subscribe(DENY_SUBJECT).await?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            xdp.share_to(tx);
+            Some(Fleet { sub, learned: rx })
+        }
+        _ => None,
+    };
     tracing::info!(servers = ?nats.servers, id = %start_msg.id, "registry subscribed to NATS");
-    tokio::spawn(run(
-        state, client, register, unregister, greet, events, start_msg,
-    ));
+    let subs = Subscriptions {
+        register,
+        unregister,
+        greet,
+        fleet,
+    };
+    tokio::spawn(run(state, client, subs, events, start_msg));
     Ok(())
+}
+
+/// The subject learned denials are shared on.
+pub const DENY_SUBJECT: &str = "portcullis.deny";
+
+/// A `portcullis.deny` message: a learned denial and the gateway that learned it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DenyMessage {
+    pub origin: String,
+    #[serde(flatten)]
+    pub denial: SharedDenial,
+}
+
+/// Everything the registry task listens to.
+struct Subscriptions {
+    register: async_nats::Subscriber,
+    unregister: async_nats::Subscriber,
+    greet: async_nats::Subscriber,
+    fleet: Option<Fleet>,
+}
+
+/// Fleet deny sharing: denials from other gateways in, this gateway's learned ones out.
+struct Fleet {
+    sub: async_nats::Subscriber,
+    learned: mpsc::UnboundedReceiver<SharedDenial>,
+}
+
+async fn next_shared(sub: &mut Option<async_nats::Subscriber>) -> Option<Bytes> {
+    match sub {
+        Some(s) => s.next().await.map(|m| m.payload),
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_learned(
+    learned: &mut Option<mpsc::UnboundedReceiver<SharedDenial>>,
+) -> Option<SharedDenial> {
+    match learned {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn count_shared(state: &State, kind: &'static str) {
+    state
+        .metrics
+        .xdp_deny_shared
+        .get_or_create(&crate::metrics::KindLabels { kind })
+        .inc();
 }
 
 async fn run(
     state: Arc<State>,
     client: async_nats::Client,
-    register: async_nats::Subscriber,
-    unregister: async_nats::Subscriber,
-    mut greet: async_nats::Subscriber,
+    subs: Subscriptions,
     mut events: mpsc::UnboundedReceiver<Event>,
     start_msg: StartMessage,
 ) {
+    let Subscriptions {
+        register,
+        unregister,
+        mut greet,
+        fleet,
+    } = subs;
+    let (mut shared_in, mut learned_out) = match fleet {
+        Some(f) => (Some(f.sub), Some(f.learned)),
+        None => (None, None),
+    };
     let start_body = Bytes::from(serde_json::to_vec(&start_msg).unwrap_or_default());
     let mut changes = futures_util::stream::select(
         register.map(|m| (true, m.payload)),
@@ -188,6 +259,27 @@ async fn run(
                     if removed > 0 {
                         tracing::info!(removed, "pruned stale endpoints");
                     }
+                }
+            }
+            Some(payload) = next_shared(&mut shared_in) => {
+                match serde_json::from_slice::<DenyMessage>(&payload) {
+                    Ok(m) if m.origin == start_msg.id => {}
+                    Ok(m) => {
+                        let applied = state.xdp.as_ref().is_some_and(|x| x.apply_shared(&m.denial));
+                        count_shared(&state, if applied { "applied" } else { "ignored" });
+                    }
+                    Err(_) => count_shared(&state, "invalid"),
+                }
+            }
+            Some(denial) = next_learned(&mut learned_out) => {
+                let msg = DenyMessage { origin: start_msg.id.clone(), denial };
+                match serde_json::to_vec(&msg) {
+                    Ok(body) => {
+                        if client.publish(DENY_SUBJECT, body.into()).await.is_ok() {
+                            count_shared(&state, "sent");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "denial not shared"),
                 }
             }
             else => return,

@@ -32,6 +32,11 @@ impl Learner {
         }
     }
 
+    /// Whether `source` is in an `exempt` CIDR (never denied, learned or shared).
+    pub fn is_exempt(&self, source: IpAddr) -> bool {
+        self.settings.exempt.iter().any(|n| n.contains(&source))
+    }
+
     /// New settings from a reloaded config; what was counted so far is kept.
     pub fn set_settings(&mut self, settings: DenyLearning) {
         self.settings = settings;

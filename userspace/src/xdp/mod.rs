@@ -24,7 +24,7 @@ mod learn;
 mod runtime;
 pub mod twin;
 pub use learn::{monotonic_ns, Learner};
-pub use runtime::{XdpRuntime, OBJECT};
+pub use runtime::{Denial, SharedDenial, XdpRuntime, OBJECT};
 
 /// The program's name in the object.
 pub const PROGRAM: &str = "sni_gate";
@@ -248,6 +248,18 @@ impl Gate {
             0,
         )
         .map_err(map_err(maps::DENY))
+    }
+
+    /// Live denials: `(domain id, source, expiry ns)` with expiry after `now_ns`.
+    pub fn denials(&mut self, now_ns: u64) -> Result<Vec<(u32, Addr, u64)>, XdpError> {
+        let deny: HashMap<&mut MapData, DenyKey, u64> =
+            HashMap::try_from(self.map_mut(maps::DENY)?).map_err(map_err(maps::DENY))?;
+        Ok(deny
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, e)| *e > now_ns)
+            .map(|(k, e)| (k.domain_id, k.addr, e))
+            .collect())
     }
 
     /// Removes denials that expired before `now_ns`; returns how many are left.

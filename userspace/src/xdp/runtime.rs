@@ -31,6 +31,32 @@ pub struct XdpRuntime {
     learner: Mutex<Learner>,
     /// Links pinned in bpffs: they keep the program attached across daemon restarts.
     links: Mutex<Vec<(String, PinnedLink)>>,
+    /// Where learned denials go to be shared with the fleet (set when NATS sharing is on).
+    share: Mutex<Option<tokio::sync::mpsc::UnboundedSender<SharedDenial>>>,
+}
+
+/// A denial as shared over NATS: by domain pattern, since domain ids differ between gateways.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedDenial {
+    pub domain: String,
+    pub source: IpAddr,
+    pub ttl_ms: u64,
+}
+
+/// A live denial, for `/xdp/denials`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Denial {
+    pub domain: String,
+    pub source: IpAddr,
+    pub expires_in_ms: u64,
+}
+
+fn addr_ip(a: &portcullis_common::Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
 }
 
 fn names(config: &Config) -> Vec<String> {
@@ -77,6 +103,7 @@ impl XdpRuntime {
             seen: Mutex::default(),
             learner: Mutex::new(Learner::new(xdp.deny_learning.clone())),
             links: Mutex::new(links),
+            share: Mutex::new(None),
         }))
     }
 
@@ -104,10 +131,87 @@ impl XdpRuntime {
             Ok(Ok(())) => {
                 tracing::info!(%source, domain = %domain, ttl = ?ttl, "learned denial");
                 metrics.xdp_deny_learned.inc();
+                if let Ok(Some(tx)) = self.share.lock().as_deref() {
+                    let _ = tx.send(SharedDenial {
+                        domain: domain.to_string(),
+                        source,
+                        ttl_ms: ttl.as_millis() as u64,
+                    });
+                }
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "learned denial not written"),
             Err(_) => {}
         }
+    }
+
+    /// Sends every denial learned from now on to `tx` (the NATS publisher).
+    pub fn share_to(&self, tx: tokio::sync::mpsc::UnboundedSender<SharedDenial>) {
+        if let Ok(mut s) = self.share.lock() {
+            *s = Some(tx);
+        }
+    }
+
+    /// Applies a denial another gateway learned, under this gateway's own domains and exempt
+    /// rules. Returns whether it was written.
+    pub fn apply_shared(&self, d: &SharedDenial) -> bool {
+        let id = match self.names.lock() {
+            Ok(names) => match names.iter().position(|n| *n == d.domain) {
+                Some(i) if i > 0 => i as u32,
+                _ => return false,
+            },
+            Err(_) => return false,
+        };
+        if self
+            .learner
+            .lock()
+            .map(|l| l.is_exempt(d.source))
+            .unwrap_or(true)
+        {
+            return false;
+        }
+        let ttl_ns = d.ttl_ms.saturating_mul(1_000_000);
+        let expiry = monotonic_ns().saturating_add(ttl_ns);
+        match self
+            .gate
+            .lock()
+            .map(|mut g| g.deny(id, addr_bytes(d.source), expiry))
+        {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "shared denial not written");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Runs the loaded program on one frame through `BPF_PROG_TEST_RUN` (no traffic involved):
+    /// the XDP action and the frame as the program left it. For diagnostics and tests.
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), XdpError> {
+        match self.gate.lock() {
+            Ok(g) => g.test_run(frame),
+            Err(_) => Err(XdpError::Missing("gate")),
+        }
+    }
+
+    /// The denials in force, by domain pattern.
+    pub fn denials(&self) -> Vec<Denial> {
+        let now = monotonic_ns();
+        let live = match self.gate.lock().map(|mut g| g.denials(now)) {
+            Ok(Ok(l)) => l,
+            _ => return Vec::new(),
+        };
+        let names = self.names.lock().map(|n| n.clone()).unwrap_or_default();
+        live.into_iter()
+            .map(|(id, addr, expiry)| Denial {
+                domain: names
+                    .get(id as usize)
+                    .cloned()
+                    .unwrap_or_else(|| id.to_string()),
+                source: addr_ip(&addr),
+                expires_in_ms: (expiry - now) / 1_000_000,
+            })
+            .collect()
     }
 
     /// Removes expired denials from the map and forgets quiet sources; updates the gauge.
