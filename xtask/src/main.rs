@@ -169,7 +169,24 @@ fn fuzz(seconds: u64) -> Result<()> {
             .arg(format!("fuzz/corpus/{target}"))
             .args(["--", &format!("-max_total_time={seconds}")]))?;
     }
+    remove_fuzz_pins();
     Ok(())
+}
+
+/// libFuzzer ends the process without unwinding, so the XDP fuzz target cannot remove the maps
+/// it pinned; remove them here so repeated runs do not pile up kernel memory.
+fn remove_fuzz_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with("portcullis-fuzz-")
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
