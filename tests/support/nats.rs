@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -19,14 +19,6 @@ fn binary() -> String {
     "nats-server".to_string()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A nats-server child process, killed on drop.
 pub struct NatsServer {
     child: Option<Child>,
@@ -34,31 +26,48 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// Starts a server on a port it picks itself: no race with other tests' listeners for a port
+    /// chosen here and released before the server binds it.
     pub fn start() -> NatsServer {
         let mut s = NatsServer {
             child: None,
-            port: free_port(),
+            port: 0,
         };
-        s.spawn();
+        s.spawn(-1);
         s
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new(binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+    /// Spawns on `port` (-1: any) and waits for the server's own "listening" log line, which
+    /// names the port it really bound.
+    fn spawn(&mut self, port: i32) {
+        let mut child = Command::new(binary())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("nats-server runs (install it with `cargo xtask deps`)");
+        let stderr = child.stderr.take().expect("piped stderr");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            // Keep draining after the line we need so the server never blocks on its log.
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                    let port = rest
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.trim().parse::<u16>().ok());
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Some(p)) => self.port = p,
+            other => panic!("nats-server did not start listening (port {port}): {other:?}"),
         }
     }
 
@@ -75,7 +84,9 @@ impl NatsServer {
 
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        let port = self.port;
+        self.spawn(i32::from(port));
+        assert_eq!(self.port, port, "restarted on another port");
     }
 }
 
