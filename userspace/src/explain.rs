@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::authz::{check_scope, decide_sources, ScopeTags};
 use crate::config::{Config, EndpointSelection};
-use crate::identity::{IdentityError, PeerCert};
+use crate::identity::PeerCert;
 use crate::names::normalize_authority;
 use crate::routing::RouteTable;
 
@@ -165,9 +165,7 @@ fn decide(
     };
     let id = match &peer.identity {
         Ok(id) => id,
-        Err(IdentityError::NoApp | IdentityError::Conflict(_) | IdentityError::Unparsable(_)) => {
-            return ("deny", "identity_extraction".into(), Vec::new())
-        }
+        Err(_) => return ("deny", "identity_extraction".into(), Vec::new()),
     };
     let mut denial = None;
     let mut reachable = Vec::new();

@@ -71,28 +71,17 @@ enum Reject {
 impl Reject {
     /// The one place a rejection becomes a status, a body and an `X-Cf-Routererror`.
     fn response(&self) -> Response<ProxyBody> {
-        let (status, body, router_error): (StatusCode, String, Option<&str>) = match self {
-            Reject::EmptyHost => (StatusCode::BAD_REQUEST, String::new(), Some("empty_host")),
+        let (status, body) = match self {
+            Reject::EmptyHost => (StatusCode::BAD_REQUEST, String::new()),
             Reject::UnknownRoute(host) => (
                 StatusCode::NOT_FOUND,
                 format!("Requested route ('{host}') does not exist."),
-                Some("unknown_route"),
             ),
-            Reject::Misdirected => (StatusCode::MISDIRECTED_REQUEST, String::new(), None),
-            Reject::Forbidden(Rule::IdentityExtraction) => {
-                (StatusCode::FORBIDDEN, String::new(), None)
-            }
-            Reject::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden".into(), None),
-            Reject::EndpointFailure => (
-                StatusCode::BAD_GATEWAY,
-                String::new(),
-                Some("endpoint_failure"),
-            ),
-            Reject::EndpointTimeout => (
-                StatusCode::GATEWAY_TIMEOUT,
-                String::new(),
-                Some("endpoint_timeout"),
-            ),
+            Reject::Misdirected => (StatusCode::MISDIRECTED_REQUEST, String::new()),
+            Reject::Forbidden(Rule::IdentityExtraction) => (StatusCode::FORBIDDEN, String::new()),
+            Reject::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden".into()),
+            Reject::EndpointFailure => (StatusCode::BAD_GATEWAY, String::new()),
+            Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
         };
         let has_body = !body.is_empty();
         let mut resp = Response::new(if has_body { full(body) } else { empty() });
@@ -103,13 +92,15 @@ impl Reject {
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             );
         }
-        if let Some(e) = router_error {
+        let router_error = self.router_error();
+        if !router_error.is_empty() {
             resp.headers_mut()
-                .insert(X_CF_ROUTERERROR, HeaderValue::from_static(e));
+                .insert(X_CF_ROUTERERROR, HeaderValue::from_static(router_error));
         }
         resp
     }
 
+    /// The `X-Cf-Routererror` value (empty: no header), also logged as `x_cf_routererror`.
     fn router_error(&self) -> &'static str {
         match self {
             Reject::EmptyHost => "empty_host",

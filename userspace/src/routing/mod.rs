@@ -114,19 +114,6 @@ impl RouteTable {
     pub fn endpoint_count(&self) -> usize {
         self.endpoints
     }
-
-    /// Every distinct endpoint host, for `registry_hosts` allow-lists.
-    pub fn endpoint_hosts(&self) -> Vec<String> {
-        let mut hosts: Vec<String> = self
-            .hosts
-            .values()
-            .flat_map(|p| p.iter())
-            .flat_map(|p| p.endpoints.iter().map(|e| e.host.clone()))
-            .collect();
-        hosts.sort();
-        hosts.dedup();
-        hosts
-    }
 }
 
 #[derive(Debug)]
