@@ -37,7 +37,7 @@ fn main() {
         ports: vec![443],
         reject: REJECT_DROP,
     };
-    gate.sync(&plan).unwrap();
+    gate.sync(&plan, true).unwrap();
     gate.deny(1, addr_bytes("192.0.2.99".parse().unwrap()), u64::MAX / 2)
         .unwrap();
     let hello = client_hello("some-app.apps.identity", SniAt::Last, 32, 6);

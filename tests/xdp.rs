@@ -78,7 +78,7 @@ struct Under {
 
 impl Under {
     fn sync(&mut self, plan: &MapPlan) {
-        self.gate.sync(plan).unwrap();
+        self.gate.sync(plan, true).unwrap();
         let mut twin = self.twin.borrow_mut();
         let (deny, flows) = (
             std::mem::take(&mut twin.deny),
@@ -176,7 +176,7 @@ fn packet_table() {
         gate: Gate::load(&object, &pin.0).unwrap(),
         twin: Default::default(),
     };
-    let mut plan = MapPlan::from_config(&gate_config()).unwrap();
+    let mut plan = MapPlan::from_config(&gate_config(), &Default::default()).unwrap();
     gate.sync(&plan);
     // exact.mtls.domain is domain 2: one live and one expired denial.
     let far = u64::MAX / 2;
@@ -649,18 +649,23 @@ async fn allow_list_end_to_end_in_a_namespace() {
         "/sys/fs/bpf/portcullis-e2e-{}",
         std::process::id()
     )));
-    let yaml = format!(
-        "listen: {{https: \"{host}:{port}\"}}\n\
-         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
-         xdp: {{interfaces: [{iface}], ports: [{port}], reject: reset, pin_path: \"{pin}\"}}\n\
-         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
-        host = ns.host(),
-        allowed = ns.client(3),
-        iface = ns.host_if,
-        pin = pin.0.display(),
-        bport = backend.addr.port(),
-    );
-    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
+    // `registry_hosts`: every registered endpoint address is allowed too. `extra` adds a route
+    // whose endpoint lives at the namespace's .2 address.
+    let yaml = |extra: &str| {
+        format!(
+            "listen: {{https: \"{host}:{port}\"}}\n\
+             domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"], registry_hosts: true}}\n\
+             xdp: {{interfaces: [{iface}], ports: [{port}], reject: reset, pin_path: \"{pin}\"}}\n\
+             registry: {{droplet_stale_threshold: 2s}}\n\
+             routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n{extra}",
+            host = ns.host(),
+            allowed = ns.client(3),
+            iface = ns.host_if,
+            pin = pin.0.display(),
+            bport = backend.addr.port(),
+        )
+    };
+    let gw = support::gateway::TestGateway::start(&pki, &yaml("")).await;
     assert!(gw.gw.state().xdp.is_some(), "XDP attached");
     assert!(gw.metrics().contains(&format!(
         "portcullis_xdp_attached{{interface=\"{}\"",
@@ -712,6 +717,38 @@ async fn allow_list_end_to_end_in_a_namespace() {
         call_from(&ns, ns.client(3), target, pki.clone()),
         Ok(200),
         "allowed source again"
+    );
+
+    // An endpoint registered at .2 puts .2 on the allow-list (the daemon follows the registry
+    // within a second); unregistering it takes .2 off again.
+    gw.reload(&yaml(&format!(
+        "  - {{uris: [c.apps.identity], host: \"{}\", port: 9}}\n",
+        ns.client(2)
+    )));
+    let mut allowed = Err(String::new());
+    for _ in 0..30 {
+        allowed = call_from(&ns, ns.client(2), target, pki.clone());
+        if allowed.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(allowed, Ok(200), "registered endpoint host is allowed");
+    // The allow-list only grows until the registry had `droplet_stale_threshold` (2 s) to be
+    // re-announced after start; after that removal takes effect.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    gw.reload(&yaml(""));
+    let mut refused = Ok(0);
+    for _ in 0..30 {
+        refused = call_from(&ns, ns.client(2), target, pki.clone());
+        if refused.is_err() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        refused.is_err(),
+        "unregistered host is outside again: {refused:?}"
     );
     drop(gw);
 }

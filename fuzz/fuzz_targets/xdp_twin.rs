@@ -59,7 +59,7 @@ fn setup() -> Both {
         ports: vec![443],
         reject: 0,
     };
-    gate.sync(&plan).unwrap();
+    gate.sync(&plan, true).unwrap();
     let mut twin = TwinMaps::from_plan(&plan);
     let denied = addr_bytes("192.0.2.66".parse().unwrap());
     gate.deny(2, denied, u64::MAX / 2).unwrap();

@@ -82,7 +82,7 @@ impl Gateway {
             ktls = ?config.tls.ktls,
             "kernel TLS is not available in this build; TLS records stay in userspace rustls"
         );
-        let xdp = match crate::xdp::XdpRuntime::start(&config, &metrics) {
+        let xdp = match crate::xdp::XdpRuntime::start(&config, &registry.table(), &metrics) {
             Ok(x) => x,
             Err(e) => {
                 for iface in &config.xdp.interfaces {
@@ -137,6 +137,10 @@ impl Gateway {
                         _ = tick.tick() => {
                             if let Some(x) = &s.xdp {
                                 x.sweep(&s.metrics);
+                                let config = &s.runtime.load().config;
+                                if let Err(e) = x.follow_registry(&s.registry.table(), config) {
+                                    tracing::error!(error = %e, "XDP allow-lists not updated from the registry");
+                                }
                             }
                         }
                         _ = stop.changed() => return,

@@ -114,6 +114,17 @@ impl RouteTable {
     pub fn endpoint_count(&self) -> usize {
         self.endpoints
     }
+
+    /// Every distinct endpoint host that is an IP address, for `registry_hosts` allow-lists
+    /// (SPEC §11). Hosts given as names are skipped: the gate matches source addresses.
+    pub fn endpoint_addresses(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        self.hosts
+            .values()
+            .flat_map(|p| p.iter())
+            .flat_map(|p| p.endpoints.iter())
+            .filter_map(|e| e.host.parse().ok())
+            .collect()
+    }
 }
 
 #[derive(Debug)]

@@ -4,6 +4,7 @@
 //! The maps are pinned (by name) under a directory in bpffs, so a restarted daemon finds the
 //! program's state, including learned denials, where it left it.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -56,6 +57,8 @@ pub enum XdpError {
     Interface(String),
     #[error("XDP link: {0}")]
     Link(String),
+    #[error("XDP state lock poisoned by an earlier panic")]
+    Poisoned,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
@@ -81,8 +84,12 @@ pub struct MapPlan {
 }
 
 impl MapPlan {
-    /// Domain ids are positions in `config.domains`, from 1.
-    pub fn from_config(config: &Config) -> Result<MapPlan, XdpError> {
+    /// Domain ids are positions in `config.domains`, from 1. `registry_hosts` are the registry's
+    /// endpoint addresses, allowed on domains whose allow-list says `registry_hosts: true`.
+    pub fn from_config(
+        config: &Config,
+        registry_hosts: &BTreeSet<IpAddr>,
+    ) -> Result<MapPlan, XdpError> {
         if config.domains.len() > MAX_DOMAINS as usize {
             return Err(XdpError::TooManyDomains);
         }
@@ -107,8 +114,16 @@ impl MapPlan {
                     e.wildcard_flags = flags;
                 }
             }
-            for net in d.allowed_sources.iter().flat_map(|a| a.cidrs.iter()) {
+            let Some(sources) = &d.allowed_sources else {
+                continue;
+            };
+            for net in &sources.cidrs {
                 allow.push(allow_entry(id, net));
+            }
+            if sources.registry_hosts {
+                for ip in registry_hosts {
+                    allow.push(allow_entry(id, &IpNet::from(*ip)));
+                }
             }
         }
         Ok(MapPlan {
@@ -171,8 +186,9 @@ impl Gate {
         self.ebpf.map_mut(name).ok_or(XdpError::Missing(name))
     }
 
-    /// Makes `DOMAINS`, `ALLOW`, `PORTS` and `SETTINGS` hold exactly what `plan` says.
-    pub fn sync(&mut self, plan: &MapPlan) -> Result<(), XdpError> {
+    /// Makes `DOMAINS`, `ALLOW`, `PORTS` and `SETTINGS` hold exactly what `plan` says; with
+    /// `prune_allow` false, `ALLOW` entries not in the plan are kept (only added to).
+    pub fn sync(&mut self, plan: &MapPlan, prune_allow: bool) -> Result<(), XdpError> {
         {
             let mut domains: HashMap<&mut MapData, u64, DomainEntry> =
                 HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
@@ -200,9 +216,10 @@ impl Gate {
                 .keys()
                 .filter_map(Result::ok)
                 .filter(|k| {
-                    !wanted
-                        .iter()
-                        .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+                    prune_allow
+                        && !wanted
+                            .iter()
+                            .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
                 })
                 .collect();
             for k in stale {

@@ -1,11 +1,11 @@
 //! The gate as the daemon runs it: attached to the configured interfaces, maps following every
 //! config change, counters exported at each scrape.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use aya::programs::links::{FdLink, PinnedLink};
@@ -17,6 +17,7 @@ use super::{addr_bytes, Gate, MapPlan, XdpError};
 use crate::config::{Config, XdpMode};
 use crate::metrics::{KindLabels, Metrics, XdpAttachLabels, XdpVerdictLabels};
 use crate::names::DomainPattern;
+use crate::routing::RouteTable;
 
 /// The XDP object built by `cargo xtask build-ebpf`, embedded at compile time (empty if absent).
 pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/portcullis-ebpf.o"));
@@ -33,6 +34,24 @@ pub struct XdpRuntime {
     links: Mutex<Vec<(String, PinnedLink)>>,
     /// Where learned denials go to be shared with the fleet (set when NATS sharing is on).
     share: Mutex<Option<tokio::sync::mpsc::UnboundedSender<SharedDenial>>>,
+    /// What `registry_hosts` allow-lists were last written from.
+    hosts: Mutex<HostsSeen>,
+    started: Instant,
+}
+
+/// The registry snapshot the `ALLOW` map last followed, and the addresses taken from it.
+struct HostsSeen {
+    table: Weak<RouteTable>,
+    addresses: BTreeSet<IpAddr>,
+    /// Whether stale entries have been removed since start (see [`XdpRuntime::follow_registry`]).
+    pruned: bool,
+}
+
+fn uses_registry_hosts(config: &Config) -> bool {
+    config
+        .domains
+        .iter()
+        .any(|d| d.allowed_sources.as_ref().is_some_and(|a| a.registry_hosts))
 }
 
 /// A denial as shared over NATS: by domain pattern, since domain ids differ between gateways.
@@ -68,7 +87,16 @@ fn names(config: &Config) -> Vec<String> {
 impl XdpRuntime {
     /// Loads, syncs and attaches per `config.xdp`. `Ok(None)` when no interface is configured.
     /// Every failure is returned; the caller logs it once and runs without XDP.
-    pub fn start(config: &Config, metrics: &Metrics) -> Result<Option<XdpRuntime>, XdpError> {
+    ///
+    /// `table` is the registry as it stands at start (static routes). With `registry_hosts`
+    /// allow-lists, entries a previous daemon left in the pinned `ALLOW` map are kept until the
+    /// registry has had `droplet_stale_threshold` to be re-announced, so a restart never turns
+    /// away a caller that is still registered.
+    pub fn start(
+        config: &Config,
+        table: &Arc<RouteTable>,
+        metrics: &Metrics,
+    ) -> Result<Option<XdpRuntime>, XdpError> {
         let xdp = &config.xdp;
         if xdp.interfaces.is_empty() {
             return Ok(None);
@@ -81,7 +109,9 @@ impl XdpRuntime {
             source,
         })?;
         let mut gate = Gate::load(OBJECT, &xdp.pin_path)?;
-        gate.sync(&MapPlan::from_config(config)?)?;
+        let addresses = table.endpoint_addresses();
+        let prune = !uses_registry_hosts(config);
+        gate.sync(&MapPlan::from_config(config, &addresses)?, prune)?;
         let mut links = Vec::new();
         for iface in &xdp.interfaces {
             let (mode, pinned) = gate.attach(iface, xdp.mode, &xdp.pin_path)?;
@@ -104,6 +134,12 @@ impl XdpRuntime {
             learner: Mutex::new(Learner::new(xdp.deny_learning.clone())),
             links: Mutex::new(links),
             share: Mutex::new(None),
+            hosts: Mutex::new(HostsSeen {
+                table: Arc::downgrade(table),
+                addresses,
+                pruned: prune,
+            }),
+            started: Instant::now(),
         }))
     }
 
@@ -248,16 +284,57 @@ impl XdpRuntime {
 
     /// Brings the maps (and deny-learning settings) in line with a new config.
     pub fn sync(&self, config: &Config) -> Result<(), XdpError> {
-        let plan = MapPlan::from_config(config)?;
+        let (plan, prune) = {
+            let hosts = self.hosts.lock().map_err(|_| XdpError::Poisoned)?;
+            let prune = hosts.pruned || !uses_registry_hosts(config);
+            (MapPlan::from_config(config, &hosts.addresses)?, prune)
+        };
         if let Ok(mut l) = self.learner.lock() {
             l.set_settings(config.xdp.deny_learning.clone());
         }
         if let Ok(mut g) = self.gate.lock() {
-            g.sync(&plan)?;
+            g.sync(&plan, prune)?;
         }
         if let Ok(mut n) = self.names.lock() {
             *n = names(config);
         }
+        Ok(())
+    }
+
+    /// Follows the registry for `registry_hosts` allow-lists: when the snapshot changed and its
+    /// endpoint addresses differ from what the map holds, the map is rewritten. Called every
+    /// second; costs a pointer comparison while the registry is quiet.
+    pub fn follow_registry(
+        &self,
+        table: &Arc<RouteTable>,
+        config: &Config,
+    ) -> Result<(), XdpError> {
+        if !uses_registry_hosts(config) {
+            return Ok(());
+        }
+        let mut seen = self.hosts.lock().map_err(|_| XdpError::Poisoned)?;
+        let grace_over = self.started.elapsed() >= config.registry.droplet_stale_threshold;
+        let prune_now = grace_over && !seen.pruned;
+        // A weak reference keeps the old snapshot's allocation, so its address cannot be reused
+        // by a newer snapshot while we compare.
+        if seen.table.as_ptr() == Arc::as_ptr(table) && !prune_now {
+            return Ok(());
+        }
+        seen.table = Arc::downgrade(table);
+        let addresses = table.endpoint_addresses();
+        if addresses == seen.addresses && !prune_now {
+            return Ok(());
+        }
+        let plan = MapPlan::from_config(config, &addresses)?;
+        let mut g = self.gate.lock().map_err(|_| XdpError::Poisoned)?;
+        g.sync(&plan, grace_over)?;
+        tracing::debug!(
+            addresses = addresses.len(),
+            pruned = grace_over,
+            "XDP allow-lists follow the registry"
+        );
+        seen.addresses = addresses;
+        seen.pruned = grace_over;
         Ok(())
     }
 
