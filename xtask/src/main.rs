@@ -6,6 +6,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -25,6 +27,9 @@ enum Task {
     Test,
     /// Benchmarks: criterion micro-benchmarks and the registry at 100,000 routes.
     Bench,
+    /// Run the kernel-specific tests (XDP verifier and packet table, kTLS) in Debian's 6.1
+    /// kernel under QEMU software emulation.
+    VmTest,
     /// Run every fuzz target for a while (cargo-fuzz on the nightly toolchain).
     Fuzz {
         /// Seconds per target.
@@ -222,10 +227,7 @@ fn deps() -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if !missing.is_empty() {
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing))?;
+        apt_install(&missing)?;
     }
     for component in ["rustfmt", "clippy"] {
         let present = cargo()
@@ -237,6 +239,14 @@ fn deps() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `apt-get install` (after an index update) of Debian packages.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages))
 }
 
 fn component_cmd(component: &str) -> &'static str {
@@ -281,6 +291,10 @@ fn main() -> Result<()> {
                 test.env("PORTCULLIS_REQUIRE_XDP", "1");
             }
             run(&mut test)?;
+            if is_root() {
+                // The XDP program on Debian's 6.1 verifier, and kTLS, which this kernel lacks.
+                vm::vm_test()?;
+            }
             // A short fuzzing pass on every target: CI shows the decoders do not panic.
             fuzz(30)
         }
@@ -290,5 +304,9 @@ fn main() -> Result<()> {
             run(cargo().args(["bench", "-p", "portcullis", "--bench", "registry_scale"]))
         }
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::VmTest => {
+            build_ebpf()?;
+            vm::vm_test()
+        }
     }
 }

@@ -315,15 +315,15 @@ fn client_hello_sni(
             if name_len > MAX_SNI_LEN as u32 {
                 return Err(Stop::Count(Counter::PassSniTooLong));
             }
-            // LLVM tests `name_len == 0` before the byte swap (zero either way), and the verifier
-            // loses the range across the swap. A volatile reload is opaque to LLVM, so these
-            // checks land on the very register passed to the helper.
+            // The helper's length must be provably in 1..=256 on the register passed to it.
+            // Branch refinement does not get there: LLVM tests `name_len == 0` before the byte
+            // swap, and verifiers before 6.8 (Debian's 6.1) do not learn `n != 0` from a failed
+            // `n == 0` test. Arithmetic on an opaque (volatile) copy does, on every verifier:
+            // `((v - 1) & 0xff) + 1` is in 1..=256 and equals `name_len`, checked to be in 1..=255.
             // SAFETY: reading a local.
-            let n = unsafe { core::ptr::read_volatile(&name_len) };
-            if n == 0 || n > MAX_SNI_LEN as u32 {
-                return Err(unparsed);
-            }
-            // SAFETY: n is in 1..=255 and `out` holds 256 bytes.
+            let v = unsafe { core::ptr::read_volatile(&name_len) };
+            let n = (v.wrapping_sub(1) & (SNI_BUF as u32 - 1)) + 1;
+            // SAFETY: n is in 1..=256 and `out` holds SNI_BUF (256) bytes.
             let r = unsafe {
                 bpf_xdp_load_bytes(ctx.ctx, base + p + 9, out.as_mut_ptr() as *mut c_void, n)
             };
