@@ -16,6 +16,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::accesslog::{AccessLogger, OpenError};
 use crate::config::{Config, Limits};
 use crate::metrics::{KtlsLabels, Metrics};
+use crate::names::DomainPattern;
 use crate::proxy::{self, BackendPool, ConnCtx};
 use crate::registry::Registry;
 use crate::state::{Runtime, State};
@@ -38,6 +39,8 @@ pub enum StartError {
     Nats(#[from] crate::registry::nats::NatsError),
     #[error("{0} cannot change on reload; restart to apply it")]
     NeedsRestart(&'static str),
+    #[error("{0}")]
+    KernelTls(String),
 }
 
 /// A running gateway.
@@ -78,10 +81,9 @@ impl Gateway {
             Some(a) => Some(bind("admin.listen", a).await?),
             None => None,
         };
-        tracing::info!(
-            ktls = ?config.tls.ktls,
-            "kernel TLS is not available in this build; TLS records stay in userspace rustls"
-        );
+        let ktls = tls::probe_kernel_tls(config.tls.ktls)
+            .await
+            .map_err(StartError::KernelTls)?;
         let xdp = match crate::xdp::XdpRuntime::start(&config, &registry.table(), &metrics) {
             Ok(x) => x,
             Err(e) => {
@@ -108,6 +110,7 @@ impl Gateway {
             backends: BackendPool::default(),
             registry_connected: AtomicBool::new(!has_nats),
             xdp,
+            ktls,
         });
 
         if let Err(e) = crate::registry::nats::start(state.clone()).await {
@@ -302,7 +305,52 @@ async fn serve_tls(
     shutdown: watch::Receiver<bool>,
 ) {
     let rt = state.runtime.load_full();
-    match tls::accept(tcp, &rt.tls, rt.config.tls.handshake_timeout).await {
+    let deadline = rt.config.tls.handshake_timeout;
+    let Some(kernel) = state.ktls.clone() else {
+        let accepted = tls::accept(tcp, &rt.tls, deadline).await;
+        drop(rt);
+        if let Some((stream, conn)) = handshake_done(&state, accepted, client, "userspace") {
+            serve_http(state, stream, conn, shutdown).await;
+        }
+        return;
+    };
+    // Accepted on a CorkStream so rustls stops reading at a record boundary, where the kernel
+    // takes over.
+    let accepted = tls::accept(ktls::CorkStream::new(tcp), &rt.tls, deadline).await;
+    drop(rt);
+    let suite = accepted
+        .as_ref()
+        .ok()
+        .and_then(|a| a.stream.get_ref().1.negotiated_cipher_suite());
+    if !kernel.supports(suite) {
+        if let Some((stream, conn)) = handshake_done(&state, accepted, client, "userspace") {
+            serve_http(state, stream, conn, shutdown).await;
+        }
+        return;
+    }
+    let Some((stream, mut conn)) = handshake_done(&state, accepted, client, "kernel") else {
+        return;
+    };
+    match ktls::config_ktls_server(stream).await {
+        Ok(stream) => {
+            conn.ktls = true;
+            serve_http(state, stream, conn, shutdown).await;
+        }
+        // The probe found the suite supported, so this is rare (a socket error mid-switch); the
+        // rustls state is consumed by then, so the connection ends.
+        Err(e) => tracing::warn!(%client, error = %e, "cannot move the connection into kernel TLS"),
+    }
+}
+
+/// Counts a finished handshake (feeding deny learning on certificate failures); on success,
+/// returns the stream and the connection's context.
+fn handshake_done<IO>(
+    state: &State,
+    accepted: Result<tls::Accepted<IO>, (Option<DomainPattern>, tls::HandshakeFailure)>,
+    client: SocketAddr,
+    mode: &'static str,
+) -> Option<(tokio_rustls::server::TlsStream<IO>, ConnCtx)> {
+    match accepted {
         Err((pattern, failure)) => {
             state
                 .metrics
@@ -314,6 +362,7 @@ async fn serve_tls(
                 x.failure(p, client.ip(), &state.metrics);
             }
             tracing::debug!(%client, domain = ?pattern.map(|p| p.to_string()), error = %failure, "handshake failed");
+            None
         }
         Ok(accepted) => {
             state
@@ -322,9 +371,8 @@ async fn serve_tls(
             state
                 .metrics
                 .ktls_connections
-                .get_or_create(&KtlsLabels { mode: "userspace" })
+                .get_or_create(&KtlsLabels { mode })
                 .inc();
-            drop(rt);
             let conn = ConnCtx {
                 client,
                 tls: Some(accepted.info),
@@ -332,7 +380,7 @@ async fn serve_tls(
                 inflight: Arc::default(),
                 requests: Default::default(),
             };
-            serve_http(state, accepted.stream, conn, shutdown).await;
+            Some((accepted.stream, conn))
         }
     }
 }

@@ -43,4 +43,6 @@ pub struct State {
     pub registry_connected: AtomicBool,
     /// The XDP gate, when configured and available.
     pub xdp: Option<crate::xdp::XdpRuntime>,
+    /// Kernel TLS, when the start-up probe found it (and `tls.ktls` is not `off`).
+    pub ktls: Option<Arc<crate::tls::KernelTls>>,
 }

@@ -23,10 +23,16 @@ struct VmTest {
     args: &'static [&'static str],
 }
 
-const TESTS: &[VmTest] = &[VmTest {
-    target: "xdp",
-    args: &["--exact", "packet_table", "--test-threads=1"],
-}];
+const TESTS: &[VmTest] = &[
+    VmTest {
+        target: "xdp",
+        args: &["--exact", "packet_table", "--test-threads=1"],
+    },
+    VmTest {
+        target: "ktls",
+        args: &["--test-threads=1", "--nocapture"],
+    },
+];
 
 /// Kernel module directories the VM needs: `tls` and the AEAD code it loads on demand (`gcm`,
 /// `ccm`, `chacha20poly1305` and their helpers). `tls.ko` alone fails with ENOENT at key setup.

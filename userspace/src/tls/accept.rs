@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::{CertificateError, Error as TlsError};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -27,8 +27,8 @@ pub struct ConnTls {
 }
 
 /// A completed handshake.
-pub struct Accepted {
-    pub stream: TlsStream<TcpStream>,
+pub struct Accepted<IO> {
+    pub stream: TlsStream<IO>,
     pub info: ConnTls,
 }
 
@@ -111,11 +111,11 @@ impl HandshakeFailure {
 
 /// Reads the ClientHello, selects the config for its SNI and completes the handshake within
 /// `deadline`. On failure, returns the mTLS pattern the SNI selected (for labels) with the reason.
-pub async fn accept(
-    tcp: TcpStream,
+pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
+    tcp: IO,
     server: &TlsServer,
     deadline: Duration,
-) -> Result<Accepted, (Option<DomainPattern>, HandshakeFailure)> {
+) -> Result<Accepted<IO>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
     let fut = async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)

@@ -2,8 +2,10 @@
 
 mod accept;
 mod backend;
+mod kernel;
 mod server;
 
 pub use accept::{accept, Accepted, ConnTls, HandshakeFailure};
 pub use backend::backend_client_config;
+pub use kernel::{probe as probe_kernel_tls, KernelTls};
 pub use server::{TlsBuildError, TlsServer};

@@ -63,6 +63,9 @@ fn base(
     .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ignore_client_order = true;
+    // Kernel TLS needs the traffic secrets after the handshake; rustls keeps them only when
+    // asked to. (Harmless when the connection stays in userspace.)
+    cfg.enable_secret_extraction = true;
     Ok(cfg)
 }
 

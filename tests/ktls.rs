@@ -1,0 +1,391 @@
+//! Kernel TLS (SPEC §5), on whatever kernel runs the test.
+//!
+//! Where the kernel has kTLS (Debian's 6.1 in the VM of `cargo xtask vm-test`, which sets
+//! `PORTCULLIS_REQUIRE_KTLS`): h1 and h2 connections, mTLS and plain, resumed ones included, are
+//! moved into the kernel, `/proc/net/tls_stat` shows the kernel doing the record crypto, and every
+//! response is byte-identical to the same request through a gateway with `tls.ktls: off`.
+//! Where it has not (the build machines): the gateway falls back to rustls, `on` refuses to start
+//! with the reason, and the binary says so once.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use support::gateway::TestGateway;
+use support::pki::TestPki;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// `/proc/net/tls_stat` as name → value (empty when the kernel has no TLS).
+fn tls_stat() -> BTreeMap<String, u64> {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn kernel_has_ktls() -> bool {
+    let required = std::env::var_os("PORTCULLIS_REQUIRE_KTLS").is_some();
+    let present = std::path::Path::new("/proc/net/tls_stat").exists();
+    assert!(
+        present || !required,
+        "PORTCULLIS_REQUIRE_KTLS is set but /proc/net/tls_stat is missing (no tls module)"
+    );
+    present
+}
+
+/// A deterministic backend: `GET /bytes/N` answers N pattern bytes, `POST` echoes the body.
+async fn backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let body = if req.method() == http::Method::POST {
+                        req.into_body().collect().await?.to_bytes()
+                    } else {
+                        let n: usize = req
+                            .uri()
+                            .path()
+                            .strip_prefix("/bytes/")
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(0);
+                        Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+                    };
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/octet-stream")
+                        .body(Full::new(body))
+                        .unwrap();
+                    Ok::<_, hyper::Error>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn sections(ktls: &str, backend: SocketAddr) -> String {
+    format!(
+        "tls:\n  certificates: [{{cert_chain: server.pem, private_key: server.key}}]\n  handshake_timeout: 5s\n  ktls: {ktls}\n\
+         access_log: {{path: access.log, extra_fields: [ktls]}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n\
+         routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {port}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n  - {{uris: [a.apps.plain], host: \"127.0.0.1\", port: {port}}}\n",
+        port = backend.port()
+    )
+}
+
+fn client_config(pki: &TestPki, mtls: bool, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    support::client::tls_config(&pki.server_ca, mtls.then_some(&pki.a), &[alpn])
+}
+
+/// One HTTP/1.1 exchange written and read as raw bytes (`Connection: close`), so the comparison
+/// sees exactly what came off the wire after TLS. The `date` header is blanked.
+async fn h1_raw(
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    host: &str,
+    request: Vec<u8>,
+) -> (Vec<u8>, bool) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(host.to_string()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    tls.write_all(&request).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tls.read_to_end(&mut out),
+    )
+    .await
+    .expect("response within 60 s");
+    // The gateway may close without close_notify once it has answered `Connection: close`.
+    if let Err(e) = read {
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    }
+    (blank_date(out), resumed)
+}
+
+fn blank_date(mut raw: Vec<u8>) -> Vec<u8> {
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a whole response head");
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let blanked: Vec<String> = head
+        .split("\r\n")
+        .map(|l| {
+            if l.to_ascii_lowercase().starts_with("date:") {
+                "date: -".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    let mut out = blanked.join("\r\n").into_bytes();
+    out.extend_from_slice(&raw.split_off(head_end));
+    out
+}
+
+fn get(host: &str, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").into_bytes()
+}
+
+fn post(host: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST /echo HTTP/1.1\r\nhost: {host}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// Several requests on one h2 connection; returns each response's status, headers (no date) and
+/// body.
+async fn h2_exchange(
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    host: &str,
+    upload: &[u8],
+) -> Vec<(u16, Vec<(String, String)>, Bytes)> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(host.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut out = Vec::new();
+    let requests = [
+        http::Request::get(format!("https://{host}/bytes/100"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        http::Request::get(format!("https://{host}/bytes/1048576"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        http::Request::post(format!("https://{host}/echo"))
+            .body(Full::new(Bytes::copy_from_slice(upload)))
+            .unwrap(),
+    ];
+    for req in requests {
+        let resp = send.send_request(req).await.expect("h2 response");
+        let (parts, body) = resp.into_parts();
+        let mut headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .filter(|(k, _)| k.as_str() != "date")
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+            .collect();
+        headers.sort();
+        out.push((
+            parts.status.as_u16(),
+            headers,
+            body.collect().await.unwrap().to_bytes(),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_tls_matches_userspace_or_falls_back() {
+    let kernel = kernel_has_ktls();
+    let pki = TestPki::new();
+    let backend = backend().await;
+    let off = TestGateway::start(&pki, &sections("off", backend)).await;
+    if !kernel {
+        fallback(&pki, backend).await;
+        return;
+    }
+    let on = TestGateway::start(&pki, &sections("on", backend)).await;
+    let upload: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let before = tls_stat();
+
+    // HTTP/1.1: mTLS and plain, small, 1 MiB down, 300 KB up; then a resumed connection.
+    let mut h1_cases = 0;
+    for (host, mtls) in [("a.apps.identity", true), ("a.apps.plain", false)] {
+        for request in [
+            get(host, "/bytes/100"),
+            get(host, "/bytes/1048576"),
+            post(host, &upload),
+        ] {
+            let cfg = client_config(&pki, mtls, b"http/1.1");
+            let (want, _) = h1_raw(off.https(), cfg.clone(), host, request.clone()).await;
+            let (got, _) = h1_raw(on.https(), cfg, host, request).await;
+            assert!(
+                want.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&want[..want.len().min(200)])
+            );
+            assert!(got == want, "kTLS h1 response differs for {host}");
+            h1_cases += 1;
+        }
+    }
+    // Session tickets: the first connection receives them, the second resumes with one and is
+    // still moved into the kernel.
+    let cfg = client_config(&pki, true, b"http/1.1");
+    let host = "a.apps.identity";
+    let (first, _) = h1_raw(on.https(), cfg.clone(), host, get(host, "/bytes/5000")).await;
+    let (second, resumed) = h1_raw(on.https(), cfg, host, get(host, "/bytes/5000")).await;
+    assert!(
+        resumed,
+        "the second connection resumed with a session ticket"
+    );
+    assert!(first == second && first.starts_with(b"HTTP/1.1 200"));
+    h1_cases += 2;
+
+    // h2: three streams on one connection, mTLS and plain.
+    for (host, mtls) in [("a.apps.identity", true), ("a.apps.plain", false)] {
+        let cfg = client_config(&pki, mtls, b"h2");
+        let want = h2_exchange(off.https(), cfg.clone(), host, &upload).await;
+        let got = h2_exchange(on.https(), cfg, host, &upload).await;
+        assert_eq!(want.len(), 3);
+        assert!(want.iter().all(|(s, _, _)| *s == 200));
+        assert_eq!(want[1].2.len(), 1 << 20);
+        assert_eq!(want[2].2.as_ref(), upload.as_slice());
+        assert!(got == want, "kTLS h2 responses differ for {host}");
+    }
+    let connections = h1_cases + 2;
+
+    let after = tls_stat();
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    eprintln!(
+        "tls_stat delta: TlsTxSw {} TlsRxSw {}",
+        delta("TlsTxSw"),
+        delta("TlsRxSw")
+    );
+    // Every kTLS connection put both directions into the kernel's software crypto; the `off`
+    // gateway none.
+    assert_eq!(delta("TlsTxSw"), connections, "{after:?}");
+    assert_eq!(delta("TlsRxSw"), connections, "{after:?}");
+    assert_eq!(delta("TlsDecryptError"), 0);
+    assert_eq!(
+        on.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
+        connections as f64
+    );
+    // The resumption pair went to the kTLS gateway only.
+    let off_connections = connections - 2;
+    assert_eq!(
+        off.metric("portcullis_ktls_connections_total{mode=\"userspace\"}"),
+        off_connections as f64
+    );
+    let lines = on.log_lines(connections as usize).await;
+    assert!(lines.iter().all(|l| l.contains(" ktls:true ")), "{lines:?}");
+    let lines = off.log_lines(off_connections as usize).await;
+    assert!(lines.iter().all(|l| l.contains(" ktls:false ")));
+}
+
+/// No kTLS in this kernel: `auto` serves from rustls, `on` refuses to start and says why, and the
+/// real binary reports the fallback exactly once.
+async fn fallback(pki: &TestPki, backend: SocketAddr) {
+    let auto = TestGateway::start(pki, &sections("auto", backend)).await;
+    let host = "a.apps.identity";
+    let (resp, _) = h1_raw(
+        auto.https(),
+        client_config(pki, true, b"http/1.1"),
+        host,
+        get(host, "/bytes/100"),
+    )
+    .await;
+    assert!(resp.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(
+        auto.metric("portcullis_ktls_connections_total{mode=\"userspace\"}"),
+        1.0
+    );
+    assert_eq!(
+        auto.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
+        0.0
+    );
+    assert!(auto.log_lines(1).await[0].contains(" ktls:false "));
+
+    // `on` is a promise the kernel cannot keep here: no gateway, and the reason.
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let path = dir.path().join("portcullis.yaml");
+    let yaml = format!(
+        "listen: {{https: \"127.0.0.1:0\"}}\n{}",
+        sections("on", backend)
+    );
+    std::fs::write(&path, &yaml).unwrap();
+    let config = portcullis::config::Config::load(&path).unwrap();
+    let err = match portcullis::gateway::Gateway::start(config).await {
+        Ok(_) => panic!("tls.ktls: on started without kernel TLS"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("tls.ktls is on") && err.contains("TCP_ULP"),
+        "{err}"
+    );
+
+    // The binary with `auto` says once, at start, that it stays in userspace.
+    std::fs::write(
+        &path,
+        format!(
+            "listen: {{https: \"127.0.0.1:0\"}}\n{}",
+            sections("auto", backend)
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut log = String::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        use tokio::io::AsyncBufReadExt;
+        let (mut a, mut b) = (String::new(), String::new());
+        loop {
+            tokio::select! {
+                n = stderr.read_line(&mut a) => if n.unwrap_or(0) == 0 { break },
+                n = stdout.read_line(&mut b) => if n.unwrap_or(0) == 0 { break },
+            }
+            log.push_str(&a);
+            log.push_str(&b);
+            a.clear();
+            b.clear();
+            if log.contains("portcullis is serving") {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = child.kill().await;
+    assert!(log.contains("portcullis is serving"), "{log}");
+    assert_eq!(
+        log.matches("kernel TLS unavailable").count(),
+        1,
+        "said once: {log}"
+    );
+}
