@@ -112,7 +112,7 @@ impl Conn {
         Self::over(tcp, false).await
     }
 
-    async fn over<S>(io: S, h2: bool) -> Result<Conn, CallError>
+    pub async fn over<S>(io: S, h2: bool) -> Result<Conn, CallError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {

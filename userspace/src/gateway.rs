@@ -53,6 +53,28 @@ pub struct Gateway {
     connections: Arc<AtomicUsize>,
 }
 
+/// TCP_DEFER_ACCEPT on the TLS listener: a connection reaches `accept` only once its first data
+/// (the ClientHello) has arrived. A caller the XDP gate rejects at the ClientHello is then torn
+/// down inside the kernel and never costs the daemon an accept, a task or a wakeup. A client that
+/// stays silent is still handed over after about a second and meets the handshake deadline.
+fn defer_accept(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    let seconds: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a valid c_int buffer and its length.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot set TCP_DEFER_ACCEPT");
+    }
+}
+
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -73,6 +95,7 @@ impl Gateway {
         registry.replace_static(&config.routes, config.registry.droplet_stale_threshold);
         count_malformed(&metrics, &config);
         let https_l = bind("listen.https", config.listen.https).await?;
+        defer_accept(&https_l);
         let http_l = match config.listen.http {
             Some(a) => Some(bind("listen.http", a).await?),
             None => None,

@@ -1,0 +1,382 @@
+//! W5 of BENCH.md in network namespaces: a denied caller floods the gateway with new mTLS
+//! connections from its own source address while an allowed caller, from another address, sends
+//! 500 requests per second on a keep-alive connection. Run once with the XDP gate attached (the
+//! denied source is outside the domain's allow-list) and once without it (the daemon does the
+//! whole handshake and answers 403).
+//!
+//! Reported per mode: denied attempts per second absorbed, the daemon's CPU seconds (from
+//! `/proc/<pid>/stat`) per 1,000 denied attempts, and the allowed caller's p99 alone and during
+//! the flood. Needs root (namespaces, XDP) and the object from `cargo xtask build-ebpf`.
+//!
+//! `cargo bench -p portcullis --bench flood [-- --seconds N]`
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::netns::Netns;
+use support::pki::TestPki;
+
+const PORT: u16 = 8449;
+const ALLOWED_RATE: u64 = 500;
+/// Enough that the flood is not bound by the caller's own waiting: an attempt rejected at the
+/// ClientHello in `reset` mode ends only when the caller's retransmission meets the RST.
+const FLOOD_CONCURRENCY: usize = 256;
+
+struct Outcome {
+    mode: &'static str,
+    attempts: u64,
+    handshakes_refused: u64,
+    seconds: f64,
+    daemon_cpu: f64,
+    p99_alone: Duration,
+    p99_flood: Duration,
+    allowed_errors: u64,
+}
+
+fn main() {
+    let seconds: u64 = std::env::args()
+        .skip_while(|a| a != "--seconds")
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    if unsafe { libc::geteuid() } != 0 || portcullis::xdp::OBJECT.is_empty() {
+        eprintln!("flood bench: needs root and the XDP object (cargo xtask build-ebpf)");
+        std::process::exit(1);
+    }
+    let ns = Netns::new(7);
+    let pki = Arc::new(TestPki::new());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt
+        .block_on(portcullis::echo::start("b", ([127, 0, 0, 1], 0).into()))
+        .unwrap();
+    let mut results = Vec::new();
+    for mode in ["xdp", "no-xdp"] {
+        results.push(run(&ns, &pki, backend.addr, mode, seconds));
+    }
+    println!();
+    println!("| mode | denied attempts/s | refused before TLS | daemon CPU s | daemon CPU ms per 1,000 denied | allowed p99 alone | allowed p99 during flood | allowed errors |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {:.0} | {:.0}% | {:.2} | {:.2} | {:.2} ms | {:.2} ms | {} |",
+            r.mode,
+            r.attempts as f64 / r.seconds,
+            100.0 * r.handshakes_refused as f64 / r.attempts.max(1) as f64,
+            r.daemon_cpu,
+            1000.0 * 1000.0 * r.daemon_cpu / r.attempts.max(1) as f64,
+            r.p99_alone.as_secs_f64() * 1000.0,
+            r.p99_flood.as_secs_f64() * 1000.0,
+            r.allowed_errors,
+        );
+    }
+    if let [on, off] = &results[..] {
+        let per = |r: &Outcome| r.daemon_cpu / r.attempts.max(1) as f64;
+        println!(
+            "\ndaemon CPU per denied attempt, XDP on / off: 1/{:.0}; allowed p99 during/alone with XDP: {:.2}x",
+            per(off) / per(on).max(1e-12),
+            on.p99_flood.as_secs_f64() / on.p99_alone.as_secs_f64().max(1e-9)
+        );
+    }
+}
+
+fn run(
+    ns: &Netns,
+    pki: &Arc<TestPki>,
+    backend: SocketAddr,
+    mode: &'static str,
+    secs: u64,
+) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let pin = format!("/sys/fs/bpf/portcullis-flood-{}", std::process::id());
+    let xdp = if mode == "xdp" {
+        format!(
+            "xdp: {{interfaces: [{}], ports: [{PORT}], reject: reset, pin_path: \"{pin}\", detach_on_exit: true}}\n",
+            ns.host_if
+        )
+    } else {
+        String::new()
+    };
+    let yaml = format!(
+        "listen: {{https: \"{host}:{PORT}\"}}\n\
+         tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}], ktls: off}}\n\
+         access_log: {{path: access.log}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
+         {xdp}\
+         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
+        host = ns.host(),
+        allowed = ns.client(3),
+        bport = backend.port(),
+    );
+    let path = dir.path().join("portcullis.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("portcullis binary"),
+    );
+    let target: SocketAddr = format!("{}:{PORT}", ns.host()).parse().unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "daemon did not listen"
+        );
+        assert!(daemon.0.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = daemon.0.id();
+
+    // The allowed caller alone; then the flood alone for `secs` (attempts and daemon CPU are
+    // measured over this phase only); then both for `secs / 2` (allowed p99 during the flood).
+    let (alone, _) = allowed_caller(ns, pki.clone(), target, Duration::from_secs(3));
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (stop, attempts, refused, pki) =
+            (stop.clone(), attempts.clone(), refused.clone(), pki.clone());
+        let source = ns.client(2);
+        let path = format!("/var/run/netns/{}", ns.name);
+        std::thread::spawn(move || {
+            in_netns(&path);
+            flood_caller(source, target, pki, stop, attempts, refused)
+        })
+    };
+    // Let the flood reach its steady state before measuring.
+    std::thread::sleep(Duration::from_secs(1));
+    let (a0, r0, cpu0, t0) = (
+        attempts.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        cpu_seconds(pid),
+        Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs(secs));
+    let (a1, r1, cpu1) = (
+        attempts.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        cpu_seconds(pid),
+    );
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu1 - cpu0;
+    let (during, errors) = allowed_caller(
+        ns,
+        pki.clone(),
+        target,
+        Duration::from_secs(secs.div_ceil(2)),
+    );
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&pin);
+    let out = Outcome {
+        mode,
+        attempts: a1 - a0,
+        handshakes_refused: r1 - r0,
+        seconds: elapsed,
+        daemon_cpu: cpu,
+        p99_alone: p99(alone),
+        p99_flood: p99(during),
+        allowed_errors: errors,
+    };
+    eprintln!(
+        "{mode}: {} denied attempts in {elapsed:.1} s, daemon CPU {cpu:.2} s",
+        out.attempts
+    );
+    out
+}
+
+struct Daemon(Child);
+
+impl Daemon {
+    fn stop(&mut self) {
+        // SIGTERM: the daemon detaches (detach_on_exit) and exits.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn in_netns(path: &str) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).expect("netns");
+    // SAFETY: switches only this thread's network namespace.
+    assert_eq!(
+        unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+        0
+    );
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+/// 500 GETs per second on one keep-alive mTLS connection from the allowed address, for `dur`;
+/// returns each latency and the number of failed requests.
+fn allowed_caller(
+    ns: &Netns,
+    pki: Arc<TestPki>,
+    target: SocketAddr,
+    dur: Duration,
+) -> (Vec<Duration>, u64) {
+    let source = ns.client(3);
+    let path = format!("/var/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        in_netns(&path);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut conn = connect(&source, target, &pki, &pki.a, b"http/1.1")
+                .await
+                .expect("allowed caller connects");
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / ALLOWED_RATE));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let end = Instant::now() + dur;
+            while Instant::now() < end {
+                tick.tick().await;
+                let t = Instant::now();
+                match conn.get("a.apps.identity", "/").await {
+                    Ok(r) if r.status == 200 => lat.push(t.elapsed()),
+                    _ => {
+                        errors += 1;
+                        if let Ok(c) = connect(&source, target, &pki, &pki.a, b"http/1.1").await {
+                            conn = c;
+                        }
+                    }
+                }
+            }
+            (lat, errors)
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+async fn connect(
+    source: &str,
+    target: SocketAddr,
+    pki: &TestPki,
+    leaf: &portcullis::pki::Leaf,
+    alpn: &[u8],
+) -> Result<support::client::Conn, String> {
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind(format!("{source}:0").parse().unwrap())
+        .map_err(|e| e.to_string())?;
+    let tcp = sock.connect(target).await.map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let cfg = support::client::tls_config(&pki.server_ca, Some(leaf), &[alpn]);
+    let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    support::client::Conn::over(tls, false)
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// The denied caller: FLOOD_CONCURRENCY loops, each opening a new mTLS connection (no session
+/// resumption) and sending one GET, until `stop`. Counts attempts, and those refused before any
+/// TLS answer (reset at the ClientHello).
+fn flood_caller(
+    source: String,
+    target: SocketAddr,
+    pki: Arc<TestPki>,
+    stop: Arc<AtomicBool>,
+    attempts: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg =
+        (*support::client::tls_config(&pki.server_ca, Some(&pki.b), &[b"http/1.1"])).clone();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    let cfg = Arc::new(cfg);
+    rt.block_on(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..FLOOD_CONCURRENCY {
+            let (source, cfg, stop, attempts, refused) = (
+                source.clone(),
+                cfg.clone(),
+                stop.clone(),
+                attempts.clone(),
+                refused.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let attempt = async {
+                        let sock = tokio::net::TcpSocket::new_v4().ok()?;
+                        sock.bind(format!("{source}:0").parse().unwrap()).ok()?;
+                        let tcp = sock.connect(target).await.ok()?;
+                        let name =
+                            rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+                        let tls = match tokio_rustls::TlsConnector::from(cfg.clone())
+                            .connect(name, tcp)
+                            .await
+                        {
+                            Ok(t) => t,
+                            Err(_) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                return Some(());
+                            }
+                        };
+                        let mut c = support::client::Conn::over(tls, false).await.ok()?;
+                        let _ = c.get("a.apps.identity", "/").await;
+                        Some(())
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), attempt).await;
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}
