@@ -25,8 +25,14 @@ enum Task {
     BuildEbpf,
     /// Everything CI checks: prerequisites, `cargo fmt --check`, clippy -D warnings, all tests.
     Test,
-    /// Benchmarks: criterion micro-benchmarks and the registry at 100,000 routes.
-    Bench,
+    /// Benchmarks: micro-benchmarks, the registry at 100,000 routes, and (as root) the XDP
+    /// per-packet costs, the W5 flood in namespaces and BENCH.md's workloads against nginx and
+    /// HAProxy (installed from Debian, with wrk, h2load and oha).
+    Bench {
+        /// A short pass (one round of 3 s per workload) for use during development.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run the kernel-specific tests (XDP verifier and packet table, kTLS) in Debian's 6.1
     /// kernel under QEMU software emulation.
     VmTest,
@@ -241,6 +247,48 @@ fn deps() -> Result<()> {
     Ok(())
 }
 
+fn bench(quick: bool) -> Result<()> {
+    deps()?;
+    let tools = [
+        ("nginx", "nginx-light"),
+        ("haproxy", "haproxy"),
+        ("wrk", "wrk"),
+        ("h2load", "nghttp2-client"),
+    ];
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    if !have("oha") {
+        run(cargo().args(["install", "oha", "--locked"]))?;
+    }
+    let bench = |name: &str, args: &[&str]| {
+        let mut c = cargo();
+        c.args(["bench", "-p", "portcullis", "--bench", name, "--"]);
+        c.args(args);
+        run(&mut c)
+    };
+    if quick {
+        bench("micro", &["--warm-up-time", "1", "--measurement-time", "2"])?;
+    } else {
+        bench("micro", &[])?;
+        bench("registry_scale", &[])?;
+    }
+    if is_root() {
+        build_ebpf()?;
+        mount_bpffs()?;
+        bench("xdp", &[])?;
+        bench("flood", &["--seconds", if quick { "3" } else { "10" }])?;
+    } else {
+        eprintln!("not root: skipping the XDP and flood benchmarks");
+    }
+    bench("rivals", if quick { &["--quick"] } else { &[] })
+}
+
 /// `apt-get install` (after an index update) of Debian packages.
 fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get").args(["update", "-q"]))?;
@@ -298,11 +346,7 @@ fn main() -> Result<()> {
             // A short fuzzing pass on every target: CI shows the decoders do not panic.
             fuzz(30)
         }
-        Task::Bench => {
-            deps()?;
-            run(cargo().args(["bench", "-p", "portcullis", "--bench", "micro"]))?;
-            run(cargo().args(["bench", "-p", "portcullis", "--bench", "registry_scale"]))
-        }
+        Task::Bench { quick } => bench(quick),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::VmTest => {
             build_ebpf()?;

@@ -1,0 +1,462 @@
+//! BENCH.md's workloads, portcullis side by side with nginx and HAProxy doing the same job, on
+//! this machine, in the same run, driven by the same load generator. Rounds are interleaved
+//! (portcullis, nginx, HAProxy, portcullis, …) and medians reported with min–max, ratios to the
+//! best rival, and the proxy's CPU per unit of work (from `/proc/<pid>/stat`, all its processes).
+//!
+//! Run through `cargo xtask bench [--quick]`, which installs nginx-light, haproxy, wrk, h2load
+//! (Debian) and oha (crates.io) first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis::pki::{Attr, Ca, Validity};
+
+const BACKEND: u16 = 18080;
+const PROXIES: &[(&str, u16)] = &[("portcullis", 19443), ("nginx", 19444), ("haproxy", 19445)];
+
+struct Workload {
+    id: &'static str,
+    what: &'static str,
+    /// The unit of work CPU is reported per (requests, handshakes, MB).
+    unit: &'static str,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        id: "W1",
+        what: "keep-alive mTLS 1 KiB, oha -c 64",
+        unit: "request",
+    },
+    Workload {
+        id: "W2",
+        what: "new mTLS connection per request, oha --disable-keepalive -c 32",
+        unit: "handshake",
+    },
+    Workload {
+        id: "W3h1",
+        what: "plain TLS keep-alive h1, wrk -t2 -c64",
+        unit: "request",
+    },
+    Workload {
+        id: "W3h2",
+        what: "plain TLS h2, h2load -t2 -c64 -m10",
+        unit: "request",
+    },
+    Workload {
+        id: "W4",
+        what: "1 MiB bodies, keep-alive mTLS, oha -c 16",
+        unit: "MB",
+    },
+    Workload {
+        id: "W5b",
+        what: "denied caller keep-alive (403 each), oha -c 64",
+        unit: "rejection",
+    },
+];
+
+/// One measurement: units done per second, p99 where the tool reports it, proxy CPU seconds.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    rate: f64,
+    p99_ms: Option<f64>,
+    cpu_per_unit_us: f64,
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (rounds, secs) = if quick { (1, 3) } else { (3, 10) };
+    for tool in ["oha", "wrk", "h2load", "nginx", "haproxy"] {
+        if which(tool).is_none() {
+            eprintln!("{tool} missing: run `cargo xtask bench`, which installs it");
+            std::process::exit(1);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki(d);
+    std::fs::write(d.join("1k"), vec![b'x'; 1024]).unwrap();
+    std::fs::write(d.join("1m"), vec![b'y'; 1 << 20]).unwrap();
+    let _backend = Proc::start(nginx("backend", d, &backend_conf(d)), &[BACKEND]);
+    let mut results: BTreeMap<(&str, &str), Vec<Sample>> = BTreeMap::new();
+    for round in 0..rounds {
+        for &(proxy, port) in PROXIES {
+            let p = start_proxy(proxy, port, d);
+            for w in WORKLOADS {
+                let s = measure(w, port, d, secs, &p);
+                eprintln!(
+                    "round {} {proxy:>10} {:>5}: {:>10.0}/s p99 {:>7} cpu {:>8.1} µs/{}",
+                    round + 1,
+                    w.id,
+                    s.rate,
+                    s.p99_ms.map_or("-".into(), |p| format!("{p:.2}ms")),
+                    s.cpu_per_unit_us,
+                    w.unit
+                );
+                results.entry((w.id, proxy)).or_default().push(s);
+            }
+        }
+    }
+    report(&results, rounds, secs);
+}
+
+fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u64) {
+    println!(
+        "\n{} round(s) of {secs} s per workload and proxy, interleaved; medians (min–max).\n",
+        rounds
+    );
+    println!("| workload | proxy | rate /s | p99 ms | proxy CPU µs per unit | rate vs best rival | CPU vs best rival |");
+    println!("|---|---|---|---|---|---|---|");
+    for w in WORKLOADS {
+        let med = |proxy: &str| -> Option<(Sample, f64, f64)> {
+            let v = results.get(&(w.id, proxy))?;
+            let mut rates: Vec<f64> = v.iter().map(|s| s.rate).collect();
+            rates.sort_by(f64::total_cmp);
+            let mut cpu: Vec<f64> = v.iter().map(|s| s.cpu_per_unit_us).collect();
+            cpu.sort_by(f64::total_cmp);
+            let mut p99: Vec<f64> = v.iter().filter_map(|s| s.p99_ms).collect();
+            p99.sort_by(f64::total_cmp);
+            Some((
+                Sample {
+                    rate: rates[rates.len() / 2],
+                    p99_ms: p99.get(p99.len() / 2).copied(),
+                    cpu_per_unit_us: cpu[cpu.len() / 2],
+                },
+                rates[0],
+                rates[rates.len() - 1],
+            ))
+        };
+        let best_rate = ["nginx", "haproxy"]
+            .iter()
+            .filter_map(|p| med(p).map(|m| m.0.rate))
+            .fold(0.0, f64::max);
+        let best_cpu = ["nginx", "haproxy"]
+            .iter()
+            .filter_map(|p| med(p).map(|m| m.0.cpu_per_unit_us))
+            .filter(|c| *c > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        for &(proxy, _) in PROXIES {
+            let Some((m, lo, hi)) = med(proxy) else {
+                continue;
+            };
+            println!(
+                "| {} {} | {proxy} | {:.0} ({:.0}–{:.0}) | {} | {:.1} per {} | {:.2}× | {:.2}× |",
+                w.id,
+                w.what,
+                m.rate,
+                lo,
+                hi,
+                m.p99_ms.map_or("-".into(), |p| format!("{p:.2}")),
+                m.cpu_per_unit_us,
+                w.unit,
+                m.rate / best_rate.max(1e-9),
+                m.cpu_per_unit_us / best_cpu,
+            );
+        }
+    }
+}
+
+fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
+    let url = |host: &str, path: &str| format!("https://{host}:{port}{path}");
+    let a_cert = d.join("a.pem");
+    let a_key = d.join("a.key");
+    let oha = |extra: &[&str], target: String, cert: &str| -> Command {
+        let mut c = Command::new("oha");
+        c.args(["--no-tui", "--output-format", "json", "--insecure", "-z"])
+            .arg(format!("{secs}s"))
+            .arg("--cert")
+            .arg(d.join(format!("{cert}.pem")))
+            .arg("--key")
+            .arg(d.join(format!("{cert}.key")))
+            .args(extra)
+            .arg(target);
+        c
+    };
+    let _ = (&a_cert, &a_key);
+    let cpu0 = p.cpu();
+    let t0 = Instant::now();
+    let (units, p99) = match w.id {
+        "W1" => oha_run(oha(&["-c", "64"], url("a.apps.identity", "/"), "a"), 1.0),
+        "W2" => oha_run(
+            oha(
+                &["-c", "32", "--disable-keepalive"],
+                url("a.apps.identity", "/"),
+                "a",
+            ),
+            1.0,
+        ),
+        "W4" => oha_run(
+            oha(&["-c", "16"], url("a.apps.identity", "/1m"), "a"),
+            1.048576,
+        ),
+        "W5b" => oha_run(oha(&["-c", "64"], url("a.apps.identity", "/"), "b"), 1.0),
+        "W3h1" => {
+            let out = output(
+                Command::new("wrk")
+                    .args(["-t2", "-c64", "-d"])
+                    .arg(format!("{secs}s"))
+                    .args(["-H", "Host: a.apps.plain"])
+                    .arg(format!("https://127.0.0.1:{port}/")),
+            );
+            (parse_wrk(&out), None)
+        }
+        _ => {
+            let out = output(
+                Command::new("h2load")
+                    .args(["-t2", "-c64", "-m10", "-D"])
+                    .arg(secs.to_string())
+                    .args(["--header", ":authority: a.apps.plain"])
+                    .arg(format!("https://127.0.0.1:{port}/")),
+            );
+            (parse_h2load(&out), None)
+        }
+    };
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = p.cpu() - cpu0;
+    Sample {
+        rate: units / elapsed.min(secs as f64 + 1.0),
+        p99_ms: p99,
+        cpu_per_unit_us: if units > 0.0 { cpu * 1e6 / units } else { 0.0 },
+    }
+}
+
+/// Runs oha; returns (units done, p99 ms). `unit_mb` scales successful responses to MB for W4.
+fn oha_run(mut cmd: Command, unit_mb: f64) -> (f64, Option<f64>) {
+    let out = output(&mut cmd);
+    let v: serde_json::Value = match serde_json::from_str(&out) {
+        Ok(v) => v,
+        Err(e) => panic!("oha output is not JSON ({e}): {out}"),
+    };
+    let responses: f64 = v["statusCodeDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(|c| c.as_f64()).sum())
+        .unwrap_or(0.0);
+    let p99 = v["latencyPercentiles"]["p99"].as_f64().map(|s| s * 1000.0);
+    (responses * unit_mb, p99)
+}
+
+fn parse_wrk(out: &str) -> f64 {
+    // "  123456 requests in 10.00s, ..."
+    out.lines()
+        .find_map(|l| {
+            let l = l.trim();
+            let (n, rest) = l.split_once(' ')?;
+            rest.starts_with("requests in").then(|| n.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("wrk output: {out}"))
+}
+
+fn parse_h2load(out: &str) -> f64 {
+    // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, ..."
+    out.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("requests: ")?;
+            let part = rest.split(", ").find(|p| p.ends_with(" succeeded"))?;
+            part.trim_end_matches(" succeeded").parse().ok()
+        })
+        .unwrap_or_else(|| panic!("h2load output: {out}"))
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("load generator");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|f| f.exists())
+    })
+}
+
+/// A proxy (or the backend) under test, with every process it forks counted for CPU.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn start(mut cmd: Command, ports: &[u16]) -> Proc {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for &port in ports {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{cmd:?} did not listen on {port}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Proc { child }
+    }
+
+    /// CPU seconds of the process and its descendants that are alive now.
+    fn cpu(&self) -> f64 {
+        let mut pids = vec![self.child.id()];
+        let mut i = 0;
+        while i < pids.len() {
+            let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", pids[i]))
+                .unwrap_or_default();
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+            i += 1;
+        }
+        pids.iter().map(|p| cpu_seconds(*p)).sum()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The BENCH.md PKI: server certificate, instance-identity root → intermediate, Diego-shaped
+/// P-256 callers `a` (allowed) and `b` (not).
+fn pki(d: &Path) {
+    let server_ca = Ca::root("bench server CA").unwrap();
+    let server = server_ca
+        .server(&["*.apps.identity", "*.apps.plain", "localhost", "127.0.0.1"])
+        .unwrap();
+    std::fs::write(d.join("server.pem"), &server.chain_pem).unwrap();
+    std::fs::write(d.join("server.key"), &server.key_pem).unwrap();
+    std::fs::write(
+        d.join("server-combined.pem"),
+        format!("{}{}", server.chain_pem, server.key_pem),
+    )
+    .unwrap();
+    let root = Ca::root("instance identity root").unwrap();
+    let inter = root.intermediate("instanceIdentityCA").unwrap();
+    std::fs::write(
+        d.join("identity-ca.pem"),
+        format!("{}{}", inter.cert_pem, root.cert_pem),
+    )
+    .unwrap();
+    for (name, app) in [("a", "app-a"), ("b", "app-b")] {
+        let (o, s, a) = (
+            "organization:org-1".to_string(),
+            "space:space-1".to_string(),
+            format!("app:{app}"),
+        );
+        let leaf = inter
+            .client(
+                &[
+                    &[Attr::Cn("instance")],
+                    &[Attr::Ou(&o), Attr::Ou(&s), Attr::Ou(&a)],
+                ],
+                Validity::Current,
+            )
+            .unwrap();
+        std::fs::write(d.join(format!("{name}.pem")), &leaf.chain_pem).unwrap();
+        std::fs::write(d.join(format!("{name}.key")), &leaf.key_pem).unwrap();
+    }
+}
+
+fn nginx(name: &str, d: &Path, conf: &str) -> Command {
+    let prefix = d.join(format!("nginx-{name}"));
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let mut c = Command::new("nginx");
+    c.arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&path)
+        .args(["-g", "daemon off;"]);
+    c
+}
+
+fn backend_conf(d: &Path) -> String {
+    format!(
+        "worker_processes 1;\nerror_log stderr error;\npid backend.pid;\nevents {{ worker_connections 4096; }}\n\
+         http {{ access_log off; keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{BACKEND};\n    \
+         location = / {{ alias {dir}/1k; default_type text/plain; }}\n    \
+         location = /1m {{ alias {dir}/1m; default_type application/octet-stream; }} }} }}\n",
+        dir = d.display()
+    )
+}
+
+fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
+    let dd = d.display();
+    match proxy {
+        "portcullis" => {
+            let conf = format!(
+                "listen: {{https: \"127.0.0.1:{port}\"}}\n\
+                 tls: {{certificates: [{{cert_chain: {dd}/server.pem, private_key: {dd}/server.key}}]}}\n\
+                 access_log: {{path: {dd}/portcullis-access.log}}\n\
+                 domains:\n  - name: \"*.apps.identity\"\n    ca_certs: {dd}/identity-ca.pem\n\
+                 routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {BACKEND}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n  \
+                 - {{uris: [a.apps.plain], host: \"127.0.0.1\", port: {BACKEND}}}\n"
+            );
+            let path = d.join("portcullis.yaml");
+            std::fs::write(&path, conf).unwrap();
+            let mut c = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+            c.args(["run", "--config"])
+                .arg(path)
+                .env("RUST_LOG", "warn");
+            Proc::start(c, &[port])
+        }
+        "nginx" => {
+            // mTLS on the identity name, server-only TLS for the plain one (same port, by SNI).
+            let conf = format!(
+                "worker_processes 2;\nerror_log stderr error;\npid front.pid;\nevents {{ worker_connections 16384; }}\n\
+                 http {{ access_log {dd}/nginx-access.log; keepalive_requests 1000000;\n  \
+                 upstream backend {{ server 127.0.0.1:{BACKEND}; keepalive 64; }}\n  \
+                 map $ssl_client_s_dn $denied {{ ~OU=app:app-a(,|\\+|$) 0; default 1; }}\n  \
+                 ssl_certificate {dd}/server.pem; ssl_certificate_key {dd}/server.key; ssl_session_tickets off; ssl_session_cache off;\n  \
+                 server {{ listen 127.0.0.1:{port} ssl; http2 on; server_name a.apps.identity;\n    \
+                 ssl_client_certificate {dd}/identity-ca.pem; ssl_verify_client on; ssl_verify_depth 3;\n    \
+                 location / {{ if ($denied) {{ return 403; }} proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n  \
+                 server {{ listen 127.0.0.1:{port} ssl default_server; http2 on; server_name a.apps.plain;\n    \
+                 location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n"
+            );
+            Proc::start(nginx("front", d, &conf), &[port])
+        }
+        _ => {
+            let conf = format!(
+                "global\n  nbthread 2\n  maxconn 20000\n  tune.ssl.default-dh-param 2048\n\
+                 defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  log stdout format raw local0 info\n  option httplog\n\
+                 frontend fe\n  bind 127.0.0.1:{port} ssl crt {dd}/server-combined.pem ca-file {dd}/identity-ca.pem verify optional alpn h2,http/1.1 no-tls-tickets\n  \
+                 http-request deny deny_status 403 if {{ ssl_fc_sni -i a.apps.identity }} !{{ ssl_c_used }}\n  \
+                 http-request deny deny_status 403 if {{ ssl_fc_sni -i a.apps.identity }} !{{ ssl_c_s_dn -m reg OU=app:app-a(,|\\+|/|$) }}\n  \
+                 default_backend be\n\
+                 backend be\n  http-reuse always\n  server b 127.0.0.1:{BACKEND}\n"
+            );
+            let path = d.join("haproxy.cfg");
+            std::fs::write(&path, conf).unwrap();
+            let mut c = Command::new("haproxy");
+            c.arg("-f").arg(path).arg("-db");
+            Proc::start(c, &[port])
+        }
+    }
+}
