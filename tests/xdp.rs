@@ -1056,3 +1056,100 @@ async fn learned_denials_reach_the_fleet_over_nats() {
         "{body}"
     );
 }
+
+/// `cargo xtask load` / `unload` (the library calls behind them): the gate is in force with no
+/// daemon running — a ClientHello from outside the allow-list never reaches the listener, one
+/// from inside does — and after unload nothing is filtered and nothing stays pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_and_unload_without_a_daemon() {
+    let Some(object) = object() else {
+        return;
+    };
+    let ns = support::netns::Netns::new(5);
+    let port = 8448;
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/portcullis-load-{}",
+        std::process::id()
+    )));
+    let dir = tempfile::tempdir().unwrap();
+    TestPki::new().write(dir.path());
+    let yaml = format!(
+        "listen: {{https: \"{host}:{port}\"}}\n\
+         tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}]}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
+         xdp: {{interfaces: [{iface}], ports: [{port}], reject: reset, pin_path: \"{pin}\"}}\n",
+        host = ns.host(),
+        allowed = ns.client(3),
+        iface = ns.host_if,
+        pin = pin.0.display(),
+    );
+    let path = dir.path().join("portcullis.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let config = Config::load(&path).unwrap();
+
+    // No daemon: a bare listener that records whether a ClientHello arrived on each connection.
+    let listener =
+        tokio::net::TcpListener::bind((ns.host().parse::<std::net::IpAddr>().unwrap(), port))
+            .await
+            .unwrap();
+    let target = listener.local_addr().unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, peer)) = listener.accept().await {
+            let tx = seen_tx.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 5];
+                let got = tokio::time::timeout(
+                    std::time::Duration::from_secs(3),
+                    tcp.read_exact(&mut buf),
+                )
+                .await;
+                let hello = matches!(got, Ok(Ok(_))) && buf[0] == 0x16;
+                let _ = tx.send((peer.ip().to_string(), hello));
+            });
+        }
+    });
+    let pki = std::sync::Arc::new(TestPki::new());
+    let attempt = |source: String| {
+        let r = call_from(&ns, source, target, pki.clone());
+        assert!(r.is_err(), "the bare listener never answers TLS");
+    };
+
+    let attached = portcullis::xdp::load_pinned(&config, &object).expect("load");
+    assert_eq!(attached.len(), 1);
+    assert!(pin.0.join(format!("link-{}", ns.host_if)).exists());
+    attempt(ns.client(2));
+    attempt(ns.client(3));
+    let mut got = Vec::new();
+    while let Ok(Some(s)) =
+        tokio::time::timeout(std::time::Duration::from_secs(4), seen.recv()).await
+    {
+        got.push(s);
+        if got.len() == 2 {
+            break;
+        }
+    }
+    assert!(
+        got.contains(&(ns.client(3), true)),
+        "allowed source reaches the listener: {got:?}"
+    );
+    assert!(
+        got.contains(&(ns.client(2), false)),
+        "outside source is reset first: {got:?}"
+    );
+
+    let detached = portcullis::xdp::unload_pinned(&config).expect("unload");
+    assert_eq!(detached, vec![ns.host_if.clone()]);
+    assert!(!pin.0.exists(), "nothing stays pinned");
+    attempt(ns.client(2));
+    let after = tokio::time::timeout(std::time::Duration::from_secs(4), seen.recv())
+        .await
+        .expect("a connection")
+        .unwrap();
+    assert_eq!(
+        after,
+        (ns.client(2), true),
+        "after unload nothing is filtered"
+    );
+}

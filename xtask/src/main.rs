@@ -33,6 +33,18 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Attach the XDP gate to the interfaces of a config, with its maps written from that config,
+    /// pinned under `xdp.pin_path` so it stays in force without a daemon (root). A daemon started
+    /// later takes over the same program, maps and links.
+    Load {
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
+    /// Detach the gate from a config's interfaces and remove its pinned maps (root).
+    Unload {
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
     /// Run the kernel-specific tests (XDP verifier and packet table, kTLS) in Debian's 6.1
     /// kernel under QEMU software emulation.
     VmTest,
@@ -247,6 +259,15 @@ fn deps() -> Result<()> {
     Ok(())
 }
 
+/// A config given on the command line, relative to where `cargo xtask` was started.
+fn load_config(path: &std::path::Path) -> Result<portcullis::config::Config> {
+    let path = match std::env::var_os("PWD") {
+        Some(cwd) if path.is_relative() => std::path::PathBuf::from(cwd).join(path),
+        _ => path.to_path_buf(),
+    };
+    portcullis::config::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn bench(quick: bool) -> Result<()> {
     deps()?;
     let tools = [
@@ -348,6 +369,30 @@ fn main() -> Result<()> {
         }
         Task::Bench { quick } => bench(quick),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Load { config } => {
+            let config = load_config(&config)?;
+            build_ebpf()?;
+            mount_bpffs()?;
+            let object = std::fs::read(EBPF_OBJECT).context("the XDP object")?;
+            for (iface, mode) in portcullis::xdp::load_pinned(&config, &object)? {
+                println!(
+                    "XDP gate attached to {iface} ({mode}), pinned under {}",
+                    config.xdp.pin_path.display()
+                );
+            }
+            Ok(())
+        }
+        Task::Unload { config } => {
+            let config = load_config(&config)?;
+            for iface in portcullis::xdp::unload_pinned(&config)? {
+                println!("XDP gate detached from {iface}");
+            }
+            println!(
+                "pinned maps under {} removed",
+                config.xdp.pin_path.display()
+            );
+            Ok(())
+        }
         Task::VmTest => {
             build_ebpf()?;
             vm::vm_test()

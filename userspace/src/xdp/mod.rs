@@ -25,7 +25,7 @@ mod learn;
 mod runtime;
 pub mod twin;
 pub use learn::{monotonic_ns, Learner};
-pub use runtime::{Denial, SharedDenial, XdpRuntime, OBJECT};
+pub use runtime::{load_pinned, unload_pinned, Denial, SharedDenial, XdpRuntime, OBJECT};
 
 /// The program's name in the object.
 pub const PROGRAM: &str = "sni_gate";

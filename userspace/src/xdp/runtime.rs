@@ -84,6 +84,72 @@ fn names(config: &Config) -> Vec<String> {
         .collect()
 }
 
+/// Loads the gate from `object`, writes its maps from `config` (static routes standing in for the
+/// registry) and attaches it to every configured interface with pinned links, so it stays in
+/// force with no daemon running (`cargo xtask load`). A daemon started later takes over the same
+/// pinned program, maps and links. Returns `(interface, mode)` per attachment.
+pub fn load_pinned(
+    config: &Config,
+    object: &[u8],
+) -> Result<Vec<(String, &'static str)>, XdpError> {
+    let xdp = &config.xdp;
+    if xdp.interfaces.is_empty() {
+        return Err(XdpError::Interface(
+            "(none configured in xdp.interfaces)".into(),
+        ));
+    }
+    std::fs::create_dir_all(&xdp.pin_path).map_err(|source| XdpError::PinPath {
+        path: xdp.pin_path.clone(),
+        source,
+    })?;
+    let mut gate = Gate::load(object, &xdp.pin_path)?;
+    let hosts: BTreeSet<IpAddr> = config
+        .routes
+        .iter()
+        .filter_map(|r| r.host.parse().ok())
+        .collect();
+    gate.sync(&MapPlan::from_config(config, &hosts)?, true)?;
+    let mut attached = Vec::new();
+    for iface in &xdp.interfaces {
+        let (mode, pinned) = gate.attach(iface, xdp.mode, &xdp.pin_path)?;
+        if pinned.is_none() {
+            return Err(XdpError::Link(format!(
+                "{iface}: the kernel attached the program without a bpf_link, which cannot be pinned; \
+                 it would be detached when this process exits"
+            )));
+        }
+        attached.push((iface.clone(), mode));
+    }
+    Ok(attached)
+}
+
+/// Detaches the gate from every configured interface and removes its pinned maps (learned
+/// denials included) under `xdp.pin_path` (`cargo xtask unload`). Returns the interfaces it was
+/// detached from.
+pub fn unload_pinned(config: &Config) -> Result<Vec<String>, XdpError> {
+    let xdp = &config.xdp;
+    let mut detached = Vec::new();
+    for iface in &xdp.interfaces {
+        let pin = xdp.pin_path.join(format!("link-{iface}"));
+        if let Ok(link) = PinnedLink::from_pin(&pin) {
+            link.unpin()
+                .map_err(|e| XdpError::Link(format!("{iface}: {e}")))?;
+            detached.push(iface.clone());
+        }
+    }
+    match std::fs::remove_dir_all(&xdp.pin_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(XdpError::PinPath {
+                path: xdp.pin_path.clone(),
+                source,
+            })
+        }
+    }
+    Ok(detached)
+}
+
 impl XdpRuntime {
     /// Loads, syncs and attaches per `config.xdp`. `Ok(None)` when no interface is configured.
     /// Every failure is returned; the caller logs it once and runs without XDP.
