@@ -67,6 +67,8 @@ struct Sample {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, secs) = if quick { (1, 3) } else { (3, 10) };
+    let idle_connections = if quick { 1_000 } else { 9_000 };
+    raise_fd_limit();
     for tool in ["oha", "wrk", "h2load", "nginx", "haproxy"] {
         if which(tool).is_none() {
             eprintln!("{tool} missing: run `cargo xtask bench`, which installs it");
@@ -83,6 +85,16 @@ fn main() {
     for round in 0..rounds {
         for &(proxy, port) in PROXIES {
             let p = start_proxy(proxy, port, d);
+            let kib = idle_memory(port, d, idle_connections, &p);
+            eprintln!(
+                "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection",
+                round + 1
+            );
+            results.entry(("M", proxy)).or_default().push(Sample {
+                rate: 0.0,
+                p99_ms: None,
+                cpu_per_unit_us: kib,
+            });
             for w in WORKLOADS {
                 let s = measure(w, port, d, secs, &p);
                 eprintln!(
@@ -99,6 +111,143 @@ fn main() {
         }
     }
     report(&results, rounds, secs);
+    report_memory(&results, idle_connections);
+}
+
+fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
+    println!("\nM: {n} idle keep-alive mTLS connections (one request each), resident memory of the proxy's processes\n");
+    println!("| proxy | KiB per connection (median, min–max) | vs best rival |");
+    println!("|---|---|---|");
+    let med = |proxy: &str| -> Option<(f64, f64, f64)> {
+        let mut v: Vec<f64> = results
+            .get(&("M", proxy))?
+            .iter()
+            .map(|s| s.cpu_per_unit_us)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        Some((v[v.len() / 2], v[0], v[v.len() - 1]))
+    };
+    let best = ["nginx", "haproxy"]
+        .iter()
+        .filter_map(|p| med(p).map(|m| m.0))
+        .fold(f64::INFINITY, f64::min);
+    for &(proxy, _) in PROXIES {
+        if let Some((m, lo, hi)) = med(proxy) {
+            println!("| {proxy} | {m:.1} ({lo:.1}–{hi:.1}) | {:.2}× |", m / best);
+        }
+    }
+}
+
+/// Lets this process (and the proxies it starts) hold the idle connections of M.
+fn raise_fd_limit() {
+    let want = libc::rlimit {
+        rlim_cur: 65_536,
+        rlim_max: 65_536,
+    };
+    // SAFETY: plain setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+        eprintln!(
+            "cannot raise RLIMIT_NOFILE: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Resident memory of a process and its descendants, KiB.
+fn rss_kib(p: &Proc) -> f64 {
+    p.pids()
+        .iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .sum()
+}
+
+/// M: opens `n` mTLS connections with one keep-alive request each, holds them idle, and returns
+/// the proxy's resident memory growth per connection.
+fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc) -> f64 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(d.join("a.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(d.join("a.key")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(d.join("server-ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    let cfg = std::sync::Arc::new(cfg);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kib(p);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let (cfg, sem) = (cfg.clone(), sem.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await.ok()?;
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()?;
+                let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+                let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .ok()?;
+                tls.write_all(b"GET / HTTP/1.1\r\nhost: a.apps.identity\r\n\r\n")
+                    .await
+                    .ok()?;
+                // Read the whole 1 KiB answer (headers + body) so the connection is idle after.
+                let mut buf = vec![0u8; 4096];
+                let mut got = 0;
+                while got < 1024 {
+                    let k = tls.read(&mut buf).await.ok()?;
+                    if k == 0 {
+                        return None;
+                    }
+                    got += k;
+                }
+                Some(tls)
+            }));
+        }
+        let mut held = Vec::new();
+        for t in tasks {
+            if let Ok(Some(c)) = t.await {
+                held.push(c);
+            }
+        }
+        held
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rss_kib(p);
+    let opened = held.len();
+    drop(held);
+    drop(rt);
+    if opened < n * 9 / 10 {
+        eprintln!("M: only {opened} of {n} connections opened");
+    }
+    (after - before) / opened.max(1) as f64
 }
 
 fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u64) {
@@ -301,6 +450,11 @@ impl Proc {
 
     /// CPU seconds of the process and its descendants that are alive now.
     fn cpu(&self) -> f64 {
+        self.pids().iter().map(|p| cpu_seconds(*p)).sum()
+    }
+
+    /// The process and its descendants.
+    fn pids(&self) -> Vec<u32> {
         let mut pids = vec![self.child.id()];
         let mut i = 0;
         while i < pids.len() {
@@ -313,7 +467,7 @@ impl Proc {
             );
             i += 1;
         }
-        pids.iter().map(|p| cpu_seconds(*p)).sum()
+        pids
     }
 }
 
@@ -349,6 +503,7 @@ fn pki(d: &Path) {
         .server(&["*.apps.identity", "*.apps.plain", "localhost", "127.0.0.1"])
         .unwrap();
     std::fs::write(d.join("server.pem"), &server.chain_pem).unwrap();
+    std::fs::write(d.join("server-ca.pem"), &server_ca.cert_pem).unwrap();
     std::fs::write(d.join("server.key"), &server.key_pem).unwrap();
     std::fs::write(
         d.join("server-combined.pem"),

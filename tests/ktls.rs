@@ -11,6 +11,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -45,15 +46,20 @@ fn kernel_has_ktls() -> bool {
     present
 }
 
-/// A deterministic backend: `GET /bytes/N` answers N pattern bytes, `POST` echoes the body.
-async fn backend() -> SocketAddr {
+/// A deterministic backend: `GET /bytes/N` answers N pattern bytes, `POST` echoes the body. With
+/// `tls`, it speaks TLS (userspace rustls) and counts the connections it accepted.
+async fn backend(tls: Option<Arc<rustls::ServerConfig>>) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            let tls = tls.clone();
+            let count = count.clone();
             tokio::spawn(async move {
                 let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
                     let body = if req.method() == http::Method::POST {
@@ -73,22 +79,57 @@ async fn backend() -> SocketAddr {
                         .unwrap();
                     Ok::<_, hyper::Error>(resp)
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
+                    }
+                    Some(cfg) => {
+                        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                            return;
+                        };
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let _ = http.serve_connection(TokioIo::new(tls), svc).await;
+                    }
+                }
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
-fn sections(ktls: &str, backend: SocketAddr) -> String {
+/// The TLS backend's server config: a `backend.internal` certificate from the backend CA.
+fn backend_tls(pki: &TestPki) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let leaf = pki.backend_ca.server(&["backend.internal"]).unwrap();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap(),
+    )
+}
+
+/// `a.apps.identity` (mTLS) and `a.apps.plain` go to the plain backend, `tls.apps.plain` to the
+/// TLS one.
+fn sections(ktls: &str, backend: SocketAddr, tls_backend: SocketAddr) -> String {
     format!(
         "tls:\n  certificates: [{{cert_chain: server.pem, private_key: server.key}}]\n  handshake_timeout: 5s\n  ktls: {ktls}\n\
          access_log: {{path: access.log, extra_fields: [ktls]}}\n\
          domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n\
-         routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {port}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n  - {{uris: [a.apps.plain], host: \"127.0.0.1\", port: {port}}}\n",
-        port = backend.port()
+         routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {port}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n  - {{uris: [a.apps.plain], host: \"127.0.0.1\", port: {port}}}\n  - {{uris: [tls.apps.plain], host: \"127.0.0.1\", tls_port: {tls_port}, server_cert_domain_san: backend.internal}}\n",
+        port = backend.port(),
+        tls_port = tls_backend.port()
     )
 }
 
@@ -216,19 +257,27 @@ async fn h2_exchange(
 async fn kernel_tls_matches_userspace_or_falls_back() {
     let kernel = kernel_has_ktls();
     let pki = TestPki::new();
-    let backend = backend().await;
-    let off = TestGateway::start(&pki, &sections("off", backend)).await;
+    let (backend, _) = backend(None).await;
+    // One TLS backend per gateway, so the kTLS gateway's backend connections can be counted.
+    let (tls_off, _) = self::backend(Some(backend_tls(&pki))).await;
+    let (tls_on, tls_on_accepted) = self::backend(Some(backend_tls(&pki))).await;
+    let off = TestGateway::start(&pki, &sections("off", backend, tls_off)).await;
     if !kernel {
-        fallback(&pki, backend).await;
+        fallback(&pki, backend, tls_off).await;
         return;
     }
-    let on = TestGateway::start(&pki, &sections("on", backend)).await;
+    let on = TestGateway::start(&pki, &sections("on", backend, tls_on)).await;
     let upload: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let before = tls_stat();
 
-    // HTTP/1.1: mTLS and plain, small, 1 MiB down, 300 KB up; then a resumed connection.
+    // HTTP/1.1: mTLS and plain, to a plain and to a TLS backend; small, 1 MiB down, 300 KB up;
+    // then a resumed connection.
     let mut h1_cases = 0;
-    for (host, mtls) in [("a.apps.identity", true), ("a.apps.plain", false)] {
+    for (host, mtls) in [
+        ("a.apps.identity", true),
+        ("a.apps.plain", false),
+        ("tls.apps.plain", false),
+    ] {
         for request in [
             get(host, "/bytes/100"),
             get(host, "/bytes/1048576"),
@@ -260,7 +309,11 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     h1_cases += 2;
 
     // h2: three streams on one connection, mTLS and plain.
-    for (host, mtls) in [("a.apps.identity", true), ("a.apps.plain", false)] {
+    for (host, mtls) in [
+        ("a.apps.identity", true),
+        ("a.apps.plain", false),
+        ("tls.apps.plain", false),
+    ] {
         let cfg = client_config(&pki, mtls, b"h2");
         let want = h2_exchange(off.https(), cfg.clone(), host, &upload).await;
         let got = h2_exchange(on.https(), cfg, host, &upload).await;
@@ -270,7 +323,10 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
         assert_eq!(want[2].2.as_ref(), upload.as_slice());
         assert!(got == want, "kTLS h2 responses differ for {host}");
     }
-    let connections = h1_cases + 2;
+    let connections = h1_cases + 3;
+    // The kTLS gateway's connections to the TLS backend went into the kernel too.
+    let backend_connections = tls_on_accepted.load(Ordering::Relaxed);
+    assert!(backend_connections >= 1);
 
     let after = tls_stat();
     let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
@@ -279,10 +335,18 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
         delta("TlsTxSw"),
         delta("TlsRxSw")
     );
-    // Every kTLS connection put both directions into the kernel's software crypto; the `off`
-    // gateway none.
-    assert_eq!(delta("TlsTxSw"), connections, "{after:?}");
-    assert_eq!(delta("TlsRxSw"), connections, "{after:?}");
+    // Every kTLS connection, client side and backend side, put both directions into the kernel's
+    // software crypto; the `off` gateway none.
+    assert_eq!(
+        delta("TlsTxSw"),
+        connections + backend_connections,
+        "{after:?}"
+    );
+    assert_eq!(
+        delta("TlsRxSw"),
+        connections + backend_connections,
+        "{after:?}"
+    );
     assert_eq!(delta("TlsDecryptError"), 0);
     assert_eq!(
         on.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
@@ -302,8 +366,8 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
 
 /// No kTLS in this kernel: `auto` serves from rustls, `on` refuses to start and says why, and the
 /// real binary reports the fallback exactly once.
-async fn fallback(pki: &TestPki, backend: SocketAddr) {
-    let auto = TestGateway::start(pki, &sections("auto", backend)).await;
+async fn fallback(pki: &TestPki, backend: SocketAddr, tls_backend: SocketAddr) {
+    let auto = TestGateway::start(pki, &sections("auto", backend, tls_backend)).await;
     let host = "a.apps.identity";
     let (resp, _) = h1_raw(
         auto.https(),
@@ -329,7 +393,7 @@ async fn fallback(pki: &TestPki, backend: SocketAddr) {
     let path = dir.path().join("portcullis.yaml");
     let yaml = format!(
         "listen: {{https: \"127.0.0.1:0\"}}\n{}",
-        sections("on", backend)
+        sections("on", backend, tls_backend)
     );
     std::fs::write(&path, &yaml).unwrap();
     let config = portcullis::config::Config::load(&path).unwrap();
@@ -347,7 +411,7 @@ async fn fallback(pki: &TestPki, backend: SocketAddr) {
         &path,
         format!(
             "listen: {{https: \"127.0.0.1:0\"}}\n{}",
-            sections("auto", backend)
+            sections("auto", backend, tls_backend)
         ),
     )
     .unwrap();

@@ -382,6 +382,7 @@ async fn route(
     // Proxy, retrying connection failures on other endpoints.
     let settings = ConnectSettings {
         tls: rt.backend_tls.as_ref(),
+        ktls: state.ktls.as_deref(),
         connect_timeout: rt.config.backends.connect_timeout,
         idle_timeout: rt.config.backends.idle_timeout,
         max_idle: rt.config.backends.max_idle_per_endpoint,

@@ -118,6 +118,8 @@ pub struct BackendPool {
 /// Settings for connecting, from `backends` in the config.
 pub struct ConnectSettings<'a> {
     pub tls: Option<&'a Arc<ClientConfig>>,
+    /// Kernel TLS for TLS backends, when the start-up probe found it.
+    pub ktls: Option<&'a crate::tls::KernelTls>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
@@ -219,11 +221,34 @@ impl BackendPool {
                 let name = ServerName::try_from(san.clone())
                     .map_err(|_| ConnectError::BadSan(san.clone()))?;
                 let connector = tokio_rustls::TlsConnector::from(cfg.clone());
-                let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
-                    .map_err(ConnectError::Tls)?;
-                handshake(TokioIo::new(tls), key.h2, upgrades).await?
+                let Some(kernel) = s.ktls else {
+                    let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
+                        .await
+                        .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
+                        .map_err(ConnectError::Tls)?;
+                    return Ok(Lease {
+                        sender: handshake(TokioIo::new(tls), key.h2, upgrades).await?,
+                        key,
+                        reused: false,
+                    });
+                };
+                // As for client connections: handshake on a CorkStream, then hand the record
+                // crypto to the kernel when it takes the negotiated suite.
+                let tls = tokio::time::timeout(
+                    s.connect_timeout,
+                    connector.connect(name, ktls::CorkStream::new(tcp)),
+                )
+                .await
+                .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
+                .map_err(ConnectError::Tls)?;
+                if kernel.supports(tls.get_ref().1.negotiated_cipher_suite()) {
+                    let stream = ktls::config_ktls_client(tls)
+                        .await
+                        .map_err(|e| ConnectError::Tls(std::io::Error::other(e.to_string())))?;
+                    handshake(TokioIo::new(stream), key.h2, upgrades).await?
+                } else {
+                    handshake(TokioIo::new(tls), key.h2, upgrades).await?
+                }
             }
         };
         Ok(Lease {

@@ -24,5 +24,7 @@ pub fn backend_client_config(b: &Backends) -> Result<Option<Arc<ClientConfig>>, 
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Kernel TLS needs the traffic secrets after the handshake.
+    cfg.enable_secret_extraction = true;
     Ok(Some(Arc::new(cfg)))
 }
