@@ -81,11 +81,22 @@ fn main() {
     std::fs::write(d.join("1k"), vec![b'x'; 1024]).unwrap();
     std::fs::write(d.join("1m"), vec![b'y'; 1 << 20]).unwrap();
     let _backend = Proc::start(nginx("backend", d, &backend_conf(d)), &[BACKEND]);
+    // Optional filters for a focused run: RIVALS_PROXIES=portcullis,nginx RIVALS_WORKLOADS=W1,M
+    let only = |var: &str, name: &str| {
+        std::env::var(var).map_or(true, |v| v.split(',').any(|x| x == name))
+    };
     let mut results: BTreeMap<(&str, &str), Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         for &(proxy, port) in PROXIES {
+            if !only("RIVALS_PROXIES", proxy) {
+                continue;
+            }
             let p = start_proxy(proxy, port, d);
-            let kib = idle_memory(port, d, idle_connections, &p);
+            let kib = if only("RIVALS_WORKLOADS", "M") {
+                idle_memory(port, d, idle_connections, &p)
+            } else {
+                0.0
+            };
             eprintln!(
                 "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection",
                 round + 1
@@ -95,7 +106,14 @@ fn main() {
                 p99_ms: None,
                 cpu_per_unit_us: kib,
             });
-            for w in WORKLOADS {
+            if std::env::var_os("RIVALS_HOLD").is_some() {
+                eprintln!(
+                    "{proxy} runs as pid {} on port {port}; RIVALS_HOLD: waiting 60 s",
+                    p.child.id()
+                );
+                std::thread::sleep(Duration::from_secs(60));
+            }
+            for w in WORKLOADS.iter().filter(|w| only("RIVALS_WORKLOADS", w.id)) {
                 let s = measure(w, port, d, secs, &p);
                 eprintln!(
                     "round {} {proxy:>10} {:>5}: {:>10.0}/s p99 {:>7} cpu {:>8.1} µs/{}",
@@ -138,12 +156,16 @@ fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
     }
 }
 
-/// Lets this process (and the proxies it starts) hold the idle connections of M.
+/// Lets this process (and the proxies it starts) hold the idle connections of M: the soft
+/// limit up to the hard one.
 fn raise_fd_limit() {
-    let want = libc::rlimit {
-        rlim_cur: 65_536,
-        rlim_max: 65_536,
+    let mut want = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
+    // SAFETY: plain getrlimit into a valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut want) };
+    want.rlim_cur = want.rlim_max;
     // SAFETY: plain setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
         eprintln!(
@@ -211,24 +233,34 @@ fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc) -> f64 {
                     .await
                     .ok()?;
                 let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
-                let mut tls = tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
-                    .await
-                    .ok()?;
-                tls.write_all(b"GET / HTTP/1.1\r\nhost: a.apps.identity\r\n\r\n")
-                    .await
-                    .ok()?;
-                // Read the whole 1 KiB answer (headers + body) so the connection is idle after.
-                let mut buf = vec![0u8; 4096];
-                let mut got = 0;
-                while got < 1024 {
-                    let k = tls.read(&mut buf).await.ok()?;
-                    if k == 0 {
-                        return None;
+                let exchange = async {
+                    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                        .connect(name, tcp)
+                        .await
+                        .ok()?;
+                    tls.write_all(b"GET / HTTP/1.1\r\nhost: a.apps.identity\r\n\r\n")
+                        .await
+                        .ok()?;
+                    // Read the whole answer (a 1 KiB body) so the connection is idle after.
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    loop {
+                        let k = tls.read(&mut buf).await.ok()?;
+                        if k == 0 {
+                            return None;
+                        }
+                        got.extend_from_slice(&buf[..k]);
+                        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            if got.len() >= end + 4 + 1024 {
+                                return Some(tls);
+                            }
+                        }
                     }
-                    got += k;
-                }
-                Some(tls)
+                };
+                tokio::time::timeout(Duration::from_secs(10), exchange)
+                    .await
+                    .ok()
+                    .flatten()
             }));
         }
         let mut held = Vec::new();
@@ -312,14 +344,23 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
     let a_key = d.join("a.key");
     let oha = |extra: &[&str], target: String, cert: &str| -> Command {
         let mut c = Command::new("oha");
-        c.args(["--no-tui", "--output-format", "json", "--insecure", "-z"])
-            .arg(format!("{secs}s"))
-            .arg("--cert")
-            .arg(d.join(format!("{cert}.pem")))
-            .arg("--key")
-            .arg(d.join(format!("{cert}.key")))
-            .args(extra)
-            .arg(target);
+        c.args([
+            "--no-tui",
+            "--output-format",
+            "json",
+            "--insecure",
+            "--ipv4",
+            "-z",
+        ])
+        .arg(format!("{secs}s"))
+        .arg("--cert")
+        .arg(d.join(format!("{cert}.pem")))
+        .arg("--key")
+        .arg(d.join(format!("{cert}.key")))
+        .args(extra)
+        .arg("--connect-to")
+        .arg(format!("a.apps.identity:{port}:127.0.0.1:{port}"))
+        .arg(target);
         c
     };
     let _ = (&a_cert, &a_key);
@@ -555,8 +596,8 @@ fn backend_conf(d: &Path) -> String {
     format!(
         "worker_processes 1;\nerror_log stderr error;\npid backend.pid;\nevents {{ worker_connections 4096; }}\n\
          http {{ access_log off; keepalive_requests 1000000;\n  server {{ listen 127.0.0.1:{BACKEND};\n    \
-         location = / {{ alias {dir}/1k; default_type text/plain; }}\n    \
-         location = /1m {{ alias {dir}/1m; default_type application/octet-stream; }} }} }}\n",
+         root {dir}; default_type application/octet-stream;\n    \
+         location = / {{ try_files /1k =404; }}\n    location = /1m {{ }} }} }}\n",
         dir = d.display()
     )
 }
@@ -589,10 +630,10 @@ fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
                  upstream backend {{ server 127.0.0.1:{BACKEND}; keepalive 64; }}\n  \
                  map $ssl_client_s_dn $denied {{ ~OU=app:app-a(,|\\+|$) 0; default 1; }}\n  \
                  ssl_certificate {dd}/server.pem; ssl_certificate_key {dd}/server.key; ssl_session_tickets off; ssl_session_cache off;\n  \
-                 server {{ listen 127.0.0.1:{port} ssl; http2 on; server_name a.apps.identity;\n    \
+                 server {{ listen 127.0.0.1:{port} ssl http2; server_name a.apps.identity;\n    \
                  ssl_client_certificate {dd}/identity-ca.pem; ssl_verify_client on; ssl_verify_depth 3;\n    \
                  location / {{ if ($denied) {{ return 403; }} proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n  \
-                 server {{ listen 127.0.0.1:{port} ssl default_server; http2 on; server_name a.apps.plain;\n    \
+                 server {{ listen 127.0.0.1:{port} ssl http2 default_server; server_name a.apps.plain;\n    \
                  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n"
             );
             Proc::start(nginx("front", d, &conf), &[port])

@@ -110,12 +110,20 @@ impl<B: Body<Data = Bytes>> Body for Finish<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let res = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let res = this.inner.as_mut().poll_frame(cx);
         match &res {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     *this.bytes += d.len() as u64;
+                }
+                // A body of known length ends with its last frame: hyper sees `is_end_stream`
+                // and drops it without polling for the end. That is a clean end too (and it lets
+                // the backend connection go back to the pool).
+                if this.inner.is_end_stream() {
+                    if let Some(done) = this.on_done.take() {
+                        done(*this.bytes, true);
+                    }
                 }
             }
             Poll::Ready(None) => {
