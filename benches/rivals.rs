@@ -175,6 +175,16 @@ fn raise_fd_limit() {
     }
 }
 
+fn fd_limit() -> u64 {
+    let mut have = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit into a valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut have) };
+    have.rlim_cur
+}
+
 /// Resident memory of a process and its descendants, KiB.
 fn rss_kib(p: &Proc) -> f64 {
     p.pids()
@@ -639,8 +649,11 @@ fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
             Proc::start(nginx("front", d, &conf), &[port])
         }
         _ => {
+            // HAProxy wants two descriptors per connection and refuses to start when the
+            // limit cannot hold its maxconn.
+            let maxconn = fd_limit().saturating_sub(200) / 2;
             let conf = format!(
-                "global\n  nbthread 2\n  maxconn 20000\n  tune.ssl.default-dh-param 2048\n\
+                "global\n  nbthread 2\n  maxconn {maxconn}\n  tune.ssl.default-dh-param 2048\n\
                  defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  log stdout format raw local0 info\n  option httplog\n\
                  frontend fe\n  bind 127.0.0.1:{port} ssl crt {dd}/server-combined.pem ca-file {dd}/identity-ca.pem verify optional alpn h2,http/1.1 no-tls-tickets\n  \
                  http-request deny deny_status 403 if {{ ssl_fc_sni -i a.apps.identity }} !{{ ssl_c_used }}\n  \

@@ -362,6 +362,140 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     assert!(lines.iter().all(|l| l.contains(" ktls:true ")), "{lines:?}");
     let lines = off.log_lines(off_connections as usize).await;
     assert!(lines.iter().all(|l| l.contains(" ktls:false ")));
+
+    key_update(&on, &pki).await;
+    hostile_records(&on, &pki).await;
+}
+
+/// A client's TLS 1.3 KeyUpdate on a kernel-TLS connection. The gateway cannot follow it (rustls'
+/// buffered connections do not hand out the traffic secrets, and kernels before 6.14 cannot
+/// rekey at all), so what must hold is that the connection ends in order (close_notify, no hang,
+/// no reset), the gateway keeps running, and new connections are served.
+async fn key_update(gw: &TestGateway, pki: &TestPki) {
+    let host = "a.apps.identity";
+    let tcp = TcpStream::connect(gw.https()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client_config(pki, true, b"http/1.1"))
+        .connect(ServerName::try_from(host).unwrap(), tcp)
+        .await
+        .unwrap();
+    let request = format!("GET /bytes/100 HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    tls.get_mut().1.refresh_traffic_keys().unwrap();
+    let after_update = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        tls.write_all(request.as_bytes()).await?;
+        let mut out = Vec::new();
+        loop {
+            let n = tls.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(out);
+            }
+            out.extend_from_slice(&buf[..n]);
+            if out.len() >= 100 && out.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Ok(out);
+            }
+        }
+    })
+    .await
+    .expect("the connection answers or ends within 10 s after a KeyUpdate");
+    eprintln!(
+        "request after a client KeyUpdate on kTLS: {}",
+        match &after_update {
+            Ok(out) if out.starts_with(b"HTTP/1.1 200") => "answered".to_string(),
+            Ok(out) => format!("connection ended ({} bytes)", out.len()),
+            Err(e) => format!("connection ended: {e}"),
+        }
+    );
+    // The gateway sends close_notify before it closes, so the client sees an orderly end rather
+    // than a reset.
+    assert!(after_update.is_ok(), "{after_update:?}");
+    let (resp, _) = h1_raw(
+        gw.https(),
+        client_config(pki, true, b"http/1.1"),
+        host,
+        get(host, "/bytes/100"),
+    )
+    .await;
+    assert!(
+        resp.starts_with(b"HTTP/1.1 200"),
+        "served after the KeyUpdate"
+    );
+}
+
+/// Records a TLS peer may send after the handshake that the gateway's kernel connection must
+/// refuse without panicking: each connection ends within 5 s and the gateway keeps serving. The
+/// client is itself a kernel TLS connection, so it can send records of any type.
+async fn hostile_records(gw: &TestGateway, pki: &TestPki) {
+    static PANICS: AtomicU64 = AtomicU64::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        previous(info);
+    }));
+    let host = "a.apps.identity";
+    let cases: [(&str, u8, &[u8]); 7] = [
+        ("change_cipher_spec", 20, &[1]),
+        ("unknown record type", 42, &[0]),
+        ("malformed alert", 21, &[2, 40, 0]),
+        ("unknown handshake message", 22, &[99, 0, 0, 0]),
+        ("NewSessionTicket from a client", 22, &[4, 0, 0, 0]),
+        ("KeyUpdate", 22, &[24, 0, 0, 1, 0]),
+        ("oversized handshake message", 22, &[1, 0x7f, 0xff, 0xff]),
+    ];
+    for (what, record, payload) in cases {
+        let mut cfg = (*client_config(pki, true, b"http/1.1")).clone();
+        cfg.enable_secret_extraction = true;
+        let tcp = TcpStream::connect(gw.https()).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(
+                ServerName::try_from(host).unwrap(),
+                ktls::CorkStream::new(tcp),
+            )
+            .await
+            .unwrap();
+        let mut conn = portcullis::tls::kstream::client(tls).await.unwrap();
+        // One exchange first: a record sent right after the handshake can reach the gateway
+        // while rustls still reads the socket, which then handles it in userspace.
+        let request = format!("GET /bytes/100 HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 4096];
+        let complete = |r: &[u8]| {
+            r.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .is_some_and(|end| r.len() >= end + 4 + 100)
+        };
+        while !complete(&response) {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "{what}: connection ended before the response");
+            response.extend_from_slice(&buf[..n]);
+        }
+        assert!(response.starts_with(b"HTTP/1.1 200"), "{what}");
+        conn.send_record(record, payload).unwrap();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the gateway neither answered nor closed"));
+        eprintln!("{what}: connection ended with {end:?}");
+        assert!(matches!(end, Ok(0) | Err(_)), "{what}: {end:?}");
+    }
+    let (resp, _) = h1_raw(
+        gw.https(),
+        client_config(pki, true, b"http/1.1"),
+        host,
+        get(host, "/bytes/100"),
+    )
+    .await;
+    assert!(
+        resp.starts_with(b"HTTP/1.1 200"),
+        "served after hostile records"
+    );
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        0,
+        "a peer's record made the gateway panic"
+    );
 }
 
 /// No kTLS in this kernel: `auto` serves from rustls, `on` refuses to start and says why, and the

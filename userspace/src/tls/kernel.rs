@@ -3,7 +3,7 @@
 //!
 //! The probe runs once at start. Each connection is then accepted on a [`ktls::CorkStream`] so
 //! rustls stops reading exactly at a record boundary, and handed to the kernel with
-//! [`ktls::config_ktls_server`]. A suite the kernel cannot take stays in userspace rustls.
+//! [`super::kstream`]. A suite the kernel cannot take stays in userspace rustls.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;

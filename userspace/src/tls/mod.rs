@@ -3,6 +3,7 @@
 mod accept;
 mod backend;
 mod kernel;
+pub mod kstream;
 mod server;
 
 pub use accept::{accept, Accepted, ConnTls, HandshakeFailure};
