@@ -608,8 +608,19 @@ async fn churn_on_other_routes_never_fails_stable_ones() {
         published as f64 >= 0.8 * 1000.0 * run_for.as_secs_f64(),
         "churn rate too low: {published}"
     );
-    let applied =
-        gw.metric("portcullis_registry_messages_total{subject=\"router.register\",result=\"ok\"}");
+    // The last messages may still be on their way from nats-server after the flush: every one
+    // must be applied, within a bounded wait.
+    let applied_now = || {
+        gw.metric("portcullis_registry_messages_total{subject=\"router.register\",result=\"ok\"}")
+    };
+    let mut applied = applied_now();
+    for _ in 0..50 {
+        if applied >= published as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        applied = applied_now();
+    }
     assert!(
         applied >= published as f64,
         "registrations applied: {applied} of {published}"
