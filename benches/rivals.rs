@@ -159,12 +159,7 @@ fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
 /// Lets this process (and the proxies it starts) hold the idle connections of M: the soft
 /// limit up to the hard one.
 fn raise_fd_limit() {
-    let mut want = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit into a valid struct.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut want) };
+    let mut want = nofile();
     want.rlim_cur = want.rlim_max;
     // SAFETY: plain setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
@@ -175,14 +170,15 @@ fn raise_fd_limit() {
     }
 }
 
-fn fd_limit() -> u64 {
+/// This process's descriptor limits (inherited by the proxies it starts).
+fn nofile() -> libc::rlimit {
     let mut have = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain getrlimit into a valid struct.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut have) };
-    have.rlim_cur
+    have
 }
 
 /// Resident memory of a process and its descendants, KiB.
@@ -651,7 +647,7 @@ fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
         _ => {
             // HAProxy wants two descriptors per connection and refuses to start when the
             // limit cannot hold its maxconn.
-            let maxconn = fd_limit().saturating_sub(200) / 2;
+            let maxconn = nofile().rlim_cur.saturating_sub(200) / 2;
             let conf = format!(
                 "global\n  nbthread 2\n  maxconn {maxconn}\n  tune.ssl.default-dh-param 2048\n\
                  defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  log stdout format raw local0 info\n  option httplog\n\

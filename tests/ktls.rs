@@ -411,6 +411,12 @@ async fn key_update(gw: &TestGateway, pki: &TestPki) {
     // The gateway sends close_notify before it closes, so the client sees an orderly end rather
     // than a reset.
     assert!(after_update.is_ok(), "{after_update:?}");
+    assert_served(gw, pki, "after the KeyUpdate").await;
+}
+
+/// A fresh mTLS connection gets `200` for `GET /bytes/100` on `a.apps.identity`.
+async fn assert_served(gw: &TestGateway, pki: &TestPki, when: &str) {
+    let host = "a.apps.identity";
     let (resp, _) = h1_raw(
         gw.https(),
         client_config(pki, true, b"http/1.1"),
@@ -418,10 +424,7 @@ async fn key_update(gw: &TestGateway, pki: &TestPki) {
         get(host, "/bytes/100"),
     )
     .await;
-    assert!(
-        resp.starts_with(b"HTTP/1.1 200"),
-        "served after the KeyUpdate"
-    );
+    assert!(resp.starts_with(b"HTTP/1.1 200"), "served {when}");
 }
 
 /// Records a TLS peer may send after the handshake that the gateway's kernel connection must
@@ -455,7 +458,7 @@ async fn hostile_records(gw: &TestGateway, pki: &TestPki) {
             )
             .await
             .unwrap();
-        let mut conn = portcullis::tls::kstream::client(tls).await.unwrap();
+        let mut conn = portcullis::tls::kstream::handoff(tls).await.unwrap();
         // One exchange first: a record sent right after the handshake can reach the gateway
         // while rustls still reads the socket, which then handles it in userspace.
         let request = format!("GET /bytes/100 HTTP/1.1\r\nhost: {host}\r\n\r\n");
@@ -480,17 +483,7 @@ async fn hostile_records(gw: &TestGateway, pki: &TestPki) {
         eprintln!("{what}: connection ended with {end:?}");
         assert!(matches!(end, Ok(0) | Err(_)), "{what}: {end:?}");
     }
-    let (resp, _) = h1_raw(
-        gw.https(),
-        client_config(pki, true, b"http/1.1"),
-        host,
-        get(host, "/bytes/100"),
-    )
-    .await;
-    assert!(
-        resp.starts_with(b"HTTP/1.1 200"),
-        "served after hostile records"
-    );
+    assert_served(gw, pki, "after hostile records").await;
     assert_eq!(
         PANICS.load(Ordering::SeqCst),
         0,
@@ -502,15 +495,7 @@ async fn hostile_records(gw: &TestGateway, pki: &TestPki) {
 /// real binary reports the fallback exactly once.
 async fn fallback(pki: &TestPki, backend: SocketAddr, tls_backend: SocketAddr) {
     let auto = TestGateway::start(pki, &sections("auto", backend, tls_backend)).await;
-    let host = "a.apps.identity";
-    let (resp, _) = h1_raw(
-        auto.https(),
-        client_config(pki, true, b"http/1.1"),
-        host,
-        get(host, "/bytes/100"),
-    )
-    .await;
-    assert!(resp.starts_with(b"HTTP/1.1 200"));
+    assert_served(&auto, pki, "in userspace").await;
     assert_eq!(
         auto.metric("portcullis_ktls_connections_total{mode=\"userspace\"}"),
         1.0

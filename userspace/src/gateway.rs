@@ -354,7 +354,7 @@ async fn serve_tls(
     let Some((stream, mut conn)) = handshake_done(&state, accepted, client, "kernel") else {
         return;
     };
-    match tls::kstream::server(stream).await {
+    match tls::kstream::handoff(stream).await {
         Ok(stream) => {
             conn.ktls = true;
             serve_http(state, stream, conn, shutdown).await;

@@ -242,7 +242,7 @@ impl BackendPool {
                 .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
                 .map_err(ConnectError::Tls)?;
                 if kernel.supports(tls.get_ref().1.negotiated_cipher_suite()) {
-                    let stream = crate::tls::kstream::client(tls)
+                    let stream = crate::tls::kstream::handoff(tls)
                         .await
                         .map_err(|e| ConnectError::Tls(std::io::Error::other(e.to_string())))?;
                     handshake(TokioIo::new(stream), key.h2, upgrades).await?

@@ -78,34 +78,29 @@ pub struct KernelStream {
     close_notify_sent: bool,
 }
 
-/// Moves an accepted client connection into the kernel.
-pub async fn server(
-    stream: tokio_rustls::server::TlsStream<CorkStream<TcpStream>>,
+/// Moves an established connection into the kernel: an accepted client connection
+/// (`tokio_rustls::server::TlsStream`) or one to a TLS backend (`client::TlsStream`).
+pub async fn handoff(
+    stream: impl Into<tokio_rustls::TlsStream<CorkStream<TcpStream>>>,
 ) -> Result<KernelStream, HandoffError> {
-    let mut stream = stream;
+    let mut stream = stream.into();
     stream.get_mut().0.corked = true;
     let drained = drain(&mut stream).await.map_err(HandoffError::Drain)?;
-    let (cork, conn) = stream.into_inner();
+    let (cork, conn, side): (_, rustls::Connection, _) = match stream {
+        tokio_rustls::TlsStream::Server(s) => {
+            let (cork, conn) = s.into_inner();
+            (cork, conn.into(), Side::Server)
+        }
+        tokio_rustls::TlsStream::Client(s) => {
+            let (cork, conn) = s.into_inner();
+            (cork, conn.into(), Side::Client)
+        }
+    };
     let suite = conn.negotiated_cipher_suite();
     let secrets = conn
         .dangerous_extract_secrets()
         .map_err(HandoffError::Secrets)?;
-    KernelStream::new(cork.io, Side::Server, suite, secrets, drained)
-}
-
-/// Moves a connection to a TLS backend into the kernel.
-pub async fn client(
-    stream: tokio_rustls::client::TlsStream<CorkStream<TcpStream>>,
-) -> Result<KernelStream, HandoffError> {
-    let mut stream = stream;
-    stream.get_mut().0.corked = true;
-    let drained = drain(&mut stream).await.map_err(HandoffError::Drain)?;
-    let (cork, conn) = stream.into_inner();
-    let suite = conn.negotiated_cipher_suite();
-    let secrets = conn
-        .dangerous_extract_secrets()
-        .map_err(HandoffError::Secrets)?;
-    KernelStream::new(cork.io, Side::Client, suite, secrets, drained)
+    KernelStream::new(cork.io, side, suite, secrets, drained)
 }
 
 /// Reads what rustls has buffered; the corked stream reads nothing past the record boundary, so
