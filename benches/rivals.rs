@@ -106,12 +106,16 @@ fn main() {
                 p99_ms: None,
                 cpu_per_unit_us: kib,
             });
-            if std::env::var_os("RIVALS_HOLD").is_some() {
+            // RIVALS_HOLD=<seconds>: time to attach a profiler before the workloads start.
+            if let Some(hold) = std::env::var("RIVALS_HOLD")
+                .ok()
+                .and_then(|h| h.parse().ok())
+            {
                 eprintln!(
-                    "{proxy} runs as pid {} on port {port}; RIVALS_HOLD: waiting 60 s",
+                    "{proxy} runs as pid {} on port {port}; RIVALS_HOLD: waiting {hold} s",
                     p.child.id()
                 );
-                std::thread::sleep(Duration::from_secs(60));
+                std::thread::sleep(Duration::from_secs(hold));
             }
             for w in WORKLOADS.iter().filter(|w| only("RIVALS_WORKLOADS", w.id)) {
                 let s = measure(w, port, d, secs, &p);
@@ -616,13 +620,17 @@ fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
                 "listen: {{https: \"127.0.0.1:{port}\"}}\n\
                  tls: {{certificates: [{{cert_chain: {dd}/server.pem, private_key: {dd}/server.key}}]}}\n\
                  access_log: {{path: {dd}/portcullis-access.log}}\n\
+                 backends: {{max_idle_per_endpoint: 1000}}\n\
                  domains:\n  - name: \"*.apps.identity\"\n    ca_certs: {dd}/identity-ca.pem\n\
                  routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {BACKEND}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n  \
                  - {{uris: [a.apps.plain], host: \"127.0.0.1\", port: {BACKEND}}}\n"
             );
             let path = d.join("portcullis.yaml");
             std::fs::write(&path, conf).unwrap();
-            let mut c = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+            // RIVALS_PORTCULLIS_BIN: another build of portcullis, for an A/B comparison.
+            let bin = std::env::var_os("RIVALS_PORTCULLIS_BIN")
+                .unwrap_or_else(|| env!("CARGO_BIN_EXE_portcullis").into());
+            let mut c = Command::new(bin);
             c.args(["run", "--config"])
                 .arg(path)
                 .env("RUST_LOG", "warn");

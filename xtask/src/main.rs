@@ -293,8 +293,13 @@ fn bench(quick: bool) -> Result<()> {
         c.args(args);
         run(&mut c)
     };
+    // Build every bench binary in one cargo run (in parallel) before timing any of them.
+    run(cargo().args(["bench", "-p", "portcullis", "--no-run"]))?;
     if quick {
-        bench("micro", &["--warm-up-time", "1", "--measurement-time", "2"])?;
+        bench(
+            "micro",
+            &["--warm-up-time", "0.5", "--measurement-time", "1"],
+        )?;
     } else {
         bench("micro", &[])?;
         bench("registry_scale", &[])?;
@@ -302,7 +307,7 @@ fn bench(quick: bool) -> Result<()> {
     if is_root() {
         build_ebpf()?;
         mount_bpffs()?;
-        bench("xdp", &[])?;
+        bench("xdp", if quick { &["--quick"] } else { &[] })?;
         bench("flood", &["--seconds", if quick { "3" } else { "10" }])?;
     } else {
         eprintln!("not root: skipping the XDP and flood benchmarks");
