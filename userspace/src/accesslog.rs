@@ -1,7 +1,8 @@
 //! The access log (SPEC §9): exactly one line per request, rendered from typed context.
 //!
-//! Lines are handed to a writer task over a bounded channel so a slow disk never stalls a request;
-//! when the channel is full the record is dropped and counted.
+//! Lines are handed to a writer thread over a bounded channel so a slow disk never stalls a request;
+//! when the channel is full the record is dropped and counted. The writer gathers lines for a few
+//! milliseconds and writes them in one call, so a busy gateway pays one wake-up per batch.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -9,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use std::io::Write;
+use std::sync::mpsc;
 
 use crate::config::ExtraField;
 use crate::metrics::Metrics;
@@ -145,12 +146,19 @@ impl AccessRecord {
 enum Msg {
     Line(String),
     Reopen,
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
-/// A handle to the writer task. Cloning is cheap.
+/// How long the writer lets lines gather after the first one of a batch. Requests never wait on
+/// it; it turns one wake-up and one `write` per request into one per batch.
+const GATHER: Duration = Duration::from_millis(5);
+/// A batch is written once it holds this many bytes, whatever the time.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// A handle to the writer thread. Cloning is cheap.
 #[derive(Clone)]
 pub struct AccessLogger {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::SyncSender<Msg>,
     extra: Arc<[ExtraField]>,
     metrics: Arc<Metrics>,
 }
@@ -163,16 +171,15 @@ pub struct OpenError {
     pub source: std::io::Error,
 }
 
-type Sink = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+type Sink = Box<dyn Write + Send>;
 
-async fn open(path: &Option<PathBuf>) -> Result<Sink, OpenError> {
+fn open(path: &Option<PathBuf>) -> Result<Sink, OpenError> {
     match path {
-        None => Ok(Box::new(tokio::io::stdout())),
-        Some(p) => tokio::fs::OpenOptions::new()
+        None => Ok(Box::new(std::io::stdout())),
+        Some(p) => std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(p)
-            .await
             .map(|f| Box::new(f) as Sink)
             .map_err(|source| OpenError {
                 path: p.clone(),
@@ -181,44 +188,86 @@ async fn open(path: &Option<PathBuf>) -> Result<Sink, OpenError> {
     }
 }
 
+/// Owns the destination; runs on its own thread so file writes never touch the async workers.
+struct Writer {
+    path: Option<PathBuf>,
+    sink: Sink,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn write_out(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .sink
+            .write_all(&self.buf)
+            .and_then(|_| self.sink.flush())
+        {
+            tracing::error!(error = %e, "access log write failed");
+        }
+        self.buf.clear();
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(l) => self.buf.extend_from_slice(l.as_bytes()),
+            Msg::Reopen => {
+                self.write_out();
+                match open(&self.path) {
+                    Ok(s) => self.sink = s,
+                    Err(e) => tracing::error!(error = %e, "access log not reopened"),
+                }
+            }
+            Msg::Flush(done) => {
+                self.write_out();
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        while let Ok(first) = rx.recv() {
+            let gather = matches!(first, Msg::Line(_));
+            self.handle(first);
+            if gather {
+                std::thread::sleep(GATHER);
+            }
+            while self.buf.len() < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(msg) => self.handle(msg),
+                    Err(_) => break,
+                }
+            }
+            self.write_out();
+        }
+        // Every handle is gone: write what is left.
+        self.write_out();
+    }
+}
+
 impl AccessLogger {
-    /// Opens the destination (`None` = stdout) and starts the writer task.
-    pub async fn start(
+    /// Opens the destination (`None` = stdout) and starts the writer thread.
+    pub fn start(
         path: Option<PathBuf>,
         extra: Vec<ExtraField>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, OpenError> {
-        let mut sink = open(&path).await?;
-        let (tx, mut rx) = mpsc::channel::<Msg>(16 * 1024);
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            while let Some(first) = rx.recv().await {
-                let mut next = Some(first);
-                // Batch whatever is queued into one write.
-                while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
-                    match msg {
-                        Msg::Line(l) => buf.extend_from_slice(l.as_bytes()),
-                        Msg::Reopen => {
-                            let _ = sink.write_all(&buf).await;
-                            buf.clear();
-                            let _ = sink.flush().await;
-                            match open(&path).await {
-                                Ok(s) => sink = s,
-                                Err(e) => tracing::error!(error = %e, "access log not reopened"),
-                            }
-                        }
-                    }
-                    if buf.len() > 60 * 1024 {
-                        break;
-                    }
-                }
-                if let Err(e) = sink.write_all(&buf).await {
-                    tracing::error!(error = %e, "access log write failed");
-                }
-                let _ = sink.flush().await;
-                buf.clear();
-            }
-        });
+        let sink = open(&path)?;
+        let (tx, rx) = mpsc::sync_channel::<Msg>(16 * 1024);
+        let writer = Writer {
+            path,
+            sink,
+            buf: Vec::with_capacity(BATCH_BYTES + 4096),
+        };
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| OpenError {
+                path: PathBuf::from("(access-log writer thread)"),
+                source,
+            })?;
         Ok(AccessLogger {
             tx,
             extra: extra.into(),
@@ -238,15 +287,80 @@ impl AccessLogger {
     pub fn reopen(&self) {
         let _ = self.tx.try_send(Msg::Reopen);
     }
+
+    /// Writes out every line queued so far (at shutdown), waiting at most `limit`.
+    pub async fn flush(&self, limit: Duration) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        // The channel may be full; queueing the request must not block a worker.
+        let queued = tokio::task::spawn_blocking(move || tx.send(Msg::Flush(done)).is_ok());
+        if let Ok(Ok(true)) = tokio::time::timeout(limit, queued).await {
+            let _ = tokio::time::timeout(limit, wait).await;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn record(uri: &str) -> AccessRecord {
+        let mut r = sample();
+        r.uri = uri.into();
+        r
+    }
+
+    #[tokio::test]
+    async fn writes_batches_flushes_and_reopens_after_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let metrics = Arc::new(Metrics::new());
+        let log = AccessLogger::start(Some(path.clone()), vec![], metrics.clone()).unwrap();
+        for i in 0..1000 {
+            log.log(&record(&format!("/r{i}")));
+        }
+        log.flush(Duration::from_secs(5)).await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1000, "every queued line is written by flush");
+        // In the order they were logged.
+        assert!(lines[0].contains("\"GET /r0 HTTP/1.1\""), "{}", lines[0]);
+        assert!(
+            lines[999].contains("\"GET /r999 HTTP/1.1\""),
+            "{}",
+            lines[999]
+        );
+
+        // Rotation: the file is moved away, SIGHUP reopens the path.
+        let rotated = dir.path().join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        log.log(&record("/after"));
+        log.flush(Duration::from_secs(5)).await;
+        assert_eq!(
+            std::fs::read_to_string(&rotated).unwrap().lines().count(),
+            1000
+        );
+        let fresh = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(fresh.lines().count(), 1, "{fresh}");
+        assert!(fresh.contains("/after"));
+        assert_eq!(metrics.access_log_dropped.get(), 0);
+    }
+
     #[test]
-    fn renders_every_field_in_order_with_dashes() {
-        let r = AccessRecord {
+    fn an_unwritable_path_is_a_specific_start_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing-dir/access.log");
+        let err = AccessLogger::start(Some(path), vec![], Arc::new(Metrics::new()))
+            .err()
+            .expect("must not start");
+        let msg = err.to_string();
+        assert!(msg.starts_with("access_log.path: cannot open '"), "{msg}");
+        assert!(msg.contains("missing-dir/access.log"), "{msg}");
+    }
+
+    fn sample() -> AccessRecord {
+        AccessRecord {
             host: "a.apps.identity".into(),
             start: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
             method: "GET".into(),
@@ -275,7 +389,12 @@ mod tests {
             failed_attempts: 0,
             ktls: false,
             router_error: String::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn renders_every_field_in_order_with_dashes() {
+        let r = sample();
         let line = r.render(&[
             ExtraField::RoutePolicy,
             ExtraField::TlsSni,

@@ -41,6 +41,8 @@ pub enum StartError {
     NeedsRestart(&'static str),
     #[error("{0}")]
     KernelTls(String),
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A running gateway.
@@ -51,6 +53,8 @@ pub struct Gateway {
     admin: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     connections: Arc<AtomicUsize>,
+    /// Dropped (with the gateway) to end the worker threads' event loops.
+    stop_workers: watch::Sender<()>,
 }
 
 /// TCP_DEFER_ACCEPT on the TLS listener: a connection reaches `accept` only once its first data
@@ -89,8 +93,7 @@ impl Gateway {
             config.access_log.path.clone(),
             config.access_log.extra_fields.clone(),
             metrics.clone(),
-        )
-        .await?;
+        )?;
         let registry = Registry::new(metrics.clone());
         registry.replace_static(&config.routes, config.registry.droplet_stale_threshold);
         count_malformed(&metrics, &config);
@@ -124,13 +127,14 @@ impl Gateway {
             }
         };
         let limits = config.limits.clone();
+        let workers = limits.worker_threads();
         let has_nats = config.nats.is_some();
         let state = Arc::new(State {
             runtime: ArcSwap::from_pointee(Runtime::build(config)?),
             registry,
             metrics,
             log,
-            backends: BackendPool::default(),
+            backends: (0..workers).map(|_| BackendPool::default()).collect(),
             registry_connected: AtomicBool::new(!has_nats),
             xdp,
             ktls,
@@ -140,6 +144,7 @@ impl Gateway {
             return Err(StartError::Nats(e));
         }
         let (shutdown, _) = watch::channel(false);
+        let (stop_workers, _) = watch::channel(());
         let connections = Arc::new(AtomicUsize::new(0));
         let gw = Gateway {
             https: https_l.local_addr().map_err(|source| StartError::Bind {
@@ -152,6 +157,7 @@ impl Gateway {
             state: state.clone(),
             shutdown,
             connections,
+            stop_workers,
         };
         if gw.state.xdp.is_some() {
             let s = gw.state.clone();
@@ -175,9 +181,15 @@ impl Gateway {
             });
         }
         let slots = Arc::new(Semaphore::new(limits.max_connections));
-        tokio::spawn(accept_loop(gw.clone_parts(), https_l, slots.clone(), true));
-        if let Some(l) = http_l {
-            tokio::spawn(accept_loop(gw.clone_parts(), l, slots, false));
+        let listeners = [Some((https_l, true)), http_l.map(|l| (l, false))];
+        let listeners: Vec<(std::net::TcpListener, bool)> = listeners
+            .into_iter()
+            .flatten()
+            .map(|(l, tls)| Ok((l.into_std()?, tls)))
+            .collect::<std::io::Result<_>>()
+            .map_err(StartError::Workers)?;
+        for index in 0..workers {
+            gw.spawn_worker(index, &listeners, &slots)?;
         }
         if let Some(l) = admin_l {
             tokio::spawn(crate::admin::serve(
@@ -188,6 +200,53 @@ impl Gateway {
         }
         tracing::info!(https = %gw.https, http = ?gw.http, admin = ?gw.admin, "portcullis is serving");
         Ok(gw)
+    }
+
+    /// Starts worker thread `index`: a single-threaded event loop that accepts from every listener
+    /// (the same sockets in each worker: an idle worker wakes first and takes the connection) and
+    /// serves what it accepted to the end. A connection, its tasks and its backend connections
+    /// stay on one thread, so a request costs no cross-thread wake-ups.
+    fn spawn_worker(
+        &self,
+        index: usize,
+        listeners: &[(std::net::TcpListener, bool)],
+        slots: &Arc<Semaphore>,
+    ) -> Result<(), StartError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Workers)?;
+        let mut mine = Vec::with_capacity(listeners.len());
+        for (l, tls) in listeners {
+            mine.push((
+                l.try_clone().map_err(StartError::Workers)?,
+                *tls,
+                self.clone_parts(),
+            ));
+        }
+        let slots = slots.clone();
+        let mut stop = self.stop_workers.subscribe();
+        std::thread::Builder::new()
+            .name(format!("portcullis-w{index}"))
+            .spawn(move || {
+                crate::state::set_worker(index);
+                rt.block_on(async move {
+                    for (l, tls, parts) in mine {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => {
+                                tokio::spawn(accept_loop(parts, l, slots.clone(), tls));
+                            }
+                            Err(e) => {
+                                tracing::error!(worker = index, error = %e, "worker cannot accept")
+                            }
+                        }
+                    }
+                    // Until the gateway is shut down (after draining) or dropped.
+                    let _ = stop.changed().await;
+                });
+            })
+            .map_err(StartError::Workers)?;
+        Ok(())
     }
 
     fn clone_parts(&self) -> Parts {
@@ -229,6 +288,9 @@ impl Gateway {
         if old.nats.as_ref().map(|n| &n.servers) != config.nats.as_ref().map(|n| &n.servers) {
             return Err(StartError::NeedsRestart("nats"));
         }
+        if old.limits.workers != config.limits.workers {
+            return Err(StartError::NeedsRestart("limits.workers"));
+        }
         let runtime = Runtime::build(config)?;
         let cfg = &runtime.config;
         if let Some(x) = &self.state.xdp {
@@ -258,6 +320,7 @@ impl Gateway {
         while self.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.state.log.flush(Duration::from_secs(2)).await;
     }
 }
 

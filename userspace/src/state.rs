@@ -38,11 +38,30 @@ pub struct State {
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
     pub log: AccessLogger,
-    pub backends: BackendPool,
+    /// One backend pool per worker thread, so a request and the backend connection it uses
+    /// share one event loop.
+    pub backends: Box<[BackendPool]>,
     /// Whether the dynamic registry is connected (always true without NATS).
     pub registry_connected: AtomicBool,
     /// The XDP gate, when configured and available.
     pub xdp: Option<crate::xdp::XdpRuntime>,
     /// Kernel TLS, when the start-up probe found it (and `tls.ktls` is not `off`).
     pub ktls: Option<Arc<crate::tls::KernelTls>>,
+}
+
+thread_local! {
+    /// The worker thread this is (0 outside the workers).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `index`.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+impl State {
+    /// The backend pool of the worker thread this runs on.
+    pub fn backends(&self) -> &BackendPool {
+        &self.backends[WORKER.with(|w| w.get()) % self.backends.len()]
+    }
 }

@@ -218,6 +218,22 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
+    /// Threads serving connections, each with its own event loop and backend pool
+    /// (0 = one per CPU).
+    pub workers: usize,
+}
+
+/// The most `limits.workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
+impl Limits {
+    /// The number of worker threads to start: `workers`, or one per CPU when it is 0.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -228,6 +244,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             h2_max_concurrent_streams: 256,
+            workers: 0,
         }
     }
 }
@@ -806,6 +823,13 @@ impl Validator<'_> {
         if max_header_bytes < 8192 {
             self.problem("limits.max_header_bytes", "must be at least 8192");
         }
+        let workers = l.workers.unwrap_or(defaults.workers);
+        if workers > MAX_WORKERS {
+            self.problem(
+                "limits.workers",
+                format!("{workers} is more than {MAX_WORKERS}; 0 means one per CPU"),
+            );
+        }
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(defaults.max_connections).max(1),
             max_header_bytes: max_header_bytes.max(8192),
@@ -822,6 +846,7 @@ impl Validator<'_> {
             h2_max_concurrent_streams: l
                 .h2_max_concurrent_streams
                 .unwrap_or(defaults.h2_max_concurrent_streams),
+            workers: workers.min(MAX_WORKERS),
         };
 
         Config {
@@ -855,6 +880,30 @@ mod tests {
             "routes[12].options.x"
         );
         assert_eq!(format_ignored("."), "");
+    }
+
+    #[test]
+    fn limits_workers_defaults_to_one_per_cpu_and_is_bounded() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(Limits::default().worker_threads(), cpus);
+        let two = Limits {
+            workers: 2,
+            ..Limits::default()
+        };
+        assert_eq!(two.worker_threads(), 2);
+        let err = Config::from_yaml(
+            "limits: {workers: 5000}\n",
+            Path::new("."),
+            Path::new("t.yaml"),
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        assert!(
+            problems.contains(
+                &"limits.workers: 5000 is more than 1024; 0 means one per CPU".to_string()
+            ),
+            "{problems:?}"
+        );
     }
 
     #[test]

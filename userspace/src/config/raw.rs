@@ -138,4 +138,5 @@ pub struct RawLimits {
     pub header_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub h2_max_concurrent_streams: Option<u32>,
+    pub workers: Option<usize>,
 }

@@ -144,7 +144,7 @@ impl Completion {
             a.fetch_sub(1, Ordering::Relaxed);
         }
         if let (true, Some((lease, max_idle))) = (clean, self.lease.take()) {
-            self.state.backends.checkin(lease, max_idle);
+            self.state.backends().checkin(lease, max_idle);
         }
         self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -401,9 +401,9 @@ async fn route(
         done.record.app_index = ep.private_instance_index.clone();
         done.record.instance_id = ep.private_instance_id.clone();
         let leased = if upgrade {
-            state.backends.connect_fresh(&ep, &settings).await
+            state.backends().connect_fresh(&ep, &settings).await
         } else {
-            state.backends.checkout(&ep, &settings).await
+            state.backends().checkout(&ep, &settings).await
         };
         let mut lease = match leased {
             Ok(l) => l,
@@ -515,7 +515,7 @@ async fn send_retrying_stale(
             let Some(req) = f.request.take() else {
                 return Err(f);
             };
-            match state.backends.connect_fresh(ep, settings).await {
+            match state.backends().connect_fresh(ep, settings).await {
                 Ok(mut fresh) => {
                     let r = fresh.send(req).await;
                     *lease = fresh;

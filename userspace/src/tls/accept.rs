@@ -117,6 +117,7 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     deadline: Duration,
 ) -> Result<Accepted<IO>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
+    let mut refused = None;
     let fut = async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
             .await
@@ -124,10 +125,13 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
         let sni = start.client_hello().server_name().map(normalize_host);
         let (config, mtls) = server.select(sni.as_deref());
         pattern = mtls.clone();
-        let stream = start
-            .into_stream(config)
-            .await
-            .map_err(HandshakeFailure::from_io)?;
+        let stream = match start.into_stream(config).into_fallible().await {
+            Ok(stream) => stream,
+            Err((e, io)) => {
+                refused = Some(io);
+                return Err(HandshakeFailure::from_io(e));
+            }
+        };
         let conn = stream.get_ref().1;
         let peer = if mtls.is_some() {
             conn.peer_certificates()
@@ -148,9 +152,36 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
         })
     };
     let res = tokio::time::timeout(deadline, fut).await;
+    if let Some(io) = refused {
+        linger(io).await;
+    }
     match res {
         Ok(Ok(a)) => Ok(a),
         Ok(Err(e)) => Err((pattern, e)),
         Err(_) => Err((pattern, HandshakeFailure::Timeout(deadline))),
     }
+}
+
+/// How long a refused handshake's socket is kept open to let the client read the alert.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Closes a connection whose handshake was refused so that the client reads the alert: a TLS 1.3
+/// client sends its certificate, Finished and often its first request in one flight, and closing
+/// a socket with that unread would make the kernel answer with a reset, which can destroy the
+/// alert before the client reads it. So: end our side, then read and discard what the client
+/// still sends until it closes, for at most `LINGER` and 64 KiB.
+async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let drain = async {
+        let _ = io.shutdown().await;
+        let mut buf = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
