@@ -1,5 +1,6 @@
 //! TLS to backends: the backend certificate must carry `server_cert_domain_san`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use portcullis::echo;
@@ -76,8 +77,52 @@ async fn tls_backend_with_san_check() {
 /// worker thread (each worker has its own pool): one with `workers: 1`, at most two with two.
 #[tokio::test]
 async fn backend_connections_are_reused() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     let pki = TestPki::new();
+    let (backend, accepted) = counting_backend().await;
+    for (workers, most) in [(1, 1), (2, 2)] {
+        accepted.store(0, Ordering::Relaxed);
+        let y = format!(
+            "limits: {{workers: {workers}}}\n\
+             routes:\n  - {{uris: [reuse.apps.plain], host: 127.0.0.1, port: {}}}\n",
+            backend.port()
+        );
+        let gw = TestGateway::start(&pki, &y).await;
+        requests_one_at_a_time(&gw, &pki, 30).await;
+        let n = accepted.load(Ordering::Relaxed);
+        assert!(
+            (1..=most).contains(&n),
+            "{workers} worker(s): {n} backend connections for 30 requests one at a time"
+        );
+    }
+}
+
+/// A pooled backend connection idle for longer than `backends.idle_timeout` is not used again:
+/// the next request opens a new one, which is then reused.
+#[tokio::test]
+async fn idle_backend_connections_expire() {
+    let pki = TestPki::new();
+    let (backend, accepted) = counting_backend().await;
+    let y = format!(
+        "limits: {{workers: 1}}\n\
+         backends: {{ca_certs: backend-ca.pem, idle_timeout: 300ms}}\n\
+         routes:\n  - {{uris: [reuse.apps.plain], host: 127.0.0.1, port: {}}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    requests_one_at_a_time(&gw, &pki, 3).await;
+    assert_eq!(accepted.load(Ordering::Relaxed), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    requests_one_at_a_time(&gw, &pki, 3).await;
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        2,
+        "the expired connection is replaced once"
+    );
+}
+
+/// A plain HTTP/1.1 backend answering `/big` with 256 KiB and anything else with 10 bytes,
+/// counting the connections it accepts.
+async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicU64>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicU64::new(0));
@@ -104,25 +149,11 @@ async fn backend_connections_are_reused() {
             });
         }
     });
-    for (workers, most) in [(1, 1), (2, 2)] {
-        accepted.store(0, Ordering::Relaxed);
-        let y = format!(
-            "limits: {{workers: {workers}}}\n\
-             routes:\n  - {{uris: [reuse.apps.plain], host: 127.0.0.1, port: {}}}\n",
-            backend.port()
-        );
-        let gw = TestGateway::start(&pki, &y).await;
-        requests_one_at_a_time(&gw, &pki).await;
-        let n = accepted.load(Ordering::Relaxed);
-        assert!(
-            (1..=most).contains(&n),
-            "{workers} worker(s): {n} backend connections for 30 requests one at a time"
-        );
-    }
+    (backend, accepted)
 }
 
-async fn requests_one_at_a_time(gw: &TestGateway, pki: &TestPki) {
-    for i in 0..30 {
+async fn requests_one_at_a_time(gw: &TestGateway, pki: &TestPki, n: usize) {
+    for i in 0..n {
         let path = if i % 3 == 0 { "/big" } else { "/" };
         let resp = get(
             gw.https(),

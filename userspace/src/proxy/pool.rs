@@ -1,7 +1,7 @@
 //! Connections to backends: HTTP/1.1 (pooled, one request at a time) or HTTP/2 (shared), over TCP
 //! or TLS with the endpoint's `server_cert_domain_san` as the name the certificate must carry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,7 +112,8 @@ impl Lease {
 /// Idle backend connections, keyed by endpoint address and TLS name.
 #[derive(Default)]
 pub struct BackendPool {
-    idle: Mutex<HashMap<Key, Vec<(Sender, Instant)>>>,
+    /// Idle connections per backend, oldest first (each list is in check-in order).
+    idle: Mutex<HashMap<Key, VecDeque<(Sender, Instant)>>>,
 }
 
 /// Settings for connecting, from `backends` in the config.
@@ -161,14 +162,27 @@ impl BackendPool {
         let mut idle = self.idle.lock().ok()?;
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        list.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < idle_timeout);
+        // Expired connections are the oldest: drop them from the front. Then take the most
+        // recently used one that is still open. Amortised O(1) however many are idle.
+        while list
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= idle_timeout)
+        {
+            list.pop_front();
+        }
         let sender = if key.h2 {
-            match list.first() {
+            list.retain(|(s, _)| !s.is_closed());
+            match list.front() {
                 Some((Sender::H2(s), _)) => Some(Sender::H2(s.clone())),
                 _ => None,
             }
         } else {
-            list.pop().map(|(s, _)| s)
+            loop {
+                match list.pop_back() {
+                    Some((s, _)) if s.is_closed() => continue,
+                    other => break other.map(|(s, _)| s),
+                }
+            }
         }?;
         Some(Lease {
             sender,
@@ -192,10 +206,10 @@ impl BackendPool {
         let list = idle.entry(lease.key).or_default();
         if matches!(lease.sender, Sender::H2(_)) {
             if list.is_empty() {
-                list.push((lease.sender, Instant::now()));
+                list.push_back((lease.sender, Instant::now()));
             }
         } else if list.len() < max_idle {
-            list.push((lease.sender, Instant::now()));
+            list.push_back((lease.sender, Instant::now()));
         }
     }
 
