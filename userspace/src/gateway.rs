@@ -496,7 +496,9 @@ where
     let inflight = conn.inflight.clone();
     let svc_state = state.clone();
     let svc_conn = conn.clone();
-    let service = service_fn(move |req| proxy::handle(svc_state.clone(), svc_conn.clone(), req));
+    // Boxed: the request future is large, and hyper moves it into every h2 stream task it spawns.
+    let service =
+        service_fn(move |req| Box::pin(proxy::handle(svc_state.clone(), svc_conn.clone(), req)));
     let builder = builder(&limits);
     let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(serving);
