@@ -72,10 +72,31 @@ impl Running {
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
+impl Running {
+    /// SIGTERM, then waits (at most 10 s) for the exit; `None` if it had to be killed.
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Terminated, not killed, so it can clean up (the demo removes its throwaway PKI).
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
     }
 }
 
@@ -142,6 +163,19 @@ fn demo_prints_curl_commands_that_give_200_and_403() {
             "per-request log line: {l}"
         );
     }
+    // SIGTERM ends the demo cleanly, and it removes its throwaway PKI and config.
+    let dir = demo
+        .seen
+        .iter()
+        .find_map(|l| {
+            let rest = l.split("throwaway PKI in ").nth(1)?;
+            Some(rest.split(')').next()?.to_string())
+        })
+        .expect("the demo names its folder");
+    assert!(std::path::Path::new(&dir).is_dir(), "{dir}");
+    let status = demo.terminate().expect("the demo exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
 }
 
 fn write_config(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
