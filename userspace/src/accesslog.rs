@@ -163,17 +163,21 @@ pub struct AccessLogger {
     metrics: Arc<Metrics>,
 }
 
-/// The access log's destination could not be opened.
+/// Why the access log could not start (or be reopened).
 #[derive(Debug, thiserror::Error)]
-#[error("access_log.path: cannot open '{}': {source}", path.display())]
-pub struct OpenError {
-    pub path: PathBuf,
-    pub source: std::io::Error,
+pub enum AccessLogError {
+    #[error("access_log.path: cannot open '{}': {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the access-log writer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 type Sink = Box<dyn Write + Send>;
 
-fn open(path: &Option<PathBuf>) -> Result<Sink, OpenError> {
+fn open(path: &Option<PathBuf>) -> Result<Sink, AccessLogError> {
     match path {
         None => Ok(Box::new(std::io::stdout())),
         Some(p) => std::fs::OpenOptions::new()
@@ -181,7 +185,7 @@ fn open(path: &Option<PathBuf>) -> Result<Sink, OpenError> {
             .append(true)
             .open(p)
             .map(|f| Box::new(f) as Sink)
-            .map_err(|source| OpenError {
+            .map_err(|source| AccessLogError::Open {
                 path: p.clone(),
                 source,
             }),
@@ -253,7 +257,7 @@ impl AccessLogger {
         path: Option<PathBuf>,
         extra: Vec<ExtraField>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, OpenError> {
+    ) -> Result<Self, AccessLogError> {
         let sink = open(&path)?;
         let (tx, rx) = mpsc::sync_channel::<Msg>(16 * 1024);
         let writer = Writer {
@@ -264,10 +268,7 @@ impl AccessLogger {
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || writer.run(rx))
-            .map_err(|source| OpenError {
-                path: PathBuf::from("(access-log writer thread)"),
-                source,
-            })?;
+            .map_err(AccessLogError::Thread)?;
         Ok(AccessLogger {
             tx,
             extra: extra.into(),

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::accesslog::{AccessLogger, OpenError};
+use crate::accesslog::{AccessLogError, AccessLogger};
 use crate::config::{Config, Limits};
 use crate::metrics::{KtlsLabels, Metrics};
 use crate::names::DomainPattern;
@@ -34,7 +34,7 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] TlsBuildError),
     #[error(transparent)]
-    AccessLog(#[from] OpenError),
+    AccessLog(#[from] AccessLogError),
     #[error(transparent)]
     Nats(#[from] crate::registry::nats::NatsError),
     #[error("{0} cannot change on reload; restart to apply it")]
