@@ -12,6 +12,8 @@ mod backends;
 mod handshake;
 #[path = "gateway/hardening.rs"]
 mod hardening;
+#[path = "gateway/idle.rs"]
+mod idle;
 #[path = "gateway/limits.rs"]
 mod limits;
 #[path = "gateway/pipeline.rs"]

@@ -1,15 +1,18 @@
 //! Wiring: listeners, per-connection limits and timeouts, reload and shutdown.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -17,10 +20,11 @@ use crate::accesslog::{AccessLogError, AccessLogger};
 use crate::config::{Config, Limits};
 use crate::metrics::{KtlsLabels, Metrics};
 use crate::names::DomainPattern;
+use crate::park::{ParkIo, Parking};
 use crate::proxy::{self, BackendPool, ConnCtx};
 use crate::registry::Registry;
 use crate::state::{Runtime, State};
-use crate::tls::{self, TlsBuildError};
+use crate::tls::{self, Alpn, TlsBuildError};
 
 /// Why the gateway could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -375,7 +379,7 @@ async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>,
                     inflight: Arc::default(),
                     requests: Default::default(),
                 };
-                serve_http(state.clone(), tcp, conn, shutdown).await;
+                serve_http(state.clone(), Box::new(tcp), conn, shutdown).await;
             }
             state.metrics.connections_active.dec();
             connections.fetch_sub(1, Ordering::Relaxed);
@@ -384,21 +388,34 @@ async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>,
     }
 }
 
+/// A client connection's stream once TLS is settled: rustls in userspace, or the kernel's.
+trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
+
 async fn serve_tls(
     state: Arc<State>,
     tcp: TcpStream,
     client: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
+    // Boxed: the handshake's state is large and over once the connection is served.
+    if let Some((stream, conn)) = Box::pin(handshake(&state, tcp, client)).await {
+        serve_http(state, stream, conn, shutdown).await;
+    }
+}
+
+/// The TLS handshake, and the move into kernel TLS where the kernel has it.
+async fn handshake(
+    state: &State,
+    tcp: TcpStream,
+    client: SocketAddr,
+) -> Option<(Box<dyn ClientIo>, ConnCtx)> {
     let rt = state.runtime.load_full();
     let deadline = rt.config.tls.handshake_timeout;
     let Some(kernel) = state.ktls.clone() else {
         let accepted = tls::accept(tcp, &rt.tls, deadline).await;
-        drop(rt);
-        if let Some((stream, conn)) = handshake_done(&state, accepted, client, "userspace") {
-            serve_http(state, stream, conn, shutdown).await;
-        }
-        return;
+        let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
+        return Some((Box::new(stream), conn));
     };
     // Accepted on a CorkStream so rustls stops reading at a record boundary, where the kernel
     // takes over.
@@ -409,22 +426,21 @@ async fn serve_tls(
         .ok()
         .and_then(|a| a.stream.get_ref().1.negotiated_cipher_suite());
     if !kernel.supports(suite) {
-        if let Some((stream, conn)) = handshake_done(&state, accepted, client, "userspace") {
-            serve_http(state, stream, conn, shutdown).await;
-        }
-        return;
+        let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
+        return Some((Box::new(stream), conn));
     }
-    let Some((stream, mut conn)) = handshake_done(&state, accepted, client, "kernel") else {
-        return;
-    };
+    let (stream, mut conn) = handshake_done(state, accepted, client, "kernel")?;
     match tls::kstream::handoff(stream).await {
         Ok(stream) => {
             conn.ktls = true;
-            serve_http(state, stream, conn, shutdown).await;
+            Some((Box::new(stream), conn))
         }
         // The probe found the suite supported, so this is rare (a socket error mid-switch); the
         // rustls state is consumed by then, so the connection ends.
-        Err(e) => tracing::warn!(%client, error = %e, "cannot move the connection into kernel TLS"),
+        Err(e) => {
+            tracing::warn!(%client, error = %e, "cannot move the connection into kernel TLS");
+            None
+        }
     }
 }
 
@@ -471,6 +487,15 @@ fn handshake_done<IO>(
     }
 }
 
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    b
+}
+
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -487,49 +512,226 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn serve_http<S>(state: Arc<State>, io: S, conn: ConnCtx, mut shutdown: watch::Receiver<bool>)
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
+/// How often a serving connection checks for idleness. An HTTP/1.1 connection that saw no request
+/// during a whole tick parks (see [`crate::park`]), so idle ones release their HTTP buffers after
+/// 0.25–0.5 s.
+const TICK: Duration = Duration::from_millis(250);
+
+/// How often a connection that does not park checks for idleness.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// The client connection preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+async fn serve_http(
+    state: Arc<State>,
+    io: Box<dyn ClientIo>,
+    conn: ConnCtx,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let limits = state.runtime.load().config.limits.clone();
     let conn = Arc::new(conn);
-    let inflight = conn.inflight.clone();
     let svc_state = state.clone();
     let svc_conn = conn.clone();
     // Boxed: the request future is large, and hyper moves it into every h2 stream task it spawns.
     let service =
         service_fn(move |req| Box::pin(proxy::handle(svc_state.clone(), svc_conn.clone(), req)));
-    let builder = builder(&limits);
-    let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let alpn = conn.tls.as_ref().map_or(Alpn::None, |t| t.alpn);
+    let mut io = io;
+    let mut idle_since = Instant::now();
+    // Without ALPN, the first bytes may still be the h2 preface.
+    let mut first = Vec::new();
+    if alpn != Alpn::H2 {
+        let deadline = idle_since + limits.idle_timeout;
+        let sniff = alpn == Alpn::None;
+        match next_request(&state, &mut io, sniff, deadline, &mut shutdown).await {
+            Some(bytes) => first = bytes,
+            None => return,
+        }
+    }
+    if alpn == Alpn::H2 || first[..] == H2_PREFACE[..] {
+        let io = ParkIo::new(io, first, Parking::new(), conn.clone());
+        let b = builder(&limits);
+        let serving = b.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let graceful = |s: Pin<&mut auto::UpgradeableConnection<_, _, _>>| s.graceful_shutdown();
+        let now = Instant::now();
+        Box::pin(drive(
+            serving,
+            graceful,
+            &conn,
+            &limits,
+            &mut shutdown,
+            None,
+            now,
+        ))
+        .await;
+        return;
+    }
+    // HTTP/1.1 in cycles, parked between them.
+    let parking = Parking::new();
+    loop {
+        let serving = http1_builder(&limits)
+            .serve_connection(
+                TokioIo::new(ParkIo::new(io, first, parking.clone(), conn.clone())),
+                service.clone(),
+            )
+            .with_upgrades();
+        let graceful = |s: Pin<&mut http1::UpgradeableConnection<_, _>>| s.graceful_shutdown();
+        let park = || parking.request();
+        let now = Instant::now();
+        // Boxed so that a parked connection does not keep the room hyper's connection took.
+        idle_since = Box::pin(drive(
+            serving,
+            graceful,
+            &conn,
+            &limits,
+            &mut shutdown,
+            Some(&park),
+            now,
+        ))
+        .await;
+        io = match parking.take() {
+            Some(parked) => parked,
+            // Closed by either side, failed, or upgraded (the tunnel owns the stream now).
+            None => return,
+        };
+        let deadline = idle_since + limits.idle_timeout;
+        match next_request(&state, &mut io, false, deadline, &mut shutdown).await {
+            Some(bytes) => first = bytes,
+            None => return,
+        }
+    }
+}
+
+/// Waits, counted as idle, for the first bytes of the next request; closes the connection when
+/// it idles past `deadline` or the gateway shuts down.
+async fn next_request(
+    state: &State,
+    io: &mut Box<dyn ClientIo>,
+    sniff: bool,
+    deadline: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Vec<u8>> {
+    let waited = {
+        let _idle = IdleGuard::new(&state.metrics);
+        wait_for_request(io, sniff, deadline, shutdown).await
+    };
+    match waited {
+        Waited::Bytes(b) => Some(b),
+        Waited::Ended => None,
+        Waited::Close => {
+            // close_notify and FIN, as hyper does when it closes an idle connection.
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            None
+        }
+    }
+}
+
+/// Counts a connection in `portcullis_connections_idle` while it waits without HTTP buffers.
+struct IdleGuard<'a>(&'a Metrics);
+
+impl<'a> IdleGuard<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.connections_idle.inc();
+        IdleGuard(m)
+    }
+}
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections_idle.dec();
+    }
+}
+
+enum Waited {
+    /// The first bytes of the next request.
+    Bytes(Vec<u8>),
+    /// The client closed the connection, or it failed.
+    Ended,
+    /// Idle past the timeout, or the gateway is shutting down: close it.
+    Close,
+}
+
+/// Waits on a bare stream for the first bytes of the next request: one read, or when `sniff`,
+/// reads until the bytes are known to be or not to be the h2 preface.
+async fn wait_for_request<S: AsyncRead + Unpin>(
+    io: &mut S,
+    sniff: bool,
+    deadline: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Waited {
+    if *shutdown.borrow() {
+        return Waited::Close;
+    }
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    loop {
+        let read = tokio::select! {
+            r = io.read(&mut buf[n..]) => r,
+            _ = tokio::time::sleep_until(deadline.into()) => return Waited::Close,
+            _ = shutdown.changed() => return Waited::Close,
+        };
+        match read {
+            Ok(0) | Err(_) if n == 0 => return Waited::Ended,
+            // The client ended mid-preface: hyper answers what it sent.
+            Ok(0) | Err(_) => return Waited::Bytes(buf[..n].to_vec()),
+            Ok(k) => n += k,
+        }
+        if !sniff || n == buf.len() || buf[..n] != H2_PREFACE[..n] {
+            return Waited::Bytes(buf[..n].to_vec());
+        }
+    }
+}
+
+/// Serves a connection until it ends. Past `limits.idle_timeout` without a request, or at
+/// shutdown, it is closed gracefully; with `park`, it is asked to park once no request moved for
+/// a whole tick. Returns when the connection was last active.
+async fn drive<F, E>(
+    serving: F,
+    graceful: impl Fn(Pin<&mut F>),
+    conn: &ConnCtx,
+    limits: &Limits,
+    shutdown: &mut watch::Receiver<bool>,
+    park: Option<&(dyn Fn() + Sync)>,
+    mut idle_since: Instant,
+) -> Instant
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(serving);
     let idle = limits.idle_timeout;
-    let mut idle_since = Instant::now();
-    let mut seen = 0;
-    let mut closing = false;
+    // Parking needs a short tick; otherwise the tick only serves the idle timeout.
+    let tick = if park.is_some() { TICK } else { IDLE_TICK };
+    let tick = idle.min(tick).max(Duration::from_millis(50));
+    let mut seen = conn.requests.load(Ordering::Relaxed);
+    let mut closing = *shutdown.borrow();
+    if closing {
+        graceful(serving.as_mut());
+    }
     loop {
-        let tick = idle
-            .min(Duration::from_secs(1))
-            .max(Duration::from_millis(100));
         tokio::select! {
             res = serving.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!(client = %conn.client, error = %e, "connection ended with error");
                 }
-                return;
+                return idle_since;
             }
             _ = tokio::time::sleep(tick) => {
                 let started = conn.requests.load(Ordering::Relaxed);
-                if inflight.load(Ordering::Relaxed) > 0 || started != seen {
+                if conn.inflight.load(Ordering::Relaxed) > 0 || started != seen {
                     seen = started;
                     idle_since = Instant::now();
                 } else if !closing && idle_since.elapsed() >= idle {
                     closing = true;
-                    serving.as_mut().graceful_shutdown();
+                    graceful(serving.as_mut());
+                } else if let (false, Some(park)) = (closing, park) {
+                    park();
                 }
             }
             _ = shutdown.changed(), if !closing => {
                 closing = true;
-                serving.as_mut().graceful_shutdown();
+                graceful(serving.as_mut());
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod identity;
 pub mod metrics;
 pub mod names;
+mod park;
 pub mod pki;
 pub mod proxy;
 pub mod registry;

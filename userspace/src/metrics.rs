@@ -74,6 +74,7 @@ pub struct Metrics {
     pub xdp_attached: Family<XdpAttachLabels, Gauge>,
     pub xdp_unparsed: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
+    pub connections_idle: Gauge,
     pub backend_errors: Family<ErrorLabels, Counter>,
     pub access_log_dropped: Counter,
 }
@@ -102,6 +103,7 @@ impl Metrics {
             xdp_attached: Family::default(),
             xdp_unparsed: Family::default(),
             connections_active: Gauge::default(),
+            connections_idle: Gauge::default(),
             backend_errors: Family::default(),
             access_log_dropped: Counter::default(),
             registry: Registry::default(),
@@ -175,6 +177,11 @@ impl Metrics {
             "connections_active",
             "Client connections open",
             m.connections_active.clone(),
+        );
+        registry.register(
+            "connections_idle",
+            "HTTP/1.1 client connections waiting for a request with their HTTP buffers released",
+            m.connections_idle.clone(),
         );
         registry.register(
             "backend_errors",

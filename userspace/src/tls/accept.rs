@@ -22,8 +22,18 @@ pub struct ConnTls {
     pub mtls: Option<DomainPattern>,
     /// The verified leaf, parsed once.
     pub peer: Option<Arc<PeerCert>>,
-    /// ALPN selected `h2`.
-    pub h2: bool,
+    /// The protocol ALPN settled on.
+    pub alpn: Alpn,
+}
+
+/// The application protocol a TLS client and the gateway agreed on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Alpn {
+    /// The client offered no protocol the gateway speaks (or none at all).
+    #[default]
+    None,
+    Http1,
+    H2,
 }
 
 /// A completed handshake.
@@ -140,14 +150,18 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
         } else {
             None
         };
-        let h2 = conn.alpn_protocol() == Some(b"h2");
+        let alpn = match conn.alpn_protocol() {
+            Some(b"h2") => Alpn::H2,
+            Some(b"http/1.1") => Alpn::Http1,
+            _ => Alpn::None,
+        };
         Ok(Accepted {
             stream,
             info: ConnTls {
                 sni,
                 mtls,
                 peer,
-                h2,
+                alpn,
             },
         })
     };

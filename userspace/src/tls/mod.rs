@@ -6,7 +6,7 @@ mod kernel;
 pub mod kstream;
 mod server;
 
-pub use accept::{accept, Accepted, ConnTls, HandshakeFailure};
+pub use accept::{accept, Accepted, Alpn, ConnTls, HandshakeFailure};
 pub use backend::backend_client_config;
 pub use kernel::{probe as probe_kernel_tls, KernelTls};
 pub use server::{TlsBuildError, TlsServer};
