@@ -189,6 +189,11 @@ fn run(
     flood.join().unwrap();
     daemon.stop();
     let _ = std::fs::remove_dir_all(&pin);
+    eprintln!(
+        "{mode}: allowed caller latency alone {}; during the flood {}",
+        spread(&alone),
+        spread(&during)
+    );
     let out = Outcome {
         mode,
         attempts: a1 - a0,
@@ -249,6 +254,22 @@ fn in_netns(path: &str) {
         unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
         0
     );
+}
+
+/// p50, p90, p99 and the maximum, in ms.
+fn spread(v: &[Duration]) -> String {
+    let mut v = v.to_vec();
+    v.sort();
+    let at = |q: usize| v.get((v.len() * q / 100).min(v.len().saturating_sub(1)));
+    let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    format!(
+        "p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms ({} requests)",
+        ms(at(50)),
+        ms(at(90)),
+        ms(at(99)),
+        ms(v.last()),
+        v.len()
+    )
 }
 
 fn p99(mut v: Vec<Duration>) -> Duration {
