@@ -3,6 +3,9 @@
 //! Only the certificate this connection verified is ever read: no request header can supply or
 //! change an identity (SPEC §13).
 
+use std::sync::OnceLock;
+
+use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::*;
 
@@ -37,6 +40,9 @@ pub struct PeerCert {
     pub identity: Result<Identity, IdentityError>,
     /// The subject in XFCC envoy order: CN, each OU in certificate order, then O, L, ST, C.
     pub envoy_subject: String,
+    /// The XFCC header value in each format (raw, envoy), made on first use: every request on the
+    /// connection carries the same one.
+    pub xfcc: [OnceLock<Option<HeaderValue>>; 2],
 }
 
 impl PeerCert {
@@ -47,11 +53,13 @@ impl PeerCert {
                 der: der.to_vec(),
                 identity: identity_of(cert.subject()),
                 envoy_subject: envoy_subject(cert.subject()),
+                xfcc: Default::default(),
             },
             Err(e) => PeerCert {
                 der: der.to_vec(),
                 identity: Err(IdentityError::Unparsable(e.to_string())),
                 envoy_subject: String::new(),
+                xfcc: Default::default(),
             },
         }
     }

@@ -143,6 +143,16 @@ pub fn xfcc_value(peer: &PeerCert, format: XfccFormat) -> String {
     }
 }
 
+/// The XFCC header for a leaf certificate, made once per connection and format.
+fn xfcc_header(peer: &PeerCert, format: XfccFormat) -> Option<HeaderValue> {
+    let slot = match format {
+        XfccFormat::Raw => &peer.xfcc[0],
+        XfccFormat::Envoy => &peer.xfcc[1],
+    };
+    slot.get_or_init(|| HeaderValue::from_str(&xfcc_value(peer, format)).ok())
+        .clone()
+}
+
 /// Applies an XFCC mode (SPEC §8).
 pub fn apply_xfcc(h: &mut HeaderMap, mode: XfccMode, format: XfccFormat, peer: Option<&PeerCert>) {
     match mode {
@@ -154,7 +164,7 @@ pub fn apply_xfcc(h: &mut HeaderMap, mode: XfccMode, format: XfccFormat, peer: O
         }
         XfccMode::SanitizeSet => {
             h.remove(XFCC);
-            if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&xfcc_value(p, format)).ok()) {
+            if let Some(v) = peer.and_then(|p| xfcc_header(p, format)) {
                 h.insert(XFCC, v);
             }
         }
