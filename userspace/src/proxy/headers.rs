@@ -1,30 +1,34 @@
 //! Request and response header handling: hop-by-hop removal, forwarding headers, B3, XFCC.
 
 use base64::Engine as _;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 
 use crate::config::{XfccFormat, XfccMode};
 use crate::identity::PeerCert;
 
-pub const X_CF_ROUTERERROR: &str = "x-cf-routererror";
-pub const XFCC: &str = "x-forwarded-client-cert";
-pub const X_VCAP_REQUEST_ID: &str = "x-vcap-request-id";
-pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
-pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
-pub const X_REQUEST_START: &str = "x-request-start";
-const B3_TRACE: &str = "x-b3-traceid";
-const B3_SPAN: &str = "x-b3-spanid";
-const B3_PARENT: &str = "x-b3-parentspanid";
+// Names as `HeaderName`s, not strings: a `&str` name is parsed again on every map operation.
+pub const X_CF_ROUTERERROR: HeaderName = HeaderName::from_static("x-cf-routererror");
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub const X_VCAP_REQUEST_ID: HeaderName = HeaderName::from_static("x-vcap-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
+const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
 ];
 
 /// Whether a request asks for a protocol upgrade (WebSocket and others, HTTP/1.1 only).
