@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod names;
 mod park;
 pub mod pki;
+mod prefix;
 pub mod proxy;
 pub mod registry;
 pub mod routing;

@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::prefix::Prefix;
 use crate::proxy::ConnCtx;
 
 /// Shared by a cycle's [`ParkIo`] and the loop driving the cycle.
@@ -58,8 +59,7 @@ impl<S> Parking<S> {
 pub struct ParkIo<S> {
     /// `None` once parked: reads then report end of stream and writes fail.
     io: Option<S>,
-    prefix: Vec<u8>,
-    prefix_at: usize,
+    prefix: Prefix,
     parking: Arc<Parking<S>>,
     conn: Arc<ConnCtx>,
     /// The last four bytes handed to hyper.
@@ -76,8 +76,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ParkIo<S> {
         let vectored = io.is_write_vectored();
         let mut p = ParkIo {
             io: Some(io),
-            prefix: Vec::new(),
-            prefix_at: 0,
+            prefix: Prefix::default(),
             parking,
             conn,
             tail: [0; 4],
@@ -86,7 +85,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ParkIo<S> {
             vectored,
         };
         p.handed_over(&prefix);
-        p.prefix = prefix;
+        p.prefix = Prefix::new(prefix);
         p
     }
 
@@ -119,15 +118,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ParkIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.prefix_at < this.prefix.len() {
-            let rest = &this.prefix[this.prefix_at..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.prefix_at += n;
-            if this.prefix_at == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.prefix_at = 0;
-            }
+        // Already noted as handed over when the cycle started.
+        if this.prefix.serve(buf) {
             return Poll::Ready(Ok(()));
         }
         let Some(io) = this.io.as_mut() else {

@@ -24,6 +24,8 @@ use rustls::SupportedCipherSuite;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::prefix::Prefix;
+
 const TLS_TX: libc::c_int = 1;
 const TLS_RX: libc::c_int = 2;
 const TLS_SET_RECORD_TYPE: libc::c_int = 1;
@@ -70,8 +72,7 @@ pub struct KernelStream {
     tcp: TcpStream,
     side: Side,
     /// Plaintext rustls had decrypted before the switch, served first.
-    drained: Vec<u8>,
-    drained_at: usize,
+    drained: Prefix,
     /// Handshake-record bytes not yet making a whole message.
     handshake: Vec<u8>,
     read_done: bool,
@@ -166,8 +167,7 @@ impl KernelStream {
         Ok(Self {
             tcp,
             side,
-            drained,
-            drained_at: 0,
+            drained: Prefix::new(drained),
             handshake: Vec::new(),
             read_done: false,
             close_notify_sent: false,
@@ -345,15 +345,7 @@ impl AsyncRead for KernelStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.drained_at < this.drained.len() {
-            let rest = &this.drained[this.drained_at..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.drained_at += n;
-            if this.drained_at == this.drained.len() {
-                this.drained = Vec::new();
-                this.drained_at = 0;
-            }
+        if this.drained.serve(buf) {
             return Poll::Ready(Ok(()));
         }
         if this.read_done || buf.remaining() == 0 {
