@@ -62,22 +62,15 @@ impl Running {
         panic!("no line with '{needle}' in:\n{}", self.seen.join("\n"));
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+    /// Sends `sig`; false when the process is gone.
+    fn signal(&self, sig: libc::c_int) -> bool {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) == 0 }
     }
-}
 
-impl Running {
     /// SIGTERM, then waits (at most 10 s) for the exit; `None` if it had to be killed.
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -337,7 +330,7 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
         "portcullis.yaml",
         &reload_config(port, "cf:app:app-a, cf:app:app-b", backend.addr),
     );
-    gw.signal("-HUP");
+    assert!(gw.signal(libc::SIGHUP));
     gw.wait_for("configuration reloaded");
     // The next request on the same, already established connection is allowed.
     assert_eq!(
@@ -352,7 +345,7 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
 
     // A broken config on SIGHUP keeps the running one.
     write_config(dir.path(), "portcullis.yaml", "listen: [broken\n");
-    gw.signal("-HUP");
+    assert!(gw.signal(libc::SIGHUP));
     gw.wait_for("reload failed; keeping the running configuration");
     assert_eq!(
         caller.get("r.apps.identity", "/").await.unwrap().status,

@@ -538,11 +538,10 @@ async fn serve_http(
         service_fn(move |req| Box::pin(proxy::handle(svc_state.clone(), svc_conn.clone(), req)));
     let alpn = conn.tls.as_ref().map_or(Alpn::None, |t| t.alpn);
     let mut io = io;
-    let mut idle_since = Instant::now();
     // Without ALPN, the first bytes may still be the h2 preface.
     let mut first = Vec::new();
     if alpn != Alpn::H2 {
-        let deadline = idle_since + limits.idle_timeout;
+        let deadline = Instant::now() + limits.idle_timeout;
         let sniff = alpn == Alpn::None;
         match next_request(&state, &mut io, sniff, deadline, &mut shutdown).await {
             Some(bytes) => first = bytes,
@@ -550,11 +549,13 @@ async fn serve_http(
         }
     }
     if alpn == Alpn::H2 || first[..] == H2_PREFACE[..] {
-        let io = ParkIo::new(io, first, Parking::new(), conn.clone());
+        // h2 is not parked; what sniffing read is served first.
+        if !first.is_empty() {
+            io = Box::new(ParkIo::new(io, first, Parking::new(), conn.clone()));
+        }
         let b = builder(&limits);
         let serving = b.serve_connection_with_upgrades(TokioIo::new(io), service);
         let graceful = |s: Pin<&mut auto::UpgradeableConnection<_, _, _>>| s.graceful_shutdown();
-        let now = Instant::now();
         Box::pin(drive(
             serving,
             graceful,
@@ -562,7 +563,6 @@ async fn serve_http(
             &limits,
             &mut shutdown,
             None,
-            now,
         ))
         .await;
         return;
@@ -578,16 +578,14 @@ async fn serve_http(
             .with_upgrades();
         let graceful = |s: Pin<&mut http1::UpgradeableConnection<_, _>>| s.graceful_shutdown();
         let park = || parking.request();
-        let now = Instant::now();
         // Boxed so that a parked connection does not keep the room hyper's connection took.
-        idle_since = Box::pin(drive(
+        let idle_since = Box::pin(drive(
             serving,
             graceful,
             &conn,
             &limits,
             &mut shutdown,
             Some(&park),
-            now,
         ))
         .await;
         io = match parking.take() {
@@ -693,13 +691,13 @@ async fn drive<F, E>(
     limits: &Limits,
     shutdown: &mut watch::Receiver<bool>,
     park: Option<&(dyn Fn() + Sync)>,
-    mut idle_since: Instant,
 ) -> Instant
 where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     tokio::pin!(serving);
+    let mut idle_since = Instant::now();
     let idle = limits.idle_timeout;
     // Parking needs a short tick; otherwise the tick only serves the idle timeout.
     let tick = if park.is_some() { TICK } else { IDLE_TICK };
