@@ -560,18 +560,6 @@ fn packet_table() {
     );
 }
 
-/// Waits (at most 5 s) for a metric sample to reach `value`: the daemon records a failure just
-/// after the client has seen it.
-async fn wait_metric(gw: &support::gateway::TestGateway, sample: &str, value: f64) {
-    for _ in 0..100 {
-        if gw.metric(sample) == value {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(gw.metric(sample), value, "{sample}");
-}
-
 /// One mTLS GET from `source` inside the namespace; `Err` carries what went wrong.
 fn call_from(
     ns: &support::netns::Netns,
@@ -795,13 +783,13 @@ async fn deny_learning_expiry_exempt_and_restart() {
     for _ in 0..3 {
         assert!(call_with(&ns, bad.clone(), target, pki.clone(), true).is_err());
     }
-    assert_eq!(
-        gw.metric(&format!(
-            "portcullis_tls_handshakes_total{{{d},result=\"unknown_ca\"}}"
-        )),
-        3.0
-    );
-    wait_metric(&gw, "portcullis_xdp_deny_learned_total", 1.0).await;
+    gw.wait_metric(
+        &format!("portcullis_tls_handshakes_total{{{d},result=\"unknown_ca\"}}"),
+        3.0,
+    )
+    .await;
+    gw.wait_metric("portcullis_xdp_deny_learned_total", 1.0)
+        .await;
     // Learned: even a valid certificate from that source is now stopped before TLS.
     let r = call_from(&ns, bad.clone(), target, pki.clone());
     assert!(r.is_err(), "learned source: {r:?}");
@@ -832,7 +820,8 @@ async fn deny_learning_expiry_exempt_and_restart() {
     for _ in 0..3 {
         assert!(call_with(&ns, bad.clone(), target, pki.clone(), true).is_err());
     }
-    wait_metric(&gw, "portcullis_xdp_deny_learned_total", 2.0).await;
+    gw.wait_metric("portcullis_xdp_deny_learned_total", 2.0)
+        .await;
     let support::gateway::TestGateway { gw: old, dir } = gw;
     old.shutdown(std::time::Duration::from_millis(200)).await;
     let config = portcullis::config::Config::load(&dir.path().join("portcullis.yaml")).unwrap();
@@ -984,7 +973,8 @@ async fn learned_denials_reach_the_fleet_over_nats() {
     for _ in 0..3 {
         assert!(call_with(&ns_a, learned.clone(), a.https(), pki.clone(), true).is_err());
     }
-    wait_metric(&a, "portcullis_xdp_deny_learned_total", 1.0).await;
+    a.wait_metric("portcullis_xdp_deny_learned_total", 1.0)
+        .await;
     let learned_at = std::time::Instant::now();
     // B's own program, on a ClientHello from the learned source to B's port: reset (RST|ACK).
     let mut seg = Segment::new(
@@ -1030,13 +1020,10 @@ async fn learned_denials_reach_the_fleet_over_nats() {
     for _ in 0..3 {
         assert!(call_with(&ns_a, exempt_on_b.clone(), a.https(), pki.clone(), true).is_err());
     }
-    wait_metric(&a, "portcullis_xdp_deny_learned_total", 2.0).await;
-    wait_metric(
-        &b,
-        "portcullis_xdp_deny_shared_total{kind=\"ignored\"}",
-        1.0,
-    )
-    .await;
+    a.wait_metric("portcullis_xdp_deny_learned_total", 2.0)
+        .await;
+    b.wait_metric("portcullis_xdp_deny_shared_total{kind=\"ignored\"}", 1.0)
+        .await;
     assert!(!denied_on_b(&exempt_on_b));
     assert!(a
         .gw

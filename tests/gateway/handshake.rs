@@ -73,24 +73,21 @@ async fn bad_client_certificates_fail_the_handshake_and_are_counted() {
         200
     );
     let d = "domain=\"*.apps.identity\"";
-    assert_eq!(
-        gw.metric(&format!(
-            "portcullis_tls_handshakes_total{{{d},result=\"no_certificate\"}}"
-        )),
-        2.0
-    );
-    assert_eq!(
-        gw.metric(&format!(
-            "portcullis_tls_handshakes_total{{{d},result=\"unknown_ca\"}}"
-        )),
-        2.0
-    );
-    assert_eq!(
-        gw.metric(&format!(
-            "portcullis_tls_handshakes_total{{{d},result=\"expired\"}}"
-        )),
-        2.0
-    );
+    gw.wait_metric(
+        &format!("portcullis_tls_handshakes_total{{{d},result=\"no_certificate\"}}"),
+        2.0,
+    )
+    .await;
+    gw.wait_metric(
+        &format!("portcullis_tls_handshakes_total{{{d},result=\"unknown_ca\"}}"),
+        2.0,
+    )
+    .await;
+    gw.wait_metric(
+        &format!("portcullis_tls_handshakes_total{{{d},result=\"expired\"}}"),
+        2.0,
+    )
+    .await;
     assert_eq!(
         gw.metric(&format!(
             "portcullis_tls_handshakes_total{{{d},result=\"ok\"}}"

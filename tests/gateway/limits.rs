@@ -51,10 +51,11 @@ async fn silent_clients_are_dropped_at_the_handshake_deadline() {
         .expect("closed by the gateway");
     assert!(matches!(n, Ok(0) | Err(_)));
     assert!(started.elapsed() >= Duration::from_millis(900));
-    assert_eq!(
-        gw.metric("portcullis_tls_handshakes_total{domain=\"-\",result=\"timeout\"}"),
-        1.0
-    );
+    gw.wait_metric(
+        "portcullis_tls_handshakes_total{domain=\"-\",result=\"timeout\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -104,6 +104,19 @@ impl TestGateway {
             })
             .unwrap_or(0.0)
     }
+
+    /// Waits (up to 5 s) for a metric sample to reach `value`, then asserts it. Counters that
+    /// the gateway bumps after the client already saw the outcome (a handshake failure is
+    /// counted after the alert is sent) must be read through this, not `metric`.
+    pub async fn wait_metric(&self, sample: &str, value: f64) {
+        for _ in 0..100 {
+            if self.metric(sample) == value {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(self.metric(sample), value, "{sample}");
+    }
 }
 
 /// One access-log line, split into its fields.
