@@ -1,9 +1,12 @@
 //! Kernel TLS (SPEC §5), on whatever kernel runs the test.
 //!
-//! Where the kernel has kTLS (Debian's 6.1 in the VM of `cargo xtask vm-test`, which sets
-//! `PORTCULLIS_REQUIRE_KTLS`): h1 and h2 connections, mTLS and plain, resumed ones included, are
-//! moved into the kernel, `/proc/net/tls_stat` shows the kernel doing the record crypto, and every
-//! response is byte-identical to the same request through a gateway with `tls.ktls: off`.
+//! Where the kernel has kTLS (Debian's 6.1 and the newest backports kernel in the VMs of
+//! `cargo xtask vm-test`, which set `PORTCULLIS_REQUIRE_KTLS`): h1 and h2 connections, mTLS and
+//! plain, resumed ones included, are moved into the kernel, `/proc/net/tls_stat` shows the kernel
+//! doing the record crypto, and every response is byte-identical to the same request through a
+//! gateway with `tls.ktls: off`. KeyUpdates from clients and from TLS backends are followed where
+//! the kernel can rekey (≥ 6.14) and end the connection in order where it cannot; hostile
+//! post-handshake records end connections without harm.
 //! Where it has not (the build machines): the gateway falls back to rustls, `on` refuses to start
 //! with the reason, and the binary says so once.
 
@@ -47,12 +50,13 @@ fn kernel_has_ktls() -> bool {
 }
 
 /// A deterministic backend: `GET /bytes/N` answers N pattern bytes, `POST` echoes the body. With
-/// `tls`, it speaks TLS (userspace rustls) and counts the connections it accepted.
-async fn backend(tls: Option<Arc<rustls::ServerConfig>>) -> (SocketAddr, Arc<AtomicU64>) {
+/// `tls`, it speaks TLS (userspace rustls), counts the connections it accepted and those that
+/// resumed a session, and updates its keys before answering a request under `/rekey/`.
+async fn backend(tls: Option<Arc<rustls::ServerConfig>>) -> (SocketAddr, Arc<Counts>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicU64::new(0));
-    let count = accepted.clone();
+    let counts = Arc::new(Counts::default());
+    let count = counts.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -68,6 +72,7 @@ async fn backend(tls: Option<Arc<rustls::ServerConfig>>) -> (SocketAddr, Arc<Ato
                         let n: usize = req
                             .uri()
                             .path()
+                            .trim_start_matches("/rekey")
                             .strip_prefix("/bytes/")
                             .and_then(|n| n.parse().ok())
                             .unwrap_or(0);
@@ -88,14 +93,82 @@ async fn backend(tls: Option<Arc<rustls::ServerConfig>>) -> (SocketAddr, Arc<Ato
                         let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
                             return;
                         };
-                        count.fetch_add(1, Ordering::Relaxed);
-                        let _ = http.serve_connection(TokioIo::new(tls), svc).await;
+                        count.accepted.fetch_add(1, Ordering::Relaxed);
+                        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+                        {
+                            count.resumed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let io = Rekeying {
+                            tls,
+                            due: false,
+                            counts: count,
+                        };
+                        let _ = http.serve_connection(TokioIo::new(io), svc).await;
                     }
                 }
             });
         }
     });
-    (addr, accepted)
+    (addr, counts)
+}
+
+/// What a TLS backend saw.
+#[derive(Default)]
+struct Counts {
+    accepted: AtomicU64,
+    resumed: AtomicU64,
+    key_updates: AtomicU64,
+}
+
+/// The TLS backend's stream: after reading a request for `/rekey/…` it updates its send keys
+/// before the response (rustls sends a KeyUpdate that asks the peer to update its own too).
+struct Rekeying {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    due: bool,
+    counts: Arc<Counts>,
+}
+
+impl tokio::io::AsyncRead for Rekeying {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.tls).poll_read(cx, buf);
+        if buf.filled()[before..].windows(7).any(|w| w == b" /rekey") {
+            self.due = true;
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Rekeying {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if std::mem::take(&mut self.due) {
+            self.tls.get_mut().1.refresh_traffic_keys().unwrap();
+            self.counts.key_updates.fetch_add(1, Ordering::Relaxed);
+        }
+        std::pin::Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
 }
 
 /// The TLS backend's server config: a `backend.internal` certificate from the backend CA.
@@ -260,7 +333,7 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     let (backend, _) = backend(None).await;
     // One TLS backend per gateway, so the kTLS gateway's backend connections can be counted.
     let (tls_off, _) = self::backend(Some(backend_tls(&pki))).await;
-    let (tls_on, tls_on_accepted) = self::backend(Some(backend_tls(&pki))).await;
+    let (tls_on, tls_on_counts) = self::backend(Some(backend_tls(&pki))).await;
     let off = TestGateway::start(&pki, &sections("off", backend, tls_off)).await;
     if !kernel {
         fallback(&pki, backend, tls_off).await;
@@ -325,7 +398,7 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     }
     let connections = h1_cases + 3;
     // The kTLS gateway's connections to the TLS backend went into the kernel too.
-    let backend_connections = tls_on_accepted.load(Ordering::Relaxed);
+    let backend_connections = tls_on_counts.accepted.load(Ordering::Relaxed);
     assert!(backend_connections >= 1);
 
     let after = tls_stat();
@@ -364,14 +437,24 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     assert!(lines.iter().all(|l| l.contains(" ktls:false ")));
 
     key_update(&on, &pki).await;
+    backend_key_update(&on, &pki, &tls_on_counts).await;
     hostile_records(&on, &pki).await;
 }
 
-/// A client's TLS 1.3 KeyUpdate on a kernel-TLS connection. The gateway cannot follow it (rustls'
-/// buffered connections do not hand out the traffic secrets, and kernels before 6.14 cannot
-/// rekey at all), so what must hold is that the connection ends in order (close_notify, no hang,
-/// no reset), the gateway keeps running, and new connections are served.
+/// Whether this kernel can replace the keys of a live kTLS socket (Linux 6.14 added TLS 1.3
+/// KeyUpdate support, and the `TlsRxRekeyOk` counter with it).
+fn kernel_rekeys() -> bool {
+    tls_stat().contains_key("TlsRxRekeyOk")
+}
+
+/// A client's TLS 1.3 KeyUpdate on a kernel-TLS connection. rustls asks the peer to update too,
+/// so the gateway must replace its receive keys, send its own KeyUpdate and replace its send
+/// keys. Where the kernel can do that, the connection goes on serving under the new keys (each
+/// side decrypts the other, and `tls_stat` counts the kernel's rekeys); where it cannot, the
+/// connection ends in order (close_notify, no hang, no reset). Either way the gateway serves on.
 async fn key_update(gw: &TestGateway, pki: &TestPki) {
+    let rekeys = kernel_rekeys();
+    let before = tls_stat();
     let host = "a.apps.identity";
     let tcp = TcpStream::connect(gw.https()).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(client_config(pki, true, b"http/1.1"))
@@ -379,39 +462,107 @@ async fn key_update(gw: &TestGateway, pki: &TestPki) {
         .await
         .unwrap();
     let request = format!("GET /bytes/100 HTTP/1.1\r\nhost: {host}\r\n\r\n");
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tls.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    tls.get_mut().1.refresh_traffic_keys().unwrap();
-    let after_update = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        tls.write_all(request.as_bytes()).await?;
-        let mut out = Vec::new();
-        loop {
-            let n = tls.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(out);
+    let exchange = async |tls: &mut tokio_rustls::client::TlsStream<TcpStream>| {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            tls.write_all(request.as_bytes()).await?;
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = tls.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(out);
+                }
+                out.extend_from_slice(&buf[..n]);
+                let head = out.windows(4).position(|w| w == b"\r\n\r\n");
+                if head.is_some_and(|h| out.len() >= h + 4 + 100) {
+                    return Ok(out);
+                }
             }
-            out.extend_from_slice(&buf[..n]);
-            if out.len() >= 100 && out.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Ok(out);
+        })
+        .await
+        .expect("the connection answers or ends within 10 s")
+    };
+    let first = exchange(&mut tls).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    for round in 0..3 {
+        tls.get_mut().1.refresh_traffic_keys().unwrap();
+        let after_update = exchange(&mut tls).await;
+        eprintln!(
+            "request after client KeyUpdate {round} on kTLS: {}",
+            match &after_update {
+                Ok(out) if out.starts_with(b"HTTP/1.1 200") => "answered".to_string(),
+                Ok(out) => format!("connection ended ({} bytes)", out.len()),
+                Err(e) => format!("connection ended: {e}"),
             }
+        );
+        if rekeys {
+            let out = after_update.unwrap();
+            assert!(out.starts_with(b"HTTP/1.1 200"), "round {round}");
+            assert!(out.ends_with(&first[first.len() - 100..]), "round {round}");
+        } else {
+            // The gateway sends close_notify before it closes, so the client sees an orderly
+            // end rather than a reset.
+            let out = after_update.unwrap();
+            assert!(!out.starts_with(b"HTTP/1.1 200"), "{out:?}");
+            break;
         }
-    })
-    .await
-    .expect("the connection answers or ends within 10 s after a KeyUpdate");
-    eprintln!(
-        "request after a client KeyUpdate on kTLS: {}",
-        match &after_update {
-            Ok(out) if out.starts_with(b"HTTP/1.1 200") => "answered".to_string(),
-            Ok(out) => format!("connection ended ({} bytes)", out.len()),
-            Err(e) => format!("connection ended: {e}"),
-        }
-    );
-    // The gateway sends close_notify before it closes, so the client sees an orderly end rather
-    // than a reset.
-    assert!(after_update.is_ok(), "{after_update:?}");
+    }
+    if rekeys {
+        let after = tls_stat();
+        let delta = |k: &str| after[k] - before.get(k).copied().unwrap_or(0);
+        assert_eq!(delta("TlsRxRekeyOk"), 3, "{after:?}");
+        assert_eq!(delta("TlsTxRekeyOk"), 3, "{after:?}");
+        assert_eq!(delta("TlsRxRekeyError") + delta("TlsTxRekeyError"), 0);
+    }
     assert_served(gw, pki, "after the KeyUpdate").await;
+}
+
+/// A TLS backend that updates its keys before each response, behind the kernel-TLS gateway.
+/// Where the kernel can rekey, every answer arrives. Where it cannot, each backend connection
+/// that sees a KeyUpdate ends (502), and the new connections that replace them resume with the
+/// session tickets the kernel connections stored.
+async fn backend_key_update(gw: &TestGateway, pki: &TestPki, counts: &Counts) {
+    let rekeys = kernel_rekeys();
+    let before = tls_stat();
+    let accepted = counts.accepted.load(Ordering::Relaxed);
+    let resumed = counts.resumed.load(Ordering::Relaxed);
+    let host = "tls.apps.plain";
+    let mut statuses = Vec::new();
+    // Pooled connections from earlier answer first; bounded, until two new ones were made.
+    for _ in 0..10 {
+        let (resp, _) = h1_raw(
+            gw.https(),
+            client_config(pki, false, b"http/1.1"),
+            host,
+            get(host, "/rekey/bytes/100"),
+        )
+        .await;
+        let status = String::from_utf8_lossy(&resp[..12]).to_string();
+        if rekeys {
+            let pattern: Vec<u8> = (0..100u8).map(|i| i % 251).collect();
+            assert!(resp.ends_with(&pattern), "{status}");
+        }
+        statuses.push(status);
+        if counts.accepted.load(Ordering::Relaxed) - accepted >= 2 {
+            break;
+        }
+    }
+    let new_connections = counts.accepted.load(Ordering::Relaxed) - accepted;
+    let resumed = counts.resumed.load(Ordering::Relaxed) - resumed;
+    eprintln!(
+        "rekeying backend: {statuses:?}, {new_connections} new backend connections, {resumed} resumed, {} key updates",
+        counts.key_updates.load(Ordering::Relaxed)
+    );
+    if rekeys {
+        assert!(statuses.iter().all(|s| s == "HTTP/1.1 200"), "{statuses:?}");
+        let after = tls_stat();
+        let delta = |k: &str| after[k] - before.get(k).copied().unwrap_or(0);
+        assert!(delta("TlsRxRekeyOk") >= 2, "{after:?}");
+    } else {
+        assert!(statuses.iter().all(|s| s == "HTTP/1.1 502"), "{statuses:?}");
+        assert_eq!(new_connections, 2);
+        assert_eq!(resumed, 2, "new backend connections resume");
+    }
 }
 
 /// A fresh mTLS connection gets `200` for `GET /bytes/100` on `a.apps.identity`.
@@ -438,29 +589,32 @@ async fn hostile_records(gw: &TestGateway, pki: &TestPki) {
         previous(info);
     }));
     let host = "a.apps.identity";
-    let cases: [(&str, u8, &[u8]); 7] = [
+    let cases: [(&str, u8, &[u8]); 8] = [
         ("change_cipher_spec", 20, &[1]),
         ("unknown record type", 42, &[0]),
         ("malformed alert", 21, &[2, 40, 0]),
         ("unknown handshake message", 22, &[99, 0, 0, 0]),
         ("NewSessionTicket from a client", 22, &[4, 0, 0, 0]),
-        ("KeyUpdate", 22, &[24, 0, 0, 1, 0]),
+        ("malformed KeyUpdate", 22, &[24, 0, 0, 1, 2]),
+        (
+            "KeyUpdate not ending its record",
+            22,
+            &[24, 0, 0, 1, 0, 99, 0, 0, 0],
+        ),
         ("oversized handshake message", 22, &[1, 0x7f, 0xff, 0xff]),
     ];
     for (what, record, payload) in cases {
         let mut cfg = (*client_config(pki, true, b"http/1.1")).clone();
         cfg.enable_secret_extraction = true;
         let tcp = TcpStream::connect(gw.https()).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(
-                ServerName::try_from(host).unwrap(),
-                ktls::CorkStream::new(tcp),
-            )
-            .await
-            .unwrap();
-        let mut conn = portcullis::tls::kstream::handoff(tls).await.unwrap();
-        // One exchange first: a record sent right after the handshake can reach the gateway
-        // while rustls still reads the socket, which then handles it in userspace.
+        let mut conn = portcullis::tls::connect_kernel(
+            tcp,
+            Arc::new(cfg),
+            ServerName::try_from(host).unwrap(),
+        )
+        .await
+        .unwrap();
+        // One exchange first, so the gateway's connection is in the kernel.
         let request = format!("GET /bytes/100 HTTP/1.1\r\nhost: {host}\r\n\r\n");
         conn.write_all(request.as_bytes()).await.unwrap();
         let mut response = Vec::new();
@@ -571,4 +725,99 @@ async fn fallback(pki: &TestPki, backend: SocketAddr, tls_backend: SocketAddr) {
         1,
         "said once: {log}"
     );
+}
+
+/// The unbuffered handshake kernel connections use, on any kernel (it runs entirely in
+/// userspace up to the hand-over): SNI, ALPN and the verified client certificate come out as in
+/// userspace TLS; a certificate from another CA is refused with an alert the client reads and
+/// the failure is classified for the metric; bytes that are not TLS are a protocol failure.
+#[tokio::test]
+async fn unbuffered_handshake_on_any_kernel() {
+    use portcullis::tls::{accept_kernel, Alpn};
+    let pki = TestPki::new();
+    let (backend, _) = backend(None).await;
+    let gw = TestGateway::start(&pki, &sections("off", backend, backend)).await;
+    let runtime = gw.gw.state().runtime.load_full();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let deadline = std::time::Duration::from_secs(5);
+    let host = "a.apps.identity";
+
+    let client = tokio::spawn({
+        let cfg = support::client::tls_config(&pki.server_ca, Some(&pki.a), &[b"h2"]);
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(ServerName::try_from(host).unwrap(), tcp)
+                .await
+                .unwrap();
+            tls.write_all(b"after the handshake").await.unwrap();
+            tls
+        }
+    });
+    let (tcp, _) = listener.accept().await.unwrap();
+    let accepted = accept_kernel(tcp, &runtime.tls, deadline)
+        .await
+        .unwrap_or_else(|(_, e)| panic!("handshake: {e}"));
+    let _client = client.await.unwrap();
+    assert_eq!(accepted.info.sni.as_deref(), Some(host));
+    assert_eq!(accepted.info.alpn, Alpn::H2);
+    assert_eq!(
+        accepted
+            .info
+            .mtls
+            .as_ref()
+            .map(|p| p.to_string())
+            .as_deref(),
+        Some("*.apps.identity")
+    );
+    let peer = accepted
+        .info
+        .peer
+        .as_ref()
+        .expect("the verified client certificate");
+    assert!(format!("{peer:?}").contains("app-a"), "{peer:?}");
+
+    // A certificate from another CA: refused, classified, and the client reads the alert.
+    let client = tokio::spawn({
+        let cfg = support::client::tls_config(&pki.server_ca, Some(&pki.wrong_ca), &[b"h2"]);
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(ServerName::try_from(host).unwrap(), tcp)
+                .await?;
+            let mut buf = [0u8; 16];
+            tls.read(&mut buf).await
+        }
+    });
+    let (tcp, _) = listener.accept().await.unwrap();
+    let refused = accept_kernel(tcp, &runtime.tls, deadline).await;
+    let Err((pattern, failure)) = refused else {
+        panic!("a certificate from another CA was accepted");
+    };
+    assert_eq!(failure.label(), "unknown_ca", "{failure}");
+    assert_eq!(
+        pattern.map(|p| p.to_string()).as_deref(),
+        Some("*.apps.identity")
+    );
+    let read = client.await.unwrap();
+    assert!(
+        format!("{read:?}").contains("UnknownCA"),
+        "the client reads the alert: {read:?}"
+    );
+
+    // Not TLS at all.
+    let client = tokio::spawn(async move {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        tcp
+    });
+    let (tcp, _) = listener.accept().await.unwrap();
+    let Err((_, failure)) = accept_kernel(tcp, &runtime.tls, deadline).await else {
+        panic!("plain HTTP passed as a TLS handshake");
+    };
+    assert_eq!(failure.label(), "protocol", "{failure}");
+    drop(client);
 }

@@ -412,31 +412,22 @@ async fn handshake(
 ) -> Option<(Box<dyn ClientIo>, ConnCtx)> {
     let rt = state.runtime.load_full();
     let deadline = rt.config.tls.handshake_timeout;
-    let Some(kernel) = state.ktls.clone() else {
+    if state.ktls.is_none() {
         let accepted = tls::accept(tcp, &rt.tls, deadline).await;
         let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
         return Some((Box::new(stream), conn));
-    };
-    // Accepted on a CorkStream so rustls stops reading at a record boundary, where the kernel
-    // takes over.
-    let accepted = tls::accept(ktls::CorkStream::new(tcp), &rt.tls, deadline).await;
-    drop(rt);
-    let suite = accepted
-        .as_ref()
-        .ok()
-        .and_then(|a| a.stream.get_ref().1.negotiated_cipher_suite());
-    if !kernel.supports(suite) {
-        let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
-        return Some((Box::new(stream), conn));
     }
-    let (stream, mut conn) = handshake_done(state, accepted, client, "kernel")?;
-    match tls::kstream::handoff(stream).await {
+    // The probe found every cipher suite the gateway offers supported by the kernel.
+    let accepted = tls::accept_kernel(tcp, &rt.tls, deadline).await;
+    drop(rt);
+    let (pending, mut conn) = handshake_done(state, accepted, client, "kernel")?;
+    match pending.into_kernel() {
         Ok(stream) => {
             conn.ktls = true;
             Some((Box::new(stream), conn))
         }
-        // The probe found the suite supported, so this is rare (a socket error mid-switch); the
-        // rustls state is consumed by then, so the connection ends.
+        // Rare (a socket error mid-switch); the rustls state is consumed by then, so the
+        // connection ends.
         Err(e) => {
             tracing::warn!(%client, error = %e, "cannot move the connection into kernel TLS");
             None
@@ -446,12 +437,12 @@ async fn handshake(
 
 /// Counts a finished handshake (feeding deny learning on certificate failures); on success,
 /// returns the stream and the connection's context.
-fn handshake_done<IO>(
+fn handshake_done<S>(
     state: &State,
-    accepted: Result<tls::Accepted<IO>, (Option<DomainPattern>, tls::HandshakeFailure)>,
+    accepted: Result<tls::Accepted<S>, (Option<DomainPattern>, tls::HandshakeFailure)>,
     client: SocketAddr,
     mode: &'static str,
-) -> Option<(tokio_rustls::server::TlsStream<IO>, ConnCtx)> {
+) -> Option<(S, ConnCtx)> {
     match accepted {
         Err((pattern, failure)) => {
             state

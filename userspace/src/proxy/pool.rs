@@ -234,8 +234,8 @@ impl BackendPool {
                 let cfg = s.tls.ok_or(ConnectError::NoTlsConfig)?;
                 let name = ServerName::try_from(san.clone())
                     .map_err(|_| ConnectError::BadSan(san.clone()))?;
-                let connector = tokio_rustls::TlsConnector::from(cfg.clone());
-                let Some(kernel) = s.ktls else {
+                if s.ktls.is_none() {
+                    let connector = tokio_rustls::TlsConnector::from(cfg.clone());
                     let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
                         .await
                         .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
@@ -245,24 +245,17 @@ impl BackendPool {
                         key,
                         reused: false,
                     });
-                };
-                // As for client connections: handshake on a CorkStream, then hand the record
-                // crypto to the kernel when it takes the negotiated suite.
-                let tls = tokio::time::timeout(
+                }
+                // As for client connections: an unbuffered handshake, then the record crypto
+                // goes to the kernel.
+                let stream = tokio::time::timeout(
                     s.connect_timeout,
-                    connector.connect(name, ktls::CorkStream::new(tcp)),
+                    crate::tls::connect_kernel(tcp, cfg.clone(), name),
                 )
                 .await
                 .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
                 .map_err(ConnectError::Tls)?;
-                if kernel.supports(tls.get_ref().1.negotiated_cipher_suite()) {
-                    let stream = crate::tls::kstream::handoff(tls)
-                        .await
-                        .map_err(|e| ConnectError::Tls(std::io::Error::other(e.to_string())))?;
-                    handshake(TokioIo::new(stream), key.h2, upgrades).await?
-                } else {
-                    handshake(TokioIo::new(tls), key.h2, upgrades).await?
-                }
+                handshake(TokioIo::new(stream), key.h2, upgrades).await?
             }
         };
         Ok(Lease {

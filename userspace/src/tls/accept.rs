@@ -36,9 +36,10 @@ pub enum Alpn {
     H2,
 }
 
-/// A completed handshake.
-pub struct Accepted<IO> {
-    pub stream: TlsStream<IO>,
+/// A completed handshake: the connection (a rustls stream, or one about to move into the
+/// kernel) and what the handshake established.
+pub struct Accepted<S> {
+    pub stream: S,
     pub info: ConnTls,
 }
 
@@ -95,12 +96,16 @@ impl HandshakeFailure {
     }
 
     fn from_io(e: std::io::Error) -> Self {
-        let Some(tls) = e
+        match e
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<TlsError>())
-        else {
-            return HandshakeFailure::Io(e);
-        };
+        {
+            Some(tls) => Self::from_tls(tls),
+            None => HandshakeFailure::Io(e),
+        }
+    }
+
+    pub(super) fn from_tls(tls: &TlsError) -> Self {
         match tls {
             TlsError::NoCertificatesPresented => HandshakeFailure::NoCertificate,
             TlsError::InvalidCertificate(c) => match c {
@@ -125,7 +130,7 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     tcp: IO,
     server: &TlsServer,
     deadline: Duration,
-) -> Result<Accepted<IO>, (Option<DomainPattern>, HandshakeFailure)> {
+) -> Result<Accepted<TlsStream<IO>>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
     let mut refused = None;
     let fut = async {
@@ -142,28 +147,8 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
                 return Err(HandshakeFailure::from_io(e));
             }
         };
-        let conn = stream.get_ref().1;
-        let peer = if mtls.is_some() {
-            conn.peer_certificates()
-                .and_then(|c| c.first())
-                .map(|leaf| Arc::new(PeerCert::from_der(leaf)))
-        } else {
-            None
-        };
-        let alpn = match conn.alpn_protocol() {
-            Some(b"h2") => Alpn::H2,
-            Some(b"http/1.1") => Alpn::Http1,
-            _ => Alpn::None,
-        };
-        Ok(Accepted {
-            stream,
-            info: ConnTls {
-                sni,
-                mtls,
-                peer,
-                alpn,
-            },
-        })
+        let info = conn_tls(stream.get_ref().1, sni, mtls);
+        Ok(Accepted { stream, info })
     };
     let res = tokio::time::timeout(deadline, fut).await;
     if let Some(io) = refused {
@@ -176,6 +161,32 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// What a finished handshake established.
+pub(super) fn conn_tls(
+    conn: &rustls::CommonState,
+    sni: Option<String>,
+    mtls: Option<DomainPattern>,
+) -> ConnTls {
+    let peer = if mtls.is_some() {
+        conn.peer_certificates()
+            .and_then(|c| c.first())
+            .map(|leaf| Arc::new(PeerCert::from_der(leaf)))
+    } else {
+        None
+    };
+    let alpn = match conn.alpn_protocol() {
+        Some(b"h2") => Alpn::H2,
+        Some(b"http/1.1") => Alpn::Http1,
+        _ => Alpn::None,
+    };
+    ConnTls {
+        sni,
+        mtls,
+        peer,
+        alpn,
+    }
+}
+
 /// How long a refused handshake's socket is kept open to let the client read the alert.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -184,7 +195,7 @@ const LINGER: Duration = Duration::from_secs(1);
 /// a socket with that unread would make the kernel answer with a reset, which can destroy the
 /// alert before the client reads it. So: end our side, then read and discard what the client
 /// still sends until it closes, for at most `LINGER` and 64 KiB.
-async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+pub(super) async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let drain = async {
         let _ = io.shutdown().await;

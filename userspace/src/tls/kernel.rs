@@ -1,28 +1,20 @@
 //! Kernel TLS (SPEC §5): after the rustls handshake, record encryption moves into the kernel
-//! where it supports the TLS ULP and the negotiated cipher suite.
+//! where it supports the TLS ULP and every cipher suite the gateway offers.
 //!
-//! The probe runs once at start. Each connection is then accepted on a [`ktls::CorkStream`] so
-//! rustls stops reading exactly at a record boundary, and handed to the kernel with
-//! [`super::kstream`]. A suite the kernel cannot take stays in userspace rustls.
+//! The probe runs once at start. Each connection's handshake then runs on rustls' unbuffered API
+//! ([`super::unbuffered`]) and the connection is handed to the kernel with [`super::kstream`].
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use ktls::CompatibleCiphers;
-use rustls::SupportedCipherSuite;
+use rustls::CipherSuite;
 
 use crate::config::KtlsMode;
 
-/// What the start-up probe found.
+/// What the start-up probe found: the kernel takes every suite the gateway may negotiate.
 pub struct KernelTls {
-    ciphers: CompatibleCiphers,
-}
-
-impl KernelTls {
-    /// Whether the kernel can take a connection that negotiated `suite`.
-    pub fn supports(&self, suite: Option<SupportedCipherSuite>) -> bool {
-        suite.is_some_and(|s| self.ciphers.is_compatible(s))
-    }
+    _probed: (),
 }
 
 /// Probes the kernel per `tls.ktls` and says once what was chosen. `Err` (only with `on`) when
@@ -36,10 +28,12 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
         Err(why) => Err(why),
         Ok(()) => match CompatibleCiphers::new().await {
             Err(e) => Err(format!("cipher probe failed: {e}")),
-            Ok(ciphers) if !any(&ciphers) => {
-                Err("the TLS ULP loads but takes none of the AES-GCM/ChaCha20 suites".into())
-            }
-            Ok(ciphers) => Ok(ciphers),
+            Ok(ciphers) => match missing(&ciphers) {
+                Some(missing) => Err(format!(
+                    "the TLS ULP loads but does not take {missing}, which clients may negotiate"
+                )),
+                None => Ok(ciphers),
+            },
         },
     };
     match (found, mode) {
@@ -49,7 +43,7 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
                 tls12 = ?ciphers.tls12,
                 "kernel TLS available: established connections move their record crypto into the kernel"
             );
-            Ok(Some(Arc::new(KernelTls { ciphers })))
+            Ok(Some(Arc::new(KernelTls { _probed: () })))
         }
         (Err(why), KtlsMode::On) => Err(format!("tls.ktls is on but {why}")),
         (Err(why), _) => {
@@ -62,10 +56,36 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
     }
 }
 
-fn any(c: &CompatibleCiphers) -> bool {
-    [&c.tls12, &c.tls13]
+/// The cipher suites the gateway offers that the kernel cannot take, if any. A connection is
+/// handed to the kernel only after its handshake, so every suite it may negotiate must fit.
+fn missing(c: &CompatibleCiphers) -> Option<String> {
+    let missing: Vec<String> = super::server::provider()
+        .cipher_suites
         .iter()
-        .any(|v| v.aes_gcm_128 || v.aes_gcm_256 || v.chacha20_poly1305)
+        .filter(|s| !kernel_takes(c, s.suite()))
+        .map(|s| format!("{:?}", s.suite()))
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// Whether the kernel takes `suite`: what matters is the TLS version and the AEAD. (The `ktls`
+/// crate's own table leaves out the TLS 1.2 ECDHE_RSA suites, which use the same AEADs.)
+fn kernel_takes(c: &CompatibleCiphers, suite: CipherSuite) -> bool {
+    use CipherSuite as S;
+    match suite {
+        S::TLS13_AES_128_GCM_SHA256 => c.tls13.aes_gcm_128,
+        S::TLS13_AES_256_GCM_SHA384 => c.tls13.aes_gcm_256,
+        S::TLS13_CHACHA20_POLY1305_SHA256 => c.tls13.chacha20_poly1305,
+        S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => {
+            c.tls12.aes_gcm_128
+        }
+        S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => {
+            c.tls12.aes_gcm_256
+        }
+        S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => c.tls12.chacha20_poly1305,
+        _ => false,
+    }
 }
 
 /// Sets the `tls` upper-layer protocol on a connected loopback socket, as every kTLS connection

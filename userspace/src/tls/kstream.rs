@@ -7,21 +7,24 @@
 //!
 //! - alert: close_notify ends the read side cleanly, any other alert ends it with an error naming
 //!   the alert;
-//! - handshake: NewSessionTicket from a backend is skipped (tickets are not stored for kernel
-//!   connections); KeyUpdate cannot be followed, because rustls' buffered connections do not hand
-//!   out the traffic secrets it needs, so the connection ends with a specific error (and a
-//!   close_notify to the peer) rather than failing to decrypt the next record;
+//! - handshake: a backend's NewSessionTicket is stored (rustls' [`KernelConnection`] keeps the
+//!   session, so later connections resume); a TLS 1.3 KeyUpdate is followed: the next receive
+//!   keys go to the kernel at once, and when the peer asks for it, our own KeyUpdate is sent and
+//!   the send keys replaced after it. Kernels before 6.14 cannot replace the keys of a live kTLS
+//!   socket; there the connection ends with a specific error and a close_notify;
 //! - anything else ends the connection with an error naming the record type.
-
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
 
-use ktls::{CorkStream, CryptoInfo};
-use rustls::SupportedCipherSuite;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
+use ktls::CryptoInfo;
+use rustls::client::ClientConnectionData;
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
+use rustls::{ConnectionTrafficSecrets, SupportedCipherSuite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::prefix::Prefix;
@@ -39,22 +42,52 @@ const APPLICATION_DATA: u8 = 23;
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+/// A KeyUpdate handshake message with `request_update = update_not_requested`.
+const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
 
-/// Which end of the TLS session this gateway is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
+/// The TLS session's key schedule, kept by rustls after the hand-over.
+pub enum Keys {
     /// A client connection accepted by the gateway.
-    Server,
+    Server(KernelConnection<ServerConnectionData>),
     /// A connection the gateway opened to a TLS backend.
-    Client,
+    Client(KernelConnection<ClientConnectionData>),
+}
+
+impl From<KernelConnection<ServerConnectionData>> for Keys {
+    fn from(k: KernelConnection<ServerConnectionData>) -> Self {
+        Keys::Server(k)
+    }
+}
+
+impl From<KernelConnection<ClientConnectionData>> for Keys {
+    fn from(k: KernelConnection<ClientConnectionData>) -> Self {
+        Keys::Client(k)
+    }
+}
+
+impl Keys {
+    /// The next traffic keys for one direction (RFC 8446 §7.2), with their first sequence number.
+    fn next(&mut self, dir: libc::c_int) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match (self, dir) {
+            (Keys::Server(k), TLS_TX) => k.update_tx_secret(),
+            (Keys::Server(k), _) => k.update_rx_secret(),
+            (Keys::Client(k), TLS_TX) => k.update_tx_secret(),
+            (Keys::Client(k), _) => k.update_rx_secret(),
+        }
+    }
+
+    fn suite(&self) -> SupportedCipherSuite {
+        match self {
+            Keys::Server(k) => k.negotiated_cipher_suite(),
+            Keys::Client(k) => k.negotiated_cipher_suite(),
+        }
+    }
 }
 
 /// Why a connection could not move into the kernel. Its rustls state is consumed by then, so the
 /// connection ends.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
-    #[error("reading the plaintext rustls had already decrypted: {0}")]
-    Drain(io::Error),
     #[error("rustls did not hand out the traffic secrets: {0}")]
     Secrets(rustls::Error),
     #[error("no negotiated cipher suite")]
@@ -70,63 +103,26 @@ pub enum HandoffError {
 /// An established TLS connection in kernel TLS. See the module documentation.
 pub struct KernelStream {
     tcp: TcpStream,
-    side: Side,
-    /// Plaintext rustls had decrypted before the switch, served first.
-    drained: Prefix,
+    keys: Keys,
+    /// Application data that arrived with the handshake, served first.
+    early: Prefix,
     /// Handshake-record bytes not yet making a whole message.
     handshake: Vec<u8>,
+    /// The peer asked for our KeyUpdate and it is not sent yet (the send buffer was full).
+    key_update_due: bool,
     read_done: bool,
     close_notify_sent: bool,
 }
 
-/// Moves an established connection into the kernel: an accepted client connection
-/// (`tokio_rustls::server::TlsStream`) or one to a TLS backend (`client::TlsStream`).
-pub async fn handoff(
-    stream: impl Into<tokio_rustls::TlsStream<CorkStream<TcpStream>>>,
-) -> Result<KernelStream, HandoffError> {
-    let mut stream = stream.into();
-    stream.get_mut().0.corked = true;
-    let drained = drain(&mut stream).await.map_err(HandoffError::Drain)?;
-    let (cork, conn, side): (_, rustls::Connection, _) = match stream {
-        tokio_rustls::TlsStream::Server(s) => {
-            let (cork, conn) = s.into_inner();
-            (cork, conn.into(), Side::Server)
-        }
-        tokio_rustls::TlsStream::Client(s) => {
-            let (cork, conn) = s.into_inner();
-            (cork, conn.into(), Side::Client)
-        }
-    };
-    let suite = conn.negotiated_cipher_suite();
-    let secrets = conn
-        .dangerous_extract_secrets()
-        .map_err(HandoffError::Secrets)?;
-    KernelStream::new(cork.io, side, suite, secrets, drained)
-}
-
-/// Reads what rustls has buffered; the corked stream reads nothing past the record boundary, so
-/// this ends without waiting on the peer.
-async fn drain(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            // What a corked stream reports at the boundary when rustls wanted more.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(out),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 impl KernelStream {
-    fn new(
+    /// Moves a connection whose handshake rustls finished into the kernel: `secrets` are the
+    /// current traffic keys, `keys` derives the next ones.
+    pub(super) fn new(
         tcp: TcpStream,
-        side: Side,
+        keys: Keys,
         suite: Option<SupportedCipherSuite>,
         secrets: rustls::ExtractedSecrets,
-        drained: Vec<u8>,
+        early: Vec<u8>,
     ) -> Result<Self, HandoffError> {
         let suite = suite.ok_or(HandoffError::NoSuite)?;
         let fd = tcp.as_raw_fd();
@@ -144,31 +140,14 @@ impl KernelStream {
         {
             return Err(HandoffError::Ulp(io::Error::last_os_error()));
         }
-        for (dir, name, secrets) in [
-            (TLS_TX, "TLS_TX", secrets.tx),
-            (TLS_RX, "TLS_RX", secrets.rx),
-        ] {
-            let info = CryptoInfo::from_rustls(suite, secrets)
-                .map_err(|e| HandoffError::Suite(format!("{e:?}")))?;
-            // SAFETY: the pointer and size describe the crypto_info struct `info` owns.
-            if unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_TLS,
-                    dir,
-                    info.as_ptr(),
-                    info.size() as libc::socklen_t,
-                )
-            } != 0
-            {
-                return Err(HandoffError::Keys(name, io::Error::last_os_error()));
-            }
-        }
+        set_keys(fd, TLS_TX, suite, secrets.tx)?;
+        set_keys(fd, TLS_RX, suite, secrets.rx)?;
         Ok(Self {
             tcp,
-            side,
-            drained: Prefix::new(drained),
+            keys,
+            early: Prefix::new(early),
             handshake: Vec::new(),
+            key_update_due: false,
             read_done: false,
             close_notify_sent: false,
         })
@@ -220,6 +199,61 @@ impl KernelStream {
         }
     }
 
+    /// Follows the peer's KeyUpdate: the kernel decrypts with the next keys from the next
+    /// record on; if the peer asked, our KeyUpdate follows and then our next send keys.
+    fn key_update(&mut self, requested: bool) -> io::Result<()> {
+        let fd = self.tcp.as_raw_fd();
+        let suite = self.keys.suite();
+        let next = self.keys.next(TLS_RX).map_err(|e| invalid(e.to_string()))?;
+        if let Err(e) = set_keys(fd, TLS_RX, suite, next) {
+            key_update_warning(&e);
+            return Err(invalid(format!(
+                "peer sent a TLS 1.3 KeyUpdate, which this kernel cannot follow ({e}); \
+                 connection closed"
+            )));
+        }
+        if requested {
+            self.key_update_due = true;
+            match self.send_key_update() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => r?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends our KeyUpdate (under the current keys) and moves the kernel to the next send keys.
+    fn send_key_update(&mut self) -> io::Result<()> {
+        let fd = self.tcp.as_raw_fd();
+        send_record(fd, HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)?;
+        self.key_update_due = false;
+        let suite = self.keys.suite();
+        let next = self.keys.next(TLS_TX).map_err(|e| invalid(e.to_string()))?;
+        set_keys(fd, TLS_TX, suite, next).map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    /// Sends a KeyUpdate the peer asked for before anything else is written.
+    fn poll_key_update(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.key_update_due {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let this = &mut *self;
+            match this.tcp.try_io(Interest::WRITABLE, || {
+                send_record(this.tcp.as_raw_fd(), HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)
+            }) {
+                Ok(()) => {
+                    this.key_update_due = false;
+                    let suite = this.keys.suite();
+                    let next = this.keys.next(TLS_TX).map_err(|e| invalid(e.to_string()))?;
+                    set_keys(this.tcp.as_raw_fd(), TLS_TX, suite, next)
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Consumes the whole handshake messages buffered so far.
     fn handshake_messages(&mut self) -> Option<io::Result<()>> {
         let mut at = 0;
@@ -237,17 +271,31 @@ impl KernelStream {
             if body.len() < len {
                 break None;
             }
-            match (*typ, self.side) {
-                // Tickets from a backend; kernel connections do not keep them.
-                (NEW_SESSION_TICKET, Side::Client) => at += 4 + len,
+            let whole = 4 + len;
+            let message = &rest[4..whole];
+            match (*typ, &mut self.keys) {
+                (NEW_SESSION_TICKET, Keys::Client(k)) => {
+                    if let Err(e) = k.handle_new_session_ticket(message) {
+                        break Some(Err(invalid(format!("bad NewSessionTicket: {e}"))));
+                    }
+                    at += whole;
+                }
                 (KEY_UPDATE, _) => {
-                    key_update_warning();
-                    break Some(Err(invalid(
-                        "peer sent a TLS 1.3 KeyUpdate, which a kernel TLS connection cannot \
-                         follow here (rustls does not hand out the traffic secrets); \
-                         connection closed"
-                            .into(),
-                    )));
+                    // RFC 8446 §5.1: a KeyUpdate ends its record, since the keys change after it.
+                    if at + whole != self.handshake.len() {
+                        break Some(Err(invalid(
+                            "KeyUpdate is not the last message of its record".into(),
+                        )));
+                    }
+                    let requested = match message {
+                        [0] => false,
+                        [1] => true,
+                        _ => break Some(Err(invalid(format!("malformed KeyUpdate {message:?}")))),
+                    };
+                    at += whole;
+                    if let Err(e) = self.key_update(requested) {
+                        break Some(Err(e));
+                    }
                 }
                 (t, _) => {
                     break Some(Err(invalid(format!(
@@ -265,15 +313,43 @@ impl KernelStream {
     }
 }
 
-/// Says once per process why client KeyUpdates end kernel TLS connections.
-fn key_update_warning() {
+/// Says once per process why KeyUpdates end kernel TLS connections here.
+fn key_update_warning(e: &HandoffError) {
     static SAID: AtomicBool = AtomicBool::new(false);
     if !SAID.swap(true, Ordering::Relaxed) {
         tracing::warn!(
-            "a peer sent a TLS 1.3 KeyUpdate on a kernel TLS connection; such connections end \
+            error = %e,
+            "a peer sent a TLS 1.3 KeyUpdate on a kernel TLS connection and this kernel cannot \
+             replace the keys of a live kTLS socket (Linux 6.14 can); such connections end \
              (set tls.ktls: off if your clients update keys)"
         );
     }
+}
+
+/// Gives the kernel the keys for one direction.
+fn set_keys(
+    fd: RawFd,
+    dir: libc::c_int,
+    suite: SupportedCipherSuite,
+    secrets: (u64, ConnectionTrafficSecrets),
+) -> Result<(), HandoffError> {
+    let info = CryptoInfo::from_rustls(suite, secrets)
+        .map_err(|e| HandoffError::Suite(format!("{e:?}")))?;
+    let name = if dir == TLS_TX { "TLS_TX" } else { "TLS_RX" };
+    // SAFETY: the pointer and size describe the crypto_info struct `info` owns.
+    if unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_TLS,
+            dir,
+            info.as_ptr(),
+            info.size() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(HandoffError::Keys(name, io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -345,7 +421,7 @@ impl AsyncRead for KernelStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.drained.serve(buf) {
+        if this.early.serve(buf) {
             return Poll::Ready(Ok(()));
         }
         if this.read_done || buf.remaining() == 0 {
@@ -394,6 +470,7 @@ impl AsyncWrite for KernelStream {
         if this.close_notify_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        ready!(this.poll_key_update(cx))?;
         Pin::new(&mut this.tcp).poll_write(cx, buf)
     }
 
@@ -406,6 +483,7 @@ impl AsyncWrite for KernelStream {
         if this.close_notify_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        ready!(this.poll_key_update(cx))?;
         Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs)
     }
 
@@ -414,11 +492,15 @@ impl AsyncWrite for KernelStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_key_update(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // Best effort: a peer that asked for new keys reads the close_notify under them.
+        let _ = ready!(this.poll_key_update(cx));
         while !this.close_notify_sent {
             ready!(this.tcp.poll_write_ready(cx))?;
             let fd = this.tcp.as_raw_fd();

@@ -5,8 +5,10 @@ mod backend;
 mod kernel;
 pub mod kstream;
 mod server;
+mod unbuffered;
 
 pub use accept::{accept, Accepted, Alpn, ConnTls, HandshakeFailure};
 pub use backend::backend_client_config;
 pub use kernel::{probe as probe_kernel_tls, KernelTls};
 pub use server::{TlsBuildError, TlsServer};
+pub use unbuffered::{accept_kernel, connect_kernel, KernelPending};
