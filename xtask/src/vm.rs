@@ -1,11 +1,12 @@
-//! `cargo xtask vm-test`: runs tests inside Debian's 6.1 kernel under QEMU software emulation.
+//! `cargo xtask vm-test`: runs tests inside Debian kernels under QEMU software emulation.
 //!
 //! The machines this project is built on run a newer kernel without kernel TLS; gateway VMs often
-//! run Debian's stable kernel. The VM checks what only a different kernel can show: that the XDP
-//! program passes the 6.1 verifier and classifies the packet table the same way, and that kTLS
-//! really moves record encryption into the kernel (`/proc/net/tls_stat`).
+//! run Debian's stable kernel. The VMs check what only a different kernel can show: that the XDP
+//! program passes the 6.1 verifier and classifies the packet table the same way, that kTLS
+//! really moves record encryption into the kernel (`/proc/net/tls_stat`), and, on the newest
+//! Debian kernel (backports, Linux ≥ 6.14), that kernel TLS connections follow TLS 1.3 KeyUpdates.
 //!
-//! Recipe (../shared/TOOLCHAIN.md): the kernel package is downloaded with `apt-get download` and
+//! Recipe (../shared/TOOLCHAIN.md): the kernel packages are downloaded from the Debian archive and
 //! unpacked; the initramfs holds busybox, the crypto and TLS modules, the XDP object and the test
 //! binaries built statically; `/init` runs each test and prints a result marker the host checks.
 
@@ -23,16 +24,38 @@ struct VmTest {
     args: &'static [&'static str],
 }
 
-const TESTS: &[VmTest] = &[
-    VmTest {
-        target: "xdp",
-        args: &["--exact", "packet_table", "--test-threads=1"],
+const XDP_TABLE: VmTest = VmTest {
+    target: "xdp",
+    args: &["--exact", "packet_table", "--test-threads=1"],
+};
+const KTLS: VmTest = VmTest {
+    target: "ktls",
+    args: &["--test-threads=1", "--nocapture"],
+};
+
+/// A kernel to boot and the tests to run on it.
+struct VmKernel {
+    /// `None`: the `linux-image-amd64` of this machine's Debian release (through apt); else the
+    /// Debian suite whose `linux-image-amd64` to fetch from the archive.
+    suite: Option<&'static str>,
+    tests: &'static [VmTest],
+}
+
+const KERNELS: &[VmKernel] = &[
+    // Debian 12's 6.1: the verifier gateway VMs run, and kTLS without KeyUpdate support.
+    VmKernel {
+        suite: None,
+        tests: &[XDP_TABLE, KTLS],
     },
-    VmTest {
-        target: "ktls",
-        args: &["--test-threads=1", "--nocapture"],
+    // Debian 13 backports: a kernel that replaces kTLS keys (KeyUpdate, Linux ≥ 6.14).
+    VmKernel {
+        suite: Some("trixie-backports"),
+        tests: &[KTLS],
     },
 ];
+
+/// Where kernels outside this machine's apt sources come from.
+const ARCHIVE: &str = "http://deb.debian.org/debian";
 
 /// Kernel module directories the VM needs: `tls` and the AEAD code it loads on demand (`gcm`,
 /// `ccm`, `chacha20poly1305` and their helpers). `tls.ko` alone fails with ENOENT at key setup.
@@ -48,20 +71,34 @@ pub fn vm_test() -> Result<()> {
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
         ("cpio", "cpio"),
+        ("xz", "xz-utils"),
+        ("curl", "curl"),
     ] {
         if !have(cmd) {
             apt_install(&[pkg])?;
         }
     }
-    let (kernel, modules, version) = kernel(&work)?;
     let binaries = static_tests(&work)?;
-    let initramfs = initramfs(&work, &modules, &version, &binaries)?;
-    boot(&kernel, &initramfs)
+    for k in KERNELS {
+        let (kernel, modules, version) = match k.suite {
+            None => stable_kernel(&work)?,
+            Some(suite) => archive_kernel(&work, suite)?,
+        };
+        eprintln!("VM: Linux {version}");
+        let tests: Vec<_> = binaries
+            .iter()
+            .filter(|(t, _)| k.tests.iter().any(|want| want.target == t.target))
+            .map(|(t, exe)| (t, exe.as_path()))
+            .collect();
+        let initramfs = initramfs(&work, &modules, &version, &tests)?;
+        boot(&kernel, &initramfs, &tests).with_context(|| format!("on Linux {version}"))?;
+    }
+    Ok(())
 }
 
 /// Downloads and unpacks the kernel `linux-image-amd64` points at; returns the vmlinuz, the
 /// module tree and the version string.
-fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
+fn stable_kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
     let depends = Command::new("apt-cache")
         .args(["depends", "linux-image-amd64"])
         .output()
@@ -80,8 +117,7 @@ fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
         .context("kernel package name")?
         .to_string();
     let unpacked = work.join(&package);
-    let vmlinuz = unpacked.join(format!("boot/vmlinuz-{version}"));
-    if !vmlinuz.exists() {
+    if find_kernel(&unpacked, &version).is_err() {
         let debs = work.join("debs");
         std::fs::create_dir_all(&debs)?;
         run(Command::new("apt-get")
@@ -97,8 +133,107 @@ fn kernel(work: &Path) -> Result<(PathBuf, PathBuf, String)> {
             .context("downloaded kernel package not found")?;
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
     }
-    let modules = unpacked.join(format!("lib/modules/{version}"));
+    let (vmlinuz, modules) = find_kernel(&unpacked, &version)?;
     Ok((vmlinuz, modules, version))
+}
+
+/// Downloads and unpacks the kernel `linux-image-amd64` points at in `suite` of the Debian
+/// archive, reading the suite's package index directly (it need not be in apt's sources).
+fn archive_kernel(work: &Path, suite: &str) -> Result<(PathBuf, PathBuf, String)> {
+    let dir = work.join(suite);
+    std::fs::create_dir_all(&dir)?;
+    let index = dir.join("Packages");
+    let url = format!("{ARCHIVE}/dists/{suite}/main/binary-amd64/Packages.xz");
+    run(Command::new("sh").args([
+        "-c",
+        "curl -fsS --retry 3 -m 300 \"$0\" | xz -d > \"$1\"",
+        &url,
+        &index.to_string_lossy(),
+    ]))
+    .with_context(|| format!("fetching {url}"))?;
+    let packages = Packages(std::fs::read_to_string(&index)?);
+    let image = packages
+        .depends("linux-image-amd64")
+        .into_iter()
+        .find(|d| d.starts_with("linux-image-"))
+        .with_context(|| format!("{suite}: linux-image-amd64 depends on no kernel image"))?;
+    let version = image["linux-image-".len()..].to_string();
+    let unpacked = dir.join(&image);
+    if find_kernel(&unpacked, &version).is_err() {
+        // Newer kernels split the image into `linux-binary-*` and `linux-modules-*`.
+        let mut wanted = vec![image.clone()];
+        wanted.extend(
+            packages
+                .depends(&image)
+                .into_iter()
+                .filter(|d| d.ends_with(&version) && !d.starts_with("linux-base")),
+        );
+        for package in &wanted {
+            let file = packages
+                .field(package, "Filename")
+                .with_context(|| format!("{suite}: no Filename for {package}"))?;
+            let deb = dir.join(format!("{package}.deb"));
+            run(Command::new("curl")
+                .args(["-fsS", "--retry", "3", "-m", "600", "-o"])
+                .arg(&deb)
+                .arg(format!("{ARCHIVE}/{file}")))?;
+            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+            std::fs::remove_file(&deb)?;
+        }
+    }
+    let (vmlinuz, modules) = find_kernel(&unpacked, &version)?;
+    Ok((vmlinuz, modules, version))
+}
+
+/// A Debian `Packages` index.
+struct Packages(String);
+
+impl Packages {
+    fn field(&self, package: &str, field: &str) -> Option<String> {
+        let stanza = self
+            .0
+            .split("\n\n")
+            .find(|s| s.lines().next() == Some(&format!("Package: {package}")))?;
+        stanza.lines().find_map(|l| {
+            l.strip_prefix(field)
+                .and_then(|r| r.strip_prefix(": "))
+                .map(str::to_string)
+        })
+    }
+
+    /// The package names in `Depends` (alternatives and version constraints dropped).
+    fn depends(&self, package: &str) -> Vec<String> {
+        self.field(package, "Depends")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|d| d.split('|').next()?.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The vmlinuz and module tree of an unpacked kernel: `boot/` and `lib/modules/` in older
+/// packages, both under `usr/lib/modules/<version>/` in newer ones.
+fn find_kernel(unpacked: &Path, version: &str) -> Result<(PathBuf, PathBuf)> {
+    for (vmlinuz, modules) in [
+        (
+            format!("boot/vmlinuz-{version}"),
+            format!("lib/modules/{version}"),
+        ),
+        (
+            format!("usr/lib/modules/{version}/vmlinuz"),
+            format!("usr/lib/modules/{version}"),
+        ),
+    ] {
+        let (vmlinuz, modules) = (unpacked.join(vmlinuz), unpacked.join(modules));
+        if vmlinuz.exists() && modules.join("kernel").exists() {
+            return Ok((vmlinuz, modules));
+        }
+    }
+    bail!(
+        "no vmlinuz and modules for {version} in {}",
+        unpacked.display()
+    )
 }
 
 fn parse_kernel_package(apt_cache: &str) -> Option<String> {
@@ -125,7 +260,7 @@ fn static_tests(work: &Path) -> Result<Vec<(&'static VmTest, PathBuf)>> {
             "x86_64-unknown-linux-gnu",
             "--message-format=json-render-diagnostics",
         ]);
-    for t in TESTS {
+    for t in [&XDP_TABLE, &KTLS] {
         cmd.args(["--test", t.target]);
     }
     eprintln!("+ {cmd:?}");
@@ -134,8 +269,8 @@ fn static_tests(work: &Path) -> Result<Vec<(&'static VmTest, PathBuf)>> {
         bail!("building the VM test binaries failed");
     }
     let json = String::from_utf8_lossy(&out.stdout);
-    TESTS
-        .iter()
+    [&XDP_TABLE, &KTLS]
+        .into_iter()
         .map(|t| {
             let exe = json
                 .lines()
@@ -158,7 +293,7 @@ fn initramfs(
     work: &Path,
     modules: &Path,
     version: &str,
-    binaries: &[(&'static VmTest, PathBuf)],
+    binaries: &[(&&'static VmTest, &Path)],
 ) -> Result<PathBuf> {
     let root = work.join("root");
     let _ = std::fs::remove_dir_all(&root);
@@ -182,6 +317,10 @@ fn initramfs(
     for f in ["modules.order", "modules.builtin"] {
         let _ = std::fs::copy(modules.join(f), kmod.join(f));
     }
+    // Newer Debian kernels ship xz-compressed modules, which busybox' modprobe cannot load.
+    run(Command::new("find")
+        .arg(&kmod)
+        .args(["-name", "*.ko.xz", "-exec", "xz", "-d", "{}", "+"]))?;
     run(Command::new("busybox")
         .args(["depmod", "-b"])
         .arg(&root)
@@ -227,7 +366,7 @@ echo "VMTEST-KERNEL $(uname -r)"
 "#;
 
 /// Boots the VM, echoes its console, and checks that every test reported rc=0.
-fn boot(kernel: &Path, initramfs: &Path) -> Result<()> {
+fn boot(kernel: &Path, initramfs: &Path, tests: &[(&&'static VmTest, &Path)]) -> Result<()> {
     let mut cmd = Command::new("qemu-system-x86_64");
     // /dev/kvm may exist and still not work (nested virtualisation): always emulate.
     cmd.args([
@@ -282,7 +421,7 @@ fn boot(kernel: &Path, initramfs: &Path) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("console reader"))?;
     let mut failed = Vec::new();
-    for t in TESTS {
+    for (t, _) in tests {
         let marker = format!("VMTEST-RESULT {} rc=", t.target);
         match console.iter().find_map(|l| l.split_once(&marker)) {
             Some((_, "0")) => eprintln!("VM test {}: passed", t.target),
