@@ -29,10 +29,15 @@ mod xfcc;
 
 use std::net::SocketAddr;
 
-/// A loopback port with nothing listening on it.
+/// A loopback port with nothing listening on it, for the rest of the test process: the socket
+/// is bound but never listens (connecting is refused) and is kept open, so no other test's
+/// listener can be given the port meanwhile (a released port can be, and then it is not dead).
 pub fn dead_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = s.local_addr().unwrap().port();
+    std::mem::forget(s);
+    port
 }
 
 /// One route entry for a test config.
