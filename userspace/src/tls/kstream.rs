@@ -90,8 +90,6 @@ impl Keys {
 pub enum HandoffError {
     #[error("rustls did not hand out the traffic secrets: {0}")]
     Secrets(rustls::Error),
-    #[error("no negotiated cipher suite")]
-    NoSuite,
     #[error("the kernel cannot take this cipher suite: {0}")]
     Suite(String),
     #[error("setsockopt TCP_ULP \"tls\": {0}")]
@@ -120,11 +118,10 @@ impl KernelStream {
     pub(super) fn new(
         tcp: TcpStream,
         keys: Keys,
-        suite: Option<SupportedCipherSuite>,
         secrets: rustls::ExtractedSecrets,
         early: Vec<u8>,
     ) -> Result<Self, HandoffError> {
-        let suite = suite.ok_or(HandoffError::NoSuite)?;
+        let suite = keys.suite();
         let fd = tcp.as_raw_fd();
         let name = b"tls";
         // SAFETY: setsockopt on a socket we own, with a valid buffer and length.
@@ -202,10 +199,8 @@ impl KernelStream {
     /// Follows the peer's KeyUpdate: the kernel decrypts with the next keys from the next
     /// record on; if the peer asked, our KeyUpdate follows and then our next send keys.
     fn key_update(&mut self, requested: bool) -> io::Result<()> {
-        let fd = self.tcp.as_raw_fd();
-        let suite = self.keys.suite();
         let next = self.keys.next(TLS_RX).map_err(|e| invalid(e.to_string()))?;
-        if let Err(e) = set_keys(fd, TLS_RX, suite, next) {
+        if let Err(e) = set_keys(self.tcp.as_raw_fd(), TLS_RX, self.keys.suite(), next) {
             key_update_warning(&e);
             return Err(invalid(format!(
                 "peer sent a TLS 1.3 KeyUpdate, which this kernel cannot follow ({e}); \
@@ -224,29 +219,27 @@ impl KernelStream {
 
     /// Sends our KeyUpdate (under the current keys) and moves the kernel to the next send keys.
     fn send_key_update(&mut self) -> io::Result<()> {
-        let fd = self.tcp.as_raw_fd();
-        send_record(fd, HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)?;
+        send_record(self.tcp.as_raw_fd(), HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)?;
+        self.key_update_sent()
+    }
+
+    /// After our KeyUpdate went out: everything we send from now on uses the next keys.
+    fn key_update_sent(&mut self) -> io::Result<()> {
         self.key_update_due = false;
-        let suite = self.keys.suite();
         let next = self.keys.next(TLS_TX).map_err(|e| invalid(e.to_string()))?;
-        set_keys(fd, TLS_TX, suite, next).map_err(|e| io::Error::other(e.to_string()))
+        set_keys(self.tcp.as_raw_fd(), TLS_TX, self.keys.suite(), next)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     /// Sends a KeyUpdate the peer asked for before anything else is written.
     fn poll_key_update(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.key_update_due {
             ready!(self.tcp.poll_write_ready(cx))?;
-            let this = &mut *self;
-            match this.tcp.try_io(Interest::WRITABLE, || {
-                send_record(this.tcp.as_raw_fd(), HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)
+            let fd = self.tcp.as_raw_fd();
+            match self.tcp.try_io(Interest::WRITABLE, || {
+                send_record(fd, HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)
             }) {
-                Ok(()) => {
-                    this.key_update_due = false;
-                    let suite = this.keys.suite();
-                    let next = this.keys.next(TLS_TX).map_err(|e| invalid(e.to_string()))?;
-                    set_keys(this.tcp.as_raw_fd(), TLS_TX, suite, next)
-                        .map_err(|e| io::Error::other(e.to_string()))?;
-                }
+                Ok(()) => self.key_update_sent()?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }

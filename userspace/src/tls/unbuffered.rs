@@ -66,12 +66,11 @@ pub struct KernelPending {
 impl KernelPending {
     /// Moves the connection's record crypto into the kernel.
     pub fn into_kernel(self) -> Result<KernelStream, HandoffError> {
-        let suite = self.conn.negotiated_cipher_suite();
         let (secrets, kernel) = self
             .conn
             .dangerous_into_kernel_connection()
             .map_err(HandoffError::Secrets)?;
-        KernelStream::new(self.tcp, kernel.into(), suite, secrets, self.early)
+        KernelStream::new(self.tcp, kernel.into(), secrets, self.early)
     }
 }
 
@@ -152,11 +151,10 @@ pub async fn connect_kernel(
         Err(Stop::Io(e)) => return Err(e),
         Err(Stop::Tls(e)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
     };
-    let suite = conn.negotiated_cipher_suite();
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
         .map_err(|e| io::Error::other(HandoffError::Secrets(e)))?;
-    KernelStream::new(tcp, kernel.into(), suite, secrets, early).map_err(io::Error::other)
+    KernelStream::new(tcp, kernel.into(), secrets, early).map_err(io::Error::other)
 }
 
 /// One side of an unbuffered connection.
@@ -169,31 +167,30 @@ trait Unbuffered {
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = rustls::server::ServerConnectionData;
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
+macro_rules! unbuffered {
+    ($conn:ty, $data:ty) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn handshaking(&self) -> bool {
+                self.is_handshaking()
+            }
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+        }
+    };
 }
-
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = rustls::client::ClientConnectionData;
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-}
+unbuffered!(
+    UnbufferedServerConnection,
+    rustls::server::ServerConnectionData
+);
+unbuffered!(
+    UnbufferedClientConnection,
+    rustls::client::ClientConnectionData
+);
 
 /// Drives `conn` until its handshake is complete and nothing is left to send; `incoming` holds
 /// records already read. Returns the application data that arrived with the handshake.
