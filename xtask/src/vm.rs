@@ -38,6 +38,8 @@ struct VmKernel {
     /// `None`: the `linux-image-amd64` of this machine's Debian release (through apt); else the
     /// Debian suite whose `linux-image-amd64` to fetch from the archive.
     suite: Option<&'static str>,
+    /// The oldest kernel that shows what this VM is for.
+    min_version: (u32, u32),
     tests: &'static [VmTest],
 }
 
@@ -45,11 +47,13 @@ const KERNELS: &[VmKernel] = &[
     // Debian 12's 6.1: the verifier gateway VMs run, and kTLS without KeyUpdate support.
     VmKernel {
         suite: None,
+        min_version: (6, 1),
         tests: &[XDP_TABLE, KTLS],
     },
     // Debian 13 backports: a kernel that replaces kTLS keys (KeyUpdate, Linux ≥ 6.14).
     VmKernel {
         suite: Some("trixie-backports"),
+        min_version: (6, 14),
         tests: &[KTLS],
     },
 ];
@@ -85,6 +89,16 @@ pub fn vm_test() -> Result<()> {
             Some(suite) => archive_kernel(&work, suite)?,
         };
         eprintln!("VM: Linux {version}");
+        // The kTLS test adapts to the kernel it finds; an older kernel here would pass without
+        // showing what this VM is for.
+        if kernel_version(&version).is_none_or(|v| v < k.min_version) {
+            bail!(
+                "Linux {version} from {} is older than {}.{}",
+                k.suite.unwrap_or("apt"),
+                k.min_version.0,
+                k.min_version.1
+            );
+        }
         let tests: Vec<_> = binaries
             .iter()
             .filter(|(t, _)| k.tests.iter().any(|want| want.target == t.target))
@@ -183,6 +197,12 @@ fn archive_kernel(work: &Path, suite: &str) -> Result<(PathBuf, PathBuf, String)
     }
     let (vmlinuz, modules) = find_kernel(&unpacked, &version)?;
     Ok((vmlinuz, modules, version))
+}
+
+/// (major, minor) of a Debian kernel version such as `6.1.0-56-amd64` or `7.3.4+deb13-amd64`.
+fn kernel_version(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// A Debian `Packages` index.
@@ -433,4 +453,45 @@ fn boot(kernel: &Path, initramfs: &Path, tests: &[(&&'static VmTest, &Path)]) ->
         bail!("VM tests failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(kernel_version("6.1.0-56-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("7.3.4+deb13-amd64"), Some((7, 3)));
+        assert_eq!(kernel_version("6.14-amd64"), Some((6, 14)));
+        assert!(kernel_version("6.14-amd64").unwrap() >= (6, 14));
+        assert!(kernel_version("6.12.95+deb12-amd64").unwrap() < (6, 14));
+        assert_eq!(kernel_version("amd64"), None);
+    }
+
+    #[test]
+    fn package_index() {
+        let index = Packages(
+            "Package: linux-image-amd64\nVersion: 7.3.4-1\nDepends: linux-base-amd64 (= 7.3.4-1), \
+             linux-image-7.3.4+deb13-amd64 (= 7.3.4-1)\n\n\
+             Package: linux-image-7.3.4+deb13-amd64\nDepends: dracut | initramfs-tools (>= 0.120), \
+             linux-binary-7.3.4+deb13-amd64 (= 7.3.4-1)\nFilename: pool/main/l/x.deb\n"
+                .into(),
+        );
+        assert_eq!(
+            index.depends("linux-image-amd64"),
+            ["linux-base-amd64", "linux-image-7.3.4+deb13-amd64"]
+        );
+        assert_eq!(
+            index.depends("linux-image-7.3.4+deb13-amd64"),
+            ["dracut", "linux-binary-7.3.4+deb13-amd64"]
+        );
+        assert_eq!(
+            index
+                .field("linux-image-7.3.4+deb13-amd64", "Filename")
+                .as_deref(),
+            Some("pool/main/l/x.deb")
+        );
+        assert_eq!(index.field("linux-image", "Filename"), None);
+    }
 }
