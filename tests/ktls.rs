@@ -454,6 +454,9 @@ fn kernel_rekeys() -> bool {
 /// connection ends in order (close_notify, no hang, no reset). Either way the gateway serves on.
 async fn key_update(gw: &TestGateway, pki: &TestPki) {
     let rekeys = kernel_rekeys();
+    // The start-up probe found the same as the kernel's own counters say.
+    let probed = gw.gw.state().ktls.as_ref().map(|k| k.follows_key_updates());
+    assert_eq!(probed, Some(rekeys), "start-up probe");
     let before = tls_stat();
     let host = "a.apps.identity";
     let tcp = TcpStream::connect(gw.https()).await.unwrap();

@@ -14,7 +14,15 @@ use crate::config::KtlsMode;
 
 /// What the start-up probe found: the kernel takes every suite the gateway may negotiate.
 pub struct KernelTls {
-    _probed: (),
+    rekeys: bool,
+}
+
+impl KernelTls {
+    /// Whether kernel connections follow TLS 1.3 KeyUpdates (Linux 6.14 and later); where not, a
+    /// peer's KeyUpdate ends its connection (see [`super::kstream`]).
+    pub fn follows_key_updates(&self) -> bool {
+        self.rekeys
+    }
 }
 
 /// Probes the kernel per `tls.ktls` and says once what was chosen. `Err` (only with `on`) when
@@ -26,24 +34,29 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
     }
     let found = match ulp_available().await {
         Err(why) => Err(why),
-        Ok(()) => match CompatibleCiphers::new().await {
+        Ok(rekeys) => match CompatibleCiphers::new().await {
             Err(e) => Err(format!("cipher probe failed: {e}")),
             Ok(ciphers) => match missing(&ciphers) {
                 Some(missing) => Err(format!(
                     "the TLS ULP loads but does not take {missing}, which clients may negotiate"
                 )),
-                None => Ok(ciphers),
+                None => Ok((ciphers, rekeys)),
             },
         },
     };
     match (found, mode) {
-        (Ok(ciphers), _) => {
+        (Ok((ciphers, rekeys)), _) => {
             tracing::info!(
                 tls13 = ?ciphers.tls13,
                 tls12 = ?ciphers.tls12,
+                key_updates = if rekeys {
+                    "followed"
+                } else {
+                    "end the connection (the kernel cannot replace kTLS keys before Linux 6.14)"
+                },
                 "kernel TLS available: established connections move their record crypto into the kernel"
             );
-            Ok(Some(Arc::new(KernelTls { _probed: () })))
+            Ok(Some(Arc::new(KernelTls { rekeys })))
         }
         (Err(why), KtlsMode::On) => Err(format!("tls.ktls is on but {why}")),
         (Err(why), _) => {
@@ -90,7 +103,8 @@ fn kernel_takes(c: &CompatibleCiphers, suite: CipherSuite) -> bool {
 
 /// Sets the `tls` upper-layer protocol on a connected loopback socket, as every kTLS connection
 /// will. Fails with ENOENT when the kernel has no TLS support (`CONFIG_TLS` off, module absent).
-async fn ulp_available() -> Result<(), String> {
+/// Then finds out on the same socket whether the kernel can replace its keys.
+async fn ulp_available() -> Result<bool, String> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(|e| format!("probe socket: {e}"))?;
@@ -116,5 +130,5 @@ async fn ulp_available() -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
-    Ok(())
+    Ok(super::kstream::kernel_rekeys(client.as_raw_fd()))
 }

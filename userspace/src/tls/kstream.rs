@@ -319,6 +319,19 @@ fn key_update_warning(e: &HandoffError) {
     }
 }
 
+/// Whether the kernel replaces the keys of a live kTLS socket, as following a TLS 1.3 KeyUpdate
+/// needs (Linux 6.14): sets send keys twice on `fd`, a connected socket with the `tls` ULP that
+/// carries no traffic; older kernels refuse the second time (EBUSY).
+pub(super) fn kernel_rekeys(fd: RawFd) -> bool {
+    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384;
+    let keys = || {
+        let key = rustls::crypto::cipher::AeadKey::from([0u8; 32]);
+        let iv = rustls::crypto::cipher::Iv::from([0u8; 12]);
+        (0, ConnectionTrafficSecrets::Aes256Gcm { key, iv })
+    };
+    set_keys(fd, TLS_TX, suite, keys()).is_ok() && set_keys(fd, TLS_TX, suite, keys()).is_ok()
+}
+
 /// Gives the kernel the keys for one direction.
 fn set_keys(
     fd: RawFd,
