@@ -39,6 +39,11 @@ fn tls_stat() -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// How much one `tls_stat` counter grew between two readings (a counter absent counts as 0).
+fn stat_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, k: &str) -> u64 {
+    after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)
+}
+
 fn kernel_has_ktls() -> bool {
     let required = std::env::var_os("PORTCULLIS_REQUIRE_KTLS").is_some();
     let present = std::path::Path::new("/proc/net/tls_stat").exists();
@@ -402,7 +407,7 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     assert!(backend_connections >= 1);
 
     let after = tls_stat();
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let delta = |k: &str| stat_delta(&before, &after, k);
     eprintln!(
         "tls_stat delta: TlsTxSw {} TlsRxSw {}",
         delta("TlsTxSw"),
@@ -512,7 +517,7 @@ async fn key_update(gw: &TestGateway, pki: &TestPki) {
     }
     if rekeys {
         let after = tls_stat();
-        let delta = |k: &str| after[k] - before.get(k).copied().unwrap_or(0);
+        let delta = |k: &str| stat_delta(&before, &after, k);
         assert_eq!(delta("TlsRxRekeyOk"), 3, "{after:?}");
         assert_eq!(delta("TlsTxRekeyOk"), 3, "{after:?}");
         assert_eq!(delta("TlsRxRekeyError") + delta("TlsTxRekeyError"), 0);
@@ -559,7 +564,7 @@ async fn backend_key_update(gw: &TestGateway, pki: &TestPki, counts: &Counts) {
     if rekeys {
         assert!(statuses.iter().all(|s| s == "HTTP/1.1 200"), "{statuses:?}");
         let after = tls_stat();
-        let delta = |k: &str| after[k] - before.get(k).copied().unwrap_or(0);
+        let delta = |k: &str| stat_delta(&before, &after, k);
         assert!(delta("TlsRxRekeyOk") >= 2, "{after:?}");
     } else {
         assert!(statuses.iter().all(|s| s == "HTTP/1.1 502"), "{statuses:?}");
