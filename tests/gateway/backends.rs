@@ -172,3 +172,93 @@ async fn requests_one_at_a_time(gw: &TestGateway, pki: &TestPki, n: usize) {
         );
     }
 }
+
+/// Many streams of one h2 connection whose answers (10 B to 256 KiB) become ready together: each
+/// arrives whole and byte for byte, although the gateway sends what is ready in one write and
+/// holds back when the client's window is full.
+#[tokio::test]
+async fn concurrent_h2_answers_arrive_whole() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let pki = TestPki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    // Answers `/<len>/<seed>` with `len` bytes of a pattern that differs per seed.
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let (len, seed) = parse_sized(req.uri().path());
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(bytes::Bytes::from(
+                            pattern(len, seed),
+                        ))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let y = format!(
+        "limits: {{workers: 1}}\n\
+         routes:\n  - {{uris: [many.apps.plain], host: 127.0.0.1, port: {}}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let tls = crate::support::client::tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some("many.apps.plain"),
+        None,
+        &[b"h2"],
+    )
+    .await
+    .unwrap();
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        // A small window, so the gateway must wait for the client while answers are ready.
+        .initial_stream_window_size(16 * 1024)
+        .initial_connection_window_size(64 * 1024)
+        .handshake::<_, Full<bytes::Bytes>>(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    const SIZES: [usize; 6] = [10, 300, 1024, 5000, 70_000, 256 * 1024];
+    let mut calls = Vec::new();
+    for seed in 0..60usize {
+        let mut send = send.clone();
+        let len = SIZES[seed % SIZES.len()];
+        calls.push(tokio::spawn(async move {
+            let req = http::Request::get(format!("https://many.apps.plain/{len}/{seed}"))
+                .body(Full::default())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), len, "stream {seed}");
+            assert!(
+                body[..] == pattern(len, seed)[..],
+                "stream {seed}: body differs"
+            );
+        }));
+    }
+    crate::support::bounded("60 h2 streams", async {
+        for c in calls {
+            c.await.unwrap();
+        }
+    })
+    .await;
+}
+
+fn parse_sized(path: &str) -> (usize, usize) {
+    let mut parts = path.trim_start_matches('/').split('/');
+    let len = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let seed = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (len, seed)
+}
+
+fn pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+}

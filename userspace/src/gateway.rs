@@ -18,6 +18,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::accesslog::{AccessLogError, AccessLogger};
 use crate::config::{Config, Limits};
+use crate::cork::{Cork, Corked};
 use crate::metrics::{KtlsLabels, Metrics};
 use crate::names::DomainPattern;
 use crate::park::{ParkIo, Parking};
@@ -544,9 +545,14 @@ async fn serve_http(
         if !first.is_empty() {
             io = Box::new(ParkIo::new(io, first, Parking::new(), conn.clone()));
         }
+        // Responses that become ready together leave together (see `crate::cork`).
         let b = builder(&limits);
-        let serving = b.serve_connection_with_upgrades(TokioIo::new(io), service);
-        let graceful = |s: Pin<&mut auto::UpgradeableConnection<_, _, _>>| s.graceful_shutdown();
+        let serving = Cork::serve(io, |io| {
+            b.serve_connection_with_upgrades(TokioIo::new(io), service)
+        });
+        let graceful = |s: Pin<&mut Corked<auto::UpgradeableConnection<_, _, _>, _>>| {
+            s.inner().graceful_shutdown()
+        };
         Box::pin(drive(
             serving,
             graceful,

@@ -12,6 +12,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod authz;
 pub mod config;
+mod cork;
 pub mod demo;
 pub mod echo;
 pub mod explain;
