@@ -175,56 +175,96 @@ async fn requests_one_at_a_time(gw: &TestGateway, pki: &TestPki, n: usize) {
 
 /// Many streams of one h2 connection whose answers (10 B to 256 KiB) become ready together: each
 /// arrives whole and byte for byte, although the gateway sends what is ready in one write and
-/// holds back when the client's window is full.
+/// holds back when the client's window is full. Over an HTTP/1.1 backend and over an h2 one
+/// (`protocol: http2`), where the streams share one backend connection.
 #[tokio::test]
 async fn concurrent_h2_answers_arrive_whole() {
-    use http_body_util::{BodyExt, Full};
+    for backend_h2 in [false, true] {
+        let (backend, seen) = sized_backend(backend_h2).await;
+        let pki = TestPki::new();
+        let protocol = if backend_h2 { "http2" } else { "http1" };
+        let y = format!(
+            "limits: {{workers: 1}}\n\
+             routes:\n  - {{uris: [many.apps.plain], host: 127.0.0.1, port: {}, \
+             protocol: {protocol}}}\n",
+            backend.port()
+        );
+        let gw = TestGateway::start(&pki, &y).await;
+        concurrent_streams(&gw, &pki).await;
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.requests, 60, "{protocol}");
+        if backend_h2 {
+            assert_eq!(seen.versions, vec![http::Version::HTTP_2]);
+            assert_eq!(
+                seen.connections, 1,
+                "the streams share one backend connection"
+            );
+        } else {
+            assert_eq!(seen.versions, vec![http::Version::HTTP_11]);
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct Seen {
+    requests: usize,
+    connections: usize,
+    versions: Vec<http::Version>,
+}
+
+/// A plain backend (HTTP/1.1, or h2 with prior knowledge) answering `/<len>/<seed>` with `len`
+/// bytes of a pattern that differs per seed, recording what it saw.
+async fn sized_backend(h2: bool) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Seen>>) {
+    use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
-    let pki = TestPki::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    // Answers `/<len>/<seed>` with `len` bytes of a pattern that differs per seed.
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let record = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
+            record.lock().unwrap().connections += 1;
+            let record = record.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        {
+                            let mut r = record.lock().unwrap();
+                            r.requests += 1;
+                            if !r.versions.contains(&req.version()) {
+                                r.versions.push(req.version());
+                            }
+                        }
                         let (len, seed) = parse_sized(req.uri().path());
                         Ok::<_, hyper::Error>(http::Response::new(Full::new(bytes::Bytes::from(
                             pattern(len, seed),
                         ))))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                    }
+                });
+            tokio::spawn(async move {
+                let io = TokioIo::new(tcp);
+                let _ = if h2 {
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                } else {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await
+                };
             });
         }
     });
-    let y = format!(
-        "limits: {{workers: 1}}\n\
-         routes:\n  - {{uris: [many.apps.plain], host: 127.0.0.1, port: {}}}\n",
-        backend.port()
-    );
-    let gw = TestGateway::start(&pki, &y).await;
-    let tls = crate::support::client::tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some("many.apps.plain"),
-        None,
-        &[b"h2"],
-    )
-    .await
-    .unwrap();
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        // A small window, so the gateway must wait for the client while answers are ready.
-        .initial_stream_window_size(16 * 1024)
-        .initial_connection_window_size(64 * 1024)
-        .handshake::<_, Full<bytes::Bytes>>(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    (addr, seen)
+}
+
+/// 60 concurrent streams of 10 B to 256 KiB on one h2 client connection, checked byte for byte.
+async fn concurrent_streams(gw: &TestGateway, pki: &TestPki) {
+    use http_body_util::{BodyExt, Full};
+
+    let send = h2_client(gw, pki, "many.apps.plain").await;
     const SIZES: [usize; 6] = [10, 300, 1024, 5000, 70_000, 256 * 1024];
     let mut calls = Vec::new();
     for seed in 0..60usize {
@@ -249,6 +289,86 @@ async fn concurrent_h2_answers_arrive_whole() {
             c.await.unwrap();
         }
     })
+    .await;
+}
+
+/// An h2 client connection to `sni`, with a small window so that the gateway must wait for the
+/// client while answers are ready.
+async fn h2_client(
+    gw: &TestGateway,
+    pki: &TestPki,
+    sni: &str,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let tls =
+        crate::support::client::tls_connect(gw.https(), &pki.server_ca, Some(sni), None, &[b"h2"])
+            .await
+            .unwrap();
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .initial_connection_window_size(64 * 1024)
+        .handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Requests waiting for the h2 backend connection another request is opening share its failure
+/// too. The backend accepts TCP but never answers TLS, so a connect takes the whole connect
+/// timeout: 20 concurrent requests cost one connect (0.3 s), not 20 made one after another (6 s).
+#[tokio::test]
+async fn a_failing_h2_backend_connect_is_shared_by_the_requests_waiting_for_it() {
+    let pki = TestPki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut silent = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            silent.push(tcp);
+        }
+    });
+    let y = format!(
+        "limits: {{workers: 1}}\n\
+         backends: {{ca_certs: backend-ca.pem, connect_timeout: 300ms}}\n\
+         routes:\n  - {{uris: [silent.apps.plain], host: 127.0.0.1, tls_port: {port}, \
+         server_cert_domain_san: backend.internal, protocol: http2}}\n"
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let send = h2_client(&gw, &pki, "silent.apps.plain").await;
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let mut send = send.clone();
+            tokio::spawn(async move {
+                let req = http::Request::get(format!("https://silent.apps.plain/{i}"))
+                    .body(http_body_util::Full::default())
+                    .unwrap();
+                send.send_request(req).await.unwrap().status()
+            })
+        })
+        .collect();
+    crate::support::bounded("20 requests to a silent h2 backend", async {
+        for c in calls {
+            assert_eq!(c.await.unwrap(), 502);
+        }
+    })
+    .await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        1,
+        "connects for 20 requests"
+    );
+    // Each request counts the failure it shared, as what it was.
+    gw.wait_metric(
+        "portcullis_backend_errors_total{kind=\"connect_timeout\"}",
+        20.0,
+    )
     .await;
 }
 

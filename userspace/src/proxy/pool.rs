@@ -2,7 +2,8 @@
 //! or TLS with the endpoint's `server_cert_domain_san` as the name the certificate must carry.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -33,6 +34,9 @@ pub enum ConnectError {
     BadSan(String),
     #[error("HTTP handshake with backend failed: {0}")]
     Handshake(hyper::Error),
+    /// The h2 connection this request waited for could not be made.
+    #[error("{message} (a connection another request was opening)")]
+    Shared { kind: &'static str, message: String },
 }
 
 impl ConnectError {
@@ -43,6 +47,7 @@ impl ConnectError {
             ConnectError::Tls(_) | ConnectError::BadSan(_) => "tls",
             ConnectError::NoTlsConfig => "no_tls_config",
             ConnectError::Handshake(_) => "handshake",
+            ConnectError::Shared { kind, .. } => kind,
         }
     }
 }
@@ -112,8 +117,26 @@ impl Lease {
 /// Idle backend connections, keyed by endpoint address and TLS name.
 #[derive(Default)]
 pub struct BackendPool {
-    /// Idle connections per backend, oldest first (each list is in check-in order).
+    /// Idle connections per backend, oldest first (each list is in check-in order). An h2
+    /// backend's list holds the one connection its requests share.
     idle: Mutex<HashMap<Key, VecDeque<(Sender, Instant)>>>,
+    /// One connect at a time per h2 backend: requests arriving meanwhile wait for it and share
+    /// the connection, rather than each opening its own (which a burst would otherwise do, only
+    /// for all but one to be closed again). Holds when and how the last attempt failed.
+    h2_connects: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Option<Failed>>>>>,
+    /// Check-ins since the maps were last swept of backends that have nothing pooled.
+    checkins: AtomicUsize,
+}
+
+/// Check-ins between sweeps: endpoints come and go (app instances move), and the entries of
+/// those that are gone would otherwise stay in the maps for the life of the process.
+const SWEEP_EVERY: usize = 4096;
+
+/// A failed h2 connect, for the requests that waited for it.
+struct Failed {
+    at: Instant,
+    kind: &'static str,
+    message: String,
 }
 
 /// Settings for connecting, from `backends` in the config.
@@ -141,7 +164,57 @@ impl BackendPool {
         if let Some(lease) = self.take_idle(&key, s.idle_timeout) {
             return Ok(lease);
         }
-        self.connect(ep, key, s, false).await
+        if !key.h2 {
+            return self.connect(ep, key, s, false).await;
+        }
+        let gate = self
+            .h2_connects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let waited_from = Instant::now();
+        let mut last = gate.lock().await;
+        // A connect that finished while this request waited is shared, or its failure is.
+        if let Some(lease) = self.take_idle(&key, s.idle_timeout) {
+            return Ok(lease);
+        }
+        if let Some(f) = last.as_ref().filter(|f| f.at >= waited_from) {
+            return Err(ConnectError::Shared {
+                kind: f.kind,
+                message: f.message.clone(),
+            });
+        }
+        match self.connect(ep, key, s, false).await {
+            Ok(lease) => {
+                *last = None;
+                self.share(&lease, s.idle_timeout);
+                Ok(lease)
+            }
+            Err(e) => {
+                *last = Some(Failed {
+                    at: Instant::now(),
+                    kind: e.kind(),
+                    message: e.to_string(),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a new h2 connection available to other requests while this one uses it.
+    fn share(&self, lease: &Lease, idle_timeout: Duration) {
+        let Sender::H2(sender) = &lease.sender else {
+            return;
+        };
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(lease.key.clone()).or_default();
+        let now = Instant::now();
+        list.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < idle_timeout);
+        if list.is_empty() {
+            list.push_back((Sender::H2(sender.clone()), now));
+        }
     }
 
     /// A new connection that is never pooled (for protocol upgrades such as WebSocket).
@@ -172,8 +245,12 @@ impl BackendPool {
         }
         let sender = if key.h2 {
             list.retain(|(s, _)| !s.is_closed());
-            match list.front() {
-                Some((Sender::H2(s), _)) => Some(Sender::H2(s.clone())),
+            match list.front_mut() {
+                // Shared, so it stays listed; in use, so not idle.
+                Some((Sender::H2(s), since)) => {
+                    *since = now;
+                    Some(Sender::H2(s.clone()))
+                }
                 _ => None,
             }
         } else {
@@ -203,10 +280,23 @@ impl BackendPool {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
+        if self.checkins.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            idle.retain(|_, list| {
+                list.retain(|(s, _)| !s.is_closed());
+                !list.is_empty()
+            });
+            // A gate nobody waits at or holds.
+            self.h2_connects
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, gate| Arc::strong_count(gate) > 1);
+        }
         let list = idle.entry(lease.key).or_default();
         if matches!(lease.sender, Sender::H2(_)) {
-            if list.is_empty() {
-                list.push_back((lease.sender, Instant::now()));
+            match list.front_mut() {
+                None => list.push_back((lease.sender, Instant::now())),
+                // The shared connection: idle from now.
+                Some((_, since)) => *since = Instant::now(),
             }
         } else if list.len() < max_idle {
             list.push_back((lease.sender, Instant::now()));
@@ -295,5 +385,69 @@ where
             }
         });
         Ok(Sender::H1(sender))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lease on an in-memory HTTP/1.1 connection; dropping the returned task closes it.
+    async fn lease(addr: &str) -> (Lease, tokio::task::JoinHandle<()>) {
+        let (io, _peer) = tokio::io::duplex(1024);
+        let (sender, conn) = http1::handshake(TokioIo::new(io)).await.unwrap();
+        let task = tokio::spawn(async move {
+            let _peer = _peer;
+            let _ = conn.await;
+        });
+        let key = Key {
+            addr: addr.to_string(),
+            san: None,
+            h2: false,
+        };
+        let lease = Lease {
+            sender: Sender::H1(sender),
+            key,
+            reused: false,
+        };
+        (lease, task)
+    }
+
+    #[tokio::test]
+    async fn sweeps_forget_backends_that_have_nothing_pooled() {
+        let pool = BackendPool::default();
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let (l, t) = lease(&format!("10.0.0.{i}:8080")).await;
+            pool.checkin(l, 100);
+            tasks.push(t);
+        }
+        assert_eq!(pool.idle.lock().unwrap().len(), 10);
+        // The backends went away: their connections closed.
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        pool.h2_connects.lock().unwrap().insert(
+            Key {
+                addr: "10.0.1.1:8080".into(),
+                san: None,
+                h2: true,
+            },
+            Arc::default(),
+        );
+        let (l, _live) = lease("10.0.0.99:8080").await;
+        pool.checkins.store(SWEEP_EVERY - 1, Ordering::Relaxed);
+        pool.checkin(l, 100);
+        let idle = pool.idle.lock().unwrap();
+        assert_eq!(idle.len(), 1, "only the live backend is left");
+        assert!(idle.contains_key(&Key {
+            addr: "10.0.0.99:8080".into(),
+            san: None,
+            h2: false,
+        }));
+        assert!(pool.h2_connects.lock().unwrap().is_empty());
     }
 }
