@@ -193,7 +193,14 @@ async fn concurrent_h2_answers_arrive_whole() {
         concurrent_streams(&gw, &pki).await;
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.requests, 60, "{protocol}");
+        // The authority arrives once: as `:authority` over h2, as Host over HTTP/1.1.
+        assert_eq!(
+            seen.authorities,
+            vec!["many.apps.plain".to_string()],
+            "{protocol}"
+        );
         if backend_h2 {
+            assert_eq!(seen.host_headers, 0, "a Host header besides :authority");
             assert_eq!(seen.versions, vec![http::Version::HTTP_2]);
             assert_eq!(
                 seen.connections, 1,
@@ -208,6 +215,8 @@ async fn concurrent_h2_answers_arrive_whole() {
 #[derive(Clone, Default)]
 struct Seen {
     requests: usize,
+    host_headers: usize,
+    authorities: Vec<String>,
     connections: usize,
     versions: Vec<http::Version>,
 }
@@ -233,6 +242,18 @@ async fn sized_backend(h2: bool) -> (std::net::SocketAddr, Arc<std::sync::Mutex<
                         {
                             let mut r = record.lock().unwrap();
                             r.requests += 1;
+                            let host = req.headers().get(http::header::HOST);
+                            r.host_headers += usize::from(host.is_some());
+                            let authority = match req.uri().authority() {
+                                Some(a) => a.to_string(),
+                                None => host
+                                    .and_then(|h| h.to_str().ok())
+                                    .unwrap_or_default()
+                                    .to_string(),
+                            };
+                            if !r.authorities.contains(&authority) {
+                                r.authorities.push(authority);
+                            }
                             if !r.versions.contains(&req.version()) {
                                 r.versions.push(req.version());
                             }

@@ -422,6 +422,10 @@ async fn route(
         let Some(mut out) = pending.take() else { break };
         let target = if ep.protocol == Protocol::Http2 {
             *out.version_mut() = Version::HTTP_2;
+            // The authority travels as `:authority` (from the URI below). A Host header besides
+            // it is allowed but redundant, and some servers (nginx 1.22) refuse the request as
+            // carrying two hosts.
+            out.headers_mut().remove(HOST);
             let scheme = if ep.tls_san.is_some() {
                 "https"
             } else {
