@@ -280,19 +280,21 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path());
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Port 0, the same in every version of the config (a listener cannot change on reload);
+    // the gateway logs the address it bound.
+    let port = 0;
     let cfg = write_config(
         dir.path(),
         "portcullis.yaml",
         &reload_config(port, "cf:app:app-b", backend.addr),
     );
     let mut gw = Running::start(&["run", "--config", cfg.to_str().unwrap()]);
-    gw.wait_for("portcullis is serving");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let serving = gw.wait_for("portcullis is serving");
+    let addr: std::net::SocketAddr = serving
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("https="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no https address in: {serving}"));
 
     let mut caller = Conn::tls(
         addr,
