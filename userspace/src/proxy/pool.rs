@@ -165,7 +165,7 @@ impl BackendPool {
             return Ok(lease);
         }
         if !key.h2 {
-            return self.connect(ep, key, s, false).await;
+            return Box::pin(self.connect(ep, key, s, false)).await;
         }
         let gate = self
             .h2_connects
@@ -186,7 +186,7 @@ impl BackendPool {
                 message: f.message.clone(),
             });
         }
-        match self.connect(ep, key, s, false).await {
+        match Box::pin(self.connect(ep, key, s, false)).await {
             Ok(lease) => {
                 *last = None;
                 self.share(&lease, s.idle_timeout);
@@ -228,7 +228,7 @@ impl BackendPool {
             san: ep.tls_san.clone(),
             h2: false,
         };
-        self.connect(ep, key, s, true).await
+        Box::pin(self.connect(ep, key, s, true)).await
     }
 
     fn take_idle(&self, key: &Key, idle_timeout: Duration) -> Option<Lease> {
@@ -303,6 +303,8 @@ impl BackendPool {
         }
     }
 
+    /// Boxed by its callers: its future (TCP, TLS and HTTP handshakes, about 8 KiB) would
+    /// otherwise be part of every request's future, which is moved into a box per request.
     async fn connect(
         &self,
         ep: &Endpoint,
