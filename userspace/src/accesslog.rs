@@ -56,6 +56,19 @@ fn quoted(out: &mut String, v: &str) {
     if v.is_empty() {
         out.push('-');
     }
+    escaped(out, v);
+    out.push('"');
+}
+
+/// Appends `v` with `"` and `\` escaped and control characters written as `\xNN`.
+fn escaped(out: &mut String, v: &str) {
+    // Most values are printable ASCII with nothing to escape: copied whole.
+    if v.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(v);
+        return;
+    }
     for c in v.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -66,11 +79,20 @@ fn quoted(out: &mut String, v: &str) {
             c => out.push(c),
         }
     }
-    out.push('"');
 }
 
-fn seconds(d: Duration) -> String {
-    format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+/// Seconds with six decimals.
+fn seconds(out: &mut String, d: Duration) {
+    let mut n = itoa::Buffer::new();
+    out.push_str(n.format(d.as_secs()));
+    out.push('.');
+    let micros = n.format(d.subsec_micros());
+    out.push_str(&"000000"[micros.len()..]);
+    out.push_str(micros);
+}
+
+fn number(out: &mut String, v: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(v));
 }
 
 impl AccessRecord {
@@ -82,23 +104,31 @@ impl AccessRecord {
         } else {
             &self.host
         });
-        let _ = write!(o, " - [{}] ", humantime::format_rfc3339_nanos(self.start));
-        let request_line = format!("{} {} {}", self.method, self.uri, self.proto);
-        quoted(&mut o, &request_line);
-        let _ = write!(
-            o,
-            " {} {} {} ",
-            self.status, self.request_bytes, self.response_bytes
-        );
+        let _ = write!(o, " - [{}] \"", humantime::format_rfc3339_nanos(self.start));
+        // The request line, quoted as one value.
+        escaped(&mut o, &self.method);
+        o.push(' ');
+        escaped(&mut o, &self.uri);
+        o.push(' ');
+        escaped(&mut o, self.proto);
+        o.push_str("\" ");
+        number(&mut o, self.status);
+        o.push(' ');
+        number(&mut o, self.request_bytes);
+        o.push(' ');
+        number(&mut o, self.response_bytes);
+        o.push(' ');
         quoted(&mut o, &self.referer);
         o.push(' ');
         quoted(&mut o, &self.user_agent);
         o.push(' ');
-        quoted(&mut o, &self.client.to_string());
-        o.push(' ');
+        // An address has nothing to escape.
+        let _ = write!(o, "\"{}\" ", self.client);
         quoted(&mut o, &self.backend);
         let field = |o: &mut String, name: &str, v: &str| {
-            let _ = write!(o, " {name}:");
+            o.push(' ');
+            o.push_str(name);
+            o.push(':');
             quoted(o, v);
         };
         field(&mut o, "x_forwarded_for", &self.x_forwarded_for);
@@ -107,12 +137,10 @@ impl AccessRecord {
         let gorouter = self
             .response_time
             .saturating_sub(self.backend_time.unwrap_or_default());
-        let _ = write!(
-            o,
-            " response_time:{} gorouter_time:{}",
-            seconds(self.response_time),
-            seconds(gorouter)
-        );
+        o.push_str(" response_time:");
+        seconds(&mut o, self.response_time);
+        o.push_str(" gorouter_time:");
+        seconds(&mut o, gorouter);
         field(&mut o, "app_id", &self.app_id);
         field(&mut o, "app_index", &self.app_index);
         field(&mut o, "instance_id", &self.instance_id);
@@ -124,11 +152,13 @@ impl AccessRecord {
                 ExtraField::CallerCfOrg => field(&mut o, "caller_cf_org", &self.caller_org),
                 ExtraField::RoutePolicy => field(&mut o, "route_policy", &self.route_policy),
                 ExtraField::FailedAttempts => {
-                    let _ = write!(o, " failed_attempts:{}", self.failed_attempts);
+                    o.push_str(" failed_attempts:");
+                    number(&mut o, self.failed_attempts);
                 }
                 ExtraField::BackendTime => match self.backend_time {
                     Some(t) => {
-                        let _ = write!(o, " backend_time:{}", seconds(t));
+                        o.push_str(" backend_time:");
+                        seconds(&mut o, t);
                     }
                     None => o.push_str(" backend_time:\"-\""),
                 },
@@ -391,6 +421,68 @@ mod tests {
             ktls: false,
             router_error: String::new(),
         }
+    }
+
+    #[test]
+    fn escapes_quotes_backslashes_and_control_characters_only() {
+        // The rule, one character at a time; the fast path for plain values must agree.
+        fn reference(v: &str) -> String {
+            let mut o = String::from("\"");
+            if v.is_empty() {
+                o.push('-');
+            }
+            for c in v.chars() {
+                match c {
+                    '"' => o.push_str("\\\""),
+                    '\\' => o.push_str("\\\\"),
+                    c if c.is_control() => o.push_str(&format!("\\x{:02x}", c as u32)),
+                    c => o.push(c),
+                }
+            }
+            o.push('"');
+            o
+        }
+        for v in [
+            "",
+            "plain /path?q=1&r=~",
+            "say \"hi\"",
+            "back\\slash",
+            "tab\there",
+            "nl\n\r",
+            "del\u{7f}",
+            "c1\u{85}\u{9f}",
+            "caf\u{e9} \u{1f600}",
+            "\u{0}",
+        ] {
+            let mut o = String::new();
+            quoted(&mut o, v);
+            assert_eq!(o, reference(v), "{v:?}");
+        }
+        let mut o = String::new();
+        quoted(&mut o, "a\"b\u{1}");
+        assert_eq!(o, "\"a\\\"b\\x01\"");
+    }
+
+    #[test]
+    fn renders_times_with_six_decimals_and_numbers() {
+        let mut r = sample();
+        r.response_time = Duration::new(12, 345_678_999);
+        r.backend_time = Some(Duration::from_micros(7));
+        r.failed_attempts = 2;
+        r.status = 502;
+        r.request_bytes = 1_048_576;
+        r.client = "[::1]:443".parse().unwrap();
+        let line = r.render(&[ExtraField::FailedAttempts, ExtraField::BackendTime]);
+        assert!(line.contains("\" 502 1048576 9 \"-\" "), "{line}");
+        assert!(line.contains(" \"[::1]:443\" \"-\" "), "{line}");
+        assert!(
+            line.contains(" response_time:12.345678 gorouter_time:12.345671 "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(" failed_attempts:2 backend_time:0.000007 x_cf_routererror:\"-\"\n"),
+            "{line}"
+        );
     }
 
     #[test]
