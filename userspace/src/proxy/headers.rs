@@ -44,6 +44,15 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers and those named in `Connection`. With `keep_upgrade`, `Upgrade`
 /// and `Connection: upgrade` survive so an authorized upgrade can be forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Usually there are none: one pass over the names present, rather than a lookup for each
+    // hop-by-hop name.
+    let any = h.keys().any(|k| *k == UPGRADE || HOP_BY_HOP.contains(k));
+    if !any {
+        if keep_upgrade {
+            h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
@@ -85,8 +94,18 @@ fn is_hex(s: &str, lens: &[usize]) -> bool {
 }
 
 /// Continues an incoming B3 trace (new span, parent = incoming span) or starts one.
+/// `v` as `N` lowercase hex digits (zero-padded), as a header value.
+fn hex<const N: usize>(v: u128) -> HeaderValue {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = DIGITS[((v >> (4 * (N - 1 - i))) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
+}
+
 pub fn b3(h: &mut HeaderMap) {
-    let span = format!("{:016x}", rand::random::<u64>());
+    let span = hex::<16>(u128::from(rand::random::<u64>()));
     let trace = h
         .get(B3_TRACE)
         .and_then(|v| v.to_str().ok())
@@ -104,16 +123,11 @@ pub fn b3(h: &mut HeaderMap) {
             };
         }
         None => {
-            let t = format!("{:032x}", rand::random::<u128>());
-            if let Ok(v) = HeaderValue::from_str(&t) {
-                h.insert(B3_TRACE, v);
-            }
+            h.insert(B3_TRACE, hex::<32>(rand::random::<u128>()));
             h.remove(B3_PARENT);
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&span) {
-        h.insert(B3_SPAN, v);
-    }
+    h.insert(B3_SPAN, span);
 }
 
 /// Appends the client address to `X-Forwarded-For`; returns the new value.
@@ -190,6 +204,38 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_stripped() {
+        for name in HOP_BY_HOP.iter().chain([&UPGRADE]) {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert("x-keep", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.len(), 1, "{name}");
+        }
+        // Nothing hop-by-hop, upgrade kept: only `Connection: upgrade` is added.
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn b3_starts_a_trace_in_lowercase_hex() {
+        let mut h = HeaderMap::new();
+        h.insert(B3_PARENT, HeaderValue::from_static("0123456789abcdef"));
+        b3(&mut h);
+        let ok = |v: &HeaderValue, n: usize| {
+            v.len() == n && v.as_bytes().iter().all(|b| b"0123456789abcdef".contains(b))
+        };
+        assert!(ok(&h[B3_TRACE], 32), "{:?}", h[B3_TRACE]);
+        assert!(ok(&h[B3_SPAN], 16), "{:?}", h[B3_SPAN]);
+        assert!(!h.contains_key(B3_PARENT));
+        assert_eq!(hex::<16>(0xab), "00000000000000ab");
+        assert_eq!(hex::<32>(u128::MAX), "ffffffffffffffffffffffffffffffff");
     }
 
     #[test]
