@@ -207,6 +207,21 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_keeps_upgrade_and_loses_the_rest() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h[UPGRADE], "websocket");
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
     fn each_hop_by_hop_header_alone_is_stripped() {
         for name in HOP_BY_HOP.iter().chain([&UPGRADE]) {
             let mut h = HeaderMap::new();
