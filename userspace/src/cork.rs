@@ -38,6 +38,18 @@ struct Shared<S> {
     failed: Option<io::Error>,
 }
 
+impl<S> Shared<S> {
+    fn new(io: S) -> Handle<S> {
+        Arc::new(Mutex::new(Shared {
+            io,
+            buf: Vec::new(),
+            sent: 0,
+            unflushed: false,
+            failed: None,
+        }))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> Shared<S> {
     /// Writes out what is held and flushes the stream.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -86,13 +98,7 @@ pub struct Cork<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Cork<S> {
     /// Wraps `io`; `serve` makes the future that uses the returned stream.
     pub fn serve<F: Future>(io: S, serve: impl FnOnce(Cork<S>) -> F) -> Corked<F, S> {
-        let shared = Arc::new(Mutex::new(Shared {
-            io,
-            buf: Vec::new(),
-            sent: 0,
-            unflushed: false,
-            failed: None,
-        }));
+        let shared = Shared::new(io);
         let fut = serve(Cork {
             shared: shared.clone(),
         });
@@ -381,14 +387,9 @@ mod tests {
     fn shutdown_sends_what_is_held_first() {
         let sink = Sink::default();
         let (writes, shut) = (sink.writes.clone(), sink.shut.clone());
-        let shared = Arc::new(Mutex::new(Shared {
-            io: sink,
-            buf: Vec::new(),
-            sent: 0,
-            unflushed: false,
-            failed: None,
-        }));
-        let mut io = Cork { shared };
+        let mut io = Cork {
+            shared: Shared::new(sink),
+        };
         let mut cx = noop_cx();
         assert!(matches!(
             Pin::new(&mut io).poll_write(&mut cx, b"goaway"),

@@ -93,7 +93,6 @@ fn is_hex(s: &str, lens: &[usize]) -> bool {
     lens.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Continues an incoming B3 trace (new span, parent = incoming span) or starts one.
 /// `v` as `N` lowercase hex digits (zero-padded), as a header value.
 fn hex<const N: usize>(v: u128) -> HeaderValue {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -104,6 +103,7 @@ fn hex<const N: usize>(v: u128) -> HeaderValue {
     HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
 }
 
+/// Continues an incoming B3 trace (new span, parent = incoming span) or starts one.
 pub fn b3(h: &mut HeaderMap) {
     let span = hex::<16>(u128::from(rand::random::<u64>()));
     let trace = h

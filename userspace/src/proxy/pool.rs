@@ -189,7 +189,11 @@ impl BackendPool {
         match Box::pin(self.connect(ep, key, s, false)).await {
             Ok(lease) => {
                 *last = None;
-                self.share(&lease, s.idle_timeout);
+                // Listed at once, so that requests arriving from now on share it.
+                if let Sender::H2(sender) = &lease.sender {
+                    let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    list_shared(idle.entry(lease.key.clone()).or_default(), sender);
+                }
                 Ok(lease)
             }
             Err(e) => {
@@ -200,20 +204,6 @@ impl BackendPool {
                 });
                 Err(e)
             }
-        }
-    }
-
-    /// Makes a new h2 connection available to other requests while this one uses it.
-    fn share(&self, lease: &Lease, idle_timeout: Duration) {
-        let Sender::H2(sender) = &lease.sender else {
-            return;
-        };
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(lease.key.clone()).or_default();
-        let now = Instant::now();
-        list.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < idle_timeout);
-        if list.is_empty() {
-            list.push_back((Sender::H2(sender.clone()), now));
         }
     }
 
@@ -292,14 +282,12 @@ impl BackendPool {
                 .retain(|_, gate| Arc::strong_count(gate) > 1);
         }
         let list = idle.entry(lease.key).or_default();
-        if matches!(lease.sender, Sender::H2(_)) {
-            match list.front_mut() {
-                None => list.push_back((lease.sender, Instant::now())),
-                // The shared connection: idle from now.
-                Some((_, since)) => *since = Instant::now(),
+        match &lease.sender {
+            Sender::H2(sender) => list_shared(list, sender),
+            Sender::H1(_) if list.len() < max_idle => {
+                list.push_back((lease.sender, Instant::now()))
             }
-        } else if list.len() < max_idle {
-            list.push_back((lease.sender, Instant::now()));
+            Sender::H1(_) => {}
         }
     }
 
@@ -355,6 +343,16 @@ impl BackendPool {
             key,
             reused: false,
         })
+    }
+}
+
+/// Keeps an h2 backend's list to the one connection its requests share: `sender` when the list
+/// has no open one, else the listed one, which is in use and so idle from now.
+fn list_shared(list: &mut VecDeque<(Sender, Instant)>, sender: &http2::SendRequest<ProxyBody>) {
+    list.retain(|(s, _)| !s.is_closed());
+    match list.front_mut() {
+        None => list.push_back((Sender::H2(sender.clone()), Instant::now())),
+        Some((_, since)) => *since = Instant::now(),
     }
 }
 
