@@ -85,6 +85,7 @@ fn nightly() -> Result<()> {
         "component",
         "add",
         "rust-src",
+        "rustfmt",
         "clippy",
         "--toolchain",
         NIGHTLY,
