@@ -393,6 +393,84 @@ async fn a_failing_h2_backend_connect_is_shared_by_the_requests_waiting_for_it()
     .await;
 }
 
+/// `backends.h2_streams_per_connection` caps the requests one h2 backend connection carries:
+/// 12 requests held open together at a limit of 4 open three connections, each carrying 4. When
+/// they have been answered, their places are free again: the next 12 use the same three.
+#[tokio::test]
+async fn h2_backend_connections_carry_at_most_the_configured_streams() {
+    const HELD: usize = 12;
+    let (backend, connections, widest) = holding_h2_backend(HELD).await;
+    let pki = TestPki::new();
+    let y = format!(
+        "limits: {{workers: 1}}\n\
+         backends: {{h2_streams_per_connection: 4}}\n\
+         routes:\n  - {{uris: [held.apps.plain], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let send = h2_client(&gw, &pki, "held.apps.plain").await;
+    for round in 0..2 {
+        let calls: Vec<_> = (0..HELD)
+            .map(|i| {
+                let mut send = send.clone();
+                tokio::spawn(async move {
+                    let req = http::Request::get(format!("https://held.apps.plain/{i}"))
+                        .body(http_body_util::Full::default())
+                        .unwrap();
+                    send.send_request(req).await.unwrap().status()
+                })
+            })
+            .collect();
+        crate::support::bounded("12 requests held by an h2 backend", async {
+            for c in calls {
+                assert_eq!(c.await.unwrap(), 200, "round {round}");
+            }
+        })
+        .await;
+        assert_eq!(connections.load(Ordering::Relaxed), 3, "round {round}");
+        assert_eq!(widest.load(Ordering::Relaxed), 4, "round {round}");
+    }
+}
+
+/// An h2 backend (prior knowledge) that holds each request until `held` requests are waiting,
+/// then answers them all. Counts its connections, and the most requests one of them carried at
+/// once.
+async fn holding_h2_backend(held: usize) -> (std::net::SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicU64::new(0));
+    let widest = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(held));
+    let (count, most) = (connections.clone(), widest.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            let open = Arc::new(AtomicU64::new(0));
+            let (most, barrier) = (most.clone(), barrier.clone());
+            let svc =
+                hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let (open, most, barrier) = (open.clone(), most.clone(), barrier.clone());
+                    async move {
+                        let now = open.fetch_add(1, Ordering::Relaxed) + 1;
+                        most.fetch_max(now, Ordering::Relaxed);
+                        barrier.wait().await;
+                        open.fetch_sub(1, Ordering::Relaxed);
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    (addr, connections, widest)
+}
+
 fn parse_sized(path: &str) -> (usize, usize) {
     let mut parts = path.trim_start_matches('/').split('/');
     let len = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);

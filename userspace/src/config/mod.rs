@@ -118,6 +118,9 @@ pub struct Backends {
     pub response_header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
+    /// Requests one h2 backend connection carries at a time; when every connection to a backend
+    /// carries this many, another is opened.
+    pub h2_streams_per_connection: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -675,6 +678,17 @@ impl Validator<'_> {
                 Duration::from_secs(90),
             ),
             max_idle_per_endpoint: b.max_idle_per_endpoint.unwrap_or(100),
+            h2_streams_per_connection: match b.h2_streams_per_connection {
+                Some(0) => {
+                    self.problem(
+                        "backends.h2_streams_per_connection",
+                        "must be at least 1 (requests one h2 backend connection carries at a time)",
+                    );
+                    1
+                }
+                Some(n) => n,
+                None => 100,
+            },
         };
 
         let registry = RegistrySettings {
@@ -902,6 +916,23 @@ mod tests {
             problems.contains(
                 &"limits.workers: 5000 is more than 1024; 0 means one per CPU".to_string()
             ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn h2_streams_per_connection_must_be_positive() {
+        let err = Config::from_yaml(
+            "backends: {h2_streams_per_connection: 0}\n",
+            Path::new("."),
+            Path::new("t.yaml"),
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("backends.h2_streams_per_connection: must be at least 1")),
             "{problems:?}"
         );
     }

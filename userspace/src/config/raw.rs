@@ -84,6 +84,7 @@ pub struct RawBackends {
     pub response_header_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_idle_per_endpoint: Option<usize>,
+    pub h2_streams_per_connection: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -386,6 +386,7 @@ async fn route(
         connect_timeout: rt.config.backends.connect_timeout,
         idle_timeout: rt.config.backends.idle_timeout,
         max_idle: rt.config.backends.max_idle_per_endpoint,
+        h2_streams: rt.config.backends.h2_streams_per_connection,
     };
     let eligible = |e: &Endpoint| match (scope, identity) {
         (Some(s), Some(id)) => check_scope(s, id, e).is_ok(),
@@ -401,7 +402,7 @@ async fn route(
         done.record.app_index = ep.private_instance_index.clone();
         done.record.instance_id = ep.private_instance_id.clone();
         let leased = if upgrade {
-            state.backends().connect_fresh(&ep, &settings).await
+            state.backends().connect_fresh(&ep, &settings, true).await
         } else {
             state.backends().checkout(&ep, &settings).await
         };
@@ -519,7 +520,7 @@ async fn send_retrying_stale(
             let Some(req) = f.request.take() else {
                 return Err(f);
             };
-            match state.backends().connect_fresh(ep, settings).await {
+            match state.backends().connect_fresh(ep, settings, false).await {
                 Ok(mut fresh) => {
                     let r = fresh.send(req).await;
                     *lease = fresh;

@@ -1,5 +1,6 @@
-//! Connections to backends: HTTP/1.1 (pooled, one request at a time) or HTTP/2 (shared), over TCP
-//! or TLS with the endpoint's `server_cert_domain_san` as the name the certificate must carry.
+//! Connections to backends: HTTP/1.1 (pooled, one request at a time) or HTTP/2 (shared, up to
+//! `backends.h2_streams_per_connection` requests at a time each), over TCP or TLS with the
+//! endpoint's `server_cert_domain_san` as the name the certificate must carry.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,14 +62,39 @@ struct Key {
 
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+    H2(H2Conn),
+}
+
+/// An h2 backend connection and how many requests it carries.
+#[derive(Clone)]
+struct H2Conn {
+    send: http2::SendRequest<ProxyBody>,
+    /// Leases on it not yet dropped: requests whose response has not ended.
+    streams: Arc<AtomicUsize>,
+}
+
+impl H2Conn {
+    /// One more request on this connection, until the returned slot is dropped.
+    fn slot(&self) -> StreamSlot {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        StreamSlot(self.streams.clone())
+    }
+}
+
+/// A request's place on an h2 connection; given back when the lease is dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Sender {
     fn is_closed(&self) -> bool {
         match self {
             Sender::H1(s) => s.is_closed() || !s.is_ready(),
-            Sender::H2(s) => s.is_closed() || !s.is_ready(),
+            Sender::H2(c) => c.send.is_closed() || !c.send.is_ready(),
         }
     }
 }
@@ -79,6 +105,23 @@ pub struct Lease {
     key: Key,
     /// Whether it came from the idle pool (a failure to send on it is then retried on a new one).
     pub reused: bool,
+    /// For an h2 connection: this request's place among its streams.
+    _slot: Option<StreamSlot>,
+}
+
+impl Lease {
+    fn new(sender: Sender, key: Key, reused: bool) -> Lease {
+        let _slot = match &sender {
+            Sender::H2(c) => Some(c.slot()),
+            Sender::H1(_) => None,
+        };
+        Lease {
+            sender,
+            key,
+            reused,
+            _slot,
+        }
+    }
 }
 
 /// A send that failed; `request` is given back when nothing of it was sent.
@@ -103,7 +146,7 @@ impl Lease {
                 }
                 s.try_send_request(req).await
             }
-            Sender::H2(s) => s.try_send_request(req).await,
+            Sender::H2(c) => c.send.try_send_request(req).await,
         };
         res.map_err(|mut e| {
             Box::new(SendFailure {
@@ -118,7 +161,8 @@ impl Lease {
 #[derive(Default)]
 pub struct BackendPool {
     /// Idle connections per backend, oldest first (each list is in check-in order). An h2
-    /// backend's list holds the one connection its requests share.
+    /// backend's list holds the connections its requests share, in the order they were opened,
+    /// each with when it was last used.
     idle: Mutex<HashMap<Key, VecDeque<(Sender, Instant)>>>,
     /// One connect at a time per h2 backend: requests arriving meanwhile wait for it and share
     /// the connection, rather than each opening its own (which a burst would otherwise do, only
@@ -147,6 +191,8 @@ pub struct ConnectSettings<'a> {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
+    /// Requests one h2 backend connection carries at a time before another is opened.
+    pub h2_streams: usize,
 }
 
 impl BackendPool {
@@ -161,7 +207,7 @@ impl BackendPool {
             san: ep.tls_san.clone(),
             h2: ep.protocol == Protocol::Http2,
         };
-        if let Some(lease) = self.take_idle(&key, s.idle_timeout) {
+        if let Some(lease) = self.take_idle(&key, s) {
             return Ok(lease);
         }
         if !key.h2 {
@@ -176,8 +222,9 @@ impl BackendPool {
             .clone();
         let waited_from = Instant::now();
         let mut last = gate.lock().await;
-        // A connect that finished while this request waited is shared, or its failure is.
-        if let Some(lease) = self.take_idle(&key, s.idle_timeout) {
+        // A connect that finished while this request waited is shared (if it has room left), or
+        // its failure is.
+        if let Some(lease) = self.take_idle(&key, s) {
             return Ok(lease);
         }
         if let Some(f) = last.as_ref().filter(|f| f.at >= waited_from) {
@@ -190,9 +237,9 @@ impl BackendPool {
             Ok(lease) => {
                 *last = None;
                 // Listed at once, so that requests arriving from now on share it.
-                if let Sender::H2(sender) = &lease.sender {
+                if let Sender::H2(conn) = &lease.sender {
                     let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                    list_shared(idle.entry(lease.key.clone()).or_default(), sender);
+                    list_h2(idle.entry(lease.key.clone()).or_default(), conn);
                 }
                 Ok(lease)
             }
@@ -207,62 +254,62 @@ impl BackendPool {
         }
     }
 
-    /// A new connection that is never pooled (for protocol upgrades such as WebSocket).
+    /// A new connection that is never pooled: for protocol upgrades such as WebSocket (always
+    /// HTTP/1.1, `upgrade`), and for a request that found its pooled connection closed.
     pub async fn connect_fresh(
         &self,
         ep: &Endpoint,
         s: &ConnectSettings<'_>,
+        upgrade: bool,
     ) -> Result<Lease, ConnectError> {
         let key = Key {
             addr: ep.addr.clone(),
             san: ep.tls_san.clone(),
-            h2: false,
+            h2: !upgrade && ep.protocol == Protocol::Http2,
         };
-        Box::pin(self.connect(ep, key, s, true)).await
+        Box::pin(self.connect(ep, key, s, upgrade)).await
     }
 
-    fn take_idle(&self, key: &Key, idle_timeout: Duration) -> Option<Lease> {
+    fn take_idle(&self, key: &Key, s: &ConnectSettings<'_>) -> Option<Lease> {
         let mut idle = self.idle.lock().ok()?;
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        // Expired connections are the oldest: drop them from the front. Then take the most
-        // recently used one that is still open. Amortised O(1) however many are idle.
-        while list
-            .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= idle_timeout)
-        {
-            list.pop_front();
-        }
         let sender = if key.h2 {
-            list.retain(|(s, _)| !s.is_closed());
-            match list.front_mut() {
-                // Shared, so it stays listed; in use, so not idle.
-                Some((Sender::H2(s), since)) => {
+            // Shared connections stay listed. Take the first one with room: the ones listed
+            // later then fall idle first when the load drops, and expire.
+            list.retain(|(c, since)| !c.is_closed() && now.duration_since(*since) < s.idle_timeout);
+            list.iter_mut().find_map(|(c, since)| match c {
+                Sender::H2(c) if c.streams.load(Ordering::Relaxed) < s.h2_streams => {
+                    // In use, so not idle.
                     *since = now;
-                    Some(Sender::H2(s.clone()))
+                    Some(Sender::H2(c.clone()))
                 }
                 _ => None,
-            }
+            })
         } else {
+            // Expired connections are the oldest: drop them from the front. Then take the most
+            // recently used one that is still open. Amortised O(1) however many are idle.
+            while list
+                .front()
+                .is_some_and(|(_, since)| now.duration_since(*since) >= s.idle_timeout)
+            {
+                list.pop_front();
+            }
             loop {
                 match list.pop_back() {
-                    Some((s, _)) if s.is_closed() => continue,
-                    other => break other.map(|(s, _)| s),
+                    Some((c, _)) if c.is_closed() => continue,
+                    other => break other.map(|(c, _)| c),
                 }
             }
         }?;
-        Some(Lease {
-            sender,
-            key: key.clone(),
-            reused: true,
-        })
+        Some(Lease::new(sender, key.clone(), true))
     }
 
     /// Returns an HTTP/1.1 connection after its response body was fully read.
     pub fn checkin(&self, lease: Lease, max_idle: usize) {
         let closed = match &lease.sender {
             Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
+            Sender::H2(c) => c.send.is_closed(),
         };
         if closed {
             return;
@@ -283,7 +330,7 @@ impl BackendPool {
         }
         let list = idle.entry(lease.key).or_default();
         match &lease.sender {
-            Sender::H2(sender) => list_shared(list, sender),
+            Sender::H2(conn) => list_h2(list, conn),
             Sender::H1(_) if list.len() < max_idle => {
                 list.push_back((lease.sender, Instant::now()))
             }
@@ -320,11 +367,8 @@ impl BackendPool {
                         .await
                         .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
                         .map_err(ConnectError::Tls)?;
-                    return Ok(Lease {
-                        sender: handshake(TokioIo::new(tls), key.h2, upgrades).await?,
-                        key,
-                        reused: false,
-                    });
+                    let sender = handshake(TokioIo::new(tls), key.h2, upgrades).await?;
+                    return Ok(Lease::new(sender, key, false));
                 }
                 // As for client connections: an unbuffered handshake, then the record crypto
                 // goes to the kernel.
@@ -338,21 +382,21 @@ impl BackendPool {
                 handshake(TokioIo::new(stream), key.h2, upgrades).await?
             }
         };
-        Ok(Lease {
-            sender,
-            key,
-            reused: false,
-        })
+        Ok(Lease::new(sender, key, false))
     }
 }
 
-/// Keeps an h2 backend's list to the one connection its requests share: `sender` when the list
-/// has no open one, else the listed one, which is in use and so idle from now.
-fn list_shared(list: &mut VecDeque<(Sender, Instant)>, sender: &http2::SendRequest<ProxyBody>) {
-    list.retain(|(s, _)| !s.is_closed());
-    match list.front_mut() {
-        None => list.push_back((Sender::H2(sender.clone()), Instant::now())),
-        Some((_, since)) => *since = Instant::now(),
+/// Lists `conn` among the h2 connections a backend's requests share (again, if it expired from
+/// the list while a long request held it), and marks it used now.
+fn list_h2(list: &mut VecDeque<(Sender, Instant)>, conn: &H2Conn) {
+    list.retain(|(c, _)| !c.is_closed());
+    let listed = list.iter_mut().find_map(|(c, since)| match c {
+        Sender::H2(c) if Arc::ptr_eq(&c.streams, &conn.streams) => Some(since),
+        _ => None,
+    });
+    match listed {
+        Some(since) => *since = Instant::now(),
+        None => list.push_back((Sender::H2(conn.clone()), Instant::now())),
     }
 }
 
@@ -369,7 +413,10 @@ where
                 tracing::debug!(error = %e, "backend h2 connection closed");
             }
         });
-        Ok(Sender::H2(sender))
+        Ok(Sender::H2(H2Conn {
+            send: sender,
+            streams: Arc::default(),
+        }))
     } else {
         let (sender, conn) = http1::handshake(io)
             .await
@@ -405,11 +452,7 @@ mod tests {
             san: None,
             h2: false,
         };
-        let lease = Lease {
-            sender: Sender::H1(sender),
-            key,
-            reused: false,
-        };
+        let lease = Lease::new(Sender::H1(sender), key, false);
         (lease, task)
     }
 
