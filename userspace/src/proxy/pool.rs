@@ -305,7 +305,8 @@ impl BackendPool {
         Some(Lease::new(sender, key.clone(), true))
     }
 
-    /// Returns an HTTP/1.1 connection after its response body was fully read.
+    /// Returns a connection after its response body was fully read: an HTTP/1.1 one to the idle
+    /// list, an h2 one (which stays listed while it is shared) marked as used now.
     pub fn checkin(&self, lease: Lease, max_idle: usize) {
         let closed = match &lease.sender {
             Sender::H1(s) => s.is_closed(),
