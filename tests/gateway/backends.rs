@@ -362,17 +362,7 @@ async fn a_failing_h2_backend_connect_is_shared_by_the_requests_waiting_for_it()
     let gw = TestGateway::start(&pki, &y).await;
     let send = h2_client(&gw, &pki, "silent.apps.plain").await;
     let started = std::time::Instant::now();
-    let calls: Vec<_> = (0..20)
-        .map(|i| {
-            let mut send = send.clone();
-            tokio::spawn(async move {
-                let req = http::Request::get(format!("https://silent.apps.plain/{i}"))
-                    .body(http_body_util::Full::default())
-                    .unwrap();
-                send.send_request(req).await.unwrap().status()
-            })
-        })
-        .collect();
+    let calls = concurrent_gets(&send, "silent.apps.plain", 20);
     crate::support::bounded("20 requests to a silent h2 backend", async {
         for c in calls {
             assert_eq!(c.await.unwrap(), 502);
@@ -410,17 +400,7 @@ async fn h2_backend_connections_carry_at_most_the_configured_streams() {
     let gw = TestGateway::start(&pki, &y).await;
     let send = h2_client(&gw, &pki, "held.apps.plain").await;
     for round in 0..2 {
-        let calls: Vec<_> = (0..HELD)
-            .map(|i| {
-                let mut send = send.clone();
-                tokio::spawn(async move {
-                    let req = http::Request::get(format!("https://held.apps.plain/{i}"))
-                        .body(http_body_util::Full::default())
-                        .unwrap();
-                    send.send_request(req).await.unwrap().status()
-                })
-            })
-            .collect();
+        let calls = concurrent_gets(&send, "held.apps.plain", HELD);
         crate::support::bounded("12 requests held by an h2 backend", async {
             for c in calls {
                 assert_eq!(c.await.unwrap(), 200, "round {round}");
@@ -430,6 +410,24 @@ async fn h2_backend_connections_carry_at_most_the_configured_streams() {
         assert_eq!(connections.load(Ordering::Relaxed), 3, "round {round}");
         assert_eq!(widest.load(Ordering::Relaxed), 4, "round {round}");
     }
+}
+
+/// `n` concurrent GETs of `https://<host>/<i>` on the h2 connection `send`; each task yields the
+/// status.
+fn concurrent_gets(
+    send: &hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    host: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<http::StatusCode>> {
+    (0..n)
+        .map(|i| {
+            let mut send = send.clone();
+            let req = http::Request::get(format!("https://{host}/{i}"))
+                .body(http_body_util::Full::default())
+                .unwrap();
+            tokio::spawn(async move { send.send_request(req).await.unwrap().status() })
+        })
+        .collect()
 }
 
 /// An h2 backend (prior knowledge) that holds each request until `held` requests are waiting,
