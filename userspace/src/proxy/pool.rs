@@ -457,6 +457,71 @@ mod tests {
         (lease, task)
     }
 
+    /// A request that found its pooled connection closed is retried on a fresh one, which for
+    /// an h2 backend must speak h2 again (an h2-only backend cannot answer HTTP/1.1); only an
+    /// upgrade (WebSocket) takes HTTP/1.1.
+    #[tokio::test]
+    async fn a_fresh_connection_to_an_h2_backend_speaks_h2_unless_upgrading() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let v = format!("{:?}", req.version());
+                    Ok::<_, hyper::Error>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(v),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        let ep = Endpoint {
+            addr: format!("127.0.0.1:{port}"),
+            host: "127.0.0.1".into(),
+            port,
+            tls_san: None,
+            protocol: Protocol::Http2,
+            tags: Default::default(),
+            app: String::new(),
+            private_instance_id: String::new(),
+            private_instance_index: String::new(),
+            availability_zone: String::new(),
+            active: Arc::default(),
+            permanent: true,
+            stale_threshold: Duration::from_secs(120),
+            refreshed: Instant::now(),
+        };
+        let settings = ConnectSettings {
+            tls: None,
+            ktls: None,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 100,
+            h2_streams: 100,
+        };
+        let pool = BackendPool::default();
+        let mut fresh = pool.connect_fresh(&ep, &settings, false).await.unwrap();
+        assert!(matches!(fresh.sender, Sender::H2(_)));
+        let req = Request::get(format!("http://127.0.0.1:{port}/"))
+            .version(http::Version::HTTP_2)
+            .body(super::super::body::empty())
+            .unwrap();
+        let resp = match fresh.send(req).await {
+            Ok(r) => r,
+            Err(f) => panic!("h2 request on a fresh connection: {}", f.error),
+        };
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"HTTP/2.0");
+        let upgrade = pool.connect_fresh(&ep, &settings, true).await.unwrap();
+        assert!(matches!(upgrade.sender, Sender::H1(_)));
+    }
+
     #[tokio::test]
     async fn sweeps_forget_backends_that_have_nothing_pooled() {
         let pool = BackendPool::default();
