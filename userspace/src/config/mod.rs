@@ -886,6 +886,13 @@ impl Validator<'_> {
 mod tests {
     use super::*;
 
+    /// The problems `check` reports for a config that must be invalid.
+    fn problems_of(yaml: &str) -> Vec<String> {
+        Config::from_yaml(yaml, Path::new("."), Path::new("t.yaml"))
+            .unwrap_err()
+            .problems()
+    }
+
     #[test]
     fn key_paths_use_brackets_for_indices() {
         assert_eq!(format_ignored("domains.0.name"), "domains[0].name");
@@ -905,13 +912,7 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(two.worker_threads(), 2);
-        let err = Config::from_yaml(
-            "limits: {workers: 5000}\n",
-            Path::new("."),
-            Path::new("t.yaml"),
-        )
-        .unwrap_err();
-        let problems = err.problems();
+        let problems = problems_of("limits: {workers: 5000}\n");
         assert!(
             problems.contains(
                 &"limits.workers: 5000 is more than 1024; 0 means one per CPU".to_string()
@@ -922,13 +923,7 @@ mod tests {
 
     #[test]
     fn h2_streams_per_connection_must_be_positive() {
-        let err = Config::from_yaml(
-            "backends: {h2_streams_per_connection: 0}\n",
-            Path::new("."),
-            Path::new("t.yaml"),
-        )
-        .unwrap_err();
-        let problems = err.problems();
+        let problems = problems_of("backends: {h2_streams_per_connection: 0}\n");
         assert!(
             problems
                 .iter()
@@ -939,13 +934,7 @@ mod tests {
 
     #[test]
     fn missing_listen_and_certificates_are_both_reported() {
-        let err = Config::from_yaml(
-            "admin: {listen: \"127.0.0.1:1\"}\n",
-            Path::new("."),
-            Path::new("t.yaml"),
-        )
-        .unwrap_err();
-        let problems = err.problems();
+        let problems = problems_of("admin: {listen: \"127.0.0.1:1\"}\n");
         assert!(
             problems.contains(&"listen.https: required".to_string()),
             "{problems:?}"
