@@ -3,8 +3,12 @@
 //! (portcullis, nginx, HAProxy, portcullis, …) and medians reported with min–max, ratios to the
 //! best rival, and the proxy's CPU per unit of work (from `/proc/<pid>/stat`, all its processes).
 //!
-//! Run through `cargo xtask bench [--quick]`, which installs nginx-light, haproxy, wrk, h2load
-//! (Debian) and oha (crates.io) first.
+//! After the timed rounds each proxy runs once more under callgrind, which counts the userspace
+//! instructions one request costs (see `rivals/instructions.rs`): a figure this VM's drift does
+//! not move.
+//!
+//! Run through `cargo xtask bench [--quick]`, which installs nginx-light, haproxy, wrk, h2load,
+//! valgrind (Debian) and oha (crates.io) first.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis::pki::{Attr, Ca, Validity};
+
+#[path = "rivals/instructions.rs"]
+mod instructions;
 
 const BACKEND: u16 = 18080;
 const PROXIES: &[(&str, u16)] = &[("portcullis", 19443), ("nginx", 19444), ("haproxy", 19445)];
@@ -69,7 +76,15 @@ fn main() {
     let (rounds, secs) = if quick { (1, 3) } else { (3, 10) };
     let idle_connections = if quick { 1_000 } else { 9_000 };
     raise_fd_limit();
-    for tool in ["oha", "wrk", "h2load", "nginx", "haproxy"] {
+    for tool in [
+        "oha",
+        "wrk",
+        "h2load",
+        "nginx",
+        "haproxy",
+        "valgrind",
+        "callgrind_control",
+    ] {
         if which(tool).is_none() {
             eprintln!("{tool} missing: run `cargo xtask bench`, which installs it");
             std::process::exit(1);
@@ -134,6 +149,10 @@ fn main() {
     }
     report(&results, rounds, secs);
     report_memory(&results, idle_connections);
+    if only("RIVALS_WORKLOADS", "I") {
+        let counts = instructions::count(d, quick, |proxy| only("RIVALS_PROXIES", proxy));
+        instructions::report(&counts, quick);
+    }
 }
 
 fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
@@ -480,13 +499,18 @@ struct Proc {
 }
 
 impl Proc {
-    fn start(mut cmd: Command, ports: &[u16]) -> Proc {
+    fn start(cmd: Command, ports: &[u16]) -> Proc {
+        Proc::start_within(cmd, ports, Duration::from_secs(10))
+    }
+
+    /// Starts `cmd` and waits up to `wait` until it listens on every one of `ports`.
+    fn start_within(mut cmd: Command, ports: &[u16], wait: Duration) -> Proc {
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + wait;
         for &port in ports {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 assert!(
@@ -613,6 +637,12 @@ fn backend_conf(d: &Path) -> String {
 }
 
 fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
+    Proc::start(proxy_command(proxy, port, d, false), &[port])
+}
+
+/// The command that runs `proxy` on `port` with this run's configuration. `counted`: it will run
+/// under callgrind, whose control pipe an nginx worker can only open if it keeps root's identity.
+fn proxy_command(proxy: &str, port: u16, d: &Path, counted: bool) -> Command {
     let dd = d.display();
     match proxy {
         "portcullis" => {
@@ -634,12 +664,12 @@ fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
             c.args(["run", "--config"])
                 .arg(path)
                 .env("RUST_LOG", "warn");
-            Proc::start(c, &[port])
+            c
         }
         "nginx" => {
             // mTLS on the identity name, server-only TLS for the plain one (same port, by SNI).
             let conf = format!(
-                "worker_processes 2;\nerror_log stderr error;\npid front.pid;\nevents {{ worker_connections 16384; }}\n\
+                "{user}worker_processes 2;\nerror_log stderr error;\npid front.pid;\nevents {{ worker_connections 16384; }}\n\
                  http {{ access_log {dd}/nginx-access.log; keepalive_requests 1000000;\n  \
                  upstream backend {{ server 127.0.0.1:{BACKEND}; keepalive 64; }}\n  \
                  map $ssl_client_s_dn $denied {{ ~OU=app:app-a(,|\\+|$) 0; default 1; }}\n  \
@@ -648,9 +678,10 @@ fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
                  ssl_client_certificate {dd}/identity-ca.pem; ssl_verify_client on; ssl_verify_depth 3;\n    \
                  location / {{ if ($denied) {{ return 403; }} proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n  \
                  server {{ listen 127.0.0.1:{port} ssl http2 default_server; server_name a.apps.plain;\n    \
-                 location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n"
+                 location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
+                user = if counted { "user root root;\n" } else { "" },
             );
-            Proc::start(nginx("front", d, &conf), &[port])
+            nginx("front", d, &conf)
         }
         _ => {
             // HAProxy wants two descriptors per connection and refuses to start when the
@@ -669,7 +700,7 @@ fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
             std::fs::write(&path, conf).unwrap();
             let mut c = Command::new("haproxy");
             c.arg("-f").arg(path).arg("-db");
-            Proc::start(c, &[port])
+            c
         }
     }
 }

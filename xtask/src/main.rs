@@ -295,6 +295,7 @@ fn bench(quick: bool) -> Result<()> {
         ("haproxy", "haproxy"),
         ("wrk", "wrk"),
         ("h2load", "nghttp2-client"),
+        ("valgrind", "valgrind"),
     ];
     let missing: Vec<&str> = tools
         .iter()
