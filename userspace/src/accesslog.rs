@@ -5,7 +5,7 @@
 //! milliseconds and writes them in one call, so a busy gateway pays one wake-up per batch.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -95,6 +95,40 @@ fn number(out: &mut String, v: impl itoa::Integer) {
     out.push_str(itoa::Buffer::new().format(v));
 }
 
+/// Appends `ip` as its `Display` form does. IPv4, the common case, is written octet by octet:
+/// `Display` goes through the formatter's padding support and costs about ten times as much,
+/// which the access log and `X-Forwarded-For` paid on every request.
+pub fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut n = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(n.format(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// Appends `addr` as its `Display` form does (see [`push_ip`]).
+pub fn push_socket_addr(out: &mut String, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            push_ip(out, IpAddr::V4(*v4.ip()));
+            out.push(':');
+            number(out, v4.port());
+        }
+        SocketAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 impl AccessRecord {
     /// Renders the line (with a trailing newline).
     pub fn render(&self, extra: &[ExtraField]) -> String {
@@ -123,7 +157,9 @@ impl AccessRecord {
         quoted(&mut o, &self.user_agent);
         o.push(' ');
         // An address has nothing to escape.
-        let _ = write!(o, "\"{}\" ", self.client);
+        o.push('"');
+        push_socket_addr(&mut o, self.client);
+        o.push_str("\" ");
         quoted(&mut o, &self.backend);
         let field = |o: &mut String, name: &str, v: &str| {
             o.push(' ');
@@ -334,6 +370,40 @@ impl AccessLogger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let mut ips: Vec<IpAddr> = ["0.0.0.0", "255.255.255.255", "10.1.22.133", "127.0.0.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        // Every octet value in every position.
+        ips.extend((0..=255u8).map(|o| IpAddr::from([o, 255 - o, o / 3, o.wrapping_mul(7)])));
+        for ip in [
+            "::",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:10.0.0.1",
+            "fe80::1",
+        ] {
+            ips.push(ip.parse().unwrap());
+        }
+        for ip in ips {
+            let mut o = String::from("x");
+            push_ip(&mut o, ip);
+            assert_eq!(o, format!("x{ip}"));
+            for port in [0, 1, 80, 65535] {
+                let addr = SocketAddr::new(ip, port);
+                let mut o = String::new();
+                push_socket_addr(&mut o, addr);
+                assert_eq!(o, addr.to_string());
+            }
+        }
+        let scoped: SocketAddr = "[fe80::1%7]:443".parse().unwrap();
+        let mut o = String::new();
+        push_socket_addr(&mut o, scoped);
+        assert_eq!(o, "[fe80::1%7]:443");
+    }
 
     fn record(uri: &str) -> AccessRecord {
         let mut r = sample();

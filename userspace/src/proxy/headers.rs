@@ -1,5 +1,7 @@
 //! Request and response header handling: hop-by-hop removal, forwarding headers, B3, XFCC.
 
+use std::net::IpAddr;
+
 use base64::Engine as _;
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
@@ -131,18 +133,18 @@ pub fn b3(h: &mut HeaderMap) {
 }
 
 /// Appends the client address to `X-Forwarded-For`; returns the new value.
-pub fn forwarded_for(h: &mut HeaderMap, client_ip: &str) -> String {
-    let joined = h
+pub fn forwarded_for(h: &mut HeaderMap, client_ip: IpAddr) -> String {
+    let mut value = String::with_capacity(24);
+    // What earlier proxies appended, in order; empty and non-text values are left out.
+    let earlier = h
         .get_all(X_FORWARDED_FOR)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let value = if joined.is_empty() {
-        client_ip.to_string()
-    } else {
-        format!("{joined}, {client_ip}")
-    };
+        .filter_map(|v| v.to_str().ok());
+    for v in earlier.filter(|v| !v.trim().is_empty()) {
+        value.push_str(v);
+        value.push_str(", ");
+    }
+    crate::accesslog::push_ip(&mut value, client_ip);
     if let Ok(v) = HeaderValue::from_str(&value) {
         h.insert(X_FORWARDED_FOR, v);
     }
@@ -192,6 +194,31 @@ pub fn apply_xfcc(h: &mut HeaderMap, mode: XfccMode, format: XfccFormat, peer: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_for_appends_the_client_to_what_earlier_proxies_sent() {
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let after = |sent: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in sent {
+                h.append(X_FORWARDED_FOR, HeaderValue::from_str(v).unwrap());
+            }
+            let value = forwarded_for(&mut h, ip);
+            let all: Vec<_> = h.get_all(X_FORWARDED_FOR).iter().collect();
+            assert_eq!(all, [value.as_str()], "one header, equal to what is logged");
+            value
+        };
+        assert_eq!(after(&[]), "10.0.0.7");
+        assert_eq!(after(&["1.2.3.4"]), "1.2.3.4, 10.0.0.7");
+        assert_eq!(
+            after(&["1.2.3.4, 5.6.7.8", "9.9.9.9"]),
+            "1.2.3.4, 5.6.7.8, 9.9.9.9, 10.0.0.7"
+        );
+        assert_eq!(after(&["", " ", "1.2.3.4"]), "1.2.3.4, 10.0.0.7");
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        assert_eq!(forwarded_for(&mut h, v6), "2001:db8::1");
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {

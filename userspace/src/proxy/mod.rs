@@ -249,8 +249,7 @@ pub async fn handle(
     // Logged for every request, including the gateway's own rejections.
     let mut req = req;
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
-    done.record.x_forwarded_for =
-        headers::forwarded_for(req.headers_mut(), &conn.client.ip().to_string());
+    done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), conn.client.ip());
     done.record.x_forwarded_proto = scheme_of(&conn).to_string();
     let resp = match route(&state, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => resp,
