@@ -3,16 +3,17 @@
 
 use std::hint::black_box;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use portcullis::accesslog::AccessRecord;
+use portcullis::accesslog::{AccessRecord, ConnFields};
 use portcullis::authz::{check_scope, decide_sources, RoutePolicy, Scope};
 use portcullis::config::ExtraField;
 use portcullis::identity::PeerCert;
 use portcullis::pki::{Attr, Ca, Validity};
 use portcullis::registry::{Registration, ValidRegistration};
-use portcullis::routing::RegistryState;
+use portcullis::routing::{Endpoint, RegistryState};
 
 fn table(n: usize) -> portcullis::routing::RouteTable {
     let mut s = RegistryState::default();
@@ -91,7 +92,7 @@ fn access_log(c: &mut Criterion) {
     let r = AccessRecord {
         host: "app.apps.identity".into(),
         start: SystemTime::now(),
-        method: "GET".into(),
+        method: http::Method::GET,
         uri: "/v1/things?x=1".into(),
         proto: "HTTP/1.1",
         status: 200,
@@ -100,23 +101,27 @@ fn access_log(c: &mut Criterion) {
         referer: String::new(),
         user_agent: "oha/1.0".into(),
         client: SocketAddr::from(([10, 0, 0, 1], 50000)),
-        backend: "10.0.1.2:8080".into(),
+        endpoint: Some(Arc::new(Endpoint {
+            app: "backend".into(),
+            private_instance_index: "0".into(),
+            private_instance_id: "inst".into(),
+            ..Endpoint::plain("10.0.1.2", 8080)
+        })),
         x_forwarded_for: "10.0.0.1".into(),
-        x_forwarded_proto: "https".into(),
+        x_forwarded_proto: "https",
         vcap_request_id: "6ba7b810-9dad-11d1-80b4-00c04fd430c8".into(),
         response_time: Duration::from_micros(900),
         backend_time: Some(Duration::from_micros(700)),
-        app_id: "backend".into(),
-        app_index: "0".into(),
-        instance_id: "inst".into(),
-        tls_sni: "app.apps.identity".into(),
-        caller_app: "a".into(),
-        caller_space: "s".into(),
-        caller_org: "o".into(),
+        conn: Arc::new(ConnFields {
+            tls_sni: "app.apps.identity".into(),
+            caller_app: "a".into(),
+            caller_space: "s".into(),
+            caller_org: "o".into(),
+        }),
         route_policy: "route:cf:app:a".into(),
         failed_attempts: 0,
         ktls: false,
-        router_error: String::new(),
+        router_error: "",
     };
     let extra: Vec<ExtraField> = ExtraField::ALL[..5].iter().map(|(_, f)| *f).collect();
     c.bench_function("access-log rendering", |b| {

@@ -15,13 +15,26 @@ use std::sync::mpsc;
 
 use crate::config::ExtraField;
 use crate::metrics::Metrics;
+use crate::routing::Endpoint;
+
+/// The access-log fields of a client connection: made once per connection, so that its requests
+/// share them instead of copying four strings each.
+#[derive(Debug, Default)]
+pub struct ConnFields {
+    /// The SNI the client sent.
+    pub tls_sni: String,
+    /// The caller's app, space and org from its instance-identity certificate.
+    pub caller_app: String,
+    pub caller_space: String,
+    pub caller_org: String,
+}
 
 /// Everything one access-log line says about a request.
 #[derive(Clone, Debug)]
 pub struct AccessRecord {
     pub host: String,
     pub start: SystemTime,
-    pub method: String,
+    pub method: http::Method,
     pub uri: String,
     pub proto: &'static str,
     pub status: u16,
@@ -30,23 +43,19 @@ pub struct AccessRecord {
     pub referer: String,
     pub user_agent: String,
     pub client: SocketAddr,
-    pub backend: String,
+    /// The endpoint of the last attempt (backend address, app id, instance index and id).
+    pub endpoint: Option<Arc<Endpoint>>,
     pub x_forwarded_for: String,
-    pub x_forwarded_proto: String,
+    pub x_forwarded_proto: &'static str,
     pub vcap_request_id: String,
     pub response_time: Duration,
     pub backend_time: Option<Duration>,
-    pub app_id: String,
-    pub app_index: String,
-    pub instance_id: String,
-    pub tls_sni: String,
-    pub caller_app: String,
-    pub caller_space: String,
-    pub caller_org: String,
+    /// What is logged about the client connection, shared by its requests.
+    pub conn: Arc<ConnFields>,
     pub route_policy: String,
     pub failed_attempts: usize,
     pub ktls: bool,
-    pub router_error: String,
+    pub router_error: &'static str,
 }
 
 /// Appends `"value"` with `"-"` for empty, escaping quotes, backslashes and control characters so
@@ -140,7 +149,7 @@ impl AccessRecord {
         });
         let _ = write!(o, " - [{}] \"", humantime::format_rfc3339_nanos(self.start));
         // The request line, quoted as one value.
-        escaped(&mut o, &self.method);
+        escaped(&mut o, self.method.as_str());
         o.push(' ');
         escaped(&mut o, &self.uri);
         o.push(' ');
@@ -160,7 +169,8 @@ impl AccessRecord {
         o.push('"');
         push_socket_addr(&mut o, self.client);
         o.push_str("\" ");
-        quoted(&mut o, &self.backend);
+        let ep = self.endpoint.as_deref();
+        quoted(&mut o, ep.map_or("", |e| &e.addr));
         let field = |o: &mut String, name: &str, v: &str| {
             o.push(' ');
             o.push_str(name);
@@ -168,7 +178,7 @@ impl AccessRecord {
             quoted(o, v);
         };
         field(&mut o, "x_forwarded_for", &self.x_forwarded_for);
-        field(&mut o, "x_forwarded_proto", &self.x_forwarded_proto);
+        field(&mut o, "x_forwarded_proto", self.x_forwarded_proto);
         field(&mut o, "vcap_request_id", &self.vcap_request_id);
         let gorouter = self
             .response_time
@@ -177,15 +187,24 @@ impl AccessRecord {
         seconds(&mut o, self.response_time);
         o.push_str(" gorouter_time:");
         seconds(&mut o, gorouter);
-        field(&mut o, "app_id", &self.app_id);
-        field(&mut o, "app_index", &self.app_index);
-        field(&mut o, "instance_id", &self.instance_id);
+        field(&mut o, "app_id", ep.map_or("", Endpoint::app_id));
+        field(
+            &mut o,
+            "app_index",
+            ep.map_or("", |e| &e.private_instance_index),
+        );
+        field(
+            &mut o,
+            "instance_id",
+            ep.map_or("", |e| &e.private_instance_id),
+        );
+        let c = &self.conn;
         for f in extra {
             match f {
-                ExtraField::TlsSni => field(&mut o, "tls_sni", &self.tls_sni),
-                ExtraField::CallerCfApp => field(&mut o, "caller_cf_app", &self.caller_app),
-                ExtraField::CallerCfSpace => field(&mut o, "caller_cf_space", &self.caller_space),
-                ExtraField::CallerCfOrg => field(&mut o, "caller_cf_org", &self.caller_org),
+                ExtraField::TlsSni => field(&mut o, "tls_sni", &c.tls_sni),
+                ExtraField::CallerCfApp => field(&mut o, "caller_cf_app", &c.caller_app),
+                ExtraField::CallerCfSpace => field(&mut o, "caller_cf_space", &c.caller_space),
+                ExtraField::CallerCfOrg => field(&mut o, "caller_cf_org", &c.caller_org),
                 ExtraField::RoutePolicy => field(&mut o, "route_policy", &self.route_policy),
                 ExtraField::FailedAttempts => {
                     o.push_str(" failed_attempts:");
@@ -203,7 +222,7 @@ impl AccessRecord {
                 }
             }
         }
-        field(&mut o, "x_cf_routererror", &self.router_error);
+        field(&mut o, "x_cf_routererror", self.router_error);
         o.push('\n');
         o
     }
@@ -464,7 +483,7 @@ mod tests {
         AccessRecord {
             host: "a.apps.identity".into(),
             start: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
-            method: "GET".into(),
+            method: http::Method::GET,
             uri: "/x?y=1".into(),
             proto: "HTTP/1.1",
             status: 403,
@@ -473,23 +492,21 @@ mod tests {
             referer: String::new(),
             user_agent: "ua \"quoted\"".into(),
             client: "127.0.0.1:5555".parse().unwrap(),
-            backend: String::new(),
+            endpoint: None,
             x_forwarded_for: "127.0.0.1".into(),
-            x_forwarded_proto: "https".into(),
+            x_forwarded_proto: "https",
             vcap_request_id: "id".into(),
             response_time: Duration::from_micros(1_500),
             backend_time: None,
-            app_id: "B".into(),
-            app_index: String::new(),
-            instance_id: String::new(),
-            tls_sni: "a.apps.identity".into(),
-            caller_app: "A".into(),
-            caller_space: String::new(),
-            caller_org: String::new(),
+            conn: Arc::new(ConnFields {
+                tls_sni: "a.apps.identity".into(),
+                caller_app: "A".into(),
+                ..ConnFields::default()
+            }),
             route_policy: "route:route_policies".into(),
             failed_attempts: 0,
             ktls: false,
-            router_error: String::new(),
+            router_error: "",
         }
     }
 
@@ -557,7 +574,11 @@ mod tests {
 
     #[test]
     fn renders_every_field_in_order_with_dashes() {
-        let r = sample();
+        let mut r = sample();
+        r.endpoint = Some(Arc::new(Endpoint {
+            app: "B".into(),
+            ..Endpoint::plain("10.0.1.2", 8080)
+        }));
         let line = r.render(&[
             ExtraField::RoutePolicy,
             ExtraField::TlsSni,
@@ -566,7 +587,7 @@ mod tests {
         assert_eq!(
             line,
             "a.apps.identity - [2023-11-14T22:13:20.123456789Z] \"GET /x?y=1 HTTP/1.1\" 403 0 9 \"-\" \
-             \"ua \\\"quoted\\\"\" \"127.0.0.1:5555\" \"-\" x_forwarded_for:\"127.0.0.1\" \
+             \"ua \\\"quoted\\\"\" \"127.0.0.1:5555\" \"10.0.1.2:8080\" x_forwarded_for:\"127.0.0.1\" \
              x_forwarded_proto:\"https\" vcap_request_id:\"id\" response_time:0.001500 \
              gorouter_time:0.001500 app_id:\"B\" app_index:\"-\" instance_id:\"-\" \
              route_policy:\"route:route_policies\" tls_sni:\"a.apps.identity\" caller_cf_org:\"-\" \

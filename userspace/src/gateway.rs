@@ -373,13 +373,7 @@ async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>,
             if tls {
                 serve_tls(state.clone(), tcp, client, shutdown).await;
             } else {
-                let conn = ConnCtx {
-                    client,
-                    tls: None,
-                    ktls: false,
-                    inflight: Arc::default(),
-                    requests: Default::default(),
-                };
+                let conn = ConnCtx::new(client, None);
                 serve_http(state.clone(), Box::new(tcp), conn, shutdown).await;
             }
             state.metrics.connections_active.dec();
@@ -467,13 +461,7 @@ fn handshake_done<S>(
                 .ktls_connections
                 .get_or_create(&KtlsLabels { mode })
                 .inc();
-            let conn = ConnCtx {
-                client,
-                tls: Some(accepted.info),
-                ktls: false,
-                inflight: Arc::default(),
-                requests: Default::default(),
-            };
+            let conn = ConnCtx::new(client, Some(accepted.info));
             Some((accepted.stream, conn))
         }
     }

@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::accesslog::AccessRecord;
+use crate::accesslog::{AccessRecord, ConnFields};
 use crate::authz::{check_scope, decide_sources, Denial, Rule};
 use crate::config::{Config, EndpointSelection, XfccFormat};
 use crate::identity::Identity;
@@ -44,9 +44,34 @@ pub struct ConnCtx {
     pub inflight: Arc<AtomicUsize>,
     /// Requests started on this connection (the idle timer restarts when it moves).
     pub requests: AtomicU64,
+    /// What each request's access-log line says about the connection.
+    pub log: Arc<ConnFields>,
 }
 
 impl ConnCtx {
+    pub fn new(client: SocketAddr, tls: Option<ConnTls>) -> ConnCtx {
+        let mut ctx = ConnCtx {
+            client,
+            tls,
+            ktls: false,
+            inflight: Arc::default(),
+            requests: AtomicU64::new(0),
+            log: Arc::default(),
+        };
+        let identity = ctx.identity();
+        ctx.log = Arc::new(ConnFields {
+            tls_sni: ctx
+                .tls
+                .as_ref()
+                .and_then(|t| t.sni.clone())
+                .unwrap_or_default(),
+            caller_app: identity.map(|i| i.app.clone()).unwrap_or_default(),
+            caller_space: identity.and_then(|i| i.space.clone()).unwrap_or_default(),
+            caller_org: identity.and_then(|i| i.org.clone()).unwrap_or_default(),
+        });
+        ctx
+    }
+
     fn identity(&self) -> Option<&Identity> {
         self.tls.as_ref()?.peer.as_ref()?.identity.as_ref().ok()
     }
@@ -201,12 +226,10 @@ pub async fn handle(
         })
         .unwrap_or_default();
     let host = normalize_authority(&raw_host);
-    let tls = conn.tls.as_ref();
-    let identity = conn.identity();
     let record = AccessRecord {
         host: host.clone(),
         start: SystemTime::now(),
-        method: req.method().to_string(),
+        method: req.method().clone(),
         uri: req
             .uri()
             .path_and_query()
@@ -219,23 +242,17 @@ pub async fn handle(
         referer: header_str(&req, REFERER),
         user_agent: header_str(&req, USER_AGENT),
         client: conn.client,
-        backend: String::new(),
+        endpoint: None,
         x_forwarded_for: String::new(),
-        x_forwarded_proto: String::new(),
+        x_forwarded_proto: scheme_of(&conn),
         vcap_request_id: String::new(),
         response_time: Duration::ZERO,
         backend_time: None,
-        app_id: String::new(),
-        app_index: String::new(),
-        instance_id: String::new(),
-        tls_sni: tls.and_then(|t| t.sni.clone()).unwrap_or_default(),
-        caller_app: identity.map(|i| i.app.clone()).unwrap_or_default(),
-        caller_space: identity.and_then(|i| i.space.clone()).unwrap_or_default(),
-        caller_org: identity.and_then(|i| i.org.clone()).unwrap_or_default(),
+        conn: conn.log.clone(),
         route_policy: String::new(),
         failed_attempts: 0,
         ktls: conn.ktls,
-        router_error: String::new(),
+        router_error: "",
     };
     let mut done = Completion {
         state: state.clone(),
@@ -250,11 +267,10 @@ pub async fn handle(
     let mut req = req;
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
     done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), conn.client.ip());
-    done.record.x_forwarded_proto = scheme_of(&conn).to_string();
     let resp = match route(&state, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => resp,
         Err(reject) => {
-            done.record.router_error = reject.router_error().to_string();
+            done.record.router_error = reject.router_error();
             reject.response()
         }
     };
@@ -396,10 +412,7 @@ async fn route(
         let Some(ep) = first.take().or_else(|| selector.next(eligible)) else {
             break;
         };
-        done.record.backend = ep.addr.clone();
-        done.record.app_id = ep.app_id().to_string();
-        done.record.app_index = ep.private_instance_index.clone();
-        done.record.instance_id = ep.private_instance_id.clone();
+        done.record.endpoint = Some(ep.clone());
         let leased = if upgrade {
             state.backends().connect_fresh(&ep, &settings, true).await
         } else {

@@ -479,20 +479,8 @@ mod tests {
             }
         });
         let ep = Endpoint {
-            addr: format!("127.0.0.1:{port}"),
-            host: "127.0.0.1".into(),
-            port,
-            tls_san: None,
             protocol: Protocol::Http2,
-            tags: Default::default(),
-            app: String::new(),
-            private_instance_id: String::new(),
-            private_instance_index: String::new(),
-            availability_zone: String::new(),
-            active: Arc::default(),
-            permanent: true,
-            stale_threshold: Duration::from_secs(120),
-            refreshed: Instant::now(),
+            ..Endpoint::plain("127.0.0.1", port)
         };
         let settings = ConnectSettings {
             tls: None,

@@ -38,6 +38,32 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// A permanent HTTP/1.1 endpoint at `host:port` with no tags, identity or TLS (tests and
+    /// benchmarks build on it with struct update syntax).
+    pub fn plain(host: &str, port: u16) -> Endpoint {
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Endpoint {
+            addr,
+            host: host.to_string(),
+            port,
+            tls_san: None,
+            protocol: Protocol::Http1,
+            tags: BTreeMap::new(),
+            app: String::new(),
+            private_instance_id: String::new(),
+            private_instance_index: String::new(),
+            availability_zone: String::new(),
+            active: Arc::default(),
+            permanent: true,
+            stale_threshold: Duration::from_secs(120),
+            refreshed: Instant::now(),
+        }
+    }
+
     fn tag(&self, name: &str) -> &str {
         self.tags.get(name).map_or("", String::as_str)
     }
