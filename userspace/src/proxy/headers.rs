@@ -22,7 +22,8 @@ const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
 const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP_COUNT: usize = 8;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -46,34 +47,51 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers and those named in `Connection`. With `keep_upgrade`, `Upgrade`
 /// and `Connection: upgrade` survive so an authorized upgrade can be forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    // Usually there are none: one pass over the names present, rather than a lookup for each
-    // hop-by-hop name.
-    let any = h.keys().any(|k| *k == UPGRADE || HOP_BY_HOP.contains(k));
-    if !any {
-        if keep_upgrade {
-            h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    // One pass over the names present finds which hop-by-hop ones are there: usually none in a
+    // request, and only `Connection: keep-alive` in a backend's response.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    let mut upgrade = false;
+    for k in h.keys() {
+        if *k == UPGRADE {
+            upgrade = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present[i] = true;
         }
-        return;
     }
-    let named: Vec<HeaderName> = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if !(keep_upgrade && n == UPGRADE) {
+    if upgrade || present.contains(&true) {
+        // What `Connection` names besides the hop-by-hop headers removed below anyway and
+        // `close`, which names no header.
+        let mut named: Vec<HeaderName> = Vec::new();
+        let tokens = h
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim);
+        for t in tokens {
+            let removed_anyway = ["close", UPGRADE.as_str()]
+                .into_iter()
+                .chain(HOP_BY_HOP.iter().map(HeaderName::as_str))
+                .any(|n| t.eq_ignore_ascii_case(n));
+            if t.is_empty() || removed_anyway {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                named.push(n);
+            }
+        }
+        for n in named {
             h.remove(n);
         }
-    }
-    for n in HOP_BY_HOP {
-        h.remove(n);
+        for (n, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+            h.remove(n);
+        }
+        if upgrade && !keep_upgrade {
+            h.remove(UPGRADE);
+        }
     }
     if keep_upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(UPGRADE);
     }
 }
 
@@ -231,6 +249,19 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+
+        // Tokens in any case; `close` and the hop-by-hop names need no lookup of their own.
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, HeaderValue::from_static("Close, X-Secret"));
+        h.append(
+            CONNECTION,
+            HeaderValue::from_static(" Keep-Alive ,TE,, x-other"),
+        );
+        for n in ["x-secret", "x-other", "keep-alive", "x-keep"] {
+            h.insert(n, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"]);
     }
 
     #[test]

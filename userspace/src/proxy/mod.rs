@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderValue, CONTENT_TYPE, HOST, REFERER, USER_AGENT};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -291,9 +292,8 @@ async fn route(
     }
     let rt = state.runtime.load_full();
     let table = state.registry.table();
-    let path = req.uri().path().to_string();
     let pool = table
-        .lookup(host, &path)
+        .lookup(host, req.uri().path())
         .ok_or_else(|| Reject::UnknownRoute(host.to_string()))?;
     if !binding_ok(&rt.config, conn.mtls(), host) {
         return Err(Reject::Misdirected);
@@ -361,16 +361,17 @@ async fn route(
         headers::X_FORWARDED_PROTO,
         HeaderValue::from_static(scheme_of(conn)),
     );
-    if let Ok(v) = HeaderValue::from_str(&done.record.x_forwarded_for) {
-        h.insert(headers::X_FORWARDED_FOR, v);
+    // Set by `handle`; put back only if a Connection header named it.
+    if !h.contains_key(headers::X_FORWARDED_FOR) {
+        if let Ok(v) = HeaderValue::from_str(&done.record.x_forwarded_for) {
+            h.insert(headers::X_FORWARDED_FOR, v);
+        }
     }
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    if let Ok(v) = HeaderValue::from_str(&now_ms.to_string()) {
-        h.insert(headers::X_REQUEST_START, v);
-    }
+    h.insert(headers::X_REQUEST_START, HeaderValue::from(now_ms as u64));
     headers::b3(h);
     let (mode, format) = match rt.config.domain_for(host) {
         Some(d) => (d.forwarded_client_cert, d.xfcc_format),
@@ -386,8 +387,8 @@ async fn route(
     let pq = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let body = Counted::new(body, done.request_bytes.clone());
     let mut pending = Some(Request::from_parts(
         parts,
@@ -444,12 +445,13 @@ async fn route(
             } else {
                 "http"
             };
-            format!("{scheme}://{raw_host}{pq}")
+            format!("{scheme}://{raw_host}{pq}").parse::<Uri>().ok()
         } else {
             *out.version_mut() = Version::HTTP_11;
-            pq.clone()
+            // Origin form, whatever form the client used.
+            Some(Uri::from(pq.clone()))
         };
-        if let Ok(u) = target.parse::<Uri>() {
+        if let Some(u) = target {
             *out.uri_mut() = u;
         }
         ep.active.fetch_add(1, Ordering::Relaxed);
