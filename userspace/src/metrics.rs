@@ -8,7 +8,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
-    pub code: String,
+    /// The status code, written as its digits.
+    pub code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -206,9 +207,7 @@ impl Metrics {
 
     pub fn count_request(&self, status: u16) {
         self.requests
-            .get_or_create(&CodeLabels {
-                code: status.to_string(),
-            })
+            .get_or_create(&CodeLabels { code: status })
             .inc();
     }
 

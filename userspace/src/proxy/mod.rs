@@ -524,7 +524,7 @@ async fn route(
 /// once on a new connection to the same endpoint (a stale pool entry is not a failed endpoint).
 async fn send_retrying_stale(
     state: &State,
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     settings: &ConnectSettings<'_>,
     lease: &mut Lease,
     req: Request<ProxyBody>,

@@ -53,11 +53,45 @@ impl ConnectError {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+/// Which pooled connections a request may use: those to the endpoint's address, with its TLS
+/// name, speaking the same protocol. It holds the endpoint, so that making one per request
+/// copies no strings; equality and hashing look only at those three.
+#[derive(Clone)]
 struct Key {
-    addr: String,
-    san: Option<String>,
+    ep: Arc<Endpoint>,
     h2: bool,
+}
+
+impl Key {
+    fn new(ep: &Arc<Endpoint>, h2: bool) -> Key {
+        Key { ep: ep.clone(), h2 }
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.h2 == other.h2 && self.ep.addr == other.ep.addr && self.ep.tls_san == other.ep.tls_san
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.ep.addr.hash(state);
+        self.ep.tls_san.hash(state);
+        self.h2.hash(state);
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("addr", &self.ep.addr)
+            .field("san", &self.ep.tls_san)
+            .field("h2", &self.h2)
+            .finish()
+    }
 }
 
 enum Sender {
@@ -199,14 +233,10 @@ impl BackendPool {
     /// A connection to `ep`: an idle one when available, else a new one.
     pub async fn checkout(
         &self,
-        ep: &Endpoint,
+        ep: &Arc<Endpoint>,
         s: &ConnectSettings<'_>,
     ) -> Result<Lease, ConnectError> {
-        let key = Key {
-            addr: ep.addr.clone(),
-            san: ep.tls_san.clone(),
-            h2: ep.protocol == Protocol::Http2,
-        };
+        let key = Key::new(ep, ep.protocol == Protocol::Http2);
         if let Some(lease) = self.take_idle(&key, s) {
             return Ok(lease);
         }
@@ -258,15 +288,11 @@ impl BackendPool {
     /// HTTP/1.1, `upgrade`), and for a request that found its pooled connection closed.
     pub async fn connect_fresh(
         &self,
-        ep: &Endpoint,
+        ep: &Arc<Endpoint>,
         s: &ConnectSettings<'_>,
         upgrade: bool,
     ) -> Result<Lease, ConnectError> {
-        let key = Key {
-            addr: ep.addr.clone(),
-            san: ep.tls_san.clone(),
-            h2: !upgrade && ep.protocol == Protocol::Http2,
-        };
+        let key = Key::new(ep, !upgrade && ep.protocol == Protocol::Http2);
         Box::pin(self.connect(ep, key, s, upgrade)).await
     }
 
@@ -440,6 +466,12 @@ where
 mod tests {
     use super::*;
 
+    /// The key of a plain endpoint at `addr` (`ip:port`).
+    fn key(addr: &str, h2: bool) -> Key {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        Key::new(&Arc::new(Endpoint::plain(host, port.parse().unwrap())), h2)
+    }
+
     /// A lease on an in-memory HTTP/1.1 connection; dropping the returned task closes it.
     async fn lease(addr: &str) -> (Lease, tokio::task::JoinHandle<()>) {
         let (io, _peer) = tokio::io::duplex(1024);
@@ -448,12 +480,7 @@ mod tests {
             let _peer = _peer;
             let _ = conn.await;
         });
-        let key = Key {
-            addr: addr.to_string(),
-            san: None,
-            h2: false,
-        };
-        let lease = Lease::new(Sender::H1(sender), key, false);
+        let lease = Lease::new(Sender::H1(sender), key(addr, false), false);
         (lease, task)
     }
 
@@ -478,10 +505,10 @@ mod tests {
                 );
             }
         });
-        let ep = Endpoint {
+        let ep = Arc::new(Endpoint {
             protocol: Protocol::Http2,
             ..Endpoint::plain("127.0.0.1", port)
-        };
+        });
         let settings = ConnectSettings {
             tls: None,
             ktls: None,
@@ -527,24 +554,16 @@ mod tests {
         for t in tasks {
             let _ = t.await;
         }
-        pool.h2_connects.lock().unwrap().insert(
-            Key {
-                addr: "10.0.1.1:8080".into(),
-                san: None,
-                h2: true,
-            },
-            Arc::default(),
-        );
+        pool.h2_connects
+            .lock()
+            .unwrap()
+            .insert(key("10.0.1.1:8080", true), Arc::default());
         let (l, _live) = lease("10.0.0.99:8080").await;
         pool.checkins.store(SWEEP_EVERY - 1, Ordering::Relaxed);
         pool.checkin(l, 100);
         let idle = pool.idle.lock().unwrap();
         assert_eq!(idle.len(), 1, "only the live backend is left");
-        assert!(idle.contains_key(&Key {
-            addr: "10.0.0.99:8080".into(),
-            san: None,
-            h2: false,
-        }));
+        assert!(idle.contains_key(&key("10.0.0.99:8080", false)));
         assert!(pool.h2_connects.lock().unwrap().is_empty());
     }
 }
