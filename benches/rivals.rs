@@ -148,7 +148,9 @@ fn main() {
         }
     }
     report(&results, rounds, secs);
-    report_memory(&results, idle_connections);
+    if only("RIVALS_WORKLOADS", "M") {
+        report_memory(&results, idle_connections);
+    }
     if only("RIVALS_WORKLOADS", "I") {
         let counts = instructions::count(d, quick, |proxy| only("RIVALS_PROXIES", proxy));
         instructions::report(&counts, quick);
