@@ -69,12 +69,33 @@ fn quoted(out: &mut String, v: &str) {
     out.push('"');
 }
 
+/// Whether `v` is printable ASCII without `"` or `\`, which the log copies whole.
+fn plain(v: &str) -> bool {
+    // Eight bytes at a time (each test sets a byte's high bit when the byte matches; exact for
+    // whether any byte does): below 0x20, 0x80 and above, 0x7f, `"`, `\`.
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let (words, rest) = v.as_bytes().as_chunks::<8>();
+    for w in words {
+        let x = u64::from_ne_bytes(*w);
+        let found = (x.wrapping_sub(ONES * 0x20) & !x & HIGH)
+            | (x & HIGH)
+            | zero_byte(x ^ (ONES * 0x7f))
+            | zero_byte(x ^ (ONES * u64::from(b'"')))
+            | zero_byte(x ^ (ONES * u64::from(b'\\')));
+        if found != 0 {
+            return false;
+        }
+    }
+    rest.iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
 /// Appends `v` with `"` and `\` escaped and control characters written as `\xNN`.
 fn escaped(out: &mut String, v: &str) {
     // Most values are printable ASCII with nothing to escape: copied whole.
-    if v.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
+    if plain(v) {
         out.push_str(v);
         return;
     }
@@ -508,6 +529,30 @@ mod tests {
             ktls: false,
             router_error: "",
         }
+    }
+
+    #[test]
+    fn the_plain_test_agrees_with_the_byte_rule_for_every_byte_in_every_position() {
+        let rule = |v: &[u8]| {
+            v.iter()
+                .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        };
+        for len in [1, 7, 8, 9, 16, 17, 24] {
+            for pos in 0..len {
+                for b in 0u8..=0x7f {
+                    let mut v = vec![b'a'; len];
+                    v[pos] = b;
+                    let s = std::str::from_utf8(&v).unwrap();
+                    assert_eq!(plain(s), rule(&v), "byte {b:#x} at {pos} of {len}");
+                }
+                // Non-ASCII (two-byte UTF-8) at this position.
+                let mut s = "a".repeat(len);
+                s.replace_range(pos..pos + 1, "\u{e9}");
+                assert!(!plain(&s), "é at {pos} of {len}");
+            }
+        }
+        assert!(plain(""));
+        assert!(plain("GET /v1/things?x=1&y=~ HTTP/1.1"));
     }
 
     #[test]
