@@ -102,11 +102,13 @@ pub fn request_id(h: &mut HeaderMap) -> String {
             return v.to_string();
         }
     }
-    let id = uuid::Uuid::new_v4().to_string();
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    // Encoded on the stack: `to_string` would go through the formatter.
+    let mut buf = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    if let Ok(v) = HeaderValue::from_str(id) {
         h.insert(X_VCAP_REQUEST_ID, v);
     }
-    id
+    id.to_string()
 }
 
 fn is_hex(s: &str, lens: &[usize]) -> bool {
@@ -317,6 +319,9 @@ mod tests {
         h.insert(X_VCAP_REQUEST_ID, HeaderValue::from_static("not-a-uuid"));
         let id = request_id(&mut h);
         assert!(uuid::Uuid::try_parse(&id).is_ok());
+        // Hyphenated lower case, as GoRouter sends it, and the header is what is logged.
+        assert_eq!((id.len(), id.to_lowercase()), (36, id.clone()));
+        assert_eq!(h[X_VCAP_REQUEST_ID], id.as_str());
         assert_eq!(request_id(&mut h), id);
     }
 
