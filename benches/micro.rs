@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use portcullis::accesslog::{AccessRecord, ConnFields};
+use portcullis::accesslog::AccessRecord;
 use portcullis::authz::{check_scope, decide_sources, RoutePolicy, Scope};
 use portcullis::config::ExtraField;
 use portcullis::identity::PeerCert;
 use portcullis::pki::{Attr, Ca, Validity};
+use portcullis::proxy::ConnCtx;
 use portcullis::registry::{Registration, ValidRegistration};
 use portcullis::routing::{Endpoint, RegistryState};
+use portcullis::tls::{Alpn, ConnTls};
 
 fn table(n: usize) -> portcullis::routing::RouteTable {
     let mut s = RegistryState::default();
@@ -48,25 +50,31 @@ fn routing(c: &mut Criterion) {
     }
 }
 
-fn identity_and_authz(c: &mut Criterion) {
+/// The DER of a Diego-shaped instance-identity leaf for app `a` in space `s`, org `o`.
+fn caller_leaf() -> Vec<u8> {
     let ca = Ca::root("bench").expect("ca");
-    let leaf = ca
-        .client(
+    ca.client(
+        &[
+            &[Attr::Cn("i")],
             &[
-                &[Attr::Cn("i")],
-                &[
-                    Attr::Ou("organization:o"),
-                    Attr::Ou("space:s"),
-                    Attr::Ou("app:a"),
-                ],
+                Attr::Ou("organization:o"),
+                Attr::Ou("space:s"),
+                Attr::Ou("app:a"),
             ],
-            Validity::Current,
-        )
-        .expect("leaf");
+        ],
+        Validity::Current,
+    )
+    .expect("leaf")
+    .der
+    .to_vec()
+}
+
+fn identity_and_authz(c: &mut Criterion) {
+    let der = caller_leaf();
     c.bench_function("identity extraction", |b| {
-        b.iter(|| PeerCert::from_der(black_box(&leaf.der)))
+        b.iter(|| PeerCert::from_der(black_box(&der)))
     });
-    let peer = PeerCert::from_der(&leaf.der);
+    let peer = PeerCert::from_der(&der);
     let id = peer.identity.clone().expect("identity");
     let policy = RoutePolicy::from_options(Some("space"), Some("cf:app:x,cf:app:y,cf:space:s"));
     let t = table(1);
@@ -100,7 +108,6 @@ fn access_log(c: &mut Criterion) {
         response_bytes: 1024,
         referer: String::new(),
         user_agent: "oha/1.0".into(),
-        client: SocketAddr::from(([10, 0, 0, 1], 50000)),
         endpoint: Some(Arc::new(Endpoint {
             app: "backend".into(),
             private_instance_index: "0".into(),
@@ -112,15 +119,17 @@ fn access_log(c: &mut Criterion) {
         vcap_request_id: "6ba7b810-9dad-11d1-80b4-00c04fd430c8".into(),
         response_time: Duration::from_micros(900),
         backend_time: Some(Duration::from_micros(700)),
-        conn: Arc::new(ConnFields {
-            tls_sni: "app.apps.identity".into(),
-            caller_app: "a".into(),
-            caller_space: "s".into(),
-            caller_org: "o".into(),
-        }),
+        conn: Arc::new(ConnCtx::new(
+            SocketAddr::from(([10, 0, 0, 1], 50000)),
+            Some(ConnTls {
+                sni: Some("app.apps.identity".into()),
+                mtls: None,
+                peer: Some(Arc::new(PeerCert::from_der(&caller_leaf()))),
+                alpn: Alpn::Http1,
+            }),
+        )),
         route_policy: "route:cf:app:a".into(),
         failed_attempts: 0,
-        ktls: false,
         router_error: "",
     };
     let extra: Vec<ExtraField> = ExtraField::ALL[..5].iter().map(|(_, f)| *f).collect();

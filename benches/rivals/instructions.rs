@@ -24,12 +24,21 @@ pub const COUNTED: &[(&str, &str)] = &[
     ("W5b", "denied caller keep-alive, 403 each (oha -c 4)"),
 ];
 
+/// The two batch sizes, in requests, whose difference is counted.
+fn batches(quick: bool) -> (usize, usize) {
+    if quick {
+        (200, 1_200)
+    } else {
+        (1_000, 6_000)
+    }
+}
+
 /// Instructions per request by (workload, proxy); a proxy whose count failed is left out.
 pub type Counts = BTreeMap<(&'static str, &'static str), f64>;
 
 /// Counts every workload of [`COUNTED`] for each proxy `wanted` accepts.
 pub fn count(d: &Path, quick: bool, wanted: impl Fn(&str) -> bool) -> Counts {
-    let (n1, n2) = if quick { (200, 1_200) } else { (1_000, 6_000) };
+    let (n1, n2) = batches(quick);
     let mut counts = Counts::new();
     for &(proxy, port) in PROXIES {
         if !wanted(proxy) {
@@ -55,7 +64,7 @@ pub fn count(d: &Path, quick: bool, wanted: impl Fn(&str) -> bool) -> Counts {
 
 /// Prints the table of [`count`]'s figures with portcullis' ratio to the best rival.
 pub fn report(counts: &Counts, quick: bool) {
-    let (n1, n2) = if quick { (200, 1_200) } else { (1_000, 6_000) };
+    let (n1, n2) = batches(quick);
     println!(
         "\nI: userspace instructions per request (callgrind; the proxy's processes, ({n2} − {n1} requests) / {}, same configuration as above)\n",
         n2 - n1

@@ -15,19 +15,8 @@ use std::sync::mpsc;
 
 use crate::config::ExtraField;
 use crate::metrics::Metrics;
+use crate::proxy::ConnCtx;
 use crate::routing::Endpoint;
-
-/// The access-log fields of a client connection: made once per connection, so that its requests
-/// share them instead of copying four strings each.
-#[derive(Debug, Default)]
-pub struct ConnFields {
-    /// The SNI the client sent.
-    pub tls_sni: String,
-    /// The caller's app, space and org from its instance-identity certificate.
-    pub caller_app: String,
-    pub caller_space: String,
-    pub caller_org: String,
-}
 
 /// Everything one access-log line says about a request.
 #[derive(Clone, Debug)]
@@ -42,7 +31,6 @@ pub struct AccessRecord {
     pub response_bytes: u64,
     pub referer: String,
     pub user_agent: String,
-    pub client: SocketAddr,
     /// The endpoint of the last attempt (backend address, app id, instance index and id).
     pub endpoint: Option<Arc<Endpoint>>,
     pub x_forwarded_for: String,
@@ -50,11 +38,10 @@ pub struct AccessRecord {
     pub vcap_request_id: String,
     pub response_time: Duration,
     pub backend_time: Option<Duration>,
-    /// What is logged about the client connection, shared by its requests.
-    pub conn: Arc<ConnFields>,
+    /// The client connection: its address, SNI, caller identity and kTLS state.
+    pub conn: Arc<ConnCtx>,
     pub route_policy: String,
     pub failed_attempts: usize,
-    pub ktls: bool,
     pub router_error: &'static str,
 }
 
@@ -188,7 +175,7 @@ impl AccessRecord {
         o.push(' ');
         // An address has nothing to escape.
         o.push('"');
-        push_socket_addr(&mut o, self.client);
+        push_socket_addr(&mut o, self.conn.client);
         o.push_str("\" ");
         let ep = self.endpoint.as_deref();
         quoted(&mut o, ep.map_or("", |e| &e.addr));
@@ -219,13 +206,24 @@ impl AccessRecord {
             "instance_id",
             ep.map_or("", |e| &e.private_instance_id),
         );
-        let c = &self.conn;
+        let sni = self.conn.tls.as_ref().and_then(|t| t.sni.as_deref());
+        let caller = self.conn.identity();
         for f in extra {
             match f {
-                ExtraField::TlsSni => field(&mut o, "tls_sni", &c.tls_sni),
-                ExtraField::CallerCfApp => field(&mut o, "caller_cf_app", &c.caller_app),
-                ExtraField::CallerCfSpace => field(&mut o, "caller_cf_space", &c.caller_space),
-                ExtraField::CallerCfOrg => field(&mut o, "caller_cf_org", &c.caller_org),
+                ExtraField::TlsSni => field(&mut o, "tls_sni", sni.unwrap_or("")),
+                ExtraField::CallerCfApp => {
+                    field(&mut o, "caller_cf_app", caller.map_or("", |i| &i.app))
+                }
+                ExtraField::CallerCfSpace => field(
+                    &mut o,
+                    "caller_cf_space",
+                    caller.and_then(|i| i.space.as_deref()).unwrap_or(""),
+                ),
+                ExtraField::CallerCfOrg => field(
+                    &mut o,
+                    "caller_cf_org",
+                    caller.and_then(|i| i.org.as_deref()).unwrap_or(""),
+                ),
                 ExtraField::RoutePolicy => field(&mut o, "route_policy", &self.route_policy),
                 ExtraField::FailedAttempts => {
                     o.push_str(" failed_attempts:");
@@ -239,7 +237,7 @@ impl AccessRecord {
                     None => o.push_str(" backend_time:\"-\""),
                 },
                 ExtraField::Ktls => {
-                    let _ = write!(o, " ktls:{}", self.ktls);
+                    let _ = write!(o, " ktls:{}", self.conn.ktls);
                 }
             }
         }
@@ -500,6 +498,17 @@ mod tests {
         assert!(msg.contains("missing-dir/access.log"), "{msg}");
     }
 
+    /// A client connection from `client`, over TLS with `sni` when that is given.
+    fn conn(client: &str, sni: Option<&str>) -> Arc<ConnCtx> {
+        let tls = sni.map(|n| crate::tls::ConnTls {
+            sni: Some(n.into()),
+            mtls: None,
+            peer: None,
+            alpn: crate::tls::Alpn::Http1,
+        });
+        Arc::new(ConnCtx::new(client.parse().unwrap(), tls))
+    }
+
     fn sample() -> AccessRecord {
         AccessRecord {
             host: "a.apps.identity".into(),
@@ -512,21 +521,15 @@ mod tests {
             response_bytes: 9,
             referer: String::new(),
             user_agent: "ua \"quoted\"".into(),
-            client: "127.0.0.1:5555".parse().unwrap(),
             endpoint: None,
             x_forwarded_for: "127.0.0.1".into(),
             x_forwarded_proto: "https",
             vcap_request_id: "id".into(),
             response_time: Duration::from_micros(1_500),
             backend_time: None,
-            conn: Arc::new(ConnFields {
-                tls_sni: "a.apps.identity".into(),
-                caller_app: "A".into(),
-                ..ConnFields::default()
-            }),
+            conn: conn("127.0.0.1:5555", Some("a.apps.identity")),
             route_policy: "route:route_policies".into(),
             failed_attempts: 0,
-            ktls: false,
             router_error: "",
         }
     }
@@ -603,7 +606,7 @@ mod tests {
         r.failed_attempts = 2;
         r.status = 502;
         r.request_bytes = 1_048_576;
-        r.client = "[::1]:443".parse().unwrap();
+        r.conn = conn("[::1]:443", None);
         let line = r.render(&[ExtraField::FailedAttempts, ExtraField::BackendTime]);
         assert!(line.contains("\" 502 1048576 9 \"-\" "), "{line}");
         assert!(line.contains(" \"[::1]:443\" \"-\" "), "{line}");

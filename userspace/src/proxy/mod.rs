@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::accesslog::{AccessRecord, ConnFields};
+use crate::accesslog::AccessRecord;
 use crate::authz::{check_scope, decide_sources, Denial, Rule};
 use crate::config::{Config, EndpointSelection, XfccFormat};
 use crate::identity::Identity;
@@ -45,35 +45,21 @@ pub struct ConnCtx {
     pub inflight: Arc<AtomicUsize>,
     /// Requests started on this connection (the idle timer restarts when it moves).
     pub requests: AtomicU64,
-    /// What each request's access-log line says about the connection.
-    pub log: Arc<ConnFields>,
 }
 
 impl ConnCtx {
     pub fn new(client: SocketAddr, tls: Option<ConnTls>) -> ConnCtx {
-        let mut ctx = ConnCtx {
+        ConnCtx {
             client,
             tls,
             ktls: false,
             inflight: Arc::default(),
             requests: AtomicU64::new(0),
-            log: Arc::default(),
-        };
-        let identity = ctx.identity();
-        ctx.log = Arc::new(ConnFields {
-            tls_sni: ctx
-                .tls
-                .as_ref()
-                .and_then(|t| t.sni.clone())
-                .unwrap_or_default(),
-            caller_app: identity.map(|i| i.app.clone()).unwrap_or_default(),
-            caller_space: identity.and_then(|i| i.space.clone()).unwrap_or_default(),
-            caller_org: identity.and_then(|i| i.org.clone()).unwrap_or_default(),
-        });
-        ctx
+        }
     }
 
-    fn identity(&self) -> Option<&Identity> {
+    /// The caller's identity from a verified instance-identity certificate.
+    pub fn identity(&self) -> Option<&Identity> {
         self.tls.as_ref()?.peer.as_ref()?.identity.as_ref().ok()
     }
 
@@ -242,17 +228,15 @@ pub async fn handle(
         response_bytes: 0,
         referer: header_str(&req, REFERER),
         user_agent: header_str(&req, USER_AGENT),
-        client: conn.client,
         endpoint: None,
         x_forwarded_for: String::new(),
         x_forwarded_proto: scheme_of(&conn),
         vcap_request_id: String::new(),
         response_time: Duration::ZERO,
         backend_time: None,
-        conn: conn.log.clone(),
+        conn: conn.clone(),
         route_policy: String::new(),
         failed_attempts: 0,
-        ktls: conn.ktls,
         router_error: "",
     };
     let mut done = Completion {

@@ -161,11 +161,16 @@ pub struct ValidRegistration {
 impl ValidRegistration {
     /// The canonical endpoint address, `host:port`, that identifies an endpoint within a pool.
     pub fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        endpoint_addr(&self.host, self.port)
+    }
+}
+
+/// `host:port`, with an IPv6 host in brackets: how an endpoint is addressed and identified.
+pub fn endpoint_addr(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 

@@ -4,7 +4,8 @@ mod message;
 pub mod nats;
 
 pub use message::{
-    LoadBalancing, Protocol, Registration, RegistrationError, RouteKey, ValidRegistration,
+    endpoint_addr, LoadBalancing, Protocol, Registration, RegistrationError, RouteKey,
+    ValidRegistration,
 };
 
 use std::sync::{Arc, Mutex};

@@ -41,13 +41,8 @@ impl Endpoint {
     /// A permanent HTTP/1.1 endpoint at `host:port` with no tags, identity or TLS (tests and
     /// benchmarks build on it with struct update syntax).
     pub fn plain(host: &str, port: u16) -> Endpoint {
-        let addr = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
         Endpoint {
-            addr,
+            addr: crate::registry::endpoint_addr(host, port),
             host: host.to_string(),
             port,
             tls_san: None,
