@@ -154,6 +154,7 @@ fn count_one(
     load(w, port, d, n2)?;
     control_all(pids, "-d", port)?;
     let second = totals(d, proxy, pids)?;
+    keep_dumps(d, proxy, w, pids)?;
     Ok((second as f64 - first as f64) / (n2 - n1) as f64)
 }
 
@@ -196,29 +197,34 @@ fn control_all(pids: &[u32], cmd: &str, port: u16) -> Result<(), String> {
     Ok(())
 }
 
+/// The newest dump of `pid` in `d`.
+fn newest_dump(d: &Path, proxy: &str, pid: u32) -> Result<PathBuf, String> {
+    let prefix = format!("callgrind.{proxy}.{pid}.");
+    let newest: Option<(u32, PathBuf)> = std::fs::read_dir(d)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let part = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((part, e.path()))
+        })
+        .max();
+    newest.map(|(_, path)| path).ok_or_else(|| {
+        let present: Vec<String> = std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("callgrind."))
+            .collect();
+        format!("no callgrind dump of {proxy} pid {pid} (dumps: {present:?})")
+    })
+}
+
 /// The sum over `pids` of the instruction totals in each one's newest dump.
 fn totals(d: &Path, proxy: &str, pids: &[u32]) -> Result<u64, String> {
     let mut sum = 0;
     for &pid in pids {
-        let prefix = format!("callgrind.{proxy}.{pid}.");
-        let newest: Option<(u32, PathBuf)> = std::fs::read_dir(d)
-            .map_err(|e| e.to_string())?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let part = name.strip_prefix(&prefix)?.parse().ok()?;
-                Some((part, e.path()))
-            })
-            .max();
-        let (_, path) = newest.ok_or_else(|| {
-            let present: Vec<String> = std::fs::read_dir(d)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.starts_with("callgrind."))
-                .collect();
-            format!("no callgrind dump of {proxy} pid {pid} (dumps: {present:?})")
-        })?;
+        let path = newest_dump(d, proxy, pid)?;
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{path:?}: {e}"))?;
         sum += text
             .lines()
@@ -227,6 +233,23 @@ fn totals(d: &Path, proxy: &str, pids: &[u32]) -> Result<u64, String> {
             .ok_or(format!("{path:?}: no totals line"))?;
     }
     Ok(sum)
+}
+
+/// RIVALS_CALLGRIND_KEEP=<dir>: keeps each process's dump of the second batch there, as
+/// `callgrind.<proxy>.<workload>.<pid>`, for `callgrind_annotate` (the bench's own directory is
+/// removed when it ends). Every function's count in it is over `n2` requests.
+fn keep_dumps(d: &Path, proxy: &str, w: &str, pids: &[u32]) -> Result<(), String> {
+    let Some(keep) = std::env::var_os("RIVALS_CALLGRIND_KEEP") else {
+        return Ok(());
+    };
+    let keep = PathBuf::from(keep);
+    std::fs::create_dir_all(&keep).map_err(|e| format!("{keep:?}: {e}"))?;
+    for &pid in pids {
+        let from = newest_dump(d, proxy, pid)?;
+        let to = keep.join(format!("callgrind.{proxy}.{w}.{pid}"));
+        std::fs::copy(&from, &to).map_err(|e| format!("{to:?}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Sends `n` requests of workload `w` over 4 connections and checks every answer.
