@@ -3,10 +3,7 @@
 use std::net::IpAddr;
 
 use base64::Engine as _;
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 
 use crate::config::{XfccFormat, XfccMode};
 use crate::identity::PeerCert;
@@ -23,15 +20,18 @@ const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
 const HOP_BY_HOP_COUNT: usize = 8;
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
-    CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION,
-    TE,
-    TRAILER,
-    TRANSFER_ENCODING,
+/// As strings: the one-pass check below compares each present name with these, and a `const`
+/// array of `HeaderName`s would be built and dropped at every use. Removing by `&str` parses the
+/// name, which happens only for the headers actually present.
+const HOP_BY_HOP: [&str; HOP_BY_HOP_COUNT] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
 ];
 
 /// Whether a request asks for a protocol upgrade (WebSocket and others, HTTP/1.1 only).
@@ -54,7 +54,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     for k in h.keys() {
         if *k == UPGRADE {
             upgrade = true;
-        } else if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|n| *n == k.as_str()) {
             present[i] = true;
         }
     }
@@ -71,7 +71,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         for t in tokens {
             let removed_anyway = ["close", UPGRADE.as_str()]
                 .into_iter()
-                .chain(HOP_BY_HOP.iter().map(HeaderName::as_str))
+                .chain(HOP_BY_HOP)
                 .any(|n| t.eq_ignore_ascii_case(n));
             if t.is_empty() || removed_anyway {
                 continue;
@@ -83,7 +83,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         for n in named {
             h.remove(n);
         }
-        for (n, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        for (n, _) in HOP_BY_HOP.into_iter().zip(present).filter(|(_, p)| *p) {
             h.remove(n);
         }
         if upgrade && !keep_upgrade {
@@ -283,9 +283,9 @@ mod tests {
 
     #[test]
     fn each_hop_by_hop_header_alone_is_stripped() {
-        for name in HOP_BY_HOP.iter().chain([&UPGRADE]) {
+        for name in HOP_BY_HOP.into_iter().chain([UPGRADE.as_str()]) {
             let mut h = HeaderMap::new();
-            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
             h.insert("x-keep", HeaderValue::from_static("1"));
             strip_hop_by_hop(&mut h, false);
             assert_eq!(h.len(), 1, "{name}");
