@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use portcullis::accesslog::AccessRecord;
-use portcullis::authz::{check_scope, decide_sources, RoutePolicy, Scope};
+use portcullis::authz::{check_scope, decide_sources, RoutePolicy, Rule, Scope};
 use portcullis::config::ExtraField;
 use portcullis::identity::PeerCert;
 use portcullis::pki::{Attr, Ca, Validity};
@@ -128,7 +128,7 @@ fn access_log(c: &mut Criterion) {
                 alpn: Alpn::Http1,
             }),
         )),
-        route_policy: "route:cf:app:a".into(),
+        route_policy: Some(Rule::Allowed("route:cf:app:a".into())),
         failed_attempts: 0,
         router_error: "",
     };

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use std::io::Write;
 use std::sync::mpsc;
 
+use crate::authz::Rule;
 use crate::config::ExtraField;
 use crate::metrics::Metrics;
 use crate::proxy::ConnCtx;
@@ -40,7 +41,8 @@ pub struct AccessRecord {
     pub backend_time: Option<Duration>,
     /// The client connection: its address, SNI, caller identity and kTLS state.
     pub conn: Arc<ConnCtx>,
-    pub route_policy: String,
+    /// The authorization decision's rule; `None` on a route that does not enforce a policy.
+    pub route_policy: Option<Rule>,
     pub failed_attempts: usize,
     pub router_error: &'static str,
 }
@@ -224,7 +226,10 @@ impl AccessRecord {
                     "caller_cf_org",
                     caller.and_then(|i| i.org.as_deref()).unwrap_or(""),
                 ),
-                ExtraField::RoutePolicy => field(&mut o, "route_policy", &self.route_policy),
+                ExtraField::RoutePolicy => {
+                    let rule = self.route_policy.as_ref().map_or("", Rule::as_str);
+                    field(&mut o, "route_policy", rule)
+                }
                 ExtraField::FailedAttempts => {
                     o.push_str(" failed_attempts:");
                     number(&mut o, self.failed_attempts);
@@ -528,7 +533,7 @@ mod tests {
             response_time: Duration::from_micros(1_500),
             backend_time: None,
             conn: conn("127.0.0.1:5555", Some("a.apps.identity")),
-            route_policy: "route:route_policies".into(),
+            route_policy: Some(Rule::RoutePolicies),
             failed_attempts: 0,
             router_error: "",
         }

@@ -1,10 +1,14 @@
 //! Prometheus metrics (SPEC §12). Names and labels here are relied on by users' dashboards.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::authz::Rule;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
@@ -15,7 +19,13 @@ pub struct CodeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
     pub decision: &'static str,
-    pub rule: String,
+    pub rule: Rule,
+}
+
+impl EncodeLabelValue for Rule {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -211,11 +221,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_decision(&self, allowed: bool, rule: String) {
+    pub fn count_decision(&self, allowed: bool, rule: &Rule) {
         self.authz_decisions
             .get_or_create(&AuthzLabels {
                 decision: if allowed { "allow" } else { "deny" },
-                rule,
+                rule: rule.clone(),
             })
             .inc();
     }

@@ -1,34 +1,49 @@
 //! The decision: scope against the selected endpoint, then sources (first match wins).
 
 use std::fmt;
+use std::sync::Arc;
 
 use super::{RoutePolicy, Scope, Source};
 use crate::identity::Identity;
 
-/// The `route_policy` value of a decision, as logged and counted.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The `route_policy` value of a decision, as logged and counted. Each is made without
+/// formatting or allocating: a decision is taken for every request to an enforcing route.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Rule {
     /// Enforcing route, caller without identity: `identity_extraction`.
     IdentityExtraction,
-    /// Scope failed for the selected (or every) endpoint: `domain:scope=<scope>:post-selection`.
+    /// Scope failed for the selected (or every) endpoint: holds the whole value,
+    /// `domain:scope=<scope>:post-selection` (see [`SCOPE_ORG`], [`SCOPE_SPACE`],
+    /// [`SCOPE_UNKNOWN`]).
     Scope(&'static str),
     /// Enforcing route without sources: `route:no_route_policies`.
     NoRoutePolicies,
     /// Sources present, none matched: `route:route_policies`.
     RoutePolicies,
-    /// Allowed by this source: `route:<source>`.
-    Allowed(Source),
+    /// Allowed by a source: `route:<source>`, made once with the policy
+    /// ([`RoutePolicy::allowed_rule`]).
+    Allowed(Arc<str>),
+}
+
+pub const SCOPE_ORG: &str = "domain:scope=org:post-selection";
+pub const SCOPE_SPACE: &str = "domain:scope=space:post-selection";
+pub const SCOPE_UNKNOWN: &str = "domain:scope=unknown:post-selection";
+
+impl Rule {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Rule::IdentityExtraction => "identity_extraction",
+            Rule::Scope(s) => s,
+            Rule::NoRoutePolicies => "route:no_route_policies",
+            Rule::RoutePolicies => "route:route_policies",
+            Rule::Allowed(label) => label,
+        }
+    }
 }
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Rule::IdentityExtraction => f.write_str("identity_extraction"),
-            Rule::Scope(s) => write!(f, "domain:scope={s}:post-selection"),
-            Rule::NoRoutePolicies => f.write_str("route:no_route_policies"),
-            Rule::RoutePolicies => f.write_str("route:route_policies"),
-            Rule::Allowed(src) => write!(f, "route:{src}"),
-        }
+        f.write_str(self.as_str())
     }
 }
 
@@ -46,9 +61,9 @@ pub trait ScopeTags {
 pub fn check_scope(scope: &Scope, caller: &Identity, tags: &impl ScopeTags) -> Result<(), Denial> {
     let (mine, theirs, name) = match scope {
         Scope::Any => return Ok(()),
-        Scope::Org => (caller.org.as_deref(), tags.organization_id(), "org"),
-        Scope::Space => (caller.space.as_deref(), tags.space_id(), "space"),
-        Scope::Unknown(_) => return Err(Denial(Rule::Scope("unknown"))),
+        Scope::Org => (caller.org.as_deref(), tags.organization_id(), SCOPE_ORG),
+        Scope::Space => (caller.space.as_deref(), tags.space_id(), SCOPE_SPACE),
+        Scope::Unknown(_) => return Err(Denial(Rule::Scope(SCOPE_UNKNOWN))),
     };
     match mine {
         Some(m) if !m.is_empty() && !theirs.is_empty() && m == theirs => Ok(()),
@@ -65,13 +80,13 @@ pub fn decide_sources(policy: &RoutePolicy, caller: &Identity) -> Result<Rule, D
     policy
         .sources
         .iter()
-        .find(|s| match s {
+        .position(|s| match s {
             Source::Any => true,
             Source::App(g) => *g == caller.app,
             Source::Space(g) => eq(g, &caller.space),
             Source::Org(g) => eq(g, &caller.org),
         })
-        .map(|s| Rule::Allowed(s.clone()))
+        .map(|i| policy.allowed_rule(i))
         .ok_or(Denial(Rule::RoutePolicies))
 }
 
@@ -106,11 +121,11 @@ mod tests {
         let orgless = caller(Some("S1"), None);
         assert_eq!(
             check_scope(&Scope::Org, &orgless, &Tags("S1", "")),
-            Err(Denial(Rule::Scope("org")))
+            Err(Denial(Rule::Scope(SCOPE_ORG)))
         );
         assert_eq!(
             check_scope(&Scope::Unknown("x".into()), &c, &Tags("S1", "O1")),
-            Err(Denial(Rule::Scope("unknown")))
+            Err(Denial(Rule::Scope(SCOPE_UNKNOWN)))
         );
     }
 

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use super::Rule;
+
 /// `route_policy_scope`: which endpoints a caller may reach at all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -82,6 +84,9 @@ pub struct RoutePolicy {
     pub scope: Option<Scope>,
     /// Well-formed sources in registration order.
     pub sources: Vec<Source>,
+    /// For each of `sources`, the rule of a decision it allows (`route:<source>`), made once here
+    /// rather than formatted for every request.
+    allowed: Vec<Rule>,
     /// Malformed source entries that were skipped (counted once per registration).
     pub malformed: Vec<String>,
 }
@@ -104,11 +109,21 @@ impl RoutePolicy {
                 None => malformed.push(entry.to_string()),
             }
         }
+        let allowed = parsed
+            .iter()
+            .map(|s| Rule::Allowed(format!("route:{s}").into()))
+            .collect();
         RoutePolicy {
             scope,
             sources: parsed,
+            allowed,
             malformed,
         }
+    }
+
+    /// The rule of a decision that `sources[i]` allowed.
+    pub fn allowed_rule(&self, i: usize) -> Rule {
+        self.allowed[i].clone()
     }
 
     /// Whether requests to this route are authorized at all.

@@ -235,7 +235,7 @@ pub async fn handle(
         response_time: Duration::ZERO,
         backend_time: None,
         conn: conn.clone(),
-        route_policy: String::new(),
+        route_policy: None,
         failed_attempts: 0,
         router_error: "",
     };
@@ -317,16 +317,12 @@ async fn route(
         })();
         match decision {
             Ok(rule) => {
-                done.record.route_policy = rule.to_string();
-                state
-                    .metrics
-                    .count_decision(true, done.record.route_policy.clone());
+                state.metrics.count_decision(true, &rule);
+                done.record.route_policy = Some(rule);
             }
             Err(Denial(rule)) => {
-                done.record.route_policy = rule.to_string();
-                state
-                    .metrics
-                    .count_decision(false, done.record.route_policy.clone());
+                state.metrics.count_decision(false, &rule);
+                done.record.route_policy = Some(rule.clone());
                 if let (Some(x), Some(p)) = (&state.xdp, conn.mtls()) {
                     x.failure(p, conn.client.ip(), &state.metrics);
                 }
