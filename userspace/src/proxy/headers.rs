@@ -21,8 +21,7 @@ const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
 const HOP_BY_HOP_COUNT: usize = 8;
 /// As strings: the one-pass check below compares each present name with these, and a `const`
-/// array of `HeaderName`s would be built and dropped at every use. Removing by `&str` parses the
-/// name, which happens only for the headers actually present.
+/// array of `HeaderName`s would be built and dropped at every use.
 const HOP_BY_HOP: [&str; HOP_BY_HOP_COUNT] = [
     "connection",
     "keep-alive",
@@ -49,16 +48,17 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names present finds which hop-by-hop ones are there: usually none in a
     // request, and only `Connection: keep-alive` in a backend's response.
-    let mut present = [false; HOP_BY_HOP_COUNT];
+    // The names found are kept as the map's own keys: removing by `&str` would parse the name.
+    let mut present: [Option<HeaderName>; HOP_BY_HOP_COUNT] = Default::default();
     let mut upgrade = false;
     for k in h.keys() {
         if *k == UPGRADE {
             upgrade = true;
         } else if let Some(i) = HOP_BY_HOP.iter().position(|n| *n == k.as_str()) {
-            present[i] = true;
+            present[i] = Some(k.clone());
         }
     }
-    if upgrade || present.contains(&true) {
+    if upgrade || present.iter().any(Option::is_some) {
         // What `Connection` names besides the hop-by-hop headers removed below anyway and
         // `close`, which names no header.
         let mut named: Vec<HeaderName> = Vec::new();
@@ -83,7 +83,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         for n in named {
             h.remove(n);
         }
-        for (n, _) in HOP_BY_HOP.into_iter().zip(present).filter(|(_, p)| *p) {
+        for n in present.into_iter().flatten() {
             h.remove(n);
         }
         if upgrade && !keep_upgrade {
