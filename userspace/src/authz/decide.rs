@@ -13,8 +13,7 @@ pub enum Rule {
     /// Enforcing route, caller without identity: `identity_extraction`.
     IdentityExtraction,
     /// Scope failed for the selected (or every) endpoint: holds the whole value,
-    /// `domain:scope=<scope>:post-selection` (see [`SCOPE_ORG`], [`SCOPE_SPACE`],
-    /// [`SCOPE_UNKNOWN`]).
+    /// `domain:scope=<scope>:post-selection`, scope `org`, `space` or `unknown`.
     Scope(&'static str),
     /// Enforcing route without sources: `route:no_route_policies`.
     NoRoutePolicies,
@@ -25,9 +24,9 @@ pub enum Rule {
     Allowed(Arc<str>),
 }
 
-pub const SCOPE_ORG: &str = "domain:scope=org:post-selection";
-pub const SCOPE_SPACE: &str = "domain:scope=space:post-selection";
-pub const SCOPE_UNKNOWN: &str = "domain:scope=unknown:post-selection";
+const SCOPE_ORG: &str = "domain:scope=org:post-selection";
+const SCOPE_SPACE: &str = "domain:scope=space:post-selection";
+const SCOPE_UNKNOWN: &str = "domain:scope=unknown:post-selection";
 
 impl Rule {
     pub fn as_str(&self) -> &str {
