@@ -107,20 +107,24 @@ fn main() {
                 continue;
             }
             let p = start_proxy(proxy, port, d);
-            let kib = if only("RIVALS_WORKLOADS", "M") {
+            let (kib, kept) = if only("RIVALS_WORKLOADS", "M") {
                 idle_memory(port, d, idle_connections, &p)
             } else {
-                0.0
+                (0.0, 0.0)
             };
             eprintln!(
-                "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection",
-                round + 1
+                "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection, \
+                 {kept:.1} still resident {}s after they closed",
+                round + 1,
+                AFTER_CLOSE.as_secs()
             );
-            results.entry(("M", proxy)).or_default().push(Sample {
-                rate: 0.0,
-                p99_ms: None,
-                cpu_per_unit_us: kib,
-            });
+            for (key, v) in [("M", kib), ("M-closed", kept)] {
+                results.entry((key, proxy)).or_default().push(Sample {
+                    rate: 0.0,
+                    p99_ms: None,
+                    cpu_per_unit_us: v,
+                });
+            }
             // RIVALS_HOLD=<seconds>: time to attach a profiler before the workloads start.
             if let Some(hold) = std::env::var("RIVALS_HOLD")
                 .ok()
@@ -161,11 +165,15 @@ fn main() {
 
 fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
     println!("\nM: {n} idle keep-alive mTLS connections (one request each), resident memory of the proxy's processes\n");
-    println!("| proxy | KiB per connection (median, min–max) | vs best rival |");
-    println!("|---|---|---|");
-    let med = |proxy: &str| -> Option<(f64, f64, f64)> {
+    println!(
+        "| proxy | KiB per connection (median, min–max) | vs best rival | \
+         KiB per connection still resident {} s after all closed |",
+        AFTER_CLOSE.as_secs()
+    );
+    println!("|---|---|---|---|");
+    let med = |key: &str, proxy: &str| -> Option<(f64, f64, f64)> {
         let mut v: Vec<f64> = results
-            .get(&("M", proxy))?
+            .get(&(key, proxy))?
             .iter()
             .map(|s| s.cpu_per_unit_us)
             .collect();
@@ -174,11 +182,17 @@ fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
     };
     let best = ["nginx", "haproxy"]
         .iter()
-        .filter_map(|p| med(p).map(|m| m.0))
+        .filter_map(|p| med("M", p).map(|m| m.0))
         .fold(f64::INFINITY, f64::min);
     for &(proxy, _) in PROXIES {
-        if let Some((m, lo, hi)) = med(proxy) {
-            println!("| {proxy} | {m:.1} ({lo:.1}–{hi:.1}) | {:.2}× |", m / best);
+        if let Some((m, lo, hi)) = med("M", proxy) {
+            let kept = med("M-closed", proxy).map_or("-".into(), |(k, lo, hi)| {
+                format!("{k:.1} ({lo:.1}–{hi:.1})")
+            });
+            println!(
+                "| {proxy} | {m:.1} ({lo:.1}–{hi:.1}) | {:.2}× | {kept} |",
+                m / best
+            );
         }
     }
 }
@@ -222,9 +236,14 @@ fn rss_kib(p: &Proc) -> f64 {
         .sum()
 }
 
+/// How long after M's connections close their memory is looked at again: what a proxy keeps
+/// after a burst of connections has gone.
+const AFTER_CLOSE: Duration = Duration::from_secs(5);
+
 /// M: opens `n` mTLS connections with one keep-alive request each, holds them idle, and returns
-/// the proxy's resident memory growth per connection.
-fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc) -> f64 {
+/// the proxy's resident memory growth per connection, then (all closed, [`AFTER_CLOSE`] later)
+/// what of that growth is still resident, per connection opened.
+fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc) -> (f64, f64) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(d.join("a.pem"))
@@ -312,7 +331,10 @@ fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc) -> f64 {
     if opened < n * 9 / 10 {
         eprintln!("M: only {opened} of {n} connections opened");
     }
-    (after - before) / opened.max(1) as f64
+    std::thread::sleep(AFTER_CLOSE);
+    let kept = rss_kib(p);
+    let per = |kib: f64| (kib - before) / opened.max(1) as f64;
+    (per(after), per(kept))
 }
 
 fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u64) {
