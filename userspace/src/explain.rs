@@ -108,7 +108,7 @@ pub fn explain(
         domain: domain.map(|d| d.pattern.to_string()),
         enforcing: policy.is_enforcing(),
         scope: policy.scope.as_ref().map(ToString::to_string),
-        sources: policy.sources.iter().map(ToString::to_string).collect(),
+        sources: policy.sources().map(ToString::to_string).collect(),
         malformed_sources: policy.malformed.clone(),
         endpoint_selection: match config.endpoint_selection {
             EndpointSelection::Filter => "filter",

@@ -72,20 +72,18 @@ pub fn check_scope(scope: &Scope, caller: &Identity, tags: &impl ScopeTags) -> R
 
 /// Checks the sources of an enforcing route; the first source that matches wins.
 pub fn decide_sources(policy: &RoutePolicy, caller: &Identity) -> Result<Rule, Denial> {
-    if policy.sources.is_empty() {
+    if policy.sources().next().is_none() {
         return Err(Denial(Rule::NoRoutePolicies));
     }
     let eq = |want: &String, have: &Option<String>| have.as_deref() == Some(want.as_str());
     policy
-        .sources
-        .iter()
-        .position(|s| match s {
+        .first_allowing(|s| match s {
             Source::Any => true,
             Source::App(g) => *g == caller.app,
             Source::Space(g) => eq(g, &caller.space),
             Source::Org(g) => eq(g, &caller.org),
         })
-        .map(|i| policy.allowed_rule(i))
+        .cloned()
         .ok_or(Denial(Rule::RoutePolicies))
 }
 

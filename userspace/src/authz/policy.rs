@@ -82,11 +82,9 @@ impl fmt::Display for Source {
 pub struct RoutePolicy {
     /// `None` when the route is not enforcing.
     pub scope: Option<Scope>,
-    /// Well-formed sources in registration order.
-    pub sources: Vec<Source>,
-    /// For each of `sources`, the rule of a decision it allows (`route:<source>`), made once here
-    /// rather than formatted for every request.
-    allowed: Vec<Rule>,
+    /// Well-formed sources in registration order, each with the rule of a decision it allows
+    /// (`route:<source>`), made once here rather than formatted for every request.
+    sources: Vec<(Source, Rule)>,
     /// Malformed source entries that were skipped (counted once per registration).
     pub malformed: Vec<String>,
 }
@@ -109,21 +107,28 @@ impl RoutePolicy {
                 None => malformed.push(entry.to_string()),
             }
         }
-        let allowed = parsed
-            .iter()
-            .map(|s| Rule::Allowed(format!("route:{s}").into()))
+        let sources = parsed
+            .into_iter()
+            .map(|s| {
+                let rule = Rule::Allowed(format!("route:{s}").into());
+                (s, rule)
+            })
             .collect();
         RoutePolicy {
             scope,
-            sources: parsed,
-            allowed,
+            sources,
             malformed,
         }
     }
 
-    /// The rule of a decision that `sources[i]` allowed.
-    pub fn allowed_rule(&self, i: usize) -> Rule {
-        self.allowed[i].clone()
+    /// The well-formed sources, in registration order.
+    pub fn sources(&self) -> impl Iterator<Item = &Source> {
+        self.sources.iter().map(|(s, _)| s)
+    }
+
+    /// The rule of the first source that `allows` accepts.
+    pub(super) fn first_allowing(&self, allows: impl Fn(&Source) -> bool) -> Option<&Rule> {
+        self.sources.iter().find(|(s, _)| allows(s)).map(|(_, r)| r)
     }
 
     /// Whether requests to this route are authorized at all.
@@ -144,7 +149,7 @@ mod tests {
         );
         assert_eq!(p.scope, Some(Scope::Space));
         assert_eq!(
-            p.sources,
+            p.sources().cloned().collect::<Vec<_>>(),
             vec![
                 Source::App("A".into()),
                 Source::Space("S1".into()),

@@ -19,10 +19,9 @@ const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
 const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
-const HOP_BY_HOP_COUNT: usize = 8;
 /// As strings: the one-pass check below compares each present name with these, and a `const`
 /// array of `HeaderName`s would be built and dropped at every use.
-const HOP_BY_HOP: [&str; HOP_BY_HOP_COUNT] = [
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -47,9 +46,9 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
 /// and `Connection: upgrade` survive so an authorized upgrade can be forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names present finds which hop-by-hop ones are there: usually none in a
-    // request, and only `Connection: keep-alive` in a backend's response.
-    // The names found are kept as the map's own keys: removing by `&str` would parse the name.
-    let mut present: [Option<HeaderName>; HOP_BY_HOP_COUNT] = Default::default();
+    // request, and only `Connection: keep-alive` in a backend's response. They are kept as the
+    // map's own keys: removing by `&str` would parse the name again.
+    let mut present: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
     let mut upgrade = false;
     for k in h.keys() {
         if *k == UPGRADE {

@@ -84,16 +84,6 @@ impl std::hash::Hash for Key {
     }
 }
 
-impl std::fmt::Debug for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Key")
-            .field("addr", &self.ep.addr)
-            .field("san", &self.ep.tls_san)
-            .field("h2", &self.h2)
-            .finish()
-    }
-}
-
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
     H2(H2Conn),
