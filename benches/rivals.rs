@@ -107,23 +107,21 @@ fn main() {
                 continue;
             }
             let p = start_proxy(proxy, port, d);
-            let (kib, kept) = if only("RIVALS_WORKLOADS", "M") {
-                idle_memory(port, d, idle_connections, &p)
-            } else {
-                (0.0, 0.0)
-            };
-            eprintln!(
-                "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection, \
-                 {kept:.1} still resident {}s after they closed",
-                round + 1,
-                AFTER_CLOSE.as_secs()
-            );
-            for (key, v) in [("M", kib), ("M-closed", kept)] {
-                results.entry((key, proxy)).or_default().push(Sample {
-                    rate: 0.0,
-                    p99_ms: None,
-                    cpu_per_unit_us: v,
-                });
+            if only("RIVALS_WORKLOADS", "M") {
+                let (kib, kept) = idle_memory(port, d, idle_connections, &p);
+                eprintln!(
+                    "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection, \
+                     {kept:.1} still resident {}s after they closed",
+                    round + 1,
+                    AFTER_CLOSE.as_secs()
+                );
+                for (key, v) in [("M", kib), ("M-closed", kept)] {
+                    results.entry((key, proxy)).or_default().push(Sample {
+                        rate: 0.0,
+                        p99_ms: None,
+                        cpu_per_unit_us: v,
+                    });
+                }
             }
             // RIVALS_HOLD=<seconds>: time to attach a profiler before the workloads start.
             if let Some(hold) = std::env::var("RIVALS_HOLD")
