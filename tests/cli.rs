@@ -22,9 +22,18 @@ struct Running {
 
 impl Running {
     fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(BIN)
+        Running::start_logging(args, Some("info"))
+    }
+
+    /// `log`: the `PORTCULLIS_LOG` value, or `None` for the binary's default filter.
+    fn start_logging(args: &[&str], log: Option<&str>) -> Running {
+        let mut cmd = Command::new(BIN);
+        cmd.env_remove("PORTCULLIS_LOG");
+        if let Some(log) = log {
+            cmd.env("PORTCULLIS_LOG", log);
+        }
+        let mut child = cmd
             .args(args)
-            .env("PORTCULLIS_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -169,6 +178,68 @@ fn demo_prints_curl_commands_that_give_200_and_403() {
     let status = demo.terminate().expect("the demo exits on SIGTERM");
     assert!(status.success(), "{status:?}");
     assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+}
+
+/// Sends three ClientHellos whose SNI is an IP address (which RFC 6066 forbids and some clients
+/// send anyway) to the demo started with `log` as `PORTCULLIS_LOG`, and returns every stderr line
+/// the process wrote until it exited.
+fn stderr_after_ip_sni_hellos(log: Option<&str>) -> Vec<String> {
+    use std::io::{Read, Write};
+    use support::packets::{client_hello, SniAt};
+    let mut demo = Running::start_logging(
+        &[
+            "run",
+            "--demo-listen",
+            "127.0.0.1:0",
+            "--demo-admin",
+            "127.0.0.1:0",
+        ],
+        log,
+    );
+    let serving = demo.wait_for("portcullis is serving");
+    let https = serving
+        .split("https=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the serving line names the https address")
+        .to_string();
+    demo.wait_for("/metrics");
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(&https).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&client_hello("127.0.0.1", SniAt::First, 32, 0))
+            .unwrap();
+        // The gateway has parsed the hello once it answers (an alert or a ServerHello) or closes.
+        let mut buf = [0u8; 512];
+        let _ = s.read(&mut buf);
+    }
+    assert!(demo.terminate().is_some(), "the demo exits on SIGTERM");
+    // The reader thread ends at the pipe's end of file, so this sees every line written.
+    let mut lines = std::mem::take(&mut demo.seen);
+    lines.extend(demo.lines.iter());
+    lines
+}
+
+#[test]
+fn peers_cannot_write_rustls_warnings_to_the_log_by_default() {
+    let default = stderr_after_ip_sni_hellos(None);
+    assert!(
+        default.iter().all(|l| !l.contains("Illegal SNI")),
+        "{default:#?}"
+    );
+    // The operator can still ask for them, which also shows the hellos reached rustls.
+    let asked = stderr_after_ip_sni_hellos(Some("info"));
+    let warned = asked.iter().filter(|l| l.contains("Illegal SNI")).count();
+    assert_eq!(warned, 3, "{asked:#?}");
+    // A filter that does not parse is reported, and the default applies.
+    let bad = stderr_after_ip_sni_hellos(Some("rustls=loud"));
+    assert!(
+        bad.iter()
+            .any(|l| l.contains("PORTCULLIS_LOG=\"rustls=loud\" is not a log filter")),
+        "{bad:#?}"
+    );
+    assert!(bad.iter().all(|l| !l.contains("Illegal SNI")), "{bad:#?}");
+    assert!(bad.iter().any(|l| l.contains("portcullis is serving")));
 }
 
 fn write_config(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {

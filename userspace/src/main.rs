@@ -81,9 +81,21 @@ enum Command {
     },
 }
 
+/// The log filter when `PORTCULLIS_LOG` is unset: the gateway's events from info up, rustls' only
+/// at error. rustls warns about what a peer sent (an IP address as SNI, a warning alert, a message
+/// out of order) once per connection, so at info any client could write to the operator's log at
+/// the rate it connects; the handshake outcomes are counted in `portcullis_tls_handshakes_total`.
+const DEFAULT_LOG: &str = "info,rustls=error";
+
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("PORTCULLIS_LOG") {
+        Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!("PORTCULLIS_LOG={spec:?} is not a log filter ({e}); using {DEFAULT_LOG:?}");
+            EnvFilter::new(DEFAULT_LOG)
+        }),
+        Err(_) => EnvFilter::new(DEFAULT_LOG),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
