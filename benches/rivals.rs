@@ -69,6 +69,8 @@ struct Sample {
     rate: f64,
     p99_ms: Option<f64>,
     cpu_per_unit_us: f64,
+    /// The part of `cpu_per_unit_us` spent in the kernel (system time).
+    sys_per_unit_us: f64,
 }
 
 fn main() {
@@ -120,6 +122,7 @@ fn main() {
                         rate: 0.0,
                         p99_ms: None,
                         cpu_per_unit_us: v,
+                        sys_per_unit_us: 0.0,
                     });
                 }
             }
@@ -137,13 +140,15 @@ fn main() {
             for w in WORKLOADS.iter().filter(|w| only("RIVALS_WORKLOADS", w.id)) {
                 let s = measure(w, port, d, secs, &p);
                 eprintln!(
-                    "round {} {proxy:>10} {:>5}: {:>10.0}/s p99 {:>7} cpu {:>8.1} µs/{}",
+                    "round {} {proxy:>10} {:>5}: {:>10.0}/s p99 {:>7} cpu {:>8.1} µs/{} \
+                     (kernel {:.1})",
                     round + 1,
                     w.id,
                     s.rate,
                     s.p99_ms.map_or("-".into(), |p| format!("{p:.2}ms")),
                     s.cpu_per_unit_us,
-                    w.unit
+                    w.unit,
+                    s.sys_per_unit_us
                 );
                 results.entry((w.id, proxy)).or_default().push(s);
             }
@@ -340,8 +345,8 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
         "\n{} round(s) of {secs} s per workload and proxy, interleaved; medians (min–max).\n",
         rounds
     );
-    println!("| workload | proxy | rate /s | p99 ms | proxy CPU µs per unit | rate vs best rival | CPU vs best rival |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| workload | proxy | rate /s | p99 ms | proxy CPU µs per unit | of which kernel | rate vs best rival | CPU vs best rival |");
+    println!("|---|---|---|---|---|---|---|---|");
     for w in WORKLOADS {
         let med = |proxy: &str| -> Option<(Sample, f64, f64)> {
             let v = results.get(&(w.id, proxy))?;
@@ -349,6 +354,8 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
             rates.sort_by(f64::total_cmp);
             let mut cpu: Vec<f64> = v.iter().map(|s| s.cpu_per_unit_us).collect();
             cpu.sort_by(f64::total_cmp);
+            let mut sys: Vec<f64> = v.iter().map(|s| s.sys_per_unit_us).collect();
+            sys.sort_by(f64::total_cmp);
             let mut p99: Vec<f64> = v.iter().filter_map(|s| s.p99_ms).collect();
             p99.sort_by(f64::total_cmp);
             Some((
@@ -356,6 +363,7 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
                     rate: rates[rates.len() / 2],
                     p99_ms: p99.get(p99.len() / 2).copied(),
                     cpu_per_unit_us: cpu[cpu.len() / 2],
+                    sys_per_unit_us: sys[sys.len() / 2],
                 },
                 rates[0],
                 rates[rates.len() - 1],
@@ -375,7 +383,7 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
                 continue;
             };
             println!(
-                "| {} {} | {proxy} | {:.0} ({:.0}–{:.0}) | {} | {:.1} per {} | {:.2}× | {:.2}× |",
+                "| {} {} | {proxy} | {:.0} ({:.0}–{:.0}) | {} | {:.1} per {} | {:.1} | {:.2}× | {:.2}× |",
                 w.id,
                 w.what,
                 m.rate,
@@ -384,6 +392,7 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
                 m.p99_ms.map_or("-".into(), |p| format!("{p:.2}")),
                 m.cpu_per_unit_us,
                 w.unit,
+                m.sys_per_unit_us,
                 m.rate / best_rate.max(1e-9),
                 m.cpu_per_unit_us / best_cpu,
             );
@@ -420,7 +429,11 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
     let cpu0 = p.cpu();
     let t0 = Instant::now();
     let (units, p99) = match w.id {
-        "W1" => oha_run(oha(&["-c", "64"], url("a.apps.identity", "/"), "a"), 1.0),
+        "W1" => oha_run(
+            oha(&["-c", "64"], url("a.apps.identity", "/"), "a"),
+            1.0,
+            200,
+        ),
         "W2" => oha_run(
             oha(
                 &["-c", "32", "--disable-keepalive"],
@@ -428,12 +441,18 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
                 "a",
             ),
             1.0,
+            200,
         ),
         "W4" => oha_run(
             oha(&["-c", "16"], url("a.apps.identity", "/1m"), "a"),
             1.048576,
+            200,
         ),
-        "W5b" => oha_run(oha(&["-c", "64"], url("a.apps.identity", "/"), "b"), 1.0),
+        "W5b" => oha_run(
+            oha(&["-c", "64"], url("a.apps.identity", "/"), "b"),
+            1.0,
+            403,
+        ),
         "W3h1" => {
             let out = output(
                 Command::new("wrk")
@@ -457,29 +476,54 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
     };
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = p.cpu() - cpu0;
+    let per_unit = |seconds: f64| {
+        if units > 0.0 {
+            seconds * 1e6 / units
+        } else {
+            0.0
+        }
+    };
     Sample {
         rate: units / elapsed.min(secs as f64 + 1.0),
         p99_ms: p99,
-        cpu_per_unit_us: if units > 0.0 { cpu * 1e6 / units } else { 0.0 },
+        cpu_per_unit_us: per_unit(cpu.user + cpu.sys),
+        sys_per_unit_us: per_unit(cpu.sys),
     }
 }
 
-/// Runs oha; returns (units done, p99 ms). `unit_mb` scales successful responses to MB for W4.
-fn oha_run(mut cmd: Command, unit_mb: f64) -> (f64, Option<f64>) {
+/// Runs oha; returns (units done, p99 ms). `unit_mb` scales responses to MB for W4. Every
+/// response must have status `expect`: a proxy answering something else is not doing the job
+/// being measured, and its figures would be compared as if it were.
+fn oha_run(mut cmd: Command, unit_mb: f64, expect: u16) -> (f64, Option<f64>) {
     let out = output(&mut cmd);
     let v: serde_json::Value = match serde_json::from_str(&out) {
         Ok(v) => v,
         Err(e) => panic!("oha output is not JSON ({e}): {out}"),
     };
-    let responses: f64 = v["statusCodeDistribution"]
-        .as_object()
+    let codes = v["statusCodeDistribution"].as_object();
+    let wrong: Vec<String> = codes
+        .into_iter()
+        .flatten()
+        .filter(|(code, _)| **code != expect.to_string())
+        .map(|(code, n)| format!("{n} × {code}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "expected only {expect} responses, also got {}",
+        wrong.join(", ")
+    );
+    let responses: f64 = codes
         .map(|m| m.values().filter_map(|c| c.as_f64()).sum())
         .unwrap_or(0.0);
     let p99 = v["latencyPercentiles"]["p99"].as_f64().map(|s| s * 1000.0);
     (responses * unit_mb, p99)
 }
 
+/// Requests done by wrk; every response must be 2xx or 3xx.
 fn parse_wrk(out: &str) -> f64 {
+    if let Some(l) = out.lines().find(|l| l.contains("Non-2xx or 3xx responses")) {
+        panic!("wrk got error responses ({}): {out}", l.trim());
+    }
     // "  123456 requests in 10.00s, ..."
     out.lines()
         .find_map(|l| {
@@ -490,7 +534,22 @@ fn parse_wrk(out: &str) -> f64 {
         .unwrap_or_else(|| panic!("wrk output: {out}"))
 }
 
+/// Requests h2load completed; every response must be 2xx.
 fn parse_h2load(out: &str) -> f64 {
+    // "status codes: 100 2xx, 0 3xx, 0 4xx, 0 5xx"
+    let codes = out
+        .lines()
+        .find_map(|l| l.strip_prefix("status codes: "))
+        .unwrap_or_else(|| panic!("h2load output has no status codes: {out}"));
+    let non_2xx: u64 = codes
+        .split(", ")
+        .filter(|c| !c.ends_with(" 2xx"))
+        .filter_map(|c| c.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        non_2xx == 0,
+        "h2load got non-2xx responses ({codes}): {out}"
+    );
     // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, ..."
     out.lines()
         .find_map(|l| {
@@ -548,8 +607,14 @@ impl Proc {
     }
 
     /// CPU seconds of the process and its descendants that are alive now.
-    fn cpu(&self) -> f64 {
-        self.pids().iter().map(|p| cpu_seconds(*p)).sum()
+    fn cpu(&self) -> Cpu {
+        self.pids()
+            .iter()
+            .map(|p| cpu_seconds(*p))
+            .fold(Cpu::default(), |a, b| Cpu {
+                user: a.user + b.user,
+                sys: a.sys + b.sys,
+            })
     }
 
     /// The process and its descendants.
@@ -584,14 +649,35 @@ impl Drop for Proc {
     }
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+/// CPU seconds in user space and in the kernel.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    user: f64,
+    sys: f64,
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - o.user,
+            sys: self.sys - o.sys,
+        }
+    }
+}
+
+fn cpu_seconds(pid: u32) -> Cpu {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return Cpu::default();
     };
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let secs = |i: usize| f[i].parse::<u64>().unwrap_or(0) as f64 / tck;
+    Cpu {
+        user: secs(11),
+        sys: secs(12),
+    }
 }
 
 /// The BENCH.md PKI: server certificate, instance-identity root → intermediate, Diego-shaped
