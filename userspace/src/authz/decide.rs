@@ -19,8 +19,8 @@ pub enum Rule {
     NoRoutePolicies,
     /// Sources present, none matched: `route:route_policies`.
     RoutePolicies,
-    /// Allowed by a source: `route:<source>`, made once with the policy
-    /// ([`RoutePolicy::allowed_rule`]).
+    /// Allowed by a source: `route:<source>`, made once per source when the policy is built
+    /// ([`RoutePolicy::from_options`]).
     Allowed(Arc<str>),
 }
 
