@@ -73,9 +73,10 @@ pub struct ErrorLabels {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<CodeLabels, Counter>,
-    /// `requests`' counter for each status code (100–999) once it has been seen: counting a
-    /// request is then an index and an atomic add, where the family's lookup hashes the label
-    /// under a lock on every request. The counters are the family's own (a clone shares the value).
+    /// `requests`' counter for each status code below 1000 (HTTP's are 100–999) once it has been
+    /// seen: counting a request is then an index and an atomic add, where the family's lookup
+    /// hashes the label under a lock on every request. The counters are the family's own (a clone
+    /// shares the value), so `/metrics` is unchanged.
     request_counters: Box<[OnceLock<Counter>]>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
