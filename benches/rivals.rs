@@ -73,13 +73,21 @@ struct Sample {
     sys_per_unit_us: f64,
 }
 
+/// Idle connections M opens, in quick mode too: with fewer, each proxy's fixed memory (worker
+/// buffers, allocator arenas) is spread over too few connections to compare (1,000 read
+/// portcullis at 0.98× the best rival, 9,000 at 0.58×).
+const IDLE_CONNECTIONS: usize = 9_000;
+
+/// `values` in ascending order, for medians and ranges.
+fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, secs) = if quick { (1, 3) } else { (3, 10) };
-    // M opens as many connections in quick mode: with 1,000 the proxies' fixed memory (worker
-    // buffers, allocator arenas) is spread over too few connections, and portcullis read 26 KiB
-    // each (0.98×) where 9,000 read 14 (0.58×). 9,000 add about 25 s to a quick run.
-    let idle_connections = 9_000;
     raise_fd_limit();
     for tool in [
         "oha",
@@ -113,7 +121,7 @@ fn main() {
             }
             let p = start_proxy(proxy, port, d);
             if only("RIVALS_WORKLOADS", "M") {
-                let (kib, kept) = idle_memory(port, d, idle_connections, &p);
+                let (kib, kept) = idle_memory(port, d, IDLE_CONNECTIONS, &p);
                 eprintln!(
                     "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection, \
                      {kept:.1} still resident {}s after they closed",
@@ -159,7 +167,7 @@ fn main() {
     }
     report(&results, rounds, secs);
     if only("RIVALS_WORKLOADS", "M") {
-        report_memory(&results, idle_connections);
+        report_memory(&results, IDLE_CONNECTIONS);
     }
     // Table I adds about 45 s; `--quick` (kept under 3 minutes in all) counts only when asked.
     let named = std::env::var_os("RIVALS_WORKLOADS").is_some();
@@ -178,12 +186,12 @@ fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
     );
     println!("|---|---|---|---|");
     let med = |key: &str, proxy: &str| -> Option<(f64, f64, f64)> {
-        let mut v: Vec<f64> = results
-            .get(&(key, proxy))?
-            .iter()
-            .map(|s| s.cpu_per_unit_us)
-            .collect();
-        v.sort_by(f64::total_cmp);
+        let v = sorted(
+            results
+                .get(&(key, proxy))?
+                .iter()
+                .map(|s| s.cpu_per_unit_us),
+        );
         Some((v[v.len() / 2], v[0], v[v.len() - 1]))
     };
     let best = ["nginx", "haproxy"]
@@ -353,14 +361,10 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
     for w in WORKLOADS {
         let med = |proxy: &str| -> Option<(Sample, f64, f64)> {
             let v = results.get(&(w.id, proxy))?;
-            let mut rates: Vec<f64> = v.iter().map(|s| s.rate).collect();
-            rates.sort_by(f64::total_cmp);
-            let mut cpu: Vec<f64> = v.iter().map(|s| s.cpu_per_unit_us).collect();
-            cpu.sort_by(f64::total_cmp);
-            let mut sys: Vec<f64> = v.iter().map(|s| s.sys_per_unit_us).collect();
-            sys.sort_by(f64::total_cmp);
-            let mut p99: Vec<f64> = v.iter().filter_map(|s| s.p99_ms).collect();
-            p99.sort_by(f64::total_cmp);
+            let rates = sorted(v.iter().map(|s| s.rate));
+            let cpu = sorted(v.iter().map(|s| s.cpu_per_unit_us));
+            let sys = sorted(v.iter().map(|s| s.sys_per_unit_us));
+            let p99 = sorted(v.iter().filter_map(|s| s.p99_ms));
             Some((
                 Sample {
                     rate: rates[rates.len() / 2],
@@ -614,10 +618,7 @@ impl Proc {
         self.pids()
             .iter()
             .map(|p| cpu_seconds(*p))
-            .fold(Cpu::default(), |a, b| Cpu {
-                user: a.user + b.user,
-                sys: a.sys + b.sys,
-            })
+            .fold(Cpu::default(), |a, b| a + b)
     }
 
     /// The process and its descendants.
@@ -657,6 +658,16 @@ impl Drop for Proc {
 struct Cpu {
     user: f64,
     sys: f64,
+}
+
+impl std::ops::Add for Cpu {
+    type Output = Cpu;
+    fn add(self, o: Cpu) -> Cpu {
+        Cpu {
+            user: self.user + o.user,
+            sys: self.sys + o.sys,
+        }
+    }
 }
 
 impl std::ops::Sub for Cpu {
