@@ -118,3 +118,52 @@ async fn connections_beyond_the_limit_wait_for_a_slot() {
         200
     );
 }
+
+/// The backlog `ss` shows for the listener on `addr` (Send-Q of a LISTEN socket).
+fn listen_backlog(addr: std::net::SocketAddr) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&addr.to_string()))
+        .unwrap_or_else(|| panic!("no listener on {addr} in: {text}"));
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+/// Listeners queue `limits.listen_backlog` connections (4096 unless set; capped by the kernel's
+/// `net.core.somaxconn`), not the 128 of Rust's and tokio's listeners: a burst larger than the
+/// SYN queue turns the kernel to SYN cookies, and one larger than the accept queue is dropped.
+/// The backlog cannot change on reload.
+#[tokio::test]
+async fn listeners_use_the_configured_backlog() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pki = TestPki::new();
+    let gw = TestGateway::start(&pki, "").await;
+    assert_eq!(listen_backlog(gw.https()), 4096.min(somaxconn));
+    assert_eq!(listen_backlog(gw.http()), 4096.min(somaxconn));
+
+    let gw = TestGateway::start(&pki, "limits: {listen_backlog: 300}\n").await;
+    assert_eq!(listen_backlog(gw.https()), 300);
+    assert_eq!(listen_backlog(gw.http()), 300);
+    std::fs::write(
+        gw.config_path(),
+        std::fs::read_to_string(gw.config_path())
+            .unwrap()
+            .replace("listen_backlog: 300", "listen_backlog: 600"),
+    )
+    .unwrap();
+    let config = portcullis::config::Config::load(&gw.config_path()).unwrap();
+    let err = gw.gw.reload(config).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "limits.listen_backlog cannot change on reload; restart to apply it"
+    );
+    assert_eq!(listen_backlog(gw.https()), 300);
+}

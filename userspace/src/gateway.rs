@@ -84,10 +84,33 @@ fn defer_accept(listener: &TcpListener) {
     }
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { key, addr, source })
+/// A listener with `SO_REUSEADDR` (as tokio's own) and the configured backlog.
+fn bind(key: &'static str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+    let listen = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    listen().map_err(|source| StartError::Bind { key, addr, source })
+}
+
+/// Says once at start when `net.core.somaxconn` cuts the configured backlog short.
+fn check_somaxconn(backlog: u32) {
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if let Some(cap) = somaxconn.filter(|cap| *cap < backlog) {
+        tracing::warn!(
+            limits.listen_backlog = backlog,
+            net.core.somaxconn = cap,
+            "the kernel caps the listen backlog at net.core.somaxconn; raise it (sysctl) to queue \
+             more connection bursts"
+        );
+    }
 }
 
 impl Gateway {
@@ -102,14 +125,16 @@ impl Gateway {
         let registry = Registry::new(metrics.clone());
         registry.replace_static(&config.routes, config.registry.droplet_stale_threshold);
         count_malformed(&metrics, &config);
-        let https_l = bind("listen.https", config.listen.https).await?;
+        let backlog = config.limits.listen_backlog;
+        check_somaxconn(backlog);
+        let https_l = bind("listen.https", config.listen.https, backlog)?;
         defer_accept(&https_l);
         let http_l = match config.listen.http {
-            Some(a) => Some(bind("listen.http", a).await?),
+            Some(a) => Some(bind("listen.http", a, backlog)?),
             None => None,
         };
         let admin_l = match config.admin {
-            Some(a) => Some(bind("admin.listen", a).await?),
+            Some(a) => Some(bind("admin.listen", a, backlog)?),
             None => None,
         };
         let ktls = tls::probe_kernel_tls(config.tls.ktls)
@@ -295,6 +320,9 @@ impl Gateway {
         }
         if old.limits.workers != config.limits.workers {
             return Err(StartError::NeedsRestart("limits.workers"));
+        }
+        if old.limits.listen_backlog != config.limits.listen_backlog {
+            return Err(StartError::NeedsRestart("limits.listen_backlog"));
         }
         let runtime = Runtime::build(config)?;
         let cfg = &runtime.config;

@@ -224,10 +224,19 @@ pub struct Limits {
     /// Threads serving connections, each with its own event loop and backend pool
     /// (0 = one per CPU).
     pub workers: usize,
+    /// The listeners' `listen(2)` backlog: how many connections the kernel queues, complete
+    /// (accept queue) and half-open (SYN queue), before it turns to SYN cookies or drops. The
+    /// kernel caps it at `net.core.somaxconn`.
+    pub listen_backlog: u32,
 }
 
 /// The most `limits.workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
+/// `limits.listen_backlog` unless set: Linux's default `net.core.somaxconn` since 5.4. (Rust's
+/// and tokio's listeners use 128, which a burst of new connections overflows.)
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+/// The largest backlog `listen(2)` takes as given (`somaxconn` is at most this).
+pub const MAX_LISTEN_BACKLOG: u32 = 65_535;
 
 impl Limits {
     /// The number of worker threads to start: `workers`, or one per CPU when it is 0.
@@ -248,6 +257,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(90),
             h2_max_concurrent_streams: 256,
             workers: 0,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
         }
     }
 }
@@ -844,6 +854,13 @@ impl Validator<'_> {
                 format!("{workers} is more than {MAX_WORKERS}; 0 means one per CPU"),
             );
         }
+        let listen_backlog = l.listen_backlog.unwrap_or(defaults.listen_backlog);
+        if listen_backlog == 0 || listen_backlog > MAX_LISTEN_BACKLOG {
+            self.problem(
+                "limits.listen_backlog",
+                format!("{listen_backlog} is not in 1..={MAX_LISTEN_BACKLOG}"),
+            );
+        }
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(defaults.max_connections).max(1),
             max_header_bytes: max_header_bytes.max(8192),
@@ -861,6 +878,7 @@ impl Validator<'_> {
                 .h2_max_concurrent_streams
                 .unwrap_or(defaults.h2_max_concurrent_streams),
             workers: workers.min(MAX_WORKERS),
+            listen_backlog: listen_backlog.clamp(1, MAX_LISTEN_BACKLOG),
         };
 
         Config {
@@ -917,6 +935,25 @@ mod tests {
             problems.contains(
                 &"limits.workers: 5000 is more than 1024; 0 means one per CPU".to_string()
             ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn listen_backlog_defaults_to_4096_and_is_bounded() {
+        assert_eq!(Limits::default().listen_backlog, 4096);
+        for bad in ["0", "65536"] {
+            let problems = problems_of(&format!("limits: {{listen_backlog: {bad}}}\n"));
+            assert!(
+                problems.contains(&format!("limits.listen_backlog: {bad} is not in 1..=65535")),
+                "{problems:?}"
+            );
+        }
+        let problems = problems_of("limits: {listen_backlog: 65535}\n");
+        assert!(
+            !problems
+                .iter()
+                .any(|p| p.starts_with("limits.listen_backlog")),
             "{problems:?}"
         );
     }

@@ -140,4 +140,5 @@ pub struct RawLimits {
     pub idle_timeout: Option<String>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub workers: Option<usize>,
+    pub listen_backlog: Option<u32>,
 }
