@@ -12,11 +12,14 @@ use portcullis::config::Config;
 use portcullis::xdp::twin::{self, TwinMaps};
 use portcullis::xdp::{addr_bytes, monotonic_ns, Gate, MapPlan};
 use portcullis_common::{Counter, REJECT_DROP};
-use support::packets::{client_hello, rustls_client_hello, tcp_checksum_ok, Segment, SniAt, SYN};
+use support::packets::{
+    client_hello, ipv4_checksum_ok, rustls_client_hello, tcp_checksum_ok, Segment, SniAt, SYN,
+};
 use support::pki::TestPki;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
 fn object() -> Option<Vec<u8>> {
     let path = std::env::var_os("PORTCULLIS_XDP_OBJECT")
@@ -106,12 +109,13 @@ impl Under {
         let twin_action = match v.action {
             twin::Action::Pass => XDP_PASS,
             twin::Action::Drop => XDP_DROP,
+            twin::Action::Tx => XDP_TX,
         };
         assert_eq!(
             action, twin_action,
             "{name}: kernel and twin disagree on the action"
         );
-        if action == XDP_PASS {
+        if action != XDP_DROP {
             assert_eq!(
                 out, v.frame,
                 "{name}: kernel and twin disagree on the frame"
@@ -161,6 +165,59 @@ fn assert_reset(name: &str, seg: &Segment, out: &[u8]) {
     assert!(
         tcp_checksum_ok(seg.src, seg.dst, &out[l4..]),
         "{name}: TCP checksum after rewrite"
+    );
+}
+
+/// `out` is the RST that answers `seg` (a later segment of a rejected flow) from the receiver:
+/// link addresses swapped and tags kept, IP and ports swapped, sequence number = the segment's
+/// acknowledgment number (2000 in every built segment), only RST set, no payload, checksums valid.
+fn assert_rst_reply(name: &str, seg: &Segment, input: &[u8], out: &[u8]) {
+    let l3 = 14 + 4 * seg.vlans.len();
+    let ip_len = if seg.src.is_ipv4() { 20 } else { 40 };
+    assert_eq!(out.len(), l3 + ip_len + 20, "{name}: headers only");
+    assert_eq!(
+        out[..6],
+        input[6..12],
+        "{name}: to the sender's link address"
+    );
+    assert_eq!(out[6..12], input[..6], "{name}: from ours");
+    assert_eq!(
+        out[12..l3],
+        input[12..l3],
+        "{name}: tags and ethertype kept"
+    );
+    let ip = &out[l3..l3 + ip_len];
+    let (from, to): (std::net::IpAddr, std::net::IpAddr) = if seg.src.is_ipv4() {
+        assert!(ipv4_checksum_ok(ip), "{name}: IPv4 header checksum");
+        assert_eq!(
+            (ip[0], u16::from_be_bytes([ip[2], ip[3]]), ip[9]),
+            (0x45, 40, 6)
+        );
+        assert!(ip[8] > 0, "{name}: TTL");
+        let a = |r: std::ops::Range<usize>| <[u8; 4]>::try_from(&ip[r]).unwrap().into();
+        (a(12..16), a(16..20))
+    } else {
+        assert_eq!(
+            (ip[0] >> 4, u16::from_be_bytes([ip[4], ip[5]]), ip[6]),
+            (6, 20, 6)
+        );
+        assert!(ip[7] > 0, "{name}: hop limit");
+        let a = |r: std::ops::Range<usize>| <[u8; 16]>::try_from(&ip[r]).unwrap().into();
+        (a(8..24), a(24..40))
+    };
+    assert_eq!((from, to), (seg.dst, seg.src), "{name}: addresses");
+    let tcp = &out[l3 + ip_len..];
+    let port = |i: usize| u16::from_be_bytes([tcp[i], tcp[i + 1]]);
+    assert_eq!((port(0), port(2)), (seg.dport, seg.sport), "{name}: ports");
+    assert_eq!(tcp[4..8], 2000u32.to_be_bytes(), "{name}: seq = their ack");
+    assert_eq!(
+        (tcp[12], tcp[13]),
+        (0x50, 0x04),
+        "{name}: bare header, RST only"
+    );
+    assert!(
+        tcp_checksum_ok(seg.dst, seg.src, tcp),
+        "{name}: TCP checksum"
     );
 }
 
@@ -482,16 +539,69 @@ fn packet_table() {
     let (action, _, _) = gate.run("PQ ClientHello, second segment", &s.frame());
     assert_eq!(action, XDP_PASS, "PQ ClientHello, second segment");
 
-    // A rejected flow: later packets are not reparsed. In reset mode they pass (the socket is
-    // gone, so the stack answers with a RST); a new SYN on the 4-tuple forgets the rejection.
+    // A rejected flow: later packets are not reparsed. In reset mode they never reach the stack
+    // (a listener answering with SYN cookies would accept them): the program answers with a RST
+    // to the sender itself. A RST, or a segment without ACK, is dropped instead. A new SYN on the
+    // 4-tuple forgets the rejection.
     let s = seg("192.0.2.1", hello("a.apps.identity"));
-    row(
+    let out = row(
         &gate,
         "retransmission of a rejected flow",
         &s.frame(),
-        XDP_PASS,
+        XDP_TX,
         Some((1, Counter::RejectFlow)),
     );
+    assert_rst_reply("retransmission of a rejected flow", &s, &s.frame(), &out);
+    for (name, s) in [
+        (
+            "v6 rejected flow again",
+            seg("2001:db8:2::5", hello("b.apps.identity")),
+        ),
+        ("QinQ rejected flow again", {
+            let mut s = seg("192.0.2.2", hello("c.apps.identity"));
+            s.vlans = vec![100, 200];
+            s
+        }),
+        ("timestamps, rejected flow again", {
+            let mut s = seg("192.0.2.3", hello("d.apps.identity"));
+            s.tcp_options = vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+            s
+        }),
+    ] {
+        let out = row(
+            &gate,
+            name,
+            &s.frame(),
+            XDP_TX,
+            Some((1, Counter::RejectFlow)),
+        );
+        assert_rst_reply(name, &s, &s.frame(), &out);
+    }
+    let mut ack = seg("192.0.2.1", Vec::new());
+    ack.flags = 0x10;
+    let out = row(
+        &gate,
+        "bare ACK on a rejected flow",
+        &ack.frame(),
+        XDP_TX,
+        Some((1, Counter::RejectFlow)),
+    );
+    assert_rst_reply("bare ACK on a rejected flow", &ack, &ack.frame(), &out);
+    for (name, flags) in [
+        ("RST on a rejected flow", 0x14),
+        ("no ACK on a rejected flow", 0x08),
+    ] {
+        let mut s = seg("192.0.2.1", Vec::new());
+        s.flags = flags;
+        let out = row(
+            &gate,
+            name,
+            &s.frame(),
+            XDP_DROP,
+            Some((1, Counter::RejectFlow)),
+        );
+        assert_eq!(out, s.frame(), "{name}: a dropped frame is not rewritten");
+    }
     let mut syn = s.clone();
     syn.flags = SYN;
     syn.payload.clear();
@@ -1138,5 +1248,131 @@ async fn load_and_unload_without_a_daemon() {
         after,
         (ns.client(2), true),
         "after unload nothing is filtered"
+    );
+}
+
+/// A counter from /proc/net/netstat (the `TcpExt:` lines), e.g. `SyncookiesSent`.
+fn tcp_ext(name: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = names.split_whitespace().position(|n| n == name).unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// Reset mode while the listener answers with SYN cookies (a backlog of 4, so every burst
+/// overflows it). A cookie connection has no socket for the converted RST to tear down, and the
+/// ACK of a retransmitted ClientHello is a valid cookie: had the gate let that segment through
+/// to the stack, the daemon would get the connection and answer the ClientHello. Every attempt
+/// from outside the allow-list must instead end in a reset, with no handshake for the domain;
+/// the allowed source is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_mode_holds_when_the_listener_answers_with_syn_cookies() {
+    if object().is_none() {
+        return;
+    }
+    let ns = support::netns::Netns::new(6);
+    let pki = std::sync::Arc::new(TestPki::new());
+    let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let port = 8444;
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/portcullis-cookies-{}",
+        std::process::id()
+    )));
+    let yaml = format!(
+        "listen: {{https: \"{host}:{port}\"}}\n\
+         limits: {{listen_backlog: 4}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
+         xdp: {{interfaces: [{iface}], ports: [{port}], reject: reset, pin_path: \"{pin}\"}}\n\
+         routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n",
+        host = ns.host(),
+        allowed = ns.client(3),
+        iface = ns.host_if,
+        pin = pin.0.display(),
+        bport = backend.addr.port(),
+    );
+    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
+    assert!(gw.gw.state().xdp.is_some(), "XDP attached");
+    let target = gw.https();
+    let cookies = tcp_ext("SyncookiesSent");
+
+    // Three bursts of 64 connections from outside the allow-list, each sending a ClientHello and
+    // waiting for what comes back.
+    let source = ns.client(2);
+    let outcomes: Vec<String> = ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let hello =
+                std::sync::Arc::new(support::packets::rustls_client_hello("a.apps.identity"));
+            let mut outcomes = Vec::new();
+            for _ in 0..3 {
+                let burst: Vec<_> = (0..64)
+                    .map(|_| {
+                        let (hello, source) = (hello.clone(), source.clone());
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let attempt = async {
+                                let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                                sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+                                let mut tcp = sock
+                                    .connect(target)
+                                    .await
+                                    .map_err(|e| format!("connect: {e}"))?;
+                                tcp.write_all(&hello)
+                                    .await
+                                    .map_err(|e| format!("write: {e}"))?;
+                                let mut buf = [0u8; 64];
+                                match tcp.read(&mut buf).await {
+                                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                                        Ok("reset".to_string())
+                                    }
+                                    Err(e) => Err(format!("read: {e}")),
+                                    Ok(0) => Err("closed without a reset".to_string()),
+                                    Ok(n) => Err(format!("answered with {n} bytes")),
+                                }
+                            };
+                            tokio::time::timeout(std::time::Duration::from_secs(20), attempt)
+                                .await
+                                .unwrap_or_else(|_| Err("no answer in 20 s".to_string()))
+                                .unwrap_or_else(|e| e)
+                        })
+                    })
+                    .collect();
+                for t in burst {
+                    outcomes.push(t.await.unwrap());
+                }
+            }
+            outcomes
+        })
+    });
+    let odd: Vec<&String> = outcomes.iter().filter(|o| *o != "reset").collect();
+    assert!(
+        odd.is_empty(),
+        "{} of {}: {odd:?}",
+        odd.len(),
+        outcomes.len()
+    );
+    assert!(
+        tcp_ext("SyncookiesSent") > cookies,
+        "the listener never answered with a SYN cookie: the test did not test its case"
+    );
+    let m = gw.metrics();
+    let domain_handshakes: Vec<&str> = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("portcullis_tls_handshakes_total")
+                && l.contains("domain=\"*.apps.identity\"")
+        })
+        .collect();
+    assert!(domain_handshakes.is_empty(), "{domain_handshakes:?}");
+    assert_eq!(
+        call_from(&ns, ns.client(3), target, pki.clone()),
+        Ok(200),
+        "allowed source"
     );
 }

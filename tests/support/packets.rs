@@ -162,6 +162,11 @@ pub fn tcp_checksum_ok(src: IpAddr, dst: IpAddr, segment: &[u8]) -> bool {
     checksum(segment, pseudo(src, dst, segment.len())) == 0
 }
 
+/// Whether an IPv4 header's checksum verifies.
+pub fn ipv4_checksum_ok(header: &[u8]) -> bool {
+    checksum(header, 0) == 0
+}
+
 /// Where the server_name extension goes among the others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SniAt {

@@ -14,7 +14,9 @@
 use core::ffi::c_void;
 
 use aya_ebpf::bindings::xdp_action;
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_xdp_load_bytes, bpf_xdp_store_bytes};
+use aya_ebpf::helpers::{
+    bpf_ktime_get_ns, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes,
+};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
@@ -102,6 +104,9 @@ fn be16(b: &[u8], i: usize) -> u16 {
 
 struct Flow {
     key: FlowKey,
+    /// Where the IP header starts, and whether it is IPv6.
+    l3: u32,
+    v6: bool,
     l4: u32,
     payload: u32,
     payload_len: u32,
@@ -118,13 +123,14 @@ fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
     // SAFETY: the value is copied out at once.
     if let Some(reason) = unsafe { FLOWS.get(&flow.key) } {
         count(Counter::RejectFlow, *reason & 0xffff);
-        return Ok(if reject_mode() == REJECT_DROP {
-            xdp_action::XDP_DROP
-        } else {
-            // The local socket is already gone: the stack answers this segment with a RST, which
-            // is how the client learns.
-            xdp_action::XDP_PASS
-        });
+        if reject_mode() == REJECT_DROP {
+            return Ok(xdp_action::XDP_DROP);
+        }
+        // The local socket is already gone, and this segment (usually the client's retransmitted
+        // ClientHello) must not reach the stack: a listener answering with SYN cookies would
+        // take its ACK for a valid cookie and hand the connection to the daemon. The client
+        // learns from a RST sent from here instead.
+        return Ok(reply_rst(ctx, &flow).unwrap_or(xdp_action::XDP_DROP));
     }
     if flow.payload_len == 0 {
         return Err(Stop::Ignore);
@@ -180,6 +186,7 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
         proto = be16(&tag, 2);
         off += 4;
     }
+    let l3 = off;
     let (src, dst, l4, ip_end): (Addr, Addr, u32, u32) = match proto {
         ETH_P_IP => {
             let ip: [u8; 20] = load(ctx, off, Stop::Ignore)?;
@@ -231,6 +238,8 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
         return Err(Stop::Count(Counter::PassIpUnparsed));
     }
     Ok(Flow {
+        l3,
+        v6: proto == ETH_P_IPV6,
         key: FlowKey {
             src,
             dst,
@@ -402,19 +411,114 @@ fn reject(ctx: &XdpContext, flow: &Flow, domain: u32, why: Counter) -> Result<u3
     let words: [u8; 6] = load(ctx, flow.l4 + 12, Stop::Ignore)?;
     let old = be16(&words, 0);
     let new = (old & 0xff00) | (TCP_RST | TCP_ACK) as u16;
-    let csum = be16(&words, 4);
-    let mut sum = (!csum as u32) + (!old as u32) + new as u32;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    let csum = !(sum as u16);
-    let mut flags = [(new & 0xff) as u8];
-    let mut check = csum.to_be_bytes();
-    // SAFETY: both writes are inside the TCP header just loaded.
-    unsafe {
-        bpf_xdp_store_bytes(ctx.ctx, flow.l4 + 13, flags.as_mut_ptr() as *mut c_void, 1);
-        bpf_xdp_store_bytes(ctx.ctx, flow.l4 + 16, check.as_mut_ptr() as *mut c_void, 2);
-    }
+    let csum = fold((!be16(&words, 4) as u32) + (!old as u32) + new as u32);
+    store(ctx, flow.l4 + 13, &mut [(new & 0xff) as u8])?;
+    store(ctx, flow.l4 + 16, &mut csum.to_be_bytes())?;
     Ok(xdp_action::XDP_PASS)
+}
+
+/// Turns the segment into a RST to its sender and sends it back out of the interface
+/// (`XDP_TX`): Ethernet addresses swapped (VLAN tags kept), a fresh IP header with the addresses
+/// swapped, and a bare TCP header with the ports swapped and, as RFC 9293 asks of a RST answering
+/// a segment that carries an ACK, the sequence number taken from that acknowledgment. The frame
+/// is cut after that header. A RST is never answered, and a segment without ACK, or an IPv4
+/// header with options, is dropped instead (`Err` too: the caller drops).
+fn reply_rst(ctx: &XdpContext, flow: &Flow) -> Result<u32, Stop> {
+    let ip_len = if flow.v6 { 40 } else { 20 };
+    if flow.flags & TCP_RST != 0 || flow.flags & TCP_ACK == 0 || flow.l3 + ip_len != flow.l4 {
+        return Err(Stop::Ignore);
+    }
+    let tcp: [u8; 12] = load(ctx, flow.l4, Stop::Ignore)?;
+    let mut th = [0u8; 20];
+    th[0] = tcp[2];
+    th[1] = tcp[3];
+    th[2] = tcp[0];
+    th[3] = tcp[1];
+    th[4] = tcp[8];
+    th[5] = tcp[9];
+    th[6] = tcp[10];
+    th[7] = tcp[11];
+    th[12] = 5 << 4;
+    th[13] = TCP_RST;
+    // The pseudo-header: both addresses (swapped order does not change the sum), the protocol
+    // and the TCP length (20).
+    let mut sum: u32 = IPPROTO_TCP as u32 + 20;
+    let (src, dst) = (&flow.key.src, &flow.key.dst);
+    let mut i = if flow.v6 { 0 } else { 12 };
+    while i < 16 {
+        sum += be16(src, i) as u32 + be16(dst, i) as u32;
+        i += 2;
+    }
+    let mut i = 0;
+    while i < 20 {
+        sum += be16(&th, i) as u32;
+        i += 2;
+    }
+    let csum = fold(sum).to_be_bytes();
+    th[16] = csum[0];
+    th[17] = csum[1];
+
+    if flow.v6 {
+        let mut ip = [0u8; 40];
+        ip[0] = 0x60;
+        ip[5] = 20;
+        ip[6] = IPPROTO_TCP;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(dst);
+        ip[24..40].copy_from_slice(src);
+        store(ctx, flow.l3, &mut ip)?;
+    } else {
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[3] = 40;
+        ip[6] = 0x40; // don't fragment
+        ip[8] = 64;
+        ip[9] = IPPROTO_TCP;
+        ip[12..16].copy_from_slice(&dst[12..16]);
+        ip[16..20].copy_from_slice(&src[12..16]);
+        let mut sum: u32 = 0;
+        let mut i = 0;
+        while i < 20 {
+            sum += be16(&ip, i) as u32;
+            i += 2;
+        }
+        let csum = fold(sum).to_be_bytes();
+        ip[10] = csum[0];
+        ip[11] = csum[1];
+        store(ctx, flow.l3, &mut ip)?;
+    }
+    store(ctx, flow.l4, &mut th)?;
+    let eth: [u8; 12] = load(ctx, 0, Stop::Ignore)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&eth[6..]);
+    swapped[6..].copy_from_slice(&eth[..6]);
+    store(ctx, 0, &mut swapped)?;
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    let cut = (flow.l4 + 20) as i32 - len;
+    // SAFETY: shrinks the frame to the headers just written (cut <= 0).
+    if cut < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, cut) } != 0 {
+        return Err(Stop::Ignore);
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+/// The one's complement of a 16-bit one's complement sum.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn store<const N: usize>(ctx: &XdpContext, offset: u32, buf: &mut [u8; N]) -> Result<(), Stop> {
+    // SAFETY: the helper bounds-checks against the packet and reads N bytes from `buf`.
+    let r =
+        unsafe { bpf_xdp_store_bytes(ctx.ctx, offset, buf.as_mut_ptr() as *mut c_void, N as u32) };
+    if r < 0 {
+        return Err(Stop::Ignore);
+    }
+    Ok(())
 }
 
 #[cfg(not(test))]

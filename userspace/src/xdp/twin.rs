@@ -16,6 +16,8 @@ use super::MapPlan;
 pub enum Action {
     Pass,
     Drop,
+    /// Sent back out of the interface it came in on (`XDP_TX`).
+    Tx,
 }
 
 /// The twin's copy of the maps (FLOWS changes as frames are classified).
@@ -80,6 +82,8 @@ type Step<T> = Result<T, Option<Counter>>;
 
 struct Parsed {
     key: FlowKey,
+    l3: usize,
+    v6: bool,
     l4: usize,
     payload: usize,
     payload_len: usize,
@@ -98,6 +102,7 @@ fn l2_l4(f: &[u8], maps: &TwinMaps) -> Step<Parsed> {
         proto = be16(&tag, 2);
         off += 4;
     }
+    let l3 = off;
     let (src, dst, l4, ip_end) = match proto {
         0x0800 => {
             let ip: [u8; 20] = get(f, off).ok_or(None)?;
@@ -145,6 +150,8 @@ fn l2_l4(f: &[u8], maps: &TwinMaps) -> Step<Parsed> {
             sport: u16::from_ne_bytes([tcp[0], tcp[1]]),
             dport: u16::from_ne_bytes([tcp[2], tcp[3]]),
         },
+        l3,
+        v6: proto == 0x86dd,
         l4,
         payload,
         payload_len: ip_end - payload,
@@ -232,14 +239,20 @@ pub fn classify(frame: &[u8], maps: &mut TwinMaps, now_ns: u64) -> Verdict {
     }
     if let Some(reason) = maps.flows.get(&flow.key) {
         let counter = Some((reason & 0xffff, Counter::RejectFlow));
-        return if maps.reject == REJECT_DROP {
-            Verdict {
+        let reply = (maps.reject != REJECT_DROP)
+            .then(|| rst_reply(frame, &flow))
+            .flatten();
+        return match reply {
+            Some(out) => Verdict {
+                action: Action::Tx,
+                counter,
+                frame: out,
+            },
+            None => Verdict {
                 action: Action::Drop,
                 counter,
                 frame: frame.to_vec(),
-            }
-        } else {
-            pass(counter)
+            },
         };
     }
     if flow.payload_len == 0 {
@@ -303,4 +316,62 @@ pub fn classify(frame: &[u8], maps: &mut TwinMaps, now_ns: u64) -> Verdict {
         counter,
         frame: out,
     }
+}
+
+/// The RST the program sends back for a later segment of a rejected flow in reset mode: the
+/// link header with its addresses swapped (tags kept), a new IP header from the receiver to the
+/// sender, and a 20-byte TCP header with only RST set, whose sequence number is the segment's
+/// acknowledgment number. `None` (dropped) for a RST, a segment without ACK, or IPv4 options.
+fn rst_reply(frame: &[u8], flow: &Parsed) -> Option<Vec<u8>> {
+    let tcp = &frame[flow.l4..flow.l4 + 20];
+    let (rst, ack) = (tcp[13] & 0x04 != 0, tcp[13] & 0x10 != 0);
+    let header = if flow.v6 { 40 } else { 20 };
+    if rst || !ack || flow.l3 + header != flow.l4 {
+        return None;
+    }
+    let (me, them) = (flow.key.dst, flow.key.src);
+    let mut out = Vec::with_capacity(flow.l4 + 20);
+    out.extend_from_slice(&frame[6..12]);
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&frame[12..flow.l3]);
+    let mut pseudo = Vec::new();
+    if flow.v6 {
+        out.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+        out.extend_from_slice(&me);
+        out.extend_from_slice(&them);
+        pseudo.extend_from_slice(&me);
+        pseudo.extend_from_slice(&them);
+    } else {
+        let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        ip.extend_from_slice(&me[12..]);
+        ip.extend_from_slice(&them[12..]);
+        let sum = checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        out.extend_from_slice(&ip);
+        pseudo.extend_from_slice(&me[12..]);
+        pseudo.extend_from_slice(&them[12..]);
+    }
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let mut th = Vec::with_capacity(20);
+    th.extend_from_slice(&tcp[2..4]);
+    th.extend_from_slice(&tcp[0..2]);
+    th.extend_from_slice(&tcp[8..12]);
+    th.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x04, 0, 0, 0, 0, 0, 0]);
+    pseudo.extend_from_slice(&th);
+    let sum = checksum(&pseudo);
+    th[16..18].copy_from_slice(&sum.to_be_bytes());
+    out.extend_from_slice(&th);
+    Some(out)
+}
+
+/// The Internet checksum (RFC 1071) of an even-length buffer.
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
