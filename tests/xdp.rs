@@ -944,6 +944,51 @@ async fn deny_learning_expiry_exempt_and_restart() {
     assert_eq!(call_from(&ns, good.clone(), target, pki.clone()), Ok(200));
 }
 
+/// What the namespace tests share: a client namespace, the PKI, an echo backend and the gate's
+/// pin directory.
+struct Scene {
+    ns: support::netns::Netns,
+    pki: std::sync::Arc<TestPki>,
+    backend: portcullis::echo::EchoServer,
+    pin: PinDir,
+}
+
+impl Scene {
+    async fn new(k: u8, name: &str) -> Scene {
+        Scene {
+            ns: support::netns::Netns::new(k),
+            pki: std::sync::Arc::new(TestPki::new()),
+            backend: portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
+                .await
+                .unwrap(),
+            pin: PinDir(PathBuf::from(format!(
+                "/sys/fs/bpf/portcullis-{name}-{}",
+                std::process::id()
+            ))),
+        }
+    }
+
+    /// The daemon with the gate on the namespace's host end (`reject` mode, TLS on `port`) and
+    /// one route, a.apps.identity (app A allowed), in a domain whose allow-list is the
+    /// namespace's .3 address. `top`: more top-level sections.
+    async fn gateway(&self, port: u16, reject: &str, top: &str) -> support::gateway::TestGateway {
+        let yaml = format!(
+            "listen: {{https: \"{host}:{port}\"}}\n{top}\
+             domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
+             xdp: {{interfaces: [{iface}], ports: [{port}], reject: {reject}, pin_path: \"{pin}\"}}\n\
+             routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
+            host = self.ns.host(),
+            allowed = self.ns.client(3),
+            iface = self.ns.host_if,
+            pin = self.pin.0.display(),
+            bport = self.backend.addr.port(),
+        );
+        let gw = support::gateway::TestGateway::start(&self.pki, &yaml).await;
+        assert!(gw.gw.state().xdp.is_some(), "XDP attached");
+        gw
+    }
+}
+
 /// `reject: drop` end to end: the ClientHello (and every later packet of the flow) is dropped.
 /// The TLS listener defers accept until data arrives, so the daemon never accepts those
 /// connections at all: no socket, no handshake, not even a handshake timeout.
@@ -952,36 +997,22 @@ async fn drop_mode_end_to_end_in_a_namespace() {
     if object().is_none() {
         return;
     }
-    let ns = support::netns::Netns::new(2);
-    let pki = std::sync::Arc::new(TestPki::new());
-    let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let port = 8445;
-    let pin = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/portcullis-drop-{}",
-        std::process::id()
-    )));
-    let yaml = format!(
-        "listen: {{https: \"{host}:{port}\"}}\n\
-         tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}], handshake_timeout: 1s}}\n\
-         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
-         xdp: {{interfaces: [{iface}], ports: [{port}], reject: drop, pin_path: \"{pin}\"}}\n\
-         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}}}]\n",
-        host = ns.host(),
-        allowed = ns.client(3),
-        iface = ns.host_if,
-        pin = pin.0.display(),
-        bport = backend.addr.port(),
-    );
-    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
+    let scene = Scene::new(2, "drop").await;
+    let (ns, pki) = (&scene.ns, &scene.pki);
+    let gw = scene
+        .gateway(
+            8445,
+            "drop",
+            "tls: {certificates: [{cert_chain: server.pem, private_key: server.key}], handshake_timeout: 1s}\n",
+        )
+        .await;
     let target = gw.https();
     let d = "domain=\"*.apps.identity\"";
     for _ in 0..2 {
-        let r = call_from(&ns, ns.client(2), target, pki.clone());
+        let r = call_from(ns, ns.client(2), target, pki.clone());
         assert!(r.is_err(), "outside the allow-list: {r:?}");
     }
-    assert_eq!(call_from(&ns, ns.client(3), target, pki.clone()), Ok(200));
+    assert_eq!(call_from(ns, ns.client(3), target, pki.clone()), Ok(200));
     // Longer than the handshake deadline (1 s) plus the deferred-accept hand-over (1 s).
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let m = gw.metrics();
@@ -1271,30 +1302,11 @@ async fn reset_mode_holds_when_the_listener_answers_with_syn_cookies() {
     if object().is_none() {
         return;
     }
-    let ns = support::netns::Netns::new(6);
-    let pki = std::sync::Arc::new(TestPki::new());
-    let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let port = 8444;
-    let pin = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/portcullis-cookies-{}",
-        std::process::id()
-    )));
-    let yaml = format!(
-        "listen: {{https: \"{host}:{port}\"}}\n\
-         limits: {{listen_backlog: 4}}\n\
-         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
-         xdp: {{interfaces: [{iface}], ports: [{port}], reject: reset, pin_path: \"{pin}\"}}\n\
-         routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n",
-        host = ns.host(),
-        allowed = ns.client(3),
-        iface = ns.host_if,
-        pin = pin.0.display(),
-        bport = backend.addr.port(),
-    );
-    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
-    assert!(gw.gw.state().xdp.is_some(), "XDP attached");
+    let scene = Scene::new(6, "cookies").await;
+    let (ns, pki) = (&scene.ns, &scene.pki);
+    let gw = scene
+        .gateway(8444, "reset", "limits: {listen_backlog: 4}\n")
+        .await;
     let target = gw.https();
     let cookies = tcp_ext("SyncookiesSent");
 
@@ -1371,7 +1383,7 @@ async fn reset_mode_holds_when_the_listener_answers_with_syn_cookies() {
         .collect();
     assert!(domain_handshakes.is_empty(), "{domain_handshakes:?}");
     assert_eq!(
-        call_from(&ns, ns.client(3), target, pki.clone()),
+        call_from(ns, ns.client(3), target, pki.clone()),
         Ok(200),
         "allowed source"
     );

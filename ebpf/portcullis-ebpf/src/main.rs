@@ -442,18 +442,9 @@ fn reply_rst(ctx: &XdpContext, flow: &Flow) -> Result<u32, Stop> {
     th[13] = TCP_RST;
     // The pseudo-header: both addresses (swapped order does not change the sum), the protocol
     // and the TCP length (20).
-    let mut sum: u32 = IPPROTO_TCP as u32 + 20;
     let (src, dst) = (&flow.key.src, &flow.key.dst);
-    let mut i = if flow.v6 { 0 } else { 12 };
-    while i < 16 {
-        sum += be16(src, i) as u32 + be16(dst, i) as u32;
-        i += 2;
-    }
-    let mut i = 0;
-    while i < 20 {
-        sum += be16(&th, i) as u32;
-        i += 2;
-    }
+    let from = if flow.v6 { 0 } else { 12 };
+    let sum = IPPROTO_TCP as u32 + 20 + words(src, from) + words(dst, from) + words(&th, 0);
     let csum = fold(sum).to_be_bytes();
     th[16] = csum[0];
     th[17] = csum[1];
@@ -476,13 +467,7 @@ fn reply_rst(ctx: &XdpContext, flow: &Flow) -> Result<u32, Stop> {
         ip[9] = IPPROTO_TCP;
         ip[12..16].copy_from_slice(&dst[12..16]);
         ip[16..20].copy_from_slice(&src[12..16]);
-        let mut sum: u32 = 0;
-        let mut i = 0;
-        while i < 20 {
-            sum += be16(&ip, i) as u32;
-            i += 2;
-        }
-        let csum = fold(sum).to_be_bytes();
+        let csum = fold(words(&ip, 0)).to_be_bytes();
         ip[10] = csum[0];
         ip[11] = csum[1];
         store(ctx, flow.l3, &mut ip)?;
@@ -500,6 +485,18 @@ fn reply_rst(ctx: &XdpContext, flow: &Flow) -> Result<u32, Stop> {
         return Err(Stop::Ignore);
     }
     Ok(xdp_action::XDP_TX)
+}
+
+/// The sum of the big-endian 16-bit words of `b` from `from` on (N and `from` even).
+#[inline(always)]
+fn words<const N: usize>(b: &[u8; N], from: usize) -> u32 {
+    let mut sum = 0;
+    let mut i = from;
+    while i + 1 < N {
+        sum += be16(b, i) as u32;
+        i += 2;
+    }
+    sum
 }
 
 /// The one's complement of a 16-bit one's complement sum.
