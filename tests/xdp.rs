@@ -985,6 +985,12 @@ impl Scene {
         );
         let gw = support::gateway::TestGateway::start(&self.pki, &yaml).await;
         assert!(gw.gw.state().xdp.is_some(), "XDP attached");
+        // What the daemon's veth warning keys on (the namespace's end runs an XDP program, so
+        // the gate's RSTs do arrive here).
+        assert_eq!(
+            portcullis::xdp::interface_driver(&self.ns.host_if).as_deref(),
+            Some("veth")
+        );
         gw
     }
 }

@@ -25,7 +25,9 @@ mod learn;
 mod runtime;
 pub mod twin;
 pub use learn::{monotonic_ns, Learner};
-pub use runtime::{load_pinned, unload_pinned, Denial, SharedDenial, XdpRuntime, OBJECT};
+pub use runtime::{
+    interface_driver, load_pinned, unload_pinned, Denial, SharedDenial, XdpRuntime, OBJECT,
+};
 
 /// The program's name in the object.
 pub const PROGRAM: &str = "sni_gate";

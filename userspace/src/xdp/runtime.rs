@@ -14,7 +14,7 @@ use portcullis_common::Counter;
 
 use super::learn::{monotonic_ns, Learner};
 use super::{addr_bytes, Gate, MapPlan, XdpError};
-use crate::config::{Config, XdpMode};
+use crate::config::{Config, XdpMode, XdpReject};
 use crate::metrics::{KindLabels, Metrics, XdpAttachLabels, XdpVerdictLabels};
 use crate::names::DomainPattern;
 use crate::routing::RouteTable;
@@ -192,6 +192,18 @@ impl XdpRuntime {
                 })
                 .set(1);
             tracing::info!(interface = %iface, mode, "XDP gate attached");
+            if mode == "native"
+                && xdp.reject == XdpReject::Reset
+                && interface_driver(iface).as_deref() == Some("veth")
+            {
+                tracing::warn!(
+                    interface = %iface,
+                    "native XDP on a veth: the RSTs the gate sends back for rejected flows \
+                     (XDP_TX) reach the other end only if it runs an XDP program too, and are \
+                     dropped otherwise (those clients then wait for their own timeout); \
+                     xdp.mode: skb sends them on a veth"
+                );
+            }
         }
         Ok(Some(XdpRuntime {
             gate: Mutex::new(gate),
@@ -517,5 +529,54 @@ impl Gate {
             }
         }
         Err(last.map_or(XdpError::Interface(iface.to_string()), XdpError::Program))
+    }
+}
+
+/// The driver behind a network interface (`ethtool -i`), through the SIOCETHTOOL ioctl; `None`
+/// when there is no such interface (in this network namespace) or it does not say.
+pub fn interface_driver(iface: &str) -> Option<String> {
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut u8,
+        _rest: [u8; 16],
+    }
+    // struct ethtool_drvinfo: cmd, then the driver name in 32 bytes, and more we do not read.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: info.as_mut_ptr(),
+        _rest: [0; 16],
+    };
+    let name = iface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    req.name[..name.len()].copy_from_slice(name);
+    // SAFETY: a datagram socket only for the ioctl, closed below; `req` points at `info`, which
+    // is as large as the kernel's struct ethtool_drvinfo, and both outlive the call.
+    let ok = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let r = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+        libc::close(fd);
+        r == 0
+    };
+    let driver = &info[4..36];
+    let end = driver.iter().position(|b| *b == 0).unwrap_or(driver.len());
+    ok.then(|| String::from_utf8_lossy(&driver[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod driver_tests {
+    #[test]
+    fn no_driver_for_an_interface_that_does_not_exist() {
+        assert_eq!(super::interface_driver("no-such-if0"), None);
+        assert_eq!(super::interface_driver("a-name-longer-than-ifnamsiz"), None);
     }
 }
