@@ -1308,6 +1308,12 @@ async fn reset_mode_holds_when_the_listener_answers_with_syn_cookies() {
     if object().is_none() {
         return;
     }
+    let syncookies = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_syncookies").unwrap();
+    if syncookies.trim() == "0" {
+        // Debian's default is 1 (cookies when the SYN queue overflows).
+        eprintln!("skipped: net.ipv4.tcp_syncookies is 0 here, so there are no cookies to test");
+        return;
+    }
     let scene = Scene::new(6, "cookies").await;
     let (ns, pki) = (&scene.ns, &scene.pki);
     let gw = scene
