@@ -407,15 +407,7 @@ fn flood_caller(
         (*support::client::tls_config(&pki.server_ca, Some(&pki.b), &[b"http/1.1"])).clone();
     cfg.resumption = rustls::client::Resumption::disabled();
     let cfg = Arc::new(cfg);
-    let hello = {
-        let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
-        let mut c = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
-        let mut out = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut out).unwrap();
-        }
-        Arc::new(out)
-    };
+    let hello = Arc::new(support::packets::rustls_client_hello("a.apps.identity"));
     rt.block_on(async move {
         let mut tasks = Vec::new();
         for _ in 0..FLOOD_CONCURRENCY {
