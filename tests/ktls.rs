@@ -5,8 +5,9 @@
 //! plain, resumed ones included, are moved into the kernel, `/proc/net/tls_stat` shows the kernel
 //! doing the record crypto, and every response is byte-identical to the same request through a
 //! gateway with `tls.ktls: off`. KeyUpdates from clients and from TLS backends are followed where
-//! the kernel can rekey (≥ 6.14) and end the connection in order where it cannot; hostile
-//! post-handshake records end connections without harm.
+//! the kernel can rekey (≥ 6.14) and end the connection in order where it cannot; the gateway
+//! sends its own when a connection's send keys reach their record limit (where it cannot, that
+//! connection ends in order too); hostile post-handshake records end connections without harm.
 //! Where it has not (the build machines): the gateway falls back to rustls, `on` refuses to start
 //! with the reason, and the binary says so once.
 
@@ -444,6 +445,7 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     key_update(&on, &pki).await;
     backend_key_update(&on, &pki, &tls_on_counts).await;
     hostile_records(&on, &pki).await;
+    record_limit(&off, &pki, backend, &upload).await;
 }
 
 /// Whether this kernel can replace the keys of a live kTLS socket (Linux 6.14 added TLS 1.3
@@ -573,6 +575,112 @@ async fn backend_key_update(gw: &TestGateway, pki: &TestPki, counts: &Counts) {
     }
 }
 
+/// The gateway's own KeyUpdates. rustls leaves it to the user of a kernel connection to keep the
+/// records sent under one key below the cipher suite's confidentiality limit (2^24 for
+/// AES-128-GCM). With the limit capped at 16 records, a 1 MiB download, 30 small responses on
+/// one connection, h2 streams and a 300 KB upload to a TLS backend each cross it, several times.
+/// Where the kernel can rekey, every byte arrives as through the userspace gateway and `tls_stat`
+/// counts the gateway's send-side rekeys and no receive-side one (no peer asked for them). Where
+/// it cannot, the connection ends at the limit with a close_notify (the client reads a clean end,
+/// not a reset or a hang) and the gateway serves on.
+async fn record_limit(off: &TestGateway, pki: &TestPki, backend: SocketAddr, upload: &[u8]) {
+    let rekeys = kernel_rekeys();
+    let (tls_backend, _) = self::backend(Some(backend_tls(pki))).await;
+    let capped = TestGateway::start(pki, &sections("on", backend, tls_backend)).await;
+    let ktls = capped.gw.state().ktls.as_ref().expect("kernel TLS");
+    ktls.cap_records_per_key(16);
+    let before = tls_stat();
+    let host = "a.apps.identity";
+    let mtls = client_config(pki, true, b"http/1.1");
+
+    // 1 MiB in one response: at least 64 records.
+    let request = get(host, "/bytes/1048576");
+    let (want, _) = h1_raw(off.https(), mtls.clone(), host, request.clone()).await;
+    let tcp = TcpStream::connect(capped.https()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(mtls.clone())
+        .connect(ServerName::try_from(host).unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(&request).await.unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tls.read_to_end(&mut got),
+    )
+    .await
+    .expect("the download ends within 60 s");
+    if !rekeys {
+        eprintln!(
+            "record limit 16, no rekeying: the 1 MiB download ended after {} bytes with {end:?}",
+            got.len()
+        );
+        // The connection ended at the limit, in order: close_notify, then the end of the stream.
+        assert!(end.is_ok(), "a clean end of stream: {end:?}");
+        assert!(
+            got.len() < want.len() && got.len() > 16 * 1024,
+            "{} of {} bytes",
+            got.len(),
+            want.len()
+        );
+        assert_served(&capped, pki, "after a connection reached its record limit").await;
+        return;
+    }
+    end.expect("the download is read whole");
+    assert!(blank_date(got) == want, "1 MiB over rekeyed kTLS differs");
+
+    // 30 small responses on one keep-alive connection: one record each at least.
+    let tcp = TcpStream::connect(capped.https()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(mtls)
+        .connect(ServerName::try_from(host).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let pattern: Vec<u8> = (0..100u8).map(|i| i % 251).collect();
+    for i in 0..30 {
+        let req = http::Request::get(format!("https://{host}/bytes/100"))
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = send.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200, "request {i}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.as_ref(), pattern.as_slice(), "request {i}");
+    }
+
+    // h2 streams, and a 300 KB upload the gateway sends on to a TLS backend.
+    for (host, mtls) in [("a.apps.identity", true), ("tls.apps.plain", false)] {
+        let cfg = client_config(pki, mtls, b"h2");
+        let want = h2_exchange(off.https(), cfg.clone(), host, upload).await;
+        let got = h2_exchange(capped.https(), cfg, host, upload).await;
+        assert!(got == want, "h2 over rekeyed kTLS differs for {host}");
+    }
+    let host = "tls.apps.plain";
+    let cfg = client_config(pki, false, b"http/1.1");
+    let (want, _) = h1_raw(off.https(), cfg.clone(), host, post(host, upload)).await;
+    let (got, _) = h1_raw(capped.https(), cfg, host, post(host, upload)).await;
+    assert!(want.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        got == want,
+        "upload to a TLS backend over rekeyed kTLS differs"
+    );
+
+    let after = tls_stat();
+    let delta = |k: &str| stat_delta(&before, &after, k);
+    eprintln!(
+        "record limit 16: TlsTxRekeyOk {} TlsRxRekeyOk {}",
+        delta("TlsTxRekeyOk"),
+        delta("TlsRxRekeyOk")
+    );
+    // 1 MiB twice (h1 and h2), 1 MiB from the TLS backend, 300 KB up twice and back twice: well
+    // over 300 records in 15-record keys.
+    assert!(delta("TlsTxRekeyOk") >= 20, "{after:?}");
+    assert_eq!(delta("TlsRxRekeyOk"), 0, "{after:?}");
+    assert_eq!(delta("TlsTxRekeyError") + delta("TlsDecryptError"), 0);
+}
+
 /// A fresh mTLS connection gets `200` for `GET /bytes/100` on `a.apps.identity`.
 async fn assert_served(gw: &TestGateway, pki: &TestPki, when: &str) {
     let host = "a.apps.identity";
@@ -619,6 +727,7 @@ async fn hostile_records(gw: &TestGateway, pki: &TestPki) {
             tcp,
             Arc::new(cfg),
             ServerName::try_from(host).unwrap(),
+            gw.gw.state().ktls.as_deref().expect("kernel TLS"),
         )
         .await
         .unwrap();

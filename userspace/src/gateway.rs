@@ -435,16 +435,16 @@ async fn handshake(
 ) -> Option<(Box<dyn ClientIo>, ConnCtx)> {
     let rt = state.runtime.load_full();
     let deadline = rt.config.tls.handshake_timeout;
-    if state.ktls.is_none() {
+    let Some(ktls) = state.ktls.as_deref() else {
         let accepted = tls::accept(tcp, &rt.tls, deadline).await;
         let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
         return Some((Box::new(stream), conn));
-    }
+    };
     // The probe found every cipher suite the gateway offers supported by the kernel.
     let accepted = tls::accept_kernel(tcp, &rt.tls, deadline).await;
     drop(rt);
     let (pending, mut conn) = handshake_done(state, accepted, client, "kernel")?;
-    match pending.into_kernel() {
+    match pending.into_kernel(ktls) {
         Ok(stream) => {
             conn.ktls = true;
             Some((Box::new(stream), conn))

@@ -383,7 +383,7 @@ impl BackendPool {
                 let cfg = s.tls.ok_or(ConnectError::NoTlsConfig)?;
                 let name = ServerName::try_from(san.clone())
                     .map_err(|_| ConnectError::BadSan(san.clone()))?;
-                if s.ktls.is_none() {
+                let Some(ktls) = s.ktls else {
                     let connector = tokio_rustls::TlsConnector::from(cfg.clone());
                     let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
                         .await
@@ -391,12 +391,12 @@ impl BackendPool {
                         .map_err(ConnectError::Tls)?;
                     let sender = handshake(TokioIo::new(tls), key.h2, upgrades).await?;
                     return Ok(Lease::new(sender, key, false));
-                }
+                };
                 // As for client connections: an unbuffered handshake, then the record crypto
                 // goes to the kernel.
                 let stream = tokio::time::timeout(
                     s.connect_timeout,
-                    crate::tls::connect_kernel(tcp, cfg.clone(), name),
+                    crate::tls::connect_kernel(tcp, cfg.clone(), name, ktls),
                 )
                 .await
                 .map_err(|_| ConnectError::Timeout(s.connect_timeout))?

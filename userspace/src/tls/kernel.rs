@@ -5,6 +5,7 @@
 //! ([`super::unbuffered`]) and the connection is handed to the kernel with [`super::kstream`].
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ktls::CompatibleCiphers;
@@ -15,13 +16,50 @@ use crate::config::KtlsMode;
 /// What the start-up probe found: the kernel takes every suite the gateway may negotiate.
 pub struct KernelTls {
     rekeys: bool,
+    /// Records a connection sends under one key before it updates the key (or, where it cannot,
+    /// ends), when lower than the cipher suite's confidentiality limit.
+    record_cap: AtomicU64,
 }
 
 impl KernelTls {
+    fn new(rekeys: bool) -> Self {
+        Self {
+            rekeys,
+            record_cap: AtomicU64::new(u64::MAX),
+        }
+    }
+
     /// Whether kernel connections follow TLS 1.3 KeyUpdates (Linux 6.14 and later); where not, a
     /// peer's KeyUpdate ends its connection (see [`super::kstream`]).
     pub fn follows_key_updates(&self) -> bool {
         self.rekeys
+    }
+
+    /// Whether a connection can replace its own send keys when they have encrypted as many
+    /// records as the cipher suite allows: TLS 1.3 on a kernel that rekeys.
+    pub(super) fn updates_send_keys(&self, suite: rustls::SupportedCipherSuite) -> bool {
+        self.rekeys && suite.tls13().is_some()
+    }
+
+    /// How many records a connection with `suite` may send under one key: the suite's
+    /// confidentiality limit (2^24 for AES-GCM; ChaCha20-Poly1305 has none that matters), as rustls
+    /// enforces for the connections it encrypts itself, or a lower cap.
+    pub(super) fn record_limit(&self, suite: rustls::SupportedCipherSuite) -> u64 {
+        let common = match suite {
+            rustls::SupportedCipherSuite::Tls12(s) => &s.common,
+            rustls::SupportedCipherSuite::Tls13(s) => &s.common,
+        };
+        common
+            .confidentiality_limit
+            .min(self.record_cap.load(Ordering::Relaxed))
+    }
+
+    /// Caps the records sent under one key below the cipher suite's limit, for connections
+    /// moved into the kernel from now on. The limit is millions of records; tests lower it to
+    /// reach it.
+    #[doc(hidden)]
+    pub fn cap_records_per_key(&self, records: u64) {
+        self.record_cap.store(records, Ordering::Relaxed);
     }
 }
 
@@ -56,7 +94,7 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
                 },
                 "kernel TLS available: established connections move their record crypto into the kernel"
             );
-            Ok(Some(Arc::new(KernelTls { rekeys })))
+            Ok(Some(Arc::new(KernelTls::new(rekeys))))
         }
         (Err(why), KtlsMode::On) => Err(format!("tls.ktls is on but {why}")),
         (Err(why), _) => {
@@ -131,4 +169,36 @@ async fn ulp_available() -> Result<bool, String> {
         ));
     }
     Ok(super::kstream::kernel_rekeys(client.as_raw_fd()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KernelTls;
+    use rustls::crypto::ring::cipher_suite as suite;
+
+    #[test]
+    fn record_limit_is_the_suites_confidentiality_limit_or_the_cap() {
+        let k = KernelTls::new(true);
+        assert_eq!(k.record_limit(suite::TLS13_AES_128_GCM_SHA256), 1 << 24);
+        assert_eq!(k.record_limit(suite::TLS13_AES_256_GCM_SHA384), 1 << 24);
+        assert_eq!(
+            k.record_limit(suite::TLS13_CHACHA20_POLY1305_SHA256),
+            u64::MAX
+        );
+        assert_eq!(
+            k.record_limit(suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+            1 << 24
+        );
+        k.cap_records_per_key(16);
+        assert_eq!(k.record_limit(suite::TLS13_AES_128_GCM_SHA256), 16);
+        assert_eq!(k.record_limit(suite::TLS13_CHACHA20_POLY1305_SHA256), 16);
+    }
+
+    #[test]
+    fn only_tls13_on_a_rekeying_kernel_updates_its_send_keys() {
+        let (new, old) = (KernelTls::new(true), KernelTls::new(false));
+        assert!(new.updates_send_keys(suite::TLS13_AES_128_GCM_SHA256));
+        assert!(!new.updates_send_keys(suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256));
+        assert!(!old.updates_send_keys(suite::TLS13_AES_128_GCM_SHA256));
+    }
 }

@@ -13,6 +13,13 @@
 //!   the send keys replaced after it. Kernels before 6.14 cannot replace the keys of a live kTLS
 //!   socket; there the connection ends with a specific error and a close_notify;
 //! - anything else ends the connection with an error naming the record type.
+//!
+//! What rustls does for the connections it encrypts itself, and leaves to the user of a
+//! [`KernelConnection`], is done here too: the records sent under one key are counted, and before
+//! they reach the cipher suite's confidentiality limit (2^24 records for AES-GCM) a TLS 1.3
+//! connection sends a KeyUpdate and moves to the next keys. Where that is impossible (TLS 1.2, or
+//! a kernel before 6.14) the connection ends with a close_notify instead, as rustls ends a TLS 1.2
+//! connection.
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
@@ -44,6 +51,12 @@ const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
 /// A KeyUpdate handshake message with `request_update = update_not_requested`.
 const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
+
+/// Bytes of application data counted as one more record when estimating how many records a
+/// write makes. The kernel fills records to 2^14 bytes and closes one early only when it runs out
+/// of room for fragments; a quarter of that keeps the estimate above the records actually made,
+/// and the kernel's own count is read when the estimate reaches the limit.
+const BYTES_PER_RECORD_ESTIMATE: u64 = 1 << 12;
 
 /// The TLS session's key schedule, kept by rustls after the hand-over.
 pub enum Keys {
@@ -110,6 +123,13 @@ pub struct KernelStream {
     key_update_due: bool,
     read_done: bool,
     close_notify_sent: bool,
+    /// Records sent under the current send keys, at least (see [`BYTES_PER_RECORD_ESTIMATE`]).
+    records_sent: u64,
+    /// Records the send keys may encrypt, the KeyUpdate or close_notify that ends them included.
+    record_limit: u64,
+    /// Whether the send keys can be replaced when they reach `record_limit` (TLS 1.3 on a kernel
+    /// that rekeys); if not, the connection ends there.
+    updates_send_keys: bool,
 }
 
 impl KernelStream {
@@ -120,8 +140,10 @@ impl KernelStream {
         keys: Keys,
         secrets: rustls::ExtractedSecrets,
         early: Vec<u8>,
+        ktls: &super::KernelTls,
     ) -> Result<Self, HandoffError> {
         let suite = keys.suite();
+        let records_sent = secrets.tx.0;
         let fd = tcp.as_raw_fd();
         let name = b"tls";
         // SAFETY: setsockopt on a socket we own, with a valid buffer and length.
@@ -147,6 +169,9 @@ impl KernelStream {
             key_update_due: false,
             read_done: false,
             close_notify_sent: false,
+            records_sent,
+            record_limit: ktls.record_limit(suite),
+            updates_send_keys: ktls.updates_send_keys(suite),
         })
     }
 
@@ -226,9 +251,110 @@ impl KernelStream {
     /// After our KeyUpdate went out: everything we send from now on uses the next keys.
     fn key_update_sent(&mut self) -> io::Result<()> {
         self.key_update_due = false;
-        let next = self.keys.next(TLS_TX).map_err(|e| invalid(e.to_string()))?;
-        set_keys(self.tcp.as_raw_fd(), TLS_TX, self.keys.suite(), next)
-            .map_err(|e| io::Error::other(e.to_string()))
+        let (seq, next) = self.keys.next(TLS_TX).map_err(|e| invalid(e.to_string()))?;
+        set_keys(self.tcp.as_raw_fd(), TLS_TX, self.keys.suite(), (seq, next))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.records_sent = seq;
+        Ok(())
+    }
+
+    /// Before a write: how many bytes it may take so that the send keys stay below their record
+    /// limit with one record to spare (for the KeyUpdate or close_notify that ends them). At the
+    /// limit, per the kernel's own record count, the keys are updated, or the connection ends.
+    fn poll_send_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.poll_key_update(cx))?;
+            let left = self
+                .record_limit
+                .saturating_sub(self.records_sent)
+                .saturating_sub(1);
+            if left > 0 {
+                let bytes = left.saturating_mul(BYTES_PER_RECORD_ESTIMATE) - 1;
+                return Poll::Ready(Ok(usize::try_from(bytes).unwrap_or(usize::MAX)));
+            }
+            let counted = self.kernel_records_sent()?;
+            if counted < self.records_sent {
+                self.records_sent = counted;
+                continue;
+            }
+            if self.updates_send_keys {
+                self.key_update_due = true;
+                continue;
+            }
+            record_limit_warning(self.record_limit);
+            ready!(self.poll_close_notify(cx))?;
+            return Poll::Ready(Err(io::Error::other(format!(
+                "the send keys encrypted the cipher suite's limit of {} records and this \
+                 connection cannot update them (TLS 1.2, or a kernel before Linux 6.14); \
+                 connection closed",
+                self.record_limit
+            ))));
+        }
+    }
+
+    /// After a write of `bytes`: counts the records it made, at most.
+    fn sent(&mut self, bytes: usize) {
+        if bytes > 0 {
+            self.records_sent += bytes as u64 / BYTES_PER_RECORD_ESTIMATE + 1;
+        }
+    }
+
+    /// The sequence number of the next record the kernel encrypts: the records sent under the
+    /// current send keys. The kernel hands out the crypto_info of the send keys only to a buffer
+    /// of exactly its size, which depends on the cipher; the sequence number is its last 8 bytes,
+    /// big-endian.
+    fn kernel_records_sent(&self) -> io::Result<u64> {
+        let fd = self.tcp.as_raw_fd();
+        let get = |buf: &mut [u8]| {
+            let mut len = buf.len() as libc::socklen_t;
+            // SAFETY: the kernel writes at most `len` bytes into `buf`.
+            if unsafe {
+                libc::getsockopt(fd, libc::SOL_TLS, TLS_TX, buf.as_mut_ptr().cast(), &mut len)
+            } != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // struct tls_crypto_info: version, cipher_type (u16 each, host order).
+        let mut head = [0u8; 4];
+        get(&mut head)?;
+        let size = match u16::from_ne_bytes([head[2], head[3]]) {
+            // AES-GCM-128 (and AES-CCM-128): iv 8, key 16, salt 4, rec_seq 8.
+            51 | 53 => 40,
+            // AES-GCM-256: iv 8, key 32, salt 4, rec_seq 8; ChaCha20-Poly1305: iv 12, key 32,
+            // rec_seq 8.
+            52 | 54 => 56,
+            other => {
+                return Err(io::Error::other(format!(
+                    "TLS_TX crypto_info of unknown cipher type {other}"
+                )))
+            }
+        };
+        let mut info = [0u8; 56];
+        let info = &mut info[..size];
+        get(info)?;
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&info[size - 8..]);
+        Ok(u64::from_be_bytes(seq))
+    }
+
+    /// Sends a close_notify once, waiting for room in the send buffer.
+    fn poll_close_notify(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.close_notify_sent {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let fd = self.tcp.as_raw_fd();
+            match self
+                .tcp
+                .try_io(Interest::WRITABLE, || send_record(fd, ALERT, &CLOSE_NOTIFY))
+            {
+                Ok(()) => self.close_notify_sent = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // The peer is gone; shutting down the socket is all that is left.
+                Err(_) => self.close_notify_sent = true,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Sends a KeyUpdate the peer asked for before anything else is written.
@@ -303,6 +429,19 @@ impl KernelStream {
             let _ = self.send_close_notify();
         }
         result
+    }
+}
+
+/// Says once per process why connections end at their record limit here.
+fn record_limit_warning(limit: u64) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            records = limit,
+            "a kernel TLS connection sent as many records as its send keys may encrypt and cannot \
+             update them (TLS 1.2, or a kernel before Linux 6.14 for TLS 1.3); such connections \
+             end with a close_notify, and their clients reconnect"
+        );
     }
 }
 
@@ -476,8 +615,11 @@ impl AsyncWrite for KernelStream {
         if this.close_notify_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        ready!(this.poll_key_update(cx))?;
-        Pin::new(&mut this.tcp).poll_write(cx, buf)
+        let room = ready!(this.poll_send_room(cx))?;
+        let buf = &buf[..buf.len().min(room)];
+        let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
+        this.sent(n);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -489,8 +631,20 @@ impl AsyncWrite for KernelStream {
         if this.close_notify_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        ready!(this.poll_key_update(cx))?;
-        Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs)
+        let room = ready!(this.poll_send_room(cx))?;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let n = if total <= room {
+            ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?
+        } else {
+            // Near the limit only: as much of the buffers as the keys have room for.
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            ready!(Pin::new(&mut this.tcp).poll_write(cx, &first[..first.len().min(room)]))?
+        };
+        this.sent(n);
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -507,19 +661,7 @@ impl AsyncWrite for KernelStream {
         let this = self.get_mut();
         // Best effort: a peer that asked for new keys reads the close_notify under them.
         let _ = ready!(this.poll_key_update(cx));
-        while !this.close_notify_sent {
-            ready!(this.tcp.poll_write_ready(cx))?;
-            let fd = this.tcp.as_raw_fd();
-            match this
-                .tcp
-                .try_io(Interest::WRITABLE, || send_record(fd, ALERT, &CLOSE_NOTIFY))
-            {
-                Ok(()) => this.close_notify_sent = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                // The peer is gone; shutting down the socket is all that is left.
-                Err(_) => this.close_notify_sent = true,
-            }
-        }
+        ready!(this.poll_close_notify(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }

@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::accept::{conn_tls, linger, Accepted, ConnTls, HandshakeFailure};
+use super::kernel::KernelTls;
 use super::kstream::{HandoffError, KernelStream};
 use super::TlsServer;
 use crate::names::{normalize_host, DomainPattern};
@@ -65,12 +66,12 @@ pub struct KernelPending {
 
 impl KernelPending {
     /// Moves the connection's record crypto into the kernel.
-    pub fn into_kernel(self) -> Result<KernelStream, HandoffError> {
+    pub fn into_kernel(self, ktls: &KernelTls) -> Result<KernelStream, HandoffError> {
         let (secrets, kernel) = self
             .conn
             .dangerous_into_kernel_connection()
             .map_err(HandoffError::Secrets)?;
-        KernelStream::new(self.tcp, kernel.into(), secrets, self.early)
+        KernelStream::new(self.tcp, kernel.into(), secrets, self.early, ktls)
     }
 }
 
@@ -144,6 +145,7 @@ pub async fn connect_kernel(
     mut tcp: TcpStream,
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
+    ktls: &KernelTls,
 ) -> io::Result<KernelStream> {
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(io::Error::other)?;
     let early = match complete(&mut conn, &mut tcp, Vec::new()).await {
@@ -154,7 +156,7 @@ pub async fn connect_kernel(
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
         .map_err(|e| io::Error::other(HandoffError::Secrets(e)))?;
-    KernelStream::new(tcp, kernel.into(), secrets, early).map_err(io::Error::other)
+    KernelStream::new(tcp, kernel.into(), secrets, early, ktls).map_err(io::Error::other)
 }
 
 /// One side of an unbuffered connection.
