@@ -14,7 +14,10 @@
 //! `/proc/<pid>/stat`) per 1,000 denied attempts, and the allowed caller's p99 alone and during
 //! the flood. Needs root (namespaces, XDP) and the object from `cargo xtask build-ebpf`.
 //!
-//! `cargo bench -p portcullis --bench flood [-- --seconds N]`
+//! Each mode runs once per round, the rounds interleaved (BENCH.md); the table gives medians with
+//! their range over the rounds.
+//!
+//! `cargo bench -p portcullis --bench flood [-- --seconds N] [--rounds N]` (10 s, 3 rounds)
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -68,7 +71,6 @@ const MODES: [Mode; 3] = [
 ];
 
 struct Outcome {
-    mode: &'static str,
     attempts: u64,
     handshakes_refused: u64,
     seconds: f64,
@@ -79,11 +81,14 @@ struct Outcome {
 }
 
 fn main() {
-    let seconds: u64 = std::env::args()
-        .skip_while(|a| a != "--seconds")
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let arg = |name: &str| {
+        std::env::args()
+            .skip_while(|a| a != name)
+            .nth(1)
+            .and_then(|s| s.parse::<u64>().ok())
+    };
+    let seconds = arg("--seconds").unwrap_or(10);
+    let rounds = arg("--rounds").unwrap_or(3).max(1);
     if unsafe { libc::geteuid() } != 0 || portcullis::xdp::OBJECT.is_empty() {
         eprintln!("flood bench: needs root and the XDP object (cargo xtask build-ebpf)");
         std::process::exit(1);
@@ -94,43 +99,80 @@ fn main() {
     let backend = rt
         .block_on(portcullis::echo::start("b", ([127, 0, 0, 1], 0).into()))
         .unwrap();
-    let mut results = Vec::new();
-    for mode in &MODES {
-        results.push(run(&ns, &pki, backend.addr, mode, seconds));
+    // Interleaved rounds (BENCH.md): each mode once per round, so a drift of the machine spreads
+    // over every mode.
+    let mut results: Vec<Vec<Outcome>> = MODES.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (mode, out) in MODES.iter().zip(results.iter_mut()) {
+            eprintln!("round {round} of {rounds}: {}", mode.name);
+            out.push(run(&ns, &pki, backend.addr, mode, seconds));
+        }
     }
-    println!();
-    println!("| mode | denied attempts/s | refused before TLS | daemon CPU s | daemon CPU ms per 1,000 denied | allowed p99 alone | allowed p99 during flood | allowed errors |");
-    println!("|---|---|---|---|---|---|---|---|");
     // /proc counts CPU in clock ticks: a daemon that used none is only known to have used less
     // than one tick, and is reported (and compared) as that bound.
     let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let bound = |cpu: f64| if cpu < tick { "< " } else { "" };
-    for r in &results {
-        let cpu = r.daemon_cpu.max(tick);
+    let per_1000 = |r: &Outcome| 1e6 * r.daemon_cpu.max(tick) / r.attempts.max(1) as f64;
+    let ratio = |r: &Outcome| r.p99_flood.as_secs_f64() / r.p99_alone.as_secs_f64().max(1e-9);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!();
+    println!(
+        "W5, {rounds} interleaved round(s) of {seconds} s per mode: medians (min–max over rounds)"
+    );
+    println!();
+    println!("| mode | denied attempts/s | refused before TLS | daemon CPU ms per 1,000 denied | allowed p99 alone ms | allowed p99 during flood ms | during / alone | allowed errors |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (mode, rs) in MODES.iter().zip(&results) {
+        let col = |f: &dyn Fn(&Outcome) -> f64, digits: usize| {
+            median_spread(rs.iter().map(f).collect(), digits)
+        };
+        // A daemon below one tick in any round is reported as the bound.
+        let under = rs.iter().any(|r| r.daemon_cpu < tick);
         println!(
-            "| {} | {:.0} | {:.0}% | {}{:.2} | {}{:.2} | {:.2} ms | {:.2} ms | {} |",
-            r.mode,
-            r.attempts as f64 / r.seconds,
-            100.0 * r.handshakes_refused as f64 / r.attempts.max(1) as f64,
-            bound(r.daemon_cpu),
-            cpu,
-            bound(r.daemon_cpu),
-            1000.0 * 1000.0 * cpu / r.attempts.max(1) as f64,
-            r.p99_alone.as_secs_f64() * 1000.0,
-            r.p99_flood.as_secs_f64() * 1000.0,
-            r.allowed_errors,
+            "| {} | {} | {}% | {}{} | {} | {} | {}x | {} |",
+            mode.name,
+            col(&|r| r.attempts as f64 / r.seconds, 0),
+            col(
+                &|r| 100.0 * r.handshakes_refused as f64 / r.attempts.max(1) as f64,
+                0
+            ),
+            if under { "≤ " } else { "" },
+            col(&per_1000, 2),
+            col(&|r| ms(r.p99_alone), 2),
+            col(&|r| ms(r.p99_flood), 2),
+            col(&ratio, 2),
+            rs.iter().map(|r| r.allowed_errors).sum::<u64>(),
         );
     }
     if let [on, replayed, off] = &results[..] {
-        let per = |r: &Outcome| r.daemon_cpu.max(tick) / r.attempts.max(1) as f64;
-        let p99 = |r: &Outcome| r.p99_flood.as_secs_f64() / r.p99_alone.as_secs_f64().max(1e-9);
+        let median = |v: Vec<f64>| median_spread(v, 2);
+        let cpu: Vec<f64> = on
+            .iter()
+            .zip(off)
+            .map(|(on, off)| per_1000(off) / per_1000(on))
+            .collect();
         println!(
-            "\ndaemon CPU per denied attempt, XDP on / off: {}1/{:.0}; allowed p99 during/alone with XDP: {:.2}x (replayed ClientHello: {:.2}x)",
-            if on.daemon_cpu < tick { "at most " } else { "" },
-            per(off) / per(on),
-            p99(on),
-            p99(replayed),
+            "\ndaemon CPU per denied attempt, XDP off / on: {}{}x (target 50x); allowed p99 during/alone with XDP: {}x, replayed ClientHello {}x (target 1.2x)",
+            if on.iter().any(|r| r.daemon_cpu < tick) { "at least " } else { "" },
+            median_spread(cpu, 0),
+            median(on.iter().map(ratio).collect()),
+            median(replayed.iter().map(ratio).collect()),
         );
+    }
+}
+
+/// The median of `v` with its range, `m (lo–hi)`, or `m` alone for one value.
+fn median_spread(mut v: Vec<f64>, digits: usize) -> String {
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    match (v.first(), v.last()) {
+        (Some(lo), Some(hi)) if v.len() > 1 => {
+            format!("{median:.digits$} ({lo:.digits$}–{hi:.digits$})")
+        }
+        _ => format!("{median:.digits$}"),
     }
 }
 
@@ -164,7 +206,7 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
             .args(["run", "--config"])
             .arg(&path)
             .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
+            .env("PORTCULLIS_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -233,7 +275,6 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
         spread(&during)
     );
     let out = Outcome {
-        mode: mode.name,
         attempts: a1 - a0,
         handshakes_refused: r1 - r0,
         seconds: elapsed,

@@ -329,7 +329,8 @@ fn bench(quick: bool) -> Result<()> {
         build_ebpf()?;
         mount_bpffs()?;
         bench("xdp", if quick { &["--quick"] } else { &[] })?;
-        bench("flood", &["--seconds", if quick { "3" } else { "10" }])?;
+        let (seconds, rounds) = if quick { ("3", "1") } else { ("10", "3") };
+        bench("flood", &["--seconds", seconds, "--rounds", rounds])?;
     } else {
         eprintln!("not root: skipping the XDP and flood benchmarks");
     }
