@@ -295,7 +295,9 @@ impl KernelStream {
     /// After a write of `bytes`: counts the records it made, at most.
     fn sent(&mut self, bytes: usize) {
         if bytes > 0 {
-            self.records_sent += bytes as u64 / BYTES_PER_RECORD_ESTIMATE + 1;
+            self.records_sent = self
+                .records_sent
+                .saturating_add(bytes as u64 / BYTES_PER_RECORD_ESTIMATE + 1);
         }
     }
 
