@@ -206,7 +206,7 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
             .args(["run", "--config"])
             .arg(&path)
             .current_dir(dir.path())
-            .env("PORTCULLIS_LOG", "warn")
+            .env("PORTCULLIS_LOG", "warn,rustls=error")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

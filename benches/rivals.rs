@@ -787,7 +787,7 @@ fn proxy_command(proxy: &str, port: u16, d: &Path, counted: bool) -> Command {
             let mut c = Command::new(bin);
             c.args(["run", "--config"])
                 .arg(path)
-                .env("PORTCULLIS_LOG", "warn");
+                .env("PORTCULLIS_LOG", "warn,rustls=error");
             c
         }
         "nginx" => {
