@@ -144,7 +144,6 @@ fn main() {
         );
     }
     if let [on, replayed, off] = &results[..] {
-        let median = |v: Vec<f64>| median_spread(v, 2);
         let cpu: Vec<f64> = on
             .iter()
             .zip(off)
@@ -154,8 +153,8 @@ fn main() {
             "\ndaemon CPU per denied attempt, XDP off / on: {}{}x (target 50x); allowed p99 during/alone with XDP: {}x, replayed ClientHello {}x (target 1.2x)",
             if on.iter().any(|r| r.daemon_cpu < tick) { "at least " } else { "" },
             median_spread(cpu, 0),
-            median(on.iter().map(ratio).collect()),
-            median(replayed.iter().map(ratio).collect()),
+            median_spread(on.iter().map(ratio).collect(), 2),
+            median_spread(replayed.iter().map(ratio).collect(), 2),
         );
     }
 }
