@@ -204,8 +204,8 @@ fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
                 format!("{k:.1} ({lo:.1}–{hi:.1})")
             });
             println!(
-                "| {proxy} | {m:.1} ({lo:.1}–{hi:.1}) | {:.2}× | {kept} |",
-                m / best
+                "| {proxy} | {m:.1} ({lo:.1}–{hi:.1}) | {} | {kept} |",
+                ratio(m, best)
             );
         }
     }
@@ -379,7 +379,8 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
         let best_rate = ["nginx", "haproxy"]
             .iter()
             .filter_map(|p| med(p).map(|m| m.0.rate))
-            .fold(0.0, f64::max);
+            .filter(|r| *r > 0.0)
+            .fold(f64::NAN, f64::max);
         let best_cpu = ["nginx", "haproxy"]
             .iter()
             .filter_map(|p| med(p).map(|m| m.0.cpu_per_unit_us))
@@ -390,7 +391,7 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
                 continue;
             };
             println!(
-                "| {} {} | {proxy} | {:.0} ({:.0}–{:.0}) | {} | {:.1} per {} | {:.1} | {:.2}× | {:.2}× |",
+                "| {} {} | {proxy} | {:.0} ({:.0}–{:.0}) | {} | {:.1} per {} | {:.1} | {} | {} |",
                 w.id,
                 w.what,
                 m.rate,
@@ -400,10 +401,20 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
                 m.cpu_per_unit_us,
                 w.unit,
                 m.sys_per_unit_us,
-                m.rate / best_rate.max(1e-9),
-                m.cpu_per_unit_us / best_cpu,
+                ratio(m.rate, best_rate),
+                ratio(m.cpu_per_unit_us, best_cpu),
             );
         }
+    }
+}
+
+/// `x` as a multiple of the best rival's figure, or "-" when no rival ran (a focused run with
+/// `RIVALS_PROXIES`) or none measured anything.
+fn ratio(x: f64, best: f64) -> String {
+    if best.is_finite() && best > 0.0 {
+        format!("{:.2}×", x / best)
+    } else {
+        "-".into()
     }
 }
 
