@@ -8,7 +8,9 @@
 //! key share, per connection, as BENCH.md's denied caller) and with a caller that replays one
 //! ClientHello on every connection, as a flooding tool would: it spends no CPU on key generation,
 //! which on these two shared cores separates what the flood costs the gateway's machine from
-//! what it costs the caller.
+//! what it costs the caller. A third gated mode starts the rustls caller's loops spread over one
+//! retransmission period instead of together, to tell whether the allowed caller's tail comes from
+//! the loops arriving in step.
 //!
 //! Reported per mode: denied attempts per second absorbed, the daemon's CPU seconds (from
 //! `/proc/<pid>/stat`) per 1,000 denied attempts, and the allowed caller's p99 alone and during
@@ -50,25 +52,41 @@ struct Mode {
     name: &'static str,
     xdp: bool,
     caller: Caller,
+    /// The flood's loops start spread over one retransmission period instead of together.
+    spread: bool,
 }
 
-const MODES: [Mode; 3] = [
+const MODES: [Mode; 4] = [
     Mode {
         name: "xdp",
         xdp: true,
         caller: Caller::Tls,
+        spread: false,
     },
     Mode {
         name: "xdp, replayed ClientHello",
         xdp: true,
         caller: Caller::Replay,
+        spread: false,
+    },
+    Mode {
+        name: "xdp, loops started spread",
+        xdp: true,
+        caller: Caller::Tls,
+        spread: true,
     },
     Mode {
         name: "no-xdp",
         xdp: false,
         caller: Caller::Tls,
+        spread: false,
     },
 ];
+
+/// Linux's minimum retransmission timeout (`TCP_RTO_MIN`): in `reset` mode an attempt ends when
+/// the caller retransmits its ClientHello and meets the gate's RST, so each loop of the flood
+/// makes one attempt per this period and a little more.
+const RTO_MIN: Duration = Duration::from_millis(200);
 
 struct Outcome {
     attempts: u64,
@@ -143,18 +161,19 @@ fn main() {
             rs.iter().map(|r| r.allowed_errors).sum::<u64>(),
         );
     }
-    if let [on, replayed, off] = &results[..] {
+    if let [on, replayed, spread, off] = &results[..] {
         let cpu: Vec<f64> = on
             .iter()
             .zip(off)
             .map(|(on, off)| per_1000(off) / per_1000(on))
             .collect();
         println!(
-            "\ndaemon CPU per denied attempt, XDP off / on: {}{}x (target 50x); allowed p99 during/alone with XDP: {}x, replayed ClientHello {}x (target 1.2x)",
+            "\ndaemon CPU per denied attempt, XDP off / on: {}{}x (target 50x); allowed p99 during/alone with XDP: {}x, replayed ClientHello {}x, loops started spread {}x (target 1.2x)",
             if on.iter().any(|r| r.daemon_cpu < tick) { "at least " } else { "" },
             median_spread(cpu, 0),
             median_spread(on.iter().map(ratio).collect(), 2),
             median_spread(replayed.iter().map(ratio).collect(), 2),
+            median_spread(spread.iter().map(ratio).collect(), 2),
         );
     }
 }
@@ -238,10 +257,21 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
             (stop.clone(), attempts.clone(), refused.clone(), pki.clone());
         let source = ns.client(2);
         let path = format!("/var/run/netns/{}", ns.name);
-        let caller = mode.caller;
+        let (caller, spread) = (mode.caller, mode.spread);
         std::thread::spawn(move || {
             in_netns(&path);
-            flood_caller(caller, source, target, pki, stop, attempts, refused)
+            flood_caller(
+                caller,
+                spread,
+                Flood {
+                    source,
+                    target,
+                    pki,
+                    stop,
+                    attempts,
+                    refused,
+                },
+            )
         })
     };
     // Let the flood reach its steady state before measuring.
@@ -426,19 +456,35 @@ async fn connect(
         .map_err(|e| format!("{e:?}"))
 }
 
-/// The denied caller: FLOOD_CONCURRENCY loops, each opening a new mTLS connection (no session
-/// resumption) and sending one GET, or with `Caller::Replay` writing the same ClientHello and
-/// reading once, until `stop`. Counts attempts, and those refused before any TLS answer (reset at
-/// the ClientHello).
-fn flood_caller(
-    caller: Caller,
+/// Where the denied caller sends its attempts and what it counts.
+struct Flood {
     source: String,
     target: SocketAddr,
     pki: Arc<TestPki>,
     stop: Arc<AtomicBool>,
+    /// Attempts made, and of those the ones refused before any TLS answer (reset at the
+    /// ClientHello).
     attempts: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
-) {
+}
+
+/// The denied caller: FLOOD_CONCURRENCY loops, each opening a new mTLS connection (no session
+/// resumption) and sending one GET, or with `Caller::Replay` writing the same ClientHello and
+/// reading once, until `stop`.
+///
+/// Started together, the loops stay in step: each attempt lasts one retransmission timeout, so
+/// all 256 connect within a millisecond or two of each other every ~205 ms. With `spread` loop
+/// `i` starts `i / FLOOD_CONCURRENCY` of [`RTO_MIN`] late, so the same number of attempts per
+/// second arrives evenly, as from many independent callers.
+fn flood_caller(caller: Caller, spread: bool, f: Flood) {
+    let Flood {
+        source,
+        target,
+        pki,
+        stop,
+        attempts,
+        refused,
+    } = f;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -450,8 +496,13 @@ fn flood_caller(
     let hello = Arc::new(support::packets::rustls_client_hello("a.apps.identity"));
     rt.block_on(async move {
         let mut tasks = Vec::new();
-        for _ in 0..FLOOD_CONCURRENCY {
+        for i in 0..FLOOD_CONCURRENCY {
             let hello = hello.clone();
+            let delay = if spread {
+                RTO_MIN * i as u32 / FLOOD_CONCURRENCY as u32
+            } else {
+                Duration::ZERO
+            };
             let (source, cfg, stop, attempts, refused) = (
                 source.clone(),
                 cfg.clone(),
@@ -460,6 +511,7 @@ fn flood_caller(
                 refused.clone(),
             );
             tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
                 while !stop.load(Ordering::Relaxed) {
                     let attempt = async {
                         let sock = tokio::net::TcpSocket::new_v4().ok()?;
