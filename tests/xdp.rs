@@ -931,6 +931,166 @@ async fn deny_learning_expiry_exempt_and_restart() {
     assert_eq!(call_from(&ns, good.clone(), target, pki.clone()), Ok(200));
 }
 
+/// What one keep-alive connection saw: each request's status and whether its response said
+/// `connection: close`, then whether the gateway ended the connection within 2 s of the last.
+struct KeptAlive {
+    responses: Vec<Result<(u16, bool), String>>,
+    ended: bool,
+}
+
+type KaBody = http_body_util::Empty<bytes::Bytes>;
+
+enum KaSender {
+    H1(hyper::client::conn::http1::SendRequest<KaBody>),
+    H2(hyper::client::conn::http2::SendRequest<KaBody>),
+}
+
+/// `n` GETs one after another on one connection from `source` with `leaf`'s certificate
+/// (HTTP/1.1, or h2 when `h2`).
+fn keep_alive_calls(
+    ns: &support::netns::Netns,
+    source: String,
+    target: std::net::SocketAddr,
+    pki: std::sync::Arc<TestPki>,
+    h2: bool,
+    n: usize,
+) -> Result<KeptAlive, String> {
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            let connect = async {
+                let tcp = sock
+                    .connect(target)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+                let cfg = support::client::tls_config(&pki.server_ca, Some(&pki.b), alpn);
+                let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+                tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("tls: {e}"))
+            };
+            let tls = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+                .await
+                .unwrap_or(Err("no handshake in 10 s".into()))?;
+            let io = hyper_util::rt::TokioIo::new(tls);
+            type Body = KaBody;
+            let (mut send, conn): (_, tokio::task::JoinHandle<()>) = if h2 {
+                let (s, c) = hyper::client::conn::http2::handshake::<_, _, Body>(
+                    hyper_util::rt::TokioExecutor::new(),
+                    io,
+                )
+                .await
+                .map_err(|e| format!("h2: {e}"))?;
+                (
+                    KaSender::H2(s),
+                    tokio::spawn(async move {
+                        let _ = c.await;
+                    }),
+                )
+            } else {
+                let (s, c) = hyper::client::conn::http1::handshake::<_, Body>(io)
+                    .await
+                    .map_err(|e| format!("http: {e}"))?;
+                (
+                    KaSender::H1(s),
+                    tokio::spawn(async move {
+                        let _ = c.await;
+                    }),
+                )
+            };
+            let mut responses = Vec::new();
+            for _ in 0..n {
+                let req = http::Request::get("https://a.apps.identity/")
+                    .header("host", "a.apps.identity")
+                    .body(Body::new())
+                    .unwrap();
+                let sent = match &mut send {
+                    KaSender::H1(s) => s.send_request(req).await,
+                    KaSender::H2(s) => s.send_request(req).await,
+                };
+                responses.push(sent.map_err(|e| format!("request: {e}")).map(|r| {
+                    let close = r
+                        .headers()
+                        .get("connection")
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                    (r.status().as_u16(), close)
+                }));
+            }
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(2), conn)
+                .await
+                .is_ok();
+            Ok(KeptAlive { responses, ended })
+        })
+    })
+}
+
+/// A caller that keeps its connection open and is answered 403 again and again: once deny
+/// learning denies its source, the gate refuses its new connections, and the daemon ends the
+/// connection it still holds (HTTP/1.1: `connection: close` on that response; h2: GOAWAY), so a
+/// keep-alive flood cannot go on costing a 403 per request behind the gate's back. An exempt
+/// source is answered 403 as often as it asks and keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_callers_keep_alive_connection_ends() {
+    if object().is_none() {
+        return;
+    }
+    let scene = Scene::new(8, "keepalive").await;
+    let (ns, pki) = (&scene.ns, &scene.pki);
+    let (h1_caller, exempt, h2_caller) = (ns.client(2), ns.client(3), ns.client(4));
+    let port = 8450;
+    let yaml = format!(
+        "listen: {{https: \"{host}:{port}\"}}\n\
+         domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\n\
+         xdp:\n  interfaces: [{iface}]\n  ports: [{port}]\n  pin_path: \"{pin}\"\n\
+         \x20 deny_learning: {{threshold: 3, window: 10s, ttl: 60s, exempt: [\"{exempt}/32\"]}}\n\
+         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
+        host = ns.host(),
+        iface = ns.host_if,
+        pin = scene.pin.0.display(),
+        bport = scene.backend.addr.port(),
+    );
+    let gw = support::gateway::TestGateway::start(pki, &yaml).await;
+    let target = gw.https();
+
+    // HTTP/1.1: two 403s keep the connection; the third crosses the threshold and ends it.
+    let seen = keep_alive_calls(ns, h1_caller.clone(), target, pki.clone(), false, 3).unwrap();
+    assert_eq!(
+        seen.responses,
+        vec![Ok((403, false)), Ok((403, false)), Ok((403, true))]
+    );
+    assert!(seen.ended, "the denied caller's connection ended");
+    assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 1.0);
+    // Its next connection is stopped by the gate.
+    let again = keep_alive_calls(ns, h1_caller, target, pki.clone(), false, 1);
+    assert!(
+        again.is_err(),
+        "reconnecting: {:?}",
+        again.map(|k| k.responses)
+    );
+
+    // h2: the same, with GOAWAY; the response itself is delivered.
+    let seen = keep_alive_calls(ns, h2_caller, target, pki.clone(), true, 3).unwrap();
+    assert_eq!(
+        seen.responses,
+        vec![Ok((403, false)), Ok((403, false)), Ok((403, false))]
+    );
+    assert!(seen.ended, "the denied h2 caller's connection ended");
+    assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 2.0);
+
+    // An exempt source is never denied and keeps its connection however often it is refused.
+    let seen = keep_alive_calls(ns, exempt, target, pki.clone(), false, 6).unwrap();
+    assert_eq!(seen.responses, vec![Ok((403, false)); 6]);
+    assert!(!seen.ended, "the exempt caller's connection stays open");
+    assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 2.0);
+}
+
 /// What the namespace tests share: a client namespace, the PKI, an echo backend and the gate's
 /// pin directory.
 struct Scene {

@@ -749,6 +749,10 @@ where
                 closing = true;
                 graceful(serving.as_mut());
             }
+            _ = conn.end.notified(), if !closing => {
+                closing = true;
+                graceful(serving.as_mut());
+            }
         }
     }
 }

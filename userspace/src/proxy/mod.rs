@@ -6,7 +6,7 @@ mod headers;
 mod pool;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +45,10 @@ pub struct ConnCtx {
     pub inflight: Arc<AtomicUsize>,
     /// Requests started on this connection (the idle timer restarts when it moves).
     pub requests: AtomicU64,
+    /// Notified when the connection should end after the responses in flight (see
+    /// [`ConnCtx::end`]).
+    pub end: tokio::sync::Notify,
+    ending: AtomicBool,
 }
 
 impl ConnCtx {
@@ -55,7 +59,22 @@ impl ConnCtx {
             ktls: false,
             inflight: Arc::default(),
             requests: AtomicU64::new(0),
+            end: tokio::sync::Notify::new(),
+            ending: AtomicBool::new(false),
         }
+    }
+
+    /// Ends the connection after the responses in flight: its caller was learned as denied
+    /// (SPEC §11), so the gate refuses its new connections from now on, and keeping this one
+    /// open would let it go on costing a 403 per request. HTTP/1.1 responses from now on say
+    /// `connection: close`; an h2 connection is sent GOAWAY.
+    pub fn end(&self) {
+        self.ending.store(true, Ordering::Relaxed);
+        self.end.notify_one();
+    }
+
+    pub fn is_ending(&self) -> bool {
+        self.ending.load(Ordering::Relaxed)
     }
 
     /// The caller's identity from a verified instance-identity certificate.
@@ -252,11 +271,17 @@ pub async fn handle(
     let mut req = req;
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
     done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), conn.client.ip());
+    let h1 = req.version() < Version::HTTP_2;
     let resp = match route(&state, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => resp,
         Err(reject) => {
             done.record.router_error = reject.router_error();
-            reject.response()
+            let mut resp = reject.response();
+            if h1 && conn.is_ending() {
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     };
     done.record.status = resp.status().as_u16();
@@ -324,7 +349,10 @@ async fn route(
                 state.metrics.count_decision(false, &rule);
                 done.record.route_policy = Some(rule.clone());
                 if let (Some(x), Some(p)) = (&state.xdp, conn.mtls()) {
-                    x.failure(p, conn.client.ip(), &state.metrics);
+                    if x.failure(p, conn.client.ip(), &state.metrics) {
+                        tracing::debug!(client = %conn.client, "caller denied by the gate: ending its connection");
+                        conn.end();
+                    }
                 }
                 return Err(Reject::Forbidden(rule));
             }

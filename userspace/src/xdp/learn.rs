@@ -75,6 +75,23 @@ impl Learner {
         Some(ttl)
     }
 
+    /// Whether a learned denial of `source` on `domain` is in force at `now`.
+    pub fn denied(&self, domain: u32, source: IpAddr, now: Instant) -> bool {
+        self.sources
+            .get(&(domain, source))
+            .and_then(|e| e.denied_until)
+            .is_some_and(|until| until > now)
+    }
+
+    /// Takes back the denial just learned for `source` on `domain`, when the gate could not be
+    /// told (its DENY map full): the source is not stopped, so it is not treated as denied, and
+    /// its next `threshold` failures try again.
+    pub fn unlearn(&mut self, domain: u32, source: IpAddr) {
+        if let Some(e) = self.sources.get_mut(&(domain, source)) {
+            e.denied_until = None;
+        }
+    }
+
     /// Forgets sources with no recent failure and no denial in force or to remember (a source
     /// quiet for `max_ttl` after its last denial starts over at `ttl`).
     pub fn sweep(&mut self, now: Instant) {
@@ -114,6 +131,24 @@ mod tests {
     }
 
     #[test]
+    fn a_denial_the_gate_was_not_told_of_is_taken_back() {
+        let mut l = Learner::new(settings());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t = Instant::now();
+        for _ in 0..2 {
+            l.failure(1, ip, t);
+        }
+        assert_eq!(l.failure(1, ip, t), Some(Duration::from_secs(60)));
+        l.unlearn(1, ip);
+        assert!(!l.denied(1, ip, t));
+        // Counting starts over; the next denial is the second (doubled).
+        assert_eq!(l.failure(1, ip, t), None);
+        assert_eq!(l.failure(1, ip, t), None);
+        assert_eq!(l.failure(1, ip, t), Some(Duration::from_secs(120)));
+        assert!(l.denied(1, ip, t));
+    }
+
+    #[test]
     fn threshold_window_doubling_and_cap() {
         let mut l = Learner::new(settings());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
@@ -124,9 +159,14 @@ mod tests {
         let t = t + Duration::from_secs(11);
         assert_eq!(l.failure(1, ip, t), None);
         assert_eq!(l.failure(1, ip, t), None);
+        assert!(!l.denied(1, ip, t));
         assert_eq!(l.failure(1, ip, t), Some(Duration::from_secs(60)));
+        assert!(l.denied(1, ip, t));
         // While denied, nothing counts.
         assert_eq!(l.failure(1, ip, t + Duration::from_secs(1)), None);
+        assert!(l.denied(1, ip, t + Duration::from_secs(59)));
+        assert!(!l.denied(1, ip, t + Duration::from_secs(60)));
+        assert!(!l.denied(2, ip, t));
         // Other domains are separate.
         assert_eq!(l.failure(2, ip, t), None);
         let mut t = t + Duration::from_secs(61);

@@ -221,21 +221,30 @@ impl XdpRuntime {
         }))
     }
 
-    /// A handshake failure or a 403 from `source` on `domain`; may learn a denial.
-    pub fn failure(&self, domain: &DomainPattern, source: IpAddr, metrics: &Metrics) {
+    /// A handshake failure or a 403 from `source` on `domain`; may learn a denial. Returns
+    /// whether the source is denied on the domain now, by this failure or an earlier one: the
+    /// gate stops its new connections, so a connection it still holds open (keep-alive) should
+    /// end after this response rather than carry on being answered 403.
+    pub fn failure(&self, domain: &DomainPattern, source: IpAddr, metrics: &Metrics) -> bool {
         let id = {
-            let Ok(names) = self.names.lock() else { return };
+            let Ok(names) = self.names.lock() else {
+                return false;
+            };
             let name = domain.to_string();
             match names.iter().position(|n| *n == name) {
                 Some(i) if i > 0 => i as u32,
-                _ => return,
+                _ => return false,
             }
         };
-        let ttl = match self.learner.lock() {
-            Ok(mut l) => l.failure(id, source, Instant::now()),
-            Err(_) => return,
+        let (ttl, denied) = match self.learner.lock() {
+            Ok(mut l) => {
+                let now = Instant::now();
+                let ttl = l.failure(id, source, now);
+                (ttl, l.denied(id, source, now))
+            }
+            Err(_) => return false,
         };
-        let Some(ttl) = ttl else { return };
+        let Some(ttl) = ttl else { return denied };
         let expiry = monotonic_ns().saturating_add(ttl.as_nanos() as u64);
         let written = self
             .gate
@@ -252,9 +261,16 @@ impl XdpRuntime {
                         ttl_ms: ttl.as_millis() as u64,
                     });
                 }
+                true
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "learned denial not written"),
-            Err(_) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "learned denial not written");
+                if let Ok(mut l) = self.learner.lock() {
+                    l.unlearn(id, source);
+                }
+                false
+            }
+            Err(_) => false,
         }
     }
 
