@@ -71,7 +71,12 @@ struct Sample {
     cpu_per_unit_us: f64,
     /// The part of `cpu_per_unit_us` spent in the kernel (system time).
     sys_per_unit_us: f64,
+    /// W5b: the allowed caller's p99 (ms) at [`ALLOWED_RATE`] alone, and during the flood.
+    allowed_p99_ms: Option<(f64, f64)>,
 }
+
+/// W5b's allowed caller: requests per second on one keep-alive mTLS connection (BENCH.md).
+const ALLOWED_RATE: u32 = 500;
 
 /// Idle connections M opens, in quick mode too: with fewer, each proxy's fixed memory (worker
 /// buffers, allocator arenas) is spread over too few connections to compare (1,000 read
@@ -130,10 +135,8 @@ fn main() {
                 );
                 for (key, v) in [("M", kib), ("M-closed", kept)] {
                     results.entry((key, proxy)).or_default().push(Sample {
-                        rate: 0.0,
-                        p99_ms: None,
                         cpu_per_unit_us: v,
-                        sys_per_unit_us: 0.0,
+                        ..Sample::default()
                     });
                 }
             }
@@ -169,6 +172,7 @@ fn main() {
     if only("RIVALS_WORKLOADS", "M") {
         report_memory(&results, IDLE_CONNECTIONS);
     }
+    report_targets(&results);
     // Table I adds about 45 s; `--quick` (kept under 3 minutes in all) counts only when asked.
     let named = std::env::var_os("RIVALS_WORKLOADS").is_some();
     if only("RIVALS_WORKLOADS", "I") && (named || !quick) {
@@ -351,7 +355,50 @@ fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc) -> (f64, f64) {
     (per(after), per(kept))
 }
 
+/// A proxy's medians over the rounds of one workload, with the range of its rate.
+struct Medians {
+    m: Sample,
+    rate_lo: f64,
+    rate_hi: f64,
+    /// W5b: the allowed caller's p99 during the flood over its p99 alone, median of the rounds'
+    /// ratios, with their range.
+    allowed_ratio: Option<(f64, f64, f64)>,
+}
+
+fn medians(v: &[Sample]) -> Medians {
+    let mid = |x: Vec<f64>| x.get(x.len() / 2).copied();
+    let rates = sorted(v.iter().map(|s| s.rate));
+    let allowed: Vec<(f64, f64)> = v.iter().filter_map(|s| s.allowed_p99_ms).collect();
+    let ratios = sorted(allowed.iter().map(|(a, d)| d / a.max(1e-9)));
+    Medians {
+        m: Sample {
+            rate: rates[rates.len() / 2],
+            p99_ms: mid(sorted(v.iter().filter_map(|s| s.p99_ms))),
+            cpu_per_unit_us: mid(sorted(v.iter().map(|s| s.cpu_per_unit_us))).unwrap_or(0.0),
+            sys_per_unit_us: mid(sorted(v.iter().map(|s| s.sys_per_unit_us))).unwrap_or(0.0),
+            allowed_p99_ms: mid(sorted(allowed.iter().map(|a| a.0)))
+                .zip(mid(sorted(allowed.iter().map(|a| a.1)))),
+        },
+        rate_lo: rates[0],
+        rate_hi: rates[rates.len() - 1],
+        allowed_ratio: mid(ratios.clone()).map(|r| (r, ratios[0], ratios[ratios.len() - 1])),
+    }
+}
+
+type Medianed<'a> = BTreeMap<(&'a str, &'a str), Medians>;
+
+fn all_medians<'a>(results: &BTreeMap<(&'a str, &'a str), Vec<Sample>>) -> Medianed<'a> {
+    results
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (*k, medians(v)))
+        .collect()
+}
+
+const RIVALS: [&str; 2] = ["nginx", "haproxy"];
+
 fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u64) {
+    let meds = all_medians(results);
     println!(
         "\n{} round(s) of {secs} s per workload and proxy, interleaved; medians (min–max).\n",
         rounds
@@ -359,35 +406,25 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
     println!("| workload | proxy | rate /s | p99 ms | proxy CPU µs per unit | of which kernel | rate vs best rival | CPU vs best rival |");
     println!("|---|---|---|---|---|---|---|---|");
     for w in WORKLOADS {
-        let med = |proxy: &str| -> Option<(Sample, f64, f64)> {
-            let v = results.get(&(w.id, proxy))?;
-            let rates = sorted(v.iter().map(|s| s.rate));
-            let cpu = sorted(v.iter().map(|s| s.cpu_per_unit_us));
-            let sys = sorted(v.iter().map(|s| s.sys_per_unit_us));
-            let p99 = sorted(v.iter().filter_map(|s| s.p99_ms));
-            Some((
-                Sample {
-                    rate: rates[rates.len() / 2],
-                    p99_ms: p99.get(p99.len() / 2).copied(),
-                    cpu_per_unit_us: cpu[cpu.len() / 2],
-                    sys_per_unit_us: sys[sys.len() / 2],
-                },
-                rates[0],
-                rates[rates.len() - 1],
-            ))
+        let best = |f: fn(&Sample) -> Option<f64>, higher: bool| {
+            best_of(
+                RIVALS
+                    .iter()
+                    .filter_map(|p| meds.get(&(w.id, *p)))
+                    .filter_map(|m| f(&m.m)),
+                higher,
+            )
         };
-        let best_rate = ["nginx", "haproxy"]
-            .iter()
-            .filter_map(|p| med(p).map(|m| m.0.rate))
-            .filter(|r| *r > 0.0)
-            .fold(f64::NAN, f64::max);
-        let best_cpu = ["nginx", "haproxy"]
-            .iter()
-            .filter_map(|p| med(p).map(|m| m.0.cpu_per_unit_us))
-            .filter(|c| *c > 0.0)
-            .fold(f64::INFINITY, f64::min);
+        let best_rate = best(|s| Some(s.rate), true);
+        let best_cpu = best(|s| Some(s.cpu_per_unit_us), false);
         for &(proxy, _) in PROXIES {
-            let Some((m, lo, hi)) = med(proxy) else {
+            let Some(Medians {
+                m,
+                rate_lo,
+                rate_hi,
+                ..
+            }) = meds.get(&(w.id, proxy))
+            else {
                 continue;
             };
             println!(
@@ -395,8 +432,8 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
                 w.id,
                 w.what,
                 m.rate,
-                lo,
-                hi,
+                rate_lo,
+                rate_hi,
                 m.p99_ms.map_or("-".into(), |p| format!("{p:.2}")),
                 m.cpu_per_unit_us,
                 w.unit,
@@ -406,6 +443,187 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
             );
         }
     }
+    report_allowed(&meds);
+}
+
+/// W5b's second half: the allowed caller's p99 at 500 req/s alone and beside the denied caller's
+/// flood, per proxy.
+fn report_allowed(meds: &Medianed) {
+    let rows: Vec<_> = PROXIES
+        .iter()
+        .filter_map(|&(proxy, _)| {
+            let m = meds.get(&("W5b", proxy))?;
+            Some((proxy, m.m.allowed_p99_ms?, m.allowed_ratio?))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "\nW5b: the allowed caller at {ALLOWED_RATE} req/s on one keep-alive mTLS connection, alone and \
+         during the denied caller's flood (oha -c 64); medians, the ratio's range over the rounds\n"
+    );
+    println!(
+        "| proxy | allowed p99 alone ms | during the flood ms | during / alone | target ≤ 2× |"
+    );
+    println!("|---|---|---|---|---|");
+    for (proxy, (alone, during), (r, lo, hi)) in rows {
+        println!(
+            "| {proxy} | {alone:.2} | {during:.2} | {r:.2}× ({lo:.2}–{hi:.2}) | {} |",
+            if r <= 2.0 { "met" } else { "missed" }
+        );
+    }
+}
+
+/// One of BENCH.md's targets: a figure of one workload, portcullis' median against the rivals'.
+struct Target {
+    workload: &'static str,
+    figure: &'static str,
+    value: fn(&Medians) -> Option<f64>,
+    /// Whether more is better (rates) or less (CPU, latency, memory).
+    higher: bool,
+    /// The ratio to the best rival it must reach: at least it when `higher`, else at most.
+    bound: f64,
+}
+
+const TARGETS: &[Target] = &[
+    Target {
+        workload: "W1",
+        figure: "req/s",
+        value: |m| Some(m.m.rate),
+        higher: true,
+        bound: 1.1,
+    },
+    Target {
+        workload: "W1",
+        figure: "CPU per request",
+        value: |m| Some(m.m.cpu_per_unit_us),
+        higher: false,
+        bound: 0.7,
+    },
+    Target {
+        workload: "W1",
+        figure: "p99",
+        value: |m| m.m.p99_ms,
+        higher: false,
+        bound: 1.0,
+    },
+    Target {
+        workload: "W2",
+        figure: "conn/s",
+        value: |m| Some(m.m.rate),
+        higher: true,
+        bound: 1.2,
+    },
+    Target {
+        workload: "W2",
+        figure: "CPU per handshake",
+        value: |m| Some(m.m.cpu_per_unit_us),
+        higher: false,
+        bound: 0.5,
+    },
+    Target {
+        workload: "W3h1",
+        figure: "req/s",
+        value: |m| Some(m.m.rate),
+        higher: true,
+        bound: 1.1,
+    },
+    Target {
+        workload: "W3h1",
+        figure: "CPU per request",
+        value: |m| Some(m.m.cpu_per_unit_us),
+        higher: false,
+        bound: 0.8,
+    },
+    Target {
+        workload: "W3h2",
+        figure: "req/s",
+        value: |m| Some(m.m.rate),
+        higher: true,
+        bound: 1.1,
+    },
+    Target {
+        workload: "W3h2",
+        figure: "CPU per request",
+        value: |m| Some(m.m.cpu_per_unit_us),
+        higher: false,
+        bound: 0.8,
+    },
+    Target {
+        workload: "W4",
+        figure: "MB/s",
+        value: |m| Some(m.m.rate),
+        higher: true,
+        bound: 1.0,
+    },
+    Target {
+        workload: "W4",
+        figure: "CPU per MB",
+        value: |m| Some(m.m.cpu_per_unit_us),
+        higher: false,
+        bound: 0.8,
+    },
+    Target {
+        workload: "W5b",
+        figure: "CPU per rejection",
+        value: |m| Some(m.m.cpu_per_unit_us),
+        higher: false,
+        bound: 0.8,
+    },
+    Target {
+        workload: "M",
+        figure: "KiB per idle connection",
+        value: |m| Some(m.m.cpu_per_unit_us),
+        higher: false,
+        bound: 0.8,
+    },
+];
+
+/// BENCH.md's targets table: portcullis against each rival and the best of them, and whether
+/// the target is met in this run.
+fn report_targets(results: &BTreeMap<(&str, &str), Vec<Sample>>) {
+    let meds = all_medians(results);
+    let figure = |t: &Target, proxy: &str| {
+        meds.get(&(t.workload, proxy))
+            .and_then(t.value)
+            .filter(|v| *v > 0.0)
+    };
+    let rows: Vec<_> = TARGETS
+        .iter()
+        .filter_map(|t| Some((t, figure(t, "portcullis")?)))
+        .filter(|(t, _)| RIVALS.iter().any(|r| figure(t, r).is_some()))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!("\nportcullis against each rival, and BENCH.md's targets (ratios of medians)\n");
+    println!("| workload | figure | vs nginx | vs haproxy | vs best rival | target | this run |");
+    println!("|---|---|---|---|---|---|---|");
+    for (t, ours) in rows {
+        let best = best_of(RIVALS.iter().filter_map(|r| figure(t, r)), t.higher);
+        let r = ours / best;
+        let met = if t.higher { r >= t.bound } else { r <= t.bound };
+        let vs = |rival| figure(t, rival).map_or("-".into(), |v| format!("{:.2}×", ours / v));
+        println!(
+            "| {} | {} | {} | {} | {r:.2}× | {} {:.1}× | {} |",
+            t.workload,
+            t.figure,
+            vs("nginx"),
+            vs("haproxy"),
+            if t.higher { "≥" } else { "≤" },
+            t.bound,
+            if met { "met" } else { "missed" }
+        );
+    }
+}
+
+/// The best of the rivals' figures: the highest when more is better, else the lowest; NaN when
+/// there is none.
+fn best_of(v: impl Iterator<Item = f64>, higher: bool) -> f64 {
+    v.filter(|x| *x > 0.0)
+        .reduce(|a, b| if higher { a.max(b) } else { a.min(b) })
+        .unwrap_or(f64::NAN)
 }
 
 /// `x` as a multiple of the best rival's figure, or "-" when no rival ran (a focused run with
@@ -444,16 +662,31 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
         c
     };
     let _ = (&a_cert, &a_key);
+    // W5b's allowed caller, at 500 req/s on one connection: alone first (outside the measured
+    // CPU), then beside the flood. Its CPU share in the proxy during the flood (500 requests a
+    // second against tens of thousands of rejections) is counted with the rejections'.
+    let allowed = || {
+        oha(
+            &["-c", "1", "-q", &ALLOWED_RATE.to_string()],
+            url("a.apps.identity", "/"),
+            "a",
+        )
+    };
+    let alone = (w.id == "W5b").then(|| oha_run(&mut allowed(), 1.0, 200).1);
+    let beside = alone.map(|_| {
+        let mut cmd = allowed();
+        std::thread::spawn(move || oha_run(&mut cmd, 1.0, 200).1)
+    });
     let cpu0 = p.cpu();
     let t0 = Instant::now();
     let (units, p99) = match w.id {
         "W1" => oha_run(
-            oha(&["-c", "64"], url("a.apps.identity", "/"), "a"),
+            &mut oha(&["-c", "64"], url("a.apps.identity", "/"), "a"),
             1.0,
             200,
         ),
         "W2" => oha_run(
-            oha(
+            &mut oha(
                 &["-c", "32", "--disable-keepalive"],
                 url("a.apps.identity", "/"),
                 "a",
@@ -462,12 +695,12 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
             200,
         ),
         "W4" => oha_run(
-            oha(&["-c", "16"], url("a.apps.identity", "/1m"), "a"),
+            &mut oha(&["-c", "16"], url("a.apps.identity", "/1m"), "a"),
             1.048576,
             200,
         ),
         "W5b" => oha_run(
-            oha(&["-c", "64"], url("a.apps.identity", "/"), "b"),
+            &mut oha(&["-c", "64"], url("a.apps.identity", "/"), "b"),
             1.0,
             403,
         ),
@@ -494,6 +727,11 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
     };
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = p.cpu() - cpu0;
+    let during = beside.map(|t| t.join().expect("the allowed caller's oha"));
+    let allowed_p99_ms = match (alone.flatten(), during.flatten()) {
+        (Some(a), Some(d)) => Some((a, d)),
+        _ => None,
+    };
     let per_unit = |seconds: f64| {
         if units > 0.0 {
             seconds * 1e6 / units
@@ -506,14 +744,15 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
         p99_ms: p99,
         cpu_per_unit_us: per_unit(cpu.user + cpu.sys),
         sys_per_unit_us: per_unit(cpu.sys),
+        allowed_p99_ms,
     }
 }
 
 /// Runs oha; returns (units done, p99 ms). `unit_mb` scales responses to MB for W4. Every
 /// response must have status `expect`: a proxy answering something else is not doing the job
 /// being measured, and its figures would be compared as if it were.
-fn oha_run(mut cmd: Command, unit_mb: f64, expect: u16) -> (f64, Option<f64>) {
-    let out = output(&mut cmd);
+fn oha_run(cmd: &mut Command, unit_mb: f64, expect: u16) -> (f64, Option<f64>) {
+    let out = output(cmd);
     let v: serde_json::Value = match serde_json::from_str(&out) {
         Ok(v) => v,
         Err(e) => panic!("oha output is not JSON ({e}): {out}"),
