@@ -12,6 +12,12 @@
 //! retransmission period instead of together, to tell whether the allowed caller's tail comes from
 //! the loops arriving in step.
 //!
+//! The last two modes are W5b's flood seen through the gate: the denied caller has a trusted
+//! certificate and a source inside the allow-list, and asks again and again on 64 keep-alive
+//! connections, refused (403) by the route's policy. Without XDP it is answered 403 for as long
+//! as it asks; with XDP deny learning denies its source after `threshold` refusals, the daemon
+//! ends its connections, and its reconnections meet the gate.
+//!
 //! Reported per mode: denied attempts per second absorbed, the daemon's CPU seconds (from
 //! `/proc/<pid>/stat`) per 1,000 denied attempts, and the allowed caller's p99 alone and during
 //! the flood. Needs root (namespaces, XDP) and the object from `cargo xtask build-ebpf`.
@@ -46,7 +52,15 @@ enum Caller {
     Tls,
     /// One ClientHello made once and written on every connection, then one read.
     Replay,
+    /// W5b's denied caller: a certificate the domain trusts, from a source inside its
+    /// allow-list, for an app the route's policy refuses: [`KEEP_ALIVE_CONNECTIONS`]
+    /// keep-alive connections asking again as soon as each 403 arrives, reconnecting when a
+    /// connection ends.
+    KeepAlive,
 }
+
+/// W5b's concurrency (`oha -c 64`).
+const KEEP_ALIVE_CONNECTIONS: usize = 64;
 
 struct Mode {
     name: &'static str,
@@ -56,7 +70,7 @@ struct Mode {
     spread: bool,
 }
 
-const MODES: [Mode; 4] = [
+const MODES: [Mode; 6] = [
     Mode {
         name: "xdp",
         xdp: true,
@@ -79,6 +93,18 @@ const MODES: [Mode; 4] = [
         name: "no-xdp",
         xdp: false,
         caller: Caller::Tls,
+        spread: false,
+    },
+    Mode {
+        name: "keep-alive 403s, xdp",
+        xdp: true,
+        caller: Caller::KeepAlive,
+        spread: false,
+    },
+    Mode {
+        name: "keep-alive 403s, no-xdp",
+        xdp: false,
+        caller: Caller::KeepAlive,
         spread: false,
     },
 ];
@@ -161,7 +187,7 @@ fn main() {
             rs.iter().map(|r| r.allowed_errors).sum::<u64>(),
         );
     }
-    if let [on, replayed, spread, off] = &results[..] {
+    if let [on, replayed, spread, off, ka_on, ka_off] = &results[..] {
         let cpu: Vec<f64> = on
             .iter()
             .zip(off)
@@ -174,6 +200,21 @@ fn main() {
             median_spread(on.iter().map(ratio).collect(), 2),
             median_spread(replayed.iter().map(ratio).collect(), 2),
             median_spread(spread.iter().map(ratio).collect(), 2),
+        );
+        let busy = |rs: &[Outcome]| {
+            median_spread(
+                rs.iter()
+                    .map(|r| 100.0 * r.daemon_cpu / r.seconds.max(1e-9))
+                    .collect(),
+                1,
+            )
+        };
+        println!(
+            "W5b's keep-alive 403 flood: daemon busy {}% of a core with XDP (deny learning ends the connections), {}% without; allowed p99 during/alone {}x with XDP, {}x without (W5b target 2x)",
+            busy(ka_on),
+            busy(ka_off),
+            median_spread(ka_on.iter().map(ratio).collect(), 2),
+            median_spread(ka_off.iter().map(ratio).collect(), 2),
         );
     }
 }
@@ -206,15 +247,24 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
     } else {
         String::new()
     };
+    // W5 keeps the denied caller out by the allow-list; W5b's denied caller is inside it (its
+    // connections are refused only by the route's policy, and then by deny learning).
+    let allowed = if mode.caller == Caller::KeepAlive {
+        String::new()
+    } else {
+        format!(
+            "    allowed_sources: {{cidrs: [\"{}/32\"]}}\n",
+            ns.client(3)
+        )
+    };
     let yaml = format!(
         "listen: {{https: \"{host}:{PORT}\"}}\n\
          tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}], ktls: off}}\n\
          access_log: {{path: access.log}}\n\
-         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n{allowed}\
          {xdp}\
          routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
         host = ns.host(),
-        allowed = ns.client(3),
         bport = backend.port(),
     );
     let path = dir.path().join("portcullis.yaml");
@@ -496,7 +546,27 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
     let hello = Arc::new(support::packets::rustls_client_hello("a.apps.identity"));
     rt.block_on(async move {
         let mut tasks = Vec::new();
+        if caller == Caller::KeepAlive {
+            for _ in 0..KEEP_ALIVE_CONNECTIONS {
+                let (source, cfg, stop, attempts, refused) = (
+                    source.clone(),
+                    cfg.clone(),
+                    stop.clone(),
+                    attempts.clone(),
+                    refused.clone(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        keep_alive_attempts(&source, target, &cfg, &stop, &attempts, &refused)
+                            .await;
+                    }
+                }));
+            }
+        }
         for i in 0..FLOOD_CONCURRENCY {
+            if caller == Caller::KeepAlive {
+                break;
+            }
             let hello = hello.clone();
             let delay = if spread {
                 RTO_MIN * i as u32 / FLOOD_CONCURRENCY as u32
@@ -550,4 +620,50 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
             let _ = t.await;
         }
     });
+}
+
+/// One connection of W5b's denied caller: GETs one after another until the connection ends (or
+/// `stop`), each 403 counted as a denied attempt; a connection refused before any answer counts
+/// as one attempt refused before TLS.
+async fn keep_alive_attempts(
+    source: &str,
+    target: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+    stop: &AtomicBool,
+    attempts: &AtomicU64,
+    refused: &AtomicU64,
+) {
+    let connect = async {
+        let sock = tokio::net::TcpSocket::new_v4().ok()?;
+        sock.bind(format!("{source}:0").parse().unwrap()).ok()?;
+        let tcp = sock.connect(target).await.ok()?;
+        let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+        tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(name, tcp)
+            .await
+            .ok()
+    };
+    let tls = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .ok()
+        .flatten();
+    let Some(tls) = tls else {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let Ok(mut c) = support::client::Conn::over(tls, false).await else {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let get = tokio::time::timeout(Duration::from_secs(2), c.get("a.apps.identity", "/"));
+        match get.await {
+            Ok(Ok(r)) => {
+                assert_eq!(r.status, 403, "the denied caller is refused by policy");
+                attempts.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => return,
+        }
+    }
 }

@@ -1089,6 +1089,10 @@ async fn a_denied_callers_keep_alive_connection_ends() {
     assert_eq!(seen.responses, vec![Ok((403, false)); 6]);
     assert!(!seen.ended, "the exempt caller's connection stays open");
     assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 2.0);
+    assert_eq!(
+        gw.metric("portcullis_xdp_deny_connections_ended_total"),
+        2.0
+    );
 }
 
 /// What the namespace tests share: a client namespace, the PKI, an echo backend and the gate's

@@ -87,6 +87,7 @@ pub struct Metrics {
     pub xdp_verdicts: Family<XdpVerdictLabels, Counter>,
     pub xdp_deny_entries: Gauge,
     pub xdp_deny_learned: Counter,
+    pub xdp_deny_connections_ended: Counter,
     pub xdp_deny_shared: Family<KindLabels, Counter>,
     pub xdp_attached: Family<XdpAttachLabels, Gauge>,
     pub xdp_unparsed: Family<KindLabels, Counter>,
@@ -117,6 +118,7 @@ impl Metrics {
             xdp_verdicts: Family::default(),
             xdp_deny_entries: Gauge::default(),
             xdp_deny_learned: Counter::default(),
+            xdp_deny_connections_ended: Counter::default(),
             xdp_deny_shared: Family::default(),
             xdp_attached: Family::default(),
             xdp_unparsed: Family::default(),
@@ -180,6 +182,11 @@ impl Metrics {
             "xdp_deny_learned",
             "Denials learned from repeated failures",
             m.xdp_deny_learned.clone(),
+        );
+        registry.register(
+            "xdp_deny_connections_ended",
+            "Kept-alive connections ended because their caller was learned as denied",
+            m.xdp_deny_connections_ended.clone(),
         );
         registry.register(
             "xdp_unparsed",

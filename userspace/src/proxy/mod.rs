@@ -67,10 +67,12 @@ impl ConnCtx {
     /// Ends the connection after the responses in flight: its caller was learned as denied
     /// (SPEC §11), so the gate refuses its new connections from now on, and keeping this one
     /// open would let it go on costing a 403 per request. HTTP/1.1 responses from now on say
-    /// `connection: close`; an h2 connection is sent GOAWAY.
-    pub fn end(&self) {
-        self.ending.store(true, Ordering::Relaxed);
+    /// `connection: close`; an h2 connection is sent GOAWAY. Returns whether this call is the
+    /// one that ended it.
+    pub fn end(&self) -> bool {
+        let first = !self.ending.swap(true, Ordering::Relaxed);
         self.end.notify_one();
+        first
     }
 
     pub fn is_ending(&self) -> bool {
@@ -349,9 +351,9 @@ async fn route(
                 state.metrics.count_decision(false, &rule);
                 done.record.route_policy = Some(rule.clone());
                 if let (Some(x), Some(p)) = (&state.xdp, conn.mtls()) {
-                    if x.failure(p, conn.client.ip(), &state.metrics) {
+                    if x.failure(p, conn.client.ip(), &state.metrics) && conn.end() {
                         tracing::debug!(client = %conn.client, "caller denied by the gate: ending its connection");
-                        conn.end();
+                        state.metrics.xdp_deny_connections_ended.inc();
                     }
                 }
                 return Err(Reject::Forbidden(rule));
