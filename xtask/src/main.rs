@@ -29,7 +29,8 @@ enum Task {
     /// per-packet costs, the W5 flood in namespaces and BENCH.md's workloads against nginx and
     /// HAProxy (installed from Debian, with wrk, h2load and oha).
     Bench {
-        /// A short pass (one round of 3 s per workload) for use during development.
+        /// A short pass (one round of 3 s per workload, 2 s per flood mode) for use during
+        /// development.
         #[arg(long)]
         quick: bool,
     },
@@ -329,8 +330,7 @@ fn bench(quick: bool) -> Result<()> {
         build_ebpf()?;
         mount_bpffs()?;
         bench("xdp", if quick { &["--quick"] } else { &[] })?;
-        let (seconds, rounds) = if quick { ("3", "1") } else { ("10", "3") };
-        bench("flood", &["--seconds", seconds, "--rounds", rounds])?;
+        bench("flood", if quick { &["--quick"] } else { &[] })?;
     } else {
         eprintln!("not root: skipping the XDP and flood benchmarks");
     }
