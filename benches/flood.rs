@@ -520,6 +520,7 @@ async fn connect(
 }
 
 /// Where the denied caller sends its attempts and what it counts.
+#[derive(Clone)]
 struct Flood {
     source: String,
     target: SocketAddr,
@@ -547,7 +548,7 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
         stop,
         attempts,
         refused,
-    } = f;
+    } = f.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -561,17 +562,10 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
         let mut tasks = Vec::new();
         if caller == Caller::KeepAlive {
             for _ in 0..KEEP_ALIVE_CONNECTIONS {
-                let (source, cfg, stop, attempts, refused) = (
-                    source.clone(),
-                    cfg.clone(),
-                    stop.clone(),
-                    attempts.clone(),
-                    refused.clone(),
-                );
+                let (f, cfg) = (f.clone(), cfg.clone());
                 tasks.push(tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        keep_alive_attempts(&source, target, &cfg, &stop, &attempts, &refused)
-                            .await;
+                    while !f.stop.load(Ordering::Relaxed) {
+                        keep_alive_attempts(&f, &cfg).await;
                     }
                 }));
             }
@@ -638,14 +632,16 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
 /// One connection of W5b's denied caller: GETs one after another until the connection ends (or
 /// `stop`), each 403 counted as a denied attempt; a connection refused before any answer counts
 /// as one attempt refused before TLS.
-async fn keep_alive_attempts(
-    source: &str,
-    target: SocketAddr,
-    cfg: &Arc<rustls::ClientConfig>,
-    stop: &AtomicBool,
-    attempts: &AtomicU64,
-    refused: &AtomicU64,
-) {
+async fn keep_alive_attempts(f: &Flood, cfg: &Arc<rustls::ClientConfig>) {
+    let Flood {
+        source,
+        target,
+        stop,
+        attempts,
+        refused,
+        ..
+    } = f;
+    let target = *target;
     let connect = async {
         let sock = tokio::net::TcpSocket::new_v4().ok()?;
         sock.bind(format!("{source}:0").parse().unwrap()).ok()?;

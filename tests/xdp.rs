@@ -667,6 +667,29 @@ fn call_from(
     call_with(ns, source, target, pki, false)
 }
 
+/// A TCP connection from `source` (an address of the namespace the caller runs in) and a TLS
+/// handshake for a.apps.identity presenting `leaf`, offering `alpn`.
+async fn tls_from(
+    source: &str,
+    target: std::net::SocketAddr,
+    pki: &TestPki,
+    leaf: &portcullis::pki::Leaf,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let tcp = sock
+        .connect(target)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let cfg = support::client::tls_config(&pki.server_ca, Some(leaf), &[alpn]);
+    let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))
+}
+
 /// Like `call_from`; with `wrong_ca` the caller presents a certificate the domain does not trust.
 fn call_with(
     ns: &support::netns::Netns,
@@ -681,20 +704,9 @@ fn call_with(
             .build()
             .unwrap();
         rt.block_on(async move {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
             let attempt = async {
-                let tcp = sock
-                    .connect(target)
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
                 let leaf = if wrong_ca { &pki.wrong_ca } else { &pki.a };
-                let cfg = support::client::tls_config(&pki.server_ca, Some(leaf), &[b"http/1.1"]);
-                let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
-                let tls = tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("tls: {e}"))?;
+                let tls = tls_from(&source, target, &pki, leaf, b"http/1.1").await?;
                 let (mut send, conn) =
                     hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                         .await
@@ -945,7 +957,7 @@ enum KaSender {
     H2(hyper::client::conn::http2::SendRequest<KaBody>),
 }
 
-/// `n` GETs one after another on one connection from `source` with `leaf`'s certificate
+/// `n` GETs one after another on one connection from `source` with app B's certificate
 /// (HTTP/1.1, or h2 when `h2`).
 fn keep_alive_calls(
     ns: &support::netns::Netns,
@@ -961,28 +973,14 @@ fn keep_alive_calls(
             .build()
             .unwrap();
         rt.block_on(async move {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-            let connect = async {
-                let tcp = sock
-                    .connect(target)
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
-                let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-                let cfg = support::client::tls_config(&pki.server_ca, Some(&pki.b), alpn);
-                let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
-                tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("tls: {e}"))
-            };
+            let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+            let connect = tls_from(&source, target, &pki, &pki.b, alpn);
             let tls = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
                 .await
                 .unwrap_or(Err("no handshake in 10 s".into()))?;
             let io = hyper_util::rt::TokioIo::new(tls);
-            type Body = KaBody;
             let (mut send, conn): (_, tokio::task::JoinHandle<()>) = if h2 {
-                let (s, c) = hyper::client::conn::http2::handshake::<_, _, Body>(
+                let (s, c) = hyper::client::conn::http2::handshake::<_, _, KaBody>(
                     hyper_util::rt::TokioExecutor::new(),
                     io,
                 )
@@ -995,7 +993,7 @@ fn keep_alive_calls(
                     }),
                 )
             } else {
-                let (s, c) = hyper::client::conn::http1::handshake::<_, Body>(io)
+                let (s, c) = hyper::client::conn::http1::handshake::<_, KaBody>(io)
                     .await
                     .map_err(|e| format!("http: {e}"))?;
                 (
@@ -1009,7 +1007,7 @@ fn keep_alive_calls(
             for _ in 0..n {
                 let req = http::Request::get("https://a.apps.identity/")
                     .header("host", "a.apps.identity")
-                    .body(Body::new())
+                    .body(KaBody::new())
                     .unwrap();
                 let sent = match &mut send {
                     KaSender::H1(s) => s.send_request(req).await,
