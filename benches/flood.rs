@@ -624,7 +624,7 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
             }));
         }
         for t in tasks {
-            let _ = t.await;
+            t.await.expect("a flood loop failed");
         }
     });
 }
