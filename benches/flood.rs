@@ -534,99 +534,90 @@ struct Flood {
 
 /// The denied caller: FLOOD_CONCURRENCY loops, each opening a new mTLS connection (no session
 /// resumption) and sending one GET, or with `Caller::Replay` writing the same ClientHello and
-/// reading once, until `stop`.
+/// reading once, until `stop`; with `Caller::KeepAlive`, KEEP_ALIVE_CONNECTIONS loops of
+/// [`keep_alive_attempts`].
 ///
 /// Started together, the loops stay in step: each attempt lasts one retransmission timeout, so
 /// all 256 connect within a millisecond or two of each other every ~205 ms. With `spread` loop
 /// `i` starts `i / FLOOD_CONCURRENCY` of [`RTO_MIN`] late, so the same number of attempts per
 /// second arrives evenly, as from many independent callers.
 fn flood_caller(caller: Caller, spread: bool, f: Flood) {
-    let Flood {
-        source,
-        target,
-        pki,
-        stop,
-        attempts,
-        refused,
-    } = f.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let mut cfg =
-        (*support::client::tls_config(&pki.server_ca, Some(&pki.b), &[b"http/1.1"])).clone();
+        (*support::client::tls_config(&f.pki.server_ca, Some(&f.pki.b), &[b"http/1.1"])).clone();
     cfg.resumption = rustls::client::Resumption::disabled();
     let cfg = Arc::new(cfg);
     let hello = Arc::new(support::packets::rustls_client_hello("a.apps.identity"));
+    let loops = match caller {
+        Caller::KeepAlive => KEEP_ALIVE_CONNECTIONS,
+        Caller::Tls | Caller::Replay => FLOOD_CONCURRENCY,
+    };
     rt.block_on(async move {
-        let mut tasks = Vec::new();
-        if caller == Caller::KeepAlive {
-            for _ in 0..KEEP_ALIVE_CONNECTIONS {
-                let (f, cfg) = (f.clone(), cfg.clone());
-                tasks.push(tokio::spawn(async move {
+        let tasks: Vec<_> = (0..loops)
+            .map(|i| {
+                let (f, cfg, hello) = (f.clone(), cfg.clone(), hello.clone());
+                let delay = if spread {
+                    RTO_MIN * i as u32 / loops as u32
+                } else {
+                    Duration::ZERO
+                };
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
                     while !f.stop.load(Ordering::Relaxed) {
-                        keep_alive_attempts(&f, &cfg).await;
-                    }
-                }));
-            }
-        }
-        for i in 0..FLOOD_CONCURRENCY {
-            if caller == Caller::KeepAlive {
-                break;
-            }
-            let hello = hello.clone();
-            let delay = if spread {
-                RTO_MIN * i as u32 / FLOOD_CONCURRENCY as u32
-            } else {
-                Duration::ZERO
-            };
-            let (source, cfg, stop, attempts, refused) = (
-                source.clone(),
-                cfg.clone(),
-                stop.clone(),
-                attempts.clone(),
-                refused.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                while !stop.load(Ordering::Relaxed) {
-                    let attempt = async {
-                        let sock = tokio::net::TcpSocket::new_v4().ok()?;
-                        sock.bind(format!("{source}:0").parse().unwrap()).ok()?;
-                        let mut tcp = sock.connect(target).await.ok()?;
-                        if caller == Caller::Replay {
-                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                            tcp.write_all(&hello).await.ok()?;
-                            if matches!(tcp.read(&mut [0u8; 512]).await, Ok(0) | Err(_)) {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                            }
-                            return Some(());
+                        if caller == Caller::KeepAlive {
+                            keep_alive_attempts(&f, &cfg).await;
+                            continue;
                         }
-                        let name =
-                            rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
-                        let tls = match tokio_rustls::TlsConnector::from(cfg.clone())
-                            .connect(name, tcp)
-                            .await
-                        {
-                            Ok(t) => t,
-                            Err(_) => {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                                return Some(());
-                            }
-                        };
-                        let mut c = support::client::Conn::over(tls, false).await.ok()?;
-                        let _ = c.get("a.apps.identity", "/").await;
-                        Some(())
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(2), attempt).await;
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
+                        let attempt = one_attempt(caller, &f, &cfg, &hello);
+                        let _ = tokio::time::timeout(Duration::from_secs(2), attempt).await;
+                        f.attempts.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
         for t in tasks {
             t.await.expect("a flood loop failed");
         }
     });
+}
+
+/// A TCP connection from the flood's source address.
+async fn tcp_from(f: &Flood) -> Option<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    sock.bind(format!("{}:0", f.source).parse().unwrap()).ok()?;
+    sock.connect(f.target).await.ok()
+}
+
+/// One new-connection attempt of the W5 caller; counts it as refused when no TLS answer came.
+async fn one_attempt(
+    caller: Caller,
+    f: &Flood,
+    cfg: &Arc<rustls::ClientConfig>,
+    hello: &[u8],
+) -> Option<()> {
+    let mut tcp = tcp_from(f).await?;
+    if caller == Caller::Replay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp.write_all(hello).await.ok()?;
+        if matches!(tcp.read(&mut [0u8; 512]).await, Ok(0) | Err(_)) {
+            f.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        return Some(());
+    }
+    let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+    let Ok(tls) = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name, tcp)
+        .await
+    else {
+        f.refused.fetch_add(1, Ordering::Relaxed);
+        return Some(());
+    };
+    let mut c = support::client::Conn::over(tls, false).await.ok()?;
+    let _ = c.get("a.apps.identity", "/").await;
+    Some(())
 }
 
 /// One connection of W5b's denied caller: GETs one after another until the connection ends (or
@@ -634,18 +625,13 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
 /// as one attempt refused before TLS.
 async fn keep_alive_attempts(f: &Flood, cfg: &Arc<rustls::ClientConfig>) {
     let Flood {
-        source,
-        target,
         stop,
         attempts,
         refused,
         ..
     } = f;
-    let target = *target;
     let connect = async {
-        let sock = tokio::net::TcpSocket::new_v4().ok()?;
-        sock.bind(format!("{source}:0").parse().unwrap()).ok()?;
-        let tcp = sock.connect(target).await.ok()?;
+        let tcp = tcp_from(f).await?;
         let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
         tokio_rustls::TlsConnector::from(cfg.clone())
             .connect(name, tcp)

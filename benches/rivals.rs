@@ -168,11 +168,12 @@ fn main() {
             }
         }
     }
-    report(&results, rounds, secs);
+    let meds = all_medians(&results);
+    report(&meds, rounds, secs);
     if only("RIVALS_WORKLOADS", "M") {
         report_memory(&results, IDLE_CONNECTIONS);
     }
-    report_targets(&results);
+    report_targets(&meds);
     // Table I adds about 45 s; `--quick` (kept under 3 minutes in all) counts only when asked.
     let named = std::env::var_os("RIVALS_WORKLOADS").is_some();
     if only("RIVALS_WORKLOADS", "I") && (named || !quick) {
@@ -397,8 +398,7 @@ fn all_medians<'a>(results: &BTreeMap<(&'a str, &'a str), Vec<Sample>>) -> Media
 
 const RIVALS: [&str; 2] = ["nginx", "haproxy"];
 
-fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u64) {
-    let meds = all_medians(results);
+fn report(meds: &Medianed, rounds: usize, secs: u64) {
     println!(
         "\n{} round(s) of {secs} s per workload and proxy, interleaved; medians (min–max).\n",
         rounds
@@ -443,7 +443,7 @@ fn report(results: &BTreeMap<(&str, &str), Vec<Sample>>, rounds: usize, secs: u6
             );
         }
     }
-    report_allowed(&meds);
+    report_allowed(meds);
 }
 
 /// W5b's second half: the allowed caller's p99 at 500 req/s alone and beside the denied caller's
@@ -486,104 +486,55 @@ struct Target {
     bound: f64,
 }
 
+const fn target(
+    workload: &'static str,
+    figure: &'static str,
+    value: fn(&Medians) -> Option<f64>,
+    higher: bool,
+    bound: f64,
+) -> Target {
+    Target {
+        workload,
+        figure,
+        value,
+        higher,
+        bound,
+    }
+}
+
+fn rate(m: &Medians) -> Option<f64> {
+    Some(m.m.rate)
+}
+
+/// CPU per unit; for M, KiB per idle connection (kept in the same field).
+fn cpu(m: &Medians) -> Option<f64> {
+    Some(m.m.cpu_per_unit_us)
+}
+
+fn p99(m: &Medians) -> Option<f64> {
+    m.m.p99_ms
+}
+
+/// BENCH.md's targets table.
 const TARGETS: &[Target] = &[
-    Target {
-        workload: "W1",
-        figure: "req/s",
-        value: |m| Some(m.m.rate),
-        higher: true,
-        bound: 1.1,
-    },
-    Target {
-        workload: "W1",
-        figure: "CPU per request",
-        value: |m| Some(m.m.cpu_per_unit_us),
-        higher: false,
-        bound: 0.7,
-    },
-    Target {
-        workload: "W1",
-        figure: "p99",
-        value: |m| m.m.p99_ms,
-        higher: false,
-        bound: 1.0,
-    },
-    Target {
-        workload: "W2",
-        figure: "conn/s",
-        value: |m| Some(m.m.rate),
-        higher: true,
-        bound: 1.2,
-    },
-    Target {
-        workload: "W2",
-        figure: "CPU per handshake",
-        value: |m| Some(m.m.cpu_per_unit_us),
-        higher: false,
-        bound: 0.5,
-    },
-    Target {
-        workload: "W3h1",
-        figure: "req/s",
-        value: |m| Some(m.m.rate),
-        higher: true,
-        bound: 1.1,
-    },
-    Target {
-        workload: "W3h1",
-        figure: "CPU per request",
-        value: |m| Some(m.m.cpu_per_unit_us),
-        higher: false,
-        bound: 0.8,
-    },
-    Target {
-        workload: "W3h2",
-        figure: "req/s",
-        value: |m| Some(m.m.rate),
-        higher: true,
-        bound: 1.1,
-    },
-    Target {
-        workload: "W3h2",
-        figure: "CPU per request",
-        value: |m| Some(m.m.cpu_per_unit_us),
-        higher: false,
-        bound: 0.8,
-    },
-    Target {
-        workload: "W4",
-        figure: "MB/s",
-        value: |m| Some(m.m.rate),
-        higher: true,
-        bound: 1.0,
-    },
-    Target {
-        workload: "W4",
-        figure: "CPU per MB",
-        value: |m| Some(m.m.cpu_per_unit_us),
-        higher: false,
-        bound: 0.8,
-    },
-    Target {
-        workload: "W5b",
-        figure: "CPU per rejection",
-        value: |m| Some(m.m.cpu_per_unit_us),
-        higher: false,
-        bound: 0.8,
-    },
-    Target {
-        workload: "M",
-        figure: "KiB per idle connection",
-        value: |m| Some(m.m.cpu_per_unit_us),
-        higher: false,
-        bound: 0.8,
-    },
+    target("W1", "req/s", rate, true, 1.1),
+    target("W1", "CPU per request", cpu, false, 0.7),
+    target("W1", "p99", p99, false, 1.0),
+    target("W2", "conn/s", rate, true, 1.2),
+    target("W2", "CPU per handshake", cpu, false, 0.5),
+    target("W3h1", "req/s", rate, true, 1.1),
+    target("W3h1", "CPU per request", cpu, false, 0.8),
+    target("W3h2", "req/s", rate, true, 1.1),
+    target("W3h2", "CPU per request", cpu, false, 0.8),
+    target("W4", "MB/s", rate, true, 1.0),
+    target("W4", "CPU per MB", cpu, false, 0.8),
+    target("W5b", "CPU per rejection", cpu, false, 0.8),
+    target("M", "KiB per idle connection", cpu, false, 0.8),
 ];
 
 /// BENCH.md's targets table: portcullis against each rival and the best of them, and whether
 /// the target is met in this run.
-fn report_targets(results: &BTreeMap<(&str, &str), Vec<Sample>>) {
-    let meds = all_medians(results);
+fn report_targets(meds: &Medianed) {
     let figure = |t: &Target, proxy: &str| {
         meds.get(&(t.workload, proxy))
             .and_then(t.value)

@@ -698,34 +698,28 @@ fn call_with(
     pki: std::sync::Arc<TestPki>,
     wrong_ca: bool,
 ) -> Result<u16, String> {
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let attempt = async {
-                let leaf = if wrong_ca { &pki.wrong_ca } else { &pki.a };
-                let tls = tls_from(&source, target, &pki, leaf, b"http/1.1").await?;
-                let (mut send, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                        .await
-                        .map_err(|e| format!("http: {e}"))?;
-                tokio::spawn(conn);
-                let req = http::Request::get("/")
-                    .header("host", "a.apps.identity")
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .unwrap();
-                let resp = send
-                    .send_request(req)
+    ns.block_on(move || async move {
+        let attempt = async {
+            let leaf = if wrong_ca { &pki.wrong_ca } else { &pki.a };
+            let tls = tls_from(&source, target, &pki, leaf, b"http/1.1").await?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                     .await
-                    .map_err(|e| format!("request: {e}"))?;
-                Ok(resp.status().as_u16())
-            };
-            tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
+                    .map_err(|e| format!("http: {e}"))?;
+            tokio::spawn(conn);
+            let req = http::Request::get("/")
+                .header("host", "a.apps.identity")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = send
+                .send_request(req)
                 .await
-                .unwrap_or(Err("no answer in 10 s".into()))
-        })
+                .map_err(|e| format!("request: {e}"))?;
+            Ok(resp.status().as_u16())
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
+            .await
+            .unwrap_or(Err("no answer in 10 s".into()))
     })
 }
 
@@ -967,65 +961,59 @@ fn keep_alive_calls(
     h2: bool,
     n: usize,
 ) -> Result<KeptAlive, String> {
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
-            let connect = tls_from(&source, target, &pki, &pki.b, alpn);
-            let tls = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+    ns.block_on(move || async move {
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        let connect = tls_from(&source, target, &pki, &pki.b, alpn);
+        let tls = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+            .await
+            .unwrap_or(Err("no handshake in 10 s".into()))?;
+        let io = hyper_util::rt::TokioIo::new(tls);
+        let (mut send, conn): (_, tokio::task::JoinHandle<()>) = if h2 {
+            let (s, c) = hyper::client::conn::http2::handshake::<_, _, KaBody>(
+                hyper_util::rt::TokioExecutor::new(),
+                io,
+            )
+            .await
+            .map_err(|e| format!("h2: {e}"))?;
+            (
+                KaSender::H2(s),
+                tokio::spawn(async move {
+                    let _ = c.await;
+                }),
+            )
+        } else {
+            let (s, c) = hyper::client::conn::http1::handshake::<_, KaBody>(io)
                 .await
-                .unwrap_or(Err("no handshake in 10 s".into()))?;
-            let io = hyper_util::rt::TokioIo::new(tls);
-            let (mut send, conn): (_, tokio::task::JoinHandle<()>) = if h2 {
-                let (s, c) = hyper::client::conn::http2::handshake::<_, _, KaBody>(
-                    hyper_util::rt::TokioExecutor::new(),
-                    io,
-                )
-                .await
-                .map_err(|e| format!("h2: {e}"))?;
-                (
-                    KaSender::H2(s),
-                    tokio::spawn(async move {
-                        let _ = c.await;
-                    }),
-                )
-            } else {
-                let (s, c) = hyper::client::conn::http1::handshake::<_, KaBody>(io)
-                    .await
-                    .map_err(|e| format!("http: {e}"))?;
-                (
-                    KaSender::H1(s),
-                    tokio::spawn(async move {
-                        let _ = c.await;
-                    }),
-                )
+                .map_err(|e| format!("http: {e}"))?;
+            (
+                KaSender::H1(s),
+                tokio::spawn(async move {
+                    let _ = c.await;
+                }),
+            )
+        };
+        let mut responses = Vec::new();
+        for _ in 0..n {
+            let req = http::Request::get("https://a.apps.identity/")
+                .header("host", "a.apps.identity")
+                .body(KaBody::new())
+                .unwrap();
+            let sent = match &mut send {
+                KaSender::H1(s) => s.send_request(req).await,
+                KaSender::H2(s) => s.send_request(req).await,
             };
-            let mut responses = Vec::new();
-            for _ in 0..n {
-                let req = http::Request::get("https://a.apps.identity/")
-                    .header("host", "a.apps.identity")
-                    .body(KaBody::new())
-                    .unwrap();
-                let sent = match &mut send {
-                    KaSender::H1(s) => s.send_request(req).await,
-                    KaSender::H2(s) => s.send_request(req).await,
-                };
-                responses.push(sent.map_err(|e| format!("request: {e}")).map(|r| {
-                    let close = r
-                        .headers()
-                        .get("connection")
-                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                    (r.status().as_u16(), close)
-                }));
-            }
-            let ended = tokio::time::timeout(std::time::Duration::from_secs(2), conn)
-                .await
-                .is_ok();
-            Ok(KeptAlive { responses, ended })
-        })
+            responses.push(sent.map_err(|e| format!("request: {e}")).map(|r| {
+                let close = r
+                    .headers()
+                    .get("connection")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                (r.status().as_u16(), close)
+            }));
+        }
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(2), conn)
+            .await
+            .is_ok();
+        Ok(KeptAlive { responses, ended })
     })
 }
 
@@ -1474,54 +1462,47 @@ async fn reset_mode_holds_when_the_listener_answers_with_syn_cookies() {
     // Three bursts of 64 connections from outside the allow-list, each sending a ClientHello and
     // waiting for what comes back.
     let source = ns.client(2);
-    let outcomes: Vec<String> = ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let hello =
-                std::sync::Arc::new(support::packets::rustls_client_hello("a.apps.identity"));
-            let mut outcomes = Vec::new();
-            for _ in 0..3 {
-                let burst: Vec<_> = (0..64)
-                    .map(|_| {
-                        let (hello, source) = (hello.clone(), source.clone());
-                        tokio::spawn(async move {
-                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                            let attempt = async {
-                                let sock = tokio::net::TcpSocket::new_v4().unwrap();
-                                sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-                                let mut tcp = sock
-                                    .connect(target)
-                                    .await
-                                    .map_err(|e| format!("connect: {e}"))?;
-                                tcp.write_all(&hello)
-                                    .await
-                                    .map_err(|e| format!("write: {e}"))?;
-                                let mut buf = [0u8; 64];
-                                match tcp.read(&mut buf).await {
-                                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                                        Ok("reset".to_string())
-                                    }
-                                    Err(e) => Err(format!("read: {e}")),
-                                    Ok(0) => Err("closed without a reset".to_string()),
-                                    Ok(n) => Err(format!("answered with {n} bytes")),
-                                }
-                            };
-                            tokio::time::timeout(std::time::Duration::from_secs(20), attempt)
+    let outcomes: Vec<String> = ns.block_on(move || async move {
+        let hello = std::sync::Arc::new(support::packets::rustls_client_hello("a.apps.identity"));
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            let burst: Vec<_> = (0..64)
+                .map(|_| {
+                    let (hello, source) = (hello.clone(), source.clone());
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let attempt = async {
+                            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                            sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+                            let mut tcp = sock
+                                .connect(target)
                                 .await
-                                .unwrap_or_else(|_| Err("no answer in 20 s".to_string()))
-                                .unwrap_or_else(|e| e)
-                        })
+                                .map_err(|e| format!("connect: {e}"))?;
+                            tcp.write_all(&hello)
+                                .await
+                                .map_err(|e| format!("write: {e}"))?;
+                            let mut buf = [0u8; 64];
+                            match tcp.read(&mut buf).await {
+                                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                                    Ok("reset".to_string())
+                                }
+                                Err(e) => Err(format!("read: {e}")),
+                                Ok(0) => Err("closed without a reset".to_string()),
+                                Ok(n) => Err(format!("answered with {n} bytes")),
+                            }
+                        };
+                        tokio::time::timeout(std::time::Duration::from_secs(20), attempt)
+                            .await
+                            .unwrap_or_else(|_| Err("no answer in 20 s".to_string()))
+                            .unwrap_or_else(|e| e)
                     })
-                    .collect();
-                for t in burst {
-                    outcomes.push(t.await.unwrap());
-                }
+                })
+                .collect();
+            for t in burst {
+                outcomes.push(t.await.unwrap());
             }
-            outcomes
-        })
+        }
+        outcomes
     });
     let odd: Vec<&String> = outcomes.iter().filter(|o| *o != "reset").collect();
     assert!(

@@ -141,6 +141,21 @@ impl Netns {
         .join()
         .expect("netns thread")
     }
+
+    /// Runs the future `f` makes on a current-thread runtime, on a thread inside the namespace.
+    pub fn block_on<T, F>(&self, f: impl FnOnce() -> F + Send + 'static) -> T
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T>,
+    {
+        self.run(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+    }
 }
 
 impl Drop for Netns {
