@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use portcullis::config::Config;
 use portcullis::xdp::twin::{self, TwinMaps};
-use portcullis::xdp::{addr_bytes, monotonic_ns, Gate, MapPlan};
+use portcullis::xdp::{addr_bytes, monotonic_ns, Gate, MapPlan, SharedDenial};
 use portcullis_common::{Counter, REJECT_DROP};
 use support::packets::{
     client_hello, ipv4_checksum_ok, rustls_client_hello, tcp_checksum_ok, Segment, SniAt, SYN,
@@ -952,7 +952,7 @@ enum KaSender {
 }
 
 /// `n` GETs one after another on one connection from `source` with app B's certificate
-/// (HTTP/1.1, or h2 when `h2`).
+/// (HTTP/1.1, or h2 when `h2`); `before(i)` runs before the `i`th.
 fn keep_alive_calls(
     ns: &support::netns::Netns,
     source: String,
@@ -960,6 +960,7 @@ fn keep_alive_calls(
     pki: std::sync::Arc<TestPki>,
     h2: bool,
     n: usize,
+    before: impl Fn(usize) + Send + 'static,
 ) -> Result<KeptAlive, String> {
     ns.block_on(move || async move {
         let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
@@ -993,7 +994,8 @@ fn keep_alive_calls(
             )
         };
         let mut responses = Vec::new();
-        for _ in 0..n {
+        for i in 0..n {
+            before(i);
             let req = http::Request::get("https://a.apps.identity/")
                 .header("host", "a.apps.identity")
                 .body(KaBody::new())
@@ -1021,7 +1023,8 @@ fn keep_alive_calls(
 /// learning denies its source, the gate refuses its new connections, and the daemon ends the
 /// connection it still holds (HTTP/1.1: `connection: close` on that response; h2: GOAWAY), so a
 /// keep-alive flood cannot go on costing a 403 per request behind the gate's back. An exempt
-/// source is answered 403 as often as it asks and keeps its connection.
+/// source is answered 403 as often as it asks and keeps its connection. A denial shared by
+/// another gateway ends the connection the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_callers_keep_alive_connection_ends() {
     if object().is_none() {
@@ -1029,7 +1032,8 @@ async fn a_denied_callers_keep_alive_connection_ends() {
     }
     let scene = Scene::new(8, "keepalive").await;
     let (ns, pki) = (&scene.ns, &scene.pki);
-    let (h1_caller, exempt, h2_caller) = (ns.client(2), ns.client(3), ns.client(4));
+    let (h1_caller, exempt, h2_caller, shared) =
+        (ns.client(2), ns.client(3), ns.client(4), ns.client(5));
     let port = 8450;
     let yaml = format!(
         "listen: {{https: \"{host}:{port}\"}}\n\
@@ -1043,10 +1047,12 @@ async fn a_denied_callers_keep_alive_connection_ends() {
         bport = scene.backend.addr.port(),
     );
     let gw = support::gateway::TestGateway::start(pki, &yaml).await;
+    assert!(gw.gw.state().xdp.is_some(), "XDP attached");
     let target = gw.https();
 
     // HTTP/1.1: two 403s keep the connection; the third crosses the threshold and ends it.
-    let seen = keep_alive_calls(ns, h1_caller.clone(), target, pki.clone(), false, 3).unwrap();
+    let seen =
+        keep_alive_calls(ns, h1_caller.clone(), target, pki.clone(), false, 3, |_| {}).unwrap();
     assert_eq!(
         seen.responses,
         vec![Ok((403, false)), Ok((403, false)), Ok((403, true))]
@@ -1054,7 +1060,7 @@ async fn a_denied_callers_keep_alive_connection_ends() {
     assert!(seen.ended, "the denied caller's connection ended");
     assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 1.0);
     // Its next connection is stopped by the gate.
-    let again = keep_alive_calls(ns, h1_caller, target, pki.clone(), false, 1);
+    let again = keep_alive_calls(ns, h1_caller, target, pki.clone(), false, 1, |_| {});
     assert!(
         again.is_err(),
         "reconnecting: {:?}",
@@ -1062,7 +1068,7 @@ async fn a_denied_callers_keep_alive_connection_ends() {
     );
 
     // h2: the same, with GOAWAY; the response itself is delivered.
-    let seen = keep_alive_calls(ns, h2_caller, target, pki.clone(), true, 3).unwrap();
+    let seen = keep_alive_calls(ns, h2_caller, target, pki.clone(), true, 3, |_| {}).unwrap();
     assert_eq!(
         seen.responses,
         vec![Ok((403, false)), Ok((403, false)), Ok((403, false))]
@@ -1071,13 +1077,35 @@ async fn a_denied_callers_keep_alive_connection_ends() {
     assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 2.0);
 
     // An exempt source is never denied and keeps its connection however often it is refused.
-    let seen = keep_alive_calls(ns, exempt, target, pki.clone(), false, 6).unwrap();
+    let seen = keep_alive_calls(ns, exempt, target, pki.clone(), false, 6, |_| {}).unwrap();
     assert_eq!(seen.responses, vec![Ok((403, false)); 6]);
     assert!(!seen.ended, "the exempt caller's connection stays open");
     assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 2.0);
     assert_eq!(
         gw.metric("portcullis_xdp_deny_connections_ended_total"),
         2.0
+    );
+
+    // A denial another gateway learned (fleet sharing, as applied from `portcullis.deny`) ends
+    // the source's connection here on its next refusal, below this gateway's own threshold.
+    let state = gw.gw.state().clone();
+    let denial = SharedDenial {
+        domain: "*.apps.identity".into(),
+        source: shared.parse().unwrap(),
+        ttl_ms: 60_000,
+    };
+    let seen = keep_alive_calls(ns, shared, target, pki.clone(), false, 2, move |i| {
+        if i == 1 {
+            assert!(state.xdp.as_ref().unwrap().apply_shared(&denial));
+        }
+    })
+    .unwrap();
+    assert_eq!(seen.responses, vec![Ok((403, false)), Ok((403, true))]);
+    assert!(seen.ended, "the fleet-denied caller's connection ended");
+    assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 2.0);
+    assert_eq!(
+        gw.metric("portcullis_xdp_deny_connections_ended_total"),
+        3.0
     );
 }
 

@@ -98,7 +98,7 @@ impl Netns {
             &ns.host_if,
         ]);
         ip(&["link", "set", &ns.host_if, "up"]);
-        for a in [ns.client(2), ns.client(3), ns.client(4)] {
+        for a in (2..=5).map(|last| ns.client(last)) {
             ip(&[
                 "netns",
                 "exec",

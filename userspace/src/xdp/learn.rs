@@ -83,6 +83,28 @@ impl Learner {
             .is_some_and(|until| until > now)
     }
 
+    /// Records a denial of `source` on `domain` that another gateway learned (fleet sharing),
+    /// in force for `ttl` from `now`, so [`Learner::denied`] knows of it: the source's kept-alive
+    /// connections then end on their next refusal, as for a denial learned here. It does not
+    /// count towards this gateway's own doubling, and an exempt source is never recorded.
+    pub fn denied_elsewhere(&mut self, domain: u32, source: IpAddr, ttl: Duration, now: Instant) {
+        if self.is_exempt(source) {
+            return;
+        }
+        // A ttl too large for the clock (a message's u64 milliseconds) is as good as forever;
+        // the longest this gateway would deny for stands in.
+        let until = now.checked_add(ttl).unwrap_or(now + self.settings.max_ttl);
+        let e = self.sources.entry((domain, source)).or_insert(Strikes {
+            window_start: now,
+            failures: 0,
+            denials: 0,
+            denied_until: None,
+        });
+        if e.denied_until.is_none_or(|u| u < until) {
+            e.denied_until = Some(until);
+        }
+    }
+
     /// Takes back the denial just learned for `source` on `domain`, when the gate could not be
     /// told (its DENY map full): the source is not stopped, so it is not treated as denied, and
     /// its next `threshold` failures try again.
@@ -176,6 +198,32 @@ mod tests {
             assert_eq!(l.failure(1, ip, t), Some(Duration::from_secs(expected)));
             t += Duration::from_secs(expected + 1);
         }
+    }
+
+    #[test]
+    fn a_denial_learned_elsewhere_is_known_without_counting_here() {
+        let mut l = Learner::new(settings());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t = Instant::now();
+        assert_eq!(l.failure(1, ip, t), None);
+        l.denied_elsewhere(1, ip, Duration::from_secs(30), t);
+        assert!(l.denied(1, ip, t + Duration::from_secs(29)));
+        assert!(!l.denied(1, ip, t + Duration::from_secs(30)));
+        assert!(!l.denied(2, ip, t));
+        // While it is in force, refusals here do not count; a shorter one does not shorten it.
+        assert_eq!(l.failure(1, ip, t), None);
+        l.denied_elsewhere(1, ip, Duration::from_secs(1), t);
+        assert!(l.denied(1, ip, t + Duration::from_secs(29)));
+        // Afterwards this gateway's own first denial is the base ttl, not doubled.
+        let t = t + Duration::from_secs(31);
+        assert_eq!(l.failure(1, ip, t), None);
+        assert_eq!(l.failure(1, ip, t), None);
+        assert_eq!(l.failure(1, ip, t), Some(Duration::from_secs(60)));
+        // Exempt sources are never recorded; a ttl past the clock's range does not panic.
+        l.denied_elsewhere(1, "10.1.2.3".parse().unwrap(), Duration::from_secs(30), t);
+        assert!(!l.denied(1, "10.1.2.3".parse().unwrap(), t));
+        l.denied_elsewhere(3, ip, Duration::from_millis(u64::MAX), t);
+        assert!(l.denied(3, ip, t + Duration::from_secs(199)));
     }
 
     #[test]

@@ -282,7 +282,9 @@ impl XdpRuntime {
     }
 
     /// Applies a denial another gateway learned, under this gateway's own domains and exempt
-    /// rules. Returns whether it was written.
+    /// rules: the gate stops the source's new connections, and the learner knows of it, so a
+    /// connection the source already holds here ends on its next refusal. Returns whether it
+    /// was written.
     pub fn apply_shared(&self, d: &SharedDenial) -> bool {
         let id = match self.names.lock() {
             Ok(names) => match names.iter().position(|n| *n == d.domain) {
@@ -306,7 +308,13 @@ impl XdpRuntime {
             .lock()
             .map(|mut g| g.deny(id, addr_bytes(d.source), expiry))
         {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => {
+                if let Ok(mut l) = self.learner.lock() {
+                    let ttl = std::time::Duration::from_millis(d.ttl_ms);
+                    l.denied_elsewhere(id, d.source, ttl, Instant::now());
+                }
+                true
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "shared denial not written");
                 false
