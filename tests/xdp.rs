@@ -1109,6 +1109,133 @@ async fn a_denied_callers_keep_alive_connection_ends() {
     );
 }
 
+/// Domain ids are the maps' keys, and learned denials live under them. A domain keeps its id
+/// when a reload inserts, reorders or removes other domains, and when a restarted daemon reads a
+/// reordered config, so its denials stay its own; a new domain that takes a removed domain's id
+/// does not inherit that domain's denials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_stay_with_their_domain_across_reload_and_restart() {
+    if object().is_none() {
+        return;
+    }
+    let scene = Scene::new(9, "ids").await;
+    let (ns, pki) = (&scene.ns, &scene.pki);
+    let source = ns.client(2);
+    let port = 8451;
+    let yaml = |domains: &[&str]| {
+        let domains: Vec<String> = domains
+            .iter()
+            .map(|d| format!("{{name: \"*.{d}\", ca_certs: identity-ca.pem}}"))
+            .collect();
+        format!(
+            "listen: {{https: \"{host}:{port}\"}}\n\
+             domains: [{domains}]\n\
+             xdp: {{interfaces: [{iface}], ports: [{port}], pin_path: \"{pin}\"}}\n",
+            host = ns.host(),
+            domains = domains.join(", "),
+            iface = ns.host_if,
+            pin = scene.pin.0.display(),
+        )
+    };
+    let deny = |gw: &support::gateway::TestGateway, domain: &str| {
+        let xdp = gw.gw.state().xdp.as_ref().expect("XDP attached");
+        assert!(xdp.apply_shared(&SharedDenial {
+            domain: format!("*.{domain}"),
+            source: source.parse().unwrap(),
+            ttl_ms: 600_000,
+        }));
+    };
+    // The gate's verdict on a ClientHello from `source` for a name in each domain: the domains
+    // it rejects (reset).
+    let sport = std::cell::Cell::new(40000u16);
+    let rejected = |gw: &support::gateway::TestGateway, domains: &[&str]| -> Vec<String> {
+        let xdp = gw.gw.state().xdp.as_ref().expect("XDP attached");
+        let mut out = Vec::new();
+        for d in domains {
+            let mut seg = Segment::new(
+                &source,
+                &ns.host(),
+                client_hello(&format!("x.{d}"), SniAt::Last, 32, 0),
+            );
+            seg.dport = port;
+            // A new flow each time: the gate remembers rejected flows.
+            seg.sport = sport.get();
+            sport.set(sport.get() + 1);
+            let frame = seg.frame();
+            let l4 = frame.len() - seg.tcp_header_len() - seg.payload.len();
+            let (action, out_frame) = xdp.test_run(&frame).unwrap();
+            assert_eq!(action, XDP_PASS, "{d}");
+            if out_frame[l4 + 13] == 0x14 {
+                out.push(d.to_string());
+            } else {
+                assert_eq!(out_frame, frame, "{d}: passed unchanged");
+            }
+        }
+        out
+    };
+    let listed = |gw: &support::gateway::TestGateway| -> Vec<String> {
+        let xdp = gw.gw.state().xdp.as_ref().expect("XDP attached");
+        let mut d: Vec<String> = xdp
+            .denials()
+            .into_iter()
+            .map(|d| format!("{} {}", d.domain, d.source))
+            .collect();
+        d.sort();
+        d
+    };
+
+    let gw = support::gateway::TestGateway::start(pki, &yaml(&["one.test", "two.test"])).await;
+    deny(&gw, "two.test");
+    assert_eq!(rejected(&gw, &["one.test", "two.test"]), ["two.test"]);
+
+    // A domain inserted at the top: the denial stays on two.test.
+    gw.reload(&yaml(&["three.test", "one.test", "two.test"]));
+    assert_eq!(
+        rejected(&gw, &["three.test", "one.test", "two.test"]),
+        ["two.test"]
+    );
+    assert_eq!(listed(&gw), [format!("*.two.test {source}")]);
+
+    // two.test removed and four.test added in one reload: four.test takes two.test's id, not
+    // its denial.
+    gw.reload(&yaml(&["three.test", "one.test", "four.test"]));
+    assert_eq!(
+        rejected(&gw, &["three.test", "one.test", "four.test", "two.test"]),
+        Vec::<String>::new()
+    );
+    assert!(listed(&gw).is_empty(), "{:?}", listed(&gw));
+
+    // A restart on the same pins with the domains in another order: one.test's denial is still
+    // one.test's.
+    deny(&gw, "one.test");
+    let support::gateway::TestGateway { gw: old, dir } = gw;
+    old.shutdown(std::time::Duration::from_millis(200)).await;
+    std::fs::write(
+        dir.path().join("portcullis.yaml"),
+        support::gateway::base(&yaml(&["four.test", "three.test", "one.test"])),
+    )
+    .unwrap();
+    let config = portcullis::config::Config::load(&dir.path().join("portcullis.yaml")).unwrap();
+    let restarted = portcullis::gateway::Gateway::start(config).await.unwrap();
+    let gw = support::gateway::TestGateway { gw: restarted, dir };
+    assert_eq!(
+        rejected(&gw, &["four.test", "three.test", "one.test"]),
+        ["one.test"]
+    );
+    assert_eq!(listed(&gw), [format!("*.one.test {source}")]);
+    // The metric labels follow the ids too: four.test's counters did not start from two.test's.
+    assert_eq!(
+        gw.metric(
+            "portcullis_xdp_verdicts_total{domain=\"*.four.test\",verdict=\"reject\",reason=\"deny\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        gw.metric("portcullis_xdp_verdicts_total{domain=\"*.one.test\",verdict=\"reject\",reason=\"deny\"}"),
+        1.0
+    );
+}
+
 /// What the namespace tests share: a client namespace, the PKI, an echo backend and the gate's
 /// pin directory.
 struct Scene {

@@ -58,6 +58,7 @@ fn setup() -> Both {
         allow: vec![allow_entry(1, &net)],
         ports: vec![443],
         reject: 0,
+        fresh: Vec::new(),
     };
     gate.sync(&plan, true).unwrap();
     let mut twin = TwinMaps::from_plan(&plan);

@@ -15,7 +15,7 @@ pub struct TestGateway {
 }
 
 /// The sections every test config shares; a test's own sections replace any of them by key.
-fn base(sections: &str) -> String {
+pub fn base(sections: &str) -> String {
     let has = |key: &str| sections.lines().any(|l| l.starts_with(key));
     let mut out = String::new();
     if !has("listen:") {

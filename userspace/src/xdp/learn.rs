@@ -114,6 +114,12 @@ impl Learner {
         }
     }
 
+    /// Forgets everything counted on domain ids for which `keep` is false (domains removed from
+    /// the config, or ids now given to another domain).
+    pub fn retain_domains(&mut self, keep: impl Fn(u32) -> bool) {
+        self.sources.retain(|(domain, _), _| keep(*domain));
+    }
+
     /// Forgets sources with no recent failure and no denial in force or to remember (a source
     /// quiet for `max_ttl` after its last denial starts over at `ttl`).
     pub fn sweep(&mut self, now: Instant) {

@@ -4,7 +4,7 @@
 //! The maps are pinned (by name) under a directory in bpffs, so a restarted daemon finds the
 //! program's state, including learned denials, where it left it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -75,6 +75,96 @@ pub fn addr_bytes(ip: IpAddr) -> Addr {
     }
 }
 
+/// The domain ids the maps key on (`DOMAINS` values, `ALLOW`, `DENY`, the counters), one per
+/// configured domain.
+///
+/// A domain keeps its id for as long as it is configured, across reloads and across restarts
+/// (the id is read back from the pinned `DOMAINS` map), so a learned denial, a kept allow-list
+/// entry or a counter stays with the domain it belongs to when a config inserts, removes or
+/// reorders domains. A new domain takes the lowest free id; whatever the maps still hold under
+/// that id belonged to a domain that is gone, and the next sync removes it (`fresh`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DomainIds {
+    /// Pattern and id per `config.domains` index.
+    domains: Vec<(String, u32)>,
+    /// Ids given to a domain that did not hold them before.
+    fresh: Vec<u32>,
+}
+
+impl DomainIds {
+    /// Ids by position in `config.domains`, from 1, for maps that hold nothing yet.
+    pub fn positional(config: &Config) -> Result<DomainIds, XdpError> {
+        Ok(DomainIds::assign(config, &BTreeMap::new())?.settled())
+    }
+
+    /// Ids for `config`, keeping each domain's id in `previous` (by pattern, as written in the
+    /// config).
+    pub fn assign(
+        config: &Config,
+        previous: &BTreeMap<String, u32>,
+    ) -> Result<DomainIds, XdpError> {
+        if config.domains.len() > MAX_DOMAINS as usize {
+            return Err(XdpError::TooManyDomains);
+        }
+        Ok(DomainIds::assign_patterns(
+            config.domains.iter().map(|d| d.pattern.to_string()),
+            previous,
+        ))
+    }
+
+    fn assign_patterns(
+        patterns: impl Iterator<Item = String>,
+        previous: &BTreeMap<String, u32>,
+    ) -> DomainIds {
+        let mut taken = BTreeSet::new();
+        let mut domains: Vec<(String, u32)> = patterns
+            .map(|p| match previous.get(&p) {
+                Some(&id) if (1..=MAX_DOMAINS).contains(&id) && taken.insert(id) => (p, id),
+                _ => (p, 0),
+            })
+            .collect();
+        let mut fresh = Vec::new();
+        let mut next = 1;
+        for (_, id) in domains.iter_mut().filter(|(_, id)| *id == 0) {
+            while taken.contains(&next) {
+                next += 1;
+            }
+            *id = next;
+            taken.insert(next);
+            fresh.push(next);
+        }
+        DomainIds { domains, fresh }
+    }
+
+    /// The same ids with nothing left to clear (once a sync has cleared it).
+    pub fn settled(self) -> DomainIds {
+        DomainIds {
+            fresh: Vec::new(),
+            ..self
+        }
+    }
+
+    /// Whether `id` belongs to a configured domain that held it before this assignment.
+    pub fn kept(&self, id: u32) -> bool {
+        self.domains.iter().any(|(_, i)| *i == id) && !self.fresh.contains(&id)
+    }
+
+    /// Pattern → id, the `previous` of the next assignment.
+    pub fn by_pattern(&self) -> BTreeMap<String, u32> {
+        self.domains.iter().cloned().collect()
+    }
+
+    /// Domain pattern per id (index 0 and unused ids: "-"), for metric labels and lookups.
+    pub fn names(&self) -> Vec<String> {
+        let top = self.domains.iter().map(|(_, id)| *id).max().unwrap_or(0) as usize;
+        let mut names = vec!["-".to_string(); top + 1];
+        for (pattern, id) in &self.domains {
+            names[*id as usize] = pattern.clone();
+        }
+        names
+    }
+}
+
 /// Everything the maps should hold for one config (and, later, one registry snapshot).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MapPlan {
@@ -83,22 +173,35 @@ pub struct MapPlan {
     pub allow: Vec<(u32, AllowKey)>,
     pub ports: Vec<u16>,
     pub reject: u32,
+    /// Domain ids whose `DENY` and kept `ALLOW` entries belong to a domain that is gone
+    /// ([`DomainIds`]); ids no domain has are cleared as well.
+    pub fresh: Vec<u32>,
 }
 
 impl MapPlan {
-    /// Domain ids are positions in `config.domains`, from 1. `registry_hosts` are the registry's
-    /// endpoint addresses, allowed on domains whose allow-list says `registry_hosts: true`.
+    /// Domain ids are positions in `config.domains`, from 1 (maps with no history; see
+    /// [`MapPlan::with_ids`]). `registry_hosts` are the registry's endpoint addresses, allowed on
+    /// domains whose allow-list says `registry_hosts: true`.
     pub fn from_config(
         config: &Config,
+        registry_hosts: &BTreeSet<IpAddr>,
+    ) -> Result<MapPlan, XdpError> {
+        MapPlan::with_ids(config, &DomainIds::positional(config)?, registry_hosts)
+    }
+
+    /// The plan for `config` with its domains under `ids`.
+    pub fn with_ids(
+        config: &Config,
+        ids: &DomainIds,
         registry_hosts: &BTreeSet<IpAddr>,
     ) -> Result<MapPlan, XdpError> {
         if config.domains.len() > MAX_DOMAINS as usize {
             return Err(XdpError::TooManyDomains);
         }
+        debug_assert_eq!(ids.domains.len(), config.domains.len());
         let mut entries: std::collections::BTreeMap<u64, DomainEntry> = Default::default();
         let mut allow = Vec::new();
-        for (i, d) in config.domains.iter().enumerate() {
-            let id = i as u32 + 1;
+        for (d, &(_, id)) in config.domains.iter().zip(&ids.domains) {
             let flags = if d.allowed_sources.is_some() {
                 DOMAIN_HAS_ALLOWLIST
             } else {
@@ -136,6 +239,7 @@ impl MapPlan {
                 XdpReject::Reset => REJECT_RESET,
                 XdpReject::Drop => REJECT_DROP,
             },
+            fresh: ids.fresh.clone(),
         })
     }
 }
@@ -188,9 +292,40 @@ impl Gate {
         self.ebpf.map_mut(name).ok_or(XdpError::Missing(name))
     }
 
+    /// The ids the pinned `DOMAINS` map gives `config`'s domains (written by an earlier daemon or
+    /// `cargo xtask load`), by pattern; domains it does not hold are absent.
+    pub fn pinned_ids(&mut self, config: &Config) -> Result<BTreeMap<String, u32>, XdpError> {
+        let domains: HashMap<&mut MapData, u64, DomainEntry> =
+            HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
+        let mut out = BTreeMap::new();
+        for d in &config.domains {
+            let (key, exact) = match &d.pattern {
+                DomainPattern::Exact(name) => (name_hash(name.as_bytes()), true),
+                DomainPattern::Wildcard(suffix) => (name_hash(suffix.as_bytes()), false),
+            };
+            let Ok(e) = domains.get(&key, 0) else {
+                continue;
+            };
+            let id = if exact { e.exact_id } else { e.wildcard_id };
+            if id != 0 {
+                out.insert(d.pattern.to_string(), id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes `DOMAINS`, `ALLOW`, `PORTS` and `SETTINGS` hold exactly what `plan` says; with
-    /// `prune_allow` false, `ALLOW` entries not in the plan are kept (only added to).
+    /// `prune_allow` false, `ALLOW` entries not in the plan are kept (only added to) unless
+    /// their domain id is gone or fresh. `DENY` entries under an id that is gone or fresh are
+    /// removed: they were learned for another domain; a fresh id's counters are zeroed.
     pub fn sync(&mut self, plan: &MapPlan, prune_allow: bool) -> Result<(), XdpError> {
+        let live: BTreeSet<u32> = plan
+            .domains
+            .iter()
+            .flat_map(|(_, e)| [e.exact_id, e.wildcard_id])
+            .filter(|&id| id != 0)
+            .collect();
+        let foreign = |id: u32| !live.contains(&id) || plan.fresh.contains(&id);
         {
             let mut domains: HashMap<&mut MapData, u64, DomainEntry> =
                 HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
@@ -202,6 +337,41 @@ impl Gate {
             for k in stale {
                 domains.remove(&k).map_err(map_err(maps::DOMAINS))?;
             }
+        }
+        {
+            // Before the domains that take fresh ids are written, so the gate never applies
+            // another domain's denials to them.
+            let mut deny: HashMap<&mut MapData, DenyKey, u64> =
+                HashMap::try_from(self.map_mut(maps::DENY)?).map_err(map_err(maps::DENY))?;
+            let stale: Vec<DenyKey> = deny
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| foreign(k.domain_id))
+                .collect();
+            for k in stale {
+                deny.remove(&k).map_err(map_err(maps::DENY))?;
+            }
+        }
+        if !plan.fresh.is_empty() {
+            // A fresh id's counters start from zero, not from the removed domain's counts (they
+            // survive restarts in the pinned map, and are exported again by a new daemon).
+            let mut counters: PerCpuArray<&mut MapData, u64> =
+                PerCpuArray::try_from(self.map_mut(maps::COUNTERS)?)
+                    .map_err(map_err(maps::COUNTERS))?;
+            let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as usize);
+            for &id in plan.fresh.iter().filter(|&&id| id <= MAX_DOMAINS) {
+                for c in Counter::ALL {
+                    let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+                        .map_err(|e| map_err(maps::COUNTERS)(aya::maps::MapError::from(e)))?;
+                    counters
+                        .set(id * COUNTERS_PER_DOMAIN + c as u32, zeros, 0)
+                        .map_err(map_err(maps::COUNTERS))?;
+                }
+            }
+        }
+        {
+            let mut domains: HashMap<&mut MapData, u64, DomainEntry> =
+                HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
             for (h, e) in &plan.domains {
                 domains.insert(h, e, 0).map_err(map_err(maps::DOMAINS))?;
             }
@@ -218,10 +388,11 @@ impl Gate {
                 .keys()
                 .filter_map(Result::ok)
                 .filter(|k| {
-                    prune_allow
-                        && !wanted
-                            .iter()
-                            .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+                    let unwanted = !wanted
+                        .iter()
+                        .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data());
+                    let id = u32::from_be_bytes(k.data().domain_be);
+                    unwanted && (prune_allow || foreign(id))
                 })
                 .collect();
             for k in stale {
@@ -359,5 +530,55 @@ impl Gate {
         let res = self.program()?.test_run(opts)?;
         // The kernel reports the mean duration of one run.
         Ok(res.duration.as_nanos() as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assign(patterns: &[&str], previous: &BTreeMap<String, u32>) -> DomainIds {
+        DomainIds::assign_patterns(patterns.iter().map(|p| p.to_string()), previous)
+    }
+
+    fn ids(d: &DomainIds) -> Vec<u32> {
+        d.domains.iter().map(|(_, id)| *id).collect()
+    }
+
+    #[test]
+    fn domains_keep_their_ids_and_new_ones_take_the_lowest_free() {
+        let first = assign(&["*.a", "*.b", "c.d"], &BTreeMap::new());
+        assert_eq!(ids(&first), [1, 2, 3]);
+        assert_eq!(first.fresh, [1, 2, 3]);
+        // Inserted at the top, reordered: every kept domain keeps its id.
+        let second = assign(&["*.new", "c.d", "*.b", "*.a"], &first.by_pattern());
+        assert_eq!(ids(&second), [4, 3, 2, 1]);
+        assert_eq!(second.fresh, [4]);
+        assert!(second.kept(1) && second.kept(3) && !second.kept(4) && !second.kept(5));
+        assert_eq!(second.names(), ["-", "*.a", "*.b", "c.d", "*.new"]);
+        // "*.b" removed: its id is free, and the next new domain takes it as fresh.
+        let third = assign(&["*.new", "c.d", "*.a"], &second.by_pattern());
+        assert_eq!(ids(&third), [4, 3, 1]);
+        assert!(third.fresh.is_empty() && !third.kept(2));
+        assert_eq!(third.names(), ["-", "*.a", "-", "c.d", "*.new"]);
+        let fourth = assign(&["*.new", "c.d", "*.a", "*.other"], &third.by_pattern());
+        assert_eq!(ids(&fourth), [4, 3, 1, 2]);
+        assert_eq!(fourth.fresh, [2]);
+        assert!(!fourth.kept(2));
+        assert!(fourth.clone().settled().kept(2));
+    }
+
+    #[test]
+    fn ids_out_of_range_or_taken_twice_are_given_again() {
+        let previous: BTreeMap<String, u32> = [
+            ("*.a".to_string(), MAX_DOMAINS + 1),
+            ("*.b".to_string(), 0),
+            ("*.c".to_string(), 2),
+            ("*.d".to_string(), 2),
+        ]
+        .into();
+        let d = assign(&["*.a", "*.b", "*.c", "*.d"], &previous);
+        assert_eq!(ids(&d), [1, 3, 2, 4]);
+        assert_eq!(d.fresh, [1, 3, 4]);
     }
 }

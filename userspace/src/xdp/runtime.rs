@@ -1,7 +1,7 @@
 //! The gate as the daemon runs it: attached to the configured interfaces, maps following every
 //! config change, counters exported at each scrape.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::net::IpAddr;
 use std::path::Path;
@@ -13,7 +13,7 @@ use aya::programs::xdp::{XdpLink, XdpMode as AyaMode};
 use portcullis_common::Counter;
 
 use super::learn::{monotonic_ns, Learner};
-use super::{addr_bytes, Gate, MapPlan, XdpError};
+use super::{addr_bytes, DomainIds, Gate, MapPlan, XdpError};
 use crate::config::{Config, XdpMode, XdpReject};
 use crate::metrics::{KindLabels, Metrics, XdpAttachLabels, XdpVerdictLabels};
 use crate::names::DomainPattern;
@@ -27,6 +27,8 @@ pub struct XdpRuntime {
     gate: Mutex<Gate>,
     /// Domain pattern per id, for metric labels (index 0 = no domain).
     names: Mutex<Vec<String>>,
+    /// Domain id per pattern, kept by the next config ([`DomainIds`]).
+    ids: Mutex<BTreeMap<String, u32>>,
     /// Counter values already exported.
     seen: Mutex<HashMap<(u32, Counter), u64>>,
     learner: Mutex<Learner>,
@@ -78,12 +80,6 @@ fn addr_ip(a: &portcullis_common::Addr) -> IpAddr {
     }
 }
 
-fn names(config: &Config) -> Vec<String> {
-    std::iter::once("-".to_string())
-        .chain(config.domains.iter().map(|d| d.pattern.to_string()))
-        .collect()
-}
-
 /// Loads the gate from `object`, writes its maps from `config` (static routes standing in for the
 /// registry) and attaches it to every configured interface with pinned links, so it stays in
 /// force with no daemon running (`cargo xtask load`). A daemon started later takes over the same
@@ -108,7 +104,8 @@ pub fn load_pinned(
         .iter()
         .filter_map(|r| r.host.parse().ok())
         .collect();
-    gate.sync(&MapPlan::from_config(config, &hosts)?, true)?;
+    let ids = DomainIds::assign(config, &gate.pinned_ids(config)?)?;
+    gate.sync(&MapPlan::with_ids(config, &ids, &hosts)?, true)?;
     let mut attached = Vec::new();
     for iface in &xdp.interfaces {
         let (mode, pinned) = gate.attach(iface, xdp.mode, &xdp.pin_path)?;
@@ -177,7 +174,9 @@ impl XdpRuntime {
         let mut gate = Gate::load(OBJECT, &xdp.pin_path)?;
         let addresses = table.endpoint_addresses();
         let prune = !uses_registry_hosts(config);
-        gate.sync(&MapPlan::from_config(config, &addresses)?, prune)?;
+        // Each domain keeps the id an earlier daemon gave it, with its denials.
+        let ids = DomainIds::assign(config, &gate.pinned_ids(config)?)?;
+        gate.sync(&MapPlan::with_ids(config, &ids, &addresses)?, prune)?;
         let mut links = Vec::new();
         for iface in &xdp.interfaces {
             let (mode, pinned) = gate.attach(iface, xdp.mode, &xdp.pin_path)?;
@@ -207,7 +206,8 @@ impl XdpRuntime {
         }
         Ok(Some(XdpRuntime {
             gate: Mutex::new(gate),
-            names: Mutex::new(names(config)),
+            names: Mutex::new(ids.names()),
+            ids: Mutex::new(ids.by_pattern()),
             seen: Mutex::default(),
             learner: Mutex::new(Learner::new(xdp.deny_learning.clone())),
             links: Mutex::new(links),
@@ -384,21 +384,35 @@ impl XdpRuntime {
         }
     }
 
-    /// Brings the maps (and deny-learning settings) in line with a new config.
+    /// Brings the maps (and deny-learning settings) in line with a new config. Domains keep
+    /// their ids, denials and counts; those of removed domains are forgotten.
     pub fn sync(&self, config: &Config) -> Result<(), XdpError> {
+        let ids = {
+            let previous = self.ids.lock().map_err(|_| XdpError::Poisoned)?;
+            DomainIds::assign(config, &previous)?
+        };
         let (plan, prune) = {
             let hosts = self.hosts.lock().map_err(|_| XdpError::Poisoned)?;
             let prune = hosts.pruned || !uses_registry_hosts(config);
-            (MapPlan::from_config(config, &hosts.addresses)?, prune)
+            (MapPlan::with_ids(config, &ids, &hosts.addresses)?, prune)
         };
         if let Ok(mut l) = self.learner.lock() {
             l.set_settings(config.xdp.deny_learning.clone());
+            l.retain_domains(|id| ids.kept(id));
         }
-        if let Ok(mut g) = self.gate.lock() {
-            g.sync(&plan, prune)?;
+        {
+            let mut gate = self.gate.lock().map_err(|_| XdpError::Poisoned)?;
+            gate.sync(&plan, prune)?;
+            // Under the gate's lock, as `export` reads: a fresh id's zeroed counters count anew.
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.retain(|(id, _), _| !plan.fresh.contains(id));
+            }
         }
         if let Ok(mut n) = self.names.lock() {
-            *n = names(config);
+            *n = ids.names();
+        }
+        if let Ok(mut i) = self.ids.lock() {
+            *i = ids.by_pattern();
         }
         Ok(())
     }
@@ -427,7 +441,12 @@ impl XdpRuntime {
         if addresses == seen.addresses && !prune_now {
             return Ok(());
         }
-        let plan = MapPlan::from_config(config, &addresses)?;
+        let ids = {
+            let current = self.ids.lock().map_err(|_| XdpError::Poisoned)?;
+            // Settled: only a config's own sync clears what fresh ids held.
+            DomainIds::assign(config, &current)?.settled()
+        };
+        let plan = MapPlan::with_ids(config, &ids, &addresses)?;
         let mut g = self.gate.lock().map_err(|_| XdpError::Poisoned)?;
         g.sync(&plan, grace_over)?;
         tracing::debug!(
