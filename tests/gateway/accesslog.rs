@@ -173,3 +173,36 @@ async fn lines_for_200_403_404_421() {
         assert_eq!(l.field(f), "-", "{f}");
     }
 }
+
+/// On a dual-stack listener (`[::]`), an IPv4 caller's address arrives as `::ffff:a.b.c.d`. It is
+/// the IPv4 address wherever the gateway uses it (shown here: the access log and
+/// `X-Forwarded-For` to the backend; deny learning and its IPv4 `exempt` CIDRs take the same
+/// address).
+#[tokio::test]
+async fn ipv4_callers_on_a_dual_stack_listener_are_ipv4() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let extra = "listen: {https: \"[::]:0\"}\n";
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, extra)).await;
+    let v6only = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").unwrap_or_default();
+    if v6only.trim() != "0" {
+        eprintln!("skipped: net.ipv6.bindv6only is not 0, [::] does not take IPv4");
+        return;
+    }
+    let target: std::net::SocketAddr = ([127, 0, 0, 1], gw.https().port()).into();
+    let mut a = Conn::tls(
+        target,
+        &pki.server_ca,
+        Some("any-a.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    let ok = a.get("any-a.apps.identity", "/").await.unwrap();
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.echo().headers["x-forwarded-for"], "127.0.0.1");
+    let l = LogLine::parse(&gw.log_lines(1).await[0]);
+    assert!(l.client.starts_with("127.0.0.1:"), "{}", l.client);
+    assert_eq!(l.field("x_forwarded_for"), "127.0.0.1");
+}

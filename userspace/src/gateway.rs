@@ -392,6 +392,10 @@ async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>,
             _ = p.shutdown.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
+        // An IPv4 caller on a dual-stack listener (`[::]`) arrives as `::ffff:a.b.c.d`: it is
+        // that IPv4 address for the access log, X-Forwarded-For, deny learning and its exempt
+        // CIDRs, as it is for the XDP gate.
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
         let state = p.state.clone();
         let shutdown = p.shutdown.clone();
         let connections = p.connections.clone();
