@@ -1112,7 +1112,8 @@ async fn a_denied_callers_keep_alive_connection_ends() {
 /// Domain ids are the maps' keys, and learned denials live under them. A domain keeps its id
 /// when a reload inserts, reorders or removes other domains, and when a restarted daemon reads a
 /// reordered config, so its denials stay its own; a new domain that takes a removed domain's id
-/// does not inherit that domain's denials.
+/// does not inherit that domain's denials. An operator lifts denials with
+/// `DELETE /xdp/denials?source=…[&domain=…]`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_stay_with_their_domain_across_reload_and_restart() {
     if object().is_none() {
@@ -1223,6 +1224,40 @@ async fn denials_stay_with_their_domain_across_reload_and_restart() {
         ["one.test"]
     );
     assert_eq!(listed(&gw), [format!("*.one.test {source}")]);
+    // An operator lifts denials on the admin API: one domain's, then all of a source's.
+    deny(&gw, "three.test");
+    let admin = gw.gw.admin_addr().unwrap();
+    let lift = |query: String| async move {
+        let mut c = support::client::Conn::plain(admin).await.unwrap();
+        let mut req = c.build("admin", &format!("/xdp/denials{query}"), &[]);
+        *req.method_mut() = http::Method::DELETE;
+        let r = c.send(req).await.unwrap();
+        (r.status, r.body)
+    };
+    let (status, body) = lift(format!("?source={source}&domain=%2A.one.test")).await;
+    assert_eq!(status, 200, "{body}");
+    let lifted: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(lifted.len(), 1, "{body}");
+    assert_eq!(lifted[0]["domain"], "*.one.test");
+    assert_eq!(
+        rejected(&gw, &["four.test", "three.test", "one.test"]),
+        ["three.test"]
+    );
+    let (status, body) = lift(format!("?source={source}")).await;
+    assert_eq!(
+        (status, body.contains("*.three.test")),
+        (200, true),
+        "{body}"
+    );
+    assert!(rejected(&gw, &["four.test", "three.test", "one.test"]).is_empty());
+    assert!(listed(&gw).is_empty());
+    let (status, body) = lift(format!("?source={source}")).await;
+    assert_eq!((status, body.trim()), (200, "[]"));
+    for bad in ["", "?source=nope", "?source=10.0.0.1&port=1"] {
+        let (status, body) = lift(bad.to_string()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+
     // The metric labels follow the ids too: four.test's counters did not start from two.test's.
     assert_eq!(
         gw.metric(

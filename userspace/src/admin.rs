@@ -1,4 +1,5 @@
-//! The admin API (SPEC §12): `/health`, `/metrics`, `/routes`, `/routes/{host}/policy`.
+//! The admin API (SPEC §12): `/health`, `/metrics`, `/routes`, `/routes/{host}/policy`, and
+//! `/xdp/denials` (`GET` lists the gate's denials, `DELETE` lifts a source's).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -145,6 +146,51 @@ fn route<B>(state: &State, req: &Request<B>, caller_pem: Option<&[u8]>) -> Respo
     }
 }
 
+/// `DELETE /xdp/denials?source=<address>[&domain=<pattern>]`: lifts that source's denials (on
+/// one domain, or on all), answering with those lifted.
+fn lift(state: &State, query: &str) -> Response<ProxyBody> {
+    let Some(xdp) = &state.xdp else {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "the XDP gate is not running\n".into(),
+        );
+    };
+    let (mut source, mut domain) = (None, None);
+    // Percent-decoded: `*` in a pattern may arrive as `%2A`, `:` in an IPv6 address as `%3A`.
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "source" => source = Some(v.into_owned()),
+            "domain" => domain = Some(v.into_owned()),
+            _ => {
+                return respond(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("unknown parameter '{k}' (source, domain)\n"),
+                )
+            }
+        }
+    }
+    let source = match source.as_deref().map(str::parse::<std::net::IpAddr>) {
+        Some(Ok(ip)) => ip,
+        Some(Err(_)) | None => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                "source=<IPv4 or IPv6 address> is required\n".into(),
+            )
+        }
+    };
+    match xdp.lift(source, domain.as_deref()) {
+        Ok(lifted) => json(&lifted),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+    }
+}
+
 /// Serves the admin API until shutdown.
 pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -179,9 +225,11 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
                                 format!("{e}\n"),
                             ),
                         }
+                    } else if req.method() == Method::DELETE && req.uri().path() == "/xdp/denials" {
+                        lift(&state, req.uri().query().unwrap_or(""))
                     } else {
-                        let allowed =
-                            "GET, or POST a caller certificate to /routes/{host}/policy\n";
+                        let allowed = "GET, POST a caller certificate to /routes/{host}/policy, \
+                                       or DELETE /xdp/denials?source=<address>\n";
                         respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", allowed.into())
                     };
                     Ok::<_, std::convert::Infallible>(resp)

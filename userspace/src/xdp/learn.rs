@@ -114,6 +114,12 @@ impl Learner {
         }
     }
 
+    /// Forgets `source` on `domain` altogether (an operator lifted its denial): its next
+    /// denial, if it earns one, starts again at `ttl`.
+    pub fn forget(&mut self, domain: u32, source: IpAddr) {
+        self.sources.remove(&(domain, source));
+    }
+
     /// Forgets everything counted on domain ids for which `keep` is false (domains removed from
     /// the config, or ids now given to another domain).
     pub fn retain_domains(&mut self, keep: impl Fn(u32) -> bool) {

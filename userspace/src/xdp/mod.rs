@@ -440,6 +440,20 @@ impl Gate {
         .map_err(map_err(maps::DENY))
     }
 
+    /// Removes the denial of `addr` on `domain`; whether there was one.
+    pub fn undeny(&mut self, domain: u32, addr: Addr) -> Result<bool, XdpError> {
+        let mut deny: HashMap<&mut MapData, DenyKey, u64> =
+            HashMap::try_from(self.map_mut(maps::DENY)?).map_err(map_err(maps::DENY))?;
+        match deny.remove(&DenyKey {
+            domain_id: domain,
+            addr,
+        }) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(map_err(maps::DENY)(e)),
+        }
+    }
+
     /// Live denials: `(domain id, source, expiry ns)` with expiry after `now_ns`.
     pub fn denials(&mut self, now_ns: u64) -> Result<Vec<(u32, Addr, u64)>, XdpError> {
         let deny: HashMap<&mut MapData, DenyKey, u64> =

@@ -334,6 +334,10 @@ impl XdpRuntime {
 
     /// The denials in force, by domain pattern.
     pub fn denials(&self) -> Vec<Denial> {
+        self.denials_by_id().into_iter().map(|(_, d)| d).collect()
+    }
+
+    fn denials_by_id(&self) -> Vec<(u32, Denial)> {
         let now = monotonic_ns();
         let live = match self.gate.lock().map(|mut g| g.denials(now)) {
             Ok(Ok(l)) => l,
@@ -341,15 +345,46 @@ impl XdpRuntime {
         };
         let names = self.names.lock().map(|n| n.clone()).unwrap_or_default();
         live.into_iter()
-            .map(|(id, addr, expiry)| Denial {
-                domain: names
-                    .get(id as usize)
-                    .cloned()
-                    .unwrap_or_else(|| id.to_string()),
-                source: addr_ip(&addr),
-                expires_in_ms: (expiry - now) / 1_000_000,
+            .map(|(id, addr, expiry)| {
+                let denial = Denial {
+                    domain: names
+                        .get(id as usize)
+                        .cloned()
+                        .unwrap_or_else(|| id.to_string()),
+                    source: addr_ip(&addr),
+                    expires_in_ms: (expiry - now) / 1_000_000,
+                };
+                (id, denial)
             })
             .collect()
+    }
+
+    /// Lifts the denials of `source` in force (on the domain with pattern `domain`, or on every
+    /// domain): removes them from the gate and from deny learning, which counts that source
+    /// afresh. For an operator undoing a denial; not shared with the fleet. Returns what was
+    /// lifted.
+    pub fn lift(&self, source: IpAddr, domain: Option<&str>) -> Result<Vec<Denial>, XdpError> {
+        let source = source.to_canonical();
+        let lifting = self
+            .denials_by_id()
+            .into_iter()
+            .filter(|(_, d)| d.source == source && domain.is_none_or(|p| d.domain == p));
+        let mut lifted = Vec::new();
+        for (id, d) in lifting {
+            let removed = self
+                .gate
+                .lock()
+                .map_err(|_| XdpError::Poisoned)?
+                .undeny(id, addr_bytes(source))?;
+            if let Ok(mut l) = self.learner.lock() {
+                l.forget(id, source);
+            }
+            if removed {
+                tracing::info!(%source, domain = %d.domain, "denial lifted");
+                lifted.push(d);
+            }
+        }
+        Ok(lifted)
     }
 
     /// Removes expired denials from the map and forgets quiet sources; updates the gauge.
