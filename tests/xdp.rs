@@ -1383,7 +1383,8 @@ async fn drop_mode_end_to_end_in_a_namespace() {
 }
 
 /// Fleet deny sharing (SPEC §11, NATS issue): a source learned as denied on gateway A is in
-/// gateway B's DENY map within one second; B's own exempt rules still hold.
+/// gateway B's DENY map within one second; B's own exempt rules still hold. An operator's lift
+/// on A reaches B the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learned_denials_reach_the_fleet_over_nats() {
     if object().is_none() {
@@ -1515,6 +1516,39 @@ async fn learned_denials_reach_the_fleet_over_nats() {
     assert!(
         body.contains(&learned) && !body.contains(&exempt_on_b),
         "{body}"
+    );
+
+    // An operator lifts the denial on A: A shares the lift, and B lifts it too.
+    let mut c = support::client::Conn::plain(a.gw.admin_addr().unwrap())
+        .await
+        .unwrap();
+    let mut req = c.build(
+        "admin",
+        &format!("/xdp/denials?source={learned}&domain=%2A.apps.identity"),
+        &[],
+    );
+    *req.method_mut() = http::Method::DELETE;
+    let r = c.send(req).await.unwrap();
+    assert!(r.status == 200 && r.body.contains(&learned), "{}", r.body);
+    let lifted_at = std::time::Instant::now();
+    while denied_on_b(&learned) {
+        assert!(
+            lifted_at.elapsed() < std::time::Duration::from_secs(1),
+            "B did not lift within 1 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // A new flow (the gate remembers the rejected one).
+    seg.sport += 1;
+    let frame = seg.frame();
+    let (action, out) = b_xdp.test_run(&frame).unwrap();
+    assert!(
+        action == XDP_PASS && out == frame,
+        "B passes the source again"
+    );
+    assert_eq!(
+        b.metric("portcullis_xdp_deny_shared_total{kind=\"applied\"}"),
+        2.0
     );
 }
 

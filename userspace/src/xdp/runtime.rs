@@ -283,8 +283,9 @@ impl XdpRuntime {
 
     /// Applies a denial another gateway learned, under this gateway's own domains and exempt
     /// rules: the gate stops the source's new connections, and the learner knows of it, so a
-    /// connection the source already holds here ends on its next refusal. Returns whether it
-    /// was written.
+    /// connection the source already holds here ends on its next refusal. A `ttl_ms` of 0 is
+    /// an operator's lift on another gateway: the denial is lifted here too. Returns whether it
+    /// was applied.
     pub fn apply_shared(&self, d: &SharedDenial) -> bool {
         let id = match self.names.lock() {
             Ok(names) => match names.iter().position(|n| *n == d.domain) {
@@ -293,6 +294,20 @@ impl XdpRuntime {
             },
             Err(_) => return false,
         };
+        if d.ttl_ms == 0 {
+            return match self.lift_here(d.source.to_canonical(), Some(&d.domain)) {
+                Ok(lifted) => {
+                    if !lifted.is_empty() {
+                        tracing::info!(source = %d.source, domain = %d.domain, "denial lifted by the fleet");
+                    }
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "shared lift not applied");
+                    false
+                }
+            };
+        }
         if self
             .learner
             .lock()
@@ -361,10 +376,28 @@ impl XdpRuntime {
 
     /// Lifts the denials of `source` in force (on the domain with pattern `domain`, or on every
     /// domain): removes them from the gate and from deny learning, which counts that source
-    /// afresh. For an operator undoing a denial; not shared with the fleet. Returns what was
-    /// lifted.
+    /// afresh. For an operator undoing a denial. With fleet sharing on, the lift is shared too
+    /// (a `portcullis.deny` message with `ttl_ms` 0 per domain), so the gateways that applied
+    /// the denial lift it as well. Returns what was lifted here.
     pub fn lift(&self, source: IpAddr, domain: Option<&str>) -> Result<Vec<Denial>, XdpError> {
         let source = source.to_canonical();
+        let lifted = self.lift_here(source, domain)?;
+        if let Ok(Some(tx)) = self.share.lock().as_deref() {
+            let names = self.names.lock().map(|n| n.clone()).unwrap_or_default();
+            for name in names.into_iter().skip(1).filter(|n| n != "-") {
+                if domain.is_none_or(|p| p == name) {
+                    let _ = tx.send(SharedDenial {
+                        domain: name,
+                        source,
+                        ttl_ms: 0,
+                    });
+                }
+            }
+        }
+        Ok(lifted)
+    }
+
+    fn lift_here(&self, source: IpAddr, domain: Option<&str>) -> Result<Vec<Denial>, XdpError> {
         let lifting = self
             .denials_by_id()
             .into_iter()
