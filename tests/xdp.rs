@@ -1257,6 +1257,11 @@ async fn denials_stay_with_their_domain_across_reload_and_restart() {
         let (status, body) = lift(bad.to_string()).await;
         assert_eq!(status, 400, "{bad}: {body}");
     }
+    let (status, body) = lift(format!("?source={source}&domain=*.two.test")).await;
+    assert_eq!(
+        (status, body.trim()),
+        (404, "no configured domain '*.two.test'")
+    );
 
     // The metric labels follow the ids too: four.test's counters did not start from two.test's.
     assert_eq!(

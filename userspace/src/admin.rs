@@ -181,6 +181,13 @@ fn lift(state: &State, query: &str) -> Response<ProxyBody> {
             )
         }
     };
+    if let Some(d) = domain.as_deref().filter(|d| !xdp.has_domain(d)) {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no configured domain '{d}'\n"),
+        );
+    }
     match xdp.lift(source, domain.as_deref()) {
         Ok(lifted) => json(&lifted),
         Err(e) => respond(

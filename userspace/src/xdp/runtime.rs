@@ -397,6 +397,15 @@ impl XdpRuntime {
         Ok(lifted)
     }
 
+    /// Whether `pattern` is a configured domain (as written in the config).
+    pub fn has_domain(&self, pattern: &str) -> bool {
+        pattern != "-"
+            && self
+                .names
+                .lock()
+                .is_ok_and(|n| n.iter().any(|name| name == pattern))
+    }
+
     fn lift_here(&self, source: IpAddr, domain: Option<&str>) -> Result<Vec<Denial>, XdpError> {
         let lifting = self
             .denials_by_id()
