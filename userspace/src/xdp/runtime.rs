@@ -294,11 +294,14 @@ impl XdpRuntime {
             },
             Err(_) => return false,
         };
+        // The learner keys sources as the listener reports them (IPv4, not `::ffff:a.b.c.d`).
+        let source = d.source.to_canonical();
         if d.ttl_ms == 0 {
-            return match self.lift_here(d.source.to_canonical(), Some(&d.domain)) {
+            return match self.lift_here(source, Some(&d.domain)) {
                 Ok(lifted) => {
                     if !lifted.is_empty() {
-                        tracing::info!(source = %d.source, domain = %d.domain, "denial lifted by the fleet");
+                        let domain = &d.domain;
+                        tracing::info!(%source, %domain, "denial lifted by the fleet");
                     }
                     true
                 }
@@ -311,7 +314,7 @@ impl XdpRuntime {
         if self
             .learner
             .lock()
-            .map(|l| l.is_exempt(d.source))
+            .map(|l| l.is_exempt(source))
             .unwrap_or(true)
         {
             return false;
@@ -321,12 +324,12 @@ impl XdpRuntime {
         match self
             .gate
             .lock()
-            .map(|mut g| g.deny(id, addr_bytes(d.source), expiry))
+            .map(|mut g| g.deny(id, addr_bytes(source), expiry))
         {
             Ok(Ok(())) => {
                 if let Ok(mut l) = self.learner.lock() {
                     let ttl = std::time::Duration::from_millis(d.ttl_ms);
-                    l.denied_elsewhere(id, d.source, ttl, Instant::now());
+                    l.denied_elsewhere(id, source, ttl, Instant::now());
                 }
                 true
             }
