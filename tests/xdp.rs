@@ -1227,13 +1227,7 @@ async fn denials_stay_with_their_domain_across_reload_and_restart() {
     // An operator lifts denials on the admin API: one domain's, then all of a source's.
     deny(&gw, "three.test");
     let admin = gw.gw.admin_addr().unwrap();
-    let lift = |query: String| async move {
-        let mut c = support::client::Conn::plain(admin).await.unwrap();
-        let mut req = c.build("admin", &format!("/xdp/denials{query}"), &[]);
-        *req.method_mut() = http::Method::DELETE;
-        let r = c.send(req).await.unwrap();
-        (r.status, r.body)
-    };
+    let lift = |query: String| admin_delete(admin, format!("/xdp/denials{query}"));
     let (status, body) = lift(format!("?source={source}&domain=%2A.one.test")).await;
     assert_eq!(status, 200, "{body}");
     let lifted: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
@@ -1274,6 +1268,15 @@ async fn denials_stay_with_their_domain_across_reload_and_restart() {
         gw.metric("portcullis_xdp_verdicts_total{domain=\"*.one.test\",verdict=\"reject\",reason=\"deny\"}"),
         1.0
     );
+}
+
+/// `DELETE path` on an admin API: the status and the body.
+async fn admin_delete(admin: std::net::SocketAddr, path: String) -> (u16, String) {
+    let mut c = support::client::Conn::plain(admin).await.unwrap();
+    let mut req = c.build("admin", &path, &[]);
+    *req.method_mut() = http::Method::DELETE;
+    let r = c.send(req).await.unwrap();
+    (r.status, r.body)
 }
 
 /// What the namespace tests share: a client namespace, the PKI, an echo backend and the gate's
@@ -1524,17 +1527,12 @@ async fn learned_denials_reach_the_fleet_over_nats() {
     );
 
     // An operator lifts the denial on A: A shares the lift, and B lifts it too.
-    let mut c = support::client::Conn::plain(a.gw.admin_addr().unwrap())
-        .await
-        .unwrap();
-    let mut req = c.build(
-        "admin",
-        &format!("/xdp/denials?source={learned}&domain=%2A.apps.identity"),
-        &[],
-    );
-    *req.method_mut() = http::Method::DELETE;
-    let r = c.send(req).await.unwrap();
-    assert!(r.status == 200 && r.body.contains(&learned), "{}", r.body);
+    let (status, body) = admin_delete(
+        a.gw.admin_addr().unwrap(),
+        format!("/xdp/denials?source={learned}&domain=%2A.apps.identity"),
+    )
+    .await;
+    assert!(status == 200 && body.contains(&learned), "{body}");
     let lifted_at = std::time::Instant::now();
     while denied_on_b(&learned) {
         assert!(

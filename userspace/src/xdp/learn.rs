@@ -17,6 +17,17 @@ struct Strikes {
     denied_until: Option<Instant>,
 }
 
+impl Strikes {
+    fn new(now: Instant) -> Strikes {
+        Strikes {
+            window_start: now,
+            failures: 0,
+            denials: 0,
+            denied_until: None,
+        }
+    }
+}
+
 /// Per (domain id, source) failure counts.
 #[derive(Debug)]
 pub struct Learner {
@@ -48,12 +59,10 @@ impl Learner {
         if !s.enabled || s.exempt.iter().any(|n| n.contains(&source)) {
             return None;
         }
-        let e = self.sources.entry((domain, source)).or_insert(Strikes {
-            window_start: now,
-            failures: 0,
-            denials: 0,
-            denied_until: None,
-        });
+        let e = self
+            .sources
+            .entry((domain, source))
+            .or_insert_with(|| Strikes::new(now));
         if e.denied_until.is_some_and(|until| until > now) {
             // Already denied (a request that was in flight, or XDP not in front): no new strike.
             return None;
@@ -94,12 +103,10 @@ impl Learner {
         // A ttl too large for the clock (a message's u64 milliseconds) is as good as forever;
         // the longest this gateway would deny for stands in.
         let until = now.checked_add(ttl).unwrap_or(now + self.settings.max_ttl);
-        let e = self.sources.entry((domain, source)).or_insert(Strikes {
-            window_start: now,
-            failures: 0,
-            denials: 0,
-            denied_until: None,
-        });
+        let e = self
+            .sources
+            .entry((domain, source))
+            .or_insert_with(|| Strikes::new(now));
         if e.denied_until.is_none_or(|u| u < until) {
             e.denied_until = Some(until);
         }
