@@ -195,9 +195,7 @@ impl MapPlan {
         ids: &DomainIds,
         registry_hosts: &BTreeSet<IpAddr>,
     ) -> Result<MapPlan, XdpError> {
-        if config.domains.len() > MAX_DOMAINS as usize {
-            return Err(XdpError::TooManyDomains);
-        }
+        // `ids` came from `DomainIds::assign` on this config, which bounds their number.
         debug_assert_eq!(ids.domains.len(), config.domains.len());
         let mut entries: std::collections::BTreeMap<u64, DomainEntry> = Default::default();
         let mut allow = Vec::new();
@@ -207,17 +205,12 @@ impl MapPlan {
             } else {
                 0
             };
-            match &d.pattern {
-                DomainPattern::Exact(name) => {
-                    let e = entries.entry(name_hash(name.as_bytes())).or_default();
-                    e.exact_id = id;
-                    e.exact_flags = flags;
-                }
-                DomainPattern::Wildcard(suffix) => {
-                    let e = entries.entry(name_hash(suffix.as_bytes())).or_default();
-                    e.wildcard_id = id;
-                    e.wildcard_flags = flags;
-                }
+            let (key, exact) = domain_key(&d.pattern);
+            let e = entries.entry(key).or_default();
+            if exact {
+                (e.exact_id, e.exact_flags) = (id, flags);
+            } else {
+                (e.wildcard_id, e.wildcard_flags) = (id, flags);
             }
             let Some(sources) = &d.allowed_sources else {
                 continue;
@@ -241,6 +234,15 @@ impl MapPlan {
             },
             fresh: ids.fresh.clone(),
         })
+    }
+}
+
+/// A domain's `DOMAINS` key (the hash of its exact name, or of a wildcard's suffix) and whether
+/// it is the entry's exact half.
+fn domain_key(pattern: &DomainPattern) -> (u64, bool) {
+    match pattern {
+        DomainPattern::Exact(name) => (name_hash(name.as_bytes()), true),
+        DomainPattern::Wildcard(suffix) => (name_hash(suffix.as_bytes()), false),
     }
 }
 
@@ -299,10 +301,7 @@ impl Gate {
             HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
         let mut out = BTreeMap::new();
         for d in &config.domains {
-            let (key, exact) = match &d.pattern {
-                DomainPattern::Exact(name) => (name_hash(name.as_bytes()), true),
-                DomainPattern::Wildcard(suffix) => (name_hash(suffix.as_bytes()), false),
-            };
+            let (key, exact) = domain_key(&d.pattern);
             let Ok(e) = domains.get(&key, 0) else {
                 continue;
             };
@@ -316,29 +315,38 @@ impl Gate {
 
     /// Makes `DOMAINS`, `ALLOW`, `PORTS` and `SETTINGS` hold exactly what `plan` says; with
     /// `prune_allow` false, `ALLOW` entries not in the plan are kept (only added to) unless
-    /// their domain id is gone or fresh. `DENY` entries under an id that is gone or fresh are
-    /// removed: they were learned for another domain; a fresh id's counters are zeroed.
+    /// their domain id is gone or fresh. `DENY` entries under an id that is gone (its domain was
+    /// in `DOMAINS` and is not in the plan) or fresh are removed: they were learned for another
+    /// domain; a fresh id's counters are zeroed.
     pub fn sync(&mut self, plan: &MapPlan, prune_allow: bool) -> Result<(), XdpError> {
         let live: BTreeSet<u32> = plan
             .domains
             .iter()
             .flat_map(|(_, e)| [e.exact_id, e.wildcard_id])
-            .filter(|&id| id != 0)
             .collect();
-        let foreign = |id: u32| !live.contains(&id) || plan.fresh.contains(&id);
+        // Ids whose entries belong to no configured domain: fresh ones, and those `DOMAINS`
+        // held for domains the plan no longer has. Empty for a sync with the same domains (the
+        // registry following), which then leaves `DENY` alone.
+        let mut foreign: BTreeSet<u32> = plan.fresh.iter().copied().collect();
         {
             let mut domains: HashMap<&mut MapData, u64, DomainEntry> =
                 HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
-            let stale: Vec<u64> = domains
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| !plan.domains.iter().any(|(h, _)| h == k))
-                .collect();
+            let mut stale = Vec::new();
+            for (k, e) in domains.iter().filter_map(Result::ok) {
+                foreign.extend(
+                    [e.exact_id, e.wildcard_id]
+                        .into_iter()
+                        .filter(|id| *id != 0 && !live.contains(id)),
+                );
+                if !plan.domains.iter().any(|(h, _)| *h == k) {
+                    stale.push(k);
+                }
+            }
             for k in stale {
                 domains.remove(&k).map_err(map_err(maps::DOMAINS))?;
             }
         }
-        {
+        if !foreign.is_empty() {
             // Before the domains that take fresh ids are written, so the gate never applies
             // another domain's denials to them.
             let mut deny: HashMap<&mut MapData, DenyKey, u64> =
@@ -346,7 +354,7 @@ impl Gate {
             let stale: Vec<DenyKey> = deny
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| foreign(k.domain_id))
+                .filter(|k| foreign.contains(&k.domain_id))
                 .collect();
             for k in stale {
                 deny.remove(&k).map_err(map_err(maps::DENY))?;
@@ -392,7 +400,7 @@ impl Gate {
                         .iter()
                         .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data());
                     let id = u32::from_be_bytes(k.data().domain_be);
-                    unwanted && (prune_allow || foreign(id))
+                    unwanted && (prune_allow || foreign.contains(&id))
                 })
                 .collect();
             for k in stale {
