@@ -1096,7 +1096,11 @@ async fn a_denied_callers_keep_alive_connection_ends() {
     };
     let seen = keep_alive_calls(ns, shared, target, pki.clone(), false, 2, move |i| {
         if i == 1 {
-            assert!(state.xdp.as_ref().unwrap().apply_shared(&denial));
+            assert!(state
+                .xdp
+                .as_ref()
+                .unwrap()
+                .apply_shared(&denial, &state.metrics));
         }
     })
     .unwrap();
@@ -1139,12 +1143,16 @@ async fn denials_stay_with_their_domain_across_reload_and_restart() {
         )
     };
     let deny = |gw: &support::gateway::TestGateway, domain: &str| {
-        let xdp = gw.gw.state().xdp.as_ref().expect("XDP attached");
-        assert!(xdp.apply_shared(&SharedDenial {
-            domain: format!("*.{domain}"),
-            source: source.parse().unwrap(),
-            ttl_ms: 600_000,
-        }));
+        let state = gw.gw.state();
+        let xdp = state.xdp.as_ref().expect("XDP attached");
+        assert!(xdp.apply_shared(
+            &SharedDenial {
+                domain: format!("*.{domain}"),
+                source: source.parse().unwrap(),
+                ttl_ms: 600_000,
+            },
+            &state.metrics
+        ));
     };
     // The gate's verdict on a ClientHello from `source` for a name in each domain: the domains
     // it rejects (reset).
@@ -1255,6 +1263,11 @@ async fn denials_stay_with_their_domain_across_reload_and_restart() {
     assert_eq!(
         (status, body.trim()),
         (404, "no configured domain '*.two.test'")
+    );
+    // Two denials lifted (the last call lifted none), counted as the admin's.
+    assert_eq!(
+        gw.metric("portcullis_xdp_deny_lifted_total{kind=\"admin\"}"),
+        2.0
     );
 
     // The metric labels follow the ids too: four.test's counters did not start from two.test's.
@@ -1552,6 +1565,15 @@ async fn learned_denials_reach_the_fleet_over_nats() {
     assert_eq!(
         b.metric("portcullis_xdp_deny_shared_total{kind=\"applied\"}"),
         2.0
+    );
+    // B lifted it as a lift (not as an entry that expired at once): counted as the fleet's.
+    assert_eq!(
+        b.metric("portcullis_xdp_deny_lifted_total{kind=\"fleet\"}"),
+        1.0
+    );
+    assert_eq!(
+        a.metric("portcullis_xdp_deny_lifted_total{kind=\"admin\"}"),
+        1.0
     );
 }
 

@@ -68,3 +68,133 @@ async fn health_metrics_routes_and_policy() {
         assert!(m.contains(name), "missing {name} in\n{m}");
     }
 }
+
+/// `admin.token_file`: every admin request but `GET /health` needs the bearer token, refusals
+/// are counted, a reload rotates the token, and `explain --admin` sends it.
+#[tokio::test]
+async fn the_admin_token_guards_everything_but_health() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    let (one, two) = (
+        "first-token-0123456789abcdef",
+        "second-token-0123456789abcdef",
+    );
+    std::fs::write(&token_file, format!("{one}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let sections = format!(
+        "admin: {{listen: \"127.0.0.1:0\", token_file: \"{}\"}}\n{}",
+        token_file.display(),
+        pipeline_yaml(backend.addr, "")
+    );
+    let gw = TestGateway::start(&pki, &sections).await;
+    let admin = gw.gw.admin_addr().unwrap();
+    let mut c = Conn::plain(admin).await.unwrap();
+    let call = |c: &Conn, method: &str, path: &str, token: Option<&str>| {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("authorization", a)])
+            .unwrap_or_default();
+        let mut req = c.build("admin", path, &headers);
+        *req.method_mut() = method.parse().unwrap();
+        req
+    };
+
+    let r = c.send(call(&c, "GET", "/health", None)).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    // Without the token: 401 with a bearer challenge, before any routing (the DELETE would
+    // otherwise be 404, no gate here; the POST 400, no certificate in its body).
+    for (method, path) in [
+        ("GET", "/metrics"),
+        ("GET", "/routes"),
+        ("GET", "/routes/any-a.apps.identity/policy"),
+        ("POST", "/routes/any-a.apps.identity/policy"),
+        ("DELETE", "/xdp/denials?source=10.0.0.1"),
+    ] {
+        let r = c.send(call(&c, method, path, None)).await.unwrap();
+        assert_eq!(r.status, 401, "{method} {path}: {}", r.body);
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer realm=\"portcullis admin\""),
+            "{method} {path}"
+        );
+    }
+    let r = c.send(call(&c, "GET", "/routes", Some(two))).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|h| h.contains("error=\"invalid_token\"")),
+        "{:?}",
+        r.header("www-authenticate")
+    );
+    let r = c.send(call(&c, "GET", "/routes", Some(one))).await.unwrap();
+    assert!(
+        r.status == 200 && r.body.contains("any-a.apps.identity"),
+        "{}",
+        r.body
+    );
+    let r = c
+        .send(call(
+            &c,
+            "DELETE",
+            "/xdp/denials?source=10.0.0.1",
+            Some(one),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body.trim()),
+        (404, "the XDP gate is not running")
+    );
+    let m = c
+        .send(call(&c, "GET", "/metrics", Some(one)))
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        m.contains("portcullis_admin_requests_refused_total 6"),
+        "{m}"
+    );
+
+    // `explain --admin` sends the token from a file, and says what is wrong without it.
+    let explain = |token: Option<&std::path::Path>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.args(["explain", "--admin", &format!("http://{admin}")])
+            .args(["--host", "any-a.apps.identity"]);
+        if let Some(t) = token {
+            cmd.arg("--admin-token-file").arg(t);
+        }
+        cmd.output()
+    };
+    let out = explain(Some(&token_file)).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("cf:app:app-a"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = explain(None).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("pass its token with --admin-token-file"),
+        "{err}"
+    );
+
+    // A reload reads the file again: the new token works, the old one no longer does.
+    std::fs::write(&token_file, format!("{two}\n")).unwrap();
+    gw.reload(&sections);
+    let r = c.send(call(&c, "GET", "/routes", Some(one))).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = c.send(call(&c, "GET", "/routes", Some(two))).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = explain(Some(&token_file)).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,10 +1,12 @@
 //! The admin API (SPEC §12): `/health`, `/metrics`, `/routes`, `/routes/{host}/policy`, and
-//! `/xdp/denials` (`GET` lists the gate's denials, `DELETE` lifts a source's).
+//! `/xdp/denials` (`GET` lists the gate's denials, `DELETE` lifts a source's). With
+//! `admin.token_file`, every request but `GET /health` must carry the token.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use http::{header::CONTENT_TYPE, HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -12,6 +14,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::Access;
 use crate::proxy::body::{full, ProxyBody};
 use crate::state::State;
 
@@ -188,7 +191,7 @@ fn lift(state: &State, query: &str) -> Response<ProxyBody> {
             format!("no configured domain '{d}'\n"),
         );
     }
-    match xdp.lift(source, domain.as_deref()) {
+    match xdp.lift(source, domain.as_deref(), &state.metrics) {
         Ok(lifted) => json(&lifted),
         Err(e) => respond(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -198,10 +201,43 @@ fn lift(state: &State, query: &str) -> Response<ProxyBody> {
     }
 }
 
+/// With `admin.token_file`, the answer to a request without the token (`None`: let it through).
+/// `GET /health` is always let through, for load balancers' health checks.
+fn refuse<B>(
+    state: &State,
+    req: &Request<B>,
+    peer: std::net::SocketAddr,
+) -> Option<Response<ProxyBody>> {
+    if req.method() == Method::GET && req.uri().path() == "/health" {
+        return None;
+    }
+    let rt = state.runtime.load();
+    let token = rt.config.admin.as_ref()?.token.as_ref()?;
+    let (challenge, why) =
+        match token.admits(req.headers().get(AUTHORIZATION).map(|v| v.as_bytes())) {
+            Access::Granted => return None,
+            Access::Missing => ("Bearer realm=\"portcullis admin\"", "no bearer token"),
+            Access::Wrong => (
+                "Bearer realm=\"portcullis admin\", error=\"invalid_token\"",
+                "wrong bearer token",
+            ),
+        };
+    state.metrics.admin_refused.inc();
+    tracing::warn!(client = %peer, method = %req.method(), path = req.uri().path(), "admin request refused: {why}");
+    let mut r = respond(
+        StatusCode::UNAUTHORIZED,
+        "text/plain",
+        format!("{why}: send Authorization: Bearer <the token in admin.token_file>\n"),
+    );
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    Some(r)
+}
+
 /// Serves the admin API until shutdown.
 pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(_) => {
@@ -216,7 +252,10 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
-                    let resp = if req.method() == Method::GET {
+                    let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                    let resp = if let Some(refused) = refuse(&state, &req, peer) {
+                        refused
+                    } else if req.method() == Method::GET {
                         route(&state, &req, None)
                     } else if req.method() == Method::POST && req.uri().path().ends_with("/policy")
                     {

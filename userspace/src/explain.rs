@@ -287,6 +287,10 @@ pub enum FetchError {
     Http(#[from] hyper::Error),
     #[error("admin API answered {status}: {body}")]
     Status { status: u16, body: String },
+    #[error("the admin API refused the request ({0}); pass its token with --admin-token-file")]
+    NoToken(String),
+    #[error("the admin API refused the token ({0}): is --admin-token-file the gateway's admin.token_file?")]
+    WrongToken(String),
     #[error("admin API answered something that is not an explanation: {0}")]
     Decode(#[from] serde_json::Error),
 }
@@ -297,6 +301,8 @@ impl FetchError {
         matches!(
             self,
             FetchError::BadUrl(_)
+                | FetchError::NoToken(_)
+                | FetchError::WrongToken(_)
                 | FetchError::Status {
                     status: 400..=499,
                     ..
@@ -306,9 +312,11 @@ impl FetchError {
 }
 
 /// Asks a running gateway's admin API (`GET /routes/{host}/policy`, or `POST` with the caller's
-/// PEM) for the explanation, so routes learned from NATS are included.
+/// PEM) for the explanation, so routes learned from NATS are included. `token`: the admin API's
+/// bearer token, if it wants one.
 pub async fn fetch(
     admin: &str,
+    token: Option<&str>,
     host: &str,
     path: &str,
     caller_pem: Option<Vec<u8>>,
@@ -337,7 +345,10 @@ pub async fn fetch(
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
     let uri = format!("/routes/{}/policy?path={}", normalize_authority(host), path);
-    let builder = http::Request::builder().uri(uri).header("host", authority);
+    let mut builder = http::Request::builder().uri(uri).header("host", authority);
+    if let Some(t) = token {
+        builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
     let req = match caller_pem {
         None => builder.method("GET").body(Full::new(bytes::Bytes::new())),
         Some(pem) => builder
@@ -349,9 +360,11 @@ pub async fn fetch(
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     if status != 200 {
-        return Err(FetchError::Status {
-            status,
-            body: String::from_utf8_lossy(&body).trim().to_string(),
+        let body = String::from_utf8_lossy(&body).trim().to_string();
+        return Err(match (status, token) {
+            (401, None) => FetchError::NoToken(body),
+            (401, Some(_)) => FetchError::WrongToken(body),
+            _ => FetchError::Status { status, body },
         });
     }
     Ok(serde_json::from_slice(&body)?)

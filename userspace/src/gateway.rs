@@ -133,10 +133,11 @@ impl Gateway {
             Some(a) => Some(bind("listen.http", a, backlog)?),
             None => None,
         };
-        let admin_l = match config.admin {
-            Some(a) => Some(bind("admin.listen", a, backlog)?),
+        let admin_l = match &config.admin {
+            Some(a) => Some(bind("admin.listen", a.listen, backlog)?),
             None => None,
         };
+        warn_admin(&config);
         let ktls = tls::probe_kernel_tls(config.tls.ktls)
             .await
             .map_err(StartError::KernelTls)?;
@@ -312,9 +313,10 @@ impl Gateway {
         if old.listen.https != config.listen.https || old.listen.http != config.listen.http {
             return Err(StartError::NeedsRestart("listen"));
         }
-        if old.admin != config.admin {
+        if old.admin.as_ref().map(|a| a.listen) != config.admin.as_ref().map(|a| a.listen) {
             return Err(StartError::NeedsRestart("admin.listen"));
         }
+        warn_admin(&config);
         if old.nats.as_ref().map(|n| &n.servers) != config.nats.as_ref().map(|n| &n.servers) {
             return Err(StartError::NeedsRestart("nats"));
         }
@@ -354,6 +356,23 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.state.log.flush(Duration::from_secs(2)).await;
+    }
+}
+
+/// What an operator should know about how the admin API is protected.
+fn warn_admin(config: &Config) {
+    let Some(admin) = &config.admin else { return };
+    match &admin.token {
+        None if !admin.listen.ip().is_loopback() => tracing::warn!(
+            listen = %admin.listen,
+            "the admin API is reachable beyond this host without a token (admin.token_file): \
+             anyone who reaches it can read the routes and lift XDP denials"
+        ),
+        Some(_) if admin.token_world_readable => tracing::warn!(
+            "admin.token_file can be read by every user on this host; make it readable by the \
+             gateway's user only (chmod 600)"
+        ),
+        _ => {}
     }
 }
 

@@ -70,6 +70,9 @@ enum Command {
         /// Ask a running gateway's admin API instead (includes routes learned from NATS).
         #[arg(long, value_name = "URL")]
         admin: Option<String>,
+        /// With --admin: the file holding the admin API's token (the gateway's admin.token_file).
+        #[arg(long, value_name = "FILE", requires = "admin")]
+        admin_token_file: Option<PathBuf>,
         #[arg(long)]
         host: String,
         /// Request path, for routes registered with a path.
@@ -130,12 +133,19 @@ fn main() -> ExitCode {
         Command::Explain {
             config,
             admin,
+            admin_token_file,
             host,
             path,
             caller_cert,
         } => match (config, admin) {
             (Some(config), _) => explain(&config, &host, &path, caller_cert.as_deref()),
-            (None, Some(admin)) => explain_remote(&admin, &host, &path, caller_cert.as_deref()),
+            (None, Some(admin)) => explain_remote(
+                &admin,
+                admin_token_file.as_deref(),
+                &host,
+                &path,
+                caller_cert.as_deref(),
+            ),
             (None, None) => ExitCode::from(2),
         },
         Command::Run {
@@ -182,7 +192,21 @@ fn explain(config: &Path, host: &str, path: &str, caller: Option<&Path>) -> Exit
     }
 }
 
-fn explain_remote(admin: &str, host: &str, path: &str, caller: Option<&Path>) -> ExitCode {
+fn explain_remote(
+    admin: &str,
+    token_file: Option<&Path>,
+    host: &str,
+    path: &str,
+    caller: Option<&Path>,
+) -> ExitCode {
+    let token = match token_file.map(portcullis::config::read_token) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            eprintln!("--admin-token-file: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let pem = match caller.map(std::fs::read) {
         None => None,
         Some(Ok(p)) => Some(p),
@@ -201,7 +225,13 @@ fn explain_remote(admin: &str, host: &str, path: &str, caller: Option<&Path>) ->
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(portcullis::explain::fetch(admin, host, path, pem)) {
+    match rt.block_on(portcullis::explain::fetch(
+        admin,
+        token.as_deref(),
+        host,
+        path,
+        pem,
+    )) {
         Ok(e) => {
             print!("{e}");
             ExitCode::SUCCESS

@@ -89,12 +89,14 @@ pub struct Metrics {
     pub xdp_deny_learned: Counter,
     pub xdp_deny_connections_ended: Counter,
     pub xdp_deny_shared: Family<KindLabels, Counter>,
+    pub xdp_deny_lifted: Family<KindLabels, Counter>,
     pub xdp_attached: Family<XdpAttachLabels, Gauge>,
     pub xdp_unparsed: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
     pub connections_idle: Gauge,
     pub backend_errors: Family<ErrorLabels, Counter>,
     pub access_log_dropped: Counter,
+    pub admin_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -120,12 +122,14 @@ impl Metrics {
             xdp_deny_learned: Counter::default(),
             xdp_deny_connections_ended: Counter::default(),
             xdp_deny_shared: Family::default(),
+            xdp_deny_lifted: Family::default(),
             xdp_attached: Family::default(),
             xdp_unparsed: Family::default(),
             connections_active: Gauge::default(),
             connections_idle: Gauge::default(),
             backend_errors: Family::default(),
             access_log_dropped: Counter::default(),
+            admin_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -179,6 +183,11 @@ impl Metrics {
             m.xdp_deny_shared.clone(),
         );
         registry.register(
+            "xdp_deny_lifted",
+            "Denials lifted before their expiry, by who lifted them (admin, fleet)",
+            m.xdp_deny_lifted.clone(),
+        );
+        registry.register(
             "xdp_deny_learned",
             "Denials learned from repeated failures",
             m.xdp_deny_learned.clone(),
@@ -187,6 +196,11 @@ impl Metrics {
             "xdp_deny_connections_ended",
             "Kept-alive connections ended because their caller was learned as denied",
             m.xdp_deny_connections_ended.clone(),
+        );
+        registry.register(
+            "admin_requests_refused",
+            "Admin API requests refused for a missing or wrong token (admin.token_file)",
+            m.admin_refused.clone(),
         );
         registry.register(
             "xdp_unparsed",

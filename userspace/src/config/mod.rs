@@ -5,6 +5,7 @@
 
 mod pem;
 mod raw;
+mod token;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use crate::names::DomainPattern;
 use crate::registry::ValidRegistration;
 pub use pem::{load_certified_key, load_certs, parse_certs, CertFile};
 use raw::*;
+pub use token::{read_token, Access, AdminToken};
 
 /// A whole, validated configuration.
 #[derive(Clone, Debug)]
@@ -26,7 +28,7 @@ pub struct Config {
     /// The file it came from (for messages and reloads); `None` for the embedded demo.
     pub source: Option<PathBuf>,
     pub listen: Listen,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<Admin>,
     pub tls: Tls,
     pub forwarded_client_cert: XfccMode,
     pub domains: Vec<Domain>,
@@ -38,6 +40,17 @@ pub struct Config {
     pub access_log: AccessLog,
     pub xdp: Xdp,
     pub limits: Limits,
+}
+
+/// The admin API (SPEC §12).
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    /// `admin.token_file`: when set, every request but `GET /health` must carry the token as
+    /// `Authorization: Bearer <token>`. Read again on every reload, so a token can be rotated.
+    pub token: Option<AdminToken>,
+    /// The token file can be read by every user on the host (the gateway warns).
+    pub token_world_readable: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -470,6 +483,36 @@ impl Validator<'_> {
         out
     }
 
+    fn admin(&mut self, raw: RawAdmin) -> Option<Admin> {
+        let token = raw.token_file.as_deref().and_then(|rel| {
+            let path = self.base.join(rel);
+            match read_token(&path) {
+                Ok(t) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(&path).map_or(0, |m| m.permissions().mode());
+                    Some((AdminToken::new(&t), mode & 0o004 != 0))
+                }
+                Err(e) => {
+                    self.problem("admin.token_file", e);
+                    None
+                }
+            }
+        });
+        let listen = match raw.listen.as_deref() {
+            Some(a) => self.addr("admin.listen", a)?,
+            None if raw.token_file.is_some() => {
+                self.problem("admin.listen", "required with admin.token_file");
+                return None;
+            }
+            None => return None,
+        };
+        Some(Admin {
+            listen,
+            token_world_readable: token.as_ref().is_some_and(|t| t.1),
+            token: token.map(|t| t.0),
+        })
+    }
+
     fn certs(&mut self, key: &str, rel: &str) -> Option<Vec<CertificateDer<'static>>> {
         match load_certs(self.base, rel) {
             Ok(c) => Some(c),
@@ -530,10 +573,7 @@ impl Validator<'_> {
                 }
             }
         };
-        let admin = raw
-            .admin
-            .and_then(|a| a.listen)
-            .and_then(|a| self.addr("admin.listen", &a));
+        let admin = raw.admin.and_then(|a| self.admin(a));
 
         let mut certificates = Vec::new();
         if raw.tls.certificates.is_empty() {
@@ -978,6 +1018,36 @@ mod tests {
         );
         assert!(
             problems.iter().any(|p| p.starts_with("tls.certificates:")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn admin_token_problems_name_their_key() {
+        let problems = problems_of("admin: {token_file: no-such-token}\n");
+        for want in [
+            "admin.token_file: cannot read './no-such-token'",
+            "admin.listen: required with admin.token_file",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(want)),
+                "{want} in {problems:?}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t"), "short\n").unwrap();
+        let problems = Config::from_yaml(
+            "admin: {listen: \"127.0.0.1:1\", token_file: t}\n",
+            dir.path(),
+            Path::new("t.yaml"),
+        )
+        .unwrap_err()
+        .problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("admin.token_file: the token in")
+                    && p.contains("has 5 characters")),
             "{problems:?}"
         );
     }

@@ -34,6 +34,7 @@ pub struct RawListen {
 #[serde(default)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    pub token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

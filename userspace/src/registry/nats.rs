@@ -265,7 +265,7 @@ async fn run(
                 match serde_json::from_slice::<DenyMessage>(&payload) {
                     Ok(m) if m.origin == start_msg.id => {}
                     Ok(m) => {
-                        let applied = state.xdp.as_ref().is_some_and(|x| x.apply_shared(&m.denial));
+                        let applied = state.xdp.as_ref().is_some_and(|x| x.apply_shared(&m.denial, &state.metrics));
                         count_shared(&state, if applied { "applied" } else { "ignored" });
                     }
                     Err(_) => count_shared(&state, "invalid"),

@@ -286,7 +286,7 @@ impl XdpRuntime {
     /// connection the source already holds here ends on its next refusal. A `ttl_ms` of 0 is
     /// an operator's lift on another gateway: the denial is lifted here too. Returns whether it
     /// was applied.
-    pub fn apply_shared(&self, d: &SharedDenial) -> bool {
+    pub fn apply_shared(&self, d: &SharedDenial, metrics: &Metrics) -> bool {
         let id = match self.names.lock() {
             Ok(names) => match names.iter().position(|n| *n == d.domain) {
                 Some(i) if i > 0 => i as u32,
@@ -297,7 +297,7 @@ impl XdpRuntime {
         // The learner keys sources as the listener reports them (IPv4, not `::ffff:a.b.c.d`).
         let source = d.source.to_canonical();
         if d.ttl_ms == 0 {
-            return match self.lift_here(source, Some(&d.domain)) {
+            return match self.lift_here(source, Some(&d.domain), "fleet", metrics) {
                 Ok(lifted) => {
                     if !lifted.is_empty() {
                         let domain = &d.domain;
@@ -382,9 +382,14 @@ impl XdpRuntime {
     /// afresh. For an operator undoing a denial. With fleet sharing on, the lift is shared too
     /// (a `portcullis.deny` message with `ttl_ms` 0 per domain), so the gateways that applied
     /// the denial lift it as well. Returns what was lifted here.
-    pub fn lift(&self, source: IpAddr, domain: Option<&str>) -> Result<Vec<Denial>, XdpError> {
+    pub fn lift(
+        &self,
+        source: IpAddr,
+        domain: Option<&str>,
+        metrics: &Metrics,
+    ) -> Result<Vec<Denial>, XdpError> {
         let source = source.to_canonical();
-        let lifted = self.lift_here(source, domain)?;
+        let lifted = self.lift_here(source, domain, "admin", metrics)?;
         if let Ok(Some(tx)) = self.share.lock().as_deref() {
             let names = self.names.lock().map(|n| n.clone()).unwrap_or_default();
             for name in names.into_iter().skip(1).filter(|n| n != "-") {
@@ -409,7 +414,14 @@ impl XdpRuntime {
                 .is_ok_and(|n| n.iter().any(|name| name == pattern))
     }
 
-    fn lift_here(&self, source: IpAddr, domain: Option<&str>) -> Result<Vec<Denial>, XdpError> {
+    /// Lifts here; `by` (`admin` or `fleet`) labels the count of lifted denials.
+    fn lift_here(
+        &self,
+        source: IpAddr,
+        domain: Option<&str>,
+        by: &'static str,
+        metrics: &Metrics,
+    ) -> Result<Vec<Denial>, XdpError> {
         let lifting = self
             .denials_by_id()
             .into_iter()
@@ -426,6 +438,10 @@ impl XdpRuntime {
             }
             if removed {
                 tracing::info!(%source, domain = %d.domain, "denial lifted");
+                metrics
+                    .xdp_deny_lifted
+                    .get_or_create(&KindLabels { kind: by })
+                    .inc();
                 lifted.push(d);
             }
         }

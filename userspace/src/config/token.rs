@@ -1,0 +1,144 @@
+//! The admin API's bearer token (`admin.token_file`): read and checked once when the config is
+//! loaded (and on every reload), kept only as its SHA-256 digest, and compared in constant time.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// The shortest token accepted: 16 random characters are far beyond guessing over HTTP.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// The longest token accepted (it travels in one request header).
+pub const MAX_TOKEN_LEN: usize = 1024;
+
+/// Reads a token file. Whitespace around the token (a trailing newline) is not part of it; the
+/// token itself must be visible ASCII without spaces, as an HTTP bearer token is.
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read '{shown}': {e}"))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| format!("'{shown}' is not text"))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("'{shown}' holds no token"));
+    }
+    if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the token in '{shown}' holds {c:?}; a token is visible ASCII without spaces"
+        ));
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "the token in '{shown}' has {} characters; at least {MIN_TOKEN_LEN} are required \
+             (e.g. `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(format!(
+            "the token in '{shown}' has {} characters; at most {MAX_TOKEN_LEN} are accepted",
+            token.len()
+        ));
+    }
+    Ok(token.to_string())
+}
+
+/// What a request's `Authorization` header amounts to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Granted,
+    /// No `Authorization: Bearer …` at all.
+    Missing,
+    /// A bearer token that is not this one.
+    Wrong,
+}
+
+/// The admin token, as its digest: the secret itself is not kept, so neither a `Debug` print of
+/// the config nor a memory dump shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
+}
+
+impl AdminToken {
+    pub fn new(token: &str) -> Self {
+        AdminToken {
+            digest: Sha256::digest(token.as_bytes()).into(),
+        }
+    }
+
+    /// Whether an `Authorization` header value carries this token (`Bearer <token>`, the scheme
+    /// in any case, RFC 9110 §11.1). The comparison takes the same time wherever the presented
+    /// token differs, and for any length, since digests are compared.
+    pub fn admits(&self, authorization: Option<&[u8]>) -> Access {
+        let Some(value) = authorization else {
+            return Access::Missing;
+        };
+        let Some((scheme, rest)) = value.split_first_chunk::<7>() else {
+            return Access::Missing;
+        };
+        if !scheme.eq_ignore_ascii_case(b"bearer ") {
+            return Access::Missing;
+        }
+        let presented = rest.trim_ascii();
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        if bool::from(digest.ct_eq(&self.digest)) {
+            Access::Granted
+        } else {
+            Access::Wrong
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "0123456789abcdef0123";
+
+    #[test]
+    fn only_the_bearer_token_itself_is_admitted() {
+        let t = AdminToken::new(TOKEN);
+        let bearer = |s: &str| t.admits(Some(s.as_bytes()));
+        assert_eq!(bearer(&format!("Bearer {TOKEN}")), Access::Granted);
+        assert_eq!(bearer(&format!("bearer  {TOKEN} ")), Access::Granted);
+        assert_eq!(bearer(&format!("BEARER {TOKEN}")), Access::Granted);
+        assert_eq!(bearer(&format!("Bearer {TOKEN}x")), Access::Wrong);
+        assert_eq!(bearer(&format!("Bearer {}", &TOKEN[1..])), Access::Wrong);
+        assert_eq!(bearer("Bearer "), Access::Wrong);
+        assert_eq!(bearer(&format!("Basic {TOKEN}")), Access::Missing);
+        assert_eq!(bearer(&format!("Bearer{TOKEN}")), Access::Missing);
+        assert_eq!(bearer("Bear"), Access::Missing);
+        assert_eq!(t.admits(None), Access::Missing);
+    }
+
+    #[test]
+    fn the_token_is_not_in_debug_output() {
+        let shown = format!("{:?}", AdminToken::new(TOKEN));
+        assert!(!shown.contains(TOKEN) && !shown.contains("0123"), "{shown}");
+    }
+
+    #[test]
+    fn token_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, body: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let ok = file("ok", format!("  {TOKEN}\r\n").as_bytes());
+        assert_eq!(read_token(&ok).unwrap(), TOKEN);
+        let err = |p: &Path| read_token(p).unwrap_err();
+        assert!(err(&file("empty", b"\n\n")).contains("holds no token"));
+        assert!(err(&file("short", b"abc\n")).contains("has 3 characters; at least 16"));
+        assert!(err(&file("space", b"0123456789 abcdef\n")).contains("holds ' '"));
+        assert!(err(&file("binary", b"\xff\xfe0123456789abcdef")).contains("is not text"));
+        assert!(err(&file("long", &[b'a'; 2000])).contains("at most 1024"));
+        assert!(err(&dir.path().join("missing")).contains("cannot read"));
+    }
+}
