@@ -1232,6 +1232,13 @@ async fn denials_stay_with_their_domain_across_reload_and_restart() {
         ["one.test"]
     );
     assert_eq!(listed(&gw), [format!("*.one.test {source}")]);
+    // Deny learning took the pinned denial up at start: one more refusal finds the source
+    // denied already (a connection it held would end), without learning anything anew.
+    let state = gw.gw.state();
+    let one = portcullis::names::DomainPattern::parse("*.one.test").unwrap();
+    let xdp = state.xdp.as_ref().unwrap();
+    assert!(xdp.failure(&one, source.parse().unwrap(), &state.metrics));
+    assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 0.0);
     // An operator lifts denials on the admin API: one domain's, then all of a source's.
     deny(&gw, "three.test");
     let admin = gw.gw.admin_addr().unwrap();

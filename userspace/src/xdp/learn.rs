@@ -112,6 +112,35 @@ impl Learner {
         }
     }
 
+    /// Takes up a denial found in force in the pinned DENY map at start (a previous daemon's),
+    /// with `left` to run: the source is known as denied until then, and its next denial doubles
+    /// on from the ttl that one must have had. The map keeps only expiries, so that is inferred:
+    /// the shortest of this gateway's ttls (`ttl`·2ⁿ, capped at `max_ttl`) not shorter than
+    /// `left`. A denial the fleet shared is taken up the same way (the map does not tell them
+    /// apart). An exempt source is never recorded.
+    pub fn restore(&mut self, domain: u32, source: IpAddr, left: Duration, now: Instant) {
+        let s = &self.settings;
+        if !s.enabled || self.is_exempt(source) {
+            return;
+        }
+        // The n-th denial lasts ttl·2ⁿ⁻¹ (see `failure`).
+        let mut denials = 1u32;
+        let mut ttl = s.ttl.min(s.max_ttl);
+        while ttl < left && ttl < s.max_ttl && denials < 32 {
+            ttl = s.ttl.saturating_mul(1u32 << denials).min(s.max_ttl);
+            denials += 1;
+        }
+        let until = now.checked_add(left).unwrap_or(now + s.max_ttl);
+        self.sources.insert(
+            (domain, source),
+            Strikes {
+                denials,
+                denied_until: Some(until),
+                ..Strikes::new(now)
+            },
+        );
+    }
+
     /// Takes back the denial just learned for `source` on `domain`, when the gate could not be
     /// told (its DENY map full): the source is not stopped, so it is not treated as denied, and
     /// its next `threshold` failures try again.
@@ -169,6 +198,34 @@ mod tests {
             max_ttl: Duration::from_secs(200),
             exempt: vec!["10.0.0.0/8".parse().unwrap()],
         }
+    }
+
+    #[test]
+    fn a_denial_restored_at_start_doubles_on() {
+        let mut l = Learner::new(settings());
+        let (ip, other): (IpAddr, IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t = Instant::now();
+        // 90 s left: it was at least the second denial (120 s), so the next is the third (cap).
+        l.restore(1, ip, Duration::from_secs(90), t);
+        // 30 s left: it may have been the first (60 s), so the next is the second (120 s).
+        l.restore(1, other, Duration::from_secs(30), t);
+        assert!(l.denied(1, ip, t + Duration::from_secs(89)));
+        assert!(!l.denied(1, ip, t + Duration::from_secs(91)));
+        // In force: no strikes counted.
+        assert_eq!(l.failure(1, ip, t), None);
+        let t = t + Duration::from_secs(91);
+        for (source, ttl) in [(ip, 200), (other, 120)] {
+            assert_eq!(l.failure(1, source, t), None);
+            assert_eq!(l.failure(1, source, t), None);
+            assert_eq!(l.failure(1, source, t), Some(Duration::from_secs(ttl)));
+        }
+        // Exempt sources are not taken up; a restore beyond the cap stays at the cap.
+        let exempt: IpAddr = "10.1.2.3".parse().unwrap();
+        l.restore(1, exempt, Duration::from_secs(30), t);
+        assert!(!l.denied(1, exempt, t));
+        l.restore(2, ip, Duration::from_secs(10_000), t);
+        assert!(l.denied(2, ip, t + Duration::from_secs(9_999)));
     }
 
     #[test]

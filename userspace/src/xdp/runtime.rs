@@ -177,6 +177,14 @@ impl XdpRuntime {
         // Each domain keeps the id an earlier daemon gave it, with its denials.
         let ids = DomainIds::assign(config, &gate.pinned_ids(config)?)?;
         gate.sync(&MapPlan::with_ids(config, &ids, &addresses)?, prune)?;
+        // Denials an earlier daemon left in force are known to deny learning too, so the next
+        // denial of such a source doubles on rather than starting again at `ttl`.
+        let mut learner = Learner::new(xdp.deny_learning.clone());
+        let (now_ns, now) = (monotonic_ns(), Instant::now());
+        for (id, addr, expiry) in gate.denials(now_ns)? {
+            let left = std::time::Duration::from_nanos(expiry - now_ns);
+            learner.restore(id, addr_ip(&addr), left, now);
+        }
         let mut links = Vec::new();
         for iface in &xdp.interfaces {
             let (mode, pinned) = gate.attach(iface, xdp.mode, &xdp.pin_path)?;
@@ -209,7 +217,7 @@ impl XdpRuntime {
             names: Mutex::new(ids.names()),
             ids: Mutex::new(ids.by_pattern()),
             seen: Mutex::default(),
-            learner: Mutex::new(Learner::new(xdp.deny_learning.clone())),
+            learner: Mutex::new(learner),
             links: Mutex::new(links),
             share: Mutex::new(None),
             hosts: Mutex::new(HostsSeen {
