@@ -8,6 +8,8 @@ mod accesslog;
 mod admin;
 #[path = "gateway/backends.rs"]
 mod backends;
+#[path = "gateway/denials.rs"]
+mod denials;
 #[path = "gateway/handshake.rs"]
 mod handshake;
 #[path = "gateway/hardening.rs"]

@@ -690,6 +690,89 @@ async fn tls_from(
         .map_err(|e| format!("tls: {e}"))
 }
 
+/// A TLS client (caller `b`) from `source` whose ClientHello leaves in two TCP segments: the
+/// first 64 bytes, then, 20 ms later, the rest.
+async fn tls_split_hello_from(
+    source: &str,
+    target: std::net::SocketAddr,
+    pki: &TestPki,
+) -> Result<(), String> {
+    use std::pin::Pin;
+    use std::task::{ready, Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    struct SplitFirst {
+        tcp: tokio::net::TcpStream,
+        /// 0: nothing written yet; 1: the first piece written, waiting; 2: pass-through.
+        stage: u8,
+        pause: Pin<Box<tokio::time::Sleep>>,
+    }
+    impl AsyncRead for SplitFirst {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_read(cx, buf)
+        }
+    }
+    impl AsyncWrite for SplitFirst {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.stage {
+                0 if buf.len() > 64 => {
+                    let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &buf[..64]))?;
+                    self.stage = 1;
+                    self.pause
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + std::time::Duration::from_millis(20));
+                    Poll::Ready(Ok(n))
+                }
+                1 => {
+                    ready!(self.pause.as_mut().poll(cx));
+                    self.stage = 2;
+                    Pin::new(&mut self.tcp).poll_write(cx, buf)
+                }
+                _ => Pin::new(&mut self.tcp).poll_write(cx, buf),
+            }
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_shutdown(cx)
+        }
+    }
+    use std::future::Future;
+
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let tcp = sock
+        .connect(target)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tcp.set_nodelay(true).unwrap();
+    let io = SplitFirst {
+        tcp,
+        stage: 0,
+        pause: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+    };
+    let cfg = support::client::tls_config(&pki.server_ca, Some(&pki.b), &[b"http/1.1"]);
+    let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+    let connect = tokio_rustls::TlsConnector::from(cfg).connect(name, io);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("tls: {e}")),
+        Err(_) => Err("no handshake in 10 s".into()),
+    }
+}
+
 /// Like `call_from`; with `wrong_ca` the caller presents a certificate the domain does not trust.
 fn call_with(
     ns: &support::netns::Netns,
@@ -757,7 +840,10 @@ async fn allow_list_end_to_end_in_a_namespace() {
         )
     };
     let gw = support::gateway::TestGateway::start(&pki, &yaml("")).await;
-    assert!(gw.gw.state().xdp.is_some(), "XDP attached");
+    assert!(
+        gw.gw.state().xdp.as_ref().is_some_and(|x| x.attached()),
+        "XDP attached"
+    );
     assert!(gw.metrics().contains(&format!(
         "portcullis_xdp_attached{{interface=\"{}\"",
         ns.host_if
@@ -1047,7 +1133,10 @@ async fn a_denied_callers_keep_alive_connection_ends() {
         bport = scene.backend.addr.port(),
     );
     let gw = support::gateway::TestGateway::start(pki, &yaml).await;
-    assert!(gw.gw.state().xdp.is_some(), "XDP attached");
+    assert!(
+        gw.gw.state().xdp.as_ref().is_some_and(|x| x.attached()),
+        "XDP attached"
+    );
     let target = gw.https();
 
     // HTTP/1.1: two 403s keep the connection; the third crosses the threshold and ends it.
@@ -1060,12 +1149,28 @@ async fn a_denied_callers_keep_alive_connection_ends() {
     assert!(seen.ended, "the denied caller's connection ended");
     assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 1.0);
     // Its next connection is stopped by the gate.
-    let again = keep_alive_calls(ns, h1_caller, target, pki.clone(), false, 1, |_| {});
+    let again = keep_alive_calls(ns, h1_caller.clone(), target, pki.clone(), false, 1, |_| {});
     assert!(
         again.is_err(),
         "reconnecting: {:?}",
         again.map(|k| k.responses)
     );
+
+    // A ClientHello split across two TCP segments (as a post-quantum one on a 1,500-byte MTU
+    // is) passes the gate unread; the daemon ends the connection once it has read it, before
+    // any cryptography.
+    let split_before = gw.metric("portcullis_xdp_unparsed_total{kind=\"split\"}");
+    let split = {
+        let (source, pki) = (h1_caller.clone(), pki.clone());
+        ns.block_on(move || async move { tls_split_hello_from(&source, target, &pki).await })
+    };
+    assert!(split.is_err(), "a TLS session for the denied caller");
+    assert!(gw.metric("portcullis_xdp_unparsed_total{kind=\"split\"}") > split_before);
+    gw.wait_metric(
+        "portcullis_tls_handshakes_total{domain=\"*.apps.identity\",result=\"denied\"}",
+        1.0,
+    )
+    .await;
 
     // h2: the same, with GOAWAY; the response itself is delivered.
     let seen = keep_alive_calls(ns, h2_caller, target, pki.clone(), true, 3, |_| {}).unwrap();
@@ -1339,7 +1444,10 @@ impl Scene {
             bport = self.backend.addr.port(),
         );
         let gw = support::gateway::TestGateway::start(&self.pki, &yaml).await;
-        assert!(gw.gw.state().xdp.is_some(), "XDP attached");
+        assert!(
+            gw.gw.state().xdp.as_ref().is_some_and(|x| x.attached()),
+            "XDP attached"
+        );
         // What the daemon's veth warning keys on (the namespace's end runs an XDP program, so
         // the gate's RSTs do arrive here).
         assert_eq!(

@@ -153,8 +153,20 @@ impl Gateway {
                         })
                         .set(0);
                 }
-                tracing::warn!(error = %e, "XDP gate unavailable; the daemon still checks every connection");
-                None
+                match crate::xdp::XdpRuntime::without_gate(&config) {
+                    Ok(x) => {
+                        tracing::warn!(
+                            error = %e,
+                            "XDP gate unavailable; the daemon still checks every connection, and \
+                             refuses sources deny learning denied once it has their ClientHello"
+                        );
+                        Some(x)
+                    }
+                    Err(e2) => {
+                        tracing::warn!(error = %e, "XDP gate unavailable; the daemon still checks every connection (deny learning off: {e2})");
+                        None
+                    }
+                }
             }
         };
         let limits = config.limits.clone();
@@ -458,13 +470,15 @@ async fn handshake(
 ) -> Option<(Box<dyn ClientIo>, ConnCtx)> {
     let rt = state.runtime.load_full();
     let deadline = rt.config.tls.handshake_timeout;
+    // A source deny learning (or the fleet) denied on the ClientHello's domain goes no further.
+    let denied = |p: &DomainPattern| state.xdp.as_ref().is_some_and(|x| x.denies(p, client.ip()));
     let Some(ktls) = state.ktls.as_deref() else {
-        let accepted = tls::accept(tcp, &rt.tls, deadline).await;
+        let accepted = tls::accept(tcp, &rt.tls, deadline, denied).await;
         let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
         return Some((Box::new(stream), conn));
     };
     // The probe found every cipher suite the gateway offers supported by the kernel.
-    let accepted = tls::accept_kernel(tcp, &rt.tls, deadline).await;
+    let accepted = tls::accept_kernel(tcp, &rt.tls, deadline, denied).await;
     drop(rt);
     let (pending, mut conn) = handshake_done(state, accepted, client, "kernel")?;
     match pending.into_kernel(ktls) {

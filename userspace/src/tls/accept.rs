@@ -64,6 +64,12 @@ pub enum HandshakeFailure {
     Protocol(String),
     #[error("connection error: {0}")]
     Io(std::io::Error),
+    /// Deny learning (or the fleet) denied the source on the domain its ClientHello named: the
+    /// connection is closed before any cryptography. The XDP gate refuses such ClientHellos
+    /// before they reach the daemon; this catches those it passes unread (split across TCP
+    /// segments, as a post-quantum ClientHello on a 1,500-byte MTU is) and hosts without it.
+    #[error("the source is denied on this domain")]
+    Denied,
 }
 
 impl HandshakeFailure {
@@ -79,6 +85,7 @@ impl HandshakeFailure {
             HandshakeFailure::BadCertificate(_) => "bad_certificate",
             HandshakeFailure::Protocol(_) => "protocol",
             HandshakeFailure::Io(_) => "io",
+            HandshakeFailure::Denied => "denied",
         }
     }
 
@@ -126,10 +133,13 @@ impl HandshakeFailure {
 
 /// Reads the ClientHello, selects the config for its SNI and completes the handshake within
 /// `deadline`. On failure, returns the mTLS pattern the SNI selected (for labels) with the reason.
+/// `denied`: whether the caller is denied on the mTLS domain its SNI selected; if so the
+/// connection ends right after the ClientHello ([`HandshakeFailure::Denied`]).
 pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     tcp: IO,
     server: &TlsServer,
     deadline: Duration,
+    denied: impl Fn(&DomainPattern) -> bool + Sync,
 ) -> Result<Accepted<TlsStream<IO>>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
     let mut refused = None;
@@ -140,6 +150,9 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
         let sni = start.client_hello().server_name().map(normalize_host);
         let (config, mtls) = server.select(sni.as_deref());
         pattern = mtls.clone();
+        if mtls.as_ref().is_some_and(&denied) {
+            return Err(HandshakeFailure::Denied);
+        }
         let stream = match start.into_stream(config).into_fallible().await {
             Ok(stream) => stream,
             Err((e, io)) => {

@@ -36,6 +36,8 @@ enum Stop {
     /// rustls refused the peer (its alert, if any, has been sent).
     Tls(TlsError),
     Io(io::Error),
+    /// The caller is denied on the domain its ClientHello named.
+    Denied,
 }
 
 impl From<io::Error> for Stop {
@@ -53,6 +55,7 @@ impl From<Stop> for HandshakeFailure {
                 HandshakeFailure::Protocol(e.to_string())
             }
             Stop::Io(e) => HandshakeFailure::Io(e),
+            Stop::Denied => HandshakeFailure::Denied,
         }
     }
 }
@@ -81,10 +84,11 @@ pub async fn accept_kernel(
     mut tcp: TcpStream,
     server: &TlsServer,
     deadline: Duration,
+    denied: impl Fn(&DomainPattern) -> bool + Sync,
 ) -> Result<Accepted<KernelPending>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
-    let res =
-        tokio::time::timeout(deadline, server_handshake(&mut tcp, server, &mut pattern)).await;
+    let handshake = server_handshake(&mut tcp, server, &mut pattern, &denied);
+    let res = tokio::time::timeout(deadline, handshake).await;
     match res {
         Ok(Ok((conn, early, info))) => Ok(Accepted {
             stream: KernelPending { tcp, conn, early },
@@ -105,6 +109,7 @@ async fn server_handshake(
     tcp: &mut TcpStream,
     server: &TlsServer,
     pattern: &mut Option<DomainPattern>,
+    denied: &(dyn Fn(&DomainPattern) -> bool + Sync),
 ) -> Result<(UnbufferedServerConnection, Vec<u8>, ConnTls), Stop> {
     let mut incoming = Vec::new();
     let mut acceptor = Acceptor::default();
@@ -131,6 +136,9 @@ async fn server_handshake(
     let sni = accepted.client_hello().server_name().map(normalize_host);
     let (config, mtls) = server.select(sni.as_deref());
     *pattern = mtls.clone();
+    if mtls.as_ref().is_some_and(denied) {
+        return Err(Stop::Denied);
+    }
     // The connection that answers reads the same ClientHello records again.
     let mut conn = UnbufferedServerConnection::new(config).map_err(Stop::Tls)?;
     let early = complete(&mut conn, tcp, incoming).await?;
@@ -152,6 +160,8 @@ pub async fn connect_kernel(
         Ok(early) => early,
         Err(Stop::Io(e)) => return Err(e),
         Err(Stop::Tls(e)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        // Only a server refuses a denied caller.
+        Err(Stop::Denied) => return Err(io::Error::other("handshake refused")),
     };
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()

@@ -92,6 +92,17 @@ impl Learner {
             .is_some_and(|until| until > now)
     }
 
+    /// The denials in force at `now`: domain id, source and what is left of each.
+    pub fn denials(&self, now: Instant) -> Vec<(u32, IpAddr, Duration)> {
+        self.sources
+            .iter()
+            .filter_map(|(&(domain, source), e)| {
+                let until = e.denied_until.filter(|u| *u > now)?;
+                Some((domain, source, until - now))
+            })
+            .collect()
+    }
+
     /// Records a denial of `source` on `domain` that another gateway learned (fleet sharing),
     /// in force for `ttl` from `now`, so [`Learner::denied`] knows of it: the source's kept-alive
     /// connections then end on their next refusal, as for a denial learned here. It does not

@@ -61,6 +61,8 @@ pub enum XdpError {
     Link(String),
     #[error("XDP state lock poisoned by an earlier panic")]
     Poisoned,
+    #[error("the XDP gate is not attached")]
+    NotAttached,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {

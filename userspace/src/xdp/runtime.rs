@@ -22,9 +22,11 @@ use crate::routing::RouteTable;
 /// The XDP object built by `cargo xtask build-ebpf`, embedded at compile time (empty if absent).
 pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/portcullis-ebpf.o"));
 
-/// A running gate.
+/// A running gate, or (when the gate cannot be attached) deny learning on its own: the daemon
+/// then refuses denied sources after their ClientHello instead of the program before it.
 pub struct XdpRuntime {
-    gate: Mutex<Gate>,
+    /// `None`: XDP was configured but is unavailable here.
+    gate: Mutex<Option<Gate>>,
     /// Domain pattern per id, for metric labels (index 0 = no domain).
     names: Mutex<Vec<String>>,
     /// Domain id per pattern, kept by the next config ([`DomainIds`]).
@@ -213,7 +215,7 @@ impl XdpRuntime {
             }
         }
         Ok(Some(XdpRuntime {
-            gate: Mutex::new(gate),
+            gate: Mutex::new(Some(gate)),
             names: Mutex::new(ids.names()),
             ids: Mutex::new(ids.by_pattern()),
             seen: Mutex::default(),
@@ -229,20 +231,41 @@ impl XdpRuntime {
         }))
     }
 
+    /// Deny learning without the gate, for a host where XDP is configured but cannot run (no
+    /// privileges, no XDP object, no such interface): denials are learned, shared, listed and
+    /// lifted as with the gate, and enforced by the daemon once it has read a ClientHello (see
+    /// [`XdpRuntime::denies`]); a denied source's kept-alive connections end as with the gate.
+    pub fn without_gate(config: &Config) -> Result<XdpRuntime, XdpError> {
+        let ids = DomainIds::assign(config, &BTreeMap::new())?;
+        Ok(XdpRuntime {
+            gate: Mutex::new(None),
+            names: Mutex::new(ids.names()),
+            ids: Mutex::new(ids.by_pattern()),
+            seen: Mutex::default(),
+            learner: Mutex::new(Learner::new(config.xdp.deny_learning.clone())),
+            links: Mutex::default(),
+            share: Mutex::new(None),
+            hosts: Mutex::new(HostsSeen {
+                table: Weak::new(),
+                addresses: BTreeSet::new(),
+                pruned: true,
+            }),
+            started: Instant::now(),
+        })
+    }
+
+    /// Whether the XDP program is attached (rather than deny learning running on its own).
+    pub fn attached(&self) -> bool {
+        self.gate.lock().is_ok_and(|g| g.is_some())
+    }
+
     /// A handshake failure or a 403 from `source` on `domain`; may learn a denial. Returns
     /// whether the source is denied on the domain now, by this failure or an earlier one: the
     /// gate stops its new connections, so a connection it still holds open (keep-alive) should
     /// end after this response rather than carry on being answered 403.
     pub fn failure(&self, domain: &DomainPattern, source: IpAddr, metrics: &Metrics) -> bool {
-        let id = {
-            let Ok(names) = self.names.lock() else {
-                return false;
-            };
-            let name = domain.to_string();
-            match names.iter().position(|n| *n == name) {
-                Some(i) if i > 0 => i as u32,
-                _ => return false,
-            }
+        let Some(id) = self.id_of(domain) else {
+            return false;
         };
         let (ttl, denied) = match self.learner.lock() {
             Ok(mut l) => {
@@ -254,10 +277,10 @@ impl XdpRuntime {
         };
         let Some(ttl) = ttl else { return denied };
         let expiry = monotonic_ns().saturating_add(ttl.as_nanos() as u64);
-        let written = self
-            .gate
-            .lock()
-            .map(|mut g| g.deny(id, addr_bytes(source), expiry));
+        let written = self.gate.lock().map(|mut g| match g.as_mut() {
+            Some(g) => g.deny(id, addr_bytes(source), expiry),
+            None => Ok(()),
+        });
         match written {
             Ok(Ok(())) => {
                 tracing::info!(%source, domain = %domain, ttl = ?ttl, "learned denial");
@@ -279,6 +302,27 @@ impl XdpRuntime {
                 false
             }
             Err(_) => false,
+        }
+    }
+
+    /// Whether `source` is denied on `domain` now (learned here, taken up from the pinned map
+    /// at start, or shared by the fleet). The handshake asks this once it has the ClientHello.
+    pub fn denies(&self, domain: &DomainPattern, source: IpAddr) -> bool {
+        let Some(id) = self.id_of(domain) else {
+            return false;
+        };
+        self.learner
+            .lock()
+            .is_ok_and(|l| l.denied(id, source, Instant::now()))
+    }
+
+    /// The id of a configured domain (`None` for an unknown one).
+    fn id_of(&self, domain: &DomainPattern) -> Option<u32> {
+        let names = self.names.lock().ok()?;
+        let name = domain.to_string();
+        match names.iter().position(|n| *n == name) {
+            Some(i) if i > 0 => Some(i as u32),
+            _ => None,
         }
     }
 
@@ -329,11 +373,11 @@ impl XdpRuntime {
         }
         let ttl_ns = d.ttl_ms.saturating_mul(1_000_000);
         let expiry = monotonic_ns().saturating_add(ttl_ns);
-        match self
-            .gate
-            .lock()
-            .map(|mut g| g.deny(id, addr_bytes(source), expiry))
-        {
+        let written = self.gate.lock().map(|mut g| match g.as_mut() {
+            Some(g) => g.deny(id, addr_bytes(source), expiry),
+            None => Ok(()),
+        });
+        match written {
             Ok(Ok(())) => {
                 if let Ok(mut l) = self.learner.lock() {
                     let ttl = std::time::Duration::from_millis(d.ttl_ms);
@@ -352,9 +396,10 @@ impl XdpRuntime {
     /// Runs the loaded program on one frame through `BPF_PROG_TEST_RUN` (no traffic involved):
     /// the XDP action and the frame as the program left it. For diagnostics and tests.
     pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), XdpError> {
-        match self.gate.lock() {
-            Ok(g) => g.test_run(frame),
-            Err(_) => Err(XdpError::Missing("gate")),
+        match self.gate.lock().as_deref() {
+            Ok(Some(g)) => g.test_run(frame),
+            Ok(None) => Err(XdpError::NotAttached),
+            Err(_) => Err(XdpError::Poisoned),
         }
     }
 
@@ -365,9 +410,21 @@ impl XdpRuntime {
 
     fn denials_by_id(&self) -> Vec<(u32, Denial)> {
         let now = monotonic_ns();
-        let live = match self.gate.lock().map(|mut g| g.denials(now)) {
-            Ok(Ok(l)) => l,
-            _ => return Vec::new(),
+        let live = match self.gate.lock().as_deref_mut() {
+            Ok(Some(g)) => g.denials(now).unwrap_or_default(),
+            // Without the gate, deny learning's own record is the list.
+            Ok(None) => match self.learner.lock() {
+                Ok(l) => l
+                    .denials(Instant::now())
+                    .into_iter()
+                    .map(|(id, source, left)| {
+                        let expiry = now.saturating_add(left.as_nanos() as u64);
+                        (id, addr_bytes(source), expiry)
+                    })
+                    .collect(),
+                Err(_) => return Vec::new(),
+            },
+            Err(_) => return Vec::new(),
         };
         let names = self.names.lock().map(|n| n.clone()).unwrap_or_default();
         live.into_iter()
@@ -436,11 +493,11 @@ impl XdpRuntime {
             .filter(|(_, d)| d.source == source && domain.is_none_or(|p| d.domain == p));
         let mut lifted = Vec::new();
         for (id, d) in lifting {
-            let removed = self
-                .gate
-                .lock()
-                .map_err(|_| XdpError::Poisoned)?
-                .undeny(id, addr_bytes(source))?;
+            // Without the gate the list came from the learner, which forgets it below.
+            let removed = match self.gate.lock().map_err(|_| XdpError::Poisoned)?.as_mut() {
+                Some(g) => g.undeny(id, addr_bytes(source))?,
+                None => true,
+            };
             if let Ok(mut l) = self.learner.lock() {
                 l.forget(id, source);
             }
@@ -458,16 +515,25 @@ impl XdpRuntime {
 
     /// Removes expired denials from the map and forgets quiet sources; updates the gauge.
     pub fn sweep(&self, metrics: &Metrics) {
-        if let Ok(mut l) = self.learner.lock() {
-            l.sweep(Instant::now());
-        }
-        if let Ok(mut g) = self.gate.lock() {
-            match g.sweep_denials(monotonic_ns()) {
+        let now = Instant::now();
+        let learned = match self.learner.lock() {
+            Ok(mut l) => {
+                l.sweep(now);
+                l.denials(now).len()
+            }
+            Err(_) => return,
+        };
+        match self.gate.lock().as_deref_mut() {
+            Ok(Some(g)) => match g.sweep_denials(monotonic_ns()) {
                 Ok(live) => {
                     metrics.xdp_deny_entries.set(live as i64);
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot sweep the DENY map"),
+            },
+            Ok(None) => {
+                metrics.xdp_deny_entries.set(learned as i64);
             }
+            Err(_) => {}
         }
     }
 
@@ -506,7 +572,9 @@ impl XdpRuntime {
         }
         {
             let mut gate = self.gate.lock().map_err(|_| XdpError::Poisoned)?;
-            gate.sync(&plan, prune)?;
+            if let Some(gate) = gate.as_mut() {
+                gate.sync(&plan, prune)?;
+            }
             // Under the gate's lock, as `export` reads: a fresh id's zeroed counters count anew.
             if let Ok(mut seen) = self.seen.lock() {
                 seen.retain(|(id, _), _| !plan.fresh.contains(id));
@@ -552,6 +620,7 @@ impl XdpRuntime {
         };
         let plan = MapPlan::with_ids(config, &ids, &addresses)?;
         let mut g = self.gate.lock().map_err(|_| XdpError::Poisoned)?;
+        let Some(g) = g.as_mut() else { return Ok(()) };
         g.sync(&plan, grace_over)?;
         tracing::debug!(
             addresses = addresses.len(),
@@ -565,7 +634,10 @@ impl XdpRuntime {
 
     /// Adds what the kernel counted since the last call to the Prometheus counters.
     pub fn export(&self, metrics: &Metrics) {
-        let Ok(gate) = self.gate.lock() else { return };
+        let gate = self.gate.lock();
+        let Ok(Some(gate)) = gate.as_deref() else {
+            return;
+        };
         let configured = self.names.lock().map(|n| n.len() as u32).unwrap_or(1);
         let counts = match gate.counters_up_to(configured.saturating_sub(1)) {
             Ok(c) => c,
