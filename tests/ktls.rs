@@ -906,7 +906,7 @@ async fn unbuffered_handshake_on_any_kernel() {
         }
     });
     let (tcp, _) = listener.accept().await.unwrap();
-    let accepted = accept_kernel(tcp, &runtime.tls, deadline, |_| false)
+    let accepted = accept_kernel(tcp, &runtime.tls, deadline, |_| None)
         .await
         .unwrap_or_else(|(_, e)| panic!("handshake: {e}"));
     let _client = client.await.unwrap();
@@ -941,7 +941,7 @@ async fn unbuffered_handshake_on_any_kernel() {
         }
     });
     let (tcp, _) = listener.accept().await.unwrap();
-    let refused = accept_kernel(tcp, &runtime.tls, deadline, |_| false).await;
+    let refused = accept_kernel(tcp, &runtime.tls, deadline, |_| None).await;
     let Err((pattern, failure)) = refused else {
         panic!("a certificate from another CA was accepted");
     };
@@ -965,7 +965,7 @@ async fn unbuffered_handshake_on_any_kernel() {
         tcp
     });
     let (tcp, _) = listener.accept().await.unwrap();
-    let Err((_, failure)) = accept_kernel(tcp, &runtime.tls, deadline, |_| false).await else {
+    let Err((_, failure)) = accept_kernel(tcp, &runtime.tls, deadline, |_| None).await else {
         panic!("plain HTTP passed as a TLS handshake");
     };
     assert_eq!(failure.label(), "protocol", "{failure}");

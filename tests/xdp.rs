@@ -927,6 +927,18 @@ async fn allow_list_end_to_end_in_a_namespace() {
         refused.is_err(),
         "unregistered host is outside again: {refused:?}"
     );
+    // A ClientHello split across two segments passes the gate unread; the daemon, having read
+    // it, refuses the source before any cryptography.
+    let split = {
+        let (source, pki) = (ns.client(2), pki.clone());
+        ns.block_on(move || async move { tls_split_hello_from(&source, target, &pki).await })
+    };
+    assert!(split.is_err(), "a TLS session outside the allow-list");
+    gw.wait_metric(
+        &format!("portcullis_tls_handshakes_total{{{d},result=\"not_allowed\"}}"),
+        1.0,
+    )
+    .await;
     drop(gw);
 }
 

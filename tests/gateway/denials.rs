@@ -1,6 +1,6 @@
-//! Deny learning where the XDP gate is configured but cannot run (here: an interface that does
-//! not exist): the daemon learns denials as with the gate and enforces them itself, refusing a
-//! denied source right after its ClientHello.
+//! Where the XDP gate is configured but cannot run (here: an interface that does not exist), the
+//! daemon takes the gate's decisions itself once it has read a ClientHello: sources outside a
+//! domain's `allowed_sources`, and sources deny learning denied, go no further.
 
 use portcullis::echo;
 
@@ -9,18 +9,21 @@ use crate::support::gateway::TestGateway;
 use crate::support::pki::TestPki;
 
 #[tokio::test]
-async fn without_the_gate_the_daemon_enforces_learned_denials() {
+async fn without_the_gate_the_daemon_takes_its_decisions() {
     let pki = TestPki::new();
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
     let pins = tempfile::tempdir().unwrap();
     let yaml = format!(
         "domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}, \
-                   {{name: \"*.other.identity\", ca_certs: identity-ca.pem}}]\n\
+                   {{name: \"*.other.identity\", ca_certs: identity-ca.pem}}, \
+                   {{name: \"*.fenced.identity\", ca_certs: identity-ca.pem, \
+                     allowed_sources: {{cidrs: [192.0.2.0/24]}}}}]\n\
          xdp:\n  interfaces: [pc-absent0]\n  pin_path: \"{pins}\"\n\
          \x20 deny_learning: {{threshold: 3, window: 10s, ttl: 60s}}\n\
          routes:\n\
          \x20 - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {port}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n\
-         \x20 - {{uris: [a.other.identity], host: \"127.0.0.1\", port: {port}}}\n",
+         \x20 - {{uris: [a.other.identity], host: \"127.0.0.1\", port: {port}}}\n\
+         \x20 - {{uris: [a.fenced.identity], host: \"127.0.0.1\", port: {port}}}\n",
         pins = pins.path().display(),
         port = backend.addr.port(),
     );
@@ -33,6 +36,22 @@ async fn without_the_gate_the_daemon_enforces_learned_denials() {
     assert!(gw
         .metrics()
         .contains("portcullis_xdp_attached{interface=\"pc-absent0\",mode=\"none\"} 0"));
+
+    // A domain's `allowed_sources` holds too: 127.0.0.1 is outside the fenced one's.
+    let fenced = tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some("a.fenced.identity"),
+        Some(&pki.a),
+        &[b"http/1.1"],
+    )
+    .await;
+    assert!(fenced.is_err(), "a TLS session outside the allow-list");
+    gw.wait_metric(
+        "portcullis_tls_handshakes_total{domain=\"*.fenced.identity\",result=\"not_allowed\"}",
+        1.0,
+    )
+    .await;
 
     // Caller B is refused by the route's policy: the third 403 crosses the threshold, and it
     // ends the connection.

@@ -26,6 +26,7 @@ use crate::proxy::{self, BackendPool, ConnCtx};
 use crate::registry::Registry;
 use crate::state::{Runtime, State};
 use crate::tls::{self, Alpn, TlsBuildError};
+use crate::xdp::Refusal;
 
 /// Why the gateway could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -470,15 +471,19 @@ async fn handshake(
 ) -> Option<(Box<dyn ClientIo>, ConnCtx)> {
     let rt = state.runtime.load_full();
     let deadline = rt.config.tls.handshake_timeout;
-    // A source deny learning (or the fleet) denied on the ClientHello's domain goes no further.
-    let denied = |p: &DomainPattern| state.xdp.as_ref().is_some_and(|x| x.denies(p, client.ip()));
+    // The gate's decision on the ClientHello's domain, taken again (see `XdpRuntime::refuses`).
+    let config = &rt.config;
+    let refused = |p: &DomainPattern| match state.xdp.as_ref()?.refuses(config, p, client.ip())? {
+        Refusal::Denied => Some(tls::HandshakeFailure::Denied),
+        Refusal::NotAllowed => Some(tls::HandshakeFailure::NotAllowed),
+    };
     let Some(ktls) = state.ktls.as_deref() else {
-        let accepted = tls::accept(tcp, &rt.tls, deadline, denied).await;
+        let accepted = tls::accept(tcp, &rt.tls, deadline, refused).await;
         let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
         return Some((Box::new(stream), conn));
     };
     // The probe found every cipher suite the gateway offers supported by the kernel.
-    let accepted = tls::accept_kernel(tcp, &rt.tls, deadline, denied).await;
+    let accepted = tls::accept_kernel(tcp, &rt.tls, deadline, refused).await;
     drop(rt);
     let (pending, mut conn) = handshake_done(state, accepted, client, "kernel")?;
     match pending.into_kernel(ktls) {

@@ -70,6 +70,10 @@ pub enum HandshakeFailure {
     /// segments, as a post-quantum ClientHello on a 1,500-byte MTU is) and hosts without it.
     #[error("the source is denied on this domain")]
     Denied,
+    /// The source is outside the domain's `allowed_sources` (as for `Denied`, the gate's own
+    /// decision, taken by the daemon).
+    #[error("the source is outside the domain's allowed sources")]
+    NotAllowed,
 }
 
 impl HandshakeFailure {
@@ -86,6 +90,7 @@ impl HandshakeFailure {
             HandshakeFailure::Protocol(_) => "protocol",
             HandshakeFailure::Io(_) => "io",
             HandshakeFailure::Denied => "denied",
+            HandshakeFailure::NotAllowed => "not_allowed",
         }
     }
 
@@ -133,13 +138,14 @@ impl HandshakeFailure {
 
 /// Reads the ClientHello, selects the config for its SNI and completes the handshake within
 /// `deadline`. On failure, returns the mTLS pattern the SNI selected (for labels) with the reason.
-/// `denied`: whether the caller is denied on the mTLS domain its SNI selected; if so the
-/// connection ends right after the ClientHello ([`HandshakeFailure::Denied`]).
+/// `refuse`: why the caller may not reach the mTLS domain its SNI selected, if it may not; the
+/// connection then ends right after the ClientHello ([`HandshakeFailure::Denied`],
+/// [`HandshakeFailure::NotAllowed`]).
 pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     tcp: IO,
     server: &TlsServer,
     deadline: Duration,
-    denied: impl Fn(&DomainPattern) -> bool + Sync,
+    refuse: impl Fn(&DomainPattern) -> Option<HandshakeFailure> + Sync,
 ) -> Result<Accepted<TlsStream<IO>>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
     let mut refused = None;
@@ -150,8 +156,8 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
         let sni = start.client_hello().server_name().map(normalize_host);
         let (config, mtls) = server.select(sni.as_deref());
         pattern = mtls.clone();
-        if mtls.as_ref().is_some_and(&denied) {
-            return Err(HandshakeFailure::Denied);
+        if let Some(why) = mtls.as_ref().and_then(&refuse) {
+            return Err(why);
         }
         let stream = match start.into_stream(config).into_fallible().await {
             Ok(stream) => stream,

@@ -36,8 +36,8 @@ enum Stop {
     /// rustls refused the peer (its alert, if any, has been sent).
     Tls(TlsError),
     Io(io::Error),
-    /// The caller is denied on the domain its ClientHello named.
-    Denied,
+    /// The caller may not reach the domain its ClientHello named.
+    Refused(HandshakeFailure),
 }
 
 impl From<io::Error> for Stop {
@@ -55,7 +55,7 @@ impl From<Stop> for HandshakeFailure {
                 HandshakeFailure::Protocol(e.to_string())
             }
             Stop::Io(e) => HandshakeFailure::Io(e),
-            Stop::Denied => HandshakeFailure::Denied,
+            Stop::Refused(why) => why,
         }
     }
 }
@@ -84,10 +84,10 @@ pub async fn accept_kernel(
     mut tcp: TcpStream,
     server: &TlsServer,
     deadline: Duration,
-    denied: impl Fn(&DomainPattern) -> bool + Sync,
+    refused: impl Fn(&DomainPattern) -> Option<HandshakeFailure> + Sync,
 ) -> Result<Accepted<KernelPending>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
-    let handshake = server_handshake(&mut tcp, server, &mut pattern, &denied);
+    let handshake = server_handshake(&mut tcp, server, &mut pattern, &refused);
     let res = tokio::time::timeout(deadline, handshake).await;
     match res {
         Ok(Ok((conn, early, info))) => Ok(Accepted {
@@ -109,7 +109,7 @@ async fn server_handshake(
     tcp: &mut TcpStream,
     server: &TlsServer,
     pattern: &mut Option<DomainPattern>,
-    denied: &(dyn Fn(&DomainPattern) -> bool + Sync),
+    refused: &(dyn Fn(&DomainPattern) -> Option<HandshakeFailure> + Sync),
 ) -> Result<(UnbufferedServerConnection, Vec<u8>, ConnTls), Stop> {
     let mut incoming = Vec::new();
     let mut acceptor = Acceptor::default();
@@ -136,8 +136,8 @@ async fn server_handshake(
     let sni = accepted.client_hello().server_name().map(normalize_host);
     let (config, mtls) = server.select(sni.as_deref());
     *pattern = mtls.clone();
-    if mtls.as_ref().is_some_and(denied) {
-        return Err(Stop::Denied);
+    if let Some(why) = mtls.as_ref().and_then(refused) {
+        return Err(Stop::Refused(why));
     }
     // The connection that answers reads the same ClientHello records again.
     let mut conn = UnbufferedServerConnection::new(config).map_err(Stop::Tls)?;
@@ -160,8 +160,8 @@ pub async fn connect_kernel(
         Ok(early) => early,
         Err(Stop::Io(e)) => return Err(e),
         Err(Stop::Tls(e)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-        // Only a server refuses a denied caller.
-        Err(Stop::Denied) => return Err(io::Error::other("handshake refused")),
+        // Only a server refuses a caller this way.
+        Err(Stop::Refused(why)) => return Err(io::Error::other(why)),
     };
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()

@@ -26,7 +26,7 @@ mod runtime;
 pub mod twin;
 pub use learn::{monotonic_ns, Learner};
 pub use runtime::{
-    interface_driver, load_pinned, unload_pinned, Denial, SharedDenial, XdpRuntime, OBJECT,
+    interface_driver, load_pinned, unload_pinned, Denial, Refusal, SharedDenial, XdpRuntime, OBJECT,
 };
 
 /// The program's name in the object.

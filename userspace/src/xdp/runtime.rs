@@ -66,6 +66,15 @@ pub struct SharedDenial {
     pub ttl_ms: u64,
 }
 
+/// Why [`XdpRuntime::refuses`] refuses a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Outside the domain's `allowed_sources`.
+    NotAllowed,
+    /// Denied on the domain by deny learning or the fleet.
+    Denied,
+}
+
 /// A live denial, for `/xdp/denials`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Denial {
@@ -248,7 +257,7 @@ impl XdpRuntime {
             hosts: Mutex::new(HostsSeen {
                 table: Weak::new(),
                 addresses: BTreeSet::new(),
-                pruned: true,
+                pruned: false,
             }),
             started: Instant::now(),
         })
@@ -305,15 +314,39 @@ impl XdpRuntime {
         }
     }
 
-    /// Whether `source` is denied on `domain` now (learned here, taken up from the pinned map
-    /// at start, or shared by the fleet). The handshake asks this once it has the ClientHello.
-    pub fn denies(&self, domain: &DomainPattern, source: IpAddr) -> bool {
-        let Some(id) = self.id_of(domain) else {
-            return false;
-        };
+    /// The gate's decision, taken again by the daemon once it has read a ClientHello (which the
+    /// program passes unread when it is split across segments, and never sees without the
+    /// gate): whether `source` is outside `domain`'s `allowed_sources` or denied on it now
+    /// (learned here, taken up from the pinned map at start, or shared by the fleet).
+    pub fn refuses(
+        &self,
+        config: &Config,
+        domain: &DomainPattern,
+        source: IpAddr,
+    ) -> Option<Refusal> {
+        let allowed = config
+            .domains
+            .iter()
+            .find(|d| d.pattern == *domain)
+            .and_then(|d| d.allowed_sources.as_ref());
+        if let Some(a) = allowed {
+            let listed = a.cidrs.iter().any(|n| n.contains(&source));
+            // Until the registry has settled after start (`droplet_stale_threshold`), every
+            // source passes the hosts part, as the gate keeps its earlier hosts until then.
+            let host = a.registry_hosts
+                && self
+                    .hosts
+                    .lock()
+                    .is_ok_and(|h| !h.pruned || h.addresses.contains(&source));
+            if !listed && !host {
+                return Some(Refusal::NotAllowed);
+            }
+        }
+        let id = self.id_of(domain)?;
         self.learner
             .lock()
             .is_ok_and(|l| l.denied(id, source, Instant::now()))
+            .then_some(Refusal::Denied)
     }
 
     /// The id of a configured domain (`None` for an unknown one).
@@ -613,15 +646,18 @@ impl XdpRuntime {
         if addresses == seen.addresses && !prune_now {
             return Ok(());
         }
-        let ids = {
-            let current = self.ids.lock().map_err(|_| XdpError::Poisoned)?;
-            // Settled: only a config's own sync clears what fresh ids held.
-            DomainIds::assign(config, &current)?.settled()
-        };
-        let plan = MapPlan::with_ids(config, &ids, &addresses)?;
-        let mut g = self.gate.lock().map_err(|_| XdpError::Poisoned)?;
-        let Some(g) = g.as_mut() else { return Ok(()) };
-        g.sync(&plan, grace_over)?;
+        // Without the gate only the addresses are followed (for `refuses`).
+        if self.attached() {
+            let ids = {
+                let current = self.ids.lock().map_err(|_| XdpError::Poisoned)?;
+                // Settled: only a config's own sync clears what fresh ids held.
+                DomainIds::assign(config, &current)?.settled()
+            };
+            let plan = MapPlan::with_ids(config, &ids, &addresses)?;
+            if let Some(g) = self.gate.lock().map_err(|_| XdpError::Poisoned)?.as_mut() {
+                g.sync(&plan, grace_over)?;
+            }
+        }
         tracing::debug!(
             addresses = addresses.len(),
             pruned = grace_over,
