@@ -53,6 +53,10 @@ enum Caller {
     Tls,
     /// One ClientHello made once and written on every connection, then one read.
     Replay,
+    /// As `Replay`, the ClientHello written in two TCP segments (the first 64 bytes, then the
+    /// rest 10 ms later), which the program passes unread, as it does a post-quantum
+    /// ClientHello's on a 1,500-byte MTU: the daemon refuses it once it has read it.
+    ReplaySplit,
     /// W5b's denied caller: a certificate the domain trusts, from a source inside its
     /// allow-list, for an app the route's policy refuses: [`KEEP_ALIVE_CONNECTIONS`]
     /// keep-alive connections asking again as soon as each 403 arrives, reconnecting when a
@@ -63,48 +67,72 @@ enum Caller {
 /// W5b's concurrency (`oha -c 64`).
 const KEEP_ALIVE_CONNECTIONS: usize = 64;
 
+/// What stands in front of the daemon.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// The XDP program, attached to the namespace's veth.
+    Attached,
+    /// XDP configured on an interface that does not exist: the daemon takes the gate's
+    /// decisions itself, once it has read each ClientHello.
+    Unavailable,
+    /// No `xdp` section.
+    Off,
+}
+
 struct Mode {
     name: &'static str,
-    xdp: bool,
+    gate: Gate,
     caller: Caller,
     /// The flood's loops start spread over one retransmission period instead of together.
     spread: bool,
 }
 
-const MODES: [Mode; 6] = [
+const MODES: [Mode; 8] = [
     Mode {
         name: "xdp",
-        xdp: true,
+        gate: Gate::Attached,
         caller: Caller::Tls,
         spread: false,
     },
     Mode {
         name: "xdp, replayed ClientHello",
-        xdp: true,
+        gate: Gate::Attached,
         caller: Caller::Replay,
         spread: false,
     },
     Mode {
         name: "xdp, loops started spread",
-        xdp: true,
+        gate: Gate::Attached,
         caller: Caller::Tls,
         spread: true,
     },
     Mode {
+        name: "xdp, split ClientHello",
+        gate: Gate::Attached,
+        caller: Caller::ReplaySplit,
+        spread: false,
+    },
+    Mode {
+        name: "gate unavailable, refused in the daemon",
+        gate: Gate::Unavailable,
+        caller: Caller::Tls,
+        spread: false,
+    },
+    Mode {
         name: "no-xdp",
-        xdp: false,
+        gate: Gate::Off,
         caller: Caller::Tls,
         spread: false,
     },
     Mode {
         name: "keep-alive 403s, xdp",
-        xdp: true,
+        gate: Gate::Attached,
         caller: Caller::KeepAlive,
         spread: false,
     },
     Mode {
         name: "keep-alive 403s, no-xdp",
-        xdp: false,
+        gate: Gate::Off,
         caller: Caller::KeepAlive,
         spread: false,
     },
@@ -149,9 +177,15 @@ fn main() {
     // Interleaved rounds (BENCH.md): each mode once per round, so a drift of the machine spreads
     // over every mode.
     let mut results: Vec<Vec<Outcome>> = MODES.iter().map(|_| Vec::new()).collect();
+    // FLOOD_MODES="xdp;no-xdp": only the modes named (exactly, `;`-separated), for a focused run.
+    let only = std::env::var("FLOOD_MODES").ok();
+    let wanted = |m: &Mode| {
+        only.as_deref()
+            .is_none_or(|o| o.split(';').any(|n| n == m.name))
+    };
     for round in 1..=rounds {
         for (mode, out) in MODES.iter().zip(results.iter_mut()) {
-            if quick && mode.spread {
+            if (quick && mode.spread) || !wanted(mode) {
                 continue;
             }
             eprintln!("round {round} of {rounds}: {}", mode.name);
@@ -196,7 +230,24 @@ fn main() {
             rs.iter().map(|r| r.allowed_errors).sum::<u64>(),
         );
     }
-    if let [on, replayed, spread, off, ka_on, ka_off] = &results[..] {
+    let by = |name: &str| {
+        MODES
+            .iter()
+            .position(|m| m.name == name)
+            .map_or(&[][..], |i| &results[i][..])
+    };
+    let (on, replayed, spread, off) = (
+        by("xdp"),
+        by("xdp, replayed ClientHello"),
+        by("xdp, loops started spread"),
+        by("no-xdp"),
+    );
+    let (split, unavailable) = (
+        by("xdp, split ClientHello"),
+        by("gate unavailable, refused in the daemon"),
+    );
+    let (ka_on, ka_off) = (by("keep-alive 403s, xdp"), by("keep-alive 403s, no-xdp"));
+    {
         let cpu: Vec<f64> = on
             .iter()
             .zip(off)
@@ -213,6 +264,22 @@ fn main() {
             } else {
                 median_spread(spread.iter().map(ratio).collect(), 2) + "x"
             },
+        );
+        // What the daemon pays for a refusal it takes itself (after reading the ClientHello)
+        // against a full handshake and 403 (no-xdp), round by round.
+        let against_off = |rs: &[Outcome]| {
+            median_spread(
+                rs.iter()
+                    .zip(off)
+                    .map(|(r, off)| per_1000(off) / per_1000(r))
+                    .collect(),
+                0,
+            )
+        };
+        println!(
+            "refused in the daemon after the ClientHello: daemon CPU per denied attempt {}x less than no-xdp's with the gate passing split ClientHellos, {}x less with the gate unavailable",
+            against_off(split),
+            against_off(unavailable),
         );
         let busy = |rs: &[Outcome]| {
             median_spread(
@@ -252,14 +319,16 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path());
     let pin = format!("/sys/fs/bpf/portcullis-flood-{}", std::process::id());
-    let xdp = if mode.xdp {
-        format!(
-            "xdp: {{interfaces: [{}], ports: [{PORT}], reject: reset, pin_path: \"{pin}\", detach_on_exit: true}}\n",
-            ns.host_if
-        )
-    } else {
-        String::new()
+    let iface = match mode.gate {
+        Gate::Attached => Some(ns.host_if.as_str()),
+        Gate::Unavailable => Some("pc-absent0"),
+        Gate::Off => None,
     };
+    let xdp = iface.map_or(String::new(), |iface| {
+        format!(
+            "xdp: {{interfaces: [{iface}], ports: [{PORT}], reject: reset, pin_path: \"{pin}\", detach_on_exit: true}}\n"
+        )
+    });
     // W5 keeps the denied caller out by the allow-list; W5b's denied caller is inside it (its
     // connections are refused only by the route's policy, and then by deny learning).
     let allowed = if mode.caller == Caller::KeepAlive {
@@ -553,7 +622,7 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
     let hello = Arc::new(support::packets::rustls_client_hello("a.apps.identity"));
     let loops = match caller {
         Caller::KeepAlive => KEEP_ALIVE_CONNECTIONS,
-        Caller::Tls | Caller::Replay => FLOOD_CONCURRENCY,
+        Caller::Tls | Caller::Replay | Caller::ReplaySplit => FLOOD_CONCURRENCY,
     };
     rt.block_on(async move {
         let tasks: Vec<_> = (0..loops)
@@ -599,9 +668,16 @@ async fn one_attempt(
     hello: &[u8],
 ) -> Option<()> {
     let mut tcp = tcp_from(f).await?;
-    if caller == Caller::Replay {
+    if matches!(caller, Caller::Replay | Caller::ReplaySplit) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        tcp.write_all(hello).await.ok()?;
+        if caller == Caller::ReplaySplit {
+            tcp.set_nodelay(true).ok()?;
+            tcp.write_all(&hello[..64]).await.ok()?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tcp.write_all(&hello[64..]).await.ok()?;
+        } else {
+            tcp.write_all(hello).await.ok()?;
+        }
         if matches!(tcp.read(&mut [0u8; 512]).await, Ok(0) | Err(_)) {
             f.refused.fetch_add(1, Ordering::Relaxed);
         }

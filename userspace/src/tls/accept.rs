@@ -1,6 +1,7 @@
 //! Accepting one TLS connection: read the ClientHello, pick the config for its SNI, handshake,
 //! all under one deadline.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,7 +142,7 @@ impl HandshakeFailure {
 /// `refuse`: why the caller may not reach the mTLS domain its SNI selected, if it may not; the
 /// connection then ends right after the ClientHello ([`HandshakeFailure::Denied`],
 /// [`HandshakeFailure::NotAllowed`]).
-pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
+pub async fn accept<IO: AsyncRead + AsyncWrite + AsRawFd + Unpin>(
     tcp: IO,
     server: &TlsServer,
     deadline: Duration,
@@ -149,6 +150,7 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Accepted<TlsStream<IO>>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
     let mut refused = None;
+    let fd = tcp.as_raw_fd();
     let fut = async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
             .await
@@ -157,6 +159,8 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
         let (config, mtls) = server.select(sni.as_deref());
         pattern = mtls.clone();
         if let Some(why) = mtls.as_ref().and_then(&refuse) {
+            // `start` owns the socket until it is dropped on return.
+            reset_on_close(fd);
             return Err(why);
         }
         let stream = match start.into_stream(config).into_fallible().await {
@@ -204,6 +208,27 @@ pub(super) fn conn_tls(
         peer,
         alpn,
     }
+}
+
+/// Makes closing the socket abort the connection (a RST, `SO_LINGER` 0): for a caller refused
+/// after its ClientHello, as the XDP gate answers it, and so that the gateway's side of a flood
+/// of refused connections leaves no socket behind in `TIME_WAIT` (an orderly close by the
+/// gateway would, for 60 s each).
+pub(super) fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is an open socket owned by the caller; the option is read from `linger`.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
 }
 
 /// How long a refused handshake's socket is kept open to let the client read the alert.

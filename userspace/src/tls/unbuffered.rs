@@ -21,7 +21,7 @@ use rustls::{ClientConfig, Error as TlsError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::accept::{conn_tls, linger, Accepted, ConnTls, HandshakeFailure};
+use super::accept::{conn_tls, linger, reset_on_close, Accepted, ConnTls, HandshakeFailure};
 use super::kernel::KernelTls;
 use super::kstream::{HandoffError, KernelStream};
 use super::TlsServer;
@@ -96,8 +96,10 @@ pub async fn accept_kernel(
         }),
         Ok(Err(stop)) => {
             // As for userspace handshakes: let the client read the alert.
-            if matches!(stop, Stop::Tls(_)) {
-                linger(tcp).await;
+            match stop {
+                Stop::Tls(_) => linger(tcp).await,
+                Stop::Refused(_) => reset_on_close(std::os::fd::AsRawFd::as_raw_fd(&tcp)),
+                Stop::Io(_) => {}
             }
             Err((pattern, stop.into()))
         }
