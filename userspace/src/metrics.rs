@@ -174,7 +174,7 @@ impl Metrics {
         );
         registry.register(
             "xdp_deny_entries",
-            "Learned denials in the XDP DENY map",
+            "Denials in force: the XDP DENY map's entries (deny learning's own without the gate)",
             m.xdp_deny_entries.clone(),
         );
         registry.register(

@@ -22,8 +22,9 @@ use crate::routing::RouteTable;
 /// The XDP object built by `cargo xtask build-ebpf`, embedded at compile time (empty if absent).
 pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/portcullis-ebpf.o"));
 
-/// A running gate, or (when the gate cannot be attached) deny learning on its own: the daemon
-/// then refuses denied sources after their ClientHello instead of the program before it.
+/// A running gate, or (when the gate cannot be attached) its decisions taken by the daemon
+/// alone: sources outside a domain's allow-list or denied on it are then refused after their
+/// ClientHello instead of by the program before it (see [`XdpRuntime::refuses`]).
 pub struct XdpRuntime {
     /// `None`: XDP was configured but is unavailable here.
     gate: Mutex<Option<Gate>>,
@@ -243,7 +244,7 @@ impl XdpRuntime {
     /// Deny learning without the gate, for a host where XDP is configured but cannot run (no
     /// privileges, no XDP object, no such interface): denials are learned, shared, listed and
     /// lifted as with the gate, and enforced by the daemon once it has read a ClientHello (see
-    /// [`XdpRuntime::denies`]); a denied source's kept-alive connections end as with the gate.
+    /// [`XdpRuntime::refuses`]); a denied source's kept-alive connections end as with the gate.
     pub fn without_gate(config: &Config) -> Result<XdpRuntime, XdpError> {
         let ids = DomainIds::assign(config, &BTreeMap::new())?;
         Ok(XdpRuntime {
@@ -351,9 +352,13 @@ impl XdpRuntime {
 
     /// The id of a configured domain (`None` for an unknown one).
     fn id_of(&self, domain: &DomainPattern) -> Option<u32> {
+        self.id_named(&domain.to_string())
+    }
+
+    /// The id of the configured domain written `pattern` in the config.
+    fn id_named(&self, pattern: &str) -> Option<u32> {
         let names = self.names.lock().ok()?;
-        let name = domain.to_string();
-        match names.iter().position(|n| *n == name) {
+        match names.iter().position(|n| n == pattern) {
             Some(i) if i > 0 => Some(i as u32),
             _ => None,
         }
@@ -372,12 +377,8 @@ impl XdpRuntime {
     /// an operator's lift on another gateway: the denial is lifted here too. Returns whether it
     /// was applied.
     pub fn apply_shared(&self, d: &SharedDenial, metrics: &Metrics) -> bool {
-        let id = match self.names.lock() {
-            Ok(names) => match names.iter().position(|n| *n == d.domain) {
-                Some(i) if i > 0 => i as u32,
-                _ => return false,
-            },
-            Err(_) => return false,
+        let Some(id) = self.id_named(&d.domain) else {
+            return false;
         };
         // The learner keys sources as the listener reports them (IPv4, not `::ffff:a.b.c.d`).
         let source = d.source.to_canonical();
@@ -505,11 +506,8 @@ impl XdpRuntime {
 
     /// Whether `pattern` is a configured domain (as written in the config).
     pub fn has_domain(&self, pattern: &str) -> bool {
-        pattern != "-"
-            && self
-                .names
-                .lock()
-                .is_ok_and(|n| n.iter().any(|name| name == pattern))
+        // "-" (no domain, and ids no domain holds) is first, which `id_named` does not answer.
+        self.id_named(pattern).is_some()
     }
 
     /// Lifts here; `by` (`admin` or `fleet`) labels the count of lifted denials.
