@@ -676,18 +676,25 @@ async fn tls_from(
     leaf: &portcullis::pki::Leaf,
     alpn: &[u8],
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let tcp = sock
-        .connect(target)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let tcp = connect_from(source, target).await?;
     let cfg = support::client::tls_config(&pki.server_ca, Some(leaf), &[alpn]);
     let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
     tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: {e}"))
+}
+
+/// A TCP connection from the (namespace's) address `source`.
+async fn connect_from(
+    source: &str,
+    target: std::net::SocketAddr,
+) -> Result<tokio::net::TcpStream, String> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    sock.connect(target)
+        .await
+        .map_err(|e| format!("connect: {e}"))
 }
 
 /// A TLS client (caller `b`) from `source` whose ClientHello leaves in two TCP segments: the
@@ -751,12 +758,7 @@ async fn tls_split_hello_from(
     }
     use std::future::Future;
 
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let tcp = sock
-        .connect(target)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let tcp = connect_from(source, target).await?;
     tcp.set_nodelay(true).unwrap();
     let io = SplitFirst {
         tcp,
@@ -1848,12 +1850,7 @@ async fn reset_mode_holds_when_the_listener_answers_with_syn_cookies() {
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let attempt = async {
-                            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-                            sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
-                            let mut tcp = sock
-                                .connect(target)
-                                .await
-                                .map_err(|e| format!("connect: {e}"))?;
+                            let mut tcp = connect_from(&source, target).await?;
                             tcp.write_all(&hello)
                                 .await
                                 .map_err(|e| format!("write: {e}"))?;

@@ -37,19 +37,33 @@ async fn without_the_gate_the_daemon_takes_its_decisions() {
         .metrics()
         .contains("portcullis_xdp_attached{interface=\"pc-absent0\",mode=\"none\"} 0"));
 
+    // A connection to `host` as `leaf` ends after the ClientHello, with no TLS session, and
+    // is counted as a handshake with `result` on `domain`.
+    let refused = |host: &'static str, leaf, domain: &'static str, result: &'static str| {
+        let (gw, pki) = (&gw, &pki);
+        async move {
+            let tls = tls_connect(
+                gw.https(),
+                &pki.server_ca,
+                Some(host),
+                Some(leaf),
+                &[b"http/1.1"],
+            )
+            .await;
+            assert!(tls.is_err(), "a TLS session for {host}");
+            let sample = format!(
+                "portcullis_tls_handshakes_total{{domain=\"{domain}\",result=\"{result}\"}}"
+            );
+            gw.wait_metric(&sample, 1.0).await;
+        }
+    };
+
     // A domain's `allowed_sources` holds too: 127.0.0.1 is outside the fenced one's.
-    let fenced = tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some("a.fenced.identity"),
-        Some(&pki.a),
-        &[b"http/1.1"],
-    )
-    .await;
-    assert!(fenced.is_err(), "a TLS session outside the allow-list");
-    gw.wait_metric(
-        "portcullis_tls_handshakes_total{domain=\"*.fenced.identity\",result=\"not_allowed\"}",
-        1.0,
+    refused(
+        "a.fenced.identity",
+        &pki.a,
+        "*.fenced.identity",
+        "not_allowed",
     )
     .await;
 
@@ -66,20 +80,7 @@ async fn without_the_gate_the_daemon_takes_its_decisions() {
     assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 1.0);
 
     // Its next connection on that domain ends after the ClientHello, with no TLS session.
-    let refused = tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some("a.apps.identity"),
-        Some(&pki.b),
-        &[b"http/1.1"],
-    )
-    .await;
-    assert!(refused.is_err(), "a TLS session for a denied source");
-    gw.wait_metric(
-        "portcullis_tls_handshakes_total{domain=\"*.apps.identity\",result=\"denied\"}",
-        1.0,
-    )
-    .await;
+    refused("a.apps.identity", &pki.b, "*.apps.identity", "denied").await;
     // The denial is per domain: the same source still reaches the other one.
     let mut other = connect("a.other.identity").await.unwrap();
     assert_eq!(
