@@ -329,7 +329,6 @@ impl Gateway {
         if old.admin.as_ref().map(|a| a.listen) != config.admin.as_ref().map(|a| a.listen) {
             return Err(StartError::NeedsRestart("admin.listen"));
         }
-        warn_admin(&config);
         if old.nats.as_ref().map(|n| &n.servers) != config.nats.as_ref().map(|n| &n.servers) {
             return Err(StartError::NeedsRestart("nats"));
         }
@@ -341,6 +340,7 @@ impl Gateway {
         }
         let runtime = Runtime::build(config)?;
         let cfg = &runtime.config;
+        warn_admin(cfg);
         if let Some(x) = &self.state.xdp {
             if let Err(e) = x.sync(cfg) {
                 tracing::error!(error = %e, "XDP maps not updated");

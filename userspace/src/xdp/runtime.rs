@@ -193,7 +193,11 @@ impl XdpRuntime {
         // denial of such a source doubles on rather than starting again at `ttl`.
         let mut learner = Learner::new(xdp.deny_learning.clone());
         let (now_ns, now) = (monotonic_ns(), Instant::now());
-        for (id, addr, expiry) in gate.denials(now_ns)? {
+        let pinned = gate.denials(now_ns).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the pinned denials; they are enforced by the gate only");
+            Vec::new()
+        });
+        for (id, addr, expiry) in pinned {
             let left = std::time::Duration::from_nanos(expiry - now_ns);
             learner.restore(id, addr_ip(&addr), left, now);
         }
