@@ -26,7 +26,6 @@ use crate::proxy::{self, BackendPool, ConnCtx};
 use crate::registry::Registry;
 use crate::state::{Runtime, State};
 use crate::tls::{self, Alpn, TlsBuildError};
-use crate::xdp::Refusal;
 
 /// Why the gateway could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -473,17 +472,14 @@ async fn handshake(
     let deadline = rt.config.tls.handshake_timeout;
     // The gate's decision on the ClientHello's domain, taken again (see `XdpRuntime::refuses`).
     let config = &rt.config;
-    let refused = |p: &DomainPattern| match state.xdp.as_ref()?.refuses(config, p, client.ip())? {
-        Refusal::Denied => Some(tls::HandshakeFailure::Denied),
-        Refusal::NotAllowed => Some(tls::HandshakeFailure::NotAllowed),
-    };
+    let refuse = |p: &DomainPattern| state.xdp.as_ref()?.refuses(config, p, client.ip());
     let Some(ktls) = state.ktls.as_deref() else {
-        let accepted = tls::accept(tcp, &rt.tls, deadline, refused).await;
+        let accepted = tls::accept(tcp, &rt.tls, deadline, refuse).await;
         let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
         return Some((Box::new(stream), conn));
     };
     // The probe found every cipher suite the gateway offers supported by the kernel.
-    let accepted = tls::accept_kernel(tcp, &rt.tls, deadline, refused).await;
+    let accepted = tls::accept_kernel(tcp, &rt.tls, deadline, refuse).await;
     drop(rt);
     let (pending, mut conn) = handshake_done(state, accepted, client, "kernel")?;
     match pending.into_kernel(ktls) {

@@ -13,6 +13,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::TlsServer;
 use crate::identity::PeerCert;
 use crate::names::{normalize_host, DomainPattern};
+use crate::xdp::Refusal;
 
 /// What a connection's TLS handshake established.
 #[derive(Clone, Debug, Default)]
@@ -65,16 +66,13 @@ pub enum HandshakeFailure {
     Protocol(String),
     #[error("connection error: {0}")]
     Io(std::io::Error),
-    /// Deny learning (or the fleet) denied the source on the domain its ClientHello named: the
-    /// connection is closed before any cryptography. The XDP gate refuses such ClientHellos
-    /// before they reach the daemon; this catches those it passes unread (split across TCP
-    /// segments, as a post-quantum ClientHello on a 1,500-byte MTU is) and hosts without it.
-    #[error("the source is denied on this domain")]
-    Denied,
-    /// The source is outside the domain's `allowed_sources` (as for `Denied`, the gate's own
-    /// decision, taken by the daemon).
-    #[error("the source is outside the domain's allowed sources")]
-    NotAllowed,
+    /// The gate's decision, taken by the daemon on the domain the ClientHello named (outside
+    /// its `allowed_sources`, or denied on it): the connection is closed before any
+    /// cryptography. The XDP gate refuses such ClientHellos before they reach the daemon; this
+    /// catches those it passes unread (split across TCP segments, as a post-quantum ClientHello
+    /// on a 1,500-byte MTU is) and hosts without it.
+    #[error("refused before the handshake: {0:?}")]
+    Refused(Refusal),
 }
 
 impl HandshakeFailure {
@@ -90,8 +88,8 @@ impl HandshakeFailure {
             HandshakeFailure::BadCertificate(_) => "bad_certificate",
             HandshakeFailure::Protocol(_) => "protocol",
             HandshakeFailure::Io(_) => "io",
-            HandshakeFailure::Denied => "denied",
-            HandshakeFailure::NotAllowed => "not_allowed",
+            HandshakeFailure::Refused(Refusal::Denied) => "denied",
+            HandshakeFailure::Refused(Refusal::NotAllowed) => "not_allowed",
         }
     }
 
@@ -140,13 +138,12 @@ impl HandshakeFailure {
 /// Reads the ClientHello, selects the config for its SNI and completes the handshake within
 /// `deadline`. On failure, returns the mTLS pattern the SNI selected (for labels) with the reason.
 /// `refuse`: why the caller may not reach the mTLS domain its SNI selected, if it may not; the
-/// connection then ends right after the ClientHello ([`HandshakeFailure::Denied`],
-/// [`HandshakeFailure::NotAllowed`]).
+/// connection then ends right after the ClientHello ([`HandshakeFailure::Refused`]).
 pub async fn accept<IO: AsyncRead + AsyncWrite + AsRawFd + Unpin>(
     tcp: IO,
     server: &TlsServer,
     deadline: Duration,
-    refuse: impl Fn(&DomainPattern) -> Option<HandshakeFailure> + Sync,
+    refuse: impl Fn(&DomainPattern) -> Option<Refusal> + Sync,
 ) -> Result<Accepted<TlsStream<IO>>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
     let mut refused = None;
@@ -161,7 +158,7 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + AsRawFd + Unpin>(
         if let Some(why) = mtls.as_ref().and_then(&refuse) {
             // `start` owns the socket until it is dropped on return.
             reset_on_close(fd);
-            return Err(why);
+            return Err(HandshakeFailure::Refused(why));
         }
         let stream = match start.into_stream(config).into_fallible().await {
             Ok(stream) => stream,

@@ -26,6 +26,7 @@ use super::kernel::KernelTls;
 use super::kstream::{HandoffError, KernelStream};
 use super::TlsServer;
 use crate::names::{normalize_host, DomainPattern};
+use crate::xdp::Refusal;
 
 /// The largest record a peer may send: 2^14 bytes of plaintext plus the AEAD expansion RFC 8446
 /// allows (§5.2).
@@ -37,7 +38,7 @@ enum Stop {
     Tls(TlsError),
     Io(io::Error),
     /// The caller may not reach the domain its ClientHello named.
-    Refused(HandshakeFailure),
+    Refused(Refusal),
 }
 
 impl From<io::Error> for Stop {
@@ -55,7 +56,7 @@ impl From<Stop> for HandshakeFailure {
                 HandshakeFailure::Protocol(e.to_string())
             }
             Stop::Io(e) => HandshakeFailure::Io(e),
-            Stop::Refused(why) => why,
+            Stop::Refused(why) => HandshakeFailure::Refused(why),
         }
     }
 }
@@ -84,10 +85,10 @@ pub async fn accept_kernel(
     mut tcp: TcpStream,
     server: &TlsServer,
     deadline: Duration,
-    refused: impl Fn(&DomainPattern) -> Option<HandshakeFailure> + Sync,
+    refuse: impl Fn(&DomainPattern) -> Option<Refusal> + Sync,
 ) -> Result<Accepted<KernelPending>, (Option<DomainPattern>, HandshakeFailure)> {
     let mut pattern = None;
-    let handshake = server_handshake(&mut tcp, server, &mut pattern, &refused);
+    let handshake = server_handshake(&mut tcp, server, &mut pattern, &refuse);
     let res = tokio::time::timeout(deadline, handshake).await;
     match res {
         Ok(Ok((conn, early, info))) => Ok(Accepted {
@@ -111,7 +112,7 @@ async fn server_handshake(
     tcp: &mut TcpStream,
     server: &TlsServer,
     pattern: &mut Option<DomainPattern>,
-    refused: &(dyn Fn(&DomainPattern) -> Option<HandshakeFailure> + Sync),
+    refuse: &(dyn Fn(&DomainPattern) -> Option<Refusal> + Sync),
 ) -> Result<(UnbufferedServerConnection, Vec<u8>, ConnTls), Stop> {
     let mut incoming = Vec::new();
     let mut acceptor = Acceptor::default();
@@ -138,7 +139,7 @@ async fn server_handshake(
     let sni = accepted.client_hello().server_name().map(normalize_host);
     let (config, mtls) = server.select(sni.as_deref());
     *pattern = mtls.clone();
-    if let Some(why) = mtls.as_ref().and_then(refused) {
+    if let Some(why) = mtls.as_ref().and_then(refuse) {
         return Err(Stop::Refused(why));
     }
     // The connection that answers reads the same ClientHello records again.
@@ -163,7 +164,7 @@ pub async fn connect_kernel(
         Err(Stop::Io(e)) => return Err(e),
         Err(Stop::Tls(e)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
         // Only a server refuses a caller this way.
-        Err(Stop::Refused(why)) => return Err(io::Error::other(why)),
+        Err(Stop::Refused(why)) => return Err(io::Error::other(format!("refused: {why:?}"))),
     };
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()

@@ -551,13 +551,9 @@ impl XdpRuntime {
     /// Removes expired denials from the map and forgets quiet sources; updates the gauge.
     pub fn sweep(&self, metrics: &Metrics) {
         let now = Instant::now();
-        let learned = match self.learner.lock() {
-            Ok(mut l) => {
-                l.sweep(now);
-                l.denials(now).len()
-            }
-            Err(_) => return,
-        };
+        if let Ok(mut l) = self.learner.lock() {
+            l.sweep(now);
+        }
         match self.gate.lock().as_deref_mut() {
             Ok(Some(g)) => match g.sweep_denials(monotonic_ns()) {
                 Ok(live) => {
@@ -565,8 +561,11 @@ impl XdpRuntime {
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot sweep the DENY map"),
             },
+            // Without the gate, deny learning's own record is what is enforced.
             Ok(None) => {
-                metrics.xdp_deny_entries.set(learned as i64);
+                if let Ok(l) = self.learner.lock() {
+                    metrics.xdp_deny_entries.set(l.denials(now).len() as i64);
+                }
             }
             Err(_) => {}
         }
