@@ -10,7 +10,9 @@
 //! which on these two shared cores separates what the flood costs the gateway's machine from
 //! what it costs the caller. A third gated mode starts the rustls caller's loops spread over one
 //! retransmission period instead of together, to tell whether the allowed caller's tail comes from
-//! the loops arriving in step.
+//! the loops arriving in step; a fourth runs the replaying caller at idle priority, so that its
+//! own work yields to the gateway, the backend and the allowed caller as it would from another
+//! machine, while the kernel's work for its packets (the gate's included) is still done here.
 //!
 //! The last two modes are W5b's flood seen through the gate: the denied caller has a trusted
 //! certificate and a source inside the allow-list, and asks again and again on 64 keep-alive
@@ -18,20 +20,31 @@
 //! as it asks; with XDP deny learning denies its source after `threshold` refusals, the daemon
 //! ends its connections, and its reconnections meet the gate.
 //!
-//! Reported per mode: denied attempts per second absorbed, the daemon's CPU seconds (from
-//! `/proc/<pid>/stat`) per 1,000 denied attempts, and the allowed caller's p99 alone and during
-//! the flood. Needs root (namespaces, XDP) and the object from `cargo xtask build-ebpf`.
+//! Two modes put BENCH.md's rivals in portcullis' place, configured as in the side-by-side bench
+//! (`rivals/conf.rs`: nginx and HAProxy verifying the client certificate and answering 403 to any
+//! app but `app-a`), against the rustls caller: each must finish a TLS handshake per denied
+//! attempt. W5's target (the daemon's CPU per denied attempt at most 1/50 of the best rival's)
+//! is computed against them, round by round; they are left out when not installed (`cargo
+//! xtask bench` installs them).
+//!
+//! Reported per mode: denied attempts per second absorbed, the proxy's CPU seconds (from
+//! `/proc/<pid>/stat`, with a rival's worker processes) per 1,000 denied attempts, and the
+//! allowed caller's p99 alone and during the flood. Needs root (namespaces, XDP) and the object
+//! from `cargo xtask build-ebpf`.
 //!
 //! Each mode runs once per round, the rounds interleaved (BENCH.md); the table gives medians with
 //! their range over the rounds.
 //!
 //! `cargo bench -p portcullis --bench flood [-- --seconds N] [--rounds N]` (10 s, 3 rounds;
-//! `--quick`: 2 s, 1 round, without the spread-start control mode)
+//! `--quick`: 2 s, 1 round, without the two control modes)
 
+#[path = "rivals/conf.rs"]
+mod conf;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -67,74 +80,117 @@ enum Caller {
 /// W5b's concurrency (`oha -c 64`).
 const KEEP_ALIVE_CONNECTIONS: usize = 64;
 
-/// What stands in front of the daemon.
+/// What answers the callers.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Gate {
-    /// The XDP program, attached to the namespace's veth.
-    Attached,
-    /// XDP configured on an interface that does not exist: the daemon takes the gate's
-    /// decisions itself, once it has read each ClientHello.
-    Unavailable,
-    /// No `xdp` section.
-    Off,
+enum Front {
+    /// portcullis with the XDP program attached to the namespace's veth.
+    Xdp,
+    /// portcullis with XDP configured on an interface that does not exist: the daemon takes the
+    /// gate's decisions itself, once it has read each ClientHello.
+    GateUnavailable,
+    /// portcullis without an `xdp` section.
+    NoXdp,
+    /// A rival in portcullis' place, configured as in the side-by-side bench
+    /// (`rivals/conf.rs`): it finishes a TLS handshake and answers 403 for each denied attempt.
+    Nginx,
+    Haproxy,
+}
+
+impl Front {
+    fn rival(self) -> Option<&'static str> {
+        match self {
+            Front::Nginx => Some("nginx"),
+            Front::Haproxy => Some("haproxy"),
+            Front::Xdp | Front::GateUnavailable | Front::NoXdp => None,
+        }
+    }
 }
 
 struct Mode {
     name: &'static str,
-    gate: Gate,
+    front: Front,
     caller: Caller,
-    /// The flood's loops start spread over one retransmission period instead of together.
-    spread: bool,
+    /// A control experiment (left out by `--quick`), or the plain mode.
+    control: Option<Control>,
 }
 
-const MODES: [Mode; 8] = [
+/// What a control mode changes, to tell where the allowed caller's tail comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Control {
+    /// The flood's loops start spread over one retransmission period instead of together.
+    SpreadStart,
+    /// The flood's thread runs at idle priority (`SCHED_IDLE`): on these two shared cores the
+    /// caller's own work then yields to everything else, as it would if it ran on another
+    /// machine; what the kernel does for its packets (the gate included) is still done.
+    IdleCaller,
+}
+
+const MODES: [Mode; 11] = [
     Mode {
         name: "xdp",
-        gate: Gate::Attached,
+        front: Front::Xdp,
         caller: Caller::Tls,
-        spread: false,
+        control: None,
     },
     Mode {
         name: "xdp, replayed ClientHello",
-        gate: Gate::Attached,
+        front: Front::Xdp,
         caller: Caller::Replay,
-        spread: false,
+        control: None,
     },
     Mode {
         name: "xdp, loops started spread",
-        gate: Gate::Attached,
+        front: Front::Xdp,
         caller: Caller::Tls,
-        spread: true,
+        control: Some(Control::SpreadStart),
+    },
+    Mode {
+        name: "xdp, replayed ClientHello, caller at idle priority",
+        front: Front::Xdp,
+        caller: Caller::Replay,
+        control: Some(Control::IdleCaller),
     },
     Mode {
         name: "xdp, split ClientHello",
-        gate: Gate::Attached,
+        front: Front::Xdp,
         caller: Caller::ReplaySplit,
-        spread: false,
+        control: None,
     },
     Mode {
         name: "gate unavailable, refused in the daemon",
-        gate: Gate::Unavailable,
+        front: Front::GateUnavailable,
         caller: Caller::Tls,
-        spread: false,
+        control: None,
     },
     Mode {
         name: "no-xdp",
-        gate: Gate::Off,
+        front: Front::NoXdp,
         caller: Caller::Tls,
-        spread: false,
+        control: None,
+    },
+    Mode {
+        name: "nginx",
+        front: Front::Nginx,
+        caller: Caller::Tls,
+        control: None,
+    },
+    Mode {
+        name: "haproxy",
+        front: Front::Haproxy,
+        caller: Caller::Tls,
+        control: None,
     },
     Mode {
         name: "keep-alive 403s, xdp",
-        gate: Gate::Attached,
+        front: Front::Xdp,
         caller: Caller::KeepAlive,
-        spread: false,
+        control: None,
     },
     Mode {
         name: "keep-alive 403s, no-xdp",
-        gate: Gate::Off,
+        front: Front::NoXdp,
         caller: Caller::KeepAlive,
-        spread: false,
+        control: None,
     },
 ];
 
@@ -147,7 +203,7 @@ struct Outcome {
     attempts: u64,
     handshakes_refused: u64,
     seconds: f64,
-    daemon_cpu: f64,
+    proxy_cpu: f64,
     p99_alone: Duration,
     p99_flood: Duration,
     allowed_errors: u64,
@@ -160,7 +216,7 @@ fn main() {
             .nth(1)
             .and_then(|s| s.parse::<u64>().ok())
     };
-    // --quick (`cargo xtask bench --quick`): one round of 2 s, without the control mode.
+    // --quick (`cargo xtask bench --quick`): one round of 2 s, without the control modes.
     let quick = std::env::args().any(|a| a == "--quick");
     let seconds = arg("--seconds").unwrap_or(if quick { 2 } else { 10 });
     let rounds = arg("--rounds").unwrap_or(if quick { 1 } else { 3 }).max(1);
@@ -168,6 +224,8 @@ fn main() {
         eprintln!("flood bench: needs root and the XDP object (cargo xtask build-ebpf)");
         std::process::exit(1);
     }
+    // The rivals and the flood's 256 loops want more descriptors than the usual 1,024.
+    conf::raise_fd_limit();
     let ns = Netns::new(7);
     let pki = Arc::new(TestPki::new());
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -183,9 +241,18 @@ fn main() {
         only.as_deref()
             .is_none_or(|o| o.split(';').any(|n| n == m.name))
     };
+    let missing: Vec<&str> = MODES
+        .iter()
+        .filter_map(|m| m.front.rival())
+        .filter(|tool| conf::which(tool).is_none())
+        .collect();
+    for tool in &missing {
+        eprintln!("{tool} missing (`cargo xtask bench` installs it): its mode is left out");
+    }
+    let wanted = |m: &Mode| wanted(m) && m.front.rival().is_none_or(|t| !missing.contains(&t));
     for round in 1..=rounds {
         for (mode, out) in MODES.iter().zip(results.iter_mut()) {
-            if (quick && mode.spread) || !wanted(mode) {
+            if (quick && mode.control.is_some()) || !wanted(mode) {
                 continue;
             }
             eprintln!("round {round} of {rounds}: {}", mode.name);
@@ -195,7 +262,7 @@ fn main() {
     // /proc counts CPU in clock ticks: a daemon that used none is only known to have used less
     // than one tick, and is reported (and compared) as that bound.
     let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let per_1000 = |r: &Outcome| 1e6 * r.daemon_cpu.max(tick) / r.attempts.max(1) as f64;
+    let per_1000 = |r: &Outcome| 1e6 * r.proxy_cpu.max(tick) / r.attempts.max(1) as f64;
     let ratio = |r: &Outcome| r.p99_flood.as_secs_f64() / r.p99_alone.as_secs_f64().max(1e-9);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!();
@@ -203,7 +270,7 @@ fn main() {
         "W5, {rounds} interleaved round(s) of {seconds} s per mode: medians (min–max over rounds)"
     );
     println!();
-    println!("| mode | denied attempts/s | refused before TLS | daemon CPU ms per 1,000 denied | allowed p99 alone ms | allowed p99 during flood ms | during / alone | allowed errors |");
+    println!("| mode | denied attempts/s | refused before TLS | proxy CPU ms per 1,000 denied | allowed p99 alone ms | allowed p99 during flood ms | during / alone | allowed errors |");
     println!("|---|---|---|---|---|---|---|---|");
     for (mode, rs) in MODES.iter().zip(&results) {
         if rs.is_empty() {
@@ -213,7 +280,7 @@ fn main() {
             median_spread(rs.iter().map(f).collect(), digits)
         };
         // A daemon below one tick in any round is reported as the bound.
-        let under = rs.iter().any(|r| r.daemon_cpu < tick);
+        let under = rs.iter().any(|r| r.proxy_cpu < tick);
         println!(
             "| {} | {} | {}% | {}{} | {} | {} | {}x | {} |",
             mode.name,
@@ -247,6 +314,51 @@ fn main() {
         by("gate unavailable, refused in the daemon"),
     );
     let (ka_on, ka_off) = (by("keep-alive 403s, xdp"), by("keep-alive 403s, no-xdp"));
+    let (nginx, haproxy) = (by("nginx"), by("haproxy"));
+    let idle = by("xdp, replayed ClientHello, caller at idle priority");
+    let p99s = |rs: &[Outcome]| figure(rs.iter().map(ratio).collect(), 2, "x");
+    {
+        // BENCH.md's target is against the best rival of the same run, round by round: the
+        // rival that spent the least CPU per denied attempt in that round.
+        let best_rival: Vec<f64> = (0..nginx.len().max(haproxy.len()))
+            .map(|i| {
+                [nginx.get(i), haproxy.get(i)]
+                    .into_iter()
+                    .flatten()
+                    .map(per_1000)
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .collect();
+        // portcullis' CPU per denied attempt over the best rival's, round by round.
+        let vs_best = |rs: &[Outcome]| -> Vec<f64> {
+            rs.iter()
+                .zip(&best_rival)
+                .map(|(r, best)| per_1000(r) / best)
+                .collect()
+        };
+        let cpu = |rs: &[Outcome]| figure(rs.iter().map(per_1000).collect(), 1, " ms");
+        let with_xdp = {
+            let inverse: Vec<f64> = vs_best(on).iter().map(|x| 1.0 / x).collect();
+            let bound = if on.iter().any(|r| r.proxy_cpu < tick) {
+                "at most "
+            } else {
+                ""
+            };
+            if inverse.is_empty() {
+                "not run".to_string()
+            } else {
+                format!("{bound}1/{}", median_spread(inverse, 0))
+            }
+        };
+        println!(
+            "\nthe rivals' CPU per 1,000 denied attempts: nginx {}, HAProxy {}; portcullis' against the best rival of each round: {with_xdp} with XDP (target at most 1/50), {} without XDP; allowed p99 during/alone: nginx {}, HAProxy {}",
+            cpu(nginx),
+            cpu(haproxy),
+            figure(vs_best(off), 2, "x"),
+            p99s(nginx),
+            p99s(haproxy),
+        );
+    }
     {
         let cpu: Vec<f64> = on
             .iter()
@@ -254,49 +366,49 @@ fn main() {
             .map(|(on, off)| per_1000(off) / per_1000(on))
             .collect();
         println!(
-            "\ndaemon CPU per denied attempt, XDP off / on: {}{}x (target 50x); allowed p99 during/alone with XDP: {}x, replayed ClientHello {}x, loops started spread {} (target 1.2x)",
-            if on.iter().any(|r| r.daemon_cpu < tick) { "at least " } else { "" },
-            median_spread(cpu, 0),
-            median_spread(on.iter().map(ratio).collect(), 2),
-            median_spread(replayed.iter().map(ratio).collect(), 2),
-            if spread.is_empty() {
-                "not run".into()
-            } else {
-                median_spread(spread.iter().map(ratio).collect(), 2) + "x"
-            },
+            "daemon CPU per denied attempt, XDP off / on: {}{}; allowed p99 during/alone with XDP: {}, replayed ClientHello {}, loops started spread {}, replayed ClientHello with the caller at idle priority {} (target 1.2x)",
+            if on.iter().any(|r| r.proxy_cpu < tick) { "at least " } else { "" },
+            figure(cpu, 0, "x"),
+            p99s(on),
+            p99s(replayed),
+            p99s(spread),
+            p99s(idle),
         );
         // What the daemon pays for a refusal it takes itself (after reading the ClientHello)
         // against a full handshake and 403 (no-xdp), round by round.
         let against_off = |rs: &[Outcome]| {
-            median_spread(
-                rs.iter()
-                    .zip(off)
-                    .map(|(r, off)| per_1000(off) / per_1000(r))
-                    .collect(),
-                0,
-            )
+            let v = rs
+                .iter()
+                .zip(off)
+                .map(|(r, off)| per_1000(off) / per_1000(r));
+            figure(v.collect(), 0, "x")
         };
         println!(
-            "refused in the daemon after the ClientHello: daemon CPU per denied attempt {}x less than no-xdp's with the gate passing split ClientHellos, {}x less with the gate unavailable",
+            "refused in the daemon after the ClientHello: daemon CPU per denied attempt {} less than no-xdp's with the gate passing split ClientHellos, {} less with the gate unavailable",
             against_off(split),
             against_off(unavailable),
         );
         let busy = |rs: &[Outcome]| {
-            median_spread(
-                rs.iter()
-                    .map(|r| 100.0 * r.daemon_cpu / r.seconds.max(1e-9))
-                    .collect(),
-                1,
-            )
+            let v = rs.iter().map(|r| 100.0 * r.proxy_cpu / r.seconds.max(1e-9));
+            figure(v.collect(), 1, "%")
         };
         println!(
-            "W5b's keep-alive 403 flood: daemon busy {}% of a core with XDP (deny learning ends the connections), {}% without; allowed p99 during/alone {}x with XDP, {}x without (W5b target 2x)",
+            "W5b's keep-alive 403 flood: daemon busy {} of a core with XDP (deny learning ends the connections), {} without; allowed p99 during/alone {} with XDP, {} without (W5b target 2x)",
             busy(ka_on),
             busy(ka_off),
-            median_spread(ka_on.iter().map(ratio).collect(), 2),
-            median_spread(ka_off.iter().map(ratio).collect(), 2),
+            p99s(ka_on),
+            p99s(ka_off),
         );
     }
+}
+
+/// [`median_spread`] followed by `unit`, or "not run" for a mode left out (`FLOOD_MODES`, or a
+/// rival not installed).
+fn figure(v: Vec<f64>, digits: usize, unit: &str) -> String {
+    if v.is_empty() {
+        return "not run".into();
+    }
+    median_spread(v, digits) + unit
 }
 
 /// The median of `v` with its range, `m (lo–hi)`, or `m` alone for one value.
@@ -318,64 +430,47 @@ fn median_spread(mut v: Vec<f64>, digits: usize) -> String {
 fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u64) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path());
+    if mode.front.rival().is_some() {
+        // HAProxy takes its certificate and key from one file.
+        let pem = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        let combined = pem("server.pem") + &pem("server.key");
+        std::fs::write(dir.path().join("server-combined.pem"), combined).unwrap();
+    }
+    let target: SocketAddr = format!("{}:{PORT}", ns.host()).parse().unwrap();
     let pin = format!("/sys/fs/bpf/portcullis-flood-{}", std::process::id());
-    let iface = match mode.gate {
-        Gate::Attached => Some(ns.host_if.as_str()),
-        Gate::Unavailable => Some("pc-absent0"),
-        Gate::Off => None,
+    let command = match mode.front {
+        Front::Nginx => conf::nginx_front(target, backend, dir.path(), false),
+        Front::Haproxy => conf::haproxy(target, backend, dir.path()),
+        Front::Xdp | Front::GateUnavailable | Front::NoXdp => {
+            portcullis(ns, mode, &pin, dir.path(), backend)
+        }
     };
-    let xdp = iface.map_or(String::new(), |iface| {
-        format!(
-            "xdp: {{interfaces: [{iface}], ports: [{PORT}], reject: reset, pin_path: \"{pin}\", detach_on_exit: true}}\n"
-        )
-    });
-    // W5 keeps the denied caller out by the allow-list; W5b's denied caller is inside it (its
-    // connections are refused only by the route's policy, and then by deny learning).
-    let allowed = if mode.caller == Caller::KeepAlive {
-        String::new()
-    } else {
-        format!(
-            "    allowed_sources: {{cidrs: [\"{}/32\"]}}\n",
-            ns.client(3)
-        )
-    };
-    let yaml = format!(
-        "listen: {{https: \"{host}:{PORT}\"}}\n\
-         tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}], ktls: off}}\n\
-         access_log: {{path: access.log}}\n\
-         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n{allowed}\
-         {xdp}\
-         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
-        host = ns.host(),
-        bport = backend.port(),
-    );
-    let path = dir.path().join("portcullis.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let mut daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["run", "--config"])
-            .arg(&path)
+    let mut proxy = Proxy(
+        { command }
             .current_dir(dir.path())
-            .env("PORTCULLIS_LOG", "warn,rustls=error")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("portcullis binary"),
+            .expect("the proxy starts"),
     );
-    let target: SocketAddr = format!("{}:{PORT}", ns.host()).parse().unwrap();
     let started = Instant::now();
     while std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_err() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "daemon did not listen"
+            "{} did not listen",
+            mode.name
         );
-        assert!(daemon.0.try_wait().unwrap().is_none(), "daemon exited");
+        assert!(
+            proxy.0.try_wait().unwrap().is_none(),
+            "{} exited",
+            mode.name
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let pid = daemon.0.id();
+    let pid = proxy.0.id();
 
     // The allowed caller alone for `secs / 2`; then the flood alone for `secs` (attempts and
-    // daemon CPU are measured over this phase only); then both for `secs / 2` (allowed p99 during
+    // proxy CPU are measured over this phase only); then both for `secs / 2` (allowed p99 during
     // the flood); then the allowed caller alone again for `secs / 2`. Both alone phases count
     // towards the p99 alone, so that a drift of the machine over the run (its tail latency moves
     // by milliseconds between minutes here) does not land on one side of the ratio only.
@@ -389,12 +484,18 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
             (stop.clone(), attempts.clone(), refused.clone(), pki.clone());
         let source = ns.client(2);
         let path = format!("/var/run/netns/{}", ns.name);
-        let (caller, spread) = (mode.caller, mode.spread);
+        let (caller, control) = (mode.caller, mode.control);
         std::thread::spawn(move || {
             in_netns(&path);
+            if control == Some(Control::IdleCaller) {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: this thread only (0), with a valid parameter for SCHED_IDLE.
+                let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                assert_eq!(r, 0, "SCHED_IDLE: {}", std::io::Error::last_os_error());
+            }
             flood_caller(
                 caller,
-                spread,
+                control == Some(Control::SpreadStart),
                 Flood {
                     source,
                     target,
@@ -427,7 +528,7 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
     flood.join().unwrap();
     let (after, _) = allowed_caller(ns, pki.clone(), target, half);
     alone.extend(after);
-    daemon.stop();
+    proxy.stop();
     let _ = std::fs::remove_dir_all(&pin);
     eprintln!(
         "{}: allowed caller latency alone {}; during the flood {}",
@@ -439,23 +540,65 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
         attempts: a1 - a0,
         handshakes_refused: r1 - r0,
         seconds: elapsed,
-        daemon_cpu: cpu,
+        proxy_cpu: cpu,
         p99_alone: p99(alone),
         p99_flood: p99(during),
         allowed_errors: errors,
     };
     eprintln!(
-        "{}: {} denied attempts in {elapsed:.1} s, daemon CPU {cpu:.2} s",
+        "{}: {} denied attempts in {elapsed:.1} s, proxy CPU {cpu:.2} s",
         mode.name, out.attempts
     );
     out
 }
 
-struct Daemon(Child);
+/// portcullis for `mode`, its config written to `d` (which holds the test PKI's files).
+fn portcullis(ns: &Netns, mode: &Mode, pin: &str, d: &Path, backend: SocketAddr) -> Command {
+    let iface = match mode.front {
+        Front::Xdp => Some(ns.host_if.as_str()),
+        Front::GateUnavailable => Some("pc-absent0"),
+        _ => None,
+    };
+    let xdp = iface.map_or(String::new(), |iface| {
+        format!(
+            "xdp: {{interfaces: [{iface}], ports: [{PORT}], reject: reset, pin_path: \"{pin}\", detach_on_exit: true}}\n"
+        )
+    });
+    // W5 keeps the denied caller out by the allow-list; W5b's denied caller is inside it (its
+    // connections are refused only by the route's policy, and then by deny learning).
+    let allowed = if mode.caller == Caller::KeepAlive {
+        String::new()
+    } else {
+        format!(
+            "    allowed_sources: {{cidrs: [\"{}/32\"]}}\n",
+            ns.client(3)
+        )
+    };
+    let yaml = format!(
+        "listen: {{https: \"{host}:{PORT}\"}}\n\
+         tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}], ktls: off}}\n\
+         access_log: {{path: access.log}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n{allowed}\
+         {xdp}\
+         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
+        host = ns.host(),
+        bport = backend.port(),
+    );
+    let path = d.join("portcullis.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    c.args(["run", "--config"])
+        .arg(&path)
+        .env("PORTCULLIS_LOG", "warn,rustls=error");
+    c
+}
 
-impl Daemon {
+/// The proxy under test: portcullis or a rival.
+struct Proxy(Child);
+
+impl Proxy {
     fn stop(&mut self) {
-        // SIGTERM: the daemon detaches (detach_on_exit) and exits.
+        // SIGTERM: portcullis detaches (detach_on_exit) and exits; nginx and HAProxy stop.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         for _ in 0..100 {
             if self.0.try_wait().ok().flatten().is_some() {
@@ -468,7 +611,7 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
+impl Drop for Proxy {
     fn drop(&mut self) {
         if self.0.try_wait().ok().flatten().is_none() {
             let _ = self.0.kill();
@@ -477,12 +620,19 @@ impl Drop for Daemon {
     }
 }
 
-/// utime + stime of a process, in seconds.
+/// utime + stime of a process and its descendants alive now (a rival's master and workers), in
+/// seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let one = |pid: u32| {
+        // A process that ended since it was listed counts nothing.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let ticks: u64 = conf::process_tree(pid).into_iter().map(one).sum();
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
@@ -653,9 +803,16 @@ fn flood_caller(caller: Caller, spread: bool, f: Flood) {
     });
 }
 
-/// A TCP connection from the flood's source address.
+/// A TCP connection from the flood's source address. Closed with a RST (`SO_LINGER` 0), as a
+/// flooding tool would: a FIN would leave each of its ports in `TIME_WAIT` for 60 s, and a mode
+/// that completes thousands of connections a second (no-xdp, the rivals) would run the next
+/// modes out of the source address's ~28,000 ephemeral ports.
 async fn tcp_from(f: &Flood) -> Option<tokio::net::TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    // tokio deprecates `set_linger` because a lingering close blocks the thread; a zero linger
+    // does not wait, it resets at once.
+    #[allow(deprecated)]
+    sock.set_linger(Some(Duration::ZERO)).ok()?;
     sock.bind(format!("{}:0", f.source).parse().unwrap()).ok()?;
     sock.connect(f.target).await.ok()
 }

@@ -11,14 +11,19 @@
 //! valgrind (Debian) and oha (crates.io) first.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis::pki::{Attr, Ca, Validity};
 
+#[path = "rivals/conf.rs"]
+mod conf;
 #[path = "rivals/instructions.rs"]
 mod instructions;
+
+use conf::{nginx, raise_fd_limit, which};
 
 const BACKEND: u16 = 18080;
 const PROXIES: &[(&str, u16)] = &[("portcullis", 19443), ("nginx", 19444), ("haproxy", 19445)];
@@ -214,31 +219,6 @@ fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
             );
         }
     }
-}
-
-/// Lets this process (and the proxies it starts) hold the idle connections of M: the soft
-/// limit up to the hard one.
-fn raise_fd_limit() {
-    let mut want = nofile();
-    want.rlim_cur = want.rlim_max;
-    // SAFETY: plain setrlimit with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
-        eprintln!(
-            "cannot raise RLIMIT_NOFILE: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// This process's descriptor limits (inherited by the proxies it starts).
-fn nofile() -> libc::rlimit {
-    let mut have = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit into a valid struct.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut have) };
-    have
 }
 
 /// Resident memory of a process and its descendants, KiB.
@@ -776,14 +756,6 @@ fn output(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(tool))
-            .find(|f| f.exists())
-    })
-}
-
 /// A proxy (or the backend) under test, with every process it forks counted for CPU.
 struct Proc {
     child: Child,
@@ -824,19 +796,7 @@ impl Proc {
 
     /// The process and its descendants.
     fn pids(&self) -> Vec<u32> {
-        let mut pids = vec![self.child.id()];
-        let mut i = 0;
-        while i < pids.len() {
-            let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", pids[i]))
-                .unwrap_or_default();
-            pids.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-            i += 1;
-        }
-        pids
+        conf::process_tree(self.child.id())
     }
 }
 
@@ -937,20 +897,6 @@ fn pki(d: &Path) {
     }
 }
 
-fn nginx(name: &str, d: &Path, conf: &str) -> Command {
-    let prefix = d.join(format!("nginx-{name}"));
-    std::fs::create_dir_all(prefix.join("logs")).unwrap();
-    let path = prefix.join("nginx.conf");
-    std::fs::write(&path, conf).unwrap();
-    let mut c = Command::new("nginx");
-    c.arg("-p")
-        .arg(&prefix)
-        .arg("-c")
-        .arg(&path)
-        .args(["-g", "daemon off;"]);
-    c
-}
-
 fn backend_conf(d: &Path) -> String {
     format!(
         "worker_processes 1;\nerror_log stderr error;\npid backend.pid;\nevents {{ worker_connections 4096; }}\n\
@@ -969,6 +915,8 @@ fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
 /// under callgrind, whose control pipe an nginx worker can only open if it keeps root's identity.
 fn proxy_command(proxy: &str, port: u16, d: &Path, counted: bool) -> Command {
     let dd = d.display();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let backend = SocketAddr::from(([127, 0, 0, 1], BACKEND));
     match proxy {
         "portcullis" => {
             let conf = format!(
@@ -991,41 +939,7 @@ fn proxy_command(proxy: &str, port: u16, d: &Path, counted: bool) -> Command {
                 .env("PORTCULLIS_LOG", "warn,rustls=error");
             c
         }
-        "nginx" => {
-            // mTLS on the identity name, server-only TLS for the plain one (same port, by SNI).
-            let conf = format!(
-                "{user}worker_processes 2;\nerror_log stderr error;\npid front.pid;\nevents {{ worker_connections 16384; }}\n\
-                 http {{ access_log {dd}/nginx-access.log; keepalive_requests 1000000;\n  \
-                 upstream backend {{ server 127.0.0.1:{BACKEND}; keepalive 64; }}\n  \
-                 map $ssl_client_s_dn $denied {{ ~OU=app:app-a(,|\\+|$) 0; default 1; }}\n  \
-                 ssl_certificate {dd}/server.pem; ssl_certificate_key {dd}/server.key; ssl_session_tickets off; ssl_session_cache off;\n  \
-                 server {{ listen 127.0.0.1:{port} ssl http2; server_name a.apps.identity;\n    \
-                 ssl_client_certificate {dd}/identity-ca.pem; ssl_verify_client on; ssl_verify_depth 3;\n    \
-                 location / {{ if ($denied) {{ return 403; }} proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n  \
-                 server {{ listen 127.0.0.1:{port} ssl http2 default_server; server_name a.apps.plain;\n    \
-                 location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
-                user = if counted { "user root root;\n" } else { "" },
-            );
-            nginx("front", d, &conf)
-        }
-        _ => {
-            // HAProxy wants two descriptors per connection and refuses to start when the
-            // limit cannot hold its maxconn.
-            let maxconn = nofile().rlim_cur.saturating_sub(200) / 2;
-            let conf = format!(
-                "global\n  nbthread 2\n  maxconn {maxconn}\n  tune.ssl.default-dh-param 2048\n\
-                 defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  log stdout format raw local0 info\n  option httplog\n\
-                 frontend fe\n  bind 127.0.0.1:{port} ssl crt {dd}/server-combined.pem ca-file {dd}/identity-ca.pem verify optional alpn h2,http/1.1 no-tls-tickets\n  \
-                 http-request deny deny_status 403 if {{ ssl_fc_sni -i a.apps.identity }} !{{ ssl_c_used }}\n  \
-                 http-request deny deny_status 403 if {{ ssl_fc_sni -i a.apps.identity }} !{{ ssl_c_s_dn -m reg OU=app:app-a(,|\\+|/|$) }}\n  \
-                 default_backend be\n\
-                 backend be\n  http-reuse always\n  server b 127.0.0.1:{BACKEND}\n"
-            );
-            let path = d.join("haproxy.cfg");
-            std::fs::write(&path, conf).unwrap();
-            let mut c = Command::new("haproxy");
-            c.arg("-f").arg(path).arg("-db");
-            c
-        }
+        "nginx" => conf::nginx_front(listen, backend, d, counted),
+        _ => conf::haproxy(listen, backend, d),
     }
 }
