@@ -90,9 +90,10 @@ enum Front {
     GateUnavailable,
     /// portcullis without an `xdp` section.
     NoXdp,
-    /// A rival in portcullis' place, configured as in the side-by-side bench
-    /// (`rivals/conf.rs`): it finishes a TLS handshake and answers 403 for each denied attempt.
+    /// nginx in portcullis' place, configured as in the side-by-side bench (`rivals/conf.rs`):
+    /// it finishes a TLS handshake and answers 403 for each denied attempt.
     Nginx,
+    /// HAProxy in portcullis' place, as nginx above.
     Haproxy,
 }
 
@@ -337,18 +338,15 @@ fn main() {
                 .collect()
         };
         let cpu = |rs: &[Outcome]| figure(rs.iter().map(per_1000).collect(), 1, " ms");
-        let with_xdp = {
-            let inverse: Vec<f64> = vs_best(on).iter().map(|x| 1.0 / x).collect();
-            let bound = if on.iter().any(|r| r.proxy_cpu < tick) {
-                "at most "
-            } else {
-                ""
-            };
-            if inverse.is_empty() {
-                "not run".to_string()
-            } else {
-                format!("{bound}1/{}", median_spread(inverse, 0))
-            }
+        let inverse: Vec<f64> = vs_best(on).iter().map(|x| 1.0 / x).collect();
+        let bound = if on.iter().any(|r| r.proxy_cpu < tick) {
+            "at most "
+        } else {
+            ""
+        };
+        let with_xdp = match inverse.is_empty() {
+            true => "not run".to_string(),
+            false => format!("{bound}1/{}", median_spread(inverse, 0)),
         };
         println!(
             "\nthe rivals' CPU per 1,000 denied attempts: nginx {}, HAProxy {}; portcullis' against the best rival of each round: {with_xdp} with XDP (target at most 1/50), {} without XDP; allowed p99 during/alone: nginx {}, HAProxy {}",
@@ -430,15 +428,9 @@ fn median_spread(mut v: Vec<f64>, digits: usize) -> String {
 fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u64) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path());
-    if mode.front.rival().is_some() {
-        // HAProxy takes its certificate and key from one file.
-        let pem = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
-        let combined = pem("server.pem") + &pem("server.key");
-        std::fs::write(dir.path().join("server-combined.pem"), combined).unwrap();
-    }
     let target: SocketAddr = format!("{}:{PORT}", ns.host()).parse().unwrap();
     let pin = format!("/sys/fs/bpf/portcullis-flood-{}", std::process::id());
-    let command = match mode.front {
+    let mut command = match mode.front {
         Front::Nginx => conf::nginx_front(target, backend, dir.path(), false),
         Front::Haproxy => conf::haproxy(target, backend, dir.path()),
         Front::Xdp | Front::GateUnavailable | Front::NoXdp => {
@@ -446,7 +438,7 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
         }
     };
     let mut proxy = Proxy(
-        { command }
+        command
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -865,11 +865,6 @@ fn pki(d: &Path) {
     std::fs::write(d.join("server.pem"), &server.chain_pem).unwrap();
     std::fs::write(d.join("server-ca.pem"), &server_ca.cert_pem).unwrap();
     std::fs::write(d.join("server.key"), &server.key_pem).unwrap();
-    std::fs::write(
-        d.join("server-combined.pem"),
-        format!("{}{}", server.chain_pem, server.key_pem),
-    )
-    .unwrap();
     let root = Ca::root("instance identity root").unwrap();
     let inter = root.intermediate("instanceIdentityCA").unwrap();
     std::fs::write(

@@ -2,8 +2,8 @@
 //! identity CA, let only app `app-a`'s Subject OU through, 403 otherwise, keep-alive to the
 //! backend), shared by the side-by-side bench (`rivals.rs`) and W5's flood (`flood.rs`).
 //!
-//! The folder `d` holds `server.pem`, `server.key`, `server-combined.pem` (chain then key, for
-//! HAProxy) and `identity-ca.pem`; callers present their intermediate in their chain.
+//! The folder `d` holds `server.pem`, `server.key` and `identity-ca.pem`; callers present their
+//! intermediate in their chain.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,13 @@ pub fn haproxy(listen: SocketAddr, backend: SocketAddr, d: &Path) -> Command {
     // HAProxy wants two descriptors per connection and refuses to start when the limit cannot
     // hold its maxconn.
     let maxconn = nofile().rlim_cur.saturating_sub(200) / 2;
+    // HAProxy takes its certificate chain and key from one file.
+    let pem = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    std::fs::write(
+        d.join("server-combined.pem"),
+        pem("server.pem") + &pem("server.key"),
+    )
+    .unwrap();
     let conf = format!(
         "global\n  nbthread 2\n  maxconn {maxconn}\n  tune.ssl.default-dh-param 2048\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  log stdout format raw local0 info\n  option httplog\n\
