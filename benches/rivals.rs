@@ -1,7 +1,9 @@
 //! BENCH.md's workloads, portcullis side by side with nginx and HAProxy doing the same job, on
-//! this machine, in the same run, driven by the same load generator. Rounds are interleaved
-//! (portcullis, nginx, HAProxy, portcullis, …) and medians reported with min–max, ratios to the
-//! best rival, and the proxy's CPU per unit of work (from `/proc/<pid>/stat`, all its processes).
+//! this machine, in the same run, driven by the same load generator. In each round the three
+//! proxies run side by side and every workload goes to each of them in turn (the order rotating),
+//! so the figures a ratio compares are taken within a minute of each other; medians of the rounds
+//! are reported with min–max, ratios to the best rival, and the proxy's CPU per unit of work
+//! (from `/proc/<pid>/stat`, all its processes).
 //!
 //! After the timed rounds each proxy runs once more under callgrind, which counts the userspace
 //! instructions one request costs (see `rivals/instructions.rs`): a figure this VM's drift does
@@ -97,7 +99,7 @@ fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (rounds, secs) = if quick { (1, 3) } else { (3, 10) };
+    let (rounds, secs) = if quick { (1, 3) } else { (5, 10) };
     raise_fd_limit();
     for tool in [
         "oha",
@@ -124,14 +126,27 @@ fn main() {
         std::env::var(var).map_or(true, |v| v.split(',').any(|x| x == name))
     };
     let mut results: BTreeMap<(&str, &str), Vec<Sample>> = BTreeMap::new();
+    let proxies: Vec<(&str, u16)> = PROXIES
+        .iter()
+        .copied()
+        .filter(|(proxy, _)| only("RIVALS_PROXIES", proxy))
+        .collect();
     for round in 0..rounds {
-        for &(proxy, port) in PROXIES {
-            if !only("RIVALS_PROXIES", proxy) {
-                continue;
-            }
-            let p = start_proxy(proxy, port, d);
-            if only("RIVALS_WORKLOADS", "M") {
-                let (kib, kept) = idle_memory(port, d, IDLE_CONNECTIONS, &p);
+        // Every proxy runs, fresh, for the whole round, and each workload visits them one after
+        // another: the three figures a ratio compares are taken within a minute of each other.
+        // (Proxy by proxy, a workload's figures were minutes apart, and this VM's speed moves
+        // ±30% from one minute to the next.) The order turns with the round and the workload, so
+        // no proxy always goes first.
+        let running: Vec<Proc> = proxies
+            .iter()
+            .map(|&(proxy, port)| start_proxy(proxy, port, d))
+            .collect();
+        let n = proxies.len();
+        let turn = |k: usize| (0..n).map(move |i| (i + k) % n);
+        if only("RIVALS_WORKLOADS", "M") {
+            for i in turn(round) {
+                let (proxy, port) = proxies[i];
+                let (kib, kept) = idle_memory(port, d, IDLE_CONNECTIONS, &running[i]);
                 eprintln!(
                     "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection, \
                      {kept:.1} still resident {}s after they closed",
@@ -145,19 +160,23 @@ fn main() {
                     });
                 }
             }
-            // RIVALS_HOLD=<seconds>: time to attach a profiler before the workloads start.
-            if let Some(hold) = std::env::var("RIVALS_HOLD")
-                .ok()
-                .and_then(|h| h.parse().ok())
-            {
-                eprintln!(
-                    "{proxy} runs as pid {} on port {port}; RIVALS_HOLD: waiting {hold} s",
-                    p.child.id()
-                );
-                std::thread::sleep(Duration::from_secs(hold));
+        }
+        // RIVALS_HOLD=<seconds>: time to attach a profiler before the workloads start.
+        if let Some(hold) = std::env::var("RIVALS_HOLD")
+            .ok()
+            .and_then(|h| h.parse().ok())
+        {
+            for (&(proxy, port), p) in proxies.iter().zip(&running) {
+                eprintln!("{proxy} runs as pid {} on port {port}", p.child.id());
             }
-            for w in WORKLOADS.iter().filter(|w| only("RIVALS_WORKLOADS", w.id)) {
-                let s = measure(w, port, d, secs, &p);
+            eprintln!("RIVALS_HOLD: waiting {hold} s");
+            std::thread::sleep(Duration::from_secs(hold));
+        }
+        let workloads = WORKLOADS.iter().filter(|w| only("RIVALS_WORKLOADS", w.id));
+        for (k, w) in workloads.enumerate() {
+            for i in turn(round + k) {
+                let (proxy, port) = proxies[i];
+                let s = measure(w, port, d, secs, &running[i]);
                 eprintln!(
                     "round {} {proxy:>10} {:>5}: {:>10.0}/s p99 {:>7} cpu {:>8.1} µs/{} \
                      (kernel {:.1})",
@@ -178,7 +197,7 @@ fn main() {
     if only("RIVALS_WORKLOADS", "M") {
         report_memory(&results, IDLE_CONNECTIONS);
     }
-    report_targets(&meds);
+    report_targets(&meds, &results);
     // Table I adds about 45 s; `--quick` (kept under 3 minutes in all) counts only when asked.
     let named = std::env::var_os("RIVALS_WORKLOADS").is_some();
     if only("RIVALS_WORKLOADS", "I") && (named || !quick) {
@@ -380,7 +399,8 @@ const RIVALS: [&str; 2] = ["nginx", "haproxy"];
 
 fn report(meds: &Medianed, rounds: usize, secs: u64) {
     println!(
-        "\n{} round(s) of {secs} s per workload and proxy, interleaved; medians (min–max).\n",
+        "\n{} round(s) of {secs} s per workload and proxy, the proxies taking turns within each \
+         workload; medians (min–max).\n",
         rounds
     );
     println!("| workload | proxy | rate /s | p99 ms | proxy CPU µs per unit | of which kernel | rate vs best rival | CPU vs best rival |");
@@ -514,7 +534,7 @@ const TARGETS: &[Target] = &[
 
 /// BENCH.md's targets table: portcullis against each rival and the best of them, and whether
 /// the target is met in this run.
-fn report_targets(meds: &Medianed) {
+fn report_targets(meds: &Medianed, results: &BTreeMap<(&str, &str), Vec<Sample>>) {
     let figure = |t: &Target, proxy: &str| {
         meds.get(&(t.workload, proxy))
             .and_then(t.value)
@@ -528,20 +548,40 @@ fn report_targets(meds: &Medianed) {
     if rows.is_empty() {
         return;
     }
+    // The same ratio round by round: each round's figures were taken minutes apart at most, so
+    // its ratio is the least moved by the machine's drift.
+    let in_round = |t: &Target, proxy: &str, round: usize| {
+        let s = *results.get(&(t.workload, proxy))?.get(round)?;
+        (t.value)(&medians(&[s])).filter(|v| *v > 0.0)
+    };
+    let per_round = |t: &Target| {
+        let rounds = results.get(&(t.workload, "portcullis")).map_or(0, Vec::len);
+        let ratios: Vec<String> = (0..rounds)
+            .filter_map(|k| {
+                let ours = in_round(t, "portcullis", k)?;
+                let best = best_of(RIVALS.iter().filter_map(|r| in_round(t, r, k)), t.higher);
+                best.is_finite().then(|| format!("{:.2}", ours / best))
+            })
+            .collect();
+        ratios.join(" / ")
+    };
     println!("\nportcullis against each rival, and BENCH.md's targets (ratios of medians)\n");
-    println!("| workload | figure | vs nginx | vs haproxy | vs best rival | target | this run |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| workload | figure | vs nginx | vs haproxy | vs best rival | round by round | target | this run |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (t, ours) in rows {
         let best = best_of(RIVALS.iter().filter_map(|r| figure(t, r)), t.higher);
         let r = ours / best;
         let met = if t.higher { r >= t.bound } else { r <= t.bound };
         let vs = |rival| figure(t, rival).map_or("-".into(), |v| format!("{:.2}×", ours / v));
         println!(
-            "| {} | {} | {} | {} | {r:.2}× | {} {:.1}× | {} |",
+            "| {} | {} | {} | {} | {r:.2}× | {} | {} {:.1}× | {} |",
             t.workload,
             t.figure,
             vs("nginx"),
             vs("haproxy"),
+            per_round(t),
             if t.higher { "≥" } else { "≤" },
             t.bound,
             if met { "met" } else { "missed" }

@@ -125,9 +125,13 @@ fn start_counted(proxy: &str, port: u16, d: &Path) -> Proc {
         .arg(format!(
             "--log-file={}/valgrind.{proxy}.%p.log",
             d.display()
-        ))
-        .arg(inner.get_program())
-        .args(inner.get_args());
+        ));
+    if std::env::var_os("RIVALS_CALLGRIND_KEEP").is_some() {
+        // A later dump names a function by the number an earlier one gave it, which
+        // callgrind_annotate cannot follow in a kept dump on its own: write the names out.
+        c.args(["--compress-strings=no", "--compress-pos=no"]);
+    }
+    c.arg(inner.get_program()).args(inner.get_args());
     for (k, v) in inner.get_envs() {
         match v {
             Some(v) => c.env(k, v),
