@@ -399,6 +399,10 @@ const RIVALS: [&str; 2] = ["nginx", "haproxy"];
 
 fn report(meds: &Medianed, rounds: usize, secs: u64) {
     println!(
+        "\nportcullis binary: {}",
+        Path::new(&portcullis_bin()).display()
+    );
+    println!(
         "\n{} round(s) of {secs} s per workload and proxy, the proxies taking turns within each \
          workload; medians (min–max).\n",
         rounds
@@ -942,6 +946,13 @@ fn backend_conf(d: &Path) -> String {
     )
 }
 
+/// The portcullis binary measured: `RIVALS_PORTCULLIS_BIN` (`cargo xtask bench` passes the
+/// profile-guided build; another build for an A/B comparison), else this package's release build.
+fn portcullis_bin() -> std::ffi::OsString {
+    std::env::var_os("RIVALS_PORTCULLIS_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_portcullis").into())
+}
+
 fn start_proxy(proxy: &str, port: u16, d: &Path) -> Proc {
     Proc::start(proxy_command(proxy, port, d, false), &[port])
 }
@@ -965,10 +976,7 @@ fn proxy_command(proxy: &str, port: u16, d: &Path, counted: bool) -> Command {
             );
             let path = d.join("portcullis.yaml");
             std::fs::write(&path, conf).unwrap();
-            // RIVALS_PORTCULLIS_BIN: another build of portcullis, for an A/B comparison.
-            let bin = std::env::var_os("RIVALS_PORTCULLIS_BIN")
-                .unwrap_or_else(|| env!("CARGO_BIN_EXE_portcullis").into());
-            let mut c = Command::new(bin);
+            let mut c = Command::new(portcullis_bin());
             c.args(["run", "--config"])
                 .arg(path)
                 .env("PORTCULLIS_LOG", "warn,rustls=error");

@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod pgo;
 mod vm;
 
 #[derive(Parser)]
@@ -23,11 +24,16 @@ enum Task {
     Build,
     /// Build the XDP program (installs rust-src, LLVM 22 and bpf-linker when missing).
     BuildEbpf,
+    /// Build the release binary with profile-guided optimisation: an instrumented build serves
+    /// a training mix of traffic, then the final build uses its profile
+    /// (`target/pgo/<host>/release/portcullis`; installs rustup's llvm-tools).
+    BuildPgo,
     /// Everything CI checks: prerequisites, `cargo fmt --check`, clippy -D warnings, all tests.
     Test,
     /// Benchmarks: micro-benchmarks, the registry at 100,000 routes, and (as root) the XDP
     /// per-packet costs, the W5 flood in namespaces and BENCH.md's workloads against nginx and
-    /// HAProxy (installed from Debian, with wrk, h2load and oha).
+    /// HAProxy (installed from Debian, with wrk, h2load and oha), portcullis built by
+    /// `build-pgo`.
     Bench {
         /// A short pass (one round of 3 s per workload, 2 s per flood mode) for use during
         /// development.
@@ -334,7 +340,18 @@ fn bench(quick: bool) -> Result<()> {
     } else {
         eprintln!("not root: skipping the XDP and flood benchmarks");
     }
-    bench("rivals", if quick { &["--quick"] } else { &[] })
+    // The rivals face the build an operator should run: the profile-guided one (`build-pgo`),
+    // unless RIVALS_PORTCULLIS_BIN names another.
+    let mut rivals = cargo();
+    rivals.args(["bench", "-p", "portcullis", "--bench", "rivals", "--"]);
+    if quick {
+        rivals.arg("--quick");
+    }
+    if std::env::var_os("RIVALS_PORTCULLIS_BIN").is_none() {
+        let optimised = std::env::current_dir()?.join(pgo::build()?);
+        rivals.env("RIVALS_PORTCULLIS_BIN", optimised);
+    }
+    run(&mut rivals)
 }
 
 /// `apt-get install` (after an index update) of Debian packages.
@@ -362,6 +379,10 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "portcullis"]))
         }
         Task::BuildEbpf => build_ebpf(),
+        Task::BuildPgo => {
+            build_ebpf()?;
+            pgo::build().map(|_| ())
+        }
         Task::Test => {
             deps()?;
             build_ebpf()?;
