@@ -141,6 +141,9 @@ impl Mix {
     }
 }
 
+/// How long a training pass may take (the full mix takes about 15 s on 2 cores).
+const TRAINING_LIMIT: Duration = Duration::from_secs(600);
+
 /// Runs `bin` on the demo's configuration, sends it `mix`, stops it with SIGTERM (the profile is
 /// written as it exits) and returns the number of requests answered as expected.
 fn train(bin: &Path, mix: Mix) -> Result<usize> {
@@ -166,7 +169,10 @@ fn train(bin: &Path, mix: Mix) -> Result<usize> {
                 .with_context(|| format!("cannot start {}", bin.display()))?,
         );
         wait_listening(https, &mut gateway.0).await?;
-        let served = load(&demo.dir, https, mix).await;
+        // Bounded: a gateway that stops answering fails the build instead of stalling it.
+        let served = tokio::time::timeout(TRAINING_LIMIT, load(&demo.dir, https, mix))
+            .await
+            .unwrap_or_else(|_| bail!("training did not finish within {TRAINING_LIMIT:?}"));
         let status = gateway.stop()?;
         let _ = std::fs::remove_dir_all(&demo.dir);
         let served = served?;
