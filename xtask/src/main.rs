@@ -315,12 +315,13 @@ fn bench(quick: bool) -> Result<()> {
     if !have("oha") {
         run(cargo().args(["install", "oha", "--locked"]))?;
     }
-    let bench = |name: &str, args: &[&str]| {
+    let bench_cmd = |name: &str, args: &[&str]| {
         let mut c = cargo();
         c.args(["bench", "-p", "portcullis", "--bench", name, "--"]);
         c.args(args);
-        run(&mut c)
+        c
     };
+    let bench = |name: &str, args: &[&str]| run(&mut bench_cmd(name, args));
     // Build every bench binary in one cargo run (in parallel) before timing any of them.
     run(cargo().args(["bench", "-p", "portcullis", "--no-run"]))?;
     if quick {
@@ -342,11 +343,7 @@ fn bench(quick: bool) -> Result<()> {
     }
     // The rivals face the build an operator should run: the profile-guided one (`build-pgo`),
     // unless RIVALS_PORTCULLIS_BIN names another.
-    let mut rivals = cargo();
-    rivals.args(["bench", "-p", "portcullis", "--bench", "rivals", "--"]);
-    if quick {
-        rivals.arg("--quick");
-    }
+    let mut rivals = bench_cmd("rivals", if quick { &["--quick"] } else { &[] });
     if std::env::var_os("RIVALS_PORTCULLIS_BIN").is_none() {
         let optimised = std::env::current_dir()?.join(pgo::build()?);
         rivals.env("RIVALS_PORTCULLIS_BIN", optimised);

@@ -173,7 +173,7 @@ fn train(bin: &Path, mix: Mix) -> Result<usize> {
         let served = tokio::time::timeout(TRAINING_LIMIT, load(&demo.dir, https, mix))
             .await
             .unwrap_or_else(|_| bail!("training did not finish within {TRAINING_LIMIT:?}"));
-        let status = gateway.stop()?;
+        let status = gateway.stop().await?;
         let _ = std::fs::remove_dir_all(&demo.dir);
         let served = served?;
         ensure!(status.success(), "{} exited with {status}", bin.display());
@@ -187,14 +187,14 @@ struct Gateway(Child);
 impl Gateway {
     /// SIGTERM, then up to 30 s for a clean exit (the instrumented binary writes its profile
     /// when it exits).
-    fn stop(&mut self) -> Result<std::process::ExitStatus> {
+    async fn stop(&mut self) -> Result<std::process::ExitStatus> {
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(status) = self.0.try_wait()? {
                 return Ok(status);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("the gateway did not exit within 30 s of SIGTERM")
     }
@@ -330,11 +330,14 @@ async fn check(resp: http::Response<hyper::body::Incoming>, expect: StatusCode) 
 /// Sends the mix, all flows at once; the number of requests answered as expected.
 async fn load(dir: &Path, addr: SocketAddr, mix: Mix) -> Result<usize> {
     let h1 = b"http/1.1".as_slice();
-    let allowed = |alpn| client(dir, Some("allowed"), alpn);
-    let denied = |alpn| client(dir, Some("denied"), alpn);
-    let plain = |alpn| client(dir, None, alpn);
-    let flow = |tls, host, h2, body, expect| Flow {
-        tls,
+    // One connector per caller and protocol, shared by its flows (and its session cache with them).
+    let allowed_h1 = client(dir, Some("allowed"), h1)?;
+    let allowed_h2 = client(dir, Some("allowed"), b"h2")?;
+    let denied_h1 = client(dir, Some("denied"), h1)?;
+    let plain_h1 = client(dir, None, h1)?;
+    let plain_h2 = client(dir, None, b"h2")?;
+    let flow = |tls: &TlsConnector, host, h2, body, expect| Flow {
+        tls: tls.clone(),
         host,
         h2,
         body,
@@ -343,26 +346,26 @@ async fn load(dir: &Path, addr: SocketAddr, mix: Mix) -> Result<usize> {
     let (ok, forbidden, missing) = (StatusCode::OK, StatusCode::FORBIDDEN, StatusCode::NOT_FOUND);
     // (flow, connections): keep-alive traffic.
     let kept = [
-        (flow(allowed(h1)?, "backend.apps.identity", false, 0, ok), 6),
-        (flow(allowed(b"h2")?, "space.apps.identity", true, 0, ok), 3),
+        (flow(&allowed_h1, "backend.apps.identity", false, 0, ok), 6),
+        (flow(&allowed_h2, "space.apps.identity", true, 0, ok), 3),
         (
-            flow(allowed(h1)?, "backend.apps.identity", false, 16 << 10, ok),
+            flow(&allowed_h1, "backend.apps.identity", false, 16 << 10, ok),
             1,
         ),
         (
-            flow(denied(h1)?, "backend.apps.identity", false, 0, forbidden),
+            flow(&denied_h1, "backend.apps.identity", false, 0, forbidden),
             3,
         ),
-        (flow(denied(h1)?, "space.apps.identity", false, 0, ok), 1),
-        (flow(plain(h1)?, "open.apps.plain", false, 0, ok), 3),
-        (flow(plain(b"h2")?, "open.apps.plain", true, 0, ok), 2),
-        (flow(plain(h1)?, "nowhere.apps.plain", false, 0, missing), 1),
+        (flow(&denied_h1, "space.apps.identity", false, 0, ok), 1),
+        (flow(&plain_h1, "open.apps.plain", false, 0, ok), 3),
+        (flow(&plain_h2, "open.apps.plain", true, 0, ok), 2),
+        (flow(&plain_h1, "nowhere.apps.plain", false, 0, missing), 1),
     ];
     // New connections, one request each (the connector's session cache resumes most of them).
     let fresh = [
-        flow(allowed(h1)?, "backend.apps.identity", false, 0, ok),
-        flow(denied(h1)?, "backend.apps.identity", false, 0, forbidden),
-        flow(plain(h1)?, "open.apps.plain", false, 0, ok),
+        flow(&allowed_h1, "backend.apps.identity", false, 0, ok),
+        flow(&denied_h1, "backend.apps.identity", false, 0, forbidden),
+        flow(&plain_h1, "open.apps.plain", false, 0, ok),
     ];
     let mut tasks = tokio::task::JoinSet::new();
     for (f, conns) in kept {
