@@ -36,6 +36,7 @@ fn main() {
         ports: vec![443],
         reject: REJECT_DROP,
         fresh: Vec::new(),
+        ungated: Vec::new(),
     };
     gate.sync(&plan, true).unwrap();
     gate.deny(1, addr_bytes("192.0.2.99".parse().unwrap()), u64::MAX / 2)

@@ -657,6 +657,137 @@ fn packet_table() {
     );
 }
 
+/// Registry hosts beyond the `ALLOW` map's capacity (65,536 prefixes): the domain they belong
+/// to loses its allow-list flag as a whole (the gate passes its ClientHellos; the daemon checks
+/// them) instead of the map being left half written, other domains stay gated, and the domain is
+/// gated again once its hosts fit. Entries kept from before (a restart's grace, `prune_allow`
+/// false) give way when they and the new plan do not fit together.
+#[test]
+fn allow_lists_beyond_the_map_leave_their_domain_to_the_daemon() {
+    use portcullis_common::ALLOW_ENTRIES;
+    let Some(object) = object() else { return };
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/portcullis-test-fit-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&pin.0).unwrap();
+    let mut gate = Under {
+        gate: Gate::load(&object, &pin.0).unwrap(),
+        twin: Default::default(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    TestPki::new().write(dir.path());
+    let yaml = r#"
+listen: {https: "127.0.0.1:443"}
+tls: {certificates: [{cert_chain: server.pem, private_key: server.key}]}
+domains:
+  - name: "*.apps.identity"
+    ca_certs: identity-ca.pem
+    allowed_sources: {cidrs: ["10.1.0.0/16"]}
+  - name: "*.reg.identity"
+    ca_certs: identity-ca.pem
+    allowed_sources: {cidrs: ["10.2.0.0/16"], registry_hosts: true}
+xdp: {ports: [443], reject: reset}
+"#;
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let config = Config::load(&dir.path().join("p.yaml")).unwrap();
+    // Host k: (100 + k / 65536).(k / 256 % 256).(k % 256).0.
+    let hosts = |from: u32, n: u32| -> std::collections::BTreeSet<std::net::IpAddr> {
+        (from..from + n)
+            .map(|k| {
+                std::net::Ipv4Addr::new(100 + (k >> 16) as u8, (k >> 8) as u8, k as u8, 0).into()
+            })
+            .collect()
+    };
+    let hello = |sni: &str| client_hello(sni, SniAt::Last, 32, 0);
+    let mut port = 41_000u16;
+    let mut seg = |src: &str, sni: &str| {
+        // A new flow each time: a rejected one is remembered in FLOWS.
+        port += 1;
+        let mut s = Segment::new(src, "10.0.0.1", hello(sni));
+        s.sport = port;
+        s
+    };
+    let (pass, reject) = (Counter::Pass, Counter::RejectAllowlist);
+
+    // 65,535 hosts + the domain's own CIDR + the other domain's: one more than the map holds.
+    let over = MapPlan::from_config(&config, &hosts(0, ALLOW_ENTRIES - 1)).unwrap();
+    assert_eq!(over.ungated, [2]);
+    gate.sync(&over);
+    let s = seg("192.0.2.1", "a.apps.identity");
+    let out = row(
+        &gate,
+        "gated domain, outside",
+        &s.frame(),
+        XDP_PASS,
+        Some((1, reject)),
+    );
+    assert_reset("gated domain, outside", &s, &out);
+    let s = seg("192.0.2.1", "x.reg.identity");
+    let out = row(
+        &gate,
+        "ungated domain, outside: passed",
+        &s.frame(),
+        XDP_PASS,
+        Some((2, pass)),
+    );
+    assert_eq!(out, s.frame(), "passed unchanged, for the daemon to check");
+
+    // The registry shrinks to 40,000 hosts: the domain is gated again.
+    let fits = MapPlan::from_config(&config, &hosts(0, 40_000)).unwrap();
+    assert!(fits.ungated.is_empty());
+    gate.sync(&fits);
+    let s = seg("192.0.2.2", "x.reg.identity");
+    let out = row(
+        &gate,
+        "regated, outside",
+        &s.frame(),
+        XDP_PASS,
+        Some((2, reject)),
+    );
+    assert_reset("regated, outside", &s, &out);
+    let s = seg("100.156.0.0", "x.reg.identity"); // host 39,936
+    row(
+        &gate,
+        "regated, registry host",
+        &s.frame(),
+        XDP_PASS,
+        Some((2, pass)),
+    );
+
+    // 30,000 other hosts while earlier entries would be kept: 70,002 do not fit, so the
+    // earlier ones go and the new plan is written whole.
+    let next = MapPlan::from_config(&config, &hosts(40_000, 30_000)).unwrap();
+    assert!(next.ungated.is_empty());
+    gate.gate.sync(&next, false).unwrap();
+    *gate.twin.borrow_mut() = TwinMaps::from_plan(&next);
+    let s = seg("100.156.0.0", "x.reg.identity");
+    let out = row(
+        &gate,
+        "host no longer registered",
+        &s.frame(),
+        XDP_PASS,
+        Some((2, reject)),
+    );
+    assert_reset("host no longer registered", &s, &out);
+    let s = seg("101.17.0.0", "x.reg.identity"); // host 69,888
+    row(
+        &gate,
+        "newly registered host",
+        &s.frame(),
+        XDP_PASS,
+        Some((2, pass)),
+    );
+    let s = seg("10.2.3.4", "x.reg.identity");
+    row(
+        &gate,
+        "the domain's own CIDR",
+        &s.frame(),
+        XDP_PASS,
+        Some((2, pass)),
+    );
+}
+
 /// One mTLS GET from `source` inside the namespace; `Err` carries what went wrong.
 fn call_from(
     ns: &support::netns::Netns,
@@ -1530,6 +1661,92 @@ async fn drop_mode_end_to_end_in_a_namespace() {
         failures, 0,
         "the daemon never saw the dropped ClientHellos:\n{m}"
     );
+}
+
+/// Registry hosts beyond the gate's `ALLOW` map, end to end: when the registry grows past what
+/// the map holds, the domain's allow-list leaves the gate (`portcullis_xdp_ungated_domains` 1,
+/// the ClientHello of a caller from outside passes) and the daemon refuses that caller itself;
+/// a registered host is still served, and when the registry shrinks the gate takes the
+/// allow-list back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_hosts_beyond_the_gate_are_refused_by_the_daemon() {
+    if object().is_none() {
+        return;
+    }
+    let scene = Scene::new(7, "fit").await;
+    let (ns, pki) = (&scene.ns, &scene.pki);
+    let port = 8447;
+    // `fillers` more registered hosts (100.x.y.0), each an endpoint of filler.test.
+    let yaml = |fillers: u32| {
+        let mut y = format!(
+            "listen: {{https: \"{host}:{port}\"}}\n\
+             registry: {{droplet_stale_threshold: 1s}}\n\
+             domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [], registry_hosts: true}}\n\
+             xdp: {{interfaces: [{iface}], ports: [{port}], pin_path: \"{pin}\"}}\n\
+             routes:\n\
+             - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n\
+             - {{uris: [peer.apps.identity], host: \"{registered}\", port: 9}}\n",
+            host = ns.host(),
+            iface = ns.host_if,
+            pin = scene.pin.0.display(),
+            bport = scene.backend.addr.port(),
+            registered = ns.client(3),
+        );
+        for k in 0..fillers {
+            y.push_str(&format!(
+                "- {{uris: [filler.test], host: \"100.{}.{}.0\", port: 9}}\n",
+                k >> 8 & 255,
+                k & 255
+            ));
+        }
+        y
+    };
+    let gw = support::gateway::TestGateway::start(pki, &yaml(10)).await;
+    assert!(gw.gw.state().xdp.as_ref().is_some_and(|x| x.attached()));
+    let target = gw.https();
+    let d = "domain=\"*.apps.identity\"";
+    let sample = |verdict: &str, reason: &str| {
+        format!("portcullis_xdp_verdicts_total{{{d},verdict=\"{verdict}\",reason=\"{reason}\"}}")
+    };
+    let (outside, registered) = (ns.client(2), ns.client(3));
+    // Once the registry has settled (1 s), the gate holds every registered host.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(gw.metric("portcullis_xdp_ungated_domains"), 0.0);
+    assert!(call_from(ns, outside.clone(), target, pki.clone()).is_err());
+    assert_eq!(gw.metric(&sample("reject", "allowlist")), 1.0);
+    assert_eq!(
+        call_from(ns, registered.clone(), target, pki.clone()),
+        Ok(200)
+    );
+
+    // 65,535 fillers + 127.0.0.1 + the registered host: one more than the map holds.
+    gw.reload(&yaml(portcullis_common::ALLOW_ENTRIES - 1));
+    gw.wait_metric("portcullis_xdp_ungated_domains", 1.0).await;
+    let passed = gw.metric(&sample("pass", "-"));
+    let r = call_from(ns, outside.clone(), target, pki.clone());
+    assert!(r.is_err(), "outside the registry: {r:?}");
+    gw.wait_metric(
+        &format!("portcullis_tls_handshakes_total{{{d},result=\"not_allowed\"}}"),
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric(&sample("pass", "-")),
+        passed + 1.0,
+        "the gate passed it"
+    );
+    assert_eq!(gw.metric(&sample("reject", "allowlist")), 1.0);
+    assert_eq!(
+        call_from(ns, registered.clone(), target, pki.clone()),
+        Ok(200)
+    );
+
+    // Back under the capacity: the gate refuses again.
+    gw.reload(&yaml(10));
+    gw.wait_metric("portcullis_xdp_ungated_domains", 0.0).await;
+    assert!(call_from(ns, outside, target, pki.clone()).is_err());
+    assert_eq!(gw.metric(&sample("reject", "allowlist")), 2.0);
+    assert_eq!(call_from(ns, registered, target, pki.clone()), Ok(200));
 }
 
 /// Fleet deny sharing (SPEC §11, NATS issue): a source learned as denied on gateway A is in

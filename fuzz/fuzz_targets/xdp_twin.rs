@@ -59,6 +59,7 @@ fn setup() -> Both {
         ports: vec![443],
         reject: 0,
         fresh: Vec::new(),
+        ungated: Vec::new(),
     };
     gate.sync(&plan, true).unwrap();
     let mut twin = TwinMaps::from_plan(&plan);

@@ -86,6 +86,7 @@ pub struct Metrics {
     pub route_policy_malformed_sources: Counter,
     pub xdp_verdicts: Family<XdpVerdictLabels, Counter>,
     pub xdp_deny_entries: Gauge,
+    pub xdp_ungated_domains: Gauge,
     pub xdp_deny_learned: Counter,
     pub xdp_deny_connections_ended: Counter,
     pub xdp_deny_shared: Family<KindLabels, Counter>,
@@ -119,6 +120,7 @@ impl Metrics {
             route_policy_malformed_sources: Counter::default(),
             xdp_verdicts: Family::default(),
             xdp_deny_entries: Gauge::default(),
+            xdp_ungated_domains: Gauge::default(),
             xdp_deny_learned: Counter::default(),
             xdp_deny_connections_ended: Counter::default(),
             xdp_deny_shared: Family::default(),
@@ -176,6 +178,12 @@ impl Metrics {
             "xdp_deny_entries",
             "Denials in force: the XDP DENY map's entries (deny learning's own without the gate)",
             m.xdp_deny_entries.clone(),
+        );
+        registry.register(
+            "xdp_ungated_domains",
+            "Domains with an allow-list the XDP gate does not check (it does not fit in the ALLOW \
+             map, or the last map update failed); the daemon checks it after the ClientHello",
+            m.xdp_ungated_domains.clone(),
         );
         registry.register(
             "xdp_deny_shared",

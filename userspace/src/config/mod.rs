@@ -411,6 +411,51 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// What the XDP gate's maps can hold (their sizes are fixed when the program is built):
+    /// checked when `xdp.interfaces` asks for the gate, so a config it cannot enforce is refused
+    /// at load or reload instead of leaving the maps half written. Registry hosts come on top at
+    /// run time; those that do not fit leave their domain to the daemon's own check.
+    fn gate_capacity(&mut self, ports: &[u16], domains: &[Domain]) {
+        use portcullis_common::{ALLOW_ENTRIES, MAX_DOMAINS, PORT_ENTRIES};
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        if distinct.len() > PORT_ENTRIES as usize {
+            self.problem(
+                "xdp.ports",
+                format!(
+                    "{} ports; the XDP gate inspects at most {PORT_ENTRIES}",
+                    distinct.len()
+                ),
+            );
+        }
+        if domains.len() > MAX_DOMAINS as usize {
+            self.problem(
+                "domains",
+                format!(
+                    "{} domains; the XDP gate (xdp.interfaces) tells at most {MAX_DOMAINS} apart",
+                    domains.len()
+                ),
+            );
+        }
+        let prefixes: usize = domains
+            .iter()
+            .filter_map(|d| d.allowed_sources.as_ref())
+            .map(|a| {
+                let nets: std::collections::BTreeSet<IpNet> =
+                    a.cidrs.iter().map(IpNet::trunc).collect();
+                nets.len()
+            })
+            .sum();
+        if prefixes > ALLOW_ENTRIES as usize {
+            self.problem(
+                "domains",
+                format!(
+                    "the allowed_sources lists hold {prefixes} prefixes; the XDP gate's ALLOW map \
+                     holds {ALLOW_ENTRIES}"
+                ),
+            );
+        }
+    }
+
     fn problem(&mut self, key: impl Into<String>, reason: impl Into<String>) {
         self.problems.push(Problem {
             key: key.into(),
@@ -844,6 +889,9 @@ impl Validator<'_> {
         if ports.contains(&0) {
             self.problem("xdp.ports", "port 0 is not a valid port");
         }
+        if !x.interfaces.is_empty() {
+            self.gate_capacity(&ports, &domains);
+        }
         let xdp = Xdp {
             interfaces: x.interfaces.clone(),
             pin_path: PathBuf::from(x.pin_path.as_deref().unwrap_or("/sys/fs/bpf/portcullis")),
@@ -996,6 +1044,64 @@ mod tests {
                 .any(|p| p.starts_with("limits.listen_backlog")),
             "{problems:?}"
         );
+    }
+
+    /// With the gate asked for, a config its maps cannot hold is refused with the sizes named;
+    /// without it (no `xdp.interfaces`) the daemon enforces any number itself.
+    #[test]
+    fn the_gate_capacity_is_checked_when_the_gate_is_configured() {
+        use portcullis_common::ALLOW_ENTRIES;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::pki::Ca::root("identity").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        // One more distinct prefix than the map holds, split over two domains, with duplicates
+        // (the same network written twice counts once).
+        let nets = |from: u32, n: u32| -> String {
+            (from..from + n)
+                .map(|i| format!("\"10.{}.{}.{}/32\"", i >> 16, (i >> 8) & 255, i & 255))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let half = ALLOW_ENTRIES / 2;
+        let config = |interfaces: &str, ports: &str, extra: u32| {
+            format!(
+                "domains:\n\
+                 - {{name: \"*.a.identity\", ca_certs: ca.pem, allowed_sources: {{cidrs: [{}, \"10.0.0.9\"]}}}}\n\
+                 - {{name: \"*.b.identity\", ca_certs: ca.pem, allowed_sources: {{cidrs: [{}]}}}}\n\
+                 xdp: {{interfaces: [{interfaces}], ports: [{ports}]}}\n",
+                nets(0, half),
+                nets(half, half + extra),
+            )
+        };
+        let problems = |yaml: String| {
+            Config::from_yaml(&yaml, dir.path(), Path::new("t.yaml"))
+                .unwrap_err()
+                .problems()
+        };
+        let seventeen: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+        let over = problems(config("eth0", &seventeen.join(","), 1));
+        for want in [
+            "xdp.ports: 17 ports; the XDP gate inspects at most 16".to_string(),
+            format!(
+                "domains: the allowed_sources lists hold {} prefixes; the XDP gate's ALLOW map holds {ALLOW_ENTRIES}",
+                ALLOW_ENTRIES + 1
+            ),
+        ] {
+            assert!(over.contains(&want), "{want} in {over:?}");
+        }
+        // At capacity (and 16 ports, one repeated), and without the gate: no such problem.
+        let sixteen = format!("{},16", seventeen[..16].join(","));
+        for yaml in [
+            config("eth0", &sixteen, 0),
+            config("", &seventeen.join(","), 1),
+        ] {
+            let p = problems(yaml);
+            assert!(
+                !p.iter()
+                    .any(|p| p.starts_with("xdp.ports") || p.starts_with("domains")),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

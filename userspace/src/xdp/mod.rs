@@ -14,8 +14,9 @@ use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use portcullis_common::{
-    maps, name_hash, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, COUNTERS_PER_DOMAIN,
-    DOMAIN_HAS_ALLOWLIST, MAX_DOMAINS, REJECT_DROP, REJECT_RESET,
+    maps, name_hash, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, ALLOW_ENTRIES,
+    COUNTERS_PER_DOMAIN, DOMAIN_HAS_ALLOWLIST, MAX_DOMAINS, PORT_ENTRIES, REJECT_DROP,
+    REJECT_RESET,
 };
 
 use crate::config::{Config, XdpReject};
@@ -48,6 +49,10 @@ pub enum XdpError {
     Missing(&'static str),
     #[error("more than {MAX_DOMAINS} domains")]
     TooManyDomains,
+    #[error("{0} ports to inspect; the gate's PORTS map holds {PORT_ENTRIES}")]
+    TooManyPorts(usize),
+    #[error("{0} allow-list entries; the gate's ALLOW map holds {ALLOW_ENTRIES}")]
+    AllowOverflow(usize),
     #[error("this binary was built without the XDP object (run `cargo xtask build`)")]
     NotBuilt,
     #[error("xdp.pin_path: cannot create '{}': {source}", path.display())]
@@ -178,6 +183,10 @@ pub struct MapPlan {
     /// Domain ids whose `DENY` and kept `ALLOW` entries belong to a domain that is gone
     /// ([`DomainIds`]); ids no domain has are cleared as well.
     pub fresh: Vec<u32>,
+    /// Domains with an allow-list the `ALLOW` map cannot hold (registry hosts beyond its
+    /// capacity; see [`MapPlan::fit_allow`]): the gate passes their ClientHellos and the daemon
+    /// applies the allow-list after reading them.
+    pub ungated: Vec<u32>,
 }
 
 impl MapPlan {
@@ -226,7 +235,7 @@ impl MapPlan {
                 }
             }
         }
-        Ok(MapPlan {
+        let mut plan = MapPlan {
             domains: entries.into_iter().collect(),
             allow,
             ports: config.xdp.ports.clone(),
@@ -235,7 +244,54 @@ impl MapPlan {
                 XdpReject::Drop => REJECT_DROP,
             },
             fresh: ids.fresh.clone(),
-        })
+            ungated: Vec::new(),
+        };
+        plan.fit_allow(ALLOW_ENTRIES as usize);
+        Ok(plan)
+    }
+
+    /// Makes `allow` hold each entry once and at most `capacity` entries. When the allow-lists
+    /// hold more (config validation bounds the CIDRs, so only registry hosts can get there),
+    /// whole domains are left out, in config order from the first that does not fit, and lose
+    /// their allow-list flag: half an allow-list would make the gate turn away callers it
+    /// allows. Those domains are listed in `ungated`; the daemon still refuses their callers
+    /// from outside the list once it has read the ClientHello ([`XdpRuntime::refuses`]).
+    pub fn fit_allow(&mut self, capacity: usize) {
+        let mut seen = BTreeSet::new();
+        self.allow
+            .retain(|(len, k)| seen.insert((k.domain_be, *len, k.addr)));
+        if self.allow.len() <= capacity {
+            return;
+        }
+        // Entries per domain, in the order the domains come in the config (`with_ids` pushes
+        // them domain by domain).
+        let mut per_domain: Vec<(u32, usize)> = Vec::new();
+        for (_, k) in &self.allow {
+            let id = u32::from_be_bytes(k.domain_be);
+            match per_domain.last_mut() {
+                Some((last, n)) if *last == id => *n += 1,
+                _ => per_domain.push((id, 1)),
+            }
+        }
+        let mut room = capacity;
+        for (id, n) in per_domain {
+            if n <= room {
+                room -= n;
+            } else {
+                self.ungated.push(id);
+            }
+        }
+        let ungated = &self.ungated;
+        self.allow
+            .retain(|(_, k)| !ungated.contains(&u32::from_be_bytes(k.domain_be)));
+        for (_, e) in &mut self.domains {
+            if ungated.contains(&e.exact_id) {
+                e.exact_flags &= !DOMAIN_HAS_ALLOWLIST;
+            }
+            if ungated.contains(&e.wildcard_id) {
+                e.wildcard_flags &= !DOMAIN_HAS_ALLOWLIST;
+            }
+        }
     }
 }
 
@@ -245,6 +301,40 @@ fn domain_key(pattern: &DomainPattern) -> (u64, bool) {
     match pattern {
         DomainPattern::Exact(name) => (name_hash(name.as_bytes()), true),
         DomainPattern::Wildcard(suffix) => (name_hash(suffix.as_bytes()), false),
+    }
+}
+
+/// A `DOMAINS` entry as the first pass of [`Gate::sync`] writes it: each half keeps its
+/// allow-list flag only where `current` (the map's entry under the same key) has the same id
+/// with the flag set already, so the gate never checks an allow-list whose entries may not all
+/// be in `ALLOW` yet.
+fn loosened(planned: &DomainEntry, current: Option<&DomainEntry>, fresh: &[u32]) -> DomainEntry {
+    let current = current.copied().unwrap_or_default();
+    let keep = |id: u32, flags: u32, was_id: u32, was_flags: u32| {
+        let enforced = id != 0
+            && id == was_id
+            && was_flags & DOMAIN_HAS_ALLOWLIST != 0
+            && !fresh.contains(&id);
+        if enforced {
+            flags
+        } else {
+            flags & !DOMAIN_HAS_ALLOWLIST
+        }
+    };
+    DomainEntry {
+        exact_flags: keep(
+            planned.exact_id,
+            planned.exact_flags,
+            current.exact_id,
+            current.exact_flags,
+        ),
+        wildcard_flags: keep(
+            planned.wildcard_id,
+            planned.wildcard_flags,
+            current.wildcard_id,
+            current.wildcard_flags,
+        ),
+        ..*planned
     }
 }
 
@@ -317,10 +407,51 @@ impl Gate {
 
     /// Makes `DOMAINS`, `ALLOW`, `PORTS` and `SETTINGS` hold exactly what `plan` says; with
     /// `prune_allow` false, `ALLOW` entries not in the plan are kept (only added to) unless
-    /// their domain id is gone or fresh. `DENY` entries under an id that is gone (its domain was
-    /// in `DOMAINS` and is not in the plan) or fresh are removed: they were learned for another
-    /// domain; a fresh id's counters are zeroed.
+    /// their domain id is gone or fresh, or keeping them would overfill the map. `DENY` entries
+    /// under an id that is gone (its domain was in `DOMAINS` and is not in the plan) or fresh
+    /// are removed: they were learned for another domain; a fresh id's counters are zeroed.
+    ///
+    /// The gate runs on while the maps change, so they change in an order that never turns
+    /// away a caller both the old and the new state allow: a domain's allow-list flag is set
+    /// only once its `ALLOW` entries are in. If a write fails halfway, every planned domain is
+    /// written without its flag (the daemon applies the allow-lists itself meanwhile; see
+    /// [`XdpRuntime::refuses`]) and the error is returned.
     pub fn sync(&mut self, plan: &MapPlan, prune_allow: bool) -> Result<(), XdpError> {
+        let distinct_ports: BTreeSet<u16> = plan.ports.iter().copied().collect();
+        if distinct_ports.len() > PORT_ENTRIES as usize {
+            return Err(XdpError::TooManyPorts(distinct_ports.len()));
+        }
+        if plan.allow.len() > ALLOW_ENTRIES as usize {
+            return Err(XdpError::AllowOverflow(plan.allow.len()));
+        }
+        let result = self.write_plan(plan, prune_allow);
+        if result.is_err() {
+            let open = plan.domains.iter().map(|(h, e)| {
+                let mut e = *e;
+                e.exact_flags &= !DOMAIN_HAS_ALLOWLIST;
+                e.wildcard_flags &= !DOMAIN_HAS_ALLOWLIST;
+                (*h, e)
+            });
+            if let Err(e) = self.write_domains(open) {
+                tracing::error!(error = %e, "XDP DOMAINS map: cannot clear the allow-list flags after a failed sync");
+            }
+        }
+        result
+    }
+
+    fn write_domains(
+        &mut self,
+        entries: impl Iterator<Item = (u64, DomainEntry)>,
+    ) -> Result<(), XdpError> {
+        let mut domains: HashMap<&mut MapData, u64, DomainEntry> =
+            HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
+        for (h, e) in entries {
+            domains.insert(&h, &e, 0).map_err(map_err(maps::DOMAINS))?;
+        }
+        Ok(())
+    }
+
+    fn write_plan(&mut self, plan: &MapPlan, prune_allow: bool) -> Result<(), XdpError> {
         let live: BTreeSet<u32> = plan
             .domains
             .iter()
@@ -330,6 +461,8 @@ impl Gate {
         // held for domains the plan no longer has. Empty for a sync with the same domains (the
         // registry following), which then leaves `DENY` alone.
         let mut foreign: BTreeSet<u32> = plan.fresh.iter().copied().collect();
+        // What each planned key holds now, for the first (loosening) pass below.
+        let mut current: BTreeMap<u64, DomainEntry> = BTreeMap::new();
         {
             let mut domains: HashMap<&mut MapData, u64, DomainEntry> =
                 HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
@@ -340,7 +473,9 @@ impl Gate {
                         .into_iter()
                         .filter(|id| *id != 0 && !live.contains(id)),
                 );
-                if !plan.domains.iter().any(|(h, _)| *h == k) {
+                if plan.domains.iter().any(|(h, _)| *h == k) {
+                    current.insert(k, e);
+                } else {
                     stale.push(k);
                 }
             }
@@ -379,13 +514,14 @@ impl Gate {
                 }
             }
         }
-        {
-            let mut domains: HashMap<&mut MapData, u64, DomainEntry> =
-                HashMap::try_from(self.map_mut(maps::DOMAINS)?).map_err(map_err(maps::DOMAINS))?;
-            for (h, e) in &plan.domains {
-                domains.insert(h, e, 0).map_err(map_err(maps::DOMAINS))?;
-            }
-        }
+        // First pass: every planned domain with its new id, its allow-list flag kept only where
+        // the map already enforced one for the same id; new and changed allow-lists are
+        // checked by the daemon until the second pass, after `ALLOW` has their entries.
+        let loose = plan
+            .domains
+            .iter()
+            .map(|(h, e)| (*h, loosened(e, current.get(h), &plan.fresh)));
+        self.write_domains(loose)?;
         {
             let mut allow: LpmTrie<&mut MapData, AllowKey, u8> =
                 LpmTrie::try_from(self.map_mut(maps::ALLOW)?).map_err(map_err(maps::ALLOW))?;
@@ -394,17 +530,27 @@ impl Gate {
                 .iter()
                 .map(|(len, k)| Key::new(*len, *k))
                 .collect();
-            let stale: Vec<Key<AllowKey>> = allow
+            // A set: registry hosts make tens of thousands of entries on either side.
+            let wanted_set: BTreeSet<(u32, [u8; 4], Addr)> = plan
+                .allow
+                .iter()
+                .map(|(len, k)| (*len, k.domain_be, k.addr))
+                .collect();
+            let (mut stale, kept): (Vec<Key<AllowKey>>, Vec<Key<AllowKey>>) = allow
                 .keys()
                 .filter_map(Result::ok)
                 .filter(|k| {
-                    let unwanted = !wanted
-                        .iter()
-                        .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data());
-                    let id = u32::from_be_bytes(k.data().domain_be);
-                    unwanted && (prune_allow || foreign.contains(&id))
+                    let d = k.data();
+                    !wanted_set.contains(&(k.prefix_len(), d.domain_be, d.addr))
                 })
-                .collect();
+                .partition(|k| {
+                    prune_allow || foreign.contains(&u32::from_be_bytes(k.data().domain_be))
+                });
+            // Entries kept from before (a restart's grace for registry hosts) give way when
+            // they and the plan do not fit together.
+            if wanted.len() + kept.len() > ALLOW_ENTRIES as usize {
+                stale.extend(kept);
+            }
             for k in stale {
                 allow.remove(&k).map_err(map_err(maps::ALLOW))?;
             }
@@ -412,6 +558,7 @@ impl Gate {
                 allow.insert(k, &1, 0).map_err(map_err(maps::ALLOW))?;
             }
         }
+        self.write_domains(plan.domains.iter().copied())?;
         {
             let mut ports: HashMap<&mut MapData, u16, u8> =
                 HashMap::try_from(self.map_mut(maps::PORTS)?).map_err(map_err(maps::PORTS))?;
@@ -604,5 +751,109 @@ mod tests {
         let d = assign(&["*.a", "*.b", "*.c", "*.d"], &previous);
         assert_eq!(ids(&d), [1, 3, 2, 4]);
         assert_eq!(d.fresh, [1, 3, 4]);
+    }
+
+    fn plan_of(domains: &[(u32, &[&str])]) -> MapPlan {
+        MapPlan {
+            domains: domains
+                .iter()
+                .map(|(id, _)| {
+                    let e = DomainEntry {
+                        wildcard_id: *id,
+                        wildcard_flags: DOMAIN_HAS_ALLOWLIST,
+                        ..Default::default()
+                    };
+                    (u64::from(*id), e)
+                })
+                .collect(),
+            allow: domains
+                .iter()
+                .flat_map(|(id, nets)| {
+                    nets.iter()
+                        .map(move |n| allow_entry(*id, &n.parse::<IpNet>().unwrap()))
+                })
+                .collect(),
+            ports: vec![443],
+            reject: REJECT_RESET,
+            fresh: Vec::new(),
+            ungated: Vec::new(),
+        }
+    }
+
+    fn flagged(plan: &MapPlan) -> Vec<u32> {
+        plan.domains
+            .iter()
+            .filter(|(_, e)| e.wildcard_flags & DOMAIN_HAS_ALLOWLIST != 0)
+            .map(|(_, e)| e.wildcard_id)
+            .collect()
+    }
+
+    /// Over capacity, whole domains give up their allow-list in the gate (never half of one),
+    /// the first in config order that do not fit; a later smaller one still fits.
+    #[test]
+    fn allow_lists_over_capacity_leave_whole_domains_to_the_daemon() {
+        let a: &[&str] = &["10.0.0.0/8", "10.0.0.0/8", "192.0.2.0/24"];
+        let b: &[&str] = &["10.1.0.0/16", "10.2.0.0/16", "10.3.0.0/16"];
+        let c: &[&str] = &["2001:db8::/32"];
+        let mut plan = plan_of(&[(1, a), (2, b), (3, c)]);
+        plan.fit_allow(6);
+        assert_eq!(plan.allow.len(), 6, "a duplicate counts once");
+        assert!(plan.ungated.is_empty());
+        assert_eq!(flagged(&plan), [1, 2, 3]);
+
+        let mut plan = plan_of(&[(1, a), (2, b), (3, c)]);
+        plan.fit_allow(3);
+        assert_eq!(plan.ungated, [2]);
+        assert_eq!(flagged(&plan), [1, 3]);
+        let ids: BTreeSet<u32> = plan
+            .allow
+            .iter()
+            .map(|(_, k)| u32::from_be_bytes(k.domain_be))
+            .collect();
+        assert_eq!(ids, [1, 3].into());
+        assert_eq!(plan.allow.len(), 3);
+
+        // Fitting a fitted plan again changes nothing.
+        let mut plan = plan_of(&[(1, a), (2, b), (3, c)]);
+        plan.fit_allow(2);
+        assert_eq!(plan.ungated, [2, 3]);
+        let fitted = (plan.allow.clone(), plan.domains.clone());
+        plan.fit_allow(2);
+        assert_eq!(plan.ungated, [2, 3]);
+        assert_eq!((plan.allow.clone(), plan.domains.clone()), fitted);
+    }
+
+    /// The first pass of a sync keeps an allow-list flag only where the map enforced one for the
+    /// same id already.
+    #[test]
+    fn the_first_pass_never_enforces_an_allow_list_that_is_not_in_the_map_yet() {
+        let planned = DomainEntry {
+            exact_id: 4,
+            exact_flags: DOMAIN_HAS_ALLOWLIST,
+            wildcard_id: 5,
+            wildcard_flags: DOMAIN_HAS_ALLOWLIST,
+        };
+        let flags = |e: DomainEntry| (e.exact_flags, e.wildcard_flags);
+        let on = DOMAIN_HAS_ALLOWLIST;
+        // A new key: nothing enforced before.
+        assert_eq!(flags(loosened(&planned, None, &[])), (0, 0));
+        // Same ids, both enforced before: kept.
+        assert_eq!(flags(loosened(&planned, Some(&planned), &[])), (on, on));
+        // Before: the exact domain had no allow-list, the wildcard had another id.
+        let before = DomainEntry {
+            exact_id: 4,
+            exact_flags: 0,
+            wildcard_id: 2,
+            wildcard_flags: on,
+        };
+        assert_eq!(flags(loosened(&planned, Some(&before), &[])), (0, 0));
+        // A fresh id is another domain's, whatever the entry says.
+        assert_eq!(flags(loosened(&planned, Some(&planned), &[5])), (on, 0));
+        // A flag the plan drops is dropped at once.
+        let open = DomainEntry {
+            exact_flags: 0,
+            ..planned
+        };
+        assert_eq!(flags(loosened(&open, Some(&planned), &[])), (0, on));
     }
 }

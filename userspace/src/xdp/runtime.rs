@@ -41,6 +41,8 @@ pub struct XdpRuntime {
     share: Mutex<Option<tokio::sync::mpsc::UnboundedSender<SharedDenial>>>,
     /// What `registry_hosts` allow-lists were last written from.
     hosts: Mutex<HostsSeen>,
+    /// Domains whose allow-list the gate does not check now (see [`XdpRuntime::note_ungated`]).
+    ungated: Mutex<Vec<String>>,
     started: Instant,
 }
 
@@ -117,7 +119,21 @@ pub fn load_pinned(
         .filter_map(|r| r.host.parse().ok())
         .collect();
     let ids = DomainIds::assign(config, &gate.pinned_ids(config)?)?;
-    gate.sync(&MapPlan::with_ids(config, &ids, &hosts)?, true)?;
+    let plan = MapPlan::with_ids(config, &ids, &hosts)?;
+    gate.sync(&plan, true)?;
+    if !plan.ungated.is_empty() {
+        let names = ids.names();
+        let domains: Vec<&String> = plan
+            .ungated
+            .iter()
+            .filter_map(|id| names.get(*id as usize))
+            .collect();
+        tracing::warn!(
+            ?domains,
+            "these domains' allow-lists do not fit in the XDP gate's ALLOW map: it passes their \
+             ClientHellos"
+        );
+    }
     let mut attached = Vec::new();
     for iface in &xdp.interfaces {
         let (mode, pinned) = gate.attach(iface, xdp.mode, &xdp.pin_path)?;
@@ -188,7 +204,8 @@ impl XdpRuntime {
         let prune = !uses_registry_hosts(config);
         // Each domain keeps the id an earlier daemon gave it, with its denials.
         let ids = DomainIds::assign(config, &gate.pinned_ids(config)?)?;
-        gate.sync(&MapPlan::with_ids(config, &ids, &addresses)?, prune)?;
+        let plan = MapPlan::with_ids(config, &ids, &addresses)?;
+        gate.sync(&plan, prune)?;
         // Denials an earlier daemon left in force are known to deny learning too, so the next
         // denial of such a source doubles on rather than starting again at `ttl`.
         let mut learner = Learner::new(xdp.deny_learning.clone());
@@ -228,7 +245,7 @@ impl XdpRuntime {
                 );
             }
         }
-        Ok(Some(XdpRuntime {
+        let runtime = XdpRuntime {
             gate: Mutex::new(Some(gate)),
             names: Mutex::new(ids.names()),
             ids: Mutex::new(ids.by_pattern()),
@@ -241,8 +258,11 @@ impl XdpRuntime {
                 addresses,
                 pruned: prune,
             }),
+            ungated: Mutex::default(),
             started: Instant::now(),
-        }))
+        };
+        runtime.note_ungated(&plan, &ids.names(), false, config);
+        Ok(Some(runtime))
     }
 
     /// Deny learning without the gate, for a host where XDP is configured but cannot run (no
@@ -264,6 +284,7 @@ impl XdpRuntime {
                 addresses: BTreeSet::new(),
                 pruned: false,
             }),
+            ungated: Mutex::default(),
             started: Instant::now(),
         })
     }
@@ -604,23 +625,77 @@ impl XdpRuntime {
             l.set_settings(config.xdp.deny_learning.clone());
             l.retain_domains(|id| ids.kept(id));
         }
-        {
+        let written = {
             let mut gate = self.gate.lock().map_err(|_| XdpError::Poisoned)?;
-            if let Some(gate) = gate.as_mut() {
-                gate.sync(&plan, prune)?;
-            }
+            let written = match gate.as_mut() {
+                Some(gate) => gate.sync(&plan, prune),
+                None => Ok(()),
+            };
             // Under the gate's lock, as `export` reads: a fresh id's zeroed counters count anew.
             if let Ok(mut seen) = self.seen.lock() {
                 seen.retain(|(id, _), _| !plan.fresh.contains(id));
             }
-        }
+            written
+        };
+        // The gateway runs the new config whether or not the maps took it, and a failed sync
+        // has written the new domains (without their allow-list flags) where it could: learned
+        // denials go under the new ids from now on.
+        let names = ids.names();
+        self.note_ungated(&plan, &names, written.is_err(), config);
         if let Ok(mut n) = self.names.lock() {
-            *n = ids.names();
+            *n = names;
         }
         if let Ok(mut i) = self.ids.lock() {
             *i = ids.by_pattern();
         }
-        Ok(())
+        written
+    }
+
+    /// Keeps the list of domains whose allow-list the gate does not check (the `ALLOW` map
+    /// cannot hold it, or a sync failed and left every flag off), for the
+    /// `portcullis_xdp_ungated_domains` gauge, and says so when it changes.
+    fn note_ungated(&self, plan: &MapPlan, names: &[String], failed: bool, config: &Config) {
+        if !self.attached() {
+            return;
+        }
+        let now: Vec<String> = if failed {
+            config
+                .domains
+                .iter()
+                .filter(|d| d.allowed_sources.is_some())
+                .map(|d| d.pattern.to_string())
+                .collect()
+        } else {
+            plan.ungated
+                .iter()
+                .filter_map(|id| names.get(*id as usize).cloned())
+                .collect()
+        };
+        let Ok(mut ungated) = self.ungated.lock() else {
+            return;
+        };
+        if *ungated == now {
+            return;
+        }
+        if now.is_empty() {
+            tracing::info!("the XDP gate checks every allow-list again");
+        } else if failed {
+            tracing::error!(
+                domains = ?now,
+                "the XDP maps were not fully written: the gate checks no allow-list until the \
+                 next successful sync; the daemon refuses callers from outside them after their \
+                 ClientHello"
+            );
+        } else {
+            tracing::warn!(
+                domains = ?now,
+                capacity = portcullis_common::ALLOW_ENTRIES,
+                "these domains' allow-lists (with their registry hosts) do not fit in the XDP \
+                 gate's ALLOW map: the gate passes their ClientHellos and the daemon refuses \
+                 callers from outside the lists after reading them"
+            );
+        }
+        *ungated = now;
     }
 
     /// Follows the registry for `registry_hosts` allow-lists: when the snapshot changed and its
@@ -655,9 +730,13 @@ impl XdpRuntime {
                 DomainIds::assign(config, &current)?.settled()
             };
             let plan = MapPlan::with_ids(config, &ids, &addresses)?;
-            if let Some(g) = self.gate.lock().map_err(|_| XdpError::Poisoned)?.as_mut() {
-                g.sync(&plan, grace_over)?;
-            }
+            let written = match self.gate.lock().map_err(|_| XdpError::Poisoned)?.as_mut() {
+                Some(g) => g.sync(&plan, grace_over),
+                None => Ok(()),
+            };
+            let names = ids.names();
+            self.note_ungated(&plan, &names, written.is_err(), config);
+            written?;
         }
         tracing::debug!(
             addresses = addresses.len(),
@@ -671,6 +750,9 @@ impl XdpRuntime {
 
     /// Adds what the kernel counted since the last call to the Prometheus counters.
     pub fn export(&self, metrics: &Metrics) {
+        if let Ok(u) = self.ungated.lock() {
+            metrics.xdp_ungated_domains.set(u.len() as i64);
+        }
         let gate = self.gate.lock();
         let Ok(Some(gate)) = gate.as_deref() else {
             return;
