@@ -80,6 +80,23 @@ struct Under {
 }
 
 impl Under {
+    /// The program loaded (not attached) with its maps pinned under a fresh directory, removed
+    /// when the returned guard drops (bind it before the gate, so the gate drops first); `None`
+    /// when the object or root is missing (see `object`).
+    fn load(name: &str) -> Option<(PinDir, Under)> {
+        let object = object()?;
+        let pin = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/portcullis-{name}-{}",
+            std::process::id()
+        )));
+        std::fs::create_dir_all(&pin.0).unwrap();
+        let under = Under {
+            gate: Gate::load(&object, &pin.0).unwrap(),
+            twin: Default::default(),
+        };
+        Some((pin, under))
+    }
+
     fn sync(&mut self, plan: &MapPlan) {
         self.gate.sync(plan, true).unwrap();
         let mut twin = self.twin.borrow_mut();
@@ -224,15 +241,8 @@ fn assert_rst_reply(name: &str, seg: &Segment, out: &[u8]) {
 
 #[test]
 fn packet_table() {
-    let Some(object) = object() else { return };
-    let pin = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/portcullis-test-{}",
-        std::process::id()
-    )));
-    std::fs::create_dir_all(&pin.0).unwrap();
-    let mut gate = Under {
-        gate: Gate::load(&object, &pin.0).unwrap(),
-        twin: Default::default(),
+    let Some((_pin, mut gate)) = Under::load("test") else {
+        return;
     };
     let mut plan = MapPlan::from_config(&gate_config(), &Default::default()).unwrap();
     gate.sync(&plan);
@@ -665,15 +675,8 @@ fn packet_table() {
 #[test]
 fn allow_lists_beyond_the_map_leave_their_domain_to_the_daemon() {
     use portcullis_common::ALLOW_ENTRIES;
-    let Some(object) = object() else { return };
-    let pin = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/portcullis-test-fit-{}",
-        std::process::id()
-    )));
-    std::fs::create_dir_all(&pin.0).unwrap();
-    let mut gate = Under {
-        gate: Gate::load(&object, &pin.0).unwrap(),
-        twin: Default::default(),
+    let Some((_pin, mut gate)) = Under::load("test-fit") else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
     TestPki::new().write(dir.path());

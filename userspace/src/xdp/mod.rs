@@ -415,7 +415,8 @@ impl Gate {
     /// away a caller both the old and the new state allow: a domain's allow-list flag is set
     /// only once its `ALLOW` entries are in. If a write fails halfway, every planned domain is
     /// written without its flag (the daemon applies the allow-lists itself meanwhile; see
-    /// [`XdpRuntime::refuses`]) and the error is returned.
+    /// [`XdpRuntime::refuses`]) and the error is returned. A plan beyond the maps' sizes (which
+    /// config validation and [`MapPlan::fit_allow`] rule out) is refused before any write.
     pub fn sync(&mut self, plan: &MapPlan, prune_allow: bool) -> Result<(), XdpError> {
         let distinct_ports: BTreeSet<u16> = plan.ports.iter().copied().collect();
         if distinct_ports.len() > PORT_ENTRIES as usize {

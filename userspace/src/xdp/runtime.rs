@@ -641,7 +641,7 @@ impl XdpRuntime {
         // has written the new domains (without their allow-list flags) where it could: learned
         // denials go under the new ids from now on.
         let names = ids.names();
-        self.note_ungated(&plan, &names, written.is_err(), config);
+        self.note_written(&plan, &names, &written, config);
         if let Ok(mut n) = self.names.lock() {
             *n = names;
         }
@@ -649,6 +649,21 @@ impl XdpRuntime {
             *i = ids.by_pattern();
         }
         written
+    }
+
+    /// After a [`Gate::sync`]: what the gate now checks, unless the sync was refused before
+    /// writing anything (the maps are as they were).
+    fn note_written(
+        &self,
+        plan: &MapPlan,
+        names: &[String],
+        written: &Result<(), XdpError>,
+        config: &Config,
+    ) {
+        match written {
+            Err(XdpError::TooManyPorts(_) | XdpError::AllowOverflow(_)) => {}
+            other => self.note_ungated(plan, names, other.is_err(), config),
+        }
     }
 
     /// Keeps the list of domains whose allow-list the gate does not check (the `ALLOW` map
@@ -735,7 +750,7 @@ impl XdpRuntime {
                 None => Ok(()),
             };
             let names = ids.names();
-            self.note_ungated(&plan, &names, written.is_err(), config);
+            self.note_written(&plan, &names, &written, config);
             written?;
         }
         tracing::debug!(
