@@ -704,58 +704,67 @@ xdp: {ports: [443], reject: reset}
     };
     let hello = |sni: &str| client_hello(sni, SniAt::Last, 32, 0);
     let mut port = 41_000u16;
-    let mut seg = |src: &str, sni: &str| {
-        // A new flow each time: a rejected one is remembered in FLOWS.
-        port += 1;
-        let mut s = Segment::new(src, "10.0.0.1", hello(sni));
-        s.sport = port;
-        s
-    };
-    let (pass, reject) = (Counter::Pass, Counter::RejectAllowlist);
+    // One ClientHello from `src` for `sni`, on a new flow (a rejected one is remembered in
+    // FLOWS); rejected: reset in place; passed: unchanged, for the stack (and the daemon).
+    let mut check =
+        |gate: &Under, name: &str, src: &str, sni: &str, domain: u32, rejected: bool| {
+            port += 1;
+            let mut s = Segment::new(src, "10.0.0.1", hello(sni));
+            s.sport = port;
+            let counter = if rejected {
+                Counter::RejectAllowlist
+            } else {
+                Counter::Pass
+            };
+            let out = row(gate, name, &s.frame(), XDP_PASS, Some((domain, counter)));
+            if rejected {
+                assert_reset(name, &s, &out);
+            } else {
+                assert_eq!(out, s.frame(), "{name}: passed unchanged");
+            }
+        };
 
     // 65,535 hosts + the domain's own CIDR + the other domain's: one more than the map holds.
     let over = MapPlan::from_config(&config, &hosts(0, ALLOW_ENTRIES - 1)).unwrap();
     assert_eq!(over.ungated, [2]);
     gate.sync(&over);
-    let s = seg("192.0.2.1", "a.apps.identity");
-    let out = row(
+    check(
         &gate,
         "gated domain, outside",
-        &s.frame(),
-        XDP_PASS,
-        Some((1, reject)),
+        "192.0.2.1",
+        "a.apps.identity",
+        1,
+        true,
     );
-    assert_reset("gated domain, outside", &s, &out);
-    let s = seg("192.0.2.1", "x.reg.identity");
-    let out = row(
+    check(
         &gate,
         "ungated domain, outside: passed",
-        &s.frame(),
-        XDP_PASS,
-        Some((2, pass)),
+        "192.0.2.1",
+        "x.reg.identity",
+        2,
+        false,
     );
-    assert_eq!(out, s.frame(), "passed unchanged, for the daemon to check");
 
     // The registry shrinks to 40,000 hosts: the domain is gated again.
     let fits = MapPlan::from_config(&config, &hosts(0, 40_000)).unwrap();
     assert!(fits.ungated.is_empty());
     gate.sync(&fits);
-    let s = seg("192.0.2.2", "x.reg.identity");
-    let out = row(
+    check(
         &gate,
         "regated, outside",
-        &s.frame(),
-        XDP_PASS,
-        Some((2, reject)),
+        "192.0.2.2",
+        "x.reg.identity",
+        2,
+        true,
     );
-    assert_reset("regated, outside", &s, &out);
-    let s = seg("100.156.0.0", "x.reg.identity"); // host 39,936
-    row(
+    // Host 39,936.
+    check(
         &gate,
         "regated, registry host",
-        &s.frame(),
-        XDP_PASS,
-        Some((2, pass)),
+        "100.156.0.0",
+        "x.reg.identity",
+        2,
+        false,
     );
 
     // 30,000 other hosts while earlier entries would be kept: 70,002 do not fit, so the
@@ -764,30 +773,30 @@ xdp: {ports: [443], reject: reset}
     assert!(next.ungated.is_empty());
     gate.gate.sync(&next, false).unwrap();
     *gate.twin.borrow_mut() = TwinMaps::from_plan(&next);
-    let s = seg("100.156.0.0", "x.reg.identity");
-    let out = row(
+    check(
         &gate,
         "host no longer registered",
-        &s.frame(),
-        XDP_PASS,
-        Some((2, reject)),
+        "100.156.0.0",
+        "x.reg.identity",
+        2,
+        true,
     );
-    assert_reset("host no longer registered", &s, &out);
-    let s = seg("101.17.0.0", "x.reg.identity"); // host 69,888
-    row(
+    // Host 69,888.
+    check(
         &gate,
         "newly registered host",
-        &s.frame(),
-        XDP_PASS,
-        Some((2, pass)),
+        "101.17.0.0",
+        "x.reg.identity",
+        2,
+        false,
     );
-    let s = seg("10.2.3.4", "x.reg.identity");
-    row(
+    check(
         &gate,
         "the domain's own CIDR",
-        &s.frame(),
-        XDP_PASS,
-        Some((2, pass)),
+        "10.2.3.4",
+        "x.reg.identity",
+        2,
+        false,
     );
 }
 

@@ -439,10 +439,12 @@ impl Validator<'_> {
         let prefixes: usize = domains
             .iter()
             .filter_map(|d| d.allowed_sources.as_ref())
+            // `cidrs` are truncated to their network already; the same network twice is one.
             .map(|a| {
-                let nets: std::collections::BTreeSet<IpNet> =
-                    a.cidrs.iter().map(IpNet::trunc).collect();
-                nets.len()
+                a.cidrs
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
             })
             .sum();
         if prefixes > ALLOW_ENTRIES as usize {

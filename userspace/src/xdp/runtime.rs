@@ -122,12 +122,7 @@ pub fn load_pinned(
     let plan = MapPlan::with_ids(config, &ids, &hosts)?;
     gate.sync(&plan, true)?;
     if !plan.ungated.is_empty() {
-        let names = ids.names();
-        let domains: Vec<&String> = plan
-            .ungated
-            .iter()
-            .filter_map(|id| names.get(*id as usize))
-            .collect();
+        let domains = ungated_patterns(&plan, &ids.names());
         tracing::warn!(
             ?domains,
             "these domains' allow-lists do not fit in the XDP gate's ALLOW map: it passes their \
@@ -681,10 +676,7 @@ impl XdpRuntime {
                 .map(|d| d.pattern.to_string())
                 .collect()
         } else {
-            plan.ungated
-                .iter()
-                .filter_map(|id| names.get(*id as usize).cloned())
-                .collect()
+            ungated_patterns(plan, names)
         };
         let Ok(mut ungated) = self.ungated.lock() else {
             return;
@@ -818,6 +810,14 @@ impl XdpRuntime {
                 .inc_by(delta);
         }
     }
+}
+
+/// The patterns of the domains `plan` leaves ungated, by `names` (pattern per id).
+fn ungated_patterns(plan: &MapPlan, names: &[String]) -> Vec<String> {
+    plan.ungated
+        .iter()
+        .filter_map(|id| names.get(*id as usize).cloned())
+        .collect()
 }
 
 fn unparsed_kind(c: Counter) -> &'static str {
