@@ -80,16 +80,34 @@ impl Running {
     /// SIGTERM, then waits (at most 10 s) for the exit; `None` if it had to be killed.
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = self.exited_within(Duration::from_secs(10));
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        status
+    }
+
+    /// Waits at most `limit` for the process to exit.
+    fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         None
+    }
+
+    /// The address after `key=` in the "portcullis is serving" line.
+    fn served_addr(serving: &str, key: &str) -> std::net::SocketAddr {
+        serving
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(key))
+            .map(|a| a.trim_start_matches("Some(").trim_end_matches(')'))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} address in: {serving}"))
     }
 }
 
@@ -361,11 +379,7 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
     );
     let mut gw = Running::start(&["run", "--config", cfg.to_str().unwrap()]);
     let serving = gw.wait_for("portcullis is serving");
-    let addr: std::net::SocketAddr = serving
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("https="))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no https address in: {serving}"));
+    let addr = Running::served_addr(&serving, "https=");
 
     let mut caller = Conn::tls(
         addr,
@@ -423,5 +437,171 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
     assert_eq!(
         caller.get("r.apps.identity", "/").await.unwrap().status,
         200
+    );
+}
+
+/// A gateway with `drain` set, its route allowing caller A.
+struct Draining {
+    gw: Running,
+    https: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    _backend: echo::EchoServer,
+}
+
+async fn draining_gateway(pki: &TestPki, dir: &std::path::Path, drain: &str) -> Draining {
+    pki.write(dir);
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let yaml = format!(
+        "{}admin: {{listen: \"127.0.0.1:0\"}}\ndrain: {drain}\n",
+        reload_config(0, "cf:app:app-a", backend.addr)
+    );
+    let cfg = write_config(dir, "portcullis.yaml", &yaml);
+    let mut gw = Running::start(&["run", "--config", cfg.to_str().unwrap()]);
+    let serving = gw.wait_for("portcullis is serving");
+    Draining {
+        https: Running::served_addr(&serving, "https="),
+        admin: Running::served_addr(&serving, "admin="),
+        gw,
+        _backend: backend,
+    }
+}
+
+async fn health(admin: std::net::SocketAddr) -> (u16, String) {
+    let mut c = Conn::plain(admin).await.expect("admin reachable");
+    let r = c.get("localhost", "/health").await.expect("health answers");
+    (r.status, r.body)
+}
+
+async fn caller(addr: std::net::SocketAddr, pki: &TestPki, h2: bool) -> Conn {
+    Conn::tls(
+        addr,
+        &pki.server_ca,
+        Some("r.apps.identity"),
+        Some(&pki.a),
+        h2,
+    )
+    .await
+    .expect("connects")
+}
+
+/// SIGTERM with `drain.wait`: the gateway goes on serving (new connections too) while /health
+/// says 503 and its connections are closed after their requests, so a load balancer and the
+/// clients move away; then the listeners close, the request in flight finishes and it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_behind_a_failing_health_check_then_stops() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = draining_gateway(&pki, dir.path(), "{wait: 3s, timeout: 8s}").await;
+    let (mut gw, addr, admin) = (d.gw, d.https, d.admin);
+    assert_eq!(health(admin).await, (200, "ok\n".to_string()));
+    let mut h1 = caller(addr, &pki, false).await;
+    let mut h2 = caller(addr, &pki, true).await;
+    for c in [&mut h1, &mut h2] {
+        let r = c.get("r.apps.identity", "/").await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), None);
+    }
+    // A request that is still in flight when the listeners close.
+    let mut long = caller(addr, &pki, false).await;
+    let slow = tokio::spawn(async move {
+        long.get("r.apps.identity", "/slow?ms=4500")
+            .await
+            .map(|r| (r.status, Instant::now()))
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let signalled = Instant::now();
+    assert!(gw.signal(libc::SIGTERM));
+    gw.wait_for("draining: /health answers 503");
+    assert_eq!(
+        health(admin).await,
+        (503, "draining: stopping soon\n".to_string())
+    );
+    // HTTP/1.1: served, and told to close.
+    let r = h1.get("r.apps.identity", "/").await.unwrap();
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(
+        h1.get("r.apps.identity", "/").await.is_err(),
+        "the HTTP/1.1 connection is closed after that response"
+    );
+    // h2: sent GOAWAY, so the connection ends without a request to carry the news.
+    let ended = async {
+        loop {
+            if h2.get("r.apps.identity", "/").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    support::bounded("the h2 connection ends", ended).await;
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "the h2 connection ended during the wait, not when the listeners closed"
+    );
+    // New connections are still served during the wait, and closed after their response.
+    let mut late = caller(addr, &pki, false).await;
+    let r = late.get("r.apps.identity", "/").await.unwrap();
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+
+    // After the wait the listeners close…
+    let refused = async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        signalled.elapsed()
+    };
+    let after = support::bounded("the listener closes", refused).await;
+    assert!(after >= Duration::from_secs(3), "refused after {after:?}");
+    gw.wait_for("closing the listeners; waiting for requests in flight");
+    // …the request in flight still gets its answer, and then the process exits cleanly.
+    let (status, answered) = slow.await.unwrap().expect("the slow request is answered");
+    assert_eq!(status, 200);
+    let status = gw
+        .exited_within(Duration::from_secs(8))
+        .expect("exits once the last request is answered");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        answered.elapsed() < Duration::from_secs(3),
+        "exited about when the last request was answered"
+    );
+    assert!(
+        !gw.seen.iter().any(|l| l.contains("drain timeout ran out")),
+        "{:?}",
+        gw.seen
+    );
+}
+
+/// A second SIGTERM cuts the drain wait short, and requests still in flight after
+/// `drain.timeout` are cut, with a warning saying how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_wait_and_the_timeout_bounds_the_rest() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = draining_gateway(&pki, dir.path(), "{wait: 60s, timeout: 1s}").await;
+    let (mut gw, addr) = (d.gw, d.https);
+    let mut long = caller(addr, &pki, false).await;
+    let slow = tokio::spawn(async move { long.get("r.apps.identity", "/slow?ms=30000").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(gw.signal(libc::SIGTERM));
+    gw.wait_for("draining: /health answers 503");
+    let again = Instant::now();
+    assert!(gw.signal(libc::SIGTERM));
+    gw.wait_for("asked again to stop: the drain wait is cut short");
+    gw.wait_for("connections still open when the drain timeout ran out");
+    let status = gw
+        .exited_within(Duration::from_secs(5))
+        .expect("exits after the drain timeout");
+    assert!(status.success(), "{status:?}");
+    let took = again.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(
+        support::bounded("the cut request", slow)
+            .await
+            .unwrap()
+            .is_err(),
+        "the request still in flight is cut"
     );
 }

@@ -91,7 +91,13 @@ fn route<B>(state: &State, req: &Request<B>, caller_pem: Option<&[u8]>) -> Respo
     let path = req.uri().path();
     match path {
         "/health" => {
-            if state
+            if state.draining.is_on() {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "draining: stopping soon\n".into(),
+                )
+            } else if state
                 .registry_connected
                 .load(std::sync::atomic::Ordering::Relaxed)
             {

@@ -181,6 +181,7 @@ impl Gateway {
             registry_connected: AtomicBool::new(!has_nats),
             xdp,
             ktls,
+            draining: Default::default(),
         });
 
         if let Err(e) = crate::registry::nats::start(state.clone()).await {
@@ -367,7 +368,43 @@ impl Gateway {
         while self.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let open = self.connections.load(Ordering::Relaxed);
+        if open > 0 {
+            tracing::warn!(
+                connections = open,
+                timeout = ?drain,
+                "connections still open when the drain timeout ran out; they are cut"
+            );
+        }
         self.state.log.flush(Duration::from_secs(2)).await;
+    }
+
+    /// Stops the gateway as a load balancer in front of it needs (`drain` in the config). For
+    /// `drain.wait` it goes on serving, new connections included, while `/health` answers 503,
+    /// HTTP/1.1 responses close their connection and h2 connections are sent GOAWAY, so clients
+    /// and the load balancer move elsewhere; `hurry` (a second signal) cuts the wait short.
+    /// Then [`Gateway::shutdown`] with `drain.timeout`.
+    pub async fn drain(self, hurry: impl Future<Output = ()>) {
+        let drain = self.state.runtime.load().config.drain.clone();
+        if !drain.wait.is_zero() {
+            self.state.draining.start();
+            tracing::info!(
+                wait = ?drain.wait,
+                timeout = ?drain.timeout,
+                "draining: /health answers 503 and connections close after their requests; \
+                 new connections are still served until the wait is over"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(drain.wait) => {}
+                _ = hurry => tracing::info!("asked again to stop: the drain wait is cut short"),
+            }
+        }
+        tracing::info!(
+            connections = self.connections.load(Ordering::Relaxed),
+            timeout = ?drain.timeout,
+            "closing the listeners; waiting for requests in flight"
+        );
+        self.shutdown(drain.timeout).await;
     }
 }
 
@@ -612,13 +649,16 @@ async fn serve_http(
         let graceful = |s: Pin<&mut Corked<auto::UpgradeableConnection<_, _, _>, _>>| {
             s.inner().graceful_shutdown()
         };
+        let mut draining = state.draining.subscribe();
         Box::pin(drive(
             serving,
             graceful,
             &conn,
             &limits,
             &mut shutdown,
-            None,
+            Ends::H2 {
+                draining: &mut draining,
+            },
         ))
         .await;
         return;
@@ -641,7 +681,7 @@ async fn serve_http(
             &conn,
             &limits,
             &mut shutdown,
-            Some(&park),
+            Ends::Http1 { park: &park },
         ))
         .await;
         io = match parking.take() {
@@ -737,16 +777,38 @@ async fn wait_for_request<S: AsyncRead + Unpin>(
     }
 }
 
-/// Serves a connection until it ends. Past `limits.idle_timeout` without a request, or at
-/// shutdown, it is closed gracefully; with `park`, it is asked to park once no request moved for
-/// a whole tick. Returns when the connection was last active.
+/// How a served connection ends besides idling out or the gateway stopping.
+enum Ends<'a> {
+    /// HTTP/1.1 asked to park once no request moved for a whole tick. While the gateway drains
+    /// its responses say `connection: close` (`proxy::handle`), so nothing more is needed here.
+    Http1 { park: &'a (dyn Fn() + Sync) },
+    /// h2 is sent GOAWAY when the gateway starts draining (at once if it already is).
+    H2 {
+        draining: &'a mut watch::Receiver<bool>,
+    },
+}
+
+/// Resolves once the gateway drains, for an h2 connection; never for HTTP/1.1.
+async fn drain_started(ends: &mut Ends<'_>) {
+    if let Ends::H2 { draining } = ends {
+        if draining.wait_for(|on| *on).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Serves a connection until it ends. Past `limits.idle_timeout` without a request, at
+/// shutdown, when its caller is denied (`conn.end`) or, for h2, when the gateway drains, it is
+/// closed gracefully; HTTP/1.1 is asked to park once no request moved for a whole tick. Returns
+/// when the connection was last active.
 async fn drive<F, E>(
     serving: F,
     graceful: impl Fn(Pin<&mut F>),
     conn: &ConnCtx,
     limits: &Limits,
     shutdown: &mut watch::Receiver<bool>,
-    park: Option<&(dyn Fn() + Sync)>,
+    mut ends: Ends<'_>,
 ) -> Instant
 where
     F: Future<Output = Result<(), E>>,
@@ -755,6 +817,10 @@ where
     tokio::pin!(serving);
     let mut idle_since = Instant::now();
     let idle = limits.idle_timeout;
+    let park = match ends {
+        Ends::Http1 { park } => Some(park),
+        Ends::H2 { .. } => None,
+    };
     // Parking needs a short tick; otherwise the tick only serves the idle timeout.
     let tick = if park.is_some() { TICK } else { IDLE_TICK };
     let tick = idle.min(tick).max(Duration::from_millis(50));
@@ -788,6 +854,10 @@ where
                 graceful(serving.as_mut());
             }
             _ = conn.end.notified(), if !closing => {
+                closing = true;
+                graceful(serving.as_mut());
+            }
+            _ = drain_started(&mut ends), if !closing => {
                 closing = true;
                 graceful(serving.as_mut());
             }

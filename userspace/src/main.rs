@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use portcullis::config::{load_certs, Config};
@@ -302,7 +301,14 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
         }
     }
     tracing::info!("shutting down");
-    gateway.shutdown(Duration::from_secs(10)).await;
+    // A second SIGTERM or Ctrl-C cuts the drain wait short.
+    let again = async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    gateway.drain(again).await;
     if let Some(d) = demo {
         let _ = std::fs::remove_dir_all(&d.dir);
     }

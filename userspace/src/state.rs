@@ -1,11 +1,12 @@
 //! State shared by every connection: the config-derived runtime (swapped on reload), the route
 //! registry, metrics, the access log and backend connections.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::ClientConfig;
+use tokio::sync::watch;
 
 use crate::accesslog::AccessLogger;
 use crate::config::Config;
@@ -47,6 +48,41 @@ pub struct State {
     pub xdp: Option<crate::xdp::XdpRuntime>,
     /// Kernel TLS, when the start-up probe found it (and `tls.ktls` is not `off`).
     pub ktls: Option<Arc<crate::tls::KernelTls>>,
+    /// Whether the gateway is draining before it stops (see [`crate::gateway::Gateway::drain`]).
+    pub draining: Draining,
+}
+
+/// Set once, when the gateway starts draining: `/health` answers 503, HTTP/1.1 responses close
+/// their connection and h2 connections are sent GOAWAY.
+pub struct Draining {
+    /// For the request path: one relaxed load per response.
+    on: AtomicBool,
+    /// For the h2 connections, which wait for it.
+    tx: watch::Sender<bool>,
+}
+
+impl Default for Draining {
+    fn default() -> Self {
+        Draining {
+            on: AtomicBool::new(false),
+            tx: watch::channel(false).0,
+        }
+    }
+}
+
+impl Draining {
+    pub fn start(&self) {
+        self.on.store(true, Ordering::Relaxed);
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
 }
 
 thread_local! {

@@ -40,6 +40,7 @@ pub struct Config {
     pub access_log: AccessLog,
     pub xdp: Xdp,
     pub limits: Limits,
+    pub drain: Drain,
 }
 
 /// The admin API (SPEC §12).
@@ -275,6 +276,28 @@ impl Default for Limits {
     }
 }
 
+/// How the gateway stops on SIGTERM or SIGINT (README, "Stopping and draining"). Not in SPEC §3's
+/// example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drain {
+    /// How long the gateway keeps serving, new connections included, while `/health` answers
+    /// 503 so that load balancers take it out of rotation first; responses on HTTP/1.1 close
+    /// their connection and h2 connections are sent GOAWAY, so clients reconnect elsewhere.
+    pub wait: Duration,
+    /// Then the listeners close: how long requests in flight get to finish before the process
+    /// exits anyway.
+    pub timeout: Duration,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            wait: Duration::ZERO,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// One problem found in a config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -466,9 +489,24 @@ impl Validator<'_> {
     }
 
     fn duration(&mut self, key: &str, raw: Option<&str>, default: Duration) -> Duration {
+        self.parse_duration(key, raw, default, false)
+    }
+
+    /// A duration where `0s` means "not at all".
+    fn duration_or_zero(&mut self, key: &str, raw: Option<&str>, default: Duration) -> Duration {
+        self.parse_duration(key, raw, default, true)
+    }
+
+    fn parse_duration(
+        &mut self,
+        key: &str,
+        raw: Option<&str>,
+        default: Duration,
+        zero_ok: bool,
+    ) -> Duration {
         let Some(raw) = raw else { return default };
         match humantime::parse_duration(raw.trim()) {
-            Ok(d) if !d.is_zero() => d,
+            Ok(d) if zero_ok || !d.is_zero() => d,
             Ok(_) => {
                 self.problem(key, "must be greater than zero");
                 default
@@ -970,6 +1008,15 @@ impl Validator<'_> {
             workers: workers.min(MAX_WORKERS),
             listen_backlog: listen_backlog.clamp(1, MAX_LISTEN_BACKLOG),
         };
+        let d = &raw.drain;
+        let drain = Drain {
+            wait: self.duration_or_zero("drain.wait", d.wait.as_deref(), Drain::default().wait),
+            timeout: self.duration_or_zero(
+                "drain.timeout",
+                d.timeout.as_deref(),
+                Drain::default().timeout,
+            ),
+        };
 
         Config {
             source: None,
@@ -986,6 +1033,7 @@ impl Validator<'_> {
             access_log,
             xdp,
             limits,
+            drain,
         }
     }
 }
@@ -1027,6 +1075,31 @@ mod tests {
             ),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn drain_defaults_to_no_wait_and_ten_seconds_and_takes_zero() {
+        let d = Drain::default();
+        assert_eq!(
+            (d.wait, d.timeout),
+            (Duration::ZERO, Duration::from_secs(10))
+        );
+        let problems = problems_of("drain: {wait: 0s, timeout: 0s}\n");
+        assert!(
+            !problems.iter().any(|p| p.starts_with("drain")),
+            "{problems:?}"
+        );
+        let problems = problems_of("drain: {wait: soon, timeout: -1s, grace: 5s}\n");
+        for want in [
+            "drain.wait: invalid duration 'soon', expected e.g. '10s' or '2m'",
+            "drain.timeout: invalid duration '-1s', expected e.g. '10s' or '2m'",
+            "drain.grace: unknown key",
+        ] {
+            assert!(
+                problems.contains(&want.to_string()),
+                "{want} in {problems:?}"
+            );
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub struct RawConfig {
     pub access_log: RawAccessLog,
     pub xdp: RawXdp,
     pub limits: RawLimits,
+    pub drain: RawDrain,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,4 +143,11 @@ pub struct RawLimits {
     pub h2_max_concurrent_streams: Option<u32>,
     pub workers: Option<usize>,
     pub listen_backlog: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawDrain {
+    pub wait: Option<String>,
+    pub timeout: Option<String>,
 }

@@ -274,18 +274,22 @@ pub async fn handle(
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
     done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), conn.client.ip());
     let h1 = req.version() < Version::HTTP_2;
-    let resp = match route(&state, &conn, req, &host, &raw_host, &mut done).await {
+    let mut resp = match route(&state, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => resp,
         Err(reject) => {
             done.record.router_error = reject.router_error();
-            let mut resp = reject.response();
-            if h1 && conn.is_ending() {
-                resp.headers_mut()
-                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            resp
+            reject.response()
         }
     };
+    // A connection that should end (its caller was denied, or the gateway is draining) ends
+    // after this response; an upgrade's 101 keeps its `connection: upgrade`.
+    if h1
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        && (conn.is_ending() || state.draining.is_on())
+    {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     done.record.status = resp.status().as_u16();
     Ok(done.wrap(resp))
 }
