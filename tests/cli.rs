@@ -32,8 +32,32 @@ impl Running {
         if let Some(log) = log {
             cmd.env("PORTCULLIS_LOG", log);
         }
+        Running::spawn(cmd.args(args))
+    }
+
+    /// Starts with the open-files limit (RLIMIT_NOFILE) set to `soft` and `hard`.
+    fn start_with_open_files(args: &[&str], soft: u64, hard: u64) -> Running {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(BIN);
+        cmd.env("PORTCULLIS_LOG", "info").args(args);
+        // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Running::spawn(&mut cmd)
+    }
+
+    fn spawn(cmd: &mut Command) -> Running {
         let mut child = cmd
-            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -604,4 +628,133 @@ async fn a_second_sigterm_ends_the_wait_and_the_timeout_bounds_the_rest() {
             .is_err(),
         "the request still in flight is cut"
     );
+}
+
+/// The config of the open-files tests: a plain HTTP listener with one route, and
+/// `limits.max_connections` 1000 (about 2,064 files needed).
+async fn files_config(
+    pki: &TestPki,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, echo::EchoServer) {
+    pki.write(dir);
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let yaml = format!(
+        r#"listen: {{https: "127.0.0.1:0", http: "127.0.0.1:0"}}
+admin: {{listen: "127.0.0.1:0"}}
+tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}]}}
+access_log: {{path: access.log}}
+limits: {{max_connections: 1000}}
+routes:
+  - uris: [open.apps.plain]
+    host: "{ip}"
+    port: {port}
+"#,
+        ip = backend.addr.ip(),
+        port = backend.addr.port()
+    );
+    (write_config(dir, "portcullis.yaml", &yaml), backend)
+}
+
+/// The soft and hard open-files limits of a running process.
+fn open_files_of(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut n = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap());
+    (n.next().unwrap(), n.next().unwrap())
+}
+
+/// Services start with a soft open-files limit of 1,024 (systemd's default), which would stop
+/// accepting at a few hundred connections: the gateway raises it to the hard limit, and says at
+/// start when even that is short of `limits.max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_limit_is_raised_and_checked_against_max_connections() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _backend) = files_config(&pki, dir.path()).await;
+    let args = ["run", "--config", cfg.to_str().unwrap()];
+
+    let mut roomy = Running::start_with_open_files(&args, 64, 4096);
+    roomy.wait_for("portcullis is serving");
+    assert_eq!(open_files_of(roomy.child.id()), (4096, 4096));
+    assert!(
+        !roomy.seen.iter().any(|l| l.contains("open-files limit")),
+        "{:?}",
+        roomy.seen
+    );
+    drop(roomy);
+
+    let mut short = Running::start_with_open_files(&args, 64, 1024);
+    let warning = short.wait_for("open-files limit (RLIMIT_NOFILE) is short");
+    for field in [
+        "limits.max_connections=1000",
+        "open_files=1024",
+        "needed=2064",
+    ] {
+        assert!(warning.contains(field), "{field} in {warning}");
+    }
+    short.wait_for("portcullis is serving");
+    assert_eq!(open_files_of(short.child.id()), (1024, 1024));
+}
+
+/// Out of file descriptors, a listener neither spins nor fills the log: connections wait in the
+/// backlog, the failures are counted and said once, and it accepts again once files free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_files_a_listener_waits_quietly_and_recovers() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _backend) = files_config(&pki, dir.path()).await;
+    let mut gw =
+        Running::start_with_open_files(&["run", "--config", cfg.to_str().unwrap()], 128, 128);
+    let serving = gw.wait_for("portcullis is serving");
+    let http = Running::served_addr(&serving, "http=");
+    let admin = Running::served_addr(&serving, "admin=");
+    let mut c = Conn::plain(http).await.unwrap();
+    assert_eq!(c.get("open.apps.plain", "/").await.unwrap().status, 200);
+    drop(c);
+
+    // More connections than the gateway has files for; each waits for its first request.
+    let mut held = Vec::new();
+    for _ in 0..160 {
+        held.push(tokio::net::TcpStream::connect(http).await.unwrap());
+    }
+    gw.wait_for("accept failed");
+    // The listener retries every 50 ms; in 1.5 s it says so once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    while let Ok(l) = gw.lines.try_recv() {
+        gw.seen.push(l);
+    }
+    let said = gw
+        .seen
+        .iter()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert_eq!(said, 1, "{:?}", gw.seen);
+    assert!(gw.child.try_wait().unwrap().is_none(), "still running");
+
+    // The held connections go; the backlog drains and new requests are served again.
+    drop(held);
+    let served = async {
+        loop {
+            if let Ok(mut c) = Conn::plain(http).await {
+                if let Ok(r) = c.get("open.apps.plain", "/").await {
+                    return r.status;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(support::bounded("served again", served).await, 200);
+    let mut m = Conn::plain(admin).await.unwrap();
+    let metrics = m.get("localhost", "/metrics").await.unwrap().body;
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_accept_errors_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no accept_errors in {metrics}"));
+    assert!(errors > 10.0, "{errors} accept failures counted");
 }

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -113,6 +113,48 @@ fn check_somaxconn(backlog: u32) {
     }
 }
 
+/// File descriptors a gateway with `max_connections` may need: a client connection and a
+/// backend connection for each, and some to spare (listeners, event loops, NATS, logs, maps).
+fn files_needed(max_connections: usize) -> u64 {
+    2 * max_connections as u64 + 64
+}
+
+/// Raises the open-files limit to what the hard limit allows (as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do): the soft limit most services start with (1,024 under systemd)
+/// would end accepting at a few hundred connections. Says at start when even the hard limit is
+/// short of what `limits.max_connections` needs.
+fn raise_open_files(max_connections: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let was = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above; raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            lim.rlim_cur = was;
+        }
+    }
+    let needed = files_needed(max_connections);
+    if lim.rlim_cur < needed {
+        tracing::warn!(
+            limits.max_connections = max_connections,
+            open_files = lim.rlim_cur,
+            needed,
+            "the open-files limit (RLIMIT_NOFILE) is short of what limits.max_connections needs \
+             (a client and a backend connection each): raise it (systemd: LimitNOFILE=) or lower \
+             limits.max_connections; past it, connections wait unaccepted"
+        );
+    } else if lim.rlim_cur != was {
+        tracing::debug!(from = was, to = lim.rlim_cur, "open-files limit raised");
+    }
+}
+
 impl Gateway {
     /// Binds every listener and starts serving. Returns once all listeners accept connections.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
@@ -127,6 +169,7 @@ impl Gateway {
         count_malformed(&metrics, &config);
         let backlog = config.limits.listen_backlog;
         check_somaxconn(backlog);
+        raise_open_files(config.limits.max_connections);
         let https_l = bind("listen.https", config.listen.https, backlog)?;
         defer_accept(&https_l);
         let http_l = match config.listen.http {
@@ -225,6 +268,7 @@ impl Gateway {
             });
         }
         let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let failures = Arc::new(AcceptFailures::default());
         let listeners = [Some((https_l, true)), http_l.map(|l| (l, false))];
         let listeners: Vec<(std::net::TcpListener, bool)> = listeners
             .into_iter()
@@ -233,7 +277,7 @@ impl Gateway {
             .collect::<std::io::Result<_>>()
             .map_err(StartError::Workers)?;
         for index in 0..workers {
-            gw.spawn_worker(index, &listeners, &slots)?;
+            gw.spawn_worker(index, &listeners, &slots, &failures)?;
         }
         if let Some(l) = admin_l {
             tokio::spawn(crate::admin::serve(
@@ -255,6 +299,7 @@ impl Gateway {
         index: usize,
         listeners: &[(std::net::TcpListener, bool)],
         slots: &Arc<Semaphore>,
+        failures: &Arc<AcceptFailures>,
     ) -> Result<(), StartError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -268,7 +313,7 @@ impl Gateway {
                 self.clone_parts(),
             ));
         }
-        let slots = slots.clone();
+        let (slots, failures) = (slots.clone(), failures.clone());
         let mut stop = self.stop_workers.subscribe();
         std::thread::Builder::new()
             .name(format!("portcullis-w{index}"))
@@ -278,7 +323,13 @@ impl Gateway {
                     for (l, tls, parts) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {
-                                tokio::spawn(accept_loop(parts, l, slots.clone(), tls));
+                                tokio::spawn(accept_loop(
+                                    parts,
+                                    l,
+                                    slots.clone(),
+                                    failures.clone(),
+                                    tls,
+                                ));
                             }
                             Err(e) => {
                                 tracing::error!(worker = index, error = %e, "worker cannot accept")
@@ -436,14 +487,47 @@ struct Parts {
     connections: Arc<AtomicUsize>,
 }
 
-async fn accept_loop(mut p: Parts, listener: TcpListener, slots: Arc<Semaphore>, tls: bool) {
+/// How often the listeners say they keep failing to accept.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Accept failures, shared by every worker's accept loops so that they are said once in a
+/// while, not once per worker and retry.
+#[derive(Default)]
+struct AcceptFailures(Mutex<(u64, Option<Instant>)>);
+
+impl AcceptFailures {
+    fn note(&self, metrics: &crate::metrics::Metrics, e: &std::io::Error) {
+        metrics.accept_errors.inc();
+        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (failed, warned) = &mut *g;
+        *failed += 1;
+        if warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+            tracing::warn!(
+                error = %e,
+                failures = *failed,
+                "accept failed; retrying every 50 ms (counted in portcullis_accept_errors_total)"
+            );
+            *warned = Some(Instant::now());
+            *failed = 0;
+        }
+    }
+}
+
+async fn accept_loop(
+    mut p: Parts,
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    failures: Arc<AcceptFailures>,
+    tls: bool,
+) {
     loop {
         let (tcp, client) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // Out of file descriptors and similar: back off instead of spinning; the
+                    // connection waits in the backlog.
+                    failures.note(&p.state.metrics, &e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

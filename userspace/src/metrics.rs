@@ -95,6 +95,7 @@ pub struct Metrics {
     pub xdp_unparsed: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
     pub connections_idle: Gauge,
+    pub accept_errors: Counter,
     pub backend_errors: Family<ErrorLabels, Counter>,
     pub access_log_dropped: Counter,
     pub admin_refused: Counter,
@@ -129,6 +130,7 @@ impl Metrics {
             xdp_unparsed: Family::default(),
             connections_active: Gauge::default(),
             connections_idle: Gauge::default(),
+            accept_errors: Counter::default(),
             backend_errors: Family::default(),
             access_log_dropped: Counter::default(),
             admin_refused: Counter::default(),
@@ -229,6 +231,11 @@ impl Metrics {
             "connections_idle",
             "HTTP/1.1 client connections waiting for a request with their HTTP buffers released",
             m.connections_idle.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Connections the listeners could not accept (out of file descriptors, most often)",
+            m.accept_errors.clone(),
         );
         registry.register(
             "backend_errors",
