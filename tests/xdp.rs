@@ -2132,3 +2132,245 @@ async fn reset_mode_holds_when_the_listener_answers_with_syn_cookies() {
         "allowed source"
     );
 }
+
+/// The capabilities the daemon needs with the gate, and no others, as
+/// `dist/portcullis.service` grants them: CAP_NET_BIND_SERVICE (port 443), CAP_BPF (load the
+/// program, make and pin its maps), CAP_PERFMON (without it the verifier refuses the
+/// program's stack accesses at variable offsets, a Spectre v1 rule for loaders that are not
+/// "root") and CAP_NET_ADMIN (attach it).
+const DAEMON_CAPS: &str = "net_bind_service,bpf,perfmon,net_admin";
+
+/// The daemon needs no root: as an unprivileged user holding only [`DAEMON_CAPS`] (ambient,
+/// bounding set, no new privileges), it binds port 443, loads and attaches the gate and pins its
+/// maps, and the gate resets a caller outside the allow-list while an allowed one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_unprivileged_with_four_capabilities() {
+    use std::io::BufRead;
+    use std::os::unix::fs::chown;
+    if object().is_none() {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let scene = Scene::new(10, "caps").await;
+    let (ns, pki) = (&scene.ns, &scene.pki);
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    // Its pins go to a bpffs of its own, owned by it, as dist/portcullis.service mounts one:
+    // the system's /sys/fs/bpf is root's alone (mode 0700 under systemd).
+    let pins = BpfMount::new(NOBODY);
+    let yaml = format!(
+        "listen: {{https: \"{host}:443\"}}\n\
+         admin: {{listen: \"127.0.0.1:0\"}}\n\
+         tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}]}}\n\
+         access_log: {{path: access.log}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"{allowed}/32\"]}}\n\
+         xdp: {{interfaces: [{iface}], ports: [443], pin_path: \"{pin}\"}}\n\
+         routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
+        host = ns.host(),
+        allowed = ns.client(3),
+        iface = ns.host_if,
+        pin = pins.0.path().display(),
+        bport = scene.backend.addr.port(),
+    );
+    let cfg = dir.path().join("portcullis.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    // The service user owns its config folder (for the access log).
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        chown(entry.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let caps: String = DAEMON_CAPS.split(',').map(|c| format!(",+{c}")).collect();
+    let mut child = std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            &format!("--inh-caps=-all{caps}"),
+            &format!("--ambient-caps=-all{caps}"),
+            &format!("--bounding-set=-all{caps}"),
+            "--no-new-privs",
+            env!("CARGO_BIN_EXE_portcullis"),
+            "run",
+            "--config",
+        ])
+        .arg(&cfg)
+        .env("PORTCULLIS_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = Vec::new();
+    let serving = loop {
+        match lines.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(l) if l.contains("portcullis is serving") => break l,
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("not serving unprivileged:\n{}", seen.join("\n"));
+            }
+        }
+    };
+    // Exactly these capabilities, as nobody.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert!(field("Uid:").starts_with("65534"), "{status}");
+    // CAP_NET_BIND_SERVICE 10, CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
+    let want: u64 = (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39);
+    assert_eq!(
+        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
+        want,
+        "{status}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.contains("XDP gate unavailable")),
+        "{seen:?}"
+    );
+    let target: std::net::SocketAddr = format!("{}:443", ns.host()).parse().unwrap();
+    let r = call_from(ns, ns.client(2), target, pki.clone());
+    assert!(r.is_err(), "outside the allow-list: {r:?}");
+    assert_eq!(call_from(ns, ns.client(3), target, pki.clone()), Ok(200));
+    let admin: std::net::SocketAddr = serving
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("admin=Some("))
+        .and_then(|a| a.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no admin address in {serving}"));
+    let metrics = support::client::Conn::plain(admin)
+        .await
+        .unwrap()
+        .get("localhost", "/metrics")
+        .await
+        .unwrap()
+        .body;
+    for sample in [
+        format!("portcullis_xdp_attached{{interface=\"{}\",mode=", ns.host_if),
+        "portcullis_xdp_verdicts_total{domain=\"*.apps.identity\",verdict=\"reject\",reason=\"allowlist\"} 1".to_string(),
+    ] {
+        assert!(metrics.contains(&sample), "{sample} in\n{metrics}");
+    }
+    // The maps stay pinned, owned by the service user, for the next start.
+    let pinned: Vec<_> = std::fs::read_dir(pins.0.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(pinned.iter().any(|n| n.contains("DENY")), "{pinned:?}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit on SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(code.success(), "{code:?}");
+}
+
+/// A bpffs mounted on a fresh folder and owned by `uid` (what dist/portcullis.service does
+/// before start); unmounted on drop.
+struct BpfMount(tempfile::TempDir);
+
+impl BpfMount {
+    fn new(uid: u32) -> BpfMount {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "bpf", "-o", "mode=0700", "bpf"])
+            .arg(dir.path())
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mount bpffs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+        BpfMount(dir)
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let path = std::ffi::CString::new(self.0.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; detaching a mount this test made.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// dist/portcullis.service grants exactly [`DAEMON_CAPS`], which the test above proves enough,
+/// raises the open-files limit past what the default `limits.max_connections` needs, and
+/// systemd accepts it without a complaint.
+#[test]
+fn the_systemd_unit_grants_the_tested_capabilities() {
+    use std::collections::BTreeSet;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/portcullis.service");
+    let unit = std::fs::read_to_string(path).unwrap();
+    let value = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key} in {path}"))
+            .to_string()
+    };
+    let caps = |key: &str| -> BTreeSet<String> {
+        value(key)
+            .split_whitespace()
+            .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+            .collect()
+    };
+    let want: BTreeSet<String> = DAEMON_CAPS.split(',').map(String::from).collect();
+    assert_eq!(caps("AmbientCapabilities"), want);
+    assert_eq!(caps("CapabilityBoundingSet"), want);
+    assert_eq!(value("NoNewPrivileges"), "yes");
+    let files: u64 = value("LimitNOFILE").parse().unwrap();
+    let max_connections = portcullis::config::Limits::default().max_connections as u64;
+    assert!(files >= 2 * max_connections + 64, "LimitNOFILE={files}");
+
+    let Ok(analyze) = which("systemd-analyze") else {
+        eprintln!("systemd-analyze not installed: the unit's syntax is not checked");
+        return;
+    };
+    // As installed, but starting this build's binary (verify wants the executables to exist).
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("portcullis.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "/usr/local/bin/portcullis",
+            env!("CARGO_BIN_EXE_portcullis"),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+fn which(cmd: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
