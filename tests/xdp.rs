@@ -2174,6 +2174,9 @@ async fn runs_unprivileged_with_four_capabilities() {
     );
     let cfg = dir.path().join("portcullis.yaml");
     std::fs::write(&cfg, yaml).unwrap();
+    // A copy of the binary the service user can reach wherever the checkout is.
+    let bin = dir.path().join("portcullis");
+    std::fs::copy(env!("CARGO_BIN_EXE_portcullis"), &bin).unwrap();
     // The service user owns its config folder (for the access log).
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         chown(entry.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
@@ -2190,10 +2193,9 @@ async fn runs_unprivileged_with_four_capabilities() {
             &format!("--ambient-caps=-all{caps}"),
             &format!("--bounding-set=-all{caps}"),
             "--no-new-privs",
-            env!("CARGO_BIN_EXE_portcullis"),
-            "run",
-            "--config",
         ])
+        .arg(&bin)
+        .args(["run", "--config"])
         .arg(&cfg)
         .env("PORTCULLIS_LOG", "info")
         .stdout(std::process::Stdio::null())
