@@ -515,7 +515,7 @@ async fn caller(addr: std::net::SocketAddr, pki: &TestPki, h2: bool) -> Conn {
 async fn sigterm_drains_behind_a_failing_health_check_then_stops() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
-    let d = draining_gateway(&pki, dir.path(), "{wait: 3s, timeout: 8s}").await;
+    let d = draining_gateway(&pki, dir.path(), "{wait: 4s, timeout: 8s}").await;
     let (mut gw, addr, admin) = (d.gw, d.https, d.admin);
     assert_eq!(health(admin).await, (200, "ok\n".to_string()));
     let mut h1 = caller(addr, &pki, false).await;
@@ -528,7 +528,7 @@ async fn sigterm_drains_behind_a_failing_health_check_then_stops() {
     // A request that is still in flight when the listeners close.
     let mut long = caller(addr, &pki, false).await;
     let slow = tokio::spawn(async move {
-        long.get("r.apps.identity", "/slow?ms=4500")
+        long.get("r.apps.identity", "/slow?ms=5500")
             .await
             .map(|r| (r.status, Instant::now()))
     });
@@ -559,13 +559,28 @@ async fn sigterm_drains_behind_a_failing_health_check_then_stops() {
     };
     support::bounded("the h2 connection ends", ended).await;
     assert!(
-        signalled.elapsed() < Duration::from_secs(3),
+        signalled.elapsed() < Duration::from_secs(4),
         "the h2 connection ended during the wait, not when the listeners closed"
     );
     // New connections are still served during the wait, and closed after their response.
     let mut late = caller(addr, &pki, false).await;
     let r = late.get("r.apps.identity", "/").await.unwrap();
     assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    let mut late_h2 = caller(addr, &pki, true).await;
+    assert_eq!(
+        late_h2.get("r.apps.identity", "/").await.unwrap().status,
+        200
+    );
+    let ended = async {
+        while late_h2.get("r.apps.identity", "/").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    support::bounded("the new h2 connection ends", ended).await;
+    assert!(
+        signalled.elapsed() < Duration::from_secs(4),
+        "the new h2 connection ended during the wait, after its first request"
+    );
 
     // After the wait the listeners close…
     let refused = async {
@@ -575,7 +590,7 @@ async fn sigterm_drains_behind_a_failing_health_check_then_stops() {
         signalled.elapsed()
     };
     let after = support::bounded("the listener closes", refused).await;
-    assert!(after >= Duration::from_secs(3), "refused after {after:?}");
+    assert!(after >= Duration::from_secs(4), "refused after {after:?}");
     gw.wait_for("closing the listeners; waiting for requests in flight");
     // …the request in flight still gets its answer, and then the process exits cleanly.
     let (status, answered) = slow.await.unwrap().expect("the slow request is answered");

@@ -866,7 +866,8 @@ enum Ends<'a> {
     /// HTTP/1.1 asked to park once no request moved for a whole tick. While the gateway drains
     /// its responses say `connection: close` (`proxy::handle`), so nothing more is needed here.
     Http1 { park: &'a (dyn Fn() + Sync) },
-    /// h2 is sent GOAWAY when the gateway starts draining (at once if it already is).
+    /// h2 is sent GOAWAY when the gateway starts draining, or once its first request has
+    /// started if it came later.
     H2 {
         draining: &'a mut watch::Receiver<bool>,
     },
@@ -913,6 +914,10 @@ where
     if closing {
         graceful(serving.as_mut());
     }
+    // The gateway drains (h2 only). A connection that has not started a request yet is served
+    // first: closing it before then would end it unanswered (hyper drops a connection still
+    // reading its preface), so the tick sends its GOAWAY once one has started.
+    let mut draining = false;
     loop {
         tokio::select! {
             res = serving.as_mut() => {
@@ -923,7 +928,10 @@ where
             }
             _ = tokio::time::sleep(tick) => {
                 let started = conn.requests.load(Ordering::Relaxed);
-                if conn.inflight.load(Ordering::Relaxed) > 0 || started != seen {
+                if draining && !closing && started > 0 {
+                    closing = true;
+                    graceful(serving.as_mut());
+                } else if conn.inflight.load(Ordering::Relaxed) > 0 || started != seen {
                     seen = started;
                     idle_since = Instant::now();
                 } else if !closing && idle_since.elapsed() >= idle {
@@ -941,9 +949,12 @@ where
                 closing = true;
                 graceful(serving.as_mut());
             }
-            _ = drain_started(&mut ends), if !closing => {
-                closing = true;
-                graceful(serving.as_mut());
+            _ = drain_started(&mut ends), if !closing && !draining => {
+                draining = true;
+                if conn.requests.load(Ordering::Relaxed) > 0 {
+                    closing = true;
+                    graceful(serving.as_mut());
+                }
             }
         }
     }
