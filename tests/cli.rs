@@ -405,19 +405,8 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
     let serving = gw.wait_for("portcullis is serving");
     let addr = Running::served_addr(&serving, "https=");
 
-    let mut caller = Conn::tls(
-        addr,
-        &pki.server_ca,
-        Some("r.apps.identity"),
-        Some(&pki.a),
-        false,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        caller.get("r.apps.identity", "/").await.unwrap().status,
-        403
-    );
+    let mut a = caller(addr, &pki, false).await;
+    assert_eq!(a.get("r.apps.identity", "/").await.unwrap().status, 403);
 
     // A long request, allowed for B, on another connection.
     let mut long = Conn::tls(
@@ -444,10 +433,7 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
     assert!(gw.signal(libc::SIGHUP));
     gw.wait_for("configuration reloaded");
     // The next request on the same, already established connection is allowed.
-    assert_eq!(
-        caller.get("r.apps.identity", "/").await.unwrap().status,
-        200
-    );
+    assert_eq!(a.get("r.apps.identity", "/").await.unwrap().status, 200);
     assert_eq!(
         slow.await.unwrap().unwrap(),
         200,
@@ -458,10 +444,7 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
     write_config(dir.path(), "portcullis.yaml", "listen: [broken\n");
     assert!(gw.signal(libc::SIGHUP));
     gw.wait_for("reload failed; keeping the running configuration");
-    assert_eq!(
-        caller.get("r.apps.identity", "/").await.unwrap().status,
-        200
-    );
+    assert_eq!(a.get("r.apps.identity", "/").await.unwrap().status, 200);
 }
 
 /// A gateway with `drain` set, its route allowing caller A.
@@ -496,6 +479,7 @@ async fn health(admin: std::net::SocketAddr) -> (u16, String) {
     (r.status, r.body)
 }
 
+/// A connection for r.apps.identity as caller A.
 async fn caller(addr: std::net::SocketAddr, pki: &TestPki, h2: bool) -> Conn {
     Conn::tls(
         addr,
