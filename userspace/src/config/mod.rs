@@ -276,8 +276,8 @@ impl Default for Limits {
     }
 }
 
-/// How the gateway stops on SIGTERM or SIGINT (README, "Stopping and draining"). Not in SPEC §3's
-/// example.
+/// How the gateway stops on SIGTERM or SIGINT (README, "Running a real deployment"). Not in
+/// SPEC §3's example.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Drain {
     /// How long the gateway keeps serving, new connections included, while `/health` answers
