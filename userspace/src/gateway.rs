@@ -251,14 +251,30 @@ impl Gateway {
             let mut stop = gw.shutdown.subscribe();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                // Retried every second; said at once, then once a minute while it fails.
+                let mut failing = Repeats::new(Duration::from_secs(60));
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
                             if let Some(x) = &s.xdp {
                                 x.sweep(&s.metrics);
                                 let config = &s.runtime.load().config;
-                                if let Err(e) = x.follow_registry(&s.registry.table(), config) {
-                                    tracing::error!(error = %e, "XDP allow-lists not updated from the registry");
+                                match x.follow_registry(&s.registry.table(), config) {
+                                    Ok(()) => {
+                                        if failing.clear() {
+                                            tracing::info!("XDP allow-lists follow the registry again");
+                                        }
+                                    }
+                                    Err(e) => {
+                                        if let Some(failures) = failing.note(Instant::now()) {
+                                            tracing::error!(
+                                                error = %e,
+                                                failures,
+                                                "XDP allow-lists not updated from the registry; \
+                                                 retried every second"
+                                            );
+                                        }
+                                    }
                                 }
                             }
                         }
@@ -487,28 +503,65 @@ struct Parts {
     connections: Arc<AtomicUsize>,
 }
 
-/// How often the listeners say they keep failing to accept.
-const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+/// A failure that can repeat many times a second, said once per `every` while it lasts, with
+/// how many there were since it was last said: the log keeps the news without the flood.
+struct Repeats {
+    every: Duration,
+    failed: u64,
+    said: Option<Instant>,
+}
 
-/// Accept failures, shared by every worker's accept loops so that they are said once in a
-/// while, not once per worker and retry.
-#[derive(Default)]
-struct AcceptFailures(Mutex<(u64, Option<Instant>)>);
+impl Repeats {
+    const fn new(every: Duration) -> Repeats {
+        Repeats {
+            every,
+            failed: 0,
+            said: None,
+        }
+    }
+
+    /// Counts one failure at `now`; when it is time to say so, how many to report.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.failed += 1;
+        if self
+            .said
+            .is_some_and(|at| now.duration_since(at) < self.every)
+        {
+            return None;
+        }
+        self.said = Some(now);
+        Some(std::mem::take(&mut self.failed))
+    }
+
+    /// A success: whether failures had been noted since the last one. The next failure is said
+    /// at once.
+    fn clear(&mut self) -> bool {
+        let had = self.said.is_some();
+        *self = Repeats::new(self.every);
+        had
+    }
+}
+
+/// Accept failures, shared by every worker's accept loops so that they are said once every
+/// 10 s, not once per worker and retry.
+struct AcceptFailures(Mutex<Repeats>);
+
+impl Default for AcceptFailures {
+    fn default() -> Self {
+        AcceptFailures(Mutex::new(Repeats::new(Duration::from_secs(10))))
+    }
+}
 
 impl AcceptFailures {
     fn note(&self, metrics: &crate::metrics::Metrics, e: &std::io::Error) {
         metrics.accept_errors.inc();
-        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let (failed, warned) = &mut *g;
-        *failed += 1;
-        if warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+        let mut repeats = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(failures) = repeats.note(Instant::now()) {
             tracing::warn!(
                 error = %e,
-                failures = *failed,
+                failures,
                 "accept failed; retrying every 50 ms (counted in portcullis_accept_errors_total)"
             );
-            *warned = Some(Instant::now());
-            *failed = 0;
         }
     }
 }
@@ -957,5 +1010,30 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_failures_are_said_once_per_period_with_their_count() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut r = Repeats::new(Duration::from_secs(10));
+        assert!(!r.clear(), "nothing failed yet");
+        assert_eq!(r.note(at(0)), Some(1), "the first is said at once");
+        assert_eq!(r.note(at(1)), None);
+        assert_eq!(r.note(at(9)), None);
+        assert_eq!(
+            r.note(at(10)),
+            Some(3),
+            "then once a period, with the count"
+        );
+        assert_eq!(r.note(at(11)), None);
+        assert!(r.clear(), "a success after failures");
+        assert!(!r.clear());
+        assert_eq!(r.note(at(12)), Some(1), "a new failure is said at once");
     }
 }
