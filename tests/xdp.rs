@@ -16,6 +16,7 @@ use support::packets::{
     client_hello, ipv4_checksum_ok, rustls_client_hello, tcp_checksum_ok, Segment, SniAt, SYN,
 };
 use support::pki::TestPki;
+use support::process::Running;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -2145,7 +2146,6 @@ const DAEMON_CAPS: &str = "net_bind_service,bpf,perfmon,net_admin";
 /// maps, and the gate resets a caller outside the allow-list while an allowed one is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_unprivileged_with_four_capabilities() {
-    use std::io::BufRead;
     use std::os::unix::fs::chown;
     if object().is_none() {
         return;
@@ -2184,47 +2184,25 @@ async fn runs_unprivileged_with_four_capabilities() {
     chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
 
     let caps: String = DAEMON_CAPS.split(',').map(|c| format!(",+{c}")).collect();
-    let mut child = std::process::Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            &format!("--inh-caps=-all{caps}"),
-            &format!("--ambient-caps=-all{caps}"),
-            &format!("--bounding-set=-all{caps}"),
-            "--no-new-privs",
-        ])
-        .arg(&bin)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("PORTCULLIS_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("setpriv (util-linux)");
-    let (tx, lines) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(l);
-        }
-    });
-    let mut seen = Vec::new();
-    let serving = loop {
-        match lines.recv_timeout(std::time::Duration::from_secs(20)) {
-            Ok(l) if l.contains("portcullis is serving") => break l,
-            Ok(l) => seen.push(l),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("not serving unprivileged:\n{}", seen.join("\n"));
-            }
-        }
-    };
+    let mut gw = Running::spawn(
+        std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                "--clear-groups",
+                &format!("--inh-caps=-all{caps}"),
+                &format!("--ambient-caps=-all{caps}"),
+                &format!("--bounding-set=-all{caps}"),
+                "--no-new-privs",
+            ])
+            .arg(&bin)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("PORTCULLIS_LOG", "info"),
+    );
+    let serving = gw.wait_for("portcullis is serving");
     // Exactly these capabilities, as nobody.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.child.id())).unwrap();
     let field = |name: &str| {
         status
             .lines()
@@ -2242,18 +2220,15 @@ async fn runs_unprivileged_with_four_capabilities() {
         "{status}"
     );
     assert!(
-        !seen.iter().any(|l| l.contains("XDP gate unavailable")),
-        "{seen:?}"
+        !gw.seen.iter().any(|l| l.contains("XDP gate unavailable")),
+        "{:?}",
+        gw.seen
     );
     let target: std::net::SocketAddr = format!("{}:443", ns.host()).parse().unwrap();
     let r = call_from(ns, ns.client(2), target, pki.clone());
     assert!(r.is_err(), "outside the allow-list: {r:?}");
     assert_eq!(call_from(ns, ns.client(3), target, pki.clone()), Ok(200));
-    let admin: std::net::SocketAddr = serving
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("admin=Some("))
-        .and_then(|a| a.trim_end_matches(')').parse().ok())
-        .unwrap_or_else(|| panic!("no admin address in {serving}"));
+    let admin = Running::served_addr(&serving, "admin=");
     let metrics = support::client::Conn::plain(admin)
         .await
         .unwrap()
@@ -2273,16 +2248,7 @@ async fn runs_unprivileged_with_four_capabilities() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert!(pinned.iter().any(|n| n.contains("DENY")), "{pinned:?}");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "no exit on SIGTERM");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let code = gw.terminate().expect("exits on SIGTERM");
     assert!(code.success(), "{code:?}");
 }
 

@@ -8,6 +8,7 @@ pub mod nats;
 pub mod netns;
 pub mod packets;
 pub mod pki;
+pub mod process;
 
 use std::future::Future;
 use std::time::Duration;

@@ -246,43 +246,7 @@ impl Gateway {
             connections,
             stop_workers,
         };
-        if gw.state.xdp.is_some() {
-            let s = gw.state.clone();
-            let mut stop = gw.shutdown.subscribe();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                // Retried every second; said at once, then once a minute while it fails.
-                let mut failing = Repeats::new(Duration::from_secs(60));
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {
-                            if let Some(x) = &s.xdp {
-                                x.sweep(&s.metrics);
-                                let config = &s.runtime.load().config;
-                                match x.follow_registry(&s.registry.table(), config) {
-                                    Ok(()) => {
-                                        if failing.clear() {
-                                            tracing::info!("XDP allow-lists follow the registry again");
-                                        }
-                                    }
-                                    Err(e) => {
-                                        if let Some(failures) = failing.note(Instant::now()) {
-                                            tracing::error!(
-                                                error = %e,
-                                                failures,
-                                                "XDP allow-lists not updated from the registry; \
-                                                 retried every second"
-                                            );
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        _ = stop.changed() => return,
-                    }
-                }
-            });
-        }
+        tokio::spawn(xdp_upkeep(gw.state.clone(), gw.shutdown.subscribe()));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let failures = Arc::new(AcceptFailures::default());
         let listeners = [Some((https_l, true)), http_l.map(|l| (l, false))];
@@ -452,7 +416,7 @@ impl Gateway {
     /// and the load balancer move elsewhere; `hurry` (a second signal) cuts the wait short.
     /// Then [`Gateway::shutdown`] with `drain.timeout`.
     pub async fn drain(self, hurry: impl Future<Output = ()>) {
-        let drain = self.state.runtime.load().config.drain.clone();
+        let drain = self.state.runtime.load().config.drain;
         if !drain.wait.is_zero() {
             self.state.draining.start();
             tracing::info!(
@@ -472,6 +436,38 @@ impl Gateway {
             "closing the listeners; waiting for requests in flight"
         );
         self.shutdown(drain.timeout).await;
+    }
+}
+
+/// With the gate (or deny learning without it), once a second until shutdown: expires learned
+/// denials and brings the gate's allow-lists up to date with the registry. A sync that keeps
+/// failing is retried every second, said at once and then once a minute.
+async fn xdp_upkeep(s: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let Some(x) = &s.xdp else { return };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut failing = Repeats::new(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        x.sweep(&s.metrics);
+        let config = &s.runtime.load().config;
+        match x.follow_registry(&s.registry.table(), config) {
+            Ok(()) if failing.clear() => {
+                tracing::info!("XDP allow-lists follow the registry again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if let Some(failures) = failing.note(Instant::now()) {
+                    tracing::error!(
+                        error = %e,
+                        failures,
+                        "XDP allow-lists not updated from the registry; retried every second"
+                    );
+                }
+            }
+        }
     }
 }
 

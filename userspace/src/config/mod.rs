@@ -278,7 +278,7 @@ impl Default for Limits {
 
 /// How the gateway stops on SIGTERM or SIGINT (README, "Running a real deployment"). Not in
 /// SPEC §3's example.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Drain {
     /// How long the gateway keeps serving, new connections included, while `/health` answers
     /// 503 so that load balancers take it out of rotation first; responses on HTTP/1.1 close
@@ -1008,14 +1008,10 @@ impl Validator<'_> {
             workers: workers.min(MAX_WORKERS),
             listen_backlog: listen_backlog.clamp(1, MAX_LISTEN_BACKLOG),
         };
-        let d = &raw.drain;
+        let (d, defaults) = (&raw.drain, Drain::default());
         let drain = Drain {
-            wait: self.duration_or_zero("drain.wait", d.wait.as_deref(), Drain::default().wait),
-            timeout: self.duration_or_zero(
-                "drain.timeout",
-                d.timeout.as_deref(),
-                Drain::default().timeout,
-            ),
+            wait: self.duration_or_zero("drain.wait", d.wait.as_deref(), defaults.wait),
+            timeout: self.duration_or_zero("drain.timeout", d.timeout.as_deref(), defaults.timeout),
         };
 
         Config {
