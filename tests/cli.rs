@@ -623,3 +623,159 @@ async fn out_of_files_a_listener_waits_quietly_and_recovers() {
         .unwrap_or_else(|| panic!("no accept_errors in {metrics}"));
     assert!(errors > 10.0, "{errors} accept failures counted");
 }
+
+/// The gauge line of one certificate in a `/metrics` text, if present.
+fn expiry_sample<'a>(metrics: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("portcullis_certificate_expiry_timestamp_seconds{{key=\"{key}\",");
+    metrics.lines().find(|l| l.starts_with(&prefix))
+}
+
+async fn metrics_text(admin: std::net::SocketAddr) -> String {
+    let mut c = Conn::plain(admin).await.expect("admin reachable");
+    let r = c
+        .get("localhost", "/metrics")
+        .await
+        .expect("metrics answer");
+    assert_eq!(r.status, 200);
+    r.body
+}
+
+/// Every loaded certificate's notAfter is a gauge; one about to expire, expired or not valid yet
+/// is said by `check` (exit 0: the config is valid) and in the log at start, and a reload with
+/// renewed files replaces the series and says nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_expiry_is_exported_and_said_by_check_start_and_reload() {
+    use portcullis::pki::{Ca, Validity};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let day = 86_400;
+    // The server certificate ends in 10 days and an hour; the identity bundle is mid-rotation:
+    // an old root that has expired, then the current one.
+    let ends = now + 10 * day + 3_600;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let names = ["localhost", "*.apps.identity"];
+    let soon = pki
+        .server_ca
+        .server_valid(&names, Validity::Unix(now - day, ends))
+        .unwrap();
+    std::fs::write(dir.path().join("server.pem"), &soon.chain_pem).unwrap();
+    std::fs::write(dir.path().join("server.key"), &soon.key_pem).unwrap();
+    let old_root = Ca::root_valid("old identity root", Validity::Expired).unwrap();
+    std::fs::write(
+        dir.path().join("identity-ca.pem"),
+        format!("{}{}", old_root.cert_pem, pki.identity_root.cert_pem),
+    )
+    .unwrap();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let yaml = format!(
+        "{}admin: {{listen: \"127.0.0.1:0\"}}\nbackends: {{ca_certs: backend-ca.pem}}\n",
+        reload_config(0, "cf:app:app-a", backend.addr)
+    );
+    let cfg = write_config(dir.path(), "portcullis.yaml", &yaml);
+    let ends_at =
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(ends))
+            .to_string();
+
+    // check: valid, with one warning per certificate that needs attention, and no other.
+    let out = Command::new(BIN)
+        .args(["check", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": valid\n"));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "warning: tls.certificates[0].cert_chain[0] ('server.pem', CN=localhost): \
+                 expires on {ends_at} (10 days left)"
+            ),
+            "warning: domains[0].ca_certs[0] ('identity-ca.pem', CN=old identity root): \
+             expired on 2021-01-01T00:00:00Z"
+                .to_string(),
+        ]
+    );
+
+    // run: the same two said at start, and every certificate exported.
+    let mut gw = Running::start(&["run", "--config", cfg.to_str().unwrap()]);
+    let serving = gw.wait_for("portcullis is serving");
+    let said: Vec<&String> = gw
+        .seen
+        .iter()
+        .filter(|l| l.contains("certificate"))
+        .collect();
+    assert_eq!(said.len(), 2, "{said:#?}");
+    assert!(
+        said[0].contains("WARN")
+            && said[0].contains("certificate expires soon")
+            && said[0].contains("tls.certificates[0].cert_chain[0]")
+            && said[0].contains("days_left=10"),
+        "{}",
+        said[0]
+    );
+    assert!(
+        said[1].contains("ERROR")
+            && said[1].contains("certificate has expired")
+            && said[1].contains("domains[0].ca_certs[0]")
+            && said[1].contains("2021-01-01T00:00:00Z"),
+        "{}",
+        said[1]
+    );
+    let admin = Running::served_addr(&serving, "admin=");
+    let https = Running::served_addr(&serving, "https=");
+    let m = metrics_text(admin).await;
+    assert_eq!(
+        expiry_sample(&m, "tls.certificates[0].cert_chain[0]"),
+        Some(
+            format!(
+                "portcullis_certificate_expiry_timestamp_seconds{{key=\"tls.certificates[0].\
+                 cert_chain[0]\",file=\"server.pem\",subject=\"CN=localhost\"}} {ends}"
+            )
+            .as_str()
+        )
+    );
+    // 2021-01-01 and 2060-01-01: the old root and the current one, each its own series.
+    assert!(expiry_sample(&m, "domains[0].ca_certs[0]")
+        .is_some_and(|l| l.ends_with("subject=\"CN=old identity root\"} 1609459200")));
+    assert!(expiry_sample(&m, "domains[0].ca_certs[1]")
+        .is_some_and(|l| l.ends_with("subject=\"CN=test identity root\"} 2840140800")));
+    assert!(expiry_sample(&m, "backends.ca_certs[0]")
+        .is_some_and(|l| l.ends_with("subject=\"CN=test backend CA\"} 2840140800")));
+    // The gateway serves with them (the current root verifies caller A).
+    assert_eq!(
+        caller(https, &pki, false)
+            .await
+            .get("r.apps.identity", "/")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Renewed files and SIGHUP: the series follow, the old root's is gone, nothing is said.
+    pki.write(dir.path());
+    assert!(gw.signal(libc::SIGHUP));
+    gw.wait_for("configuration reloaded");
+    let m = metrics_text(admin).await;
+    assert!(expiry_sample(&m, "tls.certificates[0].cert_chain[0]")
+        .is_some_and(|l| l.ends_with(" 2840140800")));
+    assert!(expiry_sample(&m, "domains[0].ca_certs[0]")
+        .is_some_and(|l| l.contains("CN=test identity root")));
+    assert_eq!(expiry_sample(&m, "domains[0].ca_certs[1]"), None);
+    let at_reload = gw
+        .seen
+        .iter()
+        .rev()
+        .take_while(|l| !l.contains("portcullis is serving"));
+    assert_eq!(
+        at_reload.filter(|l| l.contains("certificate")).count(),
+        0,
+        "{:#?}",
+        gw.seen
+    );
+}

@@ -181,6 +181,7 @@ impl Gateway {
             None => None,
         };
         warn_admin(&config);
+        check_certificates(&metrics, &config);
         let ktls = tls::probe_kernel_tls(config.tls.ktls)
             .await
             .map_err(StartError::KernelTls)?;
@@ -247,6 +248,10 @@ impl Gateway {
             stop_workers,
         };
         tokio::spawn(xdp_upkeep(gw.state.clone(), gw.shutdown.subscribe()));
+        tokio::spawn(certificate_upkeep(
+            gw.state.clone(),
+            gw.shutdown.subscribe(),
+        ));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let failures = Arc::new(AcceptFailures::default());
         let listeners = [Some((https_l, true)), http_l.map(|l| (l, false))];
@@ -372,6 +377,7 @@ impl Gateway {
         let runtime = Runtime::build(config)?;
         let cfg = &runtime.config;
         warn_admin(cfg);
+        check_certificates(&self.state.metrics, cfg);
         if let Some(x) = &self.state.xdp {
             if let Err(e) = x.sync(cfg) {
                 tracing::error!(error = %e, "XDP maps not updated");
@@ -472,6 +478,31 @@ async fn xdp_upkeep(s: Arc<State>, mut stop: watch::Receiver<bool>) {
 }
 
 /// What an operator should know about how the admin API is protected.
+/// Exports every loaded certificate's expiry and says those expired, not valid yet or
+/// expiring soon (see [`tls::expiry`]).
+fn check_certificates(metrics: &Metrics, config: &Config) {
+    tls::expiry::publish(metrics, &config.certificate_validity);
+    tls::expiry::log(&config.certificate_validity, tls::expiry::unix_now());
+}
+
+/// Says again, once a day, what [`check_certificates`] said at start or the last reload: a
+/// gateway that runs for months walks into its certificates' expiry without a reload.
+async fn certificate_upkeep(s: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval_at(
+        tokio::time::Instant::now() + tls::expiry::EVERY,
+        tls::expiry::EVERY,
+    );
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                let runtime = s.runtime.load();
+                tls::expiry::log(&runtime.config.certificate_validity, tls::expiry::unix_now());
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 fn warn_admin(config: &Config) {
     let Some(admin) = &config.admin else { return };
     match &admin.token {

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use portcullis::config::{load_certs, Config};
 use portcullis::gateway::Gateway;
 use portcullis::registry::Registry;
+use portcullis::tls::expiry;
 
 /// jemalloc rather than glibc's malloc. A proxied request makes about 40 allocations, several
 /// larger than glibc's per-thread cache takes (1,032 bytes, 7 per size), which then go through
@@ -123,7 +124,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load(&config) {
-            Ok(_) => {
+            Ok(cfg) => {
+                // Certificate dates do not make a config invalid (the gateway starts with them);
+                // they are said so the operator replaces the files in time.
+                let now = expiry::unix_now();
+                for (c, f) in expiry::review(&cfg.certificate_validity, now) {
+                    eprintln!("warning: {}", expiry::describe(c, f));
+                }
                 println!("{}: valid", config.display());
                 ExitCode::SUCCESS
             }

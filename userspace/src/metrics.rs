@@ -69,6 +69,14 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// The config key and the certificate's place in its file: `domains[0].ca_certs[1]`.
+    pub key: String,
+    pub file: String,
+    pub subject: String,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -99,6 +107,7 @@ pub struct Metrics {
     pub backend_errors: Family<ErrorLabels, Counter>,
     pub access_log_dropped: Counter,
     pub admin_refused: Counter,
+    pub certificate_expiry: Family<CertLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -134,6 +143,7 @@ impl Metrics {
             backend_errors: Family::default(),
             access_log_dropped: Counter::default(),
             admin_refused: Counter::default(),
+            certificate_expiry: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -246,6 +256,12 @@ impl Metrics {
             "access_log_dropped",
             "Access-log records dropped because the writer fell behind",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each certificate the config loaded expires (its notAfter, Unix seconds), by \
+             config key, file and subject",
+            m.certificate_expiry.clone(),
         );
         Metrics { registry, ..m }
     }

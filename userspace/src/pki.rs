@@ -28,6 +28,8 @@ pub enum Validity {
     Expired,
     /// Starts in 2090.
     NotYetValid,
+    /// From and to these Unix times (seconds), e.g. one that expires next week.
+    Unix(u64, u64),
 }
 
 /// A certificate and its key, in PEM, with the issuing chain.
@@ -57,6 +59,12 @@ fn validity(params: &mut CertificateParams, v: Validity) {
         Validity::Current => ((2020, 1, 1), (2060, 1, 1)),
         Validity::Expired => ((2019, 1, 1), (2021, 1, 1)),
         Validity::NotYetValid => ((2090, 1, 1), (2095, 1, 1)),
+        Validity::Unix(from, to) => {
+            let epoch = date_time_ymd(1970, 1, 1);
+            params.not_before = epoch + std::time::Duration::from_secs(from);
+            params.not_after = epoch + std::time::Duration::from_secs(to);
+            return;
+        }
     };
     params.not_before = date_time_ymd(from.0, from.1, from.2);
     params.not_after = date_time_ymd(to.0, to.1, to.2);
@@ -80,8 +88,14 @@ fn ca_params(cn: &str) -> Result<CertificateParams, PkiError> {
 impl Ca {
     /// A self-signed root.
     pub fn root(cn: &str) -> Result<Ca, PkiError> {
+        Self::root_valid(cn, Validity::Current)
+    }
+
+    /// A self-signed root valid for `v`.
+    pub fn root_valid(cn: &str, v: Validity) -> Result<Ca, PkiError> {
         let key = KeyPair::generate()?;
-        let params = ca_params(cn)?;
+        let mut params = ca_params(cn)?;
+        validity(&mut params, v);
         let cert = params.self_signed(&key)?;
         Ok(Ca {
             cert_pem: cert.pem(),
@@ -106,6 +120,11 @@ impl Ca {
 
     /// A server certificate for DNS names and IP addresses.
     pub fn server(&self, names: &[&str]) -> Result<Leaf, PkiError> {
+        self.server_valid(names, Validity::Current)
+    }
+
+    /// A server certificate valid for `v`.
+    pub fn server_valid(&self, names: &[&str], v: Validity) -> Result<Leaf, PkiError> {
         let key = KeyPair::generate()?;
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
@@ -115,7 +134,7 @@ impl Ca {
             names.first().copied().unwrap_or("server"),
         );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        validity(&mut params, Validity::Current);
+        validity(&mut params, v);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(self.leaf(cert.der().clone(), key))
     }

@@ -18,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::names::DomainPattern;
 use crate::registry::ValidRegistration;
-pub use pem::{load_certified_key, load_certs, parse_certs, CertFile};
+pub use pem::{load_certified_key, load_certs, parse_certs, CertFile, CertValidity};
 use raw::*;
 pub use token::{read_token, Access, AdminToken};
 
@@ -41,6 +41,8 @@ pub struct Config {
     pub xdp: Xdp,
     pub limits: Limits,
     pub drain: Drain,
+    /// Every certificate loaded from the files above, in config order, for the expiry checks.
+    pub certificate_validity: Vec<CertValidity>,
 }
 
 /// The admin API (SPEC §12).
@@ -393,6 +395,7 @@ impl Config {
         let mut v = Validator {
             base,
             problems: unknown,
+            validity: Vec::new(),
         };
         let cfg = v.config(raw);
         if v.problems.is_empty() {
@@ -431,6 +434,8 @@ fn format_ignored(path: &str) -> String {
 struct Validator<'a> {
     base: &'a Path,
     problems: Vec<Problem>,
+    /// Every certificate loaded so far.
+    validity: Vec<CertValidity>,
 }
 
 impl Validator<'_> {
@@ -600,7 +605,10 @@ impl Validator<'_> {
 
     fn certs(&mut self, key: &str, rel: &str) -> Option<Vec<CertificateDer<'static>>> {
         match load_certs(self.base, rel) {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                self.validity.extend(pem::validity(key, rel, &c));
+                Some(c)
+            }
             Err(e) => {
                 self.problem(key, e);
                 None
@@ -616,7 +624,11 @@ impl Validator<'_> {
     ) -> Option<CertFile> {
         match (chain, pkey) {
             (Some(c), Some(k)) => match load_certified_key(self.base, c, k) {
-                Ok(ck) => Some(ck),
+                Ok(ck) => {
+                    let chain = format!("{key}.cert_chain");
+                    self.validity.extend(pem::validity(&chain, c, &ck.key.cert));
+                    Some(ck)
+                }
                 Err((field, e)) => {
                     self.problem(format!("{key}.{field}"), e);
                     None
@@ -1030,6 +1042,7 @@ impl Validator<'_> {
             xdp,
             limits,
             drain,
+            certificate_validity: std::mem::take(&mut self.validity),
         }
     }
 }

@@ -10,6 +10,40 @@ use x509_parser::prelude::*;
 
 use crate::names::DomainPattern;
 
+/// When one certificate the config loaded is valid, for the expiry checks (metric and warnings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertValidity {
+    /// The config key and the certificate's place in its file: `domains[0].ca_certs[1]`.
+    pub key: String,
+    /// The file as the config names it.
+    pub file: String,
+    /// The Subject, as `CN=…, OU=…`.
+    pub subject: String,
+    /// Seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// The validity of every certificate in `certs`, keyed `{key}[{i}]`. Every one parsed already
+/// ([`parse_certs`] checks), so none is skipped in practice.
+pub fn validity(key: &str, file: &str, certs: &[CertificateDer<'_>]) -> Vec<CertValidity> {
+    certs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, der)| {
+            let (_, cert) = X509Certificate::from_der(der).ok()?;
+            let v = cert.validity();
+            Some(CertValidity {
+                key: format!("{key}[{i}]"),
+                file: file.to_string(),
+                subject: cert.subject().to_string(),
+                not_before: v.not_before.timestamp(),
+                not_after: v.not_after.timestamp(),
+            })
+        })
+        .collect()
+}
+
 /// A server or client certificate with its key, ready for rustls.
 pub struct CertFile {
     pub key: Arc<CertifiedKey>,

@@ -2,6 +2,7 @@
 
 mod accept;
 mod backend;
+pub mod expiry;
 mod kernel;
 pub mod kstream;
 mod server;
