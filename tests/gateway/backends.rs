@@ -7,7 +7,8 @@ use portcullis::echo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::support::client::get;
+use crate::support::bounded;
+use crate::support::client::{get, Conn};
 use crate::support::gateway::TestGateway;
 use crate::support::pki::TestPki;
 
@@ -478,4 +479,113 @@ fn parse_sized(path: &str) -> (usize, usize) {
 
 fn pattern(len: usize, seed: usize) -> Vec<u8> {
     (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+}
+
+/// A TCP listener that accepts and never answers (a TLS handshake with it takes the whole
+/// connect timeout); returns its port and how many connections it accepted.
+async fn silent_listener() -> (u16, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut silent = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            silent.push(tcp);
+        }
+    });
+    (port, accepted)
+}
+
+/// An endpoint that failed a connection comes after the route's other endpoints for
+/// `backends.failure_cooldown`, so a dead instance costs one failed connect per cooldown
+/// instead of one every other request; after the cooldown it is tried again, and a route whose
+/// endpoints have all failed still tries them. With the cooldown at `0s` every other request
+/// pays the connect timeout, as before.
+#[tokio::test]
+async fn a_failed_endpoint_comes_last_for_the_failure_cooldown() {
+    let pki = TestPki::new();
+    let alive = echo::start("alive", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let (silent, accepted) = silent_listener().await;
+    for (cooldown, first_eight) in [("1s", 1), ("0s", 4)] {
+        let y = format!(
+            "limits: {{workers: 1}}\n\
+             backends: {{ca_certs: backend-ca.pem, connect_timeout: 300ms, \
+             failure_cooldown: {cooldown}}}\n\
+             routes:\n\
+             \x20 - {{uris: [pair.apps.plain], host: 127.0.0.1, tls_port: {silent}, \
+             server_cert_domain_san: backend.internal}}\n\
+             \x20 - {{uris: [pair.apps.plain, alive.apps.plain], host: 127.0.0.1, port: {}}}\n\
+             \x20 - {{uris: [lone.apps.plain], host: 127.0.0.1, tls_port: {silent}, \
+             server_cert_domain_san: backend.internal}}\n",
+            alive.addr.port()
+        );
+        let gw = TestGateway::start(&pki, &y).await;
+        accepted.store(0, Ordering::Relaxed);
+        let mut c = Conn::plain(gw.http()).await.unwrap();
+        let started = std::time::Instant::now();
+        for i in 0..8 {
+            let r = bounded("a request", c.get("pair.apps.plain", "/")).await;
+            assert_eq!(r.unwrap().status, 200, "{cooldown}: request {i}");
+        }
+        let took = started.elapsed();
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            first_eight,
+            "{cooldown}: connects to the silent endpoint for 8 requests"
+        );
+        if cooldown == "0s" {
+            assert!(took >= std::time::Duration::from_millis(1_200), "{took:?}");
+            continue;
+        }
+        assert!(took < std::time::Duration::from_millis(900), "{took:?}");
+        // /routes says how long it still comes last; the other endpoint has no such field.
+        let routes = get_admin(&gw, "/routes").await;
+        let pair: Vec<&serde_json::Value> = routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["route"] == "pair.apps.plain")
+            .flat_map(|r| r["endpoints"].as_array().unwrap())
+            .collect();
+        let left: Vec<Option<u64>> = pair
+            .iter()
+            .map(|e| e["failure_cooldown_ms"].as_u64())
+            .collect();
+        assert_eq!(left.len(), 2);
+        assert!(
+            left.iter()
+                .filter(|l| l.is_some_and(|ms| ms <= 1_000))
+                .count()
+                == 1
+                && left.iter().filter(|l| l.is_none()).count() == 1,
+            "{pair:#?}"
+        );
+        // A route with only the failed endpoint still tries it: two requests, two connects.
+        let before = accepted.load(Ordering::Relaxed);
+        for _ in 0..2 {
+            let r = bounded("a request", c.get("lone.apps.plain", "/")).await;
+            assert_eq!(r.unwrap().status, 502);
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), before + 2);
+        // After the cooldown the silent endpoint takes its turn again on the pair route.
+        tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+        let before = accepted.load(Ordering::Relaxed);
+        for _ in 0..2 {
+            let r = bounded("a request", c.get("pair.apps.plain", "/")).await;
+            assert_eq!(r.unwrap().status, 200);
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), before + 1);
+    }
+}
+
+async fn get_admin(gw: &TestGateway, path: &str) -> serde_json::Value {
+    let admin = gw.gw.admin_addr().expect("admin listener");
+    let mut c = Conn::plain(admin).await.unwrap();
+    let r = c.get("localhost", path).await.unwrap();
+    assert_eq!(r.status, 200);
+    serde_json::from_str(&r.body).unwrap()
 }

@@ -34,6 +34,9 @@ struct EndpointView<'a> {
     private_instance_id: &'a str,
     private_instance_index: &'a str,
     static_route: bool,
+    /// Milliseconds this endpoint still comes after the others, after a failed connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_cooldown_ms: Option<u64>,
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
@@ -77,6 +80,7 @@ fn routes(state: &State) -> Response<ProxyBody> {
                     private_instance_id: &e.private_instance_id,
                     private_instance_index: &e.private_instance_index,
                     static_route: e.permanent,
+                    failure_cooldown_ms: e.cooldown_left().map(|d| d.as_millis() as u64),
                 })
                 .collect(),
         })

@@ -137,6 +137,9 @@ pub struct Backends {
     /// Requests one h2 backend connection carries at a time; when every connection to a backend
     /// carries this many, another is opened.
     pub h2_streams_per_connection: usize,
+    /// How long an endpoint that failed a connection comes after the others in selection
+    /// (GoRouter's "ineligible" endpoints); zero = never.
+    pub failure_cooldown: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -836,6 +839,11 @@ impl Validator<'_> {
                 Some(n) => n,
                 None => 100,
             },
+            failure_cooldown: self.duration_or_zero(
+                "backends.failure_cooldown",
+                b.failure_cooldown.as_deref(),
+                Duration::from_secs(30),
+            ),
         };
 
         let registry = RegistrySettings {

@@ -87,6 +87,7 @@ pub struct RawBackends {
     pub idle_timeout: Option<String>,
     pub max_idle_per_endpoint: Option<usize>,
     pub h2_streams_per_connection: Option<usize>,
+    pub failure_cooldown: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

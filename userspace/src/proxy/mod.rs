@@ -422,6 +422,7 @@ async fn route(
         (Some(s), Some(id)) => check_scope(s, id, e).is_ok(),
         _ => true,
     };
+    let cooldown = rt.config.backends.failure_cooldown;
     let mut failed = 0;
     while failed < MAX_ATTEMPTS {
         let Some(ep) = first.take().or_else(|| selector.next(eligible)) else {
@@ -437,6 +438,7 @@ async fn route(
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "backend connect failed");
+                endpoint_failed(&ep, &pool.key, &e, cooldown);
                 state
                     .metrics
                     .backend_errors
@@ -490,6 +492,7 @@ async fn route(
         };
         match result {
             Ok(mut resp) => {
+                ep.mark_answered();
                 done.record.backend_time = Some(sent_at.elapsed());
                 let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
@@ -522,6 +525,7 @@ async fn route(
                 match request {
                     // Nothing was sent: safe to try another endpoint.
                     Some(r) => {
+                        endpoint_failed(&ep, &pool.key, &e, cooldown);
                         pending = Some(r);
                         failed += 1;
                         done.record.failed_attempts = failed;
@@ -532,6 +536,26 @@ async fn route(
         }
     }
     Err(Reject::EndpointFailure)
+}
+
+/// Puts an endpoint whose connection failed behind the others for `cooldown`, saying so when it
+/// starts (at most once per cooldown and endpoint).
+fn endpoint_failed(
+    ep: &Endpoint,
+    route: &crate::registry::RouteKey,
+    error: &dyn std::fmt::Display,
+    cooldown: Duration,
+) {
+    if ep.mark_failed(cooldown) {
+        tracing::warn!(
+            endpoint = %ep.addr,
+            %route,
+            %error,
+            ?cooldown,
+            "backend endpoint failed; it comes after the route's other endpoints until the \
+             cooldown ends (backends.failure_cooldown)"
+        );
+    }
 }
 
 /// Sends on `lease`; when a pooled connection turns out closed before anything was sent, retries

@@ -6,8 +6,8 @@
 mod select;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::authz::{RoutePolicy, ScopeTags};
@@ -31,6 +31,9 @@ pub struct Endpoint {
     pub availability_zone: String,
     /// Requests in flight to this endpoint (least-connection); shared across snapshots.
     pub active: Arc<AtomicUsize>,
+    /// Until when (a [`now_ms`] time; 0 = not) a connection failure keeps this endpoint behind
+    /// the others in selection; shared across snapshots, so a heartbeat does not clear it.
+    pub failed_until: Arc<AtomicU64>,
     /// Never pruned (static config routes).
     pub permanent: bool,
     pub stale_threshold: Duration,
@@ -53,6 +56,7 @@ impl Endpoint {
             private_instance_index: String::new(),
             availability_zone: String::new(),
             active: Arc::default(),
+            failed_until: Arc::default(),
             permanent: true,
             stale_threshold: Duration::from_secs(120),
             refreshed: Instant::now(),
@@ -61,6 +65,39 @@ impl Endpoint {
 
     fn tag(&self, name: &str) -> &str {
         self.tags.get(name).map_or("", String::as_str)
+    }
+
+    /// Whether a connection failure at most `backends.failure_cooldown` ago keeps it behind the
+    /// endpoints that have not failed.
+    pub fn cooling_down(&self, now_ms: u64) -> bool {
+        let until = self.failed_until.load(Ordering::Relaxed);
+        until != 0 && now_ms < until
+    }
+
+    /// How long it still cools down, if it does.
+    pub fn cooldown_left(&self) -> Option<Duration> {
+        let until = self.failed_until.load(Ordering::Relaxed);
+        let now = now_ms();
+        (until != 0 && now < until).then(|| Duration::from_millis(until - now))
+    }
+
+    /// Puts it behind the others for `cooldown` after a failed connection. True when it was
+    /// not cooling down already (the failure worth saying).
+    pub fn mark_failed(&self, cooldown: Duration) -> bool {
+        if cooldown.is_zero() {
+            return false;
+        }
+        let now = now_ms();
+        let until = now.saturating_add(cooldown.as_millis() as u64);
+        let before = self.failed_until.swap(until, Ordering::Relaxed);
+        before == 0 || before <= now
+    }
+
+    /// Ends a cooldown after the endpoint answered (one relaxed load when there is none).
+    pub fn mark_answered(&self) {
+        if self.failed_until.load(Ordering::Relaxed) != 0 {
+            self.failed_until.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The endpoint's `app_id` tag, or the registration's `app` field.
@@ -79,6 +116,13 @@ impl ScopeTags for Endpoint {
     fn organization_id(&self) -> &str {
         self.tag("organization_id")
     }
+}
+
+/// Milliseconds on a monotonic clock that starts at 1 (0 means "not failed" in
+/// [`Endpoint::failed_until`]).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// All endpoints registered under one route key, with the pool-level options.
@@ -192,10 +236,10 @@ impl RegistryState {
                 pool.policy = reg.policy.clone();
                 pool.load_balancing = reg.load_balancing;
             }
-            let active = pool
+            let (active, failed_until) = pool
                 .endpoints
                 .get(&addr)
-                .map(|e| e.active.clone())
+                .map(|e| (e.active.clone(), e.failed_until.clone()))
                 .unwrap_or_default();
             let r = &reg.raw;
             let stale = r
@@ -216,6 +260,7 @@ impl RegistryState {
                     private_instance_index: r.private_instance_index.clone().unwrap_or_default(),
                     availability_zone: r.availability_zone.clone().unwrap_or_default(),
                     active,
+                    failed_until,
                     permanent,
                     stale_threshold: stale,
                     refreshed: now,

@@ -23,19 +23,40 @@ impl<'a> Selector<'a> {
     }
 
     /// The next untried endpoint for which `eligible` holds, or `None` when none is left.
+    /// Endpoints cooling down after a failed connection ([`Endpoint::mark_failed`]) come after
+    /// every other one, so a dead instance costs one failed connection per cooldown instead of
+    /// one per turn of the rotation; when only they are left they are still offered (they may
+    /// be back, and a 502 without trying would turn one failure into a cooldown of errors).
     pub fn next(&mut self, eligible: impl Fn(&Endpoint) -> bool) -> Option<Arc<Endpoint>> {
+        let mut now = None;
+        let mut skipped = false;
+        let mut cooling = |e: &Endpoint| {
+            let until = e.failed_until.load(Ordering::Relaxed);
+            let cool = until != 0 && *now.get_or_insert_with(super::now_ms) < until;
+            skipped |= cool;
+            cool
+        };
+        let chosen = match self.pick(|e| eligible(e) && !cooling(e)) {
+            Some(i) => i,
+            None if skipped => self.pick(&eligible)?,
+            None => return None,
+        };
+        self.tried.push(chosen);
+        Some(self.pool.endpoints[chosen].clone())
+    }
+
+    /// The untried endpoint for which `ok` holds that the pool's load balancing picks first.
+    fn pick(&self, mut ok: impl FnMut(&Endpoint) -> bool) -> Option<usize> {
         let eps = &self.pool.endpoints;
         let n = eps.len();
         let order = (0..n).map(|i| (self.start + i) % n);
-        let candidates = order.filter(|i| !self.tried.contains(i) && eligible(&eps[*i]));
-        let chosen = match self.pool.load_balancing {
-            LoadBalancing::RoundRobin => candidates.into_iter().next(),
+        let mut candidates = order.filter(|i| !self.tried.contains(i) && ok(&eps[*i]));
+        match self.pool.load_balancing {
+            LoadBalancing::RoundRobin => candidates.next(),
             LoadBalancing::LeastConnection => {
                 candidates.min_by_key(|i| eps[*i].active.load(Ordering::Relaxed))
             }
-        }?;
-        self.tried.push(chosen);
-        Some(eps[chosen].clone())
+        }
     }
 
     /// How many endpoints were offered so far.
@@ -95,6 +116,63 @@ mod tests {
             .store(5, std::sync::atomic::Ordering::Relaxed);
         for _ in 0..4 {
             assert_eq!(pool.selector().next(|_| true).unwrap().port, 2);
+        }
+    }
+
+    #[test]
+    fn an_endpoint_that_failed_comes_last_until_its_cooldown_ends_or_it_answers() {
+        for lb in ["round-robin", "least-connection"] {
+            let mut state = table(lb, &[1, 2, 3]);
+            let t = state.snapshot();
+            let pool = t.lookup("a.x", "/").unwrap();
+            let two = &pool.endpoints[1];
+            assert_eq!(two.port, 2);
+            assert!(two.mark_failed(Duration::from_secs(60)));
+            assert!(!two.mark_failed(Duration::from_secs(60)), "said once");
+            for _ in 0..6 {
+                let mut sel = pool.selector();
+                let order: Vec<u16> = std::iter::from_fn(|| sel.next(|_| true))
+                    .map(|e| e.port)
+                    .collect();
+                assert_eq!(order.len(), 3, "{lb}: every endpoint is still offered");
+                assert_eq!(order[2], 2, "{lb}: the failed one last: {order:?}");
+            }
+            // Only it left (the others not eligible): still offered.
+            assert_eq!(pool.selector().next(|e| e.port == 2).unwrap().port, 2);
+
+            // A heartbeat (re-registration) keeps the cooldown; an answer ends it.
+            let r = ValidRegistration::try_from(Registration {
+                uris: vec!["a.x".into()],
+                host: Some("127.0.0.1".into()),
+                port: Some(2),
+                options: [("loadbalancing".to_string(), lb.to_string())].into(),
+                ..Default::default()
+            })
+            .unwrap();
+            state.register(&r, false, Duration::from_secs(9), Instant::now());
+            let t = state.snapshot();
+            let pool = t.lookup("a.x", "/").unwrap();
+            let two = pool.endpoints.iter().find(|e| e.port == 2).unwrap();
+            assert!(two.cooldown_left().is_some(), "{lb}");
+            two.mark_answered();
+            assert_eq!(two.cooldown_left(), None);
+            let firsts: Vec<u16> = (0..3)
+                .map(|_| pool.selector().next(|_| true).unwrap().port)
+                .collect();
+            if lb == "round-robin" {
+                assert!(firsts.contains(&2), "{firsts:?}");
+            }
+
+            // A cooldown of zero marks nothing; an ended one lets it back in turn.
+            assert!(!two.mark_failed(Duration::ZERO));
+            assert_eq!(two.cooldown_left(), None);
+            assert!(two.mark_failed(Duration::from_millis(1)));
+            std::thread::sleep(Duration::from_millis(5));
+            assert!(!two.cooling_down(crate::routing::now_ms()));
+            assert!(
+                two.mark_failed(Duration::from_secs(1)),
+                "a new failure is said again"
+            );
         }
     }
 }
