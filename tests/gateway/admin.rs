@@ -198,3 +198,71 @@ async fn the_admin_token_guards_everything_but_health() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `portcullis_request_duration_seconds{class}` times every request by status class, and
+/// `portcullis_backend_response_seconds` the backend's part of the proxied ones: a 300 ms
+/// backend lands between the 0.25 s and 0.5 s buckets, a gateway's own 403 has no backend part.
+#[tokio::test]
+async fn latency_histograms_time_requests_by_class_and_the_backend_part() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    let host = "any-a.apps.identity";
+    let mut a = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    for path in ["/", "/", "/", "/slow?ms=300"] {
+        assert_eq!(a.get(host, path).await.unwrap().status, 200);
+    }
+    let mut b = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.b), false)
+        .await
+        .unwrap();
+    assert_eq!(b.get(host, "/").await.unwrap().status, 403);
+    gw.log_lines(5).await;
+
+    let m = gw.metrics();
+    for (sample, want) in [
+        (
+            "portcullis_request_duration_seconds_count{class=\"2xx\"}",
+            4.0,
+        ),
+        (
+            "portcullis_request_duration_seconds_count{class=\"4xx\"}",
+            1.0,
+        ),
+        (
+            "portcullis_request_duration_seconds_count{class=\"5xx\"}",
+            0.0,
+        ),
+        (
+            "portcullis_request_duration_seconds_bucket{le=\"0.25\",class=\"2xx\"}",
+            3.0,
+        ),
+        (
+            "portcullis_request_duration_seconds_bucket{le=\"0.5\",class=\"2xx\"}",
+            4.0,
+        ),
+        ("portcullis_backend_response_seconds_count", 4.0),
+        (
+            "portcullis_backend_response_seconds_bucket{le=\"0.25\"}",
+            3.0,
+        ),
+        (
+            "portcullis_backend_response_seconds_bucket{le=\"0.5\"}",
+            4.0,
+        ),
+        (
+            "portcullis_backend_response_seconds_bucket{le=\"+Inf\"}",
+            4.0,
+        ),
+    ] {
+        assert_eq!(gw.metric(sample), want, "{sample} in\n{m}");
+    }
+    // Every class has its series from the start, so a dashboard's rate() has no gaps.
+    for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+        let series = format!("portcullis_request_duration_seconds_count{{class=\"{class}\"}} ");
+        assert!(m.contains(&series), "{series} in\n{m}");
+    }
+    let sum = gw.metric("portcullis_backend_response_seconds_sum");
+    assert!((0.3..1.0).contains(&sum), "{sum}");
+}

@@ -2,11 +2,13 @@
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::authz::Rule;
@@ -70,6 +72,24 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// The status code's class: `2xx`, `4xx`, …
+    pub class: &'static str,
+}
+
+/// Upper bounds of the latency histograms' buckets, in seconds: 0.5 ms to a minute.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
     /// The config key and the certificate's place in its file: `domains[0].ca_certs[1]`.
     pub key: String,
@@ -86,6 +106,11 @@ pub struct Metrics {
     /// hashes the label under a lock on every request. The counters are the family's own (a clone
     /// shares the value), so `/metrics` is unchanged.
     request_counters: Box<[OnceLock<Counter>]>,
+    pub request_duration: Family<ClassLabels, Histogram, fn() -> Histogram>,
+    /// `request_duration`'s histogram per class (1xx to 5xx), made once, so timing a request
+    /// takes no hashed lookup.
+    request_durations: [Histogram; 5],
+    pub backend_response: Histogram,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub ktls_connections: Family<KtlsLabels, Counter>,
@@ -122,6 +147,9 @@ impl Metrics {
         let m = Metrics {
             requests: Family::default(),
             request_counters: (0..1000).map(|_| OnceLock::new()).collect(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            request_durations: std::array::from_fn(|_| latency_histogram()),
+            backend_response: latency_histogram(),
             authz_decisions: Family::default(),
             tls_handshakes: Family::default(),
             ktls_connections: Family::default(),
@@ -150,6 +178,18 @@ impl Metrics {
             "requests",
             "Requests answered, by status code",
             m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "From a request's head read to its response's last byte written (the access log's \
+             response_time), by status class",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "backend_response_seconds",
+            "From a request sent to a backend to the backend's response head (the access log's \
+             backend_time)",
+            m.backend_response.clone(),
         );
         registry.register(
             "authz_decisions",
@@ -263,7 +303,16 @@ impl Metrics {
              config key, file and subject",
             m.certificate_expiry.clone(),
         );
-        Metrics { registry, ..m }
+        let request_durations = CLASSES.map(|class| {
+            m.request_duration
+                .get_or_create(&ClassLabels { class })
+                .clone()
+        });
+        Metrics {
+            registry,
+            request_durations,
+            ..m
+        }
     }
 
     /// The Prometheus text exposition.
@@ -284,6 +333,18 @@ impl Metrics {
             Some(slot) => slot.get_or_init(family).inc(),
             None => family().inc(),
         };
+    }
+
+    /// Times a finished request: its whole duration by status class, and the backend's part
+    /// when it was proxied.
+    pub fn time_request(&self, status: u16, total: Duration, backend: Option<Duration>) {
+        let class = usize::from(status / 100).saturating_sub(1);
+        if let Some(h) = self.request_durations.get(class) {
+            h.observe(total.as_secs_f64());
+        }
+        if let Some(b) = backend {
+            self.backend_response.observe(b.as_secs_f64());
+        }
     }
 
     pub fn count_decision(&self, allowed: bool, rule: &Rule) {

@@ -172,6 +172,11 @@ impl Completion {
         self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
         self.record.response_time = self.started.elapsed();
         self.state.metrics.count_request(self.record.status);
+        self.state.metrics.time_request(
+            self.record.status,
+            self.record.response_time,
+            self.record.backend_time,
+        );
         self.state.log.log(&self.record);
         if let Some(a) = self.endpoint_active.take() {
             a.fetch_sub(1, Ordering::Relaxed);
