@@ -779,3 +779,63 @@ async fn certificate_expiry_is_exported_and_said_by_check_start_and_reload() {
         gw.seen
     );
 }
+
+/// `PORTCULLIS_LOG_FORMAT=json`: every operational log line is one JSON object with the event's
+/// fields beside timestamp, level, target and message; another value is said and text written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let yaml = format!(
+        "{}admin: {{listen: \"127.0.0.1:0\"}}\n",
+        reload_config(0, "cf:app:app-a", backend.addr)
+    );
+    let cfg = write_config(dir.path(), "portcullis.yaml", &yaml);
+    let run = |format: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.env("PORTCULLIS_LOG", "info")
+            .env("PORTCULLIS_LOG_FORMAT", format)
+            .args(["run", "--config", cfg.to_str().unwrap()]);
+        Running::spawn(&mut cmd)
+    };
+
+    let mut gw = run("json");
+    gw.wait_for("portcullis is serving");
+    assert!(gw.signal(libc::SIGHUP));
+    gw.wait_for("configuration reloaded");
+    assert!(gw.terminate().is_some_and(|s| s.success()));
+    while let Ok(l) = gw.lines.try_recv() {
+        gw.seen.push(l);
+    }
+    let events: Vec<serde_json::Value> = gw
+        .seen
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for e in &events {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(e[key].is_string(), "{key} in {e}");
+        }
+    }
+    let serving = events
+        .iter()
+        .find(|e| e["message"] == "portcullis is serving")
+        .expect("serving event");
+    assert_eq!(serving["level"], "INFO");
+    // The event's own fields are top-level keys.
+    let https: std::net::SocketAddr = serving["https"].as_str().unwrap().parse().unwrap();
+    assert_ne!(https.port(), 0);
+    assert!(events
+        .iter()
+        .any(|e| e["message"] == "configuration reloaded"));
+
+    let mut gw = run("yaml");
+    let said = gw.wait_for("PORTCULLIS_LOG_FORMAT");
+    assert!(
+        said.contains("WARN") && said.contains("neither text nor json"),
+        "{said}"
+    );
+    gw.wait_for("portcullis is serving");
+}

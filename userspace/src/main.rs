@@ -99,11 +99,30 @@ fn init_tracing() {
         }),
         Err(_) => EnvFilter::new(DEFAULT_LOG),
     };
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match std::env::var("PORTCULLIS_LOG_FORMAT").as_deref() {
+        // One JSON object per line, the event's fields beside `timestamp`, `level`, `target` and
+        // `message`, for log pipelines.
+        Ok("json") => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        format => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            fmt.with_ansi(ansi).init();
+            if let Ok(other) = format {
+                if other != "text" {
+                    tracing::warn!(
+                        "PORTCULLIS_LOG_FORMAT={other:?} is neither text nor json; writing text"
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
