@@ -266,3 +266,143 @@ async fn latency_histograms_time_requests_by_class_and_the_backend_part() {
     let sum = gw.metric("portcullis_backend_response_seconds_sum");
     assert!((0.3..1.0).contains(&sum), "{sum}");
 }
+
+/// `admin.tls`: the admin API is served over TLS only, with the token on top; with
+/// `admin.tls.client_ca` (set by a reload here) a client must also present a certificate from
+/// that CA. `explain --admin https://…` reaches it with `--admin-ca`, `--admin-cert` and
+/// `--admin-key`, and says what is missing.
+#[tokio::test]
+async fn the_admin_api_over_tls_and_with_client_certificates() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let token_file = files.path().join("admin-token");
+    let token = "admin-token-0123456789abcdef";
+    std::fs::write(&token_file, token).unwrap();
+    for (name, text) in [
+        ("a.pem", &pki.a.chain_pem),
+        ("a.key", &pki.a.key_pem),
+        ("server-ca.pem", &pki.server_ca.cert_pem),
+    ] {
+        std::fs::write(files.path().join(name), text).unwrap();
+    }
+    let sections = |client_ca: &str| {
+        format!(
+            "admin: {{listen: \"127.0.0.1:0\", token_file: \"{}\", \
+             tls: {{cert_chain: server.pem, private_key: server.key{client_ca}}}}}\n{}",
+            token_file.display(),
+            pipeline_yaml(backend.addr, "")
+        )
+    };
+    let gw = TestGateway::start(&pki, &sections("")).await;
+    let admin = gw.gw.admin_addr().unwrap();
+    let auth = format!("Bearer {token}");
+    async fn authed(
+        c: &mut Conn,
+        path: &str,
+        auth: &str,
+    ) -> Result<crate::support::client::Resp, crate::support::client::CallError> {
+        let req = c.build("localhost", path, &[("authorization", auth)]);
+        c.send(req).await
+    }
+
+    // Over TLS: served, the token still checked.
+    let mut c = Conn::tls(admin, &pki.server_ca, Some("localhost"), None, false)
+        .await
+        .expect("TLS to the admin API");
+    let r = authed(&mut c, "/metrics", &auth).await.unwrap();
+    assert!(
+        r.status == 200 && r.body.contains("portcullis_request_duration_seconds_count"),
+        "{}",
+        r.body
+    );
+    assert_eq!(c.get("localhost", "/routes").await.unwrap().status, 401);
+    assert_eq!(c.get("localhost", "/health").await.unwrap().status, 200);
+    // Not in clear, and not with a certificate from another CA.
+    let mut plain = Conn::plain(admin).await.unwrap();
+    assert!(plain.get("localhost", "/health").await.is_err());
+    assert!(
+        Conn::tls(admin, &pki.backend_ca, Some("localhost"), None, false)
+            .await
+            .is_err()
+    );
+
+    let explain = |extra: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.current_dir(files.path())
+            .args([
+                "explain",
+                "--admin",
+                &format!("https://localhost:{}", admin.port()),
+            ])
+            .args([
+                "--host",
+                "any-a.apps.identity",
+                "--admin-token-file",
+                "admin-token",
+            ])
+            .args(extra);
+        cmd.output()
+    };
+    let out = explain(&["--admin-ca", "server-ca.pem"]).await.unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("cf:app:app-a"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = explain(&[]).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("needs --admin-ca"), "{err}");
+
+    // A reload requires client certificates from the identity CA for the next connections.
+    gw.reload(&sections(", client_ca: identity-ca.pem"));
+    let mut anonymous = Conn::tls(admin, &pki.server_ca, Some("localhost"), None, false).await;
+    let refused = match &mut anonymous {
+        Err(_) => true,
+        Ok(c) => authed(c, "/metrics", &auth).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate is refused");
+    let mut with_cert = Conn::tls(
+        admin,
+        &pki.server_ca,
+        Some("localhost"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        authed(&mut with_cert, "/metrics", &auth)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let out = explain(&["--admin-ca", "server-ca.pem"]).await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no client certificate: a TLS failure"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("requires a client certificate: --admin-cert and --admin-key"),
+        "{err}"
+    );
+    let out = explain(&[
+        "--admin-ca",
+        "server-ca.pem",
+        "--admin-cert",
+        "a.pem",
+        "--admin-key",
+        "a.key",
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -257,43 +257,64 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
             },
             _ = shutdown.changed() => return,
         };
+        let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let state = state.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move {
-                    let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                    let resp = if let Some(refused) = refuse(&state, &req, peer) {
-                        refused
-                    } else if req.method() == Method::GET {
-                        route(&state, &req, None)
-                    } else if req.method() == Method::POST && req.uri().path().ends_with("/policy")
-                    {
-                        let (parts, body) = req.into_parts();
-                        let limited = http_body_util::Limited::new(body, MAX_CALLER_PEM);
-                        match http_body_util::BodyExt::collect(limited).await {
-                            Ok(b) => {
-                                route(&state, &Request::from_parts(parts, ()), Some(&b.to_bytes()))
-                            }
-                            Err(e) => respond(
-                                StatusCode::PAYLOAD_TOO_LARGE,
-                                "text/plain",
-                                format!("{e}\n"),
-                            ),
+            // The settings of the config in force when the connection arrives (a reload
+            // changes the certificate for the next one).
+            let runtime = state.runtime.load_full();
+            match &runtime.admin_tls {
+                None => serve_connection(state, tcp, peer).await,
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                    let limit = runtime.config.tls.handshake_timeout;
+                    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(state, stream, peer).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "admin TLS handshake failed")
                         }
-                    } else if req.method() == Method::DELETE && req.uri().path() == "/xdp/denials" {
-                        lift(&state, req.uri().query().unwrap_or(""))
-                    } else {
-                        let allowed = "GET, POST a caller certificate to /routes/{host}/policy, \
-                                       or DELETE /xdp/denials?source=<address>\n";
-                        respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", allowed.into())
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
+                        Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                    }
                 }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            }
         });
     }
+}
+
+/// Serves admin requests (HTTP/1.1 or h2) on one connection, over TCP or TLS.
+async fn serve_connection<I>(state: Arc<State>, io: I, peer: std::net::SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move {
+            let resp = if let Some(refused) = refuse(&state, &req, peer) {
+                refused
+            } else if req.method() == Method::GET {
+                route(&state, &req, None)
+            } else if req.method() == Method::POST && req.uri().path().ends_with("/policy") {
+                let (parts, body) = req.into_parts();
+                let limited = http_body_util::Limited::new(body, MAX_CALLER_PEM);
+                match http_body_util::BodyExt::collect(limited).await {
+                    Ok(b) => route(&state, &Request::from_parts(parts, ()), Some(&b.to_bytes())),
+                    Err(e) => respond(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "text/plain",
+                        format!("{e}\n"),
+                    ),
+                }
+            } else if req.method() == Method::DELETE && req.uri().path() == "/xdp/denials" {
+                lift(&state, req.uri().query().unwrap_or(""))
+            } else {
+                let allowed = "GET, POST a caller certificate to /routes/{host}/policy, \
+                               or DELETE /xdp/denials?source=<address>\n";
+                respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", allowed.into())
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }

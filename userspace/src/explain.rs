@@ -276,14 +276,23 @@ impl fmt::Display for Explanation {
 /// Why a running gateway could not be asked.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("--admin: expected http://HOST:PORT, got '{0}'")]
+    #[error("--admin: expected http://HOST:PORT or https://HOST:PORT, got '{0}'")]
     BadUrl(String),
+    #[error("--admin {0}: an https:// admin API needs --admin-ca (the CA of its certificate)")]
+    NoCa(String),
+    #[error("--admin-ca: {0}")]
+    BadCa(String),
     #[error("cannot reach the admin API at {addr}: {source}")]
     Connect {
         addr: String,
         source: std::io::Error,
     },
-    #[error("admin API: {0}")]
+    #[error("admin API at {addr}: TLS handshake failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("admin API: {}{}", with_sources(.0), client_cert_hint(.0))]
     Http(#[from] hyper::Error),
     #[error("admin API answered {status}: {body}")]
     Status { status: u16, body: String },
@@ -295,12 +304,35 @@ pub enum FetchError {
     Decode(#[from] serde_json::Error),
 }
 
+/// An error and its sources, `: `-separated (hyper's own message alone says only "connection
+/// error" when the server's TLS alert is the cause).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+fn client_cert_hint(e: &dyn std::error::Error) -> &'static str {
+    if with_sources(e).contains("CertificateRequired") {
+        " (the admin API requires a client certificate: --admin-cert and --admin-key)"
+    } else {
+        ""
+    }
+}
+
 impl FetchError {
     /// Whether the operator's input is at fault (exit 2) rather than the connection (exit 1).
     pub fn is_input_error(&self) -> bool {
         matches!(
             self,
             FetchError::BadUrl(_)
+                | FetchError::NoCa(_)
+                | FetchError::BadCa(_)
                 | FetchError::NoToken(_)
                 | FetchError::WrongToken(_)
                 | FetchError::Status {
@@ -311,23 +343,42 @@ impl FetchError {
     }
 }
 
+/// How to reach a running gateway's admin API.
+pub struct AdminAccess<'a> {
+    /// `http://HOST:PORT` or `https://HOST:PORT`.
+    pub url: &'a str,
+    /// The bearer token, if the admin API wants one.
+    pub token: Option<&'a str>,
+    /// Trust anchors for an `https://` admin API's certificate.
+    pub ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    /// A client certificate, for an admin API that requires one (`admin.tls.client_ca`).
+    pub client: Option<Arc<rustls::sign::CertifiedKey>>,
+}
+
 /// Asks a running gateway's admin API (`GET /routes/{host}/policy`, or `POST` with the caller's
-/// PEM) for the explanation, so routes learned from NATS are included. `token`: the admin API's
-/// bearer token, if it wants one.
+/// PEM) for the explanation, so routes learned from NATS are included.
 pub async fn fetch(
-    admin: &str,
-    token: Option<&str>,
+    admin: &AdminAccess<'_>,
     host: &str,
     path: &str,
     caller_pem: Option<Vec<u8>>,
 ) -> Result<Explanation, FetchError> {
     use http_body_util::{BodyExt, Full};
 
-    let authority = admin
-        .strip_prefix("http://")
-        .map(|rest| rest.trim_end_matches('/'))
+    let url = admin.url;
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => return Err(FetchError::BadUrl(url.to_string())),
+    };
+    let authority = Some(rest.trim_end_matches('/'))
         .filter(|a| !a.is_empty() && !a.contains('/'))
-        .ok_or_else(|| FetchError::BadUrl(admin.to_string()))?;
+        .ok_or_else(|| FetchError::BadUrl(url.to_string()))?;
+    let connector = if tls {
+        Some(admin_connector(admin)?)
+    } else {
+        None
+    };
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         tokio::net::TcpStream::connect(authority),
@@ -341,12 +392,26 @@ pub async fn fetch(
         addr: authority.to_string(),
         source,
     })?;
+    let io: Box<dyn AdminIo> = match connector {
+        None => Box::new(tcp),
+        Some(c) => {
+            let name = server_name(authority).ok_or_else(|| FetchError::BadUrl(url.to_string()))?;
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), c.connect(name, tcp))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            Box::new(handshake.map_err(|source| FetchError::Tls {
+                addr: authority.to_string(),
+                source,
+            })?)
+        }
+    };
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
     tokio::spawn(conn);
     let uri = format!("/routes/{}/policy?path={}", normalize_authority(host), path);
     let mut builder = http::Request::builder().uri(uri).header("host", authority);
-    if let Some(t) = token {
+    if let Some(t) = admin.token {
         builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
     }
     let req = match caller_pem {
@@ -355,17 +420,57 @@ pub async fn fetch(
             .method("POST")
             .body(Full::new(bytes::Bytes::from(pem))),
     }
-    .map_err(|_| FetchError::BadUrl(admin.to_string()))?;
+    .map_err(|_| FetchError::BadUrl(url.to_string()))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     if status != 200 {
         let body = String::from_utf8_lossy(&body).trim().to_string();
-        return Err(match (status, token) {
+        return Err(match (status, admin.token) {
             (401, None) => FetchError::NoToken(body),
             (401, Some(_)) => FetchError::WrongToken(body),
             _ => FetchError::Status { status, body },
         });
     }
     Ok(serde_json::from_slice(&body)?)
+}
+
+/// The admin connection, over TCP or TLS.
+trait AdminIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AdminIo for T {}
+
+/// A TLS connector trusting `--admin-ca`, presenting `--admin-cert` when given.
+fn admin_connector(admin: &AdminAccess<'_>) -> Result<tokio_rustls::TlsConnector, FetchError> {
+    let cas = admin
+        .ca
+        .as_ref()
+        .ok_or_else(|| FetchError::NoCa(admin.url.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(cas.iter().cloned());
+    if added == 0 {
+        return Err(FetchError::BadCa("no usable trust anchor".into()));
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| FetchError::BadCa(e.to_string()))?
+    .with_root_certificates(roots);
+    let mut cfg = match &admin.client {
+        Some(ck) => builder
+            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck.clone()))),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// The name an admin API's certificate must carry: the URL's host (a DNS name or an address).
+fn server_name(authority: &str) -> Option<rustls_pki_types::ServerName<'static>> {
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls_pki_types::ServerName::try_from(host.to_string()).ok()
 }

@@ -517,6 +517,13 @@ fn warn_admin(config: &Config) {
         ),
         _ => {}
     }
+    if admin.token.is_some() && admin.tls.is_none() && !admin.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %admin.listen,
+            "the admin token travels in clear to an address beyond this host; serve the admin \
+             API over TLS (admin.tls)"
+        );
+    }
 }
 
 fn count_malformed(metrics: &Metrics, config: &Config) {

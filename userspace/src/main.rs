@@ -73,6 +73,15 @@ enum Command {
         /// With --admin: the file holding the admin API's token (the gateway's admin.token_file).
         #[arg(long, value_name = "FILE", requires = "admin")]
         admin_token_file: Option<PathBuf>,
+        /// With an https:// --admin: PEM file with the CA(s) of the admin API's certificate.
+        #[arg(long, value_name = "FILE", requires = "admin")]
+        admin_ca: Option<PathBuf>,
+        /// With an https:// --admin that requires a client certificate: its PEM chain...
+        #[arg(long, value_name = "FILE", requires_all = ["admin", "admin_key"])]
+        admin_cert: Option<PathBuf>,
+        /// ...and its private key.
+        #[arg(long, value_name = "FILE", requires = "admin_cert")]
+        admin_key: Option<PathBuf>,
         #[arg(long)]
         host: String,
         /// Request path, for routes registered with a path.
@@ -159,6 +168,9 @@ fn main() -> ExitCode {
             config,
             admin,
             admin_token_file,
+            admin_ca,
+            admin_cert,
+            admin_key,
             host,
             path,
             caller_cert,
@@ -166,7 +178,11 @@ fn main() -> ExitCode {
             (Some(config), _) => explain(&config, &host, &path, caller_cert.as_deref()),
             (None, Some(admin)) => explain_remote(
                 &admin,
-                admin_token_file.as_deref(),
+                &AdminFiles {
+                    token: admin_token_file.as_deref(),
+                    ca: admin_ca.as_deref(),
+                    cert: admin_cert.as_deref().zip(admin_key.as_deref()),
+                },
                 &host,
                 &path,
                 caller_cert.as_deref(),
@@ -217,20 +233,63 @@ fn explain(config: &Path, host: &str, path: &str, caller: Option<&Path>) -> Exit
     }
 }
 
+/// The files `explain --admin` reads to reach the admin API.
+struct AdminFiles<'a> {
+    token: Option<&'a Path>,
+    ca: Option<&'a Path>,
+    /// Client certificate chain and key.
+    cert: Option<(&'a Path, &'a Path)>,
+}
+
 fn explain_remote(
     admin: &str,
-    token_file: Option<&Path>,
+    files: &AdminFiles<'_>,
     host: &str,
     path: &str,
     caller: Option<&Path>,
 ) -> ExitCode {
-    let token = match token_file.map(portcullis::config::read_token) {
+    let token = match files.token.map(portcullis::config::read_token) {
         None => None,
         Some(Ok(t)) => Some(t),
         Some(Err(e)) => {
             eprintln!("--admin-token-file: {e}");
             return ExitCode::from(2);
         }
+    };
+    let ca = match files.ca {
+        None => None,
+        Some(p) => match load_certs(Path::new("."), &p.to_string_lossy()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("--admin-ca: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let client = match files.cert {
+        None => None,
+        Some((chain, key)) => match portcullis::config::load_certified_key(
+            Path::new("."),
+            &chain.to_string_lossy(),
+            &key.to_string_lossy(),
+        ) {
+            Ok(c) => Some(c.key),
+            Err((field, e)) => {
+                let flag = if field == "cert_chain" {
+                    "--admin-cert"
+                } else {
+                    "--admin-key"
+                };
+                eprintln!("{flag}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let access = portcullis::explain::AdminAccess {
+        url: admin,
+        token: token.as_deref(),
+        ca,
+        client,
     };
     let pem = match caller.map(std::fs::read) {
         None => None,
@@ -250,13 +309,7 @@ fn explain_remote(
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(portcullis::explain::fetch(
-        admin,
-        token.as_deref(),
-        host,
-        path,
-        pem,
-    )) {
+    match rt.block_on(portcullis::explain::fetch(&access, host, path, pem)) {
         Ok(e) => {
             print!("{e}");
             ExitCode::SUCCESS

@@ -13,23 +13,30 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::BackendPool;
 use crate::registry::Registry;
-use crate::tls::{backend_client_config, TlsBuildError, TlsServer};
+use crate::tls::{admin_server_config, backend_client_config, TlsBuildError, TlsServer};
 
 /// Everything derived from one config, built off the request path and swapped whole.
 pub struct Runtime {
     pub config: Config,
     pub tls: TlsServer,
     pub backend_tls: Option<Arc<ClientConfig>>,
+    /// The admin API's TLS settings (`admin.tls`), when it is served over TLS.
+    pub admin_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Runtime {
     pub fn build(config: Config) -> Result<Self, TlsBuildError> {
         let tls = TlsServer::build(&config)?;
         let backend_tls = backend_client_config(&config.backends)?;
+        let admin_tls = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+            Some(a) => Some(admin_server_config(a)?),
+            None => None,
+        };
         Ok(Runtime {
             config,
             tls,
             backend_tls,
+            admin_tls,
         })
     }
 }

@@ -54,6 +54,16 @@ pub struct Admin {
     pub token: Option<AdminToken>,
     /// The token file can be read by every user on the host (the gateway warns).
     pub token_world_readable: bool,
+    /// `admin.tls`: serve the admin API over TLS (reloaded with the config).
+    pub tls: Option<AdminTls>,
+}
+
+/// The admin API's own certificate and, optionally, the CA its clients must present a
+/// certificate from.
+#[derive(Clone, Debug)]
+pub struct AdminTls {
+    pub key: Arc<CertifiedKey>,
+    pub client_ca: Option<Vec<CertificateDer<'static>>>,
 }
 
 #[derive(Clone, Debug)]
@@ -593,16 +603,38 @@ impl Validator<'_> {
         });
         let listen = match raw.listen.as_deref() {
             Some(a) => self.addr("admin.listen", a)?,
-            None if raw.token_file.is_some() => {
-                self.problem("admin.listen", "required with admin.token_file");
+            None if raw.token_file.is_some() || raw.tls.is_some() => {
+                self.problem(
+                    "admin.listen",
+                    "required with admin.token_file and admin.tls",
+                );
                 return None;
             }
             None => return None,
         };
+        let tls = raw.tls.and_then(|t| {
+            let key = self.certified_key(
+                "admin.tls",
+                t.cert_chain.as_deref(),
+                t.private_key.as_deref(),
+            );
+            let client_ca = t
+                .client_ca
+                .as_deref()
+                .map(|p| self.certs("admin.tls.client_ca", p));
+            Some(AdminTls {
+                key: key?.key,
+                client_ca: match client_ca {
+                    Some(c) => Some(c?),
+                    None => None,
+                },
+            })
+        });
         Some(Admin {
             listen,
             token_world_readable: token.as_ref().is_some_and(|t| t.1),
             token: token.map(|t| t.0),
+            tls,
         })
     }
 
@@ -1216,6 +1248,34 @@ mod tests {
         );
         assert!(
             problems.iter().any(|p| p.starts_with("tls.certificates:")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn admin_tls_problems_name_their_key() {
+        let problems = problems_of(
+            "admin: {listen: \"127.0.0.1:1\", tls: {private_key: k.pem, client_ca: nope.pem}}\n",
+        );
+        for want in [
+            "admin.tls.cert_chain: required",
+            "admin.tls.client_ca: cannot read './nope.pem'",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(want)),
+                "{want} in {problems:?}"
+            );
+        }
+        let problems = problems_of("admin: {tls: {cert_chain: c.pem, private_key: k.pem}}\n");
+        assert!(
+            problems.contains(
+                &"admin.listen: required with admin.token_file and admin.tls".to_string()
+            ),
+            "{problems:?}"
+        );
+        let problems = problems_of("admin: {listen: \"127.0.0.1:1\", tls: {cert: c.pem}}\n");
+        assert!(
+            problems.contains(&"admin.tls.cert: unknown key".to_string()),
             "{problems:?}"
         );
     }

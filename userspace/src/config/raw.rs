@@ -36,6 +36,15 @@ pub struct RawListen {
 pub struct RawAdmin {
     pub listen: Option<String>,
     pub token_file: Option<String>,
+    pub tls: Option<RawAdminTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAdminTls {
+    pub cert_chain: Option<String>,
+    pub private_key: Option<String>,
+    pub client_ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,7 +7,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::config::{Config, ServerCert};
+use crate::config::{AdminTls, Config, ServerCert};
 use crate::names::{best_match, normalize_host, DomainPattern};
 
 /// Every `ServerConfig` the listener may pick from, chosen by the ClientHello's SNI.
@@ -25,6 +25,8 @@ pub struct TlsServer {
 pub enum TlsBuildError {
     #[error("domains[{index}].ca_certs: {reason}")]
     ClientCa { index: usize, reason: String },
+    #[error("admin.tls.client_ca: {0}")]
+    AdminClientCa(String),
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -110,4 +112,32 @@ impl TlsServer {
             None => (self.plain.clone(), None),
         }
     }
+}
+
+/// The admin API's TLS settings: its own certificate, and a client certificate required from
+/// `client_ca` when set.
+pub fn admin_server_config(a: &AdminTls) -> Result<Arc<ServerConfig>, TlsBuildError> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match &a.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(cas) => {
+            let mut roots = RootCertStore::empty();
+            let (added, ignored) = roots.add_parsable_certificates(cas.iter().cloned());
+            if added == 0 {
+                return Err(TlsBuildError::AdminClientCa(format!(
+                    "none of the {ignored} certificate(s) is a usable trust anchor"
+                )));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsBuildError::AdminClientCa(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+        a.key.clone(),
+    )));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
