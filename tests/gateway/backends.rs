@@ -343,17 +343,7 @@ async fn h2_client(
 #[tokio::test]
 async fn a_failing_h2_backend_connect_is_shared_by_the_requests_waiting_for_it() {
     let pki = TestPki::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicU64::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        let mut silent = Vec::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::Relaxed);
-            silent.push(tcp);
-        }
-    });
+    let (port, accepted) = silent_listener().await;
     let y = format!(
         "limits: {{workers: 1}}\n\
          backends: {{ca_certs: backend-ca.pem, connect_timeout: 300ms}}\n\
