@@ -3,8 +3,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 
@@ -135,15 +133,7 @@ fn verify(
     cas: &[CertificateDer<'static>],
     chain: &[CertificateDer<'static>],
 ) -> Result<(), String> {
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(cas.iter().cloned());
-    let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
-    verifier
+    crate::tls::client_verifier(cas)?
         .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -445,22 +435,12 @@ fn admin_connector(admin: &AdminAccess<'_>) -> Result<tokio_rustls::TlsConnector
         .ca
         .as_ref()
         .ok_or_else(|| FetchError::NoCa(admin.url.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(cas.iter().cloned());
-    if added == 0 {
+    let (usable, _) = rustls::RootCertStore::empty().add_parsable_certificates(cas.iter().cloned());
+    if usable == 0 {
         return Err(FetchError::BadCa("no usable trust anchor".into()));
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| FetchError::BadCa(e.to_string()))?
-    .with_root_certificates(roots);
-    let mut cfg = match &admin.client {
-        Some(ck) => builder
-            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck.clone()))),
-        None => builder.with_no_client_auth(),
-    };
+    let mut cfg = crate::tls::client_config(cas, admin.client.as_ref())
+        .map_err(|e| FetchError::BadCa(e.to_string()))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }

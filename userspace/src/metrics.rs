@@ -144,11 +144,18 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("portcullis");
+        let request_duration: Family<ClassLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        let request_durations = CLASSES.map(|class| {
+            request_duration
+                .get_or_create(&ClassLabels { class })
+                .clone()
+        });
         let m = Metrics {
             requests: Family::default(),
             request_counters: (0..1000).map(|_| OnceLock::new()).collect(),
-            request_duration: Family::new_with_constructor(latency_histogram),
-            request_durations: std::array::from_fn(|_| latency_histogram()),
+            request_duration,
+            request_durations,
             backend_response: latency_histogram(),
             authz_decisions: Family::default(),
             tls_handshakes: Family::default(),
@@ -303,16 +310,7 @@ impl Metrics {
              config key, file and subject",
             m.certificate_expiry.clone(),
         );
-        let request_durations = CLASSES.map(|class| {
-            m.request_duration
-                .get_or_create(&ClassLabels { class })
-                .clone()
-        });
-        Metrics {
-            registry,
-            request_durations,
-            ..m
-        }
+        Metrics { registry, ..m }
     }
 
     /// The Prometheus text exposition.

@@ -31,8 +31,9 @@ impl<'a> Selector<'a> {
         let mut now = None;
         let mut skipped = false;
         let mut cooling = |e: &Endpoint| {
-            let until = e.failed_until.load(Ordering::Relaxed);
-            let cool = until != 0 && *now.get_or_insert_with(super::now_ms) < until;
+            // The clock is read only once an endpoint has failed at all.
+            let cool = e.failed_until.load(Ordering::Relaxed) != 0
+                && e.cooling_down(*now.get_or_insert_with(super::now_ms));
             skipped |= cool;
             cool
         };

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 
 use crate::config::Backends;
 
@@ -12,17 +12,7 @@ pub fn backend_client_config(b: &Backends) -> Result<Option<Arc<ClientConfig>>, 
     let Some(cas) = &b.ca_certs else {
         return Ok(None);
     };
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(cas.iter().cloned());
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots);
-    let mut cfg = match &b.client_cert {
-        Some(ck) => builder
-            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck.clone()))),
-        None => builder.with_no_client_auth(),
-    };
+    let mut cfg = super::client_config(cas, b.client_cert.as_ref())?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     // Kernel TLS needs the traffic secrets after the handshake.
     cfg.enable_secret_extraction = true;

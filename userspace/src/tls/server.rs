@@ -6,6 +6,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::CertificateDer;
 
 use crate::config::{AdminTls, Config, ServerCert};
 use crate::names::{best_match, normalize_host, DomainPattern};
@@ -52,6 +53,41 @@ pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A verifier requiring a client certificate that chains to one of `cas`; the error says why
+/// none of them can be a trust anchor.
+pub fn client_verifier(
+    cas: &[CertificateDer<'static>],
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(cas.iter().cloned());
+    if added == 0 {
+        return Err(format!(
+            "none of the {ignored} certificate(s) is a usable trust anchor"
+        ));
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// A client config trusting `cas`, presenting `client` when given: for TLS backends and for
+/// `explain --admin https://…`.
+pub fn client_config(
+    cas: &[CertificateDer<'static>],
+    client: Option<&Arc<CertifiedKey>>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(cas.iter().cloned());
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match client {
+        Some(ck) => builder
+            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck.clone()))),
+        None => builder.with_no_client_auth(),
+    })
+}
+
 fn base(
     resolver: Arc<CertResolver>,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
@@ -80,22 +116,8 @@ impl TlsServer {
         let plain = Arc::new(base(resolver.clone(), None)?);
         let mut domains = Vec::new();
         for (index, d) in config.domains.iter().enumerate() {
-            let mut roots = RootCertStore::empty();
-            let (added, ignored) = roots.add_parsable_certificates(d.ca_certs.iter().cloned());
-            if added == 0 {
-                return Err(TlsBuildError::ClientCa {
-                    index,
-                    reason: format!(
-                        "none of the {ignored} certificate(s) is a usable trust anchor"
-                    ),
-                });
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| TlsBuildError::ClientCa {
-                    index,
-                    reason: e.to_string(),
-                })?;
+            let verifier = client_verifier(&d.ca_certs)
+                .map_err(|reason| TlsBuildError::ClientCa { index, reason })?;
             domains.push((
                 d.pattern.clone(),
                 Arc::new(base(resolver.clone(), Some(verifier))?),
@@ -121,19 +143,8 @@ pub fn admin_server_config(a: &AdminTls) -> Result<Arc<ServerConfig>, TlsBuildEr
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match &a.client_ca {
         None => builder.with_no_client_auth(),
-        Some(cas) => {
-            let mut roots = RootCertStore::empty();
-            let (added, ignored) = roots.add_parsable_certificates(cas.iter().cloned());
-            if added == 0 {
-                return Err(TlsBuildError::AdminClientCa(format!(
-                    "none of the {ignored} certificate(s) is a usable trust anchor"
-                )));
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| TlsBuildError::AdminClientCa(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(cas) => builder
+            .with_client_cert_verifier(client_verifier(cas).map_err(TlsBuildError::AdminClientCa)?),
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
         a.key.clone(),
