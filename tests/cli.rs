@@ -495,6 +495,54 @@ async fn a_second_sigterm_ends_the_wait_and_the_timeout_bounds_the_rest() {
     );
 }
 
+/// Asking again once the listeners are closed cuts the requests still in flight at once,
+/// without waiting out `drain.timeout`: the third signal with a drain wait, the second without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_again_after_the_wait_cuts_the_requests_in_flight() {
+    for (drain, signals) in [("{wait: 60s, timeout: 60s}", 3), ("{timeout: 60s}", 2)] {
+        let pki = TestPki::new();
+        let dir = tempfile::tempdir().unwrap();
+        let d = draining_gateway(&pki, dir.path(), drain).await;
+        let (mut gw, addr) = (d.gw, d.https);
+        let mut long = caller(addr, &pki, false).await;
+        let slow = tokio::spawn(async move { long.get("r.apps.identity", "/slow?ms=50000").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(gw.signal(libc::SIGTERM));
+        if signals == 3 {
+            gw.wait_for("draining: /health answers 503");
+            assert!(gw.signal(libc::SIGTERM));
+            gw.wait_for("asked again to stop: the drain wait is cut short");
+        }
+        gw.wait_for("closing the listeners; waiting for requests in flight");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            gw.exited_within(Duration::from_millis(10)).is_none(),
+            "{drain}: still waiting for the request in flight"
+        );
+        let last = Instant::now();
+        assert!(gw.signal(libc::SIGTERM));
+        let cut = gw.wait_for("asked again to stop: connections still open are cut now");
+        assert!(cut.contains("connections=1"), "{drain}: {cut}");
+        let status = gw
+            .exited_within(Duration::from_secs(5))
+            .expect("exits when asked again");
+        assert!(status.success(), "{drain}: {status:?}");
+        assert!(last.elapsed() < Duration::from_secs(3), "{drain}");
+        assert!(
+            support::bounded("the cut request", slow)
+                .await
+                .unwrap()
+                .is_err(),
+            "{drain}: the request in flight is cut"
+        );
+        assert!(
+            !gw.seen.iter().any(|l| l.contains("drain timeout ran out")),
+            "{drain}: {:?}",
+            gw.seen
+        );
+    }
+}
+
 /// The config of the open-files tests: a plain HTTP listener with one route, and
 /// `limits.max_connections` 1000 (about 2,064 files needed).
 async fn files_config(

@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::accesslog::{AccessLogError, AccessLogger};
 use crate::config::{Config, Limits};
@@ -395,6 +395,12 @@ impl Gateway {
 
     /// Stops accepting, lets open connections finish their requests for up to `drain`.
     pub async fn shutdown(self, drain: Duration) {
+        self.shutdown_unless(drain, std::future::pending()).await;
+    }
+
+    /// [`Gateway::shutdown`], cut short when `hurry` resolves: connections still open then are
+    /// cut at once.
+    async fn shutdown_unless(self, drain: Duration, hurry: impl Future<Output = ()>) {
         let _ = self.shutdown.send(true);
         if let Some(x) = &self.state.xdp {
             if self.state.runtime.load().config.xdp.detach_on_exit {
@@ -402,11 +408,22 @@ impl Gateway {
             }
         }
         let deadline = Instant::now() + drain;
-        while self.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let settled = async {
+            while self.connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let hurried = tokio::select! {
+            _ = settled => false,
+            _ = hurry => true,
+        };
         let open = self.connections.load(Ordering::Relaxed);
-        if open > 0 {
+        if hurried && open > 0 {
+            tracing::warn!(
+                connections = open,
+                "asked again to stop: connections still open are cut now"
+            );
+        } else if open > 0 {
             tracing::warn!(
                 connections = open,
                 timeout = ?drain,
@@ -419,9 +436,17 @@ impl Gateway {
     /// Stops the gateway as a load balancer in front of it needs (`drain` in the config). For
     /// `drain.wait` it goes on serving, new connections included, while `/health` answers 503,
     /// HTTP/1.1 responses close their connection and h2 connections are sent GOAWAY, so clients
-    /// and the load balancer move elsewhere; `hurry` (a second signal) cuts the wait short.
-    /// Then [`Gateway::shutdown`] with `drain.timeout`.
-    pub async fn drain(self, hurry: impl Future<Output = ()>) {
+    /// and the load balancer move elsewhere. Then [`Gateway::shutdown`] with `drain.timeout`.
+    ///
+    /// Each message on `hurry` (the operator asking again) cuts the current step short: the
+    /// first one the wait, the next one the requests still in flight. A closed `hurry` is never
+    /// a request.
+    pub async fn drain(self, mut hurry: mpsc::UnboundedReceiver<()>) {
+        async fn asked(hurry: &mut mpsc::UnboundedReceiver<()>) {
+            if hurry.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
         let drain = self.state.runtime.load().config.drain;
         if !drain.wait.is_zero() {
             self.state.draining.start();
@@ -433,15 +458,18 @@ impl Gateway {
             );
             tokio::select! {
                 _ = tokio::time::sleep(drain.wait) => {}
-                _ = hurry => tracing::info!("asked again to stop: the drain wait is cut short"),
+                _ = asked(&mut hurry) => tracing::info!(
+                    "asked again to stop: the drain wait is cut short; asking once more cuts \
+                     the requests in flight"
+                ),
             }
         }
         tracing::info!(
             connections = self.connections.load(Ordering::Relaxed),
             timeout = ?drain.timeout,
-            "closing the listeners; waiting for requests in flight"
+            "closing the listeners; waiting for requests in flight (asking again cuts them)"
         );
-        self.shutdown(drain.timeout).await;
+        self.shutdown_unless(drain.timeout, asked(&mut hurry)).await;
     }
 }
 

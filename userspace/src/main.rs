@@ -380,14 +380,20 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
         }
     }
     tracing::info!("shutting down");
-    // A second SIGTERM or Ctrl-C cuts the drain wait short.
-    let again = async {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    // Each further SIGTERM or Ctrl-C cuts the current drain step short.
+    let (hurry, asked) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            if hurry.send(()).is_err() {
+                return;
+            }
         }
-    };
-    gateway.drain(again).await;
+    });
+    gateway.drain(asked).await;
     if let Some(d) = demo {
         let _ = std::fs::remove_dir_all(&d.dir);
     }
