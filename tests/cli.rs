@@ -606,7 +606,8 @@ async fn the_open_files_limit_is_raised_and_checked_against_max_connections() {
     for field in [
         "limits.max_connections=1000",
         "open_files=1024",
-        "needed=2064",
+        "admin.max_connections=64",
+        "needed=2128",
     ] {
         assert!(warning.contains(field), "{field} in {warning}");
     }

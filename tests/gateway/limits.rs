@@ -167,3 +167,111 @@ async fn listeners_use_the_configured_backlog() {
     );
     assert_eq!(listen_backlog(gw.https()), 300);
 }
+
+/// Reads until the peer closes the connection (EOF or reset), at most `limit`; how long it took.
+async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all)
+        .await
+        .ok()
+        .map(|()| started.elapsed())
+}
+
+/// The admin API keeps its own bound (`admin.max_connections`, reloaded with the config) and the
+/// data plane's header read and idle timeouts, so stuck or hostile clients cannot hold its
+/// connections or the gateway's file descriptors.
+#[tokio::test]
+async fn the_admin_api_bounds_its_connections() {
+    use tokio::io::AsyncWriteExt;
+    let pki = TestPki::new();
+    let sections = |max: usize| {
+        format!(
+            "admin: {{listen: \"127.0.0.1:0\", max_connections: {max}}}\n\
+             limits: {{header_read_timeout: 1s, idle_timeout: 1s}}\n"
+        )
+    };
+    let gw = TestGateway::start(&pki, &sections(2)).await;
+    let admin = gw.gw.admin_addr().unwrap();
+    let refused = "portcullis_admin_connections_refused_total";
+
+    // A scraper keeping its connection alive, and a client sending its headers a byte at a time.
+    let mut scraper = Conn::plain(admin).await.unwrap();
+    assert_eq!(scraper.get("admin", "/health").await.unwrap().status, 200);
+    let mut slow = TcpStream::connect(admin).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    let slow_started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Both slots are taken: a third connection is closed at once, and counted.
+    let mut third = TcpStream::connect(admin).await.unwrap();
+    let took = closed_within(&mut third, Duration::from_secs(2)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_millis(500)),
+        "the third connection was closed at once: {took:?}"
+    );
+    assert_eq!(gw.metric(refused), 1.0);
+
+    // The byte-at-a-time client is cut at the header read timeout, while the scraper, which
+    // asks every 300 ms, outlives the idle timeout.
+    let (trickle, rd) = {
+        let (mut rd, mut wr) = slow.into_split();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                if wr.write_all(b"x").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let rd = tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return slow_started.elapsed(),
+                    Ok(_) => {}
+                }
+            }
+        });
+        (trickle, rd)
+    };
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(scraper.get("admin", "/health").await.unwrap().status, 200);
+    }
+    let cut = crate::support::bounded("the slow client is cut", rd)
+        .await
+        .unwrap();
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_millis(2000),
+        "cut after {cut:?}"
+    );
+    trickle.abort();
+
+    // Silent past the idle timeout, the scraper's connection is closed too; a new one is served.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(scraper.get("admin", "/health").await.is_err());
+    let mut again = Conn::plain(admin).await.unwrap();
+    let m = again.get("admin", "/metrics").await.unwrap().body;
+    assert!(m.contains(&format!("{refused} 1\n")), "{m}");
+
+    // A reload lowers the bound for the next connection.
+    gw.reload(&sections(1));
+    let mut next = TcpStream::connect(admin).await.unwrap();
+    assert!(
+        closed_within(&mut next, Duration::from_millis(500))
+            .await
+            .is_some(),
+        "one connection (the scraper's) is open: the next is closed"
+    );
+    assert_eq!(gw.metric(refused), 2.0);
+    assert_eq!(again.get("admin", "/health").await.unwrap().status, 200);
+}

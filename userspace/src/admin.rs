@@ -3,18 +3,21 @@
 //! `admin.token_file`, every request but `GET /health` must carry the token.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Access;
+use crate::gateway::Repeats;
 use crate::proxy::body::{full, ProxyBody};
 use crate::state::State;
 
@@ -244,32 +247,56 @@ fn refuse<B>(
     Some(r)
 }
 
-/// Serves the admin API until shutdown.
+/// Serves the admin API until shutdown. At most `admin.max_connections` connections are open at
+/// once: one more is closed as soon as it is accepted, and said (once every 10 s while it lasts),
+/// so a stuck or hostile client cannot take the file descriptors the data plane counts on.
 pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut over = Repeats::new(Duration::from_secs(10));
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => return,
         };
         let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let state = state.clone();
+        // The settings of the config in force when the connection arrives (a reload changes the
+        // certificate and the limit for the next one).
+        let runtime = state.runtime.load_full();
+        let limit = runtime
+            .config
+            .admin
+            .as_ref()
+            .map_or(0, |a| a.max_connections);
+        if open.load(Ordering::Relaxed) >= limit {
+            state.metrics.admin_connections_refused.inc();
+            if let Some(refused) = over.note(Instant::now()) {
+                tracing::warn!(
+                    client = %peer,
+                    admin.max_connections = limit,
+                    refused,
+                    "admin connection closed: admin.max_connections are open \
+                     (counted in portcullis_admin_connections_refused_total)"
+                );
+            }
+            drop(tcp);
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let (state, open, shutdown) = (state.clone(), open.clone(), shutdown.clone());
         tokio::spawn(async move {
-            // The settings of the config in force when the connection arrives (a reload
-            // changes the certificate for the next one).
-            let runtime = state.runtime.load_full();
             match &runtime.admin_tls {
-                None => serve_connection(state, tcp, peer).await,
+                None => serve_connection(state, tcp, peer, shutdown).await,
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
                     let limit = runtime.config.tls.handshake_timeout;
                     match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_connection(state, stream, peer).await,
+                        Ok(Ok(stream)) => serve_connection(state, stream, peer, shutdown).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "admin TLS handshake failed")
                         }
@@ -277,44 +304,109 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
                     }
                 }
             }
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
-/// Serves admin requests (HTTP/1.1 or h2) on one connection, over TCP or TLS.
-async fn serve_connection<I>(state: Arc<State>, io: I, peer: std::net::SocketAddr)
-where
+/// What an admin connection is doing: requests started and still being answered.
+#[derive(Default)]
+struct Activity {
+    started: AtomicU64,
+    answering: AtomicUsize,
+}
+
+/// Marks a request as being answered until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.answering.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves admin requests (HTTP/1.1 or h2) on one connection, over TCP or TLS, with the data
+/// plane's `limits`: header size and read timeout, h2 streams, and `limits.idle_timeout`, past
+/// which a connection without a request is closed. At shutdown it is closed once its request is
+/// answered.
+async fn serve_connection<I>(
+    state: Arc<State>,
+    io: I,
+    peer: std::net::SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let state = state.clone();
-        async move {
-            let resp = if let Some(refused) = refuse(&state, &req, peer) {
-                refused
-            } else if req.method() == Method::GET {
-                route(&state, &req, None)
-            } else if req.method() == Method::POST && req.uri().path().ends_with("/policy") {
-                let (parts, body) = req.into_parts();
-                let limited = http_body_util::Limited::new(body, MAX_CALLER_PEM);
-                match http_body_util::BodyExt::collect(limited).await {
-                    Ok(b) => route(&state, &Request::from_parts(parts, ()), Some(&b.to_bytes())),
-                    Err(e) => respond(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "text/plain",
-                        format!("{e}\n"),
-                    ),
-                }
-            } else if req.method() == Method::DELETE && req.uri().path() == "/xdp/denials" {
-                lift(&state, req.uri().query().unwrap_or(""))
-            } else {
-                let allowed = "GET, POST a caller certificate to /routes/{host}/policy, \
+    let limits = state.runtime.load().config.limits.clone();
+    let activity = Arc::new(Activity::default());
+    let svc = service_fn({
+        let (state, activity) = (state.clone(), activity.clone());
+        move |req: Request<Incoming>| {
+            let state = state.clone();
+            let busy = activity.begin();
+            async move {
+                let _busy = busy;
+                let resp = if let Some(refused) = refuse(&state, &req, peer) {
+                    refused
+                } else if req.method() == Method::GET {
+                    route(&state, &req, None)
+                } else if req.method() == Method::POST && req.uri().path().ends_with("/policy") {
+                    let (parts, body) = req.into_parts();
+                    let limited = http_body_util::Limited::new(body, MAX_CALLER_PEM);
+                    match http_body_util::BodyExt::collect(limited).await {
+                        Ok(b) => {
+                            route(&state, &Request::from_parts(parts, ()), Some(&b.to_bytes()))
+                        }
+                        Err(e) => respond(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "text/plain",
+                            format!("{e}\n"),
+                        ),
+                    }
+                } else if req.method() == Method::DELETE && req.uri().path() == "/xdp/denials" {
+                    lift(&state, req.uri().query().unwrap_or(""))
+                } else {
+                    let allowed = "GET, POST a caller certificate to /routes/{host}/policy, \
                                or DELETE /xdp/denials?source=<address>\n";
-                respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", allowed.into())
-            };
-            Ok::<_, std::convert::Infallible>(resp)
+                    respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", allowed.into())
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
+    let builder = crate::gateway::builder(&limits);
+    let serving = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(serving);
+    let tick = (limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let (mut seen, mut idle_since, mut closing) = (0, Instant::now(), *shutdown.borrow());
+    if closing {
+        serving.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            _ = serving.as_mut() => return,
+            _ = tokio::time::sleep(tick) => {
+                let started = activity.started.load(Ordering::Relaxed);
+                if started != seen || activity.answering.load(Ordering::Relaxed) > 0 {
+                    (seen, idle_since) = (started, Instant::now());
+                } else if !closing && idle_since.elapsed() >= limits.idle_timeout {
+                    tracing::debug!(%peer, "admin connection idle: closed");
+                    closing = true;
+                    serving.as_mut().graceful_shutdown();
+                }
+            }
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                serving.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }

@@ -113,17 +113,18 @@ fn check_somaxconn(backlog: u32) {
     }
 }
 
-/// File descriptors a gateway with `max_connections` may need: a client connection and a
-/// backend connection for each, and some to spare (listeners, event loops, NATS, logs, maps).
-fn files_needed(max_connections: usize) -> u64 {
-    2 * max_connections as u64 + 64
+/// File descriptors a gateway with `max_connections` and `admin_connections` may need: a client
+/// connection and a backend connection for each of the first, one for each admin connection, and
+/// some to spare (listeners, event loops, NATS, logs, maps).
+fn files_needed(max_connections: usize, admin_connections: usize) -> u64 {
+    2 * max_connections as u64 + admin_connections as u64 + 64
 }
 
 /// Raises the open-files limit to what the hard limit allows (as Go's runtime and nginx's
 /// `worker_rlimit_nofile` do): the soft limit most services start with (1,024 under systemd)
 /// would end accepting at a few hundred connections. Says at start when even the hard limit is
-/// short of what `limits.max_connections` needs.
-fn raise_open_files(max_connections: usize) {
+/// short of what `limits.max_connections` and `admin.max_connections` need.
+fn raise_open_files(max_connections: usize, admin_connections: usize) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -140,10 +141,11 @@ fn raise_open_files(max_connections: usize) {
             lim.rlim_cur = was;
         }
     }
-    let needed = files_needed(max_connections);
+    let needed = files_needed(max_connections, admin_connections);
     if lim.rlim_cur < needed {
         tracing::warn!(
             limits.max_connections = max_connections,
+            admin.max_connections = admin_connections,
             open_files = lim.rlim_cur,
             needed,
             "the open-files limit (RLIMIT_NOFILE) is short of what limits.max_connections needs \
@@ -169,7 +171,10 @@ impl Gateway {
         count_malformed(&metrics, &config);
         let backlog = config.limits.listen_backlog;
         check_somaxconn(backlog);
-        raise_open_files(config.limits.max_connections);
+        raise_open_files(
+            config.limits.max_connections,
+            config.admin.as_ref().map_or(0, |a| a.max_connections),
+        );
         let https_l = bind("listen.https", config.listen.https, backlog)?;
         defer_accept(&https_l);
         let http_l = match config.listen.http {
@@ -567,14 +572,14 @@ struct Parts {
 
 /// A failure that can repeat many times a second, said once per `every` while it lasts, with
 /// how many there were since it was last said: the log keeps the news without the flood.
-struct Repeats {
+pub(crate) struct Repeats {
     every: Duration,
     failed: u64,
     said: Option<Instant>,
 }
 
 impl Repeats {
-    const fn new(every: Duration) -> Repeats {
+    pub(crate) const fn new(every: Duration) -> Repeats {
         Repeats {
             every,
             failed: 0,
@@ -583,7 +588,7 @@ impl Repeats {
     }
 
     /// Counts one failure at `now`; when it is time to say so, how many to report.
-    fn note(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn note(&mut self, now: Instant) -> Option<u64> {
         self.failed += 1;
         if self
             .said
@@ -778,7 +783,7 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     b
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+pub(crate) fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())

@@ -132,6 +132,7 @@ pub struct Metrics {
     pub backend_errors: Family<ErrorLabels, Counter>,
     pub access_log_dropped: Counter,
     pub admin_refused: Counter,
+    pub admin_connections_refused: Counter,
     pub certificate_expiry: Family<CertLabels, Gauge>,
 }
 
@@ -178,6 +179,7 @@ impl Metrics {
             backend_errors: Family::default(),
             access_log_dropped: Counter::default(),
             admin_refused: Counter::default(),
+            admin_connections_refused: Counter::default(),
             certificate_expiry: Family::default(),
             registry: Registry::default(),
         };
@@ -268,6 +270,11 @@ impl Metrics {
             "admin_requests_refused",
             "Admin API requests refused for a missing or wrong token (admin.token_file)",
             m.admin_refused.clone(),
+        );
+        registry.register(
+            "admin_connections_refused",
+            "Admin API connections closed at once because admin.max_connections were open",
+            m.admin_connections_refused.clone(),
         );
         registry.register(
             "xdp_unparsed",

@@ -56,7 +56,14 @@ pub struct Admin {
     pub token_world_readable: bool,
     /// `admin.tls`: serve the admin API over TLS (reloaded with the config).
     pub tls: Option<AdminTls>,
+    /// `admin.max_connections`: admin connections open at once; one more is closed as soon as
+    /// it is accepted (reloaded with the config).
+    pub max_connections: usize,
 }
+
+/// `admin.max_connections` unless set: scrapers and operators need a handful; the bound keeps
+/// the admin API from taking the file descriptors the data plane counts on.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// The admin API's own certificate and, optionally, the CA its clients must present a
 /// certificate from.
@@ -630,8 +637,17 @@ impl Validator<'_> {
                 },
             })
         });
+        let max_connections = match raw.max_connections {
+            Some(0) => {
+                self.problem("admin.max_connections", "must be at least 1");
+                return None;
+            }
+            Some(n) => n,
+            None => DEFAULT_ADMIN_MAX_CONNECTIONS,
+        };
         Some(Admin {
             listen,
+            max_connections,
             token_world_readable: token.as_ref().is_some_and(|t| t.1),
             token: token.map(|t| t.0),
             tls,
@@ -1276,6 +1292,18 @@ mod tests {
         let problems = problems_of("admin: {listen: \"127.0.0.1:1\", tls: {cert: c.pem}}\n");
         assert!(
             problems.contains(&"admin.tls.cert: unknown key".to_string()),
+            "{problems:?}"
+        );
+        let problems = problems_of("admin: {listen: \"127.0.0.1:1\", max_connections: 0}\n");
+        assert!(
+            problems.contains(&"admin.max_connections: must be at least 1".to_string()),
+            "{problems:?}"
+        );
+        let problems = problems_of("admin: {listen: \"127.0.0.1:1\", max_connections: -1}\n");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("admin.max_connections: invalid value: integer `-1`")),
             "{problems:?}"
         );
     }

@@ -37,6 +37,7 @@ pub struct RawAdmin {
     pub listen: Option<String>,
     pub token_file: Option<String>,
     pub tls: Option<RawAdminTls>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
