@@ -750,6 +750,31 @@ async fn certificate_expiry_is_exported_and_said_by_check_start_and_reload() {
         ]
     );
 
+    // check --strict: the same two refuse the config.
+    let out = Command::new(BIN)
+        .args(["check", "--strict", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "{}: 2 problem(s) (--strict: certificate dates):",
+                cfg.display()
+            ),
+            format!(
+                "  tls.certificates[0].cert_chain[0] ('server.pem', CN=localhost): \
+                 expires on {ends_at} (10 days left)"
+            ),
+            "  domains[0].ca_certs[0] ('identity-ca.pem', CN=old identity root): \
+             expired on 2021-01-01T00:00:00Z"
+                .to_string(),
+        ]
+    );
+
     // run: the same two said at start, and every certificate exported.
     let mut gw = Running::start(&["run", "--config", cfg.to_str().unwrap()]);
     let serving = gw.wait_for("portcullis is serving");
@@ -827,6 +852,13 @@ async fn certificate_expiry_is_exported_and_said_by_check_start_and_reload() {
         "{:#?}",
         gw.seen
     );
+    // And the renewed config passes check --strict.
+    let out = Command::new(BIN)
+        .args(["check", "--strict", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
 }
 
 /// `PORTCULLIS_LOG_FORMAT=json`: every operational log line is one JSON object with the event's

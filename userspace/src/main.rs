@@ -60,6 +60,10 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Also refuse the config (exit 2) when a certificate has expired, is not valid yet or
+        /// expires within 30 days, for pipelines that must not ship such files.
+        #[arg(long)]
+        strict: bool,
     },
     /// Show who may reach a route and, with a caller certificate, the decision.
     #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "admin"])))]
@@ -151,12 +155,25 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match load(&config) {
+        Command::Check { config, strict } => match load(&config) {
             Ok(cfg) => {
                 // Certificate dates do not make a config invalid (the gateway starts with them);
-                // they are said so the operator replaces the files in time.
+                // they are said so the operator replaces the files in time, and refused with
+                // --strict.
                 let now = expiry::unix_now();
-                for (c, f) in expiry::review(&cfg.certificate_validity, now) {
+                let findings = expiry::review(&cfg.certificate_validity, now);
+                if strict && !findings.is_empty() {
+                    eprintln!(
+                        "{}: {} problem(s) (--strict: certificate dates):",
+                        config.display(),
+                        findings.len()
+                    );
+                    for (c, f) in findings {
+                        eprintln!("  {}", expiry::describe(c, f));
+                    }
+                    return ExitCode::from(2);
+                }
+                for (c, f) in findings {
                     eprintln!("warning: {}", expiry::describe(c, f));
                 }
                 println!("{}: valid", config.display());
