@@ -99,3 +99,174 @@ async fn strict_selects_first_then_checks() {
         "domain:scope=space:post-selection"
     );
 }
+
+/// A route `sticky.apps.identity` scoped to space-1 with instances `inst-1` and `inst-2` there,
+/// `inst-3` in space-2 and `inst-dead` (in space-1, refusing connections).
+fn sticky_yaml(sections: &str, backends: [&echo::EchoServer; 3]) -> String {
+    let opts = "{route_policy_scope: space, route_policy_sources: \"cf:any\"}";
+    let mut y = format!(
+        "{sections}domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\nroutes:\n"
+    );
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", crate::dead_port()).parse().unwrap();
+    let endpoints = [
+        ("inst-1", backends[0].addr, "space-1", "org-1"),
+        ("inst-2", backends[1].addr, "space-1", "org-1"),
+        ("inst-3", backends[2].addr, "space-2", "org-2"),
+        ("inst-dead", dead, "space-1", "org-1"),
+    ];
+    for (id, addr, space, org) in endpoints {
+        y += &format!(
+            "  - uris: [sticky.apps.identity]\n    host: \"{}\"\n    port: {}\n    \
+             private_instance_id: {id}\n    \
+             tags: {{app_id: s, space_id: {space}, organization_id: {org}}}\n    options: {opts}\n",
+            addr.ip(),
+            addr.port()
+        );
+    }
+    y
+}
+
+/// A GET with an optional Cookie header.
+async fn send(
+    c: &mut Conn,
+    host: &str,
+    path: &str,
+    cookie: Option<String>,
+) -> Result<crate::support::client::Resp, crate::support::client::CallError> {
+    let cookie = cookie.unwrap_or_default();
+    let headers: &[(&str, &str)] = if cookie.is_empty() {
+        &[]
+    } else {
+        &[("cookie", &cookie)]
+    };
+    let req = c.build(host, path, headers);
+    c.send(req).await
+}
+
+/// The `__VCAP_ID__` cookies a response sets.
+fn vcap_cookies(r: &crate::support::client::Resp) -> Vec<String> {
+    r.headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|v| v.starts_with("__VCAP_ID__="))
+        .map(str::to_string)
+        .collect()
+}
+
+/// GoRouter's sticky sessions: a response setting `JSESSIONID` gets `__VCAP_ID__` naming the
+/// instance that answered, and requests carrying both go back to it; a session whose instance
+/// is gone, refuses connections or may not be reached by the caller moves to an instance the
+/// caller may reach. Over HTTP/1.1 and h2; `strict` selection checks the session's instance like
+/// any selected endpoint; `sticky_session_cookies: []` turns it off.
+#[tokio::test]
+async fn sticky_sessions_stay_with_their_instance_and_move_when_they_must() {
+    let pki = TestPki::new();
+    let mut backends = Vec::new();
+    for name in ["inst-1", "inst-2", "inst-3"] {
+        backends.push(echo::start(name, ([127, 0, 0, 1], 0).into()).await.unwrap());
+    }
+    let three = [&backends[0], &backends[1], &backends[2]];
+    let gw = TestGateway::start(&pki, &sticky_yaml("", three)).await;
+    let host = "sticky.apps.identity";
+    let start = "/?set-cookie=JSESSIONID%3Dabc%3B%20Path%3D%2F%3B%20Secure%3B%20SameSite%3DLax";
+    for h2 in [false, true] {
+        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), h2)
+            .await
+            .unwrap();
+
+        // The session starts: the answering instance is named, with the session's attributes.
+        let r = send(&mut c, host, start, None).await.unwrap();
+        assert_eq!(r.status, 200);
+        let instance = r.echo().backend;
+        assert!(instance == "inst-1" || instance == "inst-2", "{instance}");
+        assert_eq!(
+            vcap_cookies(&r),
+            [format!(
+                "__VCAP_ID__={instance}; HttpOnly; SameSite=Lax; Secure; Path=/"
+            )],
+            "h2={h2}"
+        );
+
+        // With both cookies every request goes back to it, and nothing more is set.
+        let session = format!("JSESSIONID=abc; __VCAP_ID__={instance}");
+        for _ in 0..6 {
+            let r = send(&mut c, host, "/", Some(session.clone()))
+                .await
+                .unwrap();
+            assert_eq!((r.status, r.echo().backend), (200, instance.clone()));
+            assert!(vcap_cookies(&r).is_empty());
+        }
+        // Without the session cookie, __VCAP_ID__ alone does not pin: the rotation goes on.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            let r = send(&mut c, host, "/", Some(format!("__VCAP_ID__={instance}")))
+                .await
+                .unwrap();
+            seen.insert(r.echo().backend);
+        }
+        assert_eq!(seen.len(), 2, "h2={h2}: {seen:?}");
+
+        // Instances the session cannot stay with: out of the caller's reach (space-2), not
+        // registered, refusing connections. Another instance answers and the session moves.
+        for gone in ["inst-3", "inst-9", "inst-dead"] {
+            let r = send(
+                &mut c,
+                host,
+                "/",
+                Some(format!("JSESSIONID=abc; __VCAP_ID__={gone}")),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.status, 200, "{gone}");
+            let now = r.echo().backend;
+            assert!(now == "inst-1" || now == "inst-2", "{gone}: {now}");
+            assert_eq!(
+                vcap_cookies(&r),
+                [format!("__VCAP_ID__={now}; HttpOnly; Path=/")],
+                "h2={h2}, {gone}"
+            );
+        }
+    }
+    assert_eq!(backends[2].requests(), 0, "caller A never reached space-2");
+
+    // strict: the session's instance is the selected endpoint, checked like any other.
+    gw.reload(&sticky_yaml(
+        "authorization: {endpoint_selection: strict}\n",
+        three,
+    ));
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    for (instance, status) in [("inst-2", 200), ("inst-3", 403)] {
+        let cookie = format!("JSESSIONID=abc; __VCAP_ID__={instance}");
+        let req = c.build(host, "/", &[("cookie", &cookie)]);
+        let r = c.send(req).await.unwrap();
+        assert_eq!(r.status, status, "{instance}");
+        if status == 200 {
+            assert_eq!(r.echo().backend, instance);
+        }
+    }
+    assert_eq!(backends[2].requests(), 0);
+
+    // Turned off: no instance cookie, and sessions are not pinned.
+    gw.reload(&sticky_yaml(
+        "backends: {ca_certs: backend-ca.pem, connect_timeout: 1s, sticky_session_cookies: []}\n",
+        three,
+    ));
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    let r = c.get(host, start).await.unwrap();
+    assert!(vcap_cookies(&r).is_empty());
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let req = c.build(
+            host,
+            "/",
+            &[("cookie", "JSESSIONID=abc; __VCAP_ID__=inst-1")],
+        );
+        seen.insert(c.send(req).await.unwrap().echo().backend);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}

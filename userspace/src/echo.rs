@@ -1,7 +1,8 @@
 //! A small HTTP/1.1 echo backend: the embedded demo's app, and the backend of the tests.
 //!
 //! Every request is answered 200 with a JSON description of what arrived (method, path, host,
-//! headers, which backend answered). `/slow?ms=N` waits N milliseconds (at most 60 s) first.
+//! headers, which backend answered). `/slow?ms=N` waits N milliseconds (at most 60 s) first, and
+//! each `set-cookie=V` in a query (URL-encoded) becomes a `Set-Cookie: V` response header.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -79,6 +80,12 @@ async fn answer(
     let mut resp = Response::new(full(body));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let query = req.uri().query().unwrap_or("").as_bytes();
+    for (k, v) in form_urlencoded::parse(query) {
+        if let (true, Ok(v)) = (k == "set-cookie", HeaderValue::from_str(&v)) {
+            resp.headers_mut().append(http::header::SET_COOKIE, v);
+        }
+    }
     resp
 }
 

@@ -157,6 +157,9 @@ pub struct Backends {
     /// How long an endpoint that failed a connection comes after the others in selection
     /// (GoRouter's "ineligible" endpoints); zero = never.
     pub failure_cooldown: Duration,
+    /// Cookies that start a sticky session (GoRouter's `sticky_session_cookie_names`); empty =
+    /// sticky sessions off. See [`crate::proxy::sticky`].
+    pub sticky_session_cookies: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -515,6 +518,28 @@ impl Validator<'_> {
 
     fn duration(&mut self, key: &str, raw: Option<&str>, default: Duration) -> Duration {
         self.parse_duration(key, raw, default, false)
+    }
+
+    /// `backends.sticky_session_cookies`: cookie names, `JSESSIONID` unless set.
+    fn sticky_session_cookies(&mut self, raw: Option<Vec<String>>) -> Vec<String> {
+        let Some(names) = raw else {
+            return vec!["JSESSIONID".to_string()];
+        };
+        let key = "backends.sticky_session_cookies";
+        for (i, name) in names.iter().enumerate() {
+            if name == crate::proxy::sticky::VCAP_ID {
+                self.problem(
+                    format!("{key}[{i}]"),
+                    "__VCAP_ID__ is the cookie the gateway sets to keep a session's instance",
+                );
+            } else if !crate::proxy::sticky::cookie_name_ok(name) {
+                self.problem(
+                    format!("{key}[{i}]"),
+                    format!("'{name}' cannot be a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)"),
+                );
+            }
+        }
+        names
     }
 
     /// A duration where `0s` means "not at all".
@@ -892,6 +917,7 @@ impl Validator<'_> {
                 b.failure_cooldown.as_deref(),
                 Duration::from_secs(30),
             ),
+            sticky_session_cookies: self.sticky_session_cookies(b.sticky_session_cookies.clone()),
         };
 
         let registry = RegistrySettings {
@@ -1305,6 +1331,21 @@ mod tests {
                 .iter()
                 .any(|p| p.contains("admin.max_connections: invalid value: integer `-1`")),
             "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn sticky_session_cookie_names_are_checked() {
+        let problems = problems_of(
+            "backends: {sticky_session_cookies: [JSESSIONID, \"a b\", __VCAP_ID__, \"\"]}\n",
+        );
+        assert_eq!(
+            problems[2..],
+            [
+                "backends.sticky_session_cookies[1]: 'a b' cannot be a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
+                "backends.sticky_session_cookies[2]: __VCAP_ID__ is the cookie the gateway sets to keep a session's instance",
+                "backends.sticky_session_cookies[3]: '' cannot be a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
+            ]
         );
     }
 

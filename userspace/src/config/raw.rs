@@ -98,6 +98,7 @@ pub struct RawBackends {
     pub max_idle_per_endpoint: Option<usize>,
     pub h2_streams_per_connection: Option<usize>,
     pub failure_cooldown: Option<String>,
+    pub sticky_session_cookies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -4,6 +4,7 @@
 pub mod body;
 mod headers;
 mod pool;
+pub mod sticky;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -319,7 +320,9 @@ async fn route(
         return Err(Reject::Misdirected);
     }
 
-    // Authorization with endpoint selection.
+    // Authorization with endpoint selection; a sticky session asks for its instance first.
+    let sessions = &rt.config.backends.sticky_session_cookies;
+    let asked = sticky::requested(req.headers(), sessions);
     let mut selector = pool.selector();
     let mut first: Option<Arc<Endpoint>> = None;
     let identity = conn.identity();
@@ -344,7 +347,11 @@ async fn route(
                     }
                 }
                 EndpointSelection::Strict => {
-                    let ep = selector.next(|_| true).ok_or(Denial(Rule::RoutePolicies))?;
+                    let ep = asked
+                        .as_deref()
+                        .and_then(|id| selector.prefer(id, |_| true))
+                        .or_else(|| selector.next(|_| true))
+                        .ok_or(Denial(Rule::RoutePolicies))?;
                     check_scope(scope, id, ep.as_ref())?;
                     first = Some(ep);
                 }
@@ -427,6 +434,9 @@ async fn route(
         (Some(s), Some(id)) => check_scope(s, id, e).is_ok(),
         _ => true,
     };
+    if let (None, Some(id)) = (&first, asked.as_deref()) {
+        first = selector.prefer(id, eligible);
+    }
     let cooldown = rt.config.backends.failure_cooldown;
     let mut failed = 0;
     while failed < MAX_ATTEMPTS {
@@ -509,6 +519,14 @@ async fn route(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut rparts.headers, false);
+                let instance = &ep.private_instance_id;
+                sticky::respond(
+                    &mut rparts.headers,
+                    asked.as_deref(),
+                    instance,
+                    &pool.key.path,
+                    sessions,
+                );
                 if !upgrade {
                     done.lease = Some((lease, settings.max_idle));
                 }

@@ -46,6 +46,22 @@ impl<'a> Selector<'a> {
         Some(self.pool.endpoints[chosen].clone())
     }
 
+    /// The untried endpoint registered as instance `id` (a sticky session's), if `eligible` holds
+    /// for it. It is offered even while cooling down, as GoRouter does: the session lives there,
+    /// and when it fails the next endpoint takes over (and the session moves with the response).
+    pub fn prefer(
+        &mut self,
+        id: &str,
+        eligible: impl Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let eps = &self.pool.endpoints;
+        let chosen = (0..eps.len()).find(|i| {
+            !self.tried.contains(i) && eps[*i].private_instance_id == id && eligible(&eps[*i])
+        })?;
+        self.tried.push(chosen);
+        Some(eps[chosen].clone())
+    }
+
     /// The untried endpoint for which `ok` holds that the pool's load balancing picks first.
     fn pick(&self, mut ok: impl FnMut(&Endpoint) -> bool) -> Option<usize> {
         let eps = &self.pool.endpoints;
