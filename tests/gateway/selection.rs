@@ -270,3 +270,95 @@ async fn sticky_sessions_stay_with_their_instance_and_move_when_they_must() {
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
+
+/// GoRouter's instance routing: `X-CF-App-Instance: <app guid>:<index>` sends the request to that
+/// instance of the route's app, still under the route's policy; a malformed header or an
+/// instance the route does not have gets 400 before any backend sees the request.
+#[tokio::test]
+async fn x_cf_app_instance_asks_for_one_instance_under_the_same_policy() {
+    let pki = TestPki::new();
+    let guid = "6e8e2c2e-6c55-4c1c-9a5e-4b5b1c3d2e1f";
+    let mut backends = Vec::new();
+    let opts = "{route_policy_scope: space, route_policy_sources: \"cf:any\"}";
+    let mut y = String::from(
+        "domains: [{name: \"*.apps.identity\", ca_certs: identity-ca.pem}]\nroutes:\n",
+    );
+    for (index, space) in [(0, "space-1"), (1, "space-1"), (2, "space-2")] {
+        let e = echo::start(&format!("index-{index}"), ([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        y += &format!(
+            "  - uris: [inst.apps.identity]\n    host: \"{}\"\n    port: {}\n    app: {guid}\n    \
+             private_instance_index: \"{index}\"\n    private_instance_id: id-{index}\n    \
+             tags: {{app_id: {guid}, space_id: {space}, organization_id: org-1}}\n    options: {opts}\n",
+            e.addr.ip(),
+            e.addr.port()
+        );
+        backends.push(e);
+    }
+    let gw = TestGateway::start(&pki, &y).await;
+    let host = "inst.apps.identity";
+    for h2 in [false, true] {
+        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), h2)
+            .await
+            .unwrap();
+        let mut ask = async |value: &str| {
+            let req = c.build(host, "/", &[("x-cf-app-instance", value)]);
+            c.send(req).await.unwrap()
+        };
+        for _ in 0..4 {
+            let r = ask(&format!("{guid}:1")).await;
+            assert_eq!((r.status, r.echo().backend.as_str()), (200, "index-1"));
+        }
+        // The instance is out of caller A's reach (space-2): the policy still decides.
+        let r = ask(&format!("{guid}:2")).await;
+        assert_eq!((r.status, r.body.as_str()), (403, "Forbidden"));
+        // Instances the route does not have.
+        let other = "00000000-0000-0000-0000-000000000000";
+        for (app, index) in [(guid, "7"), (other, "0")] {
+            let r = ask(&format!("{app}:{index}")).await;
+            assert_eq!(r.status, 400);
+            assert_eq!(
+                r.body,
+                format!(
+                    "Requested instance ('{index}') with guid ('{app}') does not exist for route \
+                     ('inst.apps.identity')"
+                )
+            );
+            assert_eq!(r.header("x-cf-routererror"), Some("unknown_route"));
+        }
+        // Malformed.
+        for bad in [
+            "nope".to_string(),
+            guid.to_string(),
+            format!("{guid}:"),
+            format!("{guid}:x"),
+            format!("{}:1", guid.to_uppercase()),
+            format!("{guid}x:1"),
+        ] {
+            let r = ask(&bad).await;
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (400, "Invalid X-CF-App-Instance Header"),
+                "{bad}"
+            );
+            assert_eq!(
+                r.header("x-cf-routererror"),
+                Some("invalid_cf_app_instance_header")
+            );
+        }
+    }
+    assert_eq!(backends[0].requests(), 0);
+    assert_eq!(backends[1].requests(), 8);
+    assert_eq!(backends[2].requests(), 0);
+    // Without the header the route balances over the instances caller A may reach.
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        assert_eq!(c.get(host, "/").await.unwrap().status, 200);
+    }
+    assert!(backends[0].requests() >= 1 && backends[1].requests() > 8);
+    assert_eq!(backends[0].requests() + backends[1].requests(), 12);
+    assert_eq!(backends[2].requests(), 0);
+}

@@ -15,6 +15,8 @@ pub const X_VCAP_REQUEST_ID: HeaderName = HeaderName::from_static("x-vcap-reques
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
+/// GoRouter's instance routing: `<app guid>:<index>`.
+pub const X_CF_APP_INSTANCE: HeaderName = HeaderName::from_static("x-cf-app-instance");
 const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
 const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");

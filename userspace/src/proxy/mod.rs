@@ -100,6 +100,14 @@ enum Reject {
     Forbidden(Rule),
     EndpointFailure,
     EndpointTimeout,
+    /// `X-CF-App-Instance` is not `<app guid>:<index>`.
+    InvalidInstanceHeader,
+    /// The route has no endpoint for the instance `X-CF-App-Instance` names.
+    UnknownInstance {
+        host: String,
+        app: String,
+        index: String,
+    },
 }
 
 impl Reject {
@@ -116,6 +124,16 @@ impl Reject {
             Reject::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden".into()),
             Reject::EndpointFailure => (StatusCode::BAD_GATEWAY, String::new()),
             Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
+            Reject::InvalidInstanceHeader => (
+                StatusCode::BAD_REQUEST,
+                "Invalid X-CF-App-Instance Header".into(),
+            ),
+            Reject::UnknownInstance { host, app, index } => (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Requested instance ('{index}') with guid ('{app}') does not exist for route ('{host}')"
+                ),
+            ),
         };
         let has_body = !body.is_empty();
         let mut resp = Response::new(if has_body { full(body) } else { empty() });
@@ -138,7 +156,8 @@ impl Reject {
     fn router_error(&self) -> &'static str {
         match self {
             Reject::EmptyHost => "empty_host",
-            Reject::UnknownRoute(_) => "unknown_route",
+            Reject::UnknownRoute(_) | Reject::UnknownInstance { .. } => "unknown_route",
+            Reject::InvalidInstanceHeader => "invalid_cf_app_instance_header",
             Reject::EndpointFailure => "endpoint_failure",
             Reject::EndpointTimeout => "endpoint_timeout",
             Reject::Misdirected | Reject::Forbidden(_) => "",
@@ -319,6 +338,23 @@ async fn route(
     if !binding_ok(&rt.config, conn.mtls(), host) {
         return Err(Reject::Misdirected);
     }
+    // GoRouter's `X-CF-App-Instance: <app guid>:<index>` asks for one instance of the route's
+    // app; every other endpoint is out of the selection.
+    let instance = requested_instance(req.headers())?;
+    let in_instance = |e: &Endpoint| {
+        instance
+            .as_ref()
+            .is_none_or(|(app, index)| e.app == *app && e.private_instance_index == *index)
+    };
+    if let Some((app, index)) = &instance {
+        if !pool.endpoints.iter().any(|e| in_instance(e)) {
+            return Err(Reject::UnknownInstance {
+                host: host.to_string(),
+                app: app.clone(),
+                index: index.clone(),
+            });
+        }
+    }
 
     // Authorization with endpoint selection; a sticky session asks for its instance first.
     let sessions = &rt.config.backends.sticky_session_cookies;
@@ -333,7 +369,7 @@ async fn route(
             match rt.config.endpoint_selection {
                 EndpointSelection::Filter => {
                     let mut last = None;
-                    for e in &pool.endpoints {
+                    for e in pool.endpoints.iter().filter(|e| in_instance(e)) {
                         match check_scope(scope, id, e.as_ref()) {
                             Ok(()) => {
                                 last = None;
@@ -349,8 +385,8 @@ async fn route(
                 EndpointSelection::Strict => {
                     let ep = asked
                         .as_deref()
-                        .and_then(|id| selector.prefer(id, |_| true))
-                        .or_else(|| selector.next(|_| true))
+                        .and_then(|id| selector.prefer(id, in_instance))
+                        .or_else(|| selector.next(in_instance))
                         .ok_or(Denial(Rule::RoutePolicies))?;
                     check_scope(scope, id, ep.as_ref())?;
                     first = Some(ep);
@@ -430,9 +466,12 @@ async fn route(
         max_idle: rt.config.backends.max_idle_per_endpoint,
         h2_streams: rt.config.backends.h2_streams_per_connection,
     };
-    let eligible = |e: &Endpoint| match (scope, identity) {
-        (Some(s), Some(id)) => check_scope(s, id, e).is_ok(),
-        _ => true,
+    let eligible = |e: &Endpoint| {
+        in_instance(e)
+            && match (scope, identity) {
+                (Some(s), Some(id)) => check_scope(s, id, e).is_ok(),
+                _ => true,
+            }
     };
     if let (None, Some(id)) = (&first, asked.as_deref()) {
         first = selector.prefer(id, eligible);
@@ -559,6 +598,24 @@ async fn route(
         }
     }
     Err(Reject::EndpointFailure)
+}
+
+/// The instance an `X-CF-App-Instance` header asks for, as GoRouter takes it: `<app guid>:<index>`
+/// with the guid in lowercase hex.
+fn requested_instance(headers: &http::HeaderMap) -> Result<Option<(String, String)>, Reject> {
+    let Some(value) = headers.get(headers::X_CF_APP_INSTANCE) else {
+        return Ok(None);
+    };
+    let parsed = value.to_str().ok().and_then(|v| {
+        let (app, index) = v.split_once(':')?;
+        let hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let groups: Vec<&str> = app.split('-').collect();
+        let shape = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+        let guid = shape && groups.iter().all(|g| hex(g));
+        let index_ok = !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit());
+        (guid && index_ok).then(|| (app.to_string(), index.to_string()))
+    });
+    parsed.map(Some).ok_or(Reject::InvalidInstanceHeader)
 }
 
 /// Puts an endpoint whose connection failed behind the others for `cooldown`, saying so when it
