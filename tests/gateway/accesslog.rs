@@ -206,3 +206,85 @@ async fn ipv4_callers_on_a_dual_stack_listener_are_ipv4() {
     assert!(l.client.starts_with("127.0.0.1:"), "{}", l.client);
     assert_eq!(l.field("x_forwarded_for"), "127.0.0.1");
 }
+
+/// The `in_flight` count `/routes` shows for the endpoint at `addr`.
+async fn in_flight(gw: &TestGateway, addr: std::net::SocketAddr) -> u64 {
+    let mut c = Conn::plain(gw.gw.admin_addr().unwrap()).await.unwrap();
+    let body = c.get("admin", "/routes").await.unwrap().body;
+    let routes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let route = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "any-a.apps.identity")
+        .unwrap();
+    let ep = route["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == addr.to_string())
+        .unwrap();
+    ep["in_flight"].as_u64().unwrap()
+}
+
+/// A client that gives up on a request (an h2 stream reset, an HTTP/1.1 connection closed)
+/// while the backend still works on it: the request is logged with 499 at once, as nginx and
+/// GoRouter log it, and its endpoint's in-flight count (least-connection's) is released.
+#[tokio::test]
+async fn a_request_the_client_gives_up_on_is_logged_499_and_released() {
+    use tokio::io::AsyncWriteExt;
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    let host = "any-a.apps.identity";
+    let path = "/slow?ms=4000";
+    let started = std::time::Instant::now();
+
+    // h2: the stream is reset when the client drops its request.
+    let mut h2 = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), true)
+        .await
+        .unwrap();
+    let req = h2.build(host, path, &[]);
+    let pending = tokio::spawn(async move { h2.send(req).await.map(|r| r.status) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(in_flight(&gw, backend.addr).await, 1);
+    pending.abort();
+
+    // HTTP/1.1: the client closes its connection.
+    let mut h1 = crate::support::client::tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some(host),
+        Some(&pki.a),
+        &[b"http/1.1"],
+    )
+    .await
+    .unwrap();
+    h1.write_all(format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(h1);
+
+    let lines = gw.log_lines(2).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(3000),
+        "logged before the backend answered"
+    );
+    let mut protos = Vec::new();
+    for l in &lines {
+        let l = LogLine::parse(l);
+        assert_eq!(l.status, 499, "{l:?}");
+        assert_eq!(l.backend, backend.addr.to_string());
+        assert!(
+            l.request.starts_with(&format!("GET {path} ")),
+            "{}",
+            l.request
+        );
+        protos.push(l.request.rsplit(' ').next().unwrap().to_string());
+    }
+    protos.sort();
+    assert_eq!(protos, ["HTTP/1.1", "HTTP/2.0"]);
+    assert_eq!(in_flight(&gw, backend.addr).await, 0);
+    assert_eq!(gw.metric("portcullis_requests_total{code=\"499\"}"), 2.0);
+}

@@ -37,6 +37,8 @@ struct EndpointView<'a> {
     private_instance_id: &'a str,
     private_instance_index: &'a str,
     static_route: bool,
+    /// Requests being sent to or answered by this endpoint now (least-connection's count).
+    in_flight: usize,
     /// Milliseconds this endpoint still comes after the others, after a failed connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     failure_cooldown_ms: Option<u64>,
@@ -83,6 +85,7 @@ fn routes(state: &State) -> Response<ProxyBody> {
                     private_instance_id: &e.private_instance_id,
                     private_instance_index: &e.private_instance_index,
                     static_route: e.permanent,
+                    in_flight: e.active.load(std::sync::atomic::Ordering::Relaxed),
                     failure_cooldown_ms: e.cooldown_left().map(|d| d.as_millis() as u64),
                 })
                 .collect(),

@@ -175,7 +175,13 @@ pub fn binding_ok(cfg: &Config, conn_mtls: Option<&DomainPattern>, host: &str) -
     }
 }
 
-/// Work that runs once a response is finished: log, count, release counters.
+/// The status logged for a request its client gave up on (stream reset or connection closed)
+/// before the response began, as nginx and GoRouter log it.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Work that runs once a response is finished: log, count, release counters. Dropped unfinished
+/// (the client gave up before the response began, and hyper dropped the request), it finishes
+/// as a 499, so the request is logged and its endpoint's in-flight count released.
 struct Completion {
     state: Arc<State>,
     record: AccessRecord,
@@ -184,10 +190,23 @@ struct Completion {
     inflight: Arc<AtomicUsize>,
     endpoint_active: Option<Arc<AtomicUsize>>,
     lease: Option<(Lease, usize)>,
+    finished: bool,
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if !self.finished {
+            if self.record.status == 0 {
+                self.record.status = CLIENT_CLOSED_REQUEST;
+            }
+            self.finish(0, false);
+        }
+    }
 }
 
 impl Completion {
-    fn finish(mut self, response_bytes: u64, clean: bool) {
+    fn finish(&mut self, response_bytes: u64, clean: bool) {
+        self.finished = true;
         self.record.response_bytes = response_bytes;
         self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
         self.record.response_time = self.started.elapsed();
@@ -209,7 +228,8 @@ impl Completion {
 
     fn wrap(self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
         let (parts, body) = resp.into_parts();
-        let body = Finish::new(body, Box::new(move |n, clean| self.finish(n, clean)));
+        let mut done = self;
+        let body = Finish::new(body, Box::new(move |n, clean| done.finish(n, clean)));
         Response::from_parts(parts, BodyExt::boxed_unsync(body))
     }
 }
@@ -293,6 +313,7 @@ pub async fn handle(
         inflight: conn.inflight.clone(),
         endpoint_active: None,
         lease: None,
+        finished: false,
     };
     // Logged for every request, including the gateway's own rejections.
     let mut req = req;
