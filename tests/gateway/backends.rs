@@ -579,3 +579,109 @@ async fn get_admin(gw: &TestGateway, path: &str) -> serde_json::Value {
     assert_eq!(r.status, 200);
     serde_json::from_str(&r.body).unwrap()
 }
+
+/// GoRouter's `backends.max_conns`: an endpoint with that many requests in flight is passed
+/// over, and a request whose endpoints are all that busy gets 503 `Connection Limit Reached`
+/// without reaching a backend; once a request ends, its endpoint takes the next one.
+#[tokio::test]
+async fn max_conns_passes_busy_endpoints_over_and_answers_503_when_all_are() {
+    let pki = TestPki::new();
+    let e1 = echo::start("b1", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let e2 = echo::start("b2", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let host = "limit.apps.plain";
+    let mut y = String::from(
+        "backends: {ca_certs: backend-ca.pem, connect_timeout: 1s, max_conns: 1}\nroutes:\n",
+    );
+    y += &crate::route(host, e1.addr, "app_id: x", "");
+    y += &crate::route(host, e2.addr, "app_id: x", "");
+    let gw = TestGateway::start(&pki, &y).await;
+    let connect = || Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false);
+    let slow = |mut c: Conn| {
+        tokio::spawn(async move {
+            let r = c.get(host, "/slow?ms=1500").await.unwrap();
+            (r.status, r.echo().backend)
+        })
+    };
+
+    // One endpoint busy: every request goes to the other, not every other one.
+    let first = slow(connect().await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let routes = get_admin(&gw, "/routes").await;
+    let endpoints = routes[0]["endpoints"].as_array().unwrap();
+    let busy: Vec<u64> = endpoints
+        .iter()
+        .map(|e| e["in_flight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(busy.iter().sum::<u64>(), 1, "{busy:?}");
+    let mut c = connect().await.unwrap();
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let r = c.get(host, "/").await.unwrap();
+        assert_eq!(r.status, 200);
+        answered.insert(r.echo().backend);
+    }
+    assert_eq!(answered.len(), 1, "{answered:?}");
+
+    // Both busy: 503, and no backend sees the request.
+    let second = slow(connect().await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let seen = e1.requests() + e2.requests();
+    let r = c.get(host, "/").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.body,
+        "Requested route ('limit.apps.plain') has reached the connection limit."
+    );
+    assert_eq!(
+        r.header("x-cf-routererror"),
+        Some("Connection Limit Reached")
+    );
+    assert_eq!(e1.requests() + e2.requests(), seen);
+    assert_eq!(gw.metric("portcullis_backend_exhausted_conns_total"), 1.0);
+
+    // The slow ones finish on different endpoints; then requests are served again.
+    let (a, b) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_ne!(a.1, b.1);
+    assert_eq!(c.get(host, "/").await.unwrap().status, 200);
+    let routes = get_admin(&gw, "/routes").await;
+    for e in routes[0]["endpoints"].as_array().unwrap() {
+        assert_eq!(e["in_flight"], 0);
+    }
+}
+
+/// With `strict` selection the full endpoint is not selected (and then refused as 403): the
+/// request gets the same 503 as with `filter`, after its policy allowed it.
+#[tokio::test]
+async fn max_conns_under_strict_selection_is_503_not_403() {
+    let pki = TestPki::new();
+    let e = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let host = "limit.apps.identity";
+    let mut y = String::from(
+        "backends: {ca_certs: backend-ca.pem, connect_timeout: 1s, max_conns: 1}\n\
+         authorization: {endpoint_selection: strict}\n\
+         domains: [{name: \"*.apps.identity\", ca_certs: identity-ca.pem}]\nroutes:\n",
+    );
+    y += &crate::route(
+        host,
+        e.addr,
+        "app_id: x, space_id: space-1, organization_id: org-1",
+        "route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"",
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let connect = |leaf| Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(leaf), false);
+    let mut busy = connect(&pki.a).await.unwrap();
+    let slow = tokio::spawn(async move { busy.get(host, "/slow?ms=1000").await.unwrap().status });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut a = connect(&pki.a).await.unwrap();
+    let r = a.get(host, "/").await.unwrap();
+    assert_eq!(
+        (r.status, r.header("x-cf-routererror")),
+        (503, Some("Connection Limit Reached"))
+    );
+    // A caller the policy refuses still gets 403.
+    let mut b = connect(&pki.b).await.unwrap();
+    assert_eq!(b.get(host, "/").await.unwrap().status, 403);
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(a.get(host, "/").await.unwrap().status, 200);
+}

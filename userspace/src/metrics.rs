@@ -133,6 +133,7 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     pub admin_refused: Counter,
     pub admin_connections_refused: Counter,
+    pub backend_exhausted_conns: Counter,
     pub certificate_expiry: Family<CertLabels, Gauge>,
 }
 
@@ -180,6 +181,7 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             admin_refused: Counter::default(),
             admin_connections_refused: Counter::default(),
+            backend_exhausted_conns: Counter::default(),
             certificate_expiry: Family::default(),
             registry: Registry::default(),
         };
@@ -275,6 +277,12 @@ impl Metrics {
             "admin_connections_refused",
             "Admin API connections closed at once because admin.max_connections were open",
             m.admin_connections_refused.clone(),
+        );
+        registry.register(
+            "backend_exhausted_conns",
+            "Requests answered 503 because every endpoint they could go to had backends.max_conns \
+             requests in flight",
+            m.backend_exhausted_conns.clone(),
         );
         registry.register(
             "xdp_unparsed",

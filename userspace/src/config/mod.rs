@@ -160,6 +160,9 @@ pub struct Backends {
     /// Cookies that start a sticky session (GoRouter's `sticky_session_cookie_names`); empty =
     /// sticky sessions off. See [`crate::proxy::sticky`].
     pub sticky_session_cookies: Vec<String>,
+    /// Requests in flight to one endpoint at most (GoRouter's `backends.max_conns`); a route
+    /// whose endpoints are all that busy answers 503. Zero = no limit.
+    pub max_conns: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -918,6 +921,7 @@ impl Validator<'_> {
                 Duration::from_secs(30),
             ),
             sticky_session_cookies: self.sticky_session_cookies(b.sticky_session_cookies.clone()),
+            max_conns: b.max_conns.unwrap_or(0),
         };
 
         let registry = RegistrySettings {

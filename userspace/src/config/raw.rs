@@ -99,6 +99,7 @@ pub struct RawBackends {
     pub h2_streams_per_connection: Option<usize>,
     pub failure_cooldown: Option<String>,
     pub sticky_session_cookies: Option<Vec<String>>,
+    pub max_conns: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

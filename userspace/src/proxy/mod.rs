@@ -102,6 +102,8 @@ enum Reject {
     EndpointTimeout,
     /// `X-CF-App-Instance` is not `<app guid>:<index>`.
     InvalidInstanceHeader,
+    /// Every endpoint the request could go to has `backends.max_conns` requests in flight.
+    ConnectionLimit(String),
     /// The route has no endpoint for the instance `X-CF-App-Instance` names.
     UnknownInstance {
         host: String,
@@ -124,6 +126,10 @@ impl Reject {
             Reject::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden".into()),
             Reject::EndpointFailure => (StatusCode::BAD_GATEWAY, String::new()),
             Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
+            Reject::ConnectionLimit(host) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("Requested route ('{host}') has reached the connection limit."),
+            ),
             Reject::InvalidInstanceHeader => (
                 StatusCode::BAD_REQUEST,
                 "Invalid X-CF-App-Instance Header".into(),
@@ -158,6 +164,7 @@ impl Reject {
             Reject::EmptyHost => "empty_host",
             Reject::UnknownRoute(_) | Reject::UnknownInstance { .. } => "unknown_route",
             Reject::InvalidInstanceHeader => "invalid_cf_app_instance_header",
+            Reject::ConnectionLimit(_) => "Connection Limit Reached",
             Reject::EndpointFailure => "endpoint_failure",
             Reject::EndpointTimeout => "endpoint_timeout",
             Reject::Misdirected | Reject::Forbidden(_) => "",
@@ -382,6 +389,10 @@ async fn route(
     let asked = sticky::requested(req.headers(), sessions);
     let mut selector = pool.selector();
     let mut first: Option<Arc<Endpoint>> = None;
+    // `backends.max_conns`: endpoints with that many requests in flight are passed over, and a
+    // request with none left is answered 503 (after its authorization).
+    let max_conns = rt.config.backends.max_conns;
+    let mut full = false;
     let identity = conn.identity();
     let scope = pool.policy.scope.as_ref();
     if let Some(scope) = scope {
@@ -404,13 +415,22 @@ async fn route(
                     }
                 }
                 EndpointSelection::Strict => {
-                    let ep = asked
+                    let open = |e: &Endpoint| in_instance(e) && e.has_room(max_conns);
+                    let chosen = asked
                         .as_deref()
-                        .and_then(|id| selector.prefer(id, in_instance))
-                        .or_else(|| selector.next(in_instance))
-                        .ok_or(Denial(Rule::RoutePolicies))?;
+                        .and_then(|id| selector.prefer(id, open))
+                        .or_else(|| selector.next(open));
+                    // All full: the caller is still checked against the endpoint it would
+                    // have had, so it learns of the limit only if it may use the route.
+                    full = chosen.is_none();
+                    let ep = match chosen {
+                        Some(ep) => ep,
+                        None => selector
+                            .next(in_instance)
+                            .ok_or(Denial(Rule::RoutePolicies))?,
+                    };
                     check_scope(scope, id, ep.as_ref())?;
-                    first = Some(ep);
+                    first = (!full).then_some(ep);
                 }
             }
             decide_sources(&pool.policy, id)
@@ -419,6 +439,9 @@ async fn route(
             Ok(rule) => {
                 state.metrics.count_decision(true, &rule);
                 done.record.route_policy = Some(rule);
+                if full {
+                    return Err(connection_limit(state, host));
+                }
             }
             Err(Denial(rule)) => {
                 state.metrics.count_decision(false, &rule);
@@ -494,15 +517,23 @@ async fn route(
                 _ => true,
             }
     };
+    let open = |e: &Endpoint| eligible(e) && e.has_room(max_conns);
     if let (None, Some(id)) = (&first, asked.as_deref()) {
-        first = selector.prefer(id, eligible);
+        first = selector.prefer(id, open);
     }
     let cooldown = rt.config.backends.failure_cooldown;
     let mut failed = 0;
     while failed < MAX_ATTEMPTS {
-        let Some(ep) = first.take().or_else(|| selector.next(eligible)) else {
+        let Some(ep) = first.take().or_else(|| selector.next(open)) else {
             break;
         };
+        // Counted in flight from here (least-connection and max_conns see requests still
+        // connecting); one that filled up since it was chosen is passed over.
+        if !ep.reserve(max_conns) {
+            full = true;
+            continue;
+        }
+        done.endpoint_active = Some(ep.active.clone());
         done.record.endpoint = Some(ep.clone());
         let leased = if upgrade {
             state.backends().connect_fresh(&ep, &settings, true).await
@@ -513,6 +544,8 @@ async fn route(
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "backend connect failed");
+                ep.release();
+                done.endpoint_active = None;
                 endpoint_failed(&ep, &pool.key, &e, cooldown);
                 state
                     .metrics
@@ -545,8 +578,6 @@ async fn route(
         if let Some(u) = target {
             *out.uri_mut() = u;
         }
-        ep.active.fetch_add(1, Ordering::Relaxed);
-        done.endpoint_active = Some(ep.active.clone());
         let sent_at = Instant::now();
         let timeout = rt.config.backends.response_header_timeout;
         let result = match tokio::time::timeout(
@@ -597,7 +628,7 @@ async fn route(
             }
             Err(failure) => {
                 let SendFailure { error: e, request } = *failure;
-                ep.active.fetch_sub(1, Ordering::Relaxed);
+                ep.release();
                 done.endpoint_active = None;
                 state
                     .metrics
@@ -618,7 +649,24 @@ async fn route(
             }
         }
     }
+    if failed == 0
+        && max_conns > 0
+        && (full
+            || pool
+                .endpoints
+                .iter()
+                .any(|e| eligible(e) && !e.has_room(max_conns)))
+    {
+        return Err(connection_limit(state, host));
+    }
     Err(Reject::EndpointFailure)
+}
+
+/// A request none of whose endpoints may take another (`backends.max_conns`), counted (the
+/// access log has it with its router error).
+fn connection_limit(state: &State, host: &str) -> Reject {
+    state.metrics.backend_exhausted_conns.inc();
+    Reject::ConnectionLimit(host.to_string())
 }
 
 /// The instance an `X-CF-App-Instance` header asks for, as GoRouter takes it: `<app guid>:<index>`

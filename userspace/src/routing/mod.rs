@@ -93,6 +93,30 @@ impl Endpoint {
         before == 0 || before <= now
     }
 
+    /// Whether it may take another request under `backends.max_conns` (0 = no limit).
+    pub fn has_room(&self, max_conns: usize) -> bool {
+        max_conns == 0 || self.active.load(Ordering::Relaxed) < max_conns
+    }
+
+    /// Counts a request in flight to it, unless that would take it past `max_conns` (0 = no
+    /// limit); `false` when it is full. [`Endpoint::release`] undoes it.
+    pub fn reserve(&self, max_conns: usize) -> bool {
+        if max_conns == 0 {
+            self.active.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.active
+            .try_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max_conns).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Ends a request counted by [`Endpoint::reserve`].
+    pub fn release(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Ends a cooldown after the endpoint answered (one relaxed load when there is none).
     pub fn mark_answered(&self) {
         if self.failed_until.load(Ordering::Relaxed) != 0 {
@@ -385,6 +409,19 @@ mod tests {
             ..Default::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn max_conns_reservations_stop_at_the_limit_and_release() {
+        let e = Endpoint::plain("127.0.0.1", 1);
+        assert!(e.reserve(2) && e.reserve(2));
+        assert!(!e.has_room(2) && !e.reserve(2), "full at 2");
+        assert_eq!(e.active.load(Ordering::Relaxed), 2);
+        e.release();
+        assert!(e.has_room(2) && e.reserve(2));
+        // No limit: always room, still counted (least-connection).
+        assert!(e.has_room(0) && e.reserve(0));
+        assert_eq!(e.active.load(Ordering::Relaxed), 3);
     }
 
     #[test]
