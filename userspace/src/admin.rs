@@ -269,13 +269,16 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
         };
         let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
         // The settings of the config in force when the connection arrives (a reload changes the
-        // certificate and the limit for the next one).
+        // certificate and the limit for the next one; one that drops the admin section keeps
+        // the listener, which needs a restart, with the default limit).
         let runtime = state.runtime.load_full();
         let limit = runtime
             .config
             .admin
             .as_ref()
-            .map_or(0, |a| a.max_connections);
+            .map_or(crate::config::DEFAULT_ADMIN_MAX_CONNECTIONS, |a| {
+                a.max_connections
+            });
         if open.load(Ordering::Relaxed) >= limit {
             state.metrics.admin_connections_refused.inc();
             if let Some(refused) = over.note(Instant::now()) {
