@@ -3,7 +3,8 @@
 //! `admin.token_file`, every request but `GET /health` must carry the token.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,6 +21,7 @@ use tokio::sync::watch;
 use crate::config::Access;
 use crate::gateway::Repeats;
 use crate::proxy::body::{full, ProxyBody};
+use crate::proxy::ConnCtx;
 use crate::state::State;
 
 #[derive(Serialize)]
@@ -85,7 +88,7 @@ fn routes(state: &State) -> Response<ProxyBody> {
                     private_instance_id: &e.private_instance_id,
                     private_instance_index: &e.private_instance_index,
                     static_route: e.permanent,
-                    in_flight: e.active.load(std::sync::atomic::Ordering::Relaxed),
+                    in_flight: e.active.load(Ordering::Relaxed),
                     failure_cooldown_ms: e.cooldown_left().map(|d| d.as_millis() as u64),
                 })
                 .collect(),
@@ -315,27 +318,20 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
     }
 }
 
-/// What an admin connection is doing: requests started and still being answered.
-#[derive(Default)]
-struct Activity {
-    started: AtomicU64,
-    answering: AtomicUsize,
-}
+/// Counts an admin request as in flight on its connection until dropped.
+struct InFlight(Arc<AtomicUsize>);
 
-/// Marks a request as being answered until dropped.
-struct Busy(Arc<Activity>);
-
-impl Activity {
-    fn begin(self: &Arc<Self>) -> Busy {
-        self.started.fetch_add(1, Ordering::Relaxed);
-        self.answering.fetch_add(1, Ordering::Relaxed);
-        Busy(self.clone())
+impl InFlight {
+    fn begin(conn: &ConnCtx) -> InFlight {
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        conn.inflight.fetch_add(1, Ordering::Relaxed);
+        InFlight(conn.inflight.clone())
     }
 }
 
-impl Drop for Busy {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.answering.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -352,14 +348,14 @@ async fn serve_connection<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = state.runtime.load().config.limits.clone();
-    let activity = Arc::new(Activity::default());
+    let conn = Arc::new(ConnCtx::new(peer, None));
     let svc = service_fn({
-        let (state, activity) = (state.clone(), activity.clone());
+        let (state, conn) = (state.clone(), conn.clone());
         move |req: Request<Incoming>| {
             let state = state.clone();
-            let busy = activity.begin();
+            let in_flight = InFlight::begin(&conn);
             async move {
-                let _busy = busy;
+                let _in_flight = in_flight;
                 let resp = if let Some(refused) = refuse(&state, &req, peer) {
                     refused
                 } else if req.method() == Method::GET {
@@ -390,29 +386,7 @@ async fn serve_connection<I>(
     });
     let builder = crate::gateway::builder(&limits);
     let serving = builder.serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(serving);
-    let tick = (limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let (mut seen, mut idle_since, mut closing) = (0, Instant::now(), *shutdown.borrow());
-    if closing {
-        serving.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            _ = serving.as_mut() => return,
-            _ = tokio::time::sleep(tick) => {
-                let started = activity.started.load(Ordering::Relaxed);
-                if started != seen || activity.answering.load(Ordering::Relaxed) > 0 {
-                    (seen, idle_since) = (started, Instant::now());
-                } else if !closing && idle_since.elapsed() >= limits.idle_timeout {
-                    tracing::debug!(%peer, "admin connection idle: closed");
-                    closing = true;
-                    serving.as_mut().graceful_shutdown();
-                }
-            }
-            _ = shutdown.changed(), if !closing => {
-                closing = true;
-                serving.as_mut().graceful_shutdown();
-            }
-        }
-    }
+    let graceful = |s: Pin<&mut auto::Connection<_, _, _>>| s.graceful_shutdown();
+    let ends = crate::gateway::Ends::Neither;
+    crate::gateway::drive(serving, graceful, &conn, &limits, &mut shutdown, ends).await;
 }

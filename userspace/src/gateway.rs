@@ -982,7 +982,7 @@ async fn wait_for_request<S: AsyncRead + Unpin>(
 }
 
 /// How a served connection ends besides idling out or the gateway stopping.
-enum Ends<'a> {
+pub(crate) enum Ends<'a> {
     /// HTTP/1.1 asked to park once no request moved for a whole tick. While the gateway drains
     /// its responses say `connection: close` (`proxy::handle`), so nothing more is needed here.
     Http1 { park: &'a (dyn Fn() + Sync) },
@@ -991,6 +991,8 @@ enum Ends<'a> {
     H2 {
         draining: &'a mut watch::Receiver<bool>,
     },
+    /// Neither parked nor drained (the admin API, which answers `/health` while draining).
+    Neither,
 }
 
 /// Resolves once the gateway drains, for an h2 connection; never for HTTP/1.1.
@@ -1007,7 +1009,7 @@ async fn drain_started(ends: &mut Ends<'_>) {
 /// shutdown, when its caller is denied (`conn.end`) or, for h2, when the gateway drains, it is
 /// closed gracefully; HTTP/1.1 is asked to park once no request moved for a whole tick. Returns
 /// when the connection was last active.
-async fn drive<F, E>(
+pub(crate) async fn drive<F, E>(
     serving: F,
     graceful: impl Fn(Pin<&mut F>),
     conn: &ConnCtx,
@@ -1024,7 +1026,7 @@ where
     let idle = limits.idle_timeout;
     let park = match ends {
         Ends::Http1 { park } => Some(park),
-        Ends::H2 { .. } => None,
+        Ends::H2 { .. } | Ends::Neither => None,
     };
     // Parking needs a short tick; otherwise the tick only serves the idle timeout.
     let tick = if park.is_some() { TICK } else { IDLE_TICK };
