@@ -704,3 +704,157 @@ async fn explain_against_a_running_gateway_sees_nats_routes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no route for host 'nope.apps.identity'"));
 }
+
+/// A route bound to a route service (GoRouter's `route_service_url`) is never sent to its app
+/// past that service: portcullis does not call route services, so such a route answers 502
+/// `route_service_unsupported` as GoRouter does with them disabled, after its policy (a caller
+/// it refuses still gets 403), and says so on `/routes` and in `explain`. A registration
+/// without the URL unbinds the route, as in GoRouter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_bound_to_a_route_service_is_refused_never_sent_past_it() {
+    let nats = NatsServer::start();
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = start_subscribed(&pki, &nats.url(), &config(&nats.url(), "")).await;
+    let nc = nats_client(&nats.url()).await;
+    let url = "https://auth-proxy.apps.example.com/check";
+    let policy = json!({"route_policy_scope": "any", "route_policy_sources": "cf:app:app-a"});
+    nc.publish(
+        "router.register",
+        registration(
+            "rs.apps.identity",
+            backend.addr,
+            json!({"route_service_url": url, "options": policy}),
+        )
+        .into(),
+    )
+    .await
+    .unwrap();
+    nc.publish(
+        "router.register",
+        registration(
+            "rs.apps.plain",
+            backend.addr,
+            json!({"route_service_url": url}),
+        )
+        .into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, Some(&pki.a), "rs.apps.identity", 502).await,
+        502
+    );
+    assert_eq!(
+        wait_status(&gw, &pki, None, "rs.apps.plain", 502).await,
+        502
+    );
+
+    for h2 in [false, true] {
+        for (host, cert) in [("rs.apps.identity", Some(&pki.a)), ("rs.apps.plain", None)] {
+            let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), cert, h2)
+                .await
+                .unwrap();
+            for _ in 0..2 {
+                let r = c.get(host, "/").await.unwrap();
+                assert_eq!(r.status, 502, "{host} h2={h2}");
+                assert_eq!(r.body, "Support for route services is disabled.");
+                assert_eq!(
+                    r.header("x-cf-routererror"),
+                    Some("route_service_unsupported")
+                );
+            }
+        }
+        // The policy decides first: a caller it refuses learns nothing of the route service.
+        let mut b = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("rs.apps.identity"),
+            Some(&pki.b),
+            h2,
+        )
+        .await
+        .unwrap();
+        let r = b.get("rs.apps.identity", "/").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (403, "Forbidden"));
+        assert_eq!(r.header("x-cf-routererror"), None);
+    }
+    assert_eq!(backend.requests(), 0, "nothing reached the app");
+
+    // Each refusal is one access-log line naming the policy's rule and no backend.
+    let lines = gw.log_lines(1).await;
+    let refused: Vec<_> = lines
+        .iter()
+        .map(|l| support::gateway::LogLine::parse(l))
+        .filter(|l| l.status == 502)
+        .collect();
+    assert!(refused.len() >= 10, "{lines:#?}");
+    for l in &refused {
+        assert_eq!(l.field("x_cf_routererror"), "route_service_unsupported");
+        assert_eq!(l.backend, "-");
+        let rule = if l.host == "rs.apps.identity" {
+            "route:cf:app:app-a"
+        } else {
+            "-"
+        };
+        assert_eq!(l.field("route_policy"), rule, "{l:?}");
+    }
+
+    // `/routes` and `explain` say why.
+    let admin = gw.gw.admin_addr().unwrap();
+    let mut c = Conn::plain(admin).await.unwrap();
+    let routes: serde_json::Value =
+        serde_json::from_str(&c.get("localhost", "/routes").await.unwrap().body).unwrap();
+    let view = |route: &str| {
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == route)
+            .cloned()
+            .unwrap_or_else(|| panic!("{route} in {routes:#}"))
+    };
+    assert_eq!(view("rs.apps.identity")["route_service_url"], url);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["explain", "--admin", &format!("http://{admin}")])
+        .args(["--host", "rs.apps.identity"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "route service: {url}: not supported, so every request the policy allows is answered 502 (route_service_unsupported)"
+        )),
+        "{text}"
+    );
+
+    // The newest registration without the URL unbinds the route; the other stays bound.
+    nc.publish(
+        "router.register",
+        registration("rs.apps.identity", backend.addr, json!({"options": policy})).into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, Some(&pki.a), "rs.apps.identity", 200).await,
+        200
+    );
+    assert_eq!(
+        get(gw.https(), &pki.server_ca, None, "rs.apps.plain", "/", true)
+            .await
+            .unwrap()
+            .status,
+        502
+    );
+    let routes: serde_json::Value =
+        serde_json::from_str(&c.get("localhost", "/routes").await.unwrap().body).unwrap();
+    let unbound = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "rs.apps.identity")
+        .unwrap();
+    assert!(unbound.get("route_service_url").is_none(), "{unbound:#}");
+}

@@ -28,6 +28,9 @@ use crate::state::State;
 struct RouteView<'a> {
     route: String,
     options: &'a BTreeMap<String, String>,
+    /// The route service the route is bound to: its requests are answered 502.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route_service_url: Option<&'a str>,
     endpoints: Vec<EndpointView<'a>>,
 }
 
@@ -74,6 +77,7 @@ fn routes(state: &State) -> Response<ProxyBody> {
         .map(|p| RouteView {
             route: p.key.to_string(),
             options: &p.options,
+            route_service_url: p.route_service.as_deref(),
             endpoints: p
                 .endpoints
                 .iter()

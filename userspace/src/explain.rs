@@ -23,6 +23,9 @@ pub struct Explanation {
     pub sources: Vec<String>,
     pub malformed_sources: Vec<String>,
     pub endpoint_selection: String,
+    /// The route service the route is bound to (every request is answered 502).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_service_url: Option<String>,
     pub endpoints: Vec<EndpointView>,
     pub caller: Option<CallerDecision>,
 }
@@ -113,6 +116,7 @@ pub fn explain(
             EndpointSelection::Strict => "strict",
         }
         .to_string(),
+        route_service_url: pool.route_service.as_deref().map(str::to_string),
         endpoints: pool
             .endpoints
             .iter()
@@ -224,6 +228,12 @@ impl fmt::Display for Explanation {
                 self.malformed_sources.join(", ")
             )?;
         }
+        if let Some(url) = &self.route_service_url {
+            writeln!(
+                f,
+                "route service: {url}: not supported, so every request the policy allows is answered 502 (route_service_unsupported)"
+            )?;
+        }
         writeln!(f, "endpoints:")?;
         for e in &self.endpoints {
             let dash = |s: &str| {
@@ -256,7 +266,11 @@ impl fmt::Display for Explanation {
             writeln!(f, "certificate: {}", c.certificate)?;
             writeln!(f, "decision:  {} ({})", c.decision, c.rule)?;
             if c.decision == "allow" {
-                writeln!(f, "reaches:   {}", c.reachable_endpoints.join(", "))?;
+                if self.route_service_url.is_some() {
+                    writeln!(f, "reaches:   nothing: 502 (route service)")?;
+                } else {
+                    writeln!(f, "reaches:   {}", c.reachable_endpoints.join(", "))?;
+                }
             }
         }
         Ok(())

@@ -959,6 +959,12 @@ impl Validator<'_> {
         for (i, r) in raw.routes.into_iter().enumerate() {
             match ValidRegistration::try_from(r) {
                 Ok(v) => {
+                    if v.route_service.is_some() {
+                        self.problem(
+                            format!("routes[{i}].route_service_url"),
+                            "route services are not supported: the route's requests would all be answered 502; remove it",
+                        );
+                    }
                     for bad in &v.policy.malformed {
                         self.problem(
                             format!("routes[{i}].options.route_policy_sources"),
@@ -1349,6 +1355,23 @@ mod tests {
                 "backends.sticky_session_cookies[1]: 'a b' cannot be a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
                 "backends.sticky_session_cookies[2]: __VCAP_ID__ is the cookie the gateway sets to keep a session's instance",
                 "backends.sticky_session_cookies[3]: '' cannot be a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_static_route_cannot_be_bound_to_a_route_service() {
+        let problems = problems_of(
+            "routes:\n\
+             - {uris: [a.apps.plain], host: 127.0.0.1, port: 9001, route_service_url: \"https://rs.example/\"}\n\
+             - {uris: [b.apps.plain], host: 127.0.0.1, port: 9002, route_service_url: \"http://rs.example/\"}\n\
+             - {uris: [c.apps.plain], host: 127.0.0.1, port: 9003, route_service_url: \"\"}\n",
+        );
+        assert_eq!(
+            problems[2..],
+            [
+                "routes[0].route_service_url: route services are not supported: the route's requests would all be answered 502; remove it",
+                "routes[1]: route_service_url 'http://rs.example/' is not an https:// URL",
             ]
         );
     }

@@ -104,6 +104,8 @@ enum Reject {
     InvalidInstanceHeader,
     /// Every endpoint the request could go to has `backends.max_conns` requests in flight.
     ConnectionLimit(String),
+    /// The route is bound to a route service, which portcullis does not call.
+    RouteServiceUnsupported,
     /// The route has no endpoint for the instance `X-CF-App-Instance` names.
     UnknownInstance {
         host: String,
@@ -129,6 +131,10 @@ impl Reject {
             Reject::ConnectionLimit(host) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("Requested route ('{host}') has reached the connection limit."),
+            ),
+            Reject::RouteServiceUnsupported => (
+                StatusCode::BAD_GATEWAY,
+                "Support for route services is disabled.".into(),
             ),
             Reject::InvalidInstanceHeader => (
                 StatusCode::BAD_REQUEST,
@@ -165,6 +171,7 @@ impl Reject {
             Reject::UnknownRoute(_) | Reject::UnknownInstance { .. } => "unknown_route",
             Reject::InvalidInstanceHeader => "invalid_cf_app_instance_header",
             Reject::ConnectionLimit(_) => "Connection Limit Reached",
+            Reject::RouteServiceUnsupported => "route_service_unsupported",
             Reject::EndpointFailure => "endpoint_failure",
             Reject::EndpointTimeout => "endpoint_timeout",
             Reject::Misdirected | Reject::Forbidden(_) => "",
@@ -439,9 +446,6 @@ async fn route(
             Ok(rule) => {
                 state.metrics.count_decision(true, &rule);
                 done.record.route_policy = Some(rule);
-                if full {
-                    return Err(connection_limit(state, host));
-                }
             }
             Err(Denial(rule)) => {
                 state.metrics.count_decision(false, &rule);
@@ -455,6 +459,16 @@ async fn route(
                 return Err(Reject::Forbidden(rule));
             }
         }
+    }
+    // A route bound to a route service (GoRouter's `route_service_url`) must not reach its app
+    // past that service, which may be what authenticates or limits its callers: refused, as
+    // GoRouter refuses it with route services disabled. After the policy, so a caller the
+    // route refuses still learns nothing more than 403.
+    if pool.route_service.is_some() {
+        return Err(Reject::RouteServiceUnsupported);
+    }
+    if full {
+        return Err(connection_limit(state, host));
     }
 
     // Build the backend request.

@@ -69,7 +69,7 @@ pub enum RegistrationError {
     MissingUris,
     #[error("invalid uri '{0}'")]
     BadUri(String),
-    #[error("route_service_url '{0}' is not https")]
+    #[error("route_service_url '{0}' is not an https:// URL")]
     RouteServiceNotHttps(String),
     #[error("tls_port without server_cert_domain_san")]
     TlsWithoutSan,
@@ -155,6 +155,8 @@ pub struct ValidRegistration {
     pub protocol: Protocol,
     pub load_balancing: LoadBalancing,
     pub policy: RoutePolicy,
+    /// `route_service_url`, when it is set (an `https://` URL).
+    pub route_service: Option<std::sync::Arc<str>>,
     pub raw: Registration,
 }
 
@@ -205,11 +207,19 @@ impl TryFrom<Registration> for ValidRegistration {
             .iter()
             .map(|u| RouteKey::parse(u).ok_or_else(|| RegistrationError::BadUri(u.clone())))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(url) = raw.route_service_url.as_deref().filter(|u| !u.is_empty()) {
-            if !url.starts_with("https://") {
-                return Err(RegistrationError::RouteServiceNotHttps(url.to_string()));
+        let route_service = match raw.route_service_url.as_deref().filter(|u| !u.is_empty()) {
+            None => None,
+            Some(url) => {
+                let https = url.starts_with("https://")
+                    && url
+                        .parse::<http::Uri>()
+                        .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()));
+                if !https {
+                    return Err(RegistrationError::RouteServiceNotHttps(url.to_string()));
+                }
+                Some(url.into())
             }
-        }
+        };
         let protocol = match raw.protocol.as_deref() {
             None | Some("") | Some("http1") => Protocol::Http1,
             Some("http2") => Protocol::Http2,
@@ -232,6 +242,7 @@ impl TryFrom<Registration> for ValidRegistration {
             protocol,
             load_balancing,
             policy,
+            route_service,
             raw,
         })
     }
@@ -275,6 +286,34 @@ mod tests {
             ValidRegistration::try_from(bad).unwrap_err().label(),
             "route_service_not_https"
         );
+        for url in [
+            "https://",
+            "https://rs example/",
+            "https:///x",
+            "rs.example",
+        ] {
+            let mut bad = ok.clone();
+            bad.route_service_url = Some(url.into());
+            assert_eq!(
+                ValidRegistration::try_from(bad).unwrap_err(),
+                RegistrationError::RouteServiceNotHttps(url.into())
+            );
+        }
+        let mut bound = ok.clone();
+        bound.route_service_url = Some("https://rs.example.com/auth?x=1".into());
+        assert_eq!(
+            ValidRegistration::try_from(bound)
+                .unwrap()
+                .route_service
+                .as_deref(),
+            Some("https://rs.example.com/auth?x=1")
+        );
+        let mut unbound = ok.clone();
+        unbound.route_service_url = Some(String::new());
+        assert!(ValidRegistration::try_from(unbound)
+            .unwrap()
+            .route_service
+            .is_none());
         let mut bad = ok;
         bad.tls_port = Some(443);
         assert_eq!(

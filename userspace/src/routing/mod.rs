@@ -158,6 +158,10 @@ pub struct Pool {
     pub load_balancing: LoadBalancing,
     /// The raw options of the registration that set them, for `/routes`.
     pub options: BTreeMap<String, String>,
+    /// GoRouter's `route_service_url` (newest registration wins, as GoRouter keeps it): a route
+    /// bound to a route service. portcullis does not call route services, so such a route's
+    /// requests are refused rather than sent to the app past its route service.
+    pub route_service: Option<Arc<str>>,
     /// Round-robin position; shared across snapshots so rebuilding does not reset the rotation.
     next: Arc<AtomicUsize>,
 }
@@ -222,6 +226,7 @@ struct PoolState {
     policy: RoutePolicy,
     load_balancing: LoadBalancing,
     options: BTreeMap<String, String>,
+    route_service: Option<Arc<str>>,
     next: Arc<AtomicUsize>,
 }
 
@@ -236,8 +241,8 @@ pub struct RegistryState {
 }
 
 impl RegistryState {
-    /// Adds or refreshes an endpoint under each of its route keys. The pool's options follow the
-    /// newest registration whose options differ from them.
+    /// Adds or refreshes an endpoint under each of its route keys. The pool's options, and its
+    /// route service, follow the newest registration whose values differ from them.
     pub fn register(
         &mut self,
         reg: &ValidRegistration,
@@ -253,12 +258,26 @@ impl RegistryState {
                 policy: reg.policy.clone(),
                 load_balancing: reg.load_balancing,
                 options: reg.raw.options.clone(),
+                route_service: None,
                 next: Arc::default(),
             });
             if pool.options != reg.raw.options {
                 pool.options = reg.raw.options.clone();
                 pool.policy = reg.policy.clone();
                 pool.load_balancing = reg.load_balancing;
+            }
+            if pool.route_service.as_deref() != reg.route_service.as_deref() {
+                match &reg.route_service {
+                    Some(url) => tracing::warn!(
+                        route = %key,
+                        route_service_url = %url,
+                        "route bound to a route service, which portcullis does not call: its requests are answered 502 (route_service_unsupported) until a registration without it"
+                    ),
+                    None => {
+                        tracing::info!(route = %key, "route no longer bound to a route service")
+                    }
+                }
+                pool.route_service = reg.route_service.clone();
             }
             let (active, failed_until) = pool
                 .endpoints
@@ -375,6 +394,7 @@ impl RegistryState {
                         policy: p.policy.clone(),
                         load_balancing: p.load_balancing,
                         options: p.options.clone(),
+                        route_service: p.route_service.clone(),
                         next: p.next.clone(),
                     }));
                 }
@@ -458,6 +478,40 @@ mod tests {
         assert!(s.snapshot().lookup("a.x", "/").is_some());
         s.unregister(&b);
         assert!(s.snapshot().lookup("a.x", "/").is_none());
+    }
+
+    #[test]
+    fn the_newest_registration_sets_the_route_service_for_the_pool() {
+        let mut s = RegistryState::default();
+        let now = Instant::now();
+        let stale = Duration::from_secs(1);
+        let bound = |port| {
+            ValidRegistration::try_from(crate::registry::Registration {
+                route_service_url: Some("https://rs.example/".into()),
+                ..reg("a.x", port, &[]).raw
+            })
+            .unwrap()
+        };
+        s.register(&reg("a.x", 1, &[]), false, stale, now);
+        assert!(s
+            .snapshot()
+            .lookup("a.x", "/")
+            .unwrap()
+            .route_service
+            .is_none());
+        s.register(&bound(2), false, stale, now);
+        let t = s.snapshot();
+        let pool = t.lookup("a.x", "/").unwrap();
+        assert_eq!(pool.route_service.as_deref(), Some("https://rs.example/"));
+        assert_eq!(pool.endpoints.len(), 2, "the pool as a whole is bound");
+        // A heartbeat from the other endpoint without it unbinds the route, as in GoRouter.
+        s.register(&reg("a.x", 1, &[]), false, stale, now);
+        assert!(s
+            .snapshot()
+            .lookup("a.x", "/")
+            .unwrap()
+            .route_service
+            .is_none());
     }
 
     #[test]
