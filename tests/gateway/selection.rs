@@ -362,3 +362,65 @@ async fn x_cf_app_instance_asks_for_one_instance_under_the_same_policy() {
     assert_eq!(backends[0].requests() + backends[1].requests(), 12);
     assert_eq!(backends[2].requests(), 0);
 }
+
+/// GoRouter tells an app which of its instances a request went to: `X-CF-ApplicationID` (the
+/// registration's `app`), `X-CF-InstanceIndex` and `X-CF-InstanceID` (`private_instance_id`, or
+/// the endpoint's address without one). They are set for the endpoint that answers, over
+/// HTTP/1.1 and h2, and whatever the caller sent under those names never reaches the app.
+#[tokio::test]
+async fn the_app_is_told_which_instance_it_is_and_the_caller_cannot_say() {
+    let pki = TestPki::new();
+    let guid = "6e8e2c2e-6c55-4c1c-9a5e-4b5b1c3d2e1f";
+    let named = echo::start("named", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let bare = echo::start("bare", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let host = "who.apps.plain";
+    let y = format!(
+        "routes:\n\
+         \x20 - {{uris: [{host}], host: \"{}\", port: {}, app: {guid}, private_instance_index: \"3\", private_instance_id: inst-3}}\n\
+         \x20 - {{uris: [{host}], host: \"{}\", port: {}}}\n",
+        named.addr.ip(),
+        named.addr.port(),
+        bare.addr.ip(),
+        bare.addr.port(),
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let spoof = [
+        ("x-cf-applicationid", "someone-else"),
+        ("X-CF-InstanceIndex", "99"),
+        ("x-cf-instanceid", "forged"),
+    ];
+    for h2 in [false, true] {
+        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, h2)
+            .await
+            .unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..6 {
+            let headers: &[(&str, &str)] = if i % 2 == 0 { &spoof } else { &[] };
+            let req = c.build(host, "/", headers);
+            let r = c.send(req).await.unwrap();
+            assert_eq!(r.status, 200);
+            let echo = r.echo();
+            let got = |name: &str| echo.headers.get(name).cloned();
+            let want = match echo.backend.as_str() {
+                "named" => [guid.to_string(), "3".into(), "inst-3".into()],
+                _ => [String::new(), String::new(), bare.addr.to_string()],
+            };
+            assert_eq!(
+                [
+                    got("x-cf-applicationid"),
+                    got("x-cf-instanceindex"),
+                    got("x-cf-instanceid")
+                ],
+                want.map(Some),
+                "h2={h2} {}",
+                echo.backend
+            );
+            seen.insert(echo.backend);
+        }
+        assert_eq!(seen.len(), 2, "both instances answered (h2={h2})");
+    }
+}

@@ -572,6 +572,12 @@ async fn route(
             }
         };
         let Some(mut out) = pending.take() else { break };
+        // As GoRouter: the app learns which of its instances it is, and a caller cannot say.
+        let instance = ep.instance_headers();
+        let h = out.headers_mut();
+        h.insert(headers::X_CF_APPLICATION_ID, instance.app_id.clone());
+        h.insert(headers::X_CF_INSTANCE_INDEX, instance.index.clone());
+        h.insert(headers::X_CF_INSTANCE_ID, instance.instance_id.clone());
         let target = if ep.protocol == Protocol::Http2 {
             *out.version_mut() = Version::HTTP_2;
             // The authority travels as `:authority` (from the URI below). A Host header besides

@@ -38,6 +38,17 @@ pub struct Endpoint {
     pub permanent: bool,
     pub stale_threshold: Duration,
     pub refreshed: Instant,
+    /// GoRouter's headers naming this instance to its app, made on first use: see
+    /// [`Endpoint::instance_headers`].
+    pub instance_headers: OnceLock<InstanceHeaders>,
+}
+
+/// The values of `X-CF-ApplicationID`, `X-CF-InstanceIndex` and `X-CF-InstanceID`.
+#[derive(Debug)]
+pub struct InstanceHeaders {
+    pub app_id: http::HeaderValue,
+    pub index: http::HeaderValue,
+    pub instance_id: http::HeaderValue,
 }
 
 impl Endpoint {
@@ -60,7 +71,28 @@ impl Endpoint {
             permanent: true,
             stale_threshold: Duration::from_secs(120),
             refreshed: Instant::now(),
+            instance_headers: OnceLock::new(),
         }
+    }
+
+    /// What GoRouter tells an app about the instance a request was sent to: the registration's
+    /// `app`, `private_instance_index` and `private_instance_id` (its address when it has none).
+    /// Made once per endpoint; a value no header may carry is sent empty.
+    pub fn instance_headers(&self) -> &InstanceHeaders {
+        self.instance_headers.get_or_init(|| {
+            let value = |s: &str| {
+                http::HeaderValue::from_str(s).unwrap_or(http::HeaderValue::from_static(""))
+            };
+            let id = match self.private_instance_id.as_str() {
+                "" => &self.addr,
+                id => id,
+            };
+            InstanceHeaders {
+                app_id: value(&self.app),
+                index: value(&self.private_instance_index),
+                instance_id: value(id),
+            }
+        })
     }
 
     fn tag(&self, name: &str) -> &str {
@@ -307,6 +339,7 @@ impl RegistryState {
                     permanent,
                     stale_threshold: stale,
                     refreshed: now,
+                    instance_headers: OnceLock::new(),
                 }),
             );
         }
