@@ -103,3 +103,137 @@ async fn bad_client_certificates_fail_the_handshake_and_are_counted() {
     assert_eq!(gw.log_lines(2).await.len(), 2);
     assert_eq!(backend.requests(), 2);
 }
+
+/// Connects with a client offering only `versions` and `suites` (rustls's names), and sends one
+/// GET over HTTP/1.1. Returns the negotiated suite and the status, or the handshake's error.
+async fn get_offering(
+    gw: &TestGateway,
+    pki: &TestPki,
+    cert: Option<&portcullis::pki::Leaf>,
+    host: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suites: &[&str],
+) -> Result<(String, u16), std::io::Error> {
+    use rustls::crypto::ring;
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: ring::ALL_CIPHER_SUITES
+            .iter()
+            .filter(|s| suites.is_empty() || suites.contains(&s.suite().as_str().unwrap()))
+            .copied()
+            .collect(),
+        ..ring::default_provider()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.server_ca.der.clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match cert {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => {
+            use rustls_pki_types::pem::PemObject;
+            let chain = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key =
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    let tcp = tokio::net::TcpStream::connect(gw.https()).await?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap();
+    let suite = suite.suite().as_str().unwrap().to_string();
+    let mut c = crate::support::client::Conn::over(tls, false)
+        .await
+        .unwrap();
+    let status = c.get(host, "/").await.unwrap().status;
+    Ok((suite, status))
+}
+
+/// `tls.min_version` and `tls.cipher_suites` decide what clients may negotiate, on every
+/// listener config (plain and mTLS domains); a client offering nothing they allow fails the
+/// handshake, counted as `incompatible`; a reload changes both for the next connection.
+#[tokio::test]
+async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
+    use rustls::version::{TLS12, TLS13};
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let tls = |extra: &str| {
+        format!(
+            "tls:\n  certificates: [{{cert_chain: server.pem, private_key: server.key}}]\n  \
+             handshake_timeout: 2s\n{extra}"
+        )
+    };
+    let strict = tls("  min_version: 1.3\n  cipher_suites: [TLS13_AES_256_GCM_SHA384]\n");
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, &strict)).await;
+    let incompatible = |domain: &str| {
+        format!("portcullis_tls_handshakes_total{{domain=\"{domain}\",result=\"incompatible\"}}")
+    };
+
+    // TLS 1.2 alone, every suite: refused, on the plain config and on an mTLS domain's.
+    for (host, cert) in [
+        ("open.apps.plain", None),
+        ("any-a.apps.identity", Some(&pki.a)),
+    ] {
+        let e = get_offering(&gw, &pki, cert, host, &[&TLS12], &[])
+            .await
+            .unwrap_err();
+        assert!(format!("{e:?}").contains("ProtocolVersion"), "{e:?}");
+    }
+    gw.wait_metric(&incompatible("-"), 1.0).await;
+    gw.wait_metric(&incompatible("*.apps.identity"), 1.0).await;
+    // TLS 1.3 without the one suite allowed: refused.
+    let e = get_offering(
+        &gw,
+        &pki,
+        None,
+        "open.apps.plain",
+        &[&TLS13],
+        &["TLS13_AES_128_GCM_SHA256", "TLS13_CHACHA20_POLY1305_SHA256"],
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{e:?}").contains("HandshakeFailure"), "{e:?}");
+    gw.wait_metric(&incompatible("-"), 2.0).await;
+    // A client offering everything gets the allowed suite, in either config.
+    for (host, cert) in [
+        ("open.apps.plain", None),
+        ("any-a.apps.identity", Some(&pki.a)),
+    ] {
+        let ok = get_offering(&gw, &pki, cert, host, &[&TLS13, &TLS12], &[])
+            .await
+            .unwrap();
+        assert_eq!(ok, ("TLS13_AES_256_GCM_SHA384".to_string(), 200), "{host}");
+    }
+
+    // Reloaded without them: TLS 1.2 and every suite again.
+    gw.reload(&pipeline_yaml(backend.addr, &tls("")));
+    let ok = get_offering(
+        &gw,
+        &pki,
+        Some(&pki.a),
+        "any-a.apps.identity",
+        &[&TLS12],
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(ok.0.starts_with("TLS_ECDHE_"), "{ok:?}");
+    assert_eq!(ok.1, 200);
+    let ok = get_offering(
+        &gw,
+        &pki,
+        None,
+        "open.apps.plain",
+        &[&TLS13],
+        &["TLS13_CHACHA20_POLY1305_SHA256"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok, ("TLS13_CHACHA20_POLY1305_SHA256".to_string(), 200));
+}

@@ -29,7 +29,7 @@ impl Runtime {
         let tls = TlsServer::build(&config)?;
         let backend_tls = backend_client_config(&config.backends)?;
         let admin_tls = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
-            Some(a) => Some(admin_server_config(a)?),
+            Some(a) => Some(admin_server_config(a, &config.tls)?),
             None => None,
         };
         Ok(Runtime {

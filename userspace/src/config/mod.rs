@@ -85,6 +85,20 @@ pub struct Tls {
     pub certificates: Vec<ServerCert>,
     pub handshake_timeout: Duration,
     pub ktls: KtlsMode,
+    /// Protocol versions offered to clients (`tls.min_version`): TLS 1.3, and 1.2 unless the
+    /// minimum is 1.3.
+    pub versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    /// `tls.cipher_suites`, in the order given; empty: rustls's defaults (every suite it has,
+    /// all AEAD with forward secrecy).
+    pub cipher_suites: Vec<rustls::SupportedCipherSuite>,
+}
+
+/// The cipher suites `tls.cipher_suites` may name: rustls's, by their IANA names.
+pub fn cipher_suite_names() -> Vec<(&'static str, rustls::SupportedCipherSuite)> {
+    rustls::crypto::ring::DEFAULT_CIPHER_SUITES
+        .iter()
+        .filter_map(|s| s.suite().as_str().map(|n| (n, *s)))
+        .collect()
 }
 
 /// One server certificate with the names it serves.
@@ -607,6 +621,80 @@ impl Validator<'_> {
         default
     }
 
+    /// `tls.min_version`: `1.2` (default) offers TLS 1.2 and 1.3, `1.3` TLS 1.3 alone.
+    fn tls_versions(
+        &mut self,
+        raw: Option<&serde_norway::Value>,
+    ) -> Vec<&'static rustls::SupportedProtocolVersion> {
+        let both = vec![&rustls::version::TLS13, &rustls::version::TLS12];
+        let text = match raw {
+            None => return both,
+            Some(serde_norway::Value::String(s)) => s.clone(),
+            Some(serde_norway::Value::Number(n)) => n.to_string(),
+            Some(other) => format!("{other:?}"),
+        };
+        match text.as_str() {
+            "1.2" => both,
+            "1.3" => vec![&rustls::version::TLS13],
+            _ => {
+                self.problem(
+                    "tls.min_version",
+                    format!("invalid version '{text}', must be one of 1.2, 1.3"),
+                );
+                both
+            }
+        }
+    }
+
+    /// `tls.cipher_suites`: IANA names of rustls's suites; every offered version must keep one.
+    fn cipher_suites(
+        &mut self,
+        raw: Option<&[String]>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Vec<rustls::SupportedCipherSuite> {
+        let Some(raw) = raw else { return Vec::new() };
+        let known = cipher_suite_names();
+        let mut chosen: Vec<rustls::SupportedCipherSuite> = Vec::new();
+        let mut unknown = false;
+        for (i, name) in raw.iter().enumerate() {
+            match known
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+            {
+                Some((_, s)) if !chosen.iter().any(|c| c.suite() == s.suite()) => chosen.push(*s),
+                Some(_) => {}
+                None => {
+                    let names: Vec<&str> = known.iter().map(|(n, _)| *n).collect();
+                    self.problem(
+                        format!("tls.cipher_suites[{i}]"),
+                        format!(
+                            "unknown cipher suite '{name}', must be one of {}",
+                            names.join(", ")
+                        ),
+                    );
+                    unknown = true;
+                }
+            }
+        }
+        if unknown {
+            return Vec::new();
+        }
+        for v in versions {
+            if !chosen.iter().any(|s| s.version() == *v) {
+                let version = if v.version == rustls::ProtocolVersion::TLSv1_3 {
+                    "TLS 1.3 (TLS13_*)"
+                } else {
+                    "TLS 1.2 (TLS_ECDHE_*; or set tls.min_version: 1.3)"
+                };
+                self.problem(
+                    "tls.cipher_suites",
+                    format!("no suite for {version}, which the gateway offers"),
+                );
+            }
+        }
+        chosen
+    }
+
     fn cidrs(&mut self, key: &str, raw: &[String]) -> Vec<IpNet> {
         let mut out = Vec::new();
         for (i, c) in raw.iter().enumerate() {
@@ -787,6 +875,12 @@ impl Validator<'_> {
                 KtlsMode::Auto,
                 "mode",
             ),
+            versions: self.tls_versions(raw.tls.min_version.as_ref()),
+            cipher_suites: Vec::new(),
+        };
+        let tls = Tls {
+            cipher_suites: self.cipher_suites(raw.tls.cipher_suites.as_deref(), &tls.versions),
+            ..tls
         };
 
         let xfcc_modes = [
@@ -1357,6 +1451,49 @@ mod tests {
                 "backends.sticky_session_cookies[3]: '' cannot be a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
             ]
         );
+    }
+
+    #[test]
+    fn tls_versions_and_cipher_suites_are_checked() {
+        let problems = |tls: &str| {
+            problems_of(&format!(
+                "tls: {{certificates: [{{cert_chain: none.pem, private_key: none.key}}], {tls}}}\n"
+            ))
+            .into_iter()
+            .filter(|p| !p.starts_with("listen") && !p.starts_with("tls.certificates"))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems("min_version: 1.1"),
+            ["tls.min_version: invalid version '1.1', must be one of 1.2, 1.3"]
+        );
+        assert_eq!(
+            problems("min_version: TLSv1.3"),
+            ["tls.min_version: invalid version 'TLSv1.3', must be one of 1.2, 1.3"]
+        );
+        let unknown = problems("cipher_suites: [TLS13_AES_256_GCM_SHA384, RC4-MD5, \"\"]");
+        assert_eq!(unknown.len(), 2, "{unknown:?}");
+        assert!(unknown[1].starts_with("tls.cipher_suites[2]: unknown cipher suite ''"));
+        assert!(
+            unknown[0].starts_with(
+                "tls.cipher_suites[1]: unknown cipher suite 'RC4-MD5', must be one of TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256, TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"
+            ),
+            "{unknown:?}"
+        );
+        assert_eq!(
+            problems("cipher_suites: [TLS13_AES_256_GCM_SHA384]"),
+            ["tls.cipher_suites: no suite for TLS 1.2 (TLS_ECDHE_*; or set tls.min_version: 1.3), which the gateway offers"]
+        );
+        assert_eq!(
+            problems(
+                "min_version: \"1.3\", cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384]"
+            ),
+            ["tls.cipher_suites: no suite for TLS 1.3 (TLS13_*), which the gateway offers"]
+        );
+        assert!(problems(
+            "min_version: 1.3, cipher_suites: [tls13_aes_256_gcm_sha384, TLS13_AES_256_GCM_SHA384]"
+        )
+        .is_empty());
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct RawTls {
     pub certificates: Vec<RawCertificate>,
     pub handshake_timeout: Option<String>,
     pub ktls: Option<String>,
+    /// `1.2` or `1.3`, as a YAML number or a string.
+    pub min_version: Option<serde_norway::Value>,
+    pub cipher_suites: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -62,6 +62,10 @@ pub enum HandshakeFailure {
     Revoked,
     #[error("bad client certificate: {0}")]
     BadCertificate(String),
+    /// No protocol version, cipher suite or key exchange in common (`tls.min_version` and
+    /// `tls.cipher_suites` keep clients out this way).
+    #[error("client offers nothing the gateway accepts: {0}")]
+    Incompatible(String),
     #[error("TLS protocol error: {0}")]
     Protocol(String),
     #[error("connection error: {0}")]
@@ -86,6 +90,7 @@ impl HandshakeFailure {
             HandshakeFailure::NotYetValid => "not_yet_valid",
             HandshakeFailure::Revoked => "revoked",
             HandshakeFailure::BadCertificate(_) => "bad_certificate",
+            HandshakeFailure::Incompatible(_) => "incompatible",
             HandshakeFailure::Protocol(_) => "protocol",
             HandshakeFailure::Io(_) => "io",
             HandshakeFailure::Refused(Refusal::Denied) => "denied",
@@ -130,6 +135,7 @@ impl HandshakeFailure {
                 CertificateError::Revoked => HandshakeFailure::Revoked,
                 other => HandshakeFailure::BadCertificate(format!("{other:?}")),
             },
+            TlsError::PeerIncompatible(why) => HandshakeFailure::Incompatible(format!("{why:?}")),
             other => HandshakeFailure::Protocol(other.to_string()),
         }
     }

@@ -8,7 +8,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::CertificateDer;
 
-use crate::config::{AdminTls, Config, ServerCert};
+use crate::config::{AdminTls, Config, ServerCert, Tls};
 use crate::names::{best_match, normalize_host, DomainPattern};
 
 /// Every `ServerConfig` the listener may pick from, chosen by the ClientHello's SNI.
@@ -88,12 +88,27 @@ pub fn client_config(
     })
 }
 
+/// A server config builder offering what `tls.min_version` and `tls.cipher_suites` allow.
+fn server_builder(
+    tls: &Tls,
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>, rustls::Error> {
+    let provider = if tls.cipher_suites.is_empty() {
+        provider()
+    } else {
+        Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: tls.cipher_suites.clone(),
+            ..rustls::crypto::ring::default_provider()
+        })
+    };
+    ServerConfig::builder_with_provider(provider).with_protocol_versions(&tls.versions)
+}
+
 fn base(
+    tls: &Tls,
     resolver: Arc<CertResolver>,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
 ) -> Result<ServerConfig, rustls::Error> {
-    let builder =
-        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = server_builder(tls)?;
     let mut cfg = match verifier {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
@@ -113,14 +128,14 @@ impl TlsServer {
         let resolver = Arc::new(CertResolver {
             certs: config.tls.certificates.clone(),
         });
-        let plain = Arc::new(base(resolver.clone(), None)?);
+        let plain = Arc::new(base(&config.tls, resolver.clone(), None)?);
         let mut domains = Vec::new();
         for (index, d) in config.domains.iter().enumerate() {
             let verifier = client_verifier(&d.ca_certs)
                 .map_err(|reason| TlsBuildError::ClientCa { index, reason })?;
             domains.push((
                 d.pattern.clone(),
-                Arc::new(base(resolver.clone(), Some(verifier))?),
+                Arc::new(base(&config.tls, resolver.clone(), Some(verifier))?),
             ));
         }
         Ok(TlsServer { plain, domains })
@@ -137,10 +152,9 @@ impl TlsServer {
 }
 
 /// The admin API's TLS settings: its own certificate, and a client certificate required from
-/// `client_ca` when set.
-pub fn admin_server_config(a: &AdminTls) -> Result<Arc<ServerConfig>, TlsBuildError> {
-    let builder =
-        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+/// `client_ca` when set; versions and cipher suites as the data plane's (`tls`).
+pub fn admin_server_config(a: &AdminTls, tls: &Tls) -> Result<Arc<ServerConfig>, TlsBuildError> {
+    let builder = server_builder(tls)?;
     let builder = match &a.client_ca {
         None => builder.with_no_client_auth(),
         Some(cas) => builder
