@@ -858,3 +858,91 @@ async fn a_route_bound_to_a_route_service_is_refused_never_sent_past_it() {
         .unwrap();
     assert!(unbound.get("route_service_url").is_none(), "{unbound:#}");
 }
+
+/// GoRouter's routing-table sharding: a gateway serving isolation segment `seg-a` (and, with
+/// `shared-and-segments`, the shared segment) never takes another segment's registrations into
+/// its table, so it cannot route to those apps; they are counted as `not_in_shard`. A change
+/// of the shard on reload is refused (restart to apply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_serves_only_its_isolation_segments() {
+    let nats = NatsServer::start();
+    let nc = nats_client(&nats.url()).await;
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let shard = |mode: &str| {
+        config(
+            &nats.url(),
+            &format!("routing_table_sharding_mode: {mode}, isolation_segments: [seg-a]"),
+        )
+    };
+    let shared_too = start_subscribed(&pki, &nats.url(), &shard("shared-and-segments")).await;
+    let only = start_subscribed(&pki, &nats.url(), &shard("segments")).await;
+    let segment = |s: &str| json!({"isolation_segment": s});
+    // Another segment's registration first: once the later ones answer, it was seen too.
+    for (host, seg) in [
+        ("b.apps.plain", segment("seg-b")),
+        ("a.apps.plain", segment("seg-a")),
+        ("shared.apps.plain", json!({})),
+        ("empty.apps.plain", segment("")),
+    ] {
+        nc.publish(
+            "router.register",
+            registration(host, backend.addr, seg).into(),
+        )
+        .await
+        .unwrap();
+    }
+    let not_in_shard =
+        "portcullis_registry_messages_total{subject=\"router.register\",result=\"not_in_shard\"}";
+    assert_eq!(
+        wait_status(&shared_too, &pki, None, "empty.apps.plain", 200).await,
+        200
+    );
+    assert_eq!(
+        wait_status(&only, &pki, None, "a.apps.plain", 200).await,
+        200
+    );
+    only.wait_metric(not_in_shard, 3.0).await;
+    let status = async |gw: &TestGateway, host: &str| {
+        get(gw.https(), &pki.server_ca, None, host, "/", false)
+            .await
+            .unwrap()
+            .status
+    };
+    for (host, want_shared_too, want_only) in [
+        ("a.apps.plain", 200, 200),
+        ("shared.apps.plain", 200, 404),
+        ("empty.apps.plain", 200, 404),
+        ("b.apps.plain", 404, 404),
+    ] {
+        assert_eq!(status(&shared_too, host).await, want_shared_too, "{host}");
+        assert_eq!(status(&only, host).await, want_only, "{host}");
+    }
+    shared_too.wait_metric(not_in_shard, 1.0).await;
+
+    // Unregistrations are sharded the same way.
+    nc.publish(
+        "router.unregister",
+        registration("a.apps.plain", backend.addr, segment("seg-a")).into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_status(&only, &pki, None, "a.apps.plain", 404).await,
+        404
+    );
+
+    // The shard is fixed until a restart.
+    let path = shared_too.config_path();
+    std::fs::write(&path, support::gateway::base(&shard("segments"))).unwrap();
+    let e = portcullis::config::Config::load(&path)
+        .map(|c| shared_too.gw.reload(c))
+        .expect("valid config");
+    assert!(
+        e.as_ref().is_err_and(|e| e.to_string().contains(
+            "registry.routing_table_sharding_mode and registry.isolation_segments cannot change on reload"
+        )),
+        "{:?}",
+        e.err()
+    );
+}

@@ -373,6 +373,11 @@ impl Gateway {
         if old.nats.as_ref().map(|n| &n.servers) != config.nats.as_ref().map(|n| &n.servers) {
             return Err(StartError::NeedsRestart("nats"));
         }
+        if old.registry.sharding != config.registry.sharding {
+            return Err(StartError::NeedsRestart(
+                "registry.routing_table_sharding_mode and registry.isolation_segments",
+            ));
+        }
         if old.limits.workers != config.limits.workers {
             return Err(StartError::NeedsRestart("limits.workers"));
         }

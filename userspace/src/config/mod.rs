@@ -183,6 +183,35 @@ pub struct Backends {
 pub struct RegistrySettings {
     pub droplet_stale_threshold: Duration,
     pub prune_interval: Duration,
+    /// Which NATS registrations this gateway takes, by their `isolation_segment`.
+    pub sharding: Sharding,
+}
+
+/// GoRouter's `routing_table_sharding_mode` with its `isolation_segments`: a gateway serving
+/// one isolation segment must not route to the apps of the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sharding {
+    /// Every registration (the default).
+    All,
+    /// Only registrations in these isolation segments.
+    Segments(Vec<String>),
+    /// Registrations without an isolation segment (the shared one) and those in these.
+    SharedAndSegments(Vec<String>),
+}
+
+impl Sharding {
+    /// Whether a registration with this `isolation_segment` (none or empty: the shared
+    /// segment) belongs to this gateway's routing table.
+    pub fn serves(&self, segment: Option<&str>) -> bool {
+        let segment = segment.unwrap_or("");
+        match self {
+            Sharding::All => true,
+            Sharding::Segments(names) => names.iter().any(|n| n == segment),
+            Sharding::SharedAndSegments(names) => {
+                segment.is_empty() || names.iter().any(|n| n == segment)
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -621,6 +650,57 @@ impl Validator<'_> {
         default
     }
 
+    /// `registry.routing_table_sharding_mode` and `registry.isolation_segments`, as GoRouter's.
+    fn sharding(&mut self, raw: &raw::RawRegistry) -> Sharding {
+        #[derive(Clone, Copy)]
+        enum Mode {
+            All,
+            Segments,
+            Shared,
+        }
+        let mode = self.choice(
+            "registry.routing_table_sharding_mode",
+            raw.routing_table_sharding_mode.as_deref(),
+            &[
+                ("all", Mode::All),
+                ("segments", Mode::Segments),
+                ("shared-and-segments", Mode::Shared),
+            ],
+            Mode::All,
+            "mode",
+        );
+        let names = raw.isolation_segments.clone();
+        for (i, n) in names.iter().enumerate() {
+            if n.trim().is_empty() {
+                self.problem(
+                    format!("registry.isolation_segments[{i}]"),
+                    "an isolation segment needs a name (registrations without one are the shared segment: use shared-and-segments)",
+                );
+            }
+        }
+        match mode {
+            Mode::All => {
+                if !names.is_empty() {
+                    self.problem(
+                        "registry.isolation_segments",
+                        "has no effect with routing_table_sharding_mode all (the default): set segments or shared-and-segments",
+                    );
+                }
+                Sharding::All
+            }
+            Mode::Segments => {
+                if names.is_empty() {
+                    self.problem(
+                        "registry.isolation_segments",
+                        "routing_table_sharding_mode segments needs at least one isolation segment, or no route is served",
+                    );
+                }
+                Sharding::Segments(names)
+            }
+            Mode::Shared => Sharding::SharedAndSegments(names),
+        }
+    }
+
     /// `tls.min_version`: `1.2` (default) offers TLS 1.2 and 1.3, `1.3` TLS 1.3 alone.
     fn tls_versions(
         &mut self,
@@ -1029,6 +1109,7 @@ impl Validator<'_> {
                 raw.registry.prune_interval.as_deref(),
                 Duration::from_secs(30),
             ),
+            sharding: self.sharding(&raw.registry),
         };
 
         let nats = raw.nats.map(|n| {
@@ -1494,6 +1575,46 @@ mod tests {
             "min_version: 1.3, cipher_suites: [tls13_aes_256_gcm_sha384, TLS13_AES_256_GCM_SHA384]"
         )
         .is_empty());
+    }
+
+    #[test]
+    fn sharding_follows_gorouter_and_is_checked() {
+        let problems = |registry: &str| {
+            problems_of(&format!("registry: {{{registry}}}\n"))
+                .into_iter()
+                .filter(|p| p.starts_with("registry"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems("routing_table_sharding_mode: some"),
+            ["registry.routing_table_sharding_mode: invalid mode 'some', must be one of all, segments, shared-and-segments"]
+        );
+        assert_eq!(
+            problems("routing_table_sharding_mode: segments"),
+            ["registry.isolation_segments: routing_table_sharding_mode segments needs at least one isolation segment, or no route is served"]
+        );
+        assert_eq!(
+            problems("isolation_segments: [a]"),
+            ["registry.isolation_segments: has no effect with routing_table_sharding_mode all (the default): set segments or shared-and-segments"]
+        );
+        assert_eq!(
+            problems("routing_table_sharding_mode: shared-and-segments, isolation_segments: [a, \" \"]"),
+            ["registry.isolation_segments[1]: an isolation segment needs a name (registrations without one are the shared segment: use shared-and-segments)"]
+        );
+        assert!(problems("routing_table_sharding_mode: shared-and-segments").is_empty());
+        let seg = Sharding::Segments(vec!["a".into()]);
+        let shared = Sharding::SharedAndSegments(vec!["a".into()]);
+        for (segment, all, only, and_shared) in [
+            (None, true, false, true),
+            (Some(""), true, false, true),
+            (Some("a"), true, true, true),
+            (Some("b"), true, false, false),
+            (Some("A"), true, false, false),
+        ] {
+            assert_eq!(Sharding::All.serves(segment), all);
+            assert_eq!(seg.serves(segment), only, "{segment:?}");
+            assert_eq!(shared.serves(segment), and_shared, "{segment:?}");
+        }
     }
 
     #[test]

@@ -294,6 +294,18 @@ fn push(state: &State, batch: &mut Vec<Change>, is_register: bool, payload: &[u8
         "router.unregister"
     };
     let result = match decode_message(payload) {
+        // Another isolation segment's route: never in this gateway's table (GoRouter's sharding).
+        Ok(reg)
+            if !state
+                .runtime
+                .load()
+                .config
+                .registry
+                .sharding
+                .serves(reg.raw.isolation_segment.as_deref()) =>
+        {
+            "not_in_shard"
+        }
         Ok(reg) => {
             if is_register && !reg.policy.malformed.is_empty() {
                 state
