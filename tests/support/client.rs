@@ -133,9 +133,17 @@ impl Conn {
 
     /// Sends a request built for this protocol by [`Conn::build`].
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Resp, CallError> {
+        // Wait until the connection can take it: an HTTP/1.1 connection whose last response
+        // was just read may not have gone back to idle yet ("connection was not ready").
         let resp = match self {
-            Conn::H1(s) => s.send_request(req).await,
-            Conn::H2(s) => s.send_request(req).await,
+            Conn::H1(s) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
+            Conn::H2(s) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
         }
         .map_err(CallError::Http)?;
         let (parts, body) = resp.into_parts();
