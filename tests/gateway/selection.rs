@@ -424,3 +424,49 @@ async fn the_app_is_told_which_instance_it_is_and_the_caller_cannot_say() {
         assert_eq!(seen.len(), 2, "both instances answered (h2={h2})");
     }
 }
+
+/// GoRouter's `locally-optimistic` AZ preference: with `backends.availability_zone: z1`, every
+/// request goes to the route's endpoint in z1 while it answers, over HTTP/1.1 and h2; when it
+/// cannot be reached, the request is retried in z2 and answered there.
+#[tokio::test]
+async fn locally_optimistic_keeps_requests_in_the_gateways_zone_while_it_can() {
+    let pki = TestPki::new();
+    let near = echo::start("near", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let far = echo::start("far", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dead = crate::dead_port();
+    let entry = |host: &str, port: u16, zone: &str| {
+        format!(
+            "  - {{uris: [{host}], host: 127.0.0.1, port: {port}, availability_zone: {zone}}}\n"
+        )
+    };
+    let mut y = String::from(
+        "backends: {ca_certs: backend-ca.pem, connect_timeout: 1s, availability_zone: z1, \
+         az_preference: locally-optimistic}\nroutes:\n",
+    );
+    y += &entry("az.apps.plain", near.addr.port(), "z1");
+    y += &entry("az.apps.plain", far.addr.port(), "z2");
+    y += &entry("down.apps.plain", dead, "z1");
+    y += &entry("down.apps.plain", far.addr.port(), "z2");
+    let gw = TestGateway::start(&pki, &y).await;
+    for h2 in [false, true] {
+        for (host, want) in [("az.apps.plain", "near"), ("down.apps.plain", "far")] {
+            let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, h2)
+                .await
+                .unwrap();
+            for _ in 0..6 {
+                let r = c.get(host, "/").await.unwrap();
+                assert_eq!((r.status, r.echo().backend.as_str()), (200, want), "{host}");
+            }
+        }
+    }
+    assert_eq!(near.requests(), 12);
+    assert_eq!(
+        far.requests(),
+        12,
+        "only the requests the dead z1 endpoint could not take"
+    );
+}

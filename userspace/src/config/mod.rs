@@ -177,6 +177,10 @@ pub struct Backends {
     /// Requests in flight to one endpoint at most (GoRouter's `backends.max_conns`); a route
     /// whose endpoints are all that busy answers 503. Zero = no limit.
     pub max_conns: usize,
+    /// `backends.availability_zone` with `az_preference: locally-optimistic` (GoRouter's `zone`
+    /// and `balancing_algorithm_az_preference`): a request's first endpoint is one registered
+    /// in this zone when one can take it; retries, and routes with none there, use any zone.
+    pub local_zone: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -650,6 +654,29 @@ impl Validator<'_> {
         default
     }
 
+    /// `backends.availability_zone` and `backends.az_preference` (`none` | `locally-optimistic`).
+    fn local_zone(&mut self, zone: Option<&str>, preference: Option<&str>) -> Option<String> {
+        let local = self.choice(
+            "backends.az_preference",
+            preference,
+            &[("none", false), ("locally-optimistic", true)],
+            false,
+            "preference",
+        );
+        let zone = zone.map(str::trim).filter(|z| !z.is_empty());
+        match (local, zone) {
+            (true, Some(z)) => Some(z.to_string()),
+            (true, None) => {
+                self.problem(
+                    "backends.availability_zone",
+                    "az_preference locally-optimistic needs the gateway's own availability zone",
+                );
+                None
+            }
+            (false, _) => None,
+        }
+    }
+
     /// `registry.routing_table_sharding_mode` and `registry.isolation_segments`, as GoRouter's.
     fn sharding(&mut self, raw: &raw::RawRegistry) -> Sharding {
         #[derive(Clone, Copy)]
@@ -1096,6 +1123,7 @@ impl Validator<'_> {
             ),
             sticky_session_cookies: self.sticky_session_cookies(b.sticky_session_cookies.clone()),
             max_conns: b.max_conns.unwrap_or(0),
+            local_zone: self.local_zone(b.availability_zone.as_deref(), b.az_preference.as_deref()),
         };
 
         let registry = RegistrySettings {
@@ -1575,6 +1603,26 @@ mod tests {
             "min_version: 1.3, cipher_suites: [tls13_aes_256_gcm_sha384, TLS13_AES_256_GCM_SHA384]"
         )
         .is_empty());
+    }
+
+    #[test]
+    fn az_preference_needs_the_gateways_zone() {
+        let problems = |backends: &str| {
+            problems_of(&format!("backends: {{{backends}}}\n"))
+                .into_iter()
+                .filter(|p| p.starts_with("backends"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems("az_preference: local"),
+            ["backends.az_preference: invalid preference 'local', must be one of none, locally-optimistic"]
+        );
+        assert_eq!(
+            problems("az_preference: locally-optimistic, availability_zone: \" \""),
+            ["backends.availability_zone: az_preference locally-optimistic needs the gateway's own availability zone"]
+        );
+        assert!(problems("az_preference: locally-optimistic, availability_zone: z1").is_empty());
+        assert!(problems("availability_zone: z1").is_empty());
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct RawBackends {
     pub failure_cooldown: Option<String>,
     pub sticky_session_cookies: Option<Vec<String>>,
     pub max_conns: Option<usize>,
+    pub availability_zone: Option<String>,
+    pub az_preference: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

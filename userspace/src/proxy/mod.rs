@@ -394,7 +394,9 @@ async fn route(
     // Authorization with endpoint selection; a sticky session asks for its instance first.
     let sessions = &rt.config.backends.sticky_session_cookies;
     let asked = sticky::requested(req.headers(), sessions);
-    let mut selector = pool.selector();
+    let mut selector = pool
+        .selector()
+        .local_first(rt.config.backends.local_zone.as_deref());
     let mut first: Option<Arc<Endpoint>> = None;
     // `backends.max_conns`: endpoints with that many requests in flight are passed over, and a
     // request with none left is answered 503 (after its authorization).

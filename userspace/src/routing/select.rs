@@ -11,6 +11,8 @@ pub struct Selector<'a> {
     pool: &'a Pool,
     start: usize,
     tried: Vec<usize>,
+    /// The gateway's own availability zone, under `az_preference: locally-optimistic`.
+    zone: Option<&'a str>,
 }
 
 impl<'a> Selector<'a> {
@@ -19,7 +21,15 @@ impl<'a> Selector<'a> {
             pool,
             start,
             tried: Vec::new(),
+            zone: None,
         }
+    }
+
+    /// GoRouter's `locally-optimistic` preference: the first endpoint offered is one registered
+    /// in `zone` when one is eligible and not cooling down; later ones (retries) come from any.
+    pub fn local_first(mut self, zone: Option<&'a str>) -> Self {
+        self.zone = zone;
+        self
     }
 
     /// The next untried endpoint for which `eligible` holds, or `None` when none is left.
@@ -28,6 +38,18 @@ impl<'a> Selector<'a> {
     /// one per turn of the rotation; when only they are left they are still offered (they may
     /// be back, and a 502 without trying would turn one failure into a cooldown of errors).
     pub fn next(&mut self, eligible: impl Fn(&Endpoint) -> bool) -> Option<Arc<Endpoint>> {
+        if let Some(zone) = self.zone.filter(|_| self.tried.is_empty()) {
+            let local = self.pick(|e| {
+                e.availability_zone == zone
+                    && eligible(e)
+                    && !(e.failed_until.load(Ordering::Relaxed) != 0
+                        && e.cooling_down(super::now_ms()))
+            });
+            if let Some(i) = local {
+                self.tried.push(i);
+                return Some(self.pool.endpoints[i].clone());
+            }
+        }
         let mut now = None;
         let mut skipped = false;
         let mut cooling = |e: &Endpoint| {
@@ -190,6 +212,65 @@ mod tests {
                 two.mark_failed(Duration::from_secs(1)),
                 "a new failure is said again"
             );
+        }
+    }
+
+    #[test]
+    fn locally_optimistic_offers_the_own_zone_first_and_any_zone_after() {
+        for lb in ["round-robin", "least-connection"] {
+            let mut state = RegistryState::default();
+            for (port, zone) in [(1, "z1"), (2, "z2"), (3, "z1"), (4, "z2")] {
+                let r = ValidRegistration::try_from(Registration {
+                    uris: vec!["a.x".into()],
+                    host: Some("127.0.0.1".into()),
+                    port: Some(port),
+                    availability_zone: Some(zone.into()),
+                    options: [("loadbalancing".to_string(), lb.to_string())].into(),
+                    ..Default::default()
+                })
+                .unwrap();
+                state.register(&r, false, Duration::from_secs(9), Instant::now());
+            }
+            let t = state.snapshot();
+            let pool = t.lookup("a.x", "/").unwrap();
+            let first = |zone: Option<&str>, ok: &dyn Fn(u16) -> bool| {
+                pool.selector()
+                    .local_first(zone)
+                    .next(|e| ok(e.port))
+                    .map(|e| e.port)
+            };
+            let mut firsts = std::collections::BTreeSet::new();
+            for _ in 0..8 {
+                let p = first(Some("z1"), &|_| true).unwrap();
+                assert!(p == 1 || p == 3, "{lb}: {p}");
+                firsts.insert(p);
+            }
+            if lb == "round-robin" {
+                assert_eq!(firsts.len(), 2, "both local endpoints take turns");
+            }
+            // Retries come from any zone, each endpoint once.
+            let mut sel = pool.selector().local_first(Some("z1"));
+            let order: Vec<u16> = std::iter::from_fn(|| sel.next(|_| true))
+                .map(|e| e.port)
+                .collect();
+            assert_eq!(order.len(), 4, "{lb}: {order:?}");
+            // No eligible local endpoint, or only cooling ones: another zone's answers.
+            assert_eq!(first(Some("z1"), &|p| p == 2), Some(2));
+            assert_eq!(first(Some("z9"), &|p| p == 4), Some(4));
+            pool.endpoints[0].mark_failed(Duration::from_secs(60));
+            pool.endpoints[2].mark_failed(Duration::from_secs(60));
+            for _ in 0..4 {
+                let p = first(Some("z1"), &|_| true).unwrap();
+                assert!(p == 2 || p == 4, "{lb}: cooling local endpoints wait: {p}");
+            }
+            // Without the preference, every zone takes turns from the start.
+            pool.endpoints[0].mark_answered();
+            pool.endpoints[2].mark_answered();
+            if lb == "round-robin" {
+                let any: std::collections::BTreeSet<u16> =
+                    (0..8).filter_map(|_| first(None, &|_| true)).collect();
+                assert_eq!(any.len(), 4);
+            }
         }
     }
 }
