@@ -525,13 +525,15 @@ mod tests {
             })
             .unwrap()
         };
+        let route_service = |s: &mut RegistryState| {
+            s.snapshot()
+                .lookup("a.x", "/")
+                .unwrap()
+                .route_service
+                .clone()
+        };
         s.register(&reg("a.x", 1, &[]), false, stale, now);
-        assert!(s
-            .snapshot()
-            .lookup("a.x", "/")
-            .unwrap()
-            .route_service
-            .is_none());
+        assert!(route_service(&mut s).is_none());
         s.register(&bound(2), false, stale, now);
         let t = s.snapshot();
         let pool = t.lookup("a.x", "/").unwrap();
@@ -539,12 +541,7 @@ mod tests {
         assert_eq!(pool.endpoints.len(), 2, "the pool as a whole is bound");
         // A heartbeat from the other endpoint without it unbinds the route, as in GoRouter.
         s.register(&reg("a.x", 1, &[]), false, stale, now);
-        assert!(s
-            .snapshot()
-            .lookup("a.x", "/")
-            .unwrap()
-            .route_service
-            .is_none());
+        assert!(route_service(&mut s).is_none());
     }
 
     #[test]

@@ -111,18 +111,28 @@ mod tests {
     use crate::registry::{Registration, ValidRegistration};
     use crate::routing::RegistryState;
 
+    /// An endpoint of route `a.x` on `port`, balanced by `lb`, in `zone`.
+    fn endpoint(lb: &str, port: u16, zone: Option<&str>) -> ValidRegistration {
+        ValidRegistration::try_from(Registration {
+            uris: vec!["a.x".into()],
+            host: Some("127.0.0.1".into()),
+            port: Some(port),
+            availability_zone: zone.map(str::to_string),
+            options: [("loadbalancing".to_string(), lb.to_string())].into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
     fn table(lb: &str, ports: &[u16]) -> RegistryState {
         let mut s = RegistryState::default();
         for p in ports {
-            let r = ValidRegistration::try_from(Registration {
-                uris: vec!["a.x".into()],
-                host: Some("127.0.0.1".into()),
-                port: Some(*p),
-                options: [("loadbalancing".to_string(), lb.to_string())].into(),
-                ..Default::default()
-            })
-            .unwrap();
-            s.register(&r, false, Duration::from_secs(9), Instant::now());
+            s.register(
+                &endpoint(lb, *p, None),
+                false,
+                Duration::from_secs(9),
+                Instant::now(),
+            );
         }
         s
     }
@@ -180,14 +190,7 @@ mod tests {
             assert_eq!(pool.selector().next(|e| e.port == 2).unwrap().port, 2);
 
             // A heartbeat (re-registration) keeps the cooldown; an answer ends it.
-            let r = ValidRegistration::try_from(Registration {
-                uris: vec!["a.x".into()],
-                host: Some("127.0.0.1".into()),
-                port: Some(2),
-                options: [("loadbalancing".to_string(), lb.to_string())].into(),
-                ..Default::default()
-            })
-            .unwrap();
+            let r = endpoint(lb, 2, None);
             state.register(&r, false, Duration::from_secs(9), Instant::now());
             let t = state.snapshot();
             let pool = t.lookup("a.x", "/").unwrap();
@@ -220,15 +223,7 @@ mod tests {
         for lb in ["round-robin", "least-connection"] {
             let mut state = RegistryState::default();
             for (port, zone) in [(1, "z1"), (2, "z2"), (3, "z1"), (4, "z2")] {
-                let r = ValidRegistration::try_from(Registration {
-                    uris: vec!["a.x".into()],
-                    host: Some("127.0.0.1".into()),
-                    port: Some(port),
-                    availability_zone: Some(zone.into()),
-                    options: [("loadbalancing".to_string(), lb.to_string())].into(),
-                    ..Default::default()
-                })
-                .unwrap();
+                let r = endpoint(lb, port, Some(zone));
                 state.register(&r, false, Duration::from_secs(9), Instant::now());
             }
             let t = state.snapshot();
