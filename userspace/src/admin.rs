@@ -42,6 +42,9 @@ struct EndpointView<'a> {
     tags: &'a BTreeMap<String, String>,
     private_instance_id: &'a str,
     private_instance_index: &'a str,
+    /// The registration's zone (`backends.az_preference` prefers the gateway's own).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    availability_zone: &'a str,
     static_route: bool,
     /// Requests being sent to or answered by this endpoint now (least-connection's count).
     in_flight: usize,
@@ -91,6 +94,7 @@ fn routes(state: &State) -> Response<ProxyBody> {
                     tags: &e.tags,
                     private_instance_id: &e.private_instance_id,
                     private_instance_index: &e.private_instance_index,
+                    availability_zone: &e.availability_zone,
                     static_route: e.permanent,
                     in_flight: e.active.load(Ordering::Relaxed),
                     failure_cooldown_ms: e.cooldown_left().map(|d| d.as_millis() as u64),
