@@ -802,19 +802,8 @@ async fn a_route_bound_to_a_route_service_is_refused_never_sent_past_it() {
 
     // `/routes` and `explain` say why.
     let admin = gw.gw.admin_addr().unwrap();
-    let mut c = Conn::plain(admin).await.unwrap();
-    let routes: serde_json::Value =
-        serde_json::from_str(&c.get("localhost", "/routes").await.unwrap().body).unwrap();
-    let view = |route: &str| {
-        routes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["route"] == route)
-            .cloned()
-            .unwrap_or_else(|| panic!("{route} in {routes:#}"))
-    };
-    assert_eq!(view("rs.apps.identity")["route_service_url"], url);
+    let bound = gw.route_view("rs.apps.identity").await;
+    assert_eq!(bound["route_service_url"], url, "{bound:#}");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["explain", "--admin", &format!("http://{admin}")])
         .args(["--host", "rs.apps.identity"])
@@ -848,14 +837,8 @@ async fn a_route_bound_to_a_route_service_is_refused_never_sent_past_it() {
             .status,
         502
     );
-    let routes: serde_json::Value =
-        serde_json::from_str(&c.get("localhost", "/routes").await.unwrap().body).unwrap();
-    let unbound = routes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["route"] == "rs.apps.identity")
-        .unwrap();
+    let unbound = gw.route_view("rs.apps.identity").await;
+    assert!(unbound.is_object(), "{unbound:#}");
     assert!(unbound.get("route_service_url").is_none(), "{unbound:#}");
 }
 

@@ -209,15 +209,7 @@ async fn ipv4_callers_on_a_dual_stack_listener_are_ipv4() {
 
 /// The `in_flight` count `/routes` shows for the endpoint at `addr`.
 async fn in_flight(gw: &TestGateway, addr: std::net::SocketAddr) -> u64 {
-    let mut c = Conn::plain(gw.gw.admin_addr().unwrap()).await.unwrap();
-    let body = c.get("admin", "/routes").await.unwrap().body;
-    let routes: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let route = routes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["route"] == "any-a.apps.identity")
-        .unwrap();
+    let route = gw.route_view("any-a.apps.identity").await;
     let ep = route["endpoints"]
         .as_array()
         .unwrap()

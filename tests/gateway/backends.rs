@@ -533,7 +533,7 @@ async fn a_failed_endpoint_comes_last_for_the_failure_cooldown() {
         }
         assert!(took < std::time::Duration::from_millis(900), "{took:?}");
         // /routes says how long it still comes last; the other endpoint has no such field.
-        let routes = get_admin(&gw, "/routes").await;
+        let routes = gw.admin_json("/routes").await;
         let pair: Vec<&serde_json::Value> = routes
             .as_array()
             .unwrap()
@@ -572,14 +572,6 @@ async fn a_failed_endpoint_comes_last_for_the_failure_cooldown() {
     }
 }
 
-async fn get_admin(gw: &TestGateway, path: &str) -> serde_json::Value {
-    let admin = gw.gw.admin_addr().expect("admin listener");
-    let mut c = Conn::plain(admin).await.unwrap();
-    let r = c.get("localhost", path).await.unwrap();
-    assert_eq!(r.status, 200);
-    serde_json::from_str(&r.body).unwrap()
-}
-
 /// GoRouter's `backends.max_conns`: an endpoint with that many requests in flight is passed
 /// over, and a request whose endpoints are all that busy gets 503 `Connection Limit Reached`
 /// without reaching a backend; once a request ends, its endpoint takes the next one.
@@ -606,7 +598,7 @@ async fn max_conns_passes_busy_endpoints_over_and_answers_503_when_all_are() {
     // One endpoint busy: every request goes to the other, not every other one.
     let first = slow(connect().await.unwrap());
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let routes = get_admin(&gw, "/routes").await;
+    let routes = gw.admin_json("/routes").await;
     let endpoints = routes[0]["endpoints"].as_array().unwrap();
     let busy: Vec<u64> = endpoints
         .iter()
@@ -644,7 +636,7 @@ async fn max_conns_passes_busy_endpoints_over_and_answers_503_when_all_are() {
     assert_eq!((a.0, b.0), (200, 200));
     assert_ne!(a.1, b.1);
     assert_eq!(c.get(host, "/").await.unwrap().status, 200);
-    let routes = get_admin(&gw, "/routes").await;
+    let routes = gw.admin_json("/routes").await;
     for e in routes[0]["endpoints"].as_array().unwrap() {
         assert_eq!(e["in_flight"], 0);
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use portcullis::echo;
 
 use crate::pipeline_yaml;
-use crate::support::client::{get, CallError};
+use crate::support::client::{get, tls_config_offering, CallError};
 use crate::support::gateway::TestGateway;
 use crate::support::pki::TestPki;
 
@@ -123,27 +123,10 @@ async fn get_offering(
             .collect(),
         ..ring::default_provider()
     };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.server_ca.der.clone()).unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots);
-    let cfg = match cert {
-        None => builder.with_no_client_auth(),
-        Some(leaf) => {
-            use rustls_pki_types::pem::PemObject;
-            let chain = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            let key =
-                rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-    };
+    let cfg = tls_config_offering(&pki.server_ca, cert, &[b"http/1.1"], versions, provider);
     let tcp = tokio::net::TcpStream::connect(gw.https()).await?;
     let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
         .await?;
     let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap();

@@ -470,15 +470,11 @@ async fn locally_optimistic_keeps_requests_in_the_gateways_zone_while_it_can() {
         "only the requests the dead z1 endpoint could not take"
     );
     // `/routes` shows each endpoint's zone.
-    let mut admin = Conn::plain(gw.gw.admin_addr().unwrap()).await.unwrap();
-    let routes: serde_json::Value =
-        serde_json::from_str(&admin.get("admin", "/routes").await.unwrap().body).unwrap();
-    let mut zones: Vec<(String, String)> = routes
+    let route = gw.route_view("az.apps.plain").await;
+    let mut zones: Vec<(String, String)> = route["endpoints"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|r| r["route"] == "az.apps.plain")
-        .flat_map(|r| r["endpoints"].as_array().unwrap().clone())
         .map(|e| {
             (
                 e["address"].as_str().unwrap().to_string(),

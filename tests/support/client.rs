@@ -38,13 +38,24 @@ impl Resp {
 
 /// A client TLS config trusting `ca`, presenting `cert` when given.
 pub fn tls_config(ca: &Ca, cert: Option<&Leaf>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let provider = rustls::crypto::ring::default_provider();
+    tls_config_offering(ca, cert, alpn, rustls::DEFAULT_VERSIONS, provider)
+}
+
+/// As [`tls_config`], offering only `versions` and `provider`'s cipher suites.
+pub fn tls_config_offering(
+    ca: &Ca,
+    cert: Option<&Leaf>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    provider: rustls::crypto::CryptoProvider,
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.der.clone()).unwrap();
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
+    let builder = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
     let mut cfg = match cert {
         None => builder.with_no_client_auth(),
         Some(leaf) => {

@@ -85,6 +85,27 @@ impl TestGateway {
         );
     }
 
+    /// A JSON document the admin API serves over plain HTTP (`/routes`, …); it must answer 200.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let admin = self.gw.admin_addr().expect("admin listener");
+        let mut c = super::client::Conn::plain(admin).await.unwrap();
+        let r = c.get("admin", path).await.unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    /// The view `/routes` gives of `route` (`Null` when it is not there).
+    pub async fn route_view(&self, route: &str) -> serde_json::Value {
+        let routes = self.admin_json("/routes").await;
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == route)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The Prometheus exposition.
     pub fn metrics(&self) -> String {
         let state = self.gw.state();

@@ -87,14 +87,14 @@ pub struct Tls {
     pub ktls: KtlsMode,
     /// Protocol versions offered to clients (`tls.min_version`): TLS 1.3, and 1.2 unless the
     /// minimum is 1.3.
-    pub versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    pub versions: &'static [&'static rustls::SupportedProtocolVersion],
     /// `tls.cipher_suites`, in the order given; empty: rustls's defaults (every suite it has,
     /// all AEAD with forward secrecy).
     pub cipher_suites: Vec<rustls::SupportedCipherSuite>,
 }
 
 /// The cipher suites `tls.cipher_suites` may name: rustls's, by their IANA names.
-pub fn cipher_suite_names() -> Vec<(&'static str, rustls::SupportedCipherSuite)> {
+fn cipher_suite_names() -> Vec<(&'static str, rustls::SupportedCipherSuite)> {
     rustls::crypto::ring::DEFAULT_CIPHER_SUITES
         .iter()
         .filter_map(|s| s.suite().as_str().map(|n| (n, *s)))
@@ -728,29 +728,25 @@ impl Validator<'_> {
         }
     }
 
-    /// `tls.min_version`: `1.2` (default) offers TLS 1.2 and 1.3, `1.3` TLS 1.3 alone.
+    /// `tls.min_version`: `1.2` (default) offers TLS 1.3 and 1.2, `1.3` TLS 1.3 alone. Written
+    /// as a YAML number or a string.
     fn tls_versions(
         &mut self,
         raw: Option<&serde_norway::Value>,
-    ) -> Vec<&'static rustls::SupportedProtocolVersion> {
-        let both = vec![&rustls::version::TLS13, &rustls::version::TLS12];
-        let text = match raw {
-            None => return both,
-            Some(serde_norway::Value::String(s)) => s.clone(),
-            Some(serde_norway::Value::Number(n)) => n.to_string(),
-            Some(other) => format!("{other:?}"),
-        };
-        match text.as_str() {
-            "1.2" => both,
-            "1.3" => vec![&rustls::version::TLS13],
-            _ => {
-                self.problem(
-                    "tls.min_version",
-                    format!("invalid version '{text}', must be one of 1.2, 1.3"),
-                );
-                both
-            }
-        }
+    ) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        let text = raw.map(|v| match v {
+            serde_norway::Value::String(s) => s.clone(),
+            serde_norway::Value::Number(n) => n.to_string(),
+            other => format!("{other:?}"),
+        });
+        static ONLY_13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        self.choice(
+            "tls.min_version",
+            text.as_deref(),
+            &[("1.2", rustls::DEFAULT_VERSIONS), ("1.3", ONLY_13)],
+            rustls::DEFAULT_VERSIONS,
+            "version",
+        )
     }
 
     /// `tls.cipher_suites`: IANA names of rustls's suites; every offered version must keep one.
@@ -964,6 +960,7 @@ impl Validator<'_> {
                 });
             }
         }
+        let versions = self.tls_versions(raw.tls.min_version.as_ref());
         let tls = Tls {
             certificates,
             handshake_timeout: self.duration(
@@ -982,12 +979,8 @@ impl Validator<'_> {
                 KtlsMode::Auto,
                 "mode",
             ),
-            versions: self.tls_versions(raw.tls.min_version.as_ref()),
-            cipher_suites: Vec::new(),
-        };
-        let tls = Tls {
-            cipher_suites: self.cipher_suites(raw.tls.cipher_suites.as_deref(), &tls.versions),
-            ..tls
+            versions,
+            cipher_suites: self.cipher_suites(raw.tls.cipher_suites.as_deref(), versions),
         };
 
         let xfcc_modes = [

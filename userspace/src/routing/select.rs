@@ -38,18 +38,6 @@ impl<'a> Selector<'a> {
     /// one per turn of the rotation; when only they are left they are still offered (they may
     /// be back, and a 502 without trying would turn one failure into a cooldown of errors).
     pub fn next(&mut self, eligible: impl Fn(&Endpoint) -> bool) -> Option<Arc<Endpoint>> {
-        if let Some(zone) = self.zone.filter(|_| self.tried.is_empty()) {
-            let local = self.pick(|e| {
-                e.availability_zone == zone
-                    && eligible(e)
-                    && !(e.failed_until.load(Ordering::Relaxed) != 0
-                        && e.cooling_down(super::now_ms()))
-            });
-            if let Some(i) = local {
-                self.tried.push(i);
-                return Some(self.pool.endpoints[i].clone());
-            }
-        }
         let mut now = None;
         let mut skipped = false;
         let mut cooling = |e: &Endpoint| {
@@ -59,7 +47,13 @@ impl<'a> Selector<'a> {
             skipped |= cool;
             cool
         };
-        let chosen = match self.pick(|e| eligible(e) && !cooling(e)) {
+        // Under `locally-optimistic`, a request's first endpoint comes from the gateway's zone
+        // when one there is eligible and not cooling down.
+        let local = self.zone.filter(|_| self.tried.is_empty());
+        let chosen = local
+            .and_then(|z| self.pick(|e| e.availability_zone == z && eligible(e) && !cooling(e)))
+            .or_else(|| self.pick(|e| eligible(e) && !cooling(e)));
+        let chosen = match chosen {
             Some(i) => i,
             None if skipped => self.pick(&eligible)?,
             None => return None,

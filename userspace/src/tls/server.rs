@@ -100,7 +100,7 @@ fn server_builder(
             ..rustls::crypto::ring::default_provider()
         })
     };
-    ServerConfig::builder_with_provider(provider).with_protocol_versions(&tls.versions)
+    ServerConfig::builder_with_provider(provider).with_protocol_versions(tls.versions)
 }
 
 fn base(
