@@ -1598,14 +1598,18 @@ mod tests {
         .is_empty());
     }
 
+    /// The problems `check` reports under `section` for `section: {body}` (the required
+    /// sections' own problems left out).
+    fn section_problems(section: &str, body: &str) -> Vec<String> {
+        problems_of(&format!("{section}: {{{body}}}\n"))
+            .into_iter()
+            .filter(|p| p.starts_with(section))
+            .collect()
+    }
+
     #[test]
     fn az_preference_needs_the_gateways_zone() {
-        let problems = |backends: &str| {
-            problems_of(&format!("backends: {{{backends}}}\n"))
-                .into_iter()
-                .filter(|p| p.starts_with("backends"))
-                .collect::<Vec<_>>()
-        };
+        let problems = |backends: &str| section_problems("backends", backends);
         assert_eq!(
             problems("az_preference: local"),
             ["backends.az_preference: invalid preference 'local', must be one of none, locally-optimistic"]
@@ -1620,12 +1624,7 @@ mod tests {
 
     #[test]
     fn sharding_follows_gorouter_and_is_checked() {
-        let problems = |registry: &str| {
-            problems_of(&format!("registry: {{{registry}}}\n"))
-                .into_iter()
-                .filter(|p| p.starts_with("registry"))
-                .collect::<Vec<_>>()
-        };
+        let problems = |registry: &str| section_problems("registry", registry);
         assert_eq!(
             problems("routing_table_sharding_mode: some"),
             ["registry.routing_table_sharding_mode: invalid mode 'some', must be one of all, segments, shared-and-segments"]
