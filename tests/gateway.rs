@@ -20,6 +20,8 @@ mod idle;
 mod limits;
 #[path = "gateway/pipeline.rs"]
 mod pipeline;
+#[path = "gateway/proxy_protocol.rs"]
+mod proxy_protocol;
 #[path = "gateway/reload.rs"]
 mod reload;
 #[path = "gateway/selection.rs"]

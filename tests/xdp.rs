@@ -461,6 +461,18 @@ fn packet_table() {
         XDP_PASS,
         Some((0, Counter::PassNotClientHello)),
     );
+    // Behind a load balancer speaking the PROXY protocol the segment starts with its header, so
+    // the gate passes it, whatever follows; the daemon then decides on the client the header
+    // names (`listen.proxy_protocol`).
+    let mut proxied = b"PROXY TCP4 192.0.2.12 10.0.0.1 40000 443\r\n".to_vec();
+    proxied.extend(rustls_client_hello("g.apps.identity"));
+    row(
+        &gate,
+        "PROXY header before a ClientHello from outside the allow-list",
+        &seg("192.0.2.19", proxied).frame(),
+        XDP_PASS,
+        Some((0, Counter::PassNotClientHello)),
+    );
     row(
         &gate,
         "TLS application data",

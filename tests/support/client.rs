@@ -80,9 +80,20 @@ pub async fn tls_connect(
     alpn: &[&[u8]],
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
+    tls_on(tcp, ca, sni, cert, alpn).await
+}
+
+/// Opens TLS on a connected socket (after whatever was written on it first).
+pub async fn tls_on(
+    tcp: TcpStream,
+    ca: &Ca,
+    sni: Option<&str>,
+    cert: Option<&Leaf>,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
     let name = match sni {
         Some(s) => ServerName::try_from(s.to_string()).unwrap(),
-        None => ServerName::IpAddress(addr.ip().into()),
+        None => ServerName::IpAddress(tcp.peer_addr()?.ip().into()),
     };
     tokio_rustls::TlsConnector::from(tls_config(ca, cert, alpn))
         .connect(name, tcp)
@@ -110,8 +121,20 @@ impl Conn {
         cert: Option<&Leaf>,
         h2: bool,
     ) -> Result<Conn, CallError> {
+        let tcp = TcpStream::connect(addr).await.map_err(CallError::Tls)?;
+        Self::tls_on(tcp, ca, sni, cert, h2).await
+    }
+
+    /// [`Conn::tls`] on a connected socket.
+    pub async fn tls_on(
+        tcp: TcpStream,
+        ca: &Ca,
+        sni: Option<&str>,
+        cert: Option<&Leaf>,
+        h2: bool,
+    ) -> Result<Conn, CallError> {
         let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let stream = tls_connect(addr, ca, sni, cert, alpn)
+        let stream = tls_on(tcp, ca, sni, cert, alpn)
             .await
             .map_err(CallError::Tls)?;
         Self::over(stream, h2).await

@@ -19,10 +19,11 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::accesslog::{AccessLogError, AccessLogger};
 use crate::config::{Config, Limits};
 use crate::cork::{Cork, Corked};
-use crate::metrics::{KtlsLabels, Metrics};
+use crate::metrics::{KtlsLabels, Metrics, ProxyHeaderLabels};
 use crate::names::DomainPattern;
 use crate::park::{ParkIo, Parking};
 use crate::proxy::{self, BackendPool, ConnCtx};
+use crate::proxy_protocol;
 use crate::registry::Registry;
 use crate::state::{Runtime, State};
 use crate::tls::{self, Alpn, TlsBuildError};
@@ -679,16 +680,63 @@ async fn accept_loop(
         connections.fetch_add(1, Ordering::Relaxed);
         state.metrics.connections_active.inc();
         tokio::spawn(async move {
-            if tls {
-                serve_tls(state.clone(), tcp, client, shutdown).await;
-            } else {
-                let conn = ConnCtx::new(client, None);
-                serve_http(state.clone(), Box::new(tcp), conn, shutdown).await;
+            let mut tcp = tcp;
+            match client_of(&state, &mut tcp, client).await {
+                Some(client) if tls => serve_tls(state.clone(), tcp, client, shutdown).await,
+                Some(client) => {
+                    let conn = ConnCtx::new(client, None);
+                    serve_http(state.clone(), Box::new(tcp), conn, shutdown).await;
+                }
+                None => {}
             }
             state.metrics.connections_active.dec();
             connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
+    }
+}
+
+/// PROXY protocol failures, said once every 10 s with how many there were.
+static PROXY_HEADER_FAILURES: Mutex<Repeats> = Mutex::new(Repeats::new(Duration::from_secs(10)));
+
+/// The client a connection serves: its peer, or, from a `listen.proxy_protocol.from` peer, the
+/// client its PROXY protocol header names (`None`: the header failed and the connection ends).
+async fn client_of(state: &State, tcp: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    let timeout = {
+        let rt = state.runtime.load();
+        if !rt.config.listen.expects_proxy_header(peer.ip()) {
+            return Some(peer);
+        }
+        rt.config.tls.handshake_timeout
+    };
+    let header = proxy_protocol::read(tcp, timeout).await;
+    let result = match &header {
+        Ok(h) => h.label(),
+        Err(e) => e.label(),
+    };
+    state
+        .metrics
+        .proxy_protocol_headers
+        .get_or_create(&ProxyHeaderLabels { result })
+        .inc();
+    match header {
+        Ok(proxy_protocol::Header::Proxied(client)) => Some(client),
+        Ok(proxy_protocol::Header::Local) => Some(peer),
+        Err(e) => {
+            let mut repeats = PROXY_HEADER_FAILURES
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(failures) = repeats.note(Instant::now()) {
+                tracing::warn!(
+                    %peer,
+                    error = %e,
+                    failures,
+                    "closed a connection from a listen.proxy_protocol.from peer without a valid \
+                     PROXY protocol header (counted in portcullis_proxy_protocol_headers_total)"
+                );
+            }
+            None
+        }
     }
 }
 

@@ -24,6 +24,7 @@ mod park;
 pub mod pki;
 mod prefix;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod routing;
 pub mod state;

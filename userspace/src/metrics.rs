@@ -38,6 +38,11 @@ pub struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyHeaderLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KtlsLabels {
     pub mode: &'static str,
 }
@@ -114,6 +119,7 @@ pub struct Metrics {
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub ktls_connections: Family<KtlsLabels, Counter>,
+    pub proxy_protocol_headers: Family<ProxyHeaderLabels, Counter>,
     pub registry_endpoints: Gauge,
     pub registry_messages: Family<RegistryLabels, Counter>,
     pub route_policy_malformed_sources: Counter,
@@ -162,6 +168,7 @@ impl Metrics {
             authz_decisions: Family::default(),
             tls_handshakes: Family::default(),
             ktls_connections: Family::default(),
+            proxy_protocol_headers: Family::default(),
             registry_endpoints: Gauge::default(),
             registry_messages: Family::default(),
             route_policy_malformed_sources: Counter::default(),
@@ -216,6 +223,12 @@ impl Metrics {
             "ktls_connections",
             "Connections by TLS record layer",
             m.ktls_connections.clone(),
+        );
+        registry.register(
+            "proxy_protocol_headers",
+            "PROXY protocol headers read from listen.proxy_protocol.from peers, by result \
+             (proxied, local; invalid, timeout and closed close the connection)",
+            m.proxy_protocol_headers.clone(),
         );
         registry.register(
             "registry_endpoints",

@@ -77,6 +77,16 @@ pub struct AdminTls {
 pub struct Listen {
     pub https: SocketAddr,
     pub http: Option<SocketAddr>,
+    /// Peers whose connections start with a PROXY protocol header (`listen.proxy_protocol.from`,
+    /// see [`crate::proxy_protocol`]); empty when none do.
+    pub proxy_protocol_from: Vec<IpNet>,
+}
+
+impl Listen {
+    /// Whether a connection from `peer` must start with a PROXY protocol header.
+    pub fn expects_proxy_header(&self, peer: std::net::IpAddr) -> bool {
+        self.proxy_protocol_from.iter().any(|n| n.contains(&peer))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -927,9 +937,22 @@ impl Validator<'_> {
                     }
                 };
                 let http = l.http.as_deref().and_then(|a| self.addr("listen.http", a));
+                let proxy_protocol_from = match l.proxy_protocol {
+                    None => Vec::new(),
+                    Some(pp) if pp.from.is_empty() => {
+                        self.problem(
+                            "listen.proxy_protocol.from",
+                            "lists no peer: name the load balancers' addresses (CIDRs), or \
+                             leave proxy_protocol out",
+                        );
+                        Vec::new()
+                    }
+                    Some(pp) => self.cidrs("listen.proxy_protocol.from", &pp.from),
+                };
                 Listen {
                     https: https.unwrap_or(fallback),
                     http,
+                    proxy_protocol_from,
                 }
             }
             None => {
@@ -937,6 +960,7 @@ impl Validator<'_> {
                 Listen {
                     https: fallback,
                     http: None,
+                    proxy_protocol_from: Vec::new(),
                 }
             }
         };
@@ -1605,6 +1629,38 @@ mod tests {
             .into_iter()
             .filter(|p| p.starts_with(section))
             .collect()
+    }
+
+    #[test]
+    fn proxy_protocol_names_its_peers() {
+        let problems = |listen: &str| section_problems("listen", listen);
+        let https = "https: \"127.0.0.1:443\", ";
+        assert_eq!(
+            problems(&format!("{https}proxy_protocol: {{from: []}}")),
+            [
+                "listen.proxy_protocol.from: lists no peer: name the load balancers' addresses \
+              (CIDRs), or leave proxy_protocol out"
+            ]
+        );
+        assert_eq!(
+            problems(&format!(
+                "{https}proxy_protocol: {{from: [10.0.0.0/8, lb1]}}"
+            )),
+            ["listen.proxy_protocol.from[1]: invalid CIDR 'lb1'"]
+        );
+        assert_eq!(
+            problems(&format!(
+                "{https}proxy_protocol: {{from: [10.0.0.1], v2: true}}"
+            )),
+            ["listen.proxy_protocol.v2: unknown key"]
+        );
+        let yaml =
+            "listen: {https: \"127.0.0.1:443\", proxy_protocol: {from: [10.0.0.0/24, \"::1\"]}}\n";
+        let problems = problems_of(yaml);
+        assert!(
+            !problems.iter().any(|p| p.starts_with("listen")),
+            "{problems:?}"
+        );
     }
 
     #[test]

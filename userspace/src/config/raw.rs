@@ -29,6 +29,13 @@ pub struct RawConfig {
 pub struct RawListen {
     pub https: Option<String>,
     pub http: Option<String>,
+    pub proxy_protocol: Option<RawProxyProtocol>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawProxyProtocol {
+    pub from: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
