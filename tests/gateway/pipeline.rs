@@ -332,3 +332,85 @@ async fn connection_failures_are_retried_then_502() {
     assert_eq!(dead.field("failed_attempts"), "3");
     assert_eq!(dead.field("x_cf_routererror"), "endpoint_failure");
 }
+
+/// `tracing.w3c`: each proxied request carries a W3C `traceparent` whose parent id is the
+/// gateway's span (the B3 span id), continuing a valid one, starting one from the B3 trace
+/// otherwise; off (the default and after a reload), the caller's headers pass untouched.
+#[tokio::test]
+async fn w3c_trace_context_continues_the_callers_trace_under_the_gateways_span() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let on = "tracing: {w3c: true, w3c_tenant_id: acme}\n";
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, on)).await;
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    for h2 in [false, true] {
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("any-a.apps.identity"),
+            Some(&pki.a),
+            h2,
+        )
+        .await
+        .unwrap();
+        // Started: the B3 ids are the W3C ones, sampled.
+        let r = c.get("any-a.apps.identity", "/start").await.unwrap();
+        assert_eq!(r.status, 200);
+        let seen = &r.echo().headers;
+        let (trace, span) = (&seen["x-b3-traceid"], &seen["x-b3-spanid"]);
+        assert_eq!(
+            seen["traceparent"],
+            format!("00-{trace}-{span}-01"),
+            "h2 {h2}"
+        );
+        assert_eq!(seen["tracestate"], format!("acme@portcullis={span}"));
+        // Continued: the caller's trace and flags, the gateway's span as parent, its entry
+        // first in tracestate in place of an older one.
+        let req = c.build(
+            "any-a.apps.identity",
+            "/continue",
+            &[
+                ("traceparent", incoming),
+                (
+                    "tracestate",
+                    "acme@portcullis=1111111111111111,congo=t61rcWkgMzE",
+                ),
+            ],
+        );
+        let r = c.send(req).await.unwrap();
+        let seen = &r.echo().headers;
+        let span = &seen["x-b3-spanid"];
+        assert_eq!(
+            seen["traceparent"],
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-00")
+        );
+        assert_eq!(seen["x-b3-traceid"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            seen["tracestate"],
+            format!("acme@portcullis={span},congo=t61rcWkgMzE")
+        );
+    }
+    gw.reload(&pipeline_yaml(backend.addr, ""));
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("any-a.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    let r = c.get("any-a.apps.identity", "/off").await.unwrap();
+    assert!(!r.echo().headers.contains_key("traceparent"));
+    let req = c.build(
+        "any-a.apps.identity",
+        "/off",
+        &[
+            ("traceparent", incoming),
+            ("tracestate", "congo=t61rcWkgMzE"),
+        ],
+    );
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.echo().headers["traceparent"], incoming);
+    assert_eq!(r.echo().headers["tracestate"], "congo=t61rcWkgMzE");
+}

@@ -41,6 +41,10 @@ pub struct Config {
     pub xdp: Xdp,
     pub limits: Limits,
     pub drain: Drain,
+    /// `tracing.w3c`: the `tracestate` key the gateway's W3C Trace Context entries go under
+    /// (`portcullis`, or `<tenant>@portcullis`); `None` leaves `traceparent` and `tracestate` as
+    /// the caller sent them.
+    pub w3c_tracestate_key: Option<Arc<str>>,
     /// Every certificate loaded from the files above, in config order, for the expiry checks.
     pub certificate_validity: Vec<CertValidity>,
 }
@@ -1338,6 +1342,8 @@ impl Validator<'_> {
             timeout: self.duration_or_zero("drain.timeout", d.timeout.as_deref(), defaults.timeout),
         };
 
+        let w3c_tracestate_key = self.tracing(&raw.tracing);
+
         Config {
             source: None,
             listen,
@@ -1354,8 +1360,44 @@ impl Validator<'_> {
             xdp,
             limits,
             drain,
+            w3c_tracestate_key,
             certificate_validity: std::mem::take(&mut self.validity),
         }
+    }
+
+    /// `tracing`: the W3C `tracestate` key, when W3C Trace Context is on. A tenant id must be
+    /// a W3C multi-tenant key's tenant part: a lowercase letter or digit, then up to 240 of
+    /// `a-z 0-9 _ - * /`.
+    fn tracing(&mut self, t: &RawTracing) -> Option<Arc<str>> {
+        let tenant = t.w3c_tenant_id.as_deref();
+        if let Some(id) = tenant {
+            let mut chars = id.chars();
+            let first_ok = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            let rest_ok = chars.all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '*' | '/')
+            });
+            if !first_ok || !rest_ok || id.len() > 241 {
+                self.problem(
+                    "tracing.w3c_tenant_id",
+                    format!(
+                        "'{id}' is not a W3C tracestate tenant: a lowercase letter or digit, \
+                         then up to 240 of a-z 0-9 _ - * /"
+                    ),
+                );
+            }
+            if !t.w3c {
+                self.problem(
+                    "tracing.w3c_tenant_id",
+                    "has no effect unless tracing.w3c is true",
+                );
+            }
+        }
+        t.w3c.then(|| match tenant {
+            Some(id) => format!("{id}@portcullis").into(),
+            None => "portcullis".into(),
+        })
     }
 }
 
@@ -1629,6 +1671,28 @@ mod tests {
             .into_iter()
             .filter(|p| p.starts_with(section))
             .collect()
+    }
+
+    #[test]
+    fn w3c_tracing_takes_a_tenant_only_when_on() {
+        let problems = |tracing: &str| section_problems("tracing", tracing);
+        assert_eq!(
+            problems("w3c: true, w3c_tenant_id: Acme"),
+            [
+                "tracing.w3c_tenant_id: 'Acme' is not a W3C tracestate tenant: a lowercase letter \
+              or digit, then up to 240 of a-z 0-9 _ - * /"
+            ]
+        );
+        assert_eq!(
+            problems("w3c_tenant_id: acme"),
+            ["tracing.w3c_tenant_id: has no effect unless tracing.w3c is true"]
+        );
+        let not_bool = Config::from_yaml("tracing: {w3c: yes}\n", Path::new("."), Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(not_bool.contains("tracing.w3c: invalid type"), "{not_bool}");
+        assert!(problems("w3c: true, w3c_tenant_id: a-1_b*c/d").is_empty());
+        assert!(problems("w3c: false").is_empty());
     }
 
     #[test]

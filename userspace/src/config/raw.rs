@@ -22,6 +22,7 @@ pub struct RawConfig {
     pub xdp: RawXdp,
     pub limits: RawLimits,
     pub drain: RawDrain,
+    pub tracing: RawTracing,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +171,13 @@ pub struct RawLimits {
     pub h2_max_concurrent_streams: Option<u32>,
     pub workers: Option<usize>,
     pub listen_backlog: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTracing {
+    pub w3c: bool,
+    pub w3c_tenant_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,4 +1,5 @@
-//! Request and response header handling: hop-by-hop removal, forwarding headers, B3, XFCC.
+//! Request and response header handling: hop-by-hop removal, forwarding headers, B3 and W3C
+//! Trace Context, XFCC.
 
 use std::net::IpAddr;
 
@@ -24,6 +25,11 @@ pub const X_CF_INSTANCE_ID: HeaderName = HeaderName::from_static("x-cf-instancei
 const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
 const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// W3C Trace Context: the list members a `tracestate` may hold, and the length it is kept to.
+const TRACESTATE_MEMBERS: usize = 32;
+const TRACESTATE_LEN: usize = 512;
 
 /// As strings: the one-pass check below compares each present name with these, and a `const`
 /// array of `HeaderName`s would be built and dropped at every use.
@@ -130,15 +136,24 @@ fn hex<const N: usize>(v: u128) -> HeaderValue {
     HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
 }
 
-/// Continues an incoming B3 trace (new span, parent = incoming span) or starts one.
-pub fn b3(h: &mut HeaderMap) {
-    let span = hex::<16>(u128::from(rand::random::<u64>()));
-    let trace = h
+/// Continues an incoming B3 trace (new span, parent = incoming span) or starts one; with
+/// `w3c_key` (`tracing.w3c`), does the same for W3C Trace Context under the same span id.
+///
+/// A valid incoming `traceparent` keeps its trace id and flags, gets the gateway's span as its
+/// parent id, and its `tracestate` gets `<key>=<span>` in front (an older entry of the key
+/// dropped, at most 32 members and 512 bytes kept). Without one (absent, repeated or malformed),
+/// the trace is B3's, sampled, and `tracestate` is the gateway's entry alone. A B3 trace that
+/// does not come in is the `traceparent`'s when there is one, so both name one trace.
+pub fn trace(h: &mut HeaderMap, w3c_key: Option<&str>) {
+    let span = rand::random::<u64>().max(1);
+    let w3c_in = w3c_key.and_then(|_| traceparent(h));
+    let b3_in = h
         .get(B3_TRACE)
         .and_then(|v| v.to_str().ok())
-        .filter(|t| is_hex(t, &[16, 32]));
-    match trace {
-        Some(_) => {
+        .filter(|t| is_hex(t, &[16, 32]))
+        .and_then(|t| u128::from_str_radix(t, 16).ok());
+    let trace = match b3_in {
+        Some(trace) => {
             let parent = h
                 .get(B3_SPAN)
                 .and_then(|v| v.to_str().ok())
@@ -148,13 +163,99 @@ pub fn b3(h: &mut HeaderMap) {
                 Some(p) => h.insert(B3_PARENT, p),
                 None => h.remove(B3_PARENT),
             };
+            trace
         }
         None => {
-            h.insert(B3_TRACE, hex::<32>(rand::random::<u128>()));
+            let trace = w3c_in.map_or_else(rand::random::<u128>, |(t, _)| t);
+            h.insert(B3_TRACE, hex::<32>(trace));
             h.remove(B3_PARENT);
+            trace
+        }
+    };
+    h.insert(B3_SPAN, hex::<16>(u128::from(span)));
+    let Some(key) = w3c_key else {
+        return;
+    };
+    let own = format!("{key}={span:016x}");
+    let (trace, flags, state) = match w3c_in {
+        Some((trace, flags)) => (trace, flags, continued_state(h, key, own)),
+        // An all-zero trace id is invalid in W3C (B3 lets it through).
+        None => (
+            if trace == 0 {
+                rand::random::<u128>().max(1)
+            } else {
+                trace
+            },
+            0x01,
+            own,
+        ),
+    };
+    let parent = format!("00-{trace:032x}-{span:016x}-{flags:02x}");
+    match (
+        HeaderValue::from_str(&parent),
+        HeaderValue::from_str(&state),
+    ) {
+        (Ok(p), Ok(s)) => {
+            h.insert(TRACEPARENT, p);
+            h.insert(TRACESTATE, s);
+        }
+        _ => {
+            h.remove(TRACEPARENT);
+            h.remove(TRACESTATE);
         }
     }
-    h.insert(B3_SPAN, span);
+}
+
+/// A valid incoming `traceparent`'s trace id and flags (W3C Trace Context §3.2); `None` when it
+/// is absent, sent more than once or malformed. A later version is read as version 00 and keeps
+/// only the sampled flag.
+fn traceparent(h: &HeaderMap) -> Option<(u128, u8)> {
+    let mut values = h.get_all(TRACEPARENT).iter();
+    let v = values.next()?.as_bytes();
+    if values.next().is_some() {
+        return None;
+    }
+    let lower_hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let version = v.get(..2)?;
+    let future = version != b"00";
+    let shaped = v.len() == 55 || (future && v.len() > 55 && v[55] == b'-');
+    if !shaped || version == b"ff" || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let (t, p, f) = (&v[3..35], &v[36..52], &v[53..55]);
+    if !(lower_hex(version) && lower_hex(t) && lower_hex(p) && lower_hex(f)) {
+        return None;
+    }
+    let num = |s: &[u8]| {
+        std::str::from_utf8(s)
+            .ok()
+            .and_then(|s| u128::from_str_radix(s, 16).ok())
+    };
+    let (trace, parent, flags) = (num(t)?, num(p)?, num(f)? as u8);
+    let flags = if future { flags & 0x01 } else { flags };
+    (trace != 0 && parent != 0).then_some((trace, flags))
+}
+
+/// `own` in front of the incoming `tracestate`'s members, without an older one of `key`.
+fn continued_state(h: &HeaderMap, key: &str, own: String) -> String {
+    let mut out = own;
+    let mut members = 1;
+    let incoming = h.get_all(TRACESTATE).iter().filter_map(|v| v.to_str().ok());
+    for member in incoming.flat_map(|v| v.split(',')).map(str::trim) {
+        let Some((k, _)) = member.split_once('=') else {
+            continue;
+        };
+        if k == key {
+            continue;
+        }
+        if members == TRACESTATE_MEMBERS || out.len() + 1 + member.len() > TRACESTATE_LEN {
+            break;
+        }
+        out.push(',');
+        out.push_str(member);
+        members += 1;
+    }
+    out
 }
 
 /// Appends the client address to `X-Forwarded-For`; returns the new value.
@@ -307,7 +408,7 @@ mod tests {
     fn b3_starts_a_trace_in_lowercase_hex() {
         let mut h = HeaderMap::new();
         h.insert(B3_PARENT, HeaderValue::from_static("0123456789abcdef"));
-        b3(&mut h);
+        trace(&mut h, None);
         let ok = |v: &HeaderValue, n: usize| {
             v.len() == n && v.as_bytes().iter().all(|b| b"0123456789abcdef".contains(b))
         };
@@ -338,9 +439,129 @@ mod tests {
             HeaderValue::from_static("0123456789abcdef0123456789abcdef"),
         );
         h.insert(B3_SPAN, HeaderValue::from_static("0123456789abcdef"));
-        b3(&mut h);
+        h.insert(TRACEPARENT, HeaderValue::from_static("caller's own"));
+        trace(&mut h, None);
         assert_eq!(h[B3_TRACE], "0123456789abcdef0123456789abcdef");
         assert_eq!(h[B3_PARENT], "0123456789abcdef");
         assert_ne!(h[B3_SPAN], "0123456789abcdef");
+        // W3C off: its headers are the caller's business.
+        assert_eq!(h[TRACEPARENT], "caller's own");
+        assert!(!h.contains_key(TRACESTATE));
+    }
+
+    /// The ids of a `traceparent` the gateway wrote: (trace, parent, flags).
+    fn w3c_ids(h: &HeaderMap) -> (String, String, String) {
+        let v = h[TRACEPARENT].to_str().unwrap();
+        let parts: Vec<&str> = v.split('-').collect();
+        assert_eq!((parts.len(), parts[0]), (4, "00"), "{v}");
+        (parts[1].into(), parts[2].into(), parts[3].into())
+    }
+
+    #[test]
+    fn w3c_starts_a_trace_with_the_b3_ids() {
+        let mut h = HeaderMap::new();
+        trace(&mut h, Some("portcullis"));
+        let (t, p, f) = w3c_ids(&h);
+        assert_eq!(
+            (t.as_str(), p.as_str(), f.as_str()),
+            (
+                h[B3_TRACE].to_str().unwrap(),
+                h[B3_SPAN].to_str().unwrap(),
+                "01"
+            )
+        );
+        assert_eq!(h[TRACESTATE], format!("portcullis={p}").as_str());
+        // A caller's 64-bit B3 trace is the W3C trace, zero-padded.
+        let mut h = HeaderMap::new();
+        h.insert(B3_TRACE, HeaderValue::from_static("00000000000000ab"));
+        trace(&mut h, Some("portcullis"));
+        assert_eq!(w3c_ids(&h).0, "000000000000000000000000000000ab");
+    }
+
+    #[test]
+    fn w3c_continues_a_valid_traceparent_and_its_tracestate() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+        );
+        h.append(
+            TRACESTATE,
+            HeaderValue::from_static("acme@portcullis=1111111111111111, congo=t61rcWkgMzE"),
+        );
+        h.append(
+            TRACESTATE,
+            HeaderValue::from_static("rojo=00f067aa0ba902b7,junk"),
+        );
+        trace(&mut h, Some("acme@portcullis"));
+        let (t, p, f) = w3c_ids(&h);
+        assert_eq!(
+            (t.as_str(), f.as_str()),
+            ("4bf92f3577b34da6a3ce929d0e0e4736", "00")
+        );
+        assert_eq!(p, h[B3_SPAN].to_str().unwrap());
+        assert_ne!(p, "00f067aa0ba902b7");
+        // No B3 came in: B3 joins the W3C trace.
+        assert_eq!(h[B3_TRACE], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            h[TRACESTATE],
+            format!("acme@portcullis={p},congo=t61rcWkgMzE,rojo=00f067aa0ba902b7").as_str()
+        );
+        assert_eq!(h.get_all(TRACESTATE).iter().count(), 1);
+        // A later version is read as 00 and keeps only the sampled flag.
+        let mut h = HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static(
+                "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff-what-comes-later",
+            ),
+        );
+        trace(&mut h, Some("portcullis"));
+        assert_eq!(w3c_ids(&h).2, "01");
+        // At most 32 members are passed on.
+        let mut h = HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let many: Vec<String> = (0..40).map(|i| format!("v{i}=x")).collect();
+        h.insert(TRACESTATE, HeaderValue::from_str(&many.join(",")).unwrap());
+        trace(&mut h, Some("portcullis"));
+        let state = h[TRACESTATE].to_str().unwrap();
+        assert_eq!(state.split(',').count(), 32, "{state}");
+        assert!(state.ends_with(",v30=x"), "{state}");
+    }
+
+    #[test]
+    fn w3c_replaces_a_malformed_or_repeated_traceparent() {
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(TRACEPARENT, HeaderValue::from_static(bad));
+            h.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
+            trace(&mut h, Some("portcullis"));
+            let (t, p, f) = w3c_ids(&h);
+            assert_ne!(t, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+            assert_eq!(
+                (t.as_str(), f.as_str()),
+                (h[B3_TRACE].to_str().unwrap(), "01"),
+                "{bad}"
+            );
+            assert_eq!(h[TRACESTATE], format!("portcullis={p}").as_str(), "{bad}");
+        }
+        let mut h = HeaderMap::new();
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.append(TRACEPARENT, HeaderValue::from_static(valid));
+        h.append(TRACEPARENT, HeaderValue::from_static(valid));
+        trace(&mut h, Some("portcullis"));
+        assert_ne!(w3c_ids(&h).0, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(h.get_all(TRACEPARENT).iter().count(), 1);
     }
 }

@@ -497,7 +497,7 @@ async fn route(
         .unwrap_or_default()
         .as_millis();
     h.insert(headers::X_REQUEST_START, HeaderValue::from(now_ms as u64));
-    headers::b3(h);
+    headers::trace(h, rt.config.w3c_tracestate_key.as_deref());
     let (mode, format) = match rt.config.domain_for(host) {
         Some(d) => (d.forwarded_client_cert, d.xfcc_format),
         None => (rt.config.forwarded_client_cert, XfccFormat::Raw),
