@@ -343,16 +343,17 @@ async fn w3c_trace_context_continues_the_callers_trace_under_the_gateways_span()
     let on = "tracing: {w3c: true, w3c_tenant_id: acme}\n";
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, on)).await;
     let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
-    for h2 in [false, true] {
-        let mut c = Conn::tls(
+    let connect = |h2| {
+        Conn::tls(
             gw.https(),
             &pki.server_ca,
             Some("any-a.apps.identity"),
             Some(&pki.a),
             h2,
         )
-        .await
-        .unwrap();
+    };
+    for h2 in [false, true] {
+        let mut c = connect(h2).await.unwrap();
         // Started: the B3 ids are the W3C ones, sampled.
         let r = c.get("any-a.apps.identity", "/start").await.unwrap();
         assert_eq!(r.status, 200);
@@ -391,15 +392,7 @@ async fn w3c_trace_context_continues_the_callers_trace_under_the_gateways_span()
         );
     }
     gw.reload(&pipeline_yaml(backend.addr, ""));
-    let mut c = Conn::tls(
-        gw.https(),
-        &pki.server_ca,
-        Some("any-a.apps.identity"),
-        Some(&pki.a),
-        false,
-    )
-    .await
-    .unwrap();
+    let mut c = connect(false).await.unwrap();
     let r = c.get("any-a.apps.identity", "/off").await.unwrap();
     assert!(!r.echo().headers.contains_key("traceparent"));
     let req = c.build(
