@@ -781,8 +781,12 @@ async fn a_route_bound_to_a_route_service_is_refused_never_sent_past_it() {
     }
     assert_eq!(backend.requests(), 0, "nothing reached the app");
 
-    // Each refusal is one access-log line naming the policy's rule and no backend.
-    let lines = gw.log_lines(1).await;
+    // Each refusal is one access-log line naming the policy's rule and no backend. The lines
+    // are written in order, so once both 403s (the last requests) are there, all are.
+    let forbidden = |lines: &[String]| lines.iter().filter(|l| l.contains("\" 403 ")).count();
+    let lines = gw
+        .log_lines_until("both 403 lines", |lines| forbidden(lines) >= 2)
+        .await;
     let refused: Vec<_> = lines
         .iter()
         .map(|l| support::gateway::LogLine::parse(l))

@@ -70,17 +70,29 @@ impl TestGateway {
 
     /// Waits until the access log has at least `n` lines, returns them all.
     pub async fn log_lines(&self, n: usize) -> Vec<String> {
+        self.log_lines_until(&format!("at least {n} lines"), |lines| lines.len() >= n)
+            .await
+    }
+
+    /// Waits (up to 5 s) until the access log's lines satisfy `done` (`what` says how, for the
+    /// failure), returns them all. The log is written in batches, so a test that counts lines
+    /// of several requests must wait for the last one it made.
+    pub async fn log_lines_until(
+        &self,
+        what: &str,
+        done: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
         let path = self.dir.path().join("access.log");
         for _ in 0..100 {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let lines: Vec<String> = text.lines().map(str::to_string).collect();
-            if lines.len() >= n {
+            if done(&lines) {
                 return lines;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!(
-            "access log has fewer than {n} lines:\n{}",
+            "access log never had {what}:\n{}",
             std::fs::read_to_string(&path).unwrap_or_default()
         );
     }
