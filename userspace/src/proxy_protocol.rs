@@ -17,7 +17,6 @@ use std::time::Duration;
 use ppp::{v1, v2};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// v2's signature (its first 12 bytes).
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -74,11 +73,9 @@ impl HeaderError {
 
 /// Reads the header at the start of `tcp`, taking exactly its bytes, within `timeout`.
 pub async fn read(tcp: &mut TcpStream, timeout: Duration) -> Result<Header, HeaderError> {
-    let deadline = Instant::now() + timeout;
-    match tokio::time::timeout_at(deadline, read_header(tcp)).await {
-        Ok(r) => r,
-        Err(_) => Err(HeaderError::Timeout(timeout)),
-    }
+    tokio::time::timeout(timeout, read_header(tcp))
+        .await
+        .unwrap_or(Err(HeaderError::Timeout(timeout)))
 }
 
 async fn read_header(tcp: &mut TcpStream) -> Result<Header, HeaderError> {

@@ -156,10 +156,9 @@ pub fn trace(h: &mut HeaderMap, w3c_key: Option<&str>) {
         Some(trace) => {
             let parent = h
                 .get(B3_SPAN)
-                .and_then(|v| v.to_str().ok())
-                .filter(|s| is_hex(s, &[16]))
-                .map(str::to_string);
-            match parent.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                .filter(|v| v.to_str().is_ok_and(|s| is_hex(s, &[16])))
+                .cloned();
+            match parent {
                 Some(p) => h.insert(B3_PARENT, p),
                 None => h.remove(B3_PARENT),
             };
@@ -191,19 +190,15 @@ pub fn trace(h: &mut HeaderMap, w3c_key: Option<&str>) {
         ),
     };
     let parent = format!("00-{trace:032x}-{span:016x}-{flags:02x}");
-    match (
-        HeaderValue::from_str(&parent),
-        HeaderValue::from_str(&state),
-    ) {
-        (Ok(p), Ok(s)) => {
-            h.insert(TRACEPARENT, p);
-            h.insert(TRACESTATE, s);
-        }
-        _ => {
-            h.remove(TRACEPARENT);
-            h.remove(TRACESTATE);
-        }
-    }
+    h.insert(
+        TRACEPARENT,
+        HeaderValue::try_from(parent).expect("hex digits and dashes are a valid header value"),
+    );
+    // The members kept came from header values, and the key was checked by the config.
+    match HeaderValue::try_from(state) {
+        Ok(s) => h.insert(TRACESTATE, s),
+        Err(_) => h.remove(TRACESTATE),
+    };
 }
 
 /// A valid incoming `traceparent`'s trace id and flags (W3C Trace Context §3.2); `None` when it
