@@ -1,5 +1,6 @@
 //! `listen.proxy_protocol`: behind a load balancer, the client its PROXY protocol header names is
-//! the caller everywhere (X-Forwarded-For, the access log); peers outside `from` cannot name one.
+//! the caller everywhere (X-Forwarded-For, the access log, the daemon's allow-list and denial
+//! checks); peers outside `from` cannot name one.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -274,4 +275,121 @@ async fn a_balancers_proxy_header_names_the_client_and_no_one_else_can() {
         .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.echo().headers["x-forwarded-for"], "127.0.0.1");
+}
+
+/// Behind a balancer, the decisions the XDP gate would take on a ClientHello (a domain's
+/// `allowed_sources`, sources deny learning denied) fall to the daemon, and key on the client
+/// the header names, never on the balancer: one denied caller must not lock out everyone
+/// behind the same balancer.
+#[tokio::test]
+async fn behind_a_balancer_the_daemons_gate_decisions_key_on_the_named_client() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let pins = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: {{https: \"127.0.0.1:0\", http: \"127.0.0.1:0\", proxy_protocol: {{from: [127.0.0.1/32]}}}}\n\
+         domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}, \
+                   {{name: \"*.other.identity\", ca_certs: identity-ca.pem, \
+                     allowed_sources: {{cidrs: [192.0.2.0/24]}}}}]\n\
+         xdp:\n  interfaces: [pc-absent0]\n  pin_path: \"{pins}\"\n\
+         \x20 deny_learning: {{threshold: 3, window: 10s, ttl: 60s}}\n\
+         routes:\n\
+         \x20 - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {port}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n\
+         \x20 - {{uris: [a.other.identity], host: \"127.0.0.1\", port: {port}}}\n",
+        pins = pins.path().display(),
+        port = backend.addr.port(),
+    );
+    let gw = TestGateway::start(&pki, &yaml).await;
+    let lb: IpAddr = [127, 0, 0, 1].into();
+    // A TLS connection through the balancer on behalf of `client`.
+    let via_lb = |client: &'static str, host: &'static str, leaf| {
+        let (gw, pki) = (&gw, &pki);
+        async move {
+            let mut tcp = connect_from(lb, gw.https()).await;
+            let header = format!("PROXY TCP4 {client} 10.0.0.1 40000 443\r\n");
+            send_header(&mut tcp, header.as_bytes(), false).await;
+            Conn::tls_on(tcp, &pki.server_ca, Some(host), Some(leaf), false).await
+        }
+    };
+    let handshakes = |domain: &str, result: &str| {
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{domain=\"{domain}\",result=\"{result}\"}}"
+        ))
+    };
+
+    // `allowed_sources`: the named client is inside or outside it, the balancer never is.
+    let mut inside = via_lb("192.0.2.7", "a.other.identity", &pki.a)
+        .await
+        .expect("a client inside allowed_sources, named by the balancer, is served");
+    let r = inside.get("a.other.identity", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echo().headers["x-forwarded-for"], "192.0.2.7");
+    assert!(
+        via_lb("198.51.100.9", "a.other.identity", &pki.a)
+            .await
+            .is_err(),
+        "a client outside allowed_sources was served"
+    );
+    gw.wait_metric(
+        "portcullis_tls_handshakes_total{domain=\"*.other.identity\",result=\"not_allowed\"}",
+        1.0,
+    )
+    .await;
+
+    // Deny learning: caller B, named 198.51.100.20, is refused by the route's policy until the
+    // threshold ends its connection and denies that client, not the balancer.
+    let mut b = via_lb("198.51.100.20", "a.apps.identity", &pki.b)
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        let r = b.get("a.apps.identity", "/").await.unwrap();
+        assert_eq!(r.status, 403, "request {i}");
+    }
+    assert_eq!(gw.metric("portcullis_xdp_deny_learned_total"), 1.0);
+    let admin = gw.gw.admin_addr().unwrap();
+    let listed = Conn::plain(admin)
+        .await
+        .unwrap()
+        .get("admin", "/xdp/denials")
+        .await
+        .unwrap()
+        .body;
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["source"], "198.51.100.20", "{listed}");
+
+    // That client's next connection ends after its ClientHello ...
+    assert!(
+        via_lb("198.51.100.20", "a.apps.identity", &pki.b)
+            .await
+            .is_err(),
+        "a denied client behind the balancer was served"
+    );
+    gw.wait_metric(
+        "portcullis_tls_handshakes_total{domain=\"*.apps.identity\",result=\"denied\"}",
+        1.0,
+    )
+    .await;
+    // ... while another client behind the same balancer, and the balancer's own health
+    // check, are still served.
+    let mut other = via_lb("198.51.100.21", "a.apps.identity", &pki.a)
+        .await
+        .expect("a client behind the same balancer was locked out");
+    assert_eq!(other.get("a.apps.identity", "/").await.unwrap().status, 200);
+    let mut tcp = connect_from(lb, gw.https()).await;
+    send_header(&mut tcp, &v2(None), false).await;
+    let mut health = Conn::tls_on(
+        tcp,
+        &pki.server_ca,
+        Some("a.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .expect("the balancer's own connection was refused");
+    assert_eq!(
+        health.get("a.apps.identity", "/").await.unwrap().status,
+        200
+    );
+    assert_eq!(handshakes("*.apps.identity", "denied"), 1.0);
 }
