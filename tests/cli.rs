@@ -920,3 +920,34 @@ async fn json_logs_are_one_object_per_line() {
     );
     gw.wait_for("portcullis is serving");
 }
+
+/// A `systemctl reload` or stop can come while the gateway is still starting: a SIGHUP that
+/// arrives once the process has said anything is acted on (a reload once it serves), never the
+/// signal's default action, which would end the process uncleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_during_start_up_reloads_once_serving_instead_of_killing() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "portcullis.yaml",
+        &reload_config(0, "cf:app:app-a", backend.addr),
+    );
+    let mut gw = Running::spawn(Command::new(BIN).env("PORTCULLIS_LOG", "debug").args([
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]));
+    // Its first line: start-up is under way (loading, probing the kernel, binding).
+    let first = gw
+        .lines
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the gateway says something as it starts");
+    gw.seen.push(first);
+    assert!(gw.signal(libc::SIGHUP), "the process is gone");
+    gw.wait_for("portcullis is serving");
+    gw.wait_for("configuration reloaded");
+    assert!(gw.terminate().is_some_and(|s| s.success()), "{:?}", gw.seen);
+}

@@ -339,6 +339,20 @@ fn explain_remote(
 }
 
 async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: SocketAddr) -> ExitCode {
+    // Before anything else: until a handler is installed, SIGHUP and SIGTERM kill the process
+    // (their default action), so a `systemctl reload` or stop that arrives while the gateway
+    // starts would end it uncleanly. Installed here, a signal received during start-up is acted
+    // on once the gateway serves.
+    use tokio::signal::unix::{signal, SignalKind};
+    let signals = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = signals else {
+        eprintln!("cannot install signal handlers");
+        return ExitCode::from(1);
+    };
     let (cfg, demo) = match &config {
         Some(path) => match load(path) {
             Ok(c) => (c, None),
@@ -368,14 +382,6 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
             portcullis::demo::instructions(&d.dir, gateway.https_addr(), gateway.admin_addr())
         );
     }
-    let signals = (
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-    );
-    let (Ok(mut hup), Ok(mut term)) = signals else {
-        eprintln!("cannot install signal handlers");
-        return ExitCode::from(1);
-    };
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -393,7 +399,7 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
                 }
             }
             _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
         }
     }
     tracing::info!("shutting down");
@@ -403,7 +409,7 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
         loop {
             tokio::select! {
                 Some(()) = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                Some(()) = int.recv() => {}
             }
             if hurry.send(()).is_err() {
                 return;
