@@ -2354,3 +2354,225 @@ fn which(cmd: &str) -> Result<PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+/// Runs `cmd` with `sh -c`; panics with its output (and `why`) unless it succeeds.
+fn sh(cmd: &str, why: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap_or_else(|e| panic!("sh -c {cmd}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd} ({why}): {text}\n{}", journal());
+    text
+}
+
+/// The unit's journal, for failure messages.
+fn journal() -> String {
+    std::process::Command::new("journalctl")
+        .args(["-u", "portcullis", "--no-pager", "-n", "60"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// dist/portcullis.service as systemd itself runs it. `cargo xtask vm-test` boots Debian's 6.1
+/// kernel with systemd as PID 1 on a copy-on-write view of this machine's root and runs this test
+/// as a unit there; elsewhere (systemd is not PID 1 where the tests run) it is skipped, unless
+/// PORTCULLIS_REQUIRE_SYSTEMD is set. Installed as the unit's header says, the gateway passes its
+/// `check` as the service user, serves as that user with exactly the unit's four capabilities and
+/// its open-files limit, attaches the gate with its pins in the unit's own bpffs, hands TLS to the
+/// kernel under the unit's sandbox, writes its access log to its LogsDirectory, follows `systemctl
+/// reload` (the gate's allow-list included), keeps a learned denial across `systemctl restart`,
+/// and drains and exits 0 on `systemctl stop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systemd_unit_runs_the_gateway() {
+    let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+    if pid1.trim() != "systemd" {
+        assert!(
+            std::env::var_os("PORTCULLIS_REQUIRE_SYSTEMD").is_none(),
+            "PID 1 is {pid1:?}, not systemd"
+        );
+        eprintln!(
+            "systemd unit test skipped: PID 1 is {:?}, not systemd (cargo xtask vm-test runs it)",
+            pid1.trim()
+        );
+        return;
+    }
+    let scene = Scene::new(11, "systemd").await;
+    let (ns, pki) = (&scene.ns, &scene.pki);
+    sh(
+        "id -u portcullis >/dev/null 2>&1 || \
+         useradd --system --no-create-home --shell /usr/sbin/nologin portcullis",
+        "the service user",
+    );
+    let etc = std::path::Path::new("/etc/portcullis");
+    std::fs::create_dir_all(etc).unwrap();
+    pki.write(etc);
+    let config = |allowed: &str| {
+        let yaml = format!(
+            "listen: {{https: \"{host}:443\"}}\n\
+             admin: {{listen: \"127.0.0.1:8082\"}}\n\
+             tls: {{certificates: [{{cert_chain: server.pem, private_key: server.key}}]}}\n\
+             access_log: {{path: /var/log/portcullis/access.log}}\n\
+             drain: {{timeout: 5s}}\n\
+             domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [{allowed}]}}\n\
+             xdp:\n  interfaces: [{iface}]\n  ports: [443]\n  pin_path: /run/portcullis/bpf\n\
+             \x20 deny_learning: {{threshold: 2, window: 60s, ttl: 10m}}\n\
+             routes: [{{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}]\n",
+            host = ns.host(),
+            iface = ns.host_if,
+            bport = scene.backend.addr.port(),
+        );
+        std::fs::write(etc.join("portcullis.yaml"), yaml).unwrap();
+        sh(
+            "chown -R portcullis:portcullis /etc/portcullis",
+            "config owner",
+        );
+    };
+    config(&format!("\"{}/32\"", ns.client(3)));
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_portcullis"),
+        "/usr/local/bin/portcullis",
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/portcullis.service"),
+        "/etc/systemd/system/portcullis.service",
+    )
+    .unwrap();
+    sh(
+        "systemctl daemon-reload && systemctl start portcullis",
+        "start",
+    );
+
+    let admin: std::net::SocketAddr = "127.0.0.1:8082".parse().unwrap();
+    let get = |path: &'static str| async move {
+        let mut c = support::client::Conn::plain(admin).await.ok()?;
+        let r = c.get("localhost", path).await.ok()?;
+        Some((r.status, r.body))
+    };
+    // Serving once /health says so (under software emulation, start-up takes a few seconds).
+    let healthy = || async {
+        for _ in 0..600 {
+            if get("/health").await.is_some_and(|(s, _)| s == 200) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("not healthy within 60 s\n{}", journal());
+    };
+    healthy().await;
+    let main_pid = || {
+        sh("systemctl show -p MainPID --value portcullis", "main pid")
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    let pid = main_pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let uid = sh("id -u portcullis", "uid").trim().to_string();
+    assert!(field("Uid:").starts_with(&uid), "{status}");
+    let want: u64 = (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39);
+    assert_eq!(
+        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
+        want,
+        "{status}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains("1048576")),
+        "{limits}"
+    );
+
+    // The gate: the allowed source is served (through kernel TLS), the other is reset.
+    let target: std::net::SocketAddr = format!("{}:443", ns.host()).parse().unwrap();
+    assert_eq!(
+        call_from(ns, ns.client(3), target, pki.clone()),
+        Ok(200),
+        "{}",
+        journal()
+    );
+    let r = call_from(ns, ns.client(2), target, pki.clone());
+    assert!(r.is_err(), "outside the allow-list: {r:?}");
+    let (_, metrics) = get("/metrics").await.unwrap();
+    for sample in [
+        format!("portcullis_xdp_attached{{interface=\"{}\",mode=", ns.host_if),
+        "portcullis_xdp_verdicts_total{domain=\"*.apps.identity\",verdict=\"reject\",reason=\"allowlist\"} 1".to_string(),
+        "portcullis_ktls_connections_total{mode=\"kernel\"} 1".to_string(),
+    ] {
+        assert!(metrics.contains(&sample), "{sample} in\n{metrics}\n{}", journal());
+    }
+    let pinned: Vec<_> = std::fs::read_dir("/run/portcullis/bpf")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(pinned.iter().any(|n| n.contains("DENY")), "{pinned:?}");
+    let log = std::fs::read_to_string("/var/log/portcullis/access.log").unwrap_or_default();
+    assert!(log.contains("a.apps.identity"), "access log: {log:?}");
+
+    // `systemctl reload`: the same process takes the new allow-list, the gate's included.
+    config(&format!("\"{}/32\", \"{}/32\"", ns.client(3), ns.client(2)));
+    sh("systemctl reload portcullis", "reload");
+    let mut served = Err(String::new());
+    for _ in 0..100 {
+        served = call_from(ns, ns.client(2), target, pki.clone());
+        if served == Ok(200) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(served, Ok(200), "after reload\n{}", journal());
+    assert_eq!(main_pid(), pid, "reload restarted the process");
+
+    // A denial learned from .2 (two handshakes with an untrusted certificate) outlives
+    // `systemctl restart`: the new process finds it in the pinned maps.
+    for _ in 0..2 {
+        assert!(call_with(ns, ns.client(2), target, pki.clone(), true).is_err());
+    }
+    let mut learned = false;
+    for _ in 0..50 {
+        let (_, m) = get("/metrics").await.unwrap();
+        if m.contains("portcullis_xdp_deny_learned_total 1") {
+            learned = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(learned, "no denial learned\n{}", journal());
+    sh("systemctl restart portcullis", "restart");
+    healthy().await;
+    assert_ne!(main_pid(), pid, "restart kept the process");
+    let r = call_from(ns, ns.client(2), target, pki.clone());
+    assert!(
+        r.is_err(),
+        "a learned denial was lost in the restart: {r:?}"
+    );
+    assert_eq!(call_from(ns, ns.client(3), target, pki.clone()), Ok(200));
+    let (_, denials) = get("/xdp/denials").await.unwrap();
+    assert!(denials.contains(&ns.client(2)), "{denials}");
+
+    // `systemctl stop`: SIGTERM, drain, exit 0.
+    sh("systemctl stop portcullis", "stop");
+    let state = sh(
+        "systemctl show -p ActiveState -p Result -p ExecMainStatus portcullis",
+        "state after stop",
+    );
+    for want in ["ActiveState=inactive", "Result=success", "ExecMainStatus=0"] {
+        assert!(state.contains(want), "{want} in {state}\n{}", journal());
+    }
+    assert!(get("/health").await.is_none(), "still answering after stop");
+}

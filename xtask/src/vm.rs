@@ -5,10 +5,14 @@
 //! program passes the 6.1 verifier and classifies the packet table the same way, that kTLS
 //! really moves record encryption into the kernel (`/proc/net/tls_stat`), and, on the newest
 //! Debian kernel (backports, Linux ≥ 6.14), that kernel TLS connections follow TLS 1.3 KeyUpdates.
+//! And, since systemd is not PID 1 on these machines, that `dist/portcullis.service` works as
+//! systemd runs it.
 //!
 //! Recipe (../shared/TOOLCHAIN.md): the kernel packages are downloaded from the Debian archive and
 //! unpacked; the initramfs holds busybox, the crypto and TLS modules, the XDP object and the test
 //! binaries built statically; `/init` runs each test and prints a result marker the host checks.
+//! For systemd, `/init` instead mounts this machine's root (QEMU's 9p, read-only) under an overlay
+//! kept in memory and hands over to its systemd, which runs the test as a unit.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,20 +22,46 @@ use anyhow::{bail, Context, Result};
 
 use crate::{apt_install, cargo, have, run, EBPF_OBJECT};
 
-/// One test binary run in the VM: `cargo test --test <target>` and the arguments for it.
+/// One test run in the VM: the binary of `cargo test --test <target>` with `args`, reported
+/// under `name`.
 struct VmTest {
+    name: &'static str,
     target: &'static str,
     args: &'static [&'static str],
 }
 
 const XDP_TABLE: VmTest = VmTest {
+    name: "xdp",
     target: "xdp",
     args: &["--exact", "packet_table", "--test-threads=1"],
 };
 const KTLS: VmTest = VmTest {
+    name: "ktls",
     target: "ktls",
     args: &["--test-threads=1", "--nocapture"],
 };
+/// dist/portcullis.service started, reloaded, restarted and stopped by systemd itself.
+const SYSTEMD_UNIT: VmTest = VmTest {
+    name: "systemd",
+    target: "xdp",
+    args: &[
+        "--exact",
+        "the_systemd_unit_runs_the_gateway",
+        "--test-threads=1",
+        "--nocapture",
+    ],
+};
+
+/// What the VM runs as PID 1.
+#[derive(Clone, Copy, PartialEq)]
+enum Init {
+    /// busybox from the initramfs, which runs the tests itself.
+    Busybox,
+    /// systemd from a copy-on-write view of this machine's root (9p, read-only, under an
+    /// overlay kept in memory), which runs the tests as a unit: the machine's own userland, so
+    /// the binaries need not be static and systemd is Debian's.
+    Systemd,
+}
 
 /// A kernel to boot and the tests to run on it.
 struct VmKernel {
@@ -40,6 +70,7 @@ struct VmKernel {
     suite: Option<&'static str>,
     /// The oldest kernel that shows what this VM is for.
     min_version: (u32, u32),
+    init: Init,
     tests: &'static [VmTest],
 }
 
@@ -48,12 +79,21 @@ const KERNELS: &[VmKernel] = &[
     VmKernel {
         suite: None,
         min_version: (6, 1),
+        init: Init::Busybox,
         tests: &[XDP_TABLE, KTLS],
+    },
+    // The same kernel booting systemd, which runs the gateway from its unit file.
+    VmKernel {
+        suite: None,
+        min_version: (6, 1),
+        init: Init::Systemd,
+        tests: &[SYSTEMD_UNIT],
     },
     // Debian 13 backports: a kernel that replaces kTLS keys (KeyUpdate, Linux ≥ 6.14).
     VmKernel {
         suite: Some("trixie-backports"),
         min_version: (6, 14),
+        init: Init::Busybox,
         tests: &[KTLS],
     },
 ];
@@ -61,9 +101,24 @@ const KERNELS: &[VmKernel] = &[
 /// Where kernels outside this machine's apt sources come from.
 const ARCHIVE: &str = "http://deb.debian.org/debian";
 
-/// Kernel module directories the VM needs: `tls` and the AEAD code it loads on demand (`gcm`,
-/// `ccm`, `chacha20poly1305` and their helpers). `tls.ko` alone fails with ENOENT at key setup.
-const MODULE_DIRS: &[&str] = &["crypto", "arch/x86/crypto", "lib", "net/tls"];
+/// Kernel module directories and files the VM needs: `tls` and the AEAD code it loads on demand
+/// (`gcm`, `ccm`, `chacha20poly1305` and their helpers; `tls.ko` alone fails with ENOENT at key
+/// setup); for systemd's root, virtio, 9p and overlayfs; `veth` for the network namespaces of
+/// the systemd test (there the host's userland has no `modprobe`, so /init loads them first).
+/// Paths a kernel does not have are skipped.
+const MODULE_DIRS: &[&str] = &[
+    "crypto",
+    "arch/x86/crypto",
+    "lib",
+    "net/tls",
+    "drivers/virtio",
+    "net/9p",
+    "fs/9p",
+    "fs/netfs",
+    "fs/fscache",
+    "fs/overlayfs",
+    "drivers/net/veth.ko",
+];
 
 /// The whole VM run may take this long (boot under TCG is ~5 s; the tests a few minutes at most).
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
@@ -82,8 +137,20 @@ pub fn vm_test() -> Result<()> {
             apt_install(&[pkg])?;
         }
     }
+    // The systemd VM's userland is this machine's: the kernel loads modules with its modprobe.
+    if KERNELS.iter().any(|k| k.init == Init::Systemd) && !have("modprobe") {
+        apt_install(&["kmod"])?;
+    }
     let binaries = static_tests(&work)?;
+    // PORTCULLIS_VM_ONLY=<test name>: only the boots that run that test (for development).
+    let only = std::env::var("PORTCULLIS_VM_ONLY").ok();
     for k in KERNELS {
+        if only
+            .as_deref()
+            .is_some_and(|o| !k.tests.iter().any(|t| t.name == o))
+        {
+            continue;
+        }
         let (kernel, modules, version) = match k.suite {
             None => stable_kernel(&work)?,
             Some(suite) => archive_kernel(&work, suite)?,
@@ -99,13 +166,17 @@ pub fn vm_test() -> Result<()> {
                 k.min_version.1
             );
         }
-        let tests: Vec<_> = binaries
+        let tests: Vec<_> = k
+            .tests
             .iter()
-            .filter(|(t, _)| k.tests.iter().any(|want| want.target == t.target))
-            .map(|(t, exe)| (t, exe.as_path()))
+            .map(|t| {
+                let exe = binaries.iter().find(|(target, _)| *target == t.target);
+                (t, exe.expect("every VM test's target is built").1.as_path())
+            })
             .collect();
-        let initramfs = initramfs(&work, &modules, &version, &tests)?;
-        boot(&kernel, &initramfs, &tests).with_context(|| format!("on Linux {version}"))?;
+        let initramfs = initramfs(&work, &modules, &version, &tests, k.init)?;
+        boot(&kernel, &initramfs, &tests, k.init)
+            .with_context(|| format!("on Linux {version} ({})", k.init.describe()))?;
     }
     Ok(())
 }
@@ -265,7 +336,7 @@ fn parse_kernel_package(apt_cache: &str) -> Option<String> {
 
 /// Builds the VM's test binaries statically (glibc, `+crt-static`) in their own target dir, so
 /// the host build's artefacts are not rebuilt with other flags.
-fn static_tests(work: &Path) -> Result<Vec<(&'static VmTest, PathBuf)>> {
+fn static_tests(work: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
     let target_dir = std::env::current_dir()?.join(work).join("build");
     let mut cmd = cargo();
     cmd.env("CARGO_TARGET_DIR", &target_dir)
@@ -280,8 +351,9 @@ fn static_tests(work: &Path) -> Result<Vec<(&'static VmTest, PathBuf)>> {
             "x86_64-unknown-linux-gnu",
             "--message-format=json-render-diagnostics",
         ]);
-    for t in [&XDP_TABLE, &KTLS] {
-        cmd.args(["--test", t.target]);
+    let targets = ["xdp", "ktls"];
+    for t in targets {
+        cmd.args(["--test", t]);
     }
     eprintln!("+ {cmd:?}");
     let out = cmd.stderr(Stdio::inherit()).output()?;
@@ -289,21 +361,21 @@ fn static_tests(work: &Path) -> Result<Vec<(&'static VmTest, PathBuf)>> {
         bail!("building the VM test binaries failed");
     }
     let json = String::from_utf8_lossy(&out.stdout);
-    [&XDP_TABLE, &KTLS]
+    targets
         .into_iter()
         .map(|t| {
             let exe = json
                 .lines()
                 .filter(|l| {
                     l.contains("\"reason\":\"compiler-artifact\"")
-                        && l.contains(&format!("\"name\":\"{}\"", t.target))
+                        && l.contains(&format!("\"name\":\"{t}\""))
                         && l.contains("\"kind\":[\"test\"]")
                 })
                 .find_map(|l| {
                     let rest = &l[l.find("\"executable\":\"")? + 14..];
                     Some(PathBuf::from(&rest[..rest.find('"')?]))
                 })
-                .with_context(|| format!("no executable for test target {}", t.target))?;
+                .with_context(|| format!("no executable for test target {t}"))?;
             Ok((t, exe))
         })
         .collect()
@@ -313,7 +385,8 @@ fn initramfs(
     work: &Path,
     modules: &Path,
     version: &str,
-    binaries: &[(&&'static VmTest, &Path)],
+    tests: &[(&VmTest, &Path)],
+    init: Init,
 ) -> Result<PathBuf> {
     let root = work.join("root");
     let _ = std::fs::remove_dir_all(&root);
@@ -327,14 +400,19 @@ fn initramfs(
     std::fs::copy(&busybox, root.join("bin/busybox")).context("copy busybox")?;
     let kmod = root.join(format!("lib/modules/{version}"));
     for dir in MODULE_DIRS {
+        let from = modules.join("kernel").join(dir);
+        if !from.exists() {
+            continue;
+        }
         let to = kmod.join("kernel").join(dir);
         std::fs::create_dir_all(to.parent().unwrap())?;
-        run(Command::new("cp")
-            .arg("-a")
-            .arg(modules.join("kernel").join(dir))
-            .arg(&to))?;
+        run(Command::new("cp").arg("-a").arg(from).arg(&to))?;
     }
-    for f in ["modules.order", "modules.builtin"] {
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
         let _ = std::fs::copy(modules.join(f), kmod.join(f));
     }
     // Newer Debian kernels ship xz-compressed modules, which busybox' modprobe cannot load.
@@ -347,16 +425,22 @@ fn initramfs(
         .arg(version))?;
     std::fs::copy(EBPF_OBJECT, root.join("portcullis-ebpf.o"))
         .context("the XDP object (cargo xtask build-ebpf)")?;
-    let mut script = String::from(INIT_HEAD);
-    for (t, exe) in binaries {
-        std::fs::copy(exe, root.join("tests").join(t.target))?;
-        script.push_str(&format!(
-            "echo \"VMTEST-START {name}\"\n/tests/{name} {args}\necho \"VMTEST-RESULT {name} rc=$?\"\n",
-            name = t.target,
-            args = t.args.join(" "),
-        ));
-    }
-    script.push_str("poweroff -f\n");
+    let script = match init {
+        Init::Busybox => {
+            let mut script = String::from(INIT_HEAD);
+            for (t, exe) in tests {
+                std::fs::copy(exe, root.join("tests").join(t.name))?;
+                script.push_str(&format!(
+                    "echo \"VMTEST-START {name}\"\n/tests/{name} {args}\necho \"VMTEST-RESULT {name} rc=$?\"\n",
+                    name = t.name,
+                    args = t.args.join(" "),
+                ));
+            }
+            script.push_str("poweroff -f\n");
+            script
+        }
+        Init::Systemd => systemd_init(tests)?,
+    };
     let init = root.join("init");
     std::fs::write(&init, script)?;
     run(Command::new("chmod").arg("755").arg(&init))?;
@@ -385,26 +469,107 @@ export TMPDIR=/tmp RUST_BACKTRACE=1
 echo "VMTEST-KERNEL $(uname -r)"
 "#;
 
+/// The /init that mounts this machine's root (shared by QEMU over 9p, read-only) under an
+/// overlay kept in memory, installs a unit that runs `tests` and powers the VM off, and hands
+/// over to systemd. Paths are this machine's, so the tests run from where cargo built them.
+fn systemd_init(tests: &[(&VmTest, &Path)]) -> Result<String> {
+    let mut script = String::new();
+    for (t, exe) in tests {
+        let exe = std::fs::canonicalize(exe)?;
+        script.push_str(&format!(
+            "echo \"VMTEST-START {name}\"\n{exe} {args}\necho \"VMTEST-RESULT {name} rc=$?\"\n",
+            name = t.name,
+            exe = exe.display(),
+            args = t.args.join(" "),
+        ));
+    }
+    Ok(SYSTEMD_INIT.replace("@RUN@", &script))
+}
+
+const SYSTEMD_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "VMTEST-KERNEL $(uname -r)"
+for m in virtio_pci 9pnet_virtio 9p overlay; do
+    modprobe $m || echo "VMTEST-NOTE modprobe $m failed"
+done
+mkdir -p /lower /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /lower
+mount -t tmpfs -o size=2G,mode=0755 rw /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot
+# Not a container (systemd would take its settings from argv instead of the kernel command
+# line), and temporary folders of its own rather than this machine's.
+rm -f /newroot/.dockerenv /newroot/run/.containerenv
+mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+mount -t tmpfs -o mode=1777 vartmp /newroot/var/tmp
+mkdir -p /newroot/etc/systemd/system /newroot/usr/local/sbin /newroot/lib/modules
+# The kernel loads the rest on demand (veth, tls and its ciphers) with the machine's own kmod.
+cp -a /lib/modules/$(uname -r) /newroot/lib/modules/
+cat > /newroot/usr/local/sbin/portcullis-vmtest <<'VMTEST'
+#!/bin/sh
+export PORTCULLIS_REQUIRE_SYSTEMD=1 RUST_BACKTRACE=1 TMPDIR=/tmp
+depmod -a
+@RUN@
+systemctl poweroff --force --force
+VMTEST
+chmod 755 /newroot/usr/local/sbin/portcullis-vmtest
+cat > /newroot/etc/systemd/system/portcullis-vmtest.service <<'UNIT'
+[Unit]
+Description=portcullis VM test
+[Service]
+Type=oneshot
+TimeoutStartSec=infinity
+ExecStart=/usr/local/sbin/portcullis-vmtest
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/ttyS0
+UNIT
+cat > /newroot/etc/systemd/system/portcullis-vmtest.target <<'UNIT'
+[Unit]
+Description=portcullis VM test
+Requires=portcullis-vmtest.service
+After=portcullis-vmtest.service
+AllowIsolate=yes
+UNIT
+umount /proc /sys
+mount --move /dev /newroot/dev
+exec switch_root /newroot /lib/systemd/systemd
+echo "VMTEST-NOTE switch_root failed"
+poweroff -f
+"#;
+
+impl Init {
+    fn describe(self) -> &'static str {
+        match self {
+            Init::Busybox => "busybox",
+            Init::Systemd => "systemd",
+        }
+    }
+}
+
 /// Boots the VM, echoes its console, and checks that every test reported rc=0.
-fn boot(kernel: &Path, initramfs: &Path, tests: &[(&&'static VmTest, &Path)]) -> Result<()> {
+fn boot(kernel: &Path, initramfs: &Path, tests: &[(&VmTest, &Path)], init: Init) -> Result<()> {
     // Under software emulation a kernel can die while it boots (seen once with 7.3: an int3 oops
     // in early text patching, before /init ran). Such a boot ran no test; it is retried, at most
     // twice. A test that ran and failed is never retried.
-    let mut console = boot_once(kernel, initramfs)?;
+    let mut console = boot_once(kernel, initramfs, init)?;
     for _ in 0..2 {
         if console.iter().any(|l| l.contains("VMTEST-KERNEL")) {
             break;
         }
         eprintln!("the VM kernel died before /init ran; booting it again");
-        console = boot_once(kernel, initramfs)?;
+        console = boot_once(kernel, initramfs, init)?;
     }
     let mut failed = Vec::new();
     for (t, _) in tests {
-        let marker = format!("VMTEST-RESULT {} rc=", t.target);
+        let marker = format!("VMTEST-RESULT {} rc=", t.name);
         match console.iter().find_map(|l| l.split_once(&marker)) {
-            Some((_, "0")) => eprintln!("VM test {}: passed", t.target),
-            Some((_, rc)) => failed.push(format!("{} (rc={rc})", t.target)),
-            None => failed.push(format!("{} (no result)", t.target)),
+            Some((_, "0")) => eprintln!("VM test {}: passed", t.name),
+            Some((_, rc)) => failed.push(format!("{} (rc={rc})", t.name)),
+            None => failed.push(format!("{} (no result)", t.name)),
         }
     }
     if !failed.is_empty() {
@@ -414,7 +579,7 @@ fn boot(kernel: &Path, initramfs: &Path, tests: &[(&&'static VmTest, &Path)]) ->
 }
 
 /// Boots the VM once and returns its console.
-fn boot_once(kernel: &Path, initramfs: &Path) -> Result<Vec<String>> {
+fn boot_once(kernel: &Path, initramfs: &Path, init: Init) -> Result<Vec<String>> {
     let mut cmd = Command::new("qemu-system-x86_64");
     // /dev/kvm may exist and still not work (nested virtualisation): always emulate.
     cmd.args([
@@ -432,8 +597,19 @@ fn boot_once(kernel: &Path, initramfs: &Path) -> Result<Vec<String>> {
     ])
     .arg(kernel)
     .arg("-initrd")
-    .arg(initramfs)
-    .args(["-append", "console=ttyS0 quiet panic=-1"])
+    .arg(initramfs);
+    match init {
+        Init::Busybox => cmd.args(["-append", "console=ttyS0 quiet panic=-1"]),
+        Init::Systemd => cmd.args([
+            "-nic",
+            "none",
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
+            "-append",
+            "console=ttyS0 quiet panic=-1 systemd.unit=portcullis-vmtest.target \
+             systemd.show_status=false",
+        ]),
+    }
     .stdin(Stdio::null())
     .stdout(Stdio::piped());
     eprintln!("+ {cmd:?}");
