@@ -483,7 +483,10 @@ fn systemd_init(tests: &[(&VmTest, &Path)]) -> Result<String> {
             args = t.args.join(" "),
         ));
     }
-    Ok(SYSTEMD_INIT.replace("@RUN@", &script))
+    let checkout = std::env::current_dir()?;
+    Ok(SYSTEMD_INIT
+        .replace("@RUN@", &script)
+        .replace("@CHECKOUT@", &checkout.to_string_lossy()))
 }
 
 const SYSTEMD_INIT: &str = r#"#!/bin/busybox sh
@@ -505,6 +508,9 @@ mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work 
 rm -f /newroot/.dockerenv /newroot/run/.containerenv
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp
 mount -t tmpfs -o mode=1777 vartmp /newroot/var/tmp
+# The checkout, wherever it is (a CI clone may live under /tmp), for the tests and what they use.
+mkdir -p "/newroot@CHECKOUT@"
+mount --bind "/lower@CHECKOUT@" "/newroot@CHECKOUT@"
 mkdir -p /newroot/etc/systemd/system /newroot/usr/local/sbin /newroot/lib/modules
 # The kernel loads the rest on demand (veth, tls and its ciphers) with the machine's own kmod.
 cp -a /lib/modules/$(uname -r) /newroot/lib/modules/
