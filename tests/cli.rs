@@ -951,3 +951,64 @@ async fn a_sighup_during_start_up_reloads_once_serving_instead_of_killing() {
     gw.wait_for("configuration reloaded");
     assert!(gw.terminate().is_some_and(|s| s.success()), "{:?}", gw.seen);
 }
+
+/// Under `Type=notify` (dist/portcullis.service), systemd learns from `NOTIFY_SOCKET` when the
+/// gateway serves (so `systemctl start` returns then, not at exec), when it reloads and how that
+/// went (`systemctl status` shows it), and when it drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_manager_is_told_ready_reloading_and_stopping() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "portcullis.yaml",
+        &reload_config(0, "cf:app:app-a", backend.addr),
+    );
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("a notification within 20 s");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let mut gw = Running::spawn(Command::new(BIN).env("NOTIFY_SOCKET", &socket_path).args([
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]));
+    assert_eq!(next(), "READY=1\nSTATUS=serving\n");
+    // Ready only once it serves.
+    let serving = gw.wait_for("portcullis is serving");
+    let addr = Running::served_addr(&serving, "https=");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+
+    assert!(gw.signal(libc::SIGHUP));
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(next(), "READY=1\nSTATUS=serving; configuration reloaded\n");
+
+    // A failed reload keeps serving and says why, on one line.
+    std::fs::write(&cfg, "listen: {https: 127.0.0.1:0}\nroutes: [{uris: []}]\n").unwrap();
+    assert!(gw.signal(libc::SIGHUP));
+    assert!(next().starts_with("RELOADING=1\n"));
+    let failed = next();
+    let status = failed
+        .strip_prefix(
+            "READY=1\nSTATUS=serving; the last reload failed, the running configuration kept: ",
+        )
+        .unwrap_or_else(|| panic!("{failed:?}"));
+    assert_eq!(status.matches('\n').count(), 1, "{failed:?}");
+    assert!(status.len() > 2, "{failed:?}");
+
+    assert!(gw.signal(libc::SIGTERM));
+    assert_eq!(next(), "STOPPING=1\nSTATUS=draining\n");
+    assert!(gw.terminate().is_some_and(|s| s.success()));
+}

@@ -2455,17 +2455,15 @@ async fn the_systemd_unit_runs_the_gateway() {
         let r = c.get("localhost", path).await.ok()?;
         Some((r.status, r.body))
     };
-    // Serving once /health says so (under software emulation, start-up takes a few seconds).
-    let healthy = || async {
-        for _ in 0..600 {
-            if get("/health").await.is_some_and(|(s, _)| s == 200) {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("not healthy within 60 s\n{}", journal());
-    };
-    healthy().await;
+    // Type=notify: `systemctl start` returned once the gateway serves, not at exec.
+    assert_eq!(
+        get("/health").await.map(|(s, _)| s),
+        Some(200),
+        "serving when systemctl start returned\n{}",
+        journal()
+    );
+    let status_text = || sh("systemctl show -p StatusText --value portcullis", "status");
+    assert_eq!(status_text().trim(), "serving");
     let main_pid = || {
         sh("systemctl show -p MainPID --value portcullis", "main pid")
             .trim()
@@ -2537,6 +2535,7 @@ async fn the_systemd_unit_runs_the_gateway() {
     }
     assert_eq!(served, Ok(200), "after reload\n{}", journal());
     assert_eq!(main_pid(), pid, "reload restarted the process");
+    assert_eq!(status_text().trim(), "serving; configuration reloaded");
 
     // A denial learned from .2 (two handshakes with an untrusted certificate) outlives
     // `systemctl restart`: the new process finds it in the pinned maps.
@@ -2554,7 +2553,11 @@ async fn the_systemd_unit_runs_the_gateway() {
     }
     assert!(learned, "no denial learned\n{}", journal());
     sh("systemctl restart portcullis", "restart");
-    healthy().await;
+    assert_eq!(
+        get("/health").await.map(|(s, _)| s),
+        Some(200),
+        "after restart"
+    );
     assert_ne!(main_pid(), pid, "restart kept the process");
     let r = call_from(ns, ns.client(2), target, pki.clone());
     assert!(

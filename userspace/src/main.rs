@@ -10,6 +10,7 @@ use portcullis::config::{load_certs, Config};
 use portcullis::gateway::Gateway;
 use portcullis::registry::Registry;
 use portcullis::tls::expiry;
+use sd_notify::NotifyState;
 
 /// jemalloc rather than glibc's malloc. A proxied request makes about 40 allocations, several
 /// larger than glibc's per-thread cache takes (1,032 bytes, 7 per size), which then go through
@@ -382,6 +383,7 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
             portcullis::demo::instructions(&d.dir, gateway.https_addr(), gateway.admin_addr())
         );
     }
+    tell_service_manager(&[NotifyState::Ready, NotifyState::Status("serving")]);
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -389,20 +391,30 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
                     tracing::info!("SIGHUP: the demo has no config file to reload");
                     continue;
                 };
-                match Config::load(path) {
-                    Ok(c) => {
-                        if let Err(e) = gateway.reload(c) {
-                            tracing::error!(error = %e, "reload failed; keeping the running configuration");
-                        }
+                let mut reloading = vec![NotifyState::Reloading];
+                reloading.extend(NotifyState::monotonic_usec_now());
+                tell_service_manager(&reloading);
+                let failed = match Config::load(path) {
+                    Ok(c) => gateway.reload(c).err().map(|e| e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                let status = match failed {
+                    None => "serving; configuration reloaded".to_string(),
+                    Some(e) => {
+                        tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                        // One line: the notification protocol separates its fields by newlines.
+                        let e = e.split_whitespace().collect::<Vec<_>>().join(" ");
+                        format!("serving; the last reload failed, the running configuration kept: {e}")
                     }
-                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
-                }
+                };
+                tell_service_manager(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     tracing::info!("shutting down");
+    tell_service_manager(&[NotifyState::Stopping, NotifyState::Status("draining")]);
     // Each further SIGTERM or Ctrl-C cuts the current drain step short.
     let (hurry, asked) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -421,4 +433,12 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
         let _ = std::fs::remove_dir_all(&d.dir);
     }
     ExitCode::SUCCESS
+}
+
+/// Tells systemd (`Type=notify`) where the gateway is: ready once it serves, reloading while it
+/// rereads its config, stopping while it drains. Nothing without `NOTIFY_SOCKET`.
+fn tell_service_manager(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
 }
