@@ -103,9 +103,10 @@ const ARCHIVE: &str = "http://deb.debian.org/debian";
 
 /// Kernel module directories and files the VM needs: `tls` and the AEAD code it loads on demand
 /// (`gcm`, `ccm`, `chacha20poly1305` and their helpers; `tls.ko` alone fails with ENOENT at key
-/// setup); for systemd's root, virtio, 9p and overlayfs; `veth` for the network namespaces of
-/// the systemd test (there the host's userland has no `modprobe`, so /init loads them first).
-/// Paths a kernel does not have are skipped.
+/// setup); for systemd's root, virtio, 9p and overlayfs (which /init loads) and `veth` for the
+/// systemd test's network namespaces (copied into that root, where the kernel loads it and the
+/// TLS modules on demand with the machine's own `modprobe`). Paths a kernel does not have are
+/// skipped.
 const MODULE_DIRS: &[&str] = &[
     "crypto",
     "arch/x86/crypto",
@@ -137,9 +138,15 @@ pub fn vm_test() -> Result<()> {
             apt_install(&[pkg])?;
         }
     }
-    // The systemd VM's userland is this machine's: the kernel loads modules with its modprobe.
-    if KERNELS.iter().any(|k| k.init == Init::Systemd) && !have("modprobe") {
-        apt_install(&["kmod"])?;
+    // The systemd VM's userland is this machine's: its systemd, and the modprobe the kernel
+    // loads modules with.
+    if KERNELS.iter().any(|k| k.init == Init::Systemd) {
+        if !Path::new("/lib/systemd/systemd").exists() {
+            apt_install(&["systemd"])?;
+        }
+        if !have("modprobe") {
+            apt_install(&["kmod"])?;
+        }
     }
     let binaries = static_tests(&work)?;
     // PORTCULLIS_VM_ONLY=<test name>: only the boots that run that test (for development).
