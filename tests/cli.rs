@@ -926,15 +926,7 @@ async fn json_logs_are_one_object_per_line() {
 /// signal's default action, which would end the process uncleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_during_start_up_reloads_once_serving_instead_of_killing() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    pki.write(dir.path());
-    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
-    let cfg = write_config(
-        dir.path(),
-        "portcullis.yaml",
-        &reload_config(0, "cf:app:app-a", backend.addr),
-    );
+    let (_dir, _backend, cfg) = started_config().await;
     let mut gw = Running::spawn(Command::new(BIN).env("PORTCULLIS_LOG", "debug").args([
         "run",
         "--config",
@@ -957,15 +949,7 @@ async fn a_sighup_during_start_up_reloads_once_serving_instead_of_killing() {
 /// went (`systemctl status` shows it), and when it drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_manager_is_told_ready_reloading_and_stopping() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    pki.write(dir.path());
-    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
-    let cfg = write_config(
-        dir.path(),
-        "portcullis.yaml",
-        &reload_config(0, "cf:app:app-a", backend.addr),
-    );
+    let (dir, _backend, cfg) = started_config().await;
     let socket_path = dir.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket
@@ -1011,4 +995,19 @@ async fn the_service_manager_is_told_ready_reloading_and_stopping() {
     assert!(gw.signal(libc::SIGTERM));
     assert_eq!(next(), "STOPPING=1\nSTATUS=draining\n");
     assert!(gw.terminate().is_some_and(|s| s.success()));
+}
+
+/// A gateway's files in a fresh folder (its PKI and `reload_config` allowing app A, on an
+/// ephemeral port) and the backend it routes to, running.
+async fn started_config() -> (tempfile::TempDir, echo::EchoServer, std::path::PathBuf) {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "portcullis.yaml",
+        &reload_config(0, "cf:app:app-a", backend.addr),
+    );
+    (dir, backend, cfg)
 }
