@@ -107,7 +107,7 @@ async fn bad_client_certificates_fail_the_handshake_and_are_counted() {
 /// Connects with a client offering only `versions` and `suites` (rustls's names), and sends one
 /// GET over HTTP/1.1. Returns the negotiated suite and the status, or the handshake's error.
 async fn get_offering(
-    gw: &TestGateway,
+    to: std::net::SocketAddr,
     pki: &TestPki,
     cert: Option<&portcullis::pki::Leaf>,
     host: &str,
@@ -124,7 +124,7 @@ async fn get_offering(
         ..ring::default_provider()
     };
     let cfg = tls_config_offering(&pki.server_ca, cert, &[b"http/1.1"], versions, provider);
-    let tcp = tokio::net::TcpStream::connect(gw.https()).await?;
+    let tcp = tokio::net::TcpStream::connect(to).await?;
     let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
     let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
@@ -134,13 +134,14 @@ async fn get_offering(
     let mut c = crate::support::client::Conn::over(tls, false)
         .await
         .unwrap();
-    let status = c.get(host, "/").await.unwrap().status;
+    let status = c.get(host, "/health").await.unwrap().status;
     Ok((suite, status))
 }
 
 /// `tls.min_version` and `tls.cipher_suites` decide what clients may negotiate, on every
-/// listener config (plain and mTLS domains); a client offering nothing they allow fails the
-/// handshake, counted as `incompatible`; a reload changes both for the next connection.
+/// listener config (plain and mTLS domains) and on the admin API's (`admin.tls`); a client
+/// offering nothing they allow fails the handshake, counted as `incompatible`; a reload changes
+/// both for the next connection.
 #[tokio::test]
 async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
     use rustls::version::{TLS12, TLS13};
@@ -151,6 +152,11 @@ async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
             "tls:\n  certificates: [{{cert_chain: server.pem, private_key: server.key}}]\n  \
              handshake_timeout: 2s\n{extra}"
         )
+    };
+    let tls = |extra: &str| {
+        tls(extra)
+            + "admin: {listen: \"127.0.0.1:0\", \
+               tls: {cert_chain: server.pem, private_key: server.key}}\n"
     };
     let strict = tls("  min_version: 1.3\n  cipher_suites: [TLS13_AES_256_GCM_SHA384]\n");
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, &strict)).await;
@@ -163,7 +169,7 @@ async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
         ("open.apps.plain", None),
         ("any-a.apps.identity", Some(&pki.a)),
     ] {
-        let e = get_offering(&gw, &pki, cert, host, &[&TLS12], &[])
+        let e = get_offering(gw.https(), &pki, cert, host, &[&TLS12], &[])
             .await
             .unwrap_err();
         assert!(format!("{e:?}").contains("ProtocolVersion"), "{e:?}");
@@ -172,7 +178,7 @@ async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
     gw.wait_metric(&incompatible("*.apps.identity"), 1.0).await;
     // TLS 1.3 without the one suite allowed: refused.
     let e = get_offering(
-        &gw,
+        gw.https(),
         &pki,
         None,
         "open.apps.plain",
@@ -188,16 +194,40 @@ async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
         ("open.apps.plain", None),
         ("any-a.apps.identity", Some(&pki.a)),
     ] {
-        let ok = get_offering(&gw, &pki, cert, host, &[&TLS13, &TLS12], &[])
+        let ok = get_offering(gw.https(), &pki, cert, host, &[&TLS13, &TLS12], &[])
             .await
             .unwrap();
         assert_eq!(ok, ("TLS13_AES_256_GCM_SHA384".to_string(), 200), "{host}");
     }
+    // The admin API's TLS takes the same bounds.
+    let admin = gw.gw.admin_addr().unwrap();
+    let e = get_offering(admin, &pki, None, "localhost", &[&TLS12], &[])
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("ProtocolVersion"), "admin: {e:?}");
+    let e = get_offering(
+        admin,
+        &pki,
+        None,
+        "localhost",
+        &[&TLS13],
+        &["TLS13_AES_128_GCM_SHA256", "TLS13_CHACHA20_POLY1305_SHA256"],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{e:?}").contains("HandshakeFailure"),
+        "admin: {e:?}"
+    );
+    let ok = get_offering(admin, &pki, None, "localhost", &[&TLS13, &TLS12], &[])
+        .await
+        .unwrap();
+    assert_eq!(ok, ("TLS13_AES_256_GCM_SHA384".to_string(), 200), "admin");
 
     // Reloaded without them: TLS 1.2 and every suite again.
     gw.reload(&pipeline_yaml(backend.addr, &tls("")));
     let ok = get_offering(
-        &gw,
+        gw.https(),
         &pki,
         Some(&pki.a),
         "any-a.apps.identity",
@@ -209,7 +239,7 @@ async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
     assert!(ok.0.starts_with("TLS_ECDHE_"), "{ok:?}");
     assert_eq!(ok.1, 200);
     let ok = get_offering(
-        &gw,
+        gw.https(),
         &pki,
         None,
         "open.apps.plain",
@@ -219,4 +249,8 @@ async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
     .await
     .unwrap();
     assert_eq!(ok, ("TLS13_CHACHA20_POLY1305_SHA256".to_string(), 200));
+    let ok = get_offering(admin, &pki, None, "localhost", &[&TLS12], &[])
+        .await
+        .unwrap();
+    assert!(ok.0.starts_with("TLS_ECDHE_"), "admin after reload: {ok:?}");
 }
