@@ -2214,23 +2214,7 @@ async fn runs_unprivileged_with_four_capabilities() {
     );
     let serving = gw.wait_for("portcullis is serving");
     // Exactly these capabilities, as nobody.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.child.id())).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    assert!(field("Uid:").starts_with("65534"), "{status}");
-    // CAP_NET_BIND_SERVICE 10, CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
-    let want: u64 = (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39);
-    assert_eq!(
-        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
-        want,
-        "{status}"
-    );
+    assert_runs_as_with_daemon_caps(gw.child.id(), "65534");
     assert!(
         !gw.seen.iter().any(|l| l.contains("XDP gate unavailable")),
         "{:?}",
@@ -2262,6 +2246,27 @@ async fn runs_unprivileged_with_four_capabilities() {
     assert!(pinned.iter().any(|n| n.contains("DENY")), "{pinned:?}");
     let code = gw.terminate().expect("exits on SIGTERM");
     assert!(code.success(), "{code:?}");
+}
+
+/// Process `pid` runs as user `uid` with exactly [`DAEMON_CAPS`] effective.
+fn assert_runs_as_with_daemon_caps(pid: u32, uid: &str) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+            .to_string()
+    };
+    assert!(field("Uid:").starts_with(uid), "{status}");
+    // CAP_NET_BIND_SERVICE 10, CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
+    let want: u64 = (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39);
+    assert_eq!(
+        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
+        want,
+        "{status}"
+    );
 }
 
 /// A bpffs mounted on a fresh folder and owned by `uid` (what dist/portcullis.service does
@@ -2470,23 +2475,7 @@ async fn the_systemd_unit_runs_the_gateway() {
             .unwrap()
     };
     let pid = main_pid();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    let uid = sh("id -u portcullis", "uid").trim().to_string();
-    assert!(field("Uid:").starts_with(&uid), "{status}");
-    let want: u64 = (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39);
-    assert_eq!(
-        u64::from_str_radix(&field("CapEff:"), 16).unwrap(),
-        want,
-        "{status}"
-    );
+    assert_runs_as_with_daemon_caps(pid, sh("id -u portcullis", "uid").trim());
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(
         limits

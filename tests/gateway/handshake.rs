@@ -147,16 +147,13 @@ async fn min_version_and_cipher_suites_bound_what_clients_negotiate() {
     use rustls::version::{TLS12, TLS13};
     let pki = TestPki::new();
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    // The admin API over TLS too, which takes the same bounds.
     let tls = |extra: &str| {
         format!(
             "tls:\n  certificates: [{{cert_chain: server.pem, private_key: server.key}}]\n  \
-             handshake_timeout: 2s\n{extra}"
+             handshake_timeout: 2s\n{extra}\
+             admin: {{listen: \"127.0.0.1:0\", tls: {{cert_chain: server.pem, private_key: server.key}}}}\n"
         )
-    };
-    let tls = |extra: &str| {
-        tls(extra)
-            + "admin: {listen: \"127.0.0.1:0\", \
-               tls: {cert_chain: server.pem, private_key: server.key}}\n"
     };
     let strict = tls("  min_version: 1.3\n  cipher_suites: [TLS13_AES_256_GCM_SHA384]\n");
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, &strict)).await;

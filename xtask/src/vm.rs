@@ -52,8 +52,19 @@ const SYSTEMD_UNIT: VmTest = VmTest {
     ],
 };
 
+impl VmTest {
+    /// The shell lines that run `exe` (this test's binary) and report its result on the console.
+    fn script_lines(&self, exe: &str) -> String {
+        format!(
+            "echo \"VMTEST-START {name}\"\n{exe} {args}\necho \"VMTEST-RESULT {name} rc=$?\"\n",
+            name = self.name,
+            args = self.args.join(" "),
+        )
+    }
+}
+
 /// What the VM runs as PID 1.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Init {
     /// busybox from the initramfs, which runs the tests itself.
     Busybox,
@@ -183,7 +194,7 @@ pub fn vm_test() -> Result<()> {
             .collect();
         let initramfs = initramfs(&work, &modules, &version, &tests, k.init)?;
         boot(&kernel, &initramfs, &tests, k.init)
-            .with_context(|| format!("on Linux {version} ({})", k.init.describe()))?;
+            .with_context(|| format!("on Linux {version} ({:?} as PID 1)", k.init))?;
     }
     Ok(())
 }
@@ -437,11 +448,7 @@ fn initramfs(
             let mut script = String::from(INIT_HEAD);
             for (t, exe) in tests {
                 std::fs::copy(exe, root.join("tests").join(t.name))?;
-                script.push_str(&format!(
-                    "echo \"VMTEST-START {name}\"\n/tests/{name} {args}\necho \"VMTEST-RESULT {name} rc=$?\"\n",
-                    name = t.name,
-                    args = t.args.join(" "),
-                ));
+                script.push_str(&t.script_lines(&format!("/tests/{}", t.name)));
             }
             script.push_str("poweroff -f\n");
             script
@@ -482,13 +489,7 @@ echo "VMTEST-KERNEL $(uname -r)"
 fn systemd_init(tests: &[(&VmTest, &Path)]) -> Result<String> {
     let mut script = String::new();
     for (t, exe) in tests {
-        let exe = std::fs::canonicalize(exe)?;
-        script.push_str(&format!(
-            "echo \"VMTEST-START {name}\"\n{exe} {args}\necho \"VMTEST-RESULT {name} rc=$?\"\n",
-            name = t.name,
-            exe = exe.display(),
-            args = t.args.join(" "),
-        ));
+        script.push_str(&t.script_lines(&std::fs::canonicalize(exe)?.to_string_lossy()));
     }
     let checkout = std::env::current_dir()?;
     Ok(SYSTEMD_INIT
@@ -553,15 +554,6 @@ exec switch_root /newroot /lib/systemd/systemd
 echo "VMTEST-NOTE switch_root failed"
 poweroff -f
 "#;
-
-impl Init {
-    fn describe(self) -> &'static str {
-        match self {
-            Init::Busybox => "busybox",
-            Init::Systemd => "systemd",
-        }
-    }
-}
 
 /// Boots the VM, echoes its console, and checks that every test reported rc=0.
 fn boot(kernel: &Path, initramfs: &Path, tests: &[(&VmTest, &Path)], init: Init) -> Result<()> {
