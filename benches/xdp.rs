@@ -37,6 +37,7 @@ fn main() {
         reject: REJECT_DROP,
         fresh: Vec::new(),
         ungated: Vec::new(),
+        balancers: Vec::new(),
     };
     gate.sync(&plan, true).unwrap();
     gate.deny(1, addr_bytes("192.0.2.99".parse().unwrap()), u64::MAX / 2)

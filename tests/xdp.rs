@@ -58,7 +58,9 @@ fn gate_config() -> Config {
     let dir = tempfile::tempdir().unwrap();
     TestPki::new().write(dir.path());
     let yaml = r#"
-listen: {https: "127.0.0.1:443"}
+listen:
+  https: "127.0.0.1:443"
+  proxy_protocol: {from: ["192.0.2.200/32", "2001:db8:b::/64"]}
 tls: {certificates: [{cert_chain: server.pem, private_key: server.key}]}
 domains:
   - name: "*.apps.identity"
@@ -680,6 +682,397 @@ fn packet_table() {
     );
 }
 
+/// A PROXY protocol v2 header: signature, version 2 with `command`, `family`, the addresses and
+/// any TLVs.
+fn proxy_v2(command: u8, family: u8, addresses: &[u8], tlvs: &[u8]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend([0x20 | command, family]);
+    h.extend(((addresses.len() + tlvs.len()) as u16).to_be_bytes());
+    h.extend(addresses);
+    h.extend(tlvs);
+    h
+}
+
+/// v2 `PROXY` over TCP/IPv4 from `client` to 10.0.0.1, ports 40000 → 443.
+fn proxy_v2_tcp4(client: [u8; 4], tlvs: &[u8]) -> Vec<u8> {
+    let mut a = client.to_vec();
+    a.extend([10, 0, 0, 1]);
+    a.extend(40_000u16.to_be_bytes());
+    a.extend(443u16.to_be_bytes());
+    proxy_v2(1, 0x11, &a, tlvs)
+}
+
+/// Behind a load balancer (`listen.proxy_protocol.from`), the gate judges each ClientHello by
+/// the client the PROXY header before it names, whether the header shares the ClientHello's
+/// segment or comes in one of its own (the usual case: balancers write it on connect), v1 and
+/// v2, IPv4 and IPv6. What it cannot tie to a client passes, counted, and is never judged as the
+/// balancer's own, which is in no allow-list; a non-balancer's header is not read.
+#[test]
+fn balancers_clients_are_judged_by_the_client_their_header_names() {
+    let Some((_pin, mut gate)) = Under::load("proxied") else {
+        return;
+    };
+    let mut plan = MapPlan::from_config(&gate_config(), &Default::default()).unwrap();
+    assert_eq!(
+        plan.balancers.len(),
+        2,
+        "listen.proxy_protocol.from is in the plan"
+    );
+    gate.sync(&plan);
+    let far = u64::MAX / 2;
+    gate.deny(2, addr_bytes("10.9.9.9".parse().unwrap()), far);
+
+    let hello = |sni: &str| client_hello(sni, SniAt::Last, 32, 0);
+    let (lb, lb6) = ("192.0.2.200", "2001:db8:b::1");
+    let mut port = 41_000;
+    // A fresh flow from the balancer each time (FLOWS and PROXIED key on the 4-tuple).
+    let mut from = |src: &str, payload: Vec<u8>| {
+        let dst = if src.contains(':') {
+            "2001:db8:ffff::1"
+        } else {
+            "10.0.0.1"
+        };
+        let mut s = Segment::new(src, dst, payload);
+        port += 1;
+        s.sport = port;
+        s
+    };
+    let v1 = |family: &str, client: &str| {
+        format!("PROXY {family} {client} 10.0.0.1 40000 443\r\n").into_bytes()
+    };
+    let then = |mut header: Vec<u8>, rest: Vec<u8>| {
+        header.extend(rest);
+        header
+    };
+    let (pass, reject) = (Counter::Pass, Counter::RejectAllowlist);
+    let unattributed = Some((0, Counter::PassProxyHeader));
+
+    // Header and ClientHello in one segment.
+    for (name, header, sni, moved) in [
+        (
+            "v1 TCP4, allowed client",
+            v1("TCP4", "10.1.2.3"),
+            "a.apps.identity",
+            (1, pass),
+        ),
+        (
+            "v1 TCP4, client outside",
+            v1("TCP4", "192.0.2.12"),
+            "a.apps.identity",
+            (1, reject),
+        ),
+        (
+            "v1 TCP6, allowed client",
+            v1("TCP6", "2001:db8:1::7"),
+            "a.apps.identity",
+            (1, pass),
+        ),
+        (
+            "v1 TCP6, full form",
+            v1("TCP6", "2001:0db8:0001:0:0:0:0:7"),
+            "a.apps.identity",
+            (1, pass),
+        ),
+        (
+            "v1 TCP6, client outside",
+            v1("TCP6", "2001:DB8:2::7"),
+            "a.apps.identity",
+            (1, reject),
+        ),
+        (
+            "v1 TCP6, trailing ::",
+            v1("TCP6", "2001:db8:2::"),
+            "a.apps.identity",
+            (1, reject),
+        ),
+        (
+            "v2 TCP4, allowed client",
+            proxy_v2_tcp4([10, 1, 0, 9], &[]),
+            "b.apps.identity",
+            (1, pass),
+        ),
+        (
+            "v2 TCP4 with TLVs, client outside",
+            // An AWS-style TLV (type 0xEA) and a NOOP one.
+            proxy_v2_tcp4([192, 0, 2, 12], &[0xea, 0, 3, 1, 2, 3, 0x04, 0, 1, 0]),
+            "b.apps.identity",
+            (1, reject),
+        ),
+        (
+            "v2 TCP4, denied client",
+            proxy_v2_tcp4([10, 9, 9, 9], &[]),
+            "exact.mtls.domain",
+            (2, Counter::RejectDeny),
+        ),
+        (
+            "v2 TCP4, client not denied",
+            proxy_v2_tcp4([10, 9, 9, 7], &[]),
+            "exact.mtls.domain",
+            (2, pass),
+        ),
+    ] {
+        let s = from(lb, then(header, hello(sni)));
+        let out = row(&gate, name, &s.frame(), XDP_PASS, Some(moved));
+        if moved.1 != pass {
+            assert_reset(name, &s, &out);
+        }
+    }
+    let mut v6 = "2001:db8:1::8"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets()
+        .to_vec();
+    v6.extend(
+        "2001:db8:ffff::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v6.extend([0x9c, 0x40, 0x01, 0xbb]);
+    row(
+        &gate,
+        "v2 TCP6 from an IPv6 balancer, allowed client",
+        &from(
+            lb6,
+            then(proxy_v2(1, 0x21, &v6, &[]), hello("c.apps.identity")),
+        )
+        .frame(),
+        XDP_PASS,
+        Some((1, pass)),
+    );
+    v6[..16].copy_from_slice(
+        &"2001:db8:2::8"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    row(
+        &gate,
+        "v2 TCP6, client outside",
+        &from(
+            lb,
+            then(proxy_v2(1, 0x21, &v6, &[]), hello("c.apps.identity")),
+        )
+        .frame(),
+        XDP_PASS,
+        Some((1, reject)),
+    );
+
+    // The header in a segment of its own, the ClientHello in the next (at the sequence number
+    // right after the header).
+    for (name, header, moved) in [
+        (
+            "split v1, client outside",
+            v1("TCP4", "192.0.2.13"),
+            (1, reject),
+        ),
+        (
+            "split v1, allowed client",
+            v1("TCP4", "10.1.4.4"),
+            (1, pass),
+        ),
+        (
+            "split v2, client outside",
+            proxy_v2_tcp4([192, 0, 2, 14], &[]),
+            (1, reject),
+        ),
+        (
+            "split v2, allowed client",
+            proxy_v2_tcp4([10, 1, 5, 5], &[]),
+            (1, pass),
+        ),
+    ] {
+        let len = header.len() as u32;
+        let first = from(lb, header);
+        row(
+            &gate,
+            &format!("{name}: header"),
+            &first.frame(),
+            XDP_PASS,
+            None,
+        );
+        let mut second = first.clone();
+        second.payload = hello("d.apps.identity");
+        second.seq = first.seq + len;
+        let out = row(
+            &gate,
+            &format!("{name}: ClientHello"),
+            &second.frame(),
+            XDP_PASS,
+            Some(moved),
+        );
+        if moved.1 != pass {
+            assert_reset(name, &second, &out);
+            // Its retransmission is answered from the program, as for any rejected flow.
+            let out = row(
+                &gate,
+                &format!("{name}: again"),
+                &second.frame(),
+                XDP_TX,
+                Some((1, Counter::RejectFlow)),
+            );
+            assert_rst_reply(name, &second, &out);
+        } else {
+            // Remembered for one segment only: a retransmission is not judged again.
+            row(
+                &gate,
+                &format!("{name}: again"),
+                &second.frame(),
+                XDP_PASS,
+                unattributed,
+            );
+        }
+    }
+    // The segment after the header must start right after it.
+    let header = v1("TCP4", "192.0.2.15");
+    let first = from(lb, header.clone());
+    row(
+        &gate,
+        "header, then a gap: header",
+        &first.frame(),
+        XDP_PASS,
+        None,
+    );
+    let mut second = first.clone();
+    second.payload = hello("d.apps.identity");
+    second.seq = first.seq + header.len() as u32 + 100;
+    row(
+        &gate,
+        "header, then a gap: ClientHello",
+        &second.frame(),
+        XDP_PASS,
+        unattributed,
+    );
+
+    // Nothing to tie the ClientHello to: passes, whatever the balancer's own address would get.
+    for (name, payload) in [
+        ("ClientHello without a header", hello("a.apps.identity")),
+        (
+            "v2 LOCAL (health check)",
+            then(proxy_v2(0, 0, &[], &[]), hello("a.apps.identity")),
+        ),
+        (
+            "v1 UNKNOWN",
+            then(b"PROXY UNKNOWN\r\n".to_vec(), hello("a.apps.identity")),
+        ),
+        (
+            "v2 PROXY, UNIX socket family",
+            then(proxy_v2(1, 0x31, &[0; 216], &[]), hello("a.apps.identity")),
+        ),
+        (
+            "v1 TCP4, leading zero",
+            then(v1("TCP4", "010.1.2.3"), hello("a.apps.identity")),
+        ),
+        (
+            "v1 TCP4, five octets",
+            then(v1("TCP4", "10.1.2.3.4"), hello("a.apps.identity")),
+        ),
+        (
+            "v1 TCP6, dotted tail",
+            then(v1("TCP6", "::ffff:192.0.2.12"), hello("a.apps.identity")),
+        ),
+        (
+            "v1 TCP6, two ::",
+            then(v1("TCP6", "2001::db8::1"), hello("a.apps.identity")),
+        ),
+        (
+            "v1 TCP6, nine groups",
+            then(v1("TCP6", "1:2:3:4:5:6:7:8:9"), hello("a.apps.identity")),
+        ),
+        (
+            "v1 without CR",
+            then(
+                b"PROXY TCP4 192.0.2.12 10.0.0.1 40000 443\n".to_vec(),
+                hello("a.apps.identity"),
+            ),
+        ),
+        (
+            "v1 line over 107 bytes",
+            then(
+                format!(
+                    "PROXY TCP4 192.0.2.12 10.0.0.1 40000 443{}\r\n",
+                    " ".repeat(70)
+                )
+                .into_bytes(),
+                hello("a.apps.identity"),
+            ),
+        ),
+        ("v2 version 1", {
+            let mut h = then(
+                proxy_v2_tcp4([192, 0, 2, 12], &[]),
+                hello("a.apps.identity"),
+            );
+            h[12] = 0x11;
+            h
+        }),
+        (
+            "v2 TCP4, addresses cut short",
+            then(
+                proxy_v2(1, 0x11, &[192, 0, 2, 12, 10, 0, 0, 1], &[]),
+                hello("a.apps.identity"),
+            ),
+        ),
+        (
+            "v2 longer than its segment",
+            proxy_v2_tcp4([192, 0, 2, 12], &[0; 40])[..40].to_vec(),
+        ),
+    ] {
+        row(
+            &gate,
+            name,
+            &from(lb, payload).frame(),
+            XDP_PASS,
+            unattributed,
+        );
+    }
+    // The balancer's other traffic is ordinary.
+    row(
+        &gate,
+        "TLS application data from a balancer",
+        &from(lb, vec![0x17, 3, 3, 0, 4, 1, 2, 3, 4]).frame(),
+        XDP_PASS,
+        None,
+    );
+    row(
+        &gate,
+        "v2 LOCAL alone",
+        &from(lb, proxy_v2(0, 0, &[], &[])).frame(),
+        XDP_PASS,
+        None,
+    );
+    // Someone else's header is not read: a caller cannot name itself someone else.
+    row(
+        &gate,
+        "a header from a non-balancer",
+        &from(
+            "192.0.2.201",
+            then(v1("TCP4", "10.1.2.3"), hello("a.apps.identity")),
+        )
+        .frame(),
+        XDP_PASS,
+        Some((0, Counter::PassNotClientHello)),
+    );
+
+    // A reload that drops the balancer: its ClientHellos are its own again (rejected here, as it
+    // is in no allow-list), and a header from it is not read.
+    plan.balancers.clear();
+    gate.sync(&plan);
+    row(
+        &gate,
+        "former balancer's ClientHello",
+        &from(lb, hello("a.apps.identity")).frame(),
+        XDP_PASS,
+        Some((1, reject)),
+    );
+    row(
+        &gate,
+        "former balancer's header",
+        &from(lb, then(v1("TCP4", "10.1.2.3"), hello("a.apps.identity"))).frame(),
+        XDP_PASS,
+        Some((0, Counter::PassNotClientHello)),
+    );
+}
+
 /// Registry hosts beyond the `ALLOW` map's capacity (65,536 prefixes): the domain they belong
 /// to loses its allow-list flag as a whole (the gate passes its ClientHellos; the daemon checks
 /// them) instead of the map being left half written, other domains stay gated, and the domain is
@@ -1097,6 +1490,195 @@ async fn allow_list_end_to_end_in_a_namespace() {
         1.0,
     )
     .await;
+    drop(gw);
+}
+
+/// From the load balancer at `balancer`: a PROXY v1 header naming `client`, then a TLS session
+/// presenting `leaf` and one request. With `separate` the header leaves in a segment of its own
+/// (balancers write it on connect); without, corked together with the ClientHello.
+async fn call_via_balancer(
+    balancer: &str,
+    client: &str,
+    separate: bool,
+    target: std::net::SocketAddr,
+    pki: &TestPki,
+    leaf: &portcullis::pki::Leaf,
+) -> Result<u16, String> {
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncWriteExt;
+    let attempt = async {
+        let mut tcp = connect_from(balancer, target).await?;
+        tcp.set_nodelay(true).unwrap();
+        let cork = |on: libc::c_int| {
+            // SAFETY: setsockopt on an open socket with a c_int option.
+            let r = unsafe {
+                libc::setsockopt(
+                    tcp.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_CORK,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "TCP_CORK");
+        };
+        if !separate {
+            // Held until the ClientHello joins it (uncorked below, once the handshake is done).
+            cork(1);
+        }
+        let header = format!("PROXY TCP4 {client} {} 40000 443\r\n", target.ip());
+        tcp.write_all(header.as_bytes()).await.unwrap();
+        if separate {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let cfg = support::client::tls_config(&pki.server_ca, Some(leaf), &[b"http/1.1"]);
+        let name = rustls::pki_types::ServerName::try_from("a.apps.identity").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("http: {e}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::get("/")
+            .header("host", "a.apps.identity")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        Ok(resp.status().as_u16())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or(Err("no answer in 10 s".into()))
+}
+
+/// Behind a load balancer (`listen.proxy_protocol.from`) with the gate attached: the gate judges
+/// each ClientHello by the client the balancer's PROXY header names, whether the header came in
+/// its own segment or with the ClientHello. A client inside the domain's allow-list is served
+/// (the balancer itself is outside it), one outside is reset before the daemon reads its
+/// ClientHello, a client the daemon learned to deny is refused by the gate, and a caller that is
+/// not a balancer cannot name itself someone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_balancer_the_gate_judges_the_client_its_header_names() {
+    if object().is_none() {
+        return;
+    }
+    let ns = support::netns::Netns::new(12);
+    let pki = std::sync::Arc::new(TestPki::new());
+    let backend = portcullis::echo::start("b", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let port = 8452;
+    let pin = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/portcullis-balancer-{}",
+        std::process::id()
+    )));
+    let balancer = ns.client(5);
+    let yaml = format!(
+        "listen: {{https: \"{host}:{port}\", proxy_protocol: {{from: [\"{balancer}/32\"]}}}}\n\
+         domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\n    allowed_sources: {{cidrs: [\"192.0.2.0/24\"]}}\n\
+         xdp:\n  interfaces: [{iface}]\n  ports: [{port}]\n  reject: reset\n  pin_path: \"{pin}\"\n\
+         \x20 deny_learning: {{threshold: 2, window: 10s, ttl: 1m, max_ttl: 1m}}\n\
+         routes:\n  - {{uris: [a.apps.identity], host: \"127.0.0.1\", port: {bport}, options: {{route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"}}}}\n",
+        host = ns.host(),
+        iface = ns.host_if,
+        pin = pin.0.display(),
+        bport = backend.addr.port(),
+    );
+    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
+    assert!(
+        gw.gw.state().xdp.as_ref().is_some_and(|x| x.attached()),
+        "XDP attached"
+    );
+    let target = gw.https();
+    let via = |client: &str, separate: bool, wrong_ca: bool| {
+        let (balancer, client, pki) = (balancer.clone(), client.to_string(), pki.clone());
+        ns.block_on(move || async move {
+            let leaf = if wrong_ca { &pki.wrong_ca } else { &pki.a };
+            call_via_balancer(&balancer, &client, separate, target, &pki, leaf).await
+        })
+    };
+    let d = "domain=\"*.apps.identity\"";
+    let verdict = |verdict: &str, reason: &str| {
+        gw.metric(&format!(
+            "portcullis_xdp_verdicts_total{{{d},verdict=\"{verdict}\",reason=\"{reason}\"}}"
+        ))
+    };
+
+    // The usual case: the header alone in the connection's first segment.
+    assert_eq!(
+        via("192.0.2.7", true, false),
+        Ok(200),
+        "allowed client, header alone"
+    );
+    assert_eq!(
+        via("192.0.2.7", false, false),
+        Ok(200),
+        "allowed client, header with the ClientHello"
+    );
+    assert_eq!(verdict("pass", "-"), 2.0, "{}", gw.metrics());
+    for separate in [true, false] {
+        let r = via("198.51.100.20", separate, false);
+        assert!(
+            r.is_err(),
+            "client outside the allow-list (separate: {separate}): {r:?}"
+        );
+    }
+    assert_eq!(verdict("reject", "allowlist"), 2.0, "{}", gw.metrics());
+    // The daemon never judged them: it read the headers, never their ClientHellos.
+    assert_eq!(
+        gw.metric(&format!(
+            "portcullis_tls_handshakes_total{{{d},result=\"not_allowed\"}}"
+        )),
+        0.0,
+        "{}",
+        gw.metrics()
+    );
+    assert_eq!(
+        gw.metric("portcullis_proxy_protocol_headers_total{result=\"proxied\"}"),
+        3.0,
+        "the coalesced rejection never reached the daemon: {}",
+        gw.metrics()
+    );
+
+    // Deny learning keys on the named client, and the gate applies it to that client only.
+    for _ in 0..2 {
+        let r = via("192.0.2.9", true, true);
+        assert!(r.is_err(), "untrusted certificate: {r:?}");
+    }
+    gw.wait_metric("portcullis_xdp_deny_learned_total", 1.0)
+        .await;
+    let r = via("192.0.2.9", true, false);
+    assert!(
+        r.is_err(),
+        "a denied client, now with a good certificate: {r:?}"
+    );
+    assert_eq!(verdict("reject", "deny"), 1.0, "{}", gw.metrics());
+    assert_eq!(
+        via("192.0.2.7", true, false),
+        Ok(200),
+        "another client behind the same balancer"
+    );
+
+    // A caller that is not a balancer cannot name itself an allowed client: the gate judges its
+    // own address.
+    let before = verdict("reject", "allowlist");
+    let (impostor, pki2) = (ns.client(2), pki.clone());
+    let r = ns.block_on(move || async move {
+        call_via_balancer(&impostor, "192.0.2.7", true, target, &pki2, &pki2.a).await
+    });
+    assert!(r.is_err(), "a header from a non-balancer: {r:?}");
+    assert_eq!(
+        verdict("reject", "allowlist"),
+        before + 1.0,
+        "{}",
+        gw.metrics()
+    );
     drop(gw);
 }
 

@@ -1,7 +1,9 @@
 //! The XDP program and its pure-Rust twin on the same frames: any disagreement on the action,
 //! the counter or the output frame is a crash. Runs as root with the object embedded (`cargo
 //! xtask fuzz` builds it). The first input byte picks the frame shape and source; the rest is the
-//! TCP payload, so the fuzzer works on the ClientHello parser.
+//! TCP payload, so the fuzzer works on the ClientHello parser, and, from the load balancer, on the
+//! PROXY header parser, with the payload in one segment or split in two at the point the second
+//! input byte names (a header alone in its segment is remembered for the next).
 #![no_main]
 
 #[path = "../../tests/support/packets.rs"]
@@ -15,7 +17,9 @@ use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
 use packets::Segment;
 use portcullis::xdp::twin::{classify, Action, TwinMaps};
-use portcullis::xdp::{addr_bytes, allow_entry, monotonic_ns, Gate, MapPlan, OBJECT};
+use portcullis::xdp::{
+    addr_bytes, allow_entry, balancer_entry, monotonic_ns, Gate, MapPlan, OBJECT,
+};
 use portcullis_common::{name_hash, DenyKey, DomainEntry, DOMAIN_HAS_ALLOWLIST};
 
 struct Both {
@@ -60,6 +64,7 @@ fn setup() -> Both {
         reject: 0,
         fresh: Vec::new(),
         ungated: Vec::new(),
+        balancers: vec![balancer_entry(&"192.0.2.200/32".parse().unwrap())],
     };
     gate.sync(&plan, true).unwrap();
     let mut twin = TwinMaps::from_plan(&plan);
@@ -83,33 +88,13 @@ fn counters(gate: &Gate) -> BTreeMap<(u32, u32), u64> {
         .collect()
 }
 
-fuzz_target!(|data: &[u8]| {
-    let Some((&shape, payload)) = data.split_first() else {
-        return;
-    };
-    let mut guard = BOTH.lock().unwrap();
-    let both = guard.get_or_insert_with(setup);
-    let src = ["10.1.2.3", "192.0.2.1", "192.0.2.66", "2001:db8::1"][(shape & 3) as usize];
-    let dst = if src.contains(':') {
-        "2001:db8::2"
-    } else {
-        "10.0.0.1"
-    };
-    let mut seg = Segment::new(src, dst, payload.to_vec());
-    if shape & 4 != 0 {
-        seg.vlans = vec![7];
-    }
-    if shape & 8 != 0 {
-        seg.tcp_options = vec![1, 1, 1, 1];
-    }
-    let frame = seg.frame();
-    both.gate.forget_flows().unwrap();
-    both.twin.flows.clear();
-    // Twice: a frame the first run rejects is a later segment of a rejected flow the second time.
+/// Runs one frame through both, twice: a frame the first run rejects is a later segment of a
+/// rejected flow the second time.
+fn both_agree(both: &mut Both, frame: &[u8]) {
     for _ in 0..2 {
         let before = counters(&both.gate);
-        let (action, out) = both.gate.test_run(&frame).unwrap();
-        let v = classify(&frame, &mut both.twin, monotonic_ns());
+        let (action, out) = both.gate.test_run(frame).unwrap();
+        let v = classify(frame, &mut both.twin, monotonic_ns());
         let after = counters(&both.gate);
         let moved: Vec<(u32, u32)> = after
             .iter()
@@ -128,5 +113,44 @@ fuzz_target!(|data: &[u8]| {
         if action != 1 {
             assert_eq!(out, v.frame, "frames differ");
         }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&shape, payload)) = data.split_first() else {
+        return;
+    };
+    let mut guard = BOTH.lock().unwrap();
+    let both = guard.get_or_insert_with(setup);
+    let src = if shape & 0x10 != 0 {
+        "192.0.2.200"
+    } else {
+        ["10.1.2.3", "192.0.2.1", "192.0.2.66", "2001:db8::1"][(shape & 3) as usize]
+    };
+    let dst = if src.contains(':') {
+        "2001:db8::2"
+    } else {
+        "10.0.0.1"
+    };
+    // Split: the second byte says where (it is part of the payload too).
+    let split = match payload.first() {
+        Some(&at) if shape & 0x20 != 0 && (at as usize) < payload.len() => at as usize,
+        _ => payload.len(),
+    };
+    let mut seg = Segment::new(src, dst, payload[..split].to_vec());
+    if shape & 4 != 0 {
+        seg.vlans = vec![7];
+    }
+    if shape & 8 != 0 {
+        seg.tcp_options = vec![1, 1, 1, 1];
+    }
+    both.gate.forget_flows().unwrap();
+    both.twin.flows.clear();
+    both.twin.proxied.clear();
+    both_agree(both, &seg.frame());
+    if split < payload.len() {
+        seg.payload = payload[split..].to_vec();
+        seg.seq = seg.seq.wrapping_add(split as u32);
+        both_agree(both, &seg.frame());
     }
 });

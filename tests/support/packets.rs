@@ -11,6 +11,8 @@ pub struct Segment {
     pub sport: u16,
     pub dport: u16,
     pub flags: u8,
+    /// The sequence number (1000 unless set).
+    pub seq: u32,
     pub tcp_options: Vec<u8>,
     pub payload: Vec<u8>,
     /// IPv4 fragment: (more fragments, offset in 8-byte units).
@@ -33,6 +35,7 @@ impl Segment {
             sport: 40_000,
             dport: 443,
             flags: PSH_ACK,
+            seq: 1000,
             tcp_options: Vec::new(),
             payload,
             fragment: None,
@@ -50,7 +53,7 @@ impl Segment {
         let mut t = Vec::new();
         t.extend(self.sport.to_be_bytes());
         t.extend(self.dport.to_be_bytes());
-        t.extend(1000u32.to_be_bytes());
+        t.extend(self.seq.to_be_bytes());
         t.extend(2000u32.to_be_bytes());
         t.push(((self.tcp_header_len() / 4) as u8) << 4);
         t.push(self.flags);

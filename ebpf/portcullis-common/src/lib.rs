@@ -35,6 +35,13 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// `PerCpuArray<[u8; SNI_BUF]>` of one: the program's SNI copy (not pinned, not synced).
     pub const SCRATCH: &str = "SCRATCH";
+    /// `LpmTrie<Addr, u8>`: the load balancers whose connections start with a PROXY protocol
+    /// header (`listen.proxy_protocol.from`); their ClientHellos are judged by the client the
+    /// header names.
+    pub const BALANCERS: &str = "BALANCERS";
+    /// `LruHashMap<FlowKey, Proxied>`: a balancer's flows whose PROXY header came in a segment of
+    /// its own, with the client it named, until the segment after it (written by the program).
+    pub const PROXIED: &str = "PROXIED";
 }
 
 /// Domains the gate distinguishes (ids 1..=MAX_DOMAINS; 0 means "no domain").
@@ -43,6 +50,14 @@ pub const ALLOW_ENTRIES: u32 = 65_536;
 pub const DENY_ENTRIES: u32 = 262_144;
 pub const FLOW_ENTRIES: u32 = 65_536;
 pub const PORT_ENTRIES: u32 = 16;
+pub const BALANCER_ENTRIES: u32 = 1024;
+
+/// The PROXY protocol, as the gate reads it: v2's signature (its first 12 bytes) and fixed part,
+/// v1's start, and v1's longest header (CRLF included).
+pub const PROXY_V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+pub const PROXY_V2_FIXED: u32 = 16;
+pub const PROXY_V1_PREFIX: [u8; 6] = *b"PROXY ";
+pub const PROXY_V1_MAX: u32 = 107;
 
 /// `SETTINGS[0]` values.
 pub const REJECT_RESET: u32 = 0;
@@ -79,10 +94,15 @@ pub enum Counter {
     PassIpUnparsed = 9,
     /// SNI longer than `MAX_SNI_LEN`.
     PassSniTooLong = 10,
+    /// From a load balancer: a ClientHello the gate cannot tie to a client, because the PROXY
+    /// header before it kept the balancer's address (v2 `LOCAL`, v1 `UNKNOWN`, not TCP over IP),
+    /// could not be read (malformed, not whole in its segment, v1 with an IPv6 address in a form
+    /// the gate does not parse), or was not seen.
+    PassProxyHeader = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Pass,
         Counter::RejectAllowlist,
         Counter::RejectDeny,
@@ -94,6 +114,7 @@ impl Counter {
         Counter::PassUnparsed,
         Counter::PassIpUnparsed,
         Counter::PassSniTooLong,
+        Counter::PassProxyHeader,
     ];
 
     /// Index into `COUNTERS` for a domain id.
@@ -155,6 +176,15 @@ pub struct FlowKey {
     pub dport: u16,
 }
 
+/// `PROXIED` value: the client a balancer's PROXY header named, and the sequence number its
+/// next segment (the ClientHello) must start at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Proxied {
+    pub client: Addr,
+    pub next_seq: u32,
+}
+
 /// FNV-1a, 64 bit: the `DOMAINS` key. Both sides hash the normalised name with this function.
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 pub const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -212,6 +242,7 @@ mod pod {
     unsafe impl aya::Pod for super::AllowKey {}
     unsafe impl aya::Pod for super::DenyKey {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Proxied {}
 }
 
 #[cfg(test)]

@@ -5,6 +5,11 @@
 //! normalised and classified; a source that is denied for the domain, or outside its allow-list,
 //! is rejected. Everything uncertain passes, with a counter: the daemon repeats every check.
 //!
+//! From a load balancer in `BALANCERS` the source is the client its PROXY protocol header (v1 or
+//! v2) names: the ClientHello after the header, in the same segment or the next one (the client
+//! is remembered in `PROXIED` until then), is judged as that client's. A ClientHello from a
+//! balancer that the gate cannot tie to a client passes, counted: never judged as the balancer's.
+//!
 //! Verifier notes: only the fixed 14-byte Ethernet window is read in place; every field at a
 //! packet-derived offset is copied to the stack with `bpf_xdp_load_bytes`, and every loop is
 //! bounded by a constant.
@@ -22,9 +27,11 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use portcullis_common::{
-    lower, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, ALLOW_ENTRIES,
-    COUNTER_ENTRIES, DENY_ENTRIES, DOMAIN_HAS_ALLOWLIST, FLOW_ENTRIES, FNV_OFFSET, FNV_PRIME,
-    MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS, PORT_ENTRIES, REJECT_DROP, SNI_BUF,
+    lower, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, Proxied,
+    ALLOW_ENTRIES, BALANCER_ENTRIES, COUNTER_ENTRIES, DENY_ENTRIES, DOMAIN_HAS_ALLOWLIST,
+    FLOW_ENTRIES, FNV_OFFSET, FNV_PRIME, MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS,
+    PORT_ENTRIES, PROXY_V1_MAX, PROXY_V1_PREFIX, PROXY_V2_FIXED, PROXY_V2_SIGNATURE, REJECT_DROP,
+    SNI_BUF,
 };
 
 #[map(name = "DOMAINS")]
@@ -44,6 +51,10 @@ static SETTINGS: Array<u32> = Array::pinned(1, 0);
 static SCRATCH: PerCpuArray<[u8; SNI_BUF]> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+#[map(name = "BALANCERS")]
+static BALANCERS: LpmTrie<Addr, u8> = LpmTrie::pinned(BALANCER_ENTRIES, 0);
+#[map(name = "PROXIED")]
+static PROXIED: LruHashMap<FlowKey, Proxied> = LruHashMap::pinned(FLOW_ENTRIES, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -111,6 +122,8 @@ struct Flow {
     payload: u32,
     payload_len: u32,
     flags: u8,
+    /// The segment's sequence number (host order).
+    seq: u32,
 }
 
 fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
@@ -137,15 +150,25 @@ fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
     }
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(Stop::Ignore)?;
     // SAFETY: this CPU's slot, used only within this run of the program.
-    let sni = unsafe { &mut *scratch };
-    let len = client_hello_sni(ctx, flow.payload, flow.payload_len, sni)?;
-    let (full, parent) = hash_sni(sni, len);
+    let buf = unsafe { &mut *scratch };
+    let first: [u8; 1] = load(ctx, flow.payload, Stop::Ignore)?;
+    // Only a handshake record or a PROXY header (v1 starts with 'P', v2 with CR) can need the
+    // balancer check; the rest of a balancer's traffic costs no lookup.
+    let (src, at, len) = match first[0] {
+        TLS_HANDSHAKE | b'P' | b'\r' if is_balancer(&flow.key.src) => {
+            let (client, header) = from_balancer(ctx, &flow, first[0], buf)?;
+            (client, flow.payload + header, flow.payload_len - header)
+        }
+        _ => (flow.key.src, flow.payload, flow.payload_len),
+    };
+    let sni_len = client_hello_sni(ctx, at, len, buf)?;
+    let (full, parent) = hash_sni(buf, sni_len);
     let (domain, flags) = classify(full, parent).ok_or(Stop::Count(Counter::PassUnknownDomain))?;
 
     let now = unsafe { bpf_ktime_get_ns() };
     let deny = DenyKey {
         domain_id: domain,
-        addr: flow.key.src,
+        addr: src,
     };
     // SAFETY: the value is copied out at once.
     if let Some(expiry) = unsafe { DENY.get(&deny) } {
@@ -158,7 +181,7 @@ fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
             32 + 128,
             AllowKey {
                 domain_be: domain.to_be_bytes(),
-                addr: flow.key.src,
+                addr: src,
             },
         );
         if ALLOW.get(&key).is_none() {
@@ -250,7 +273,284 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
         payload,
         payload_len: ip_end - payload,
         flags: tcp[13],
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
     })
+}
+
+#[inline(always)]
+fn is_balancer(addr: &Addr) -> bool {
+    BALANCERS.get(&Key::new(128, *addr)).is_some()
+}
+
+/// A balancer's segment that starts with `first`: the client whose ClientHello it carries, and
+/// the length of the PROXY header before that ClientHello. A header alone in its segment is
+/// remembered for the next one (`Err(Ignore)`); a ClientHello the gate cannot tie to a client
+/// passes, counted.
+fn from_balancer(
+    ctx: &XdpContext,
+    flow: &Flow,
+    first: u8,
+    buf: &mut [u8; SNI_BUF],
+) -> Result<(Addr, u32), Stop> {
+    let unattributed = Stop::Count(Counter::PassProxyHeader);
+    if first == TLS_HANDSHAKE {
+        // SAFETY: the value is copied out at once.
+        if let Some(p) = unsafe { PROXIED.get(&flow.key) } {
+            if p.next_seq == flow.seq {
+                let client = p.client;
+                let _ = PROXIED.remove(&flow.key);
+                return Ok((client, 0));
+            }
+        }
+        // Other handshake records (TLS 1.2's later ones) are ordinary traffic.
+        let head: [u8; 6] = load(ctx, flow.payload, Stop::Ignore)?;
+        return Err(if head[5] == CLIENT_HELLO {
+            unattributed
+        } else {
+            Stop::Ignore
+        });
+    }
+    let (client, header) = proxy_header(ctx, flow.payload, flow.payload_len, buf)?;
+    if header == flow.payload_len {
+        if let Some(client) = client {
+            let next_seq = flow.seq.wrapping_add(header);
+            let _ = PROXIED.insert(&flow.key, &Proxied { client, next_seq }, 0);
+        }
+        return Err(Stop::Ignore);
+    }
+    match client {
+        Some(client) => Ok((client, header)),
+        None => Err(unattributed),
+    }
+}
+
+/// Reads the PROXY header at `base` (`len` bytes left in the segment): the client it names
+/// (`None` for the balancer's own connections) and its length. What does not parse, or is not
+/// whole here, passes, counted.
+fn proxy_header(
+    ctx: &XdpContext,
+    base: u32,
+    len: u32,
+    buf: &mut [u8; SNI_BUF],
+) -> Result<(Option<Addr>, u32), Stop> {
+    let bad = Stop::Count(Counter::PassProxyHeader);
+    let n = len.min(PROXY_V1_MAX);
+    // As for the SNI copy: a length the verifier can bound on every kernel, in 1..=128 (it is
+    // n itself, which is in 1..=107).
+    // SAFETY: reading a local.
+    let v = unsafe { core::ptr::read_volatile(&n) };
+    let n = (v.wrapping_sub(1) & 127) + 1;
+    // SAFETY: n is in 1..=128 and `buf` holds SNI_BUF (256) bytes.
+    let r = unsafe { bpf_xdp_load_bytes(ctx.ctx, base, buf.as_mut_ptr() as *mut c_void, n) };
+    if r < 0 {
+        return Err(bad);
+    }
+    if n >= PROXY_V2_FIXED && differs(buf, 0, &PROXY_V2_SIGNATURE) == 0 {
+        let (ver_cmd, family) = (buf[12], buf[13]);
+        let total = PROXY_V2_FIXED + be16(&buf[..], 14) as u32;
+        if ver_cmd >> 4 != 2 || ver_cmd & 0x0f > 1 || total > len {
+            return Err(bad);
+        }
+        if ver_cmd & 0x0f == 0 {
+            return Ok((None, total));
+        }
+        return match family >> 4 {
+            1 if total >= PROXY_V2_FIXED + 12 => {
+                Ok((Some(v4_mapped([buf[16], buf[17], buf[18], buf[19]])), total))
+            }
+            2 if total >= PROXY_V2_FIXED + 36 => {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&buf[16..32]);
+                Ok((Some(a), total))
+            }
+            1 | 2 => Err(bad),
+            _ => Ok((None, total)),
+        };
+    }
+    if n < 15 || differs(buf, 0, &PROXY_V1_PREFIX) != 0 {
+        return Err(bad);
+    }
+    // The line ends at the first LF, which must follow a CR.
+    let mut end = 0u32;
+    for i in 1..PROXY_V1_MAX {
+        if i >= n {
+            break;
+        }
+        if buf[i as usize] == b'\n' {
+            if buf[(i - 1) as usize] != b'\r' {
+                return Err(bad);
+            }
+            end = i + 1;
+            break;
+        }
+    }
+    if end == 0 {
+        return Err(bad);
+    }
+    if differs(buf, 6, b"UNKNOWN") == 0 {
+        return Ok((None, end));
+    }
+    let client = if differs(buf, 6, b"TCP4 ") == 0 {
+        v1_ipv4(buf)
+    } else if differs(buf, 6, b"TCP6 ") == 0 {
+        v1_ipv6(buf)
+    } else {
+        None
+    };
+    match client {
+        Some(a) => Ok((Some(a), end)),
+        None => Err(bad),
+    }
+}
+
+/// Non-zero when `buf[at..]` does not start with `want` (an OR of XORs, not a call to `bcmp`).
+#[inline(always)]
+fn differs<const N: usize>(buf: &[u8; SNI_BUF], at: usize, want: &[u8; N]) -> u8 {
+    let mut d = 0;
+    for i in 0..N {
+        d |= buf[(at + i) & (SNI_BUF - 1)] ^ want[i];
+    }
+    d
+}
+
+/// Where a v1 header's source address starts: after `PROXY TCP4 ` or `PROXY TCP6 `.
+const V1_SOURCE: usize = 11;
+/// Scratch space in the header buffer, past the 107 bytes a header is copied to: the parser's
+/// groups, then the address it builds. (Variable indices into a stack array can be compiled to
+/// an OR on the frame pointer, which the verifier refuses; into the map value they cannot.)
+const V1_GROUPS: usize = 128;
+const V1_ADDR: usize = 144;
+const V1_STATE: usize = 160;
+
+/// `v` as the verifier sees a byte read from a map: any value in 0..=255. A parser's counters
+/// pass through this each character, so the paths through one character merge instead of every
+/// combination of counts being verified on its own (which exceeds the verifier's budget).
+#[inline(always)]
+fn opaque(buf: &mut [u8; SNI_BUF], slot: usize, v: usize) -> usize {
+    let p = &mut buf[(V1_STATE + slot) & (SNI_BUF - 1)];
+    // SAFETY: a byte of this CPU's map value.
+    unsafe {
+        core::ptr::write_volatile(p, v as u8);
+        core::ptr::read_volatile(p) as usize
+    }
+}
+
+/// The dotted-quad source address of a v1 `TCP4` line, ended by a space: four decimal numbers up
+/// to 255 without leading zeros.
+fn v1_ipv4(buf: &[u8; SNI_BUF]) -> Option<Addr> {
+    let (mut addr, mut octets, mut value, mut digits) = (0u32, 0u32, 0u32, 0u32);
+    for i in 0..16 {
+        let c = buf[(V1_SOURCE + i) & (SNI_BUF - 1)];
+        match c {
+            b'0'..=b'9' => {
+                if digits == 3 || (digits == 1 && value == 0) {
+                    return None;
+                }
+                value = value * 10 + (c - b'0') as u32;
+                digits += 1;
+                if value > 255 {
+                    return None;
+                }
+            }
+            b'.' | b' ' => {
+                if digits == 0 || (c == b'.') == (octets == 3) {
+                    return None;
+                }
+                addr = (addr << 8) | value;
+                if c == b' ' {
+                    return Some(v4_mapped(addr.to_be_bytes()));
+                }
+                (octets, value, digits) = (octets + 1, 0, 0);
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The source address of a v1 `TCP6` line, ended by a space: up to eight groups of one to four
+/// hex digits with at most one `::`. The form with a dotted IPv4 tail is not read (it passes).
+fn v1_ipv6(buf: &mut [u8; SNI_BUF]) -> Option<Addr> {
+    const NONE: usize = 8;
+    let (mut count, mut gap) = (0usize, NONE);
+    let (mut value, mut digits, mut colons) = (0u32, 0u32, 0u32);
+    // 39 characters at most, and the space.
+    for i in 0..40 {
+        count = opaque(buf, 0, count);
+        gap = opaque(buf, 1, gap);
+        colons = opaque(buf, 2, colons as usize) as u32;
+        digits = opaque(buf, 3, digits as usize) as u32;
+        let c = buf[(V1_SOURCE + i) & (SNI_BUF - 1)];
+        let hex = match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        };
+        if let Some(h) = hex {
+            // A single colon at the start is not an address.
+            if digits == 4 || (i == 1 && colons == 1) {
+                return None;
+            }
+            value = (value << 4) | h as u32;
+            digits += 1;
+            colons = 0;
+            continue;
+        }
+        if digits > 0 {
+            if count == 8 {
+                return None;
+            }
+            let at = V1_GROUPS + 2 * (count & 7);
+            buf[at] = (value >> 8) as u8;
+            buf[at + 1] = value as u8;
+            count += 1;
+            (value, digits) = (0, 0);
+        }
+        match c {
+            b':' => {
+                colons += 1;
+                if colons == 2 {
+                    if gap != NONE {
+                        return None;
+                    }
+                    gap = count;
+                } else if colons > 2 {
+                    return None;
+                }
+            }
+            b' ' => {
+                // Ends after a group, or right after `::`.
+                if colons == 1 || (gap == NONE && count != 8) || (gap != NONE && count > 7) {
+                    return None;
+                }
+                let zeros = 8 - count;
+                for j in 0..8 {
+                    let from = if gap == NONE || j < gap {
+                        Some(j)
+                    } else if j < gap + zeros {
+                        None
+                    } else {
+                        Some(j - zeros)
+                    };
+                    let (hi, lo) = match from {
+                        Some(g) => {
+                            let at = V1_GROUPS + 2 * (g & 7);
+                            (buf[at], buf[at + 1])
+                        }
+                        None => (0, 0),
+                    };
+                    buf[V1_ADDR + 2 * j] = hi;
+                    buf[V1_ADDR + 2 * j + 1] = lo;
+                }
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&buf[V1_ADDR..V1_ADDR + 16]);
+                return Some(a);
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// Finds the SNI of a ClientHello that starts at `base` and is whole in this segment; copies it

@@ -530,8 +530,18 @@ impl Validator<'_> {
     /// checked when `xdp.interfaces` asks for the gate, so a config it cannot enforce is refused
     /// at load or reload instead of leaving the maps half written. Registry hosts come on top at
     /// run time; those that do not fit leave their domain to the daemon's own check.
-    fn gate_capacity(&mut self, ports: &[u16], domains: &[Domain]) {
-        use portcullis_common::{ALLOW_ENTRIES, MAX_DOMAINS, PORT_ENTRIES};
+    fn gate_capacity(&mut self, ports: &[u16], domains: &[Domain], balancers: &[IpNet]) {
+        use portcullis_common::{ALLOW_ENTRIES, BALANCER_ENTRIES, MAX_DOMAINS, PORT_ENTRIES};
+        let distinct: std::collections::BTreeSet<&IpNet> = balancers.iter().collect();
+        if distinct.len() > BALANCER_ENTRIES as usize {
+            self.problem(
+                "listen.proxy_protocol.from",
+                format!(
+                    "{} prefixes; the XDP gate's BALANCERS map holds {BALANCER_ENTRIES}",
+                    distinct.len()
+                ),
+            );
+        }
         let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
         if distinct.len() > PORT_ENTRIES as usize {
             self.problem(
@@ -1258,7 +1268,7 @@ impl Validator<'_> {
             self.problem("xdp.ports", "port 0 is not a valid port");
         }
         if !x.interfaces.is_empty() {
-            self.gate_capacity(&ports, &domains);
+            self.gate_capacity(&ports, &domains, &listen.proxy_protocol_from);
         }
         let xdp = Xdp {
             interfaces: x.interfaces.clone(),
@@ -1526,6 +1536,29 @@ mod tests {
             ),
         ] {
             assert!(over.contains(&want), "{want} in {over:?}");
+        }
+        // Load balancers: as many prefixes as BALANCERS holds, the same one twice counting once.
+        let balancers = |n: u32, interfaces: &str| {
+            format!(
+                "listen: {{https: \"127.0.0.1:443\", proxy_protocol: {{from: [{}, \"10.0.0.0/32\"]}}}}\n\
+                 domains: [{{name: \"*.a.identity\", ca_certs: ca.pem}}]\n\
+                 xdp: {{interfaces: [{interfaces}]}}\n",
+                nets(0, n)
+            )
+        };
+        let limit = portcullis_common::BALANCER_ENTRIES;
+        let p = problems(balancers(limit + 1, "eth0"));
+        let want = format!(
+            "listen.proxy_protocol.from: {} prefixes; the XDP gate's BALANCERS map holds {limit}",
+            limit + 1
+        );
+        assert!(p.contains(&want), "{want} in {p:?}");
+        for yaml in [balancers(limit, "eth0"), balancers(limit + 1, "")] {
+            let p = Config::from_yaml(&yaml, dir.path(), Path::new("t.yaml"))
+                .err()
+                .map(|e| e.problems())
+                .unwrap_or_default();
+            assert!(!p.iter().any(|p| p.starts_with("listen")), "{p:?}");
         }
         // At capacity (and 16 ports, one repeated), and without the gate: no such problem.
         let sixteen = format!("{},16", seventeen[..16].join(","));

@@ -15,8 +15,8 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use portcullis_common::{
     maps, name_hash, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, ALLOW_ENTRIES,
-    COUNTERS_PER_DOMAIN, DOMAIN_HAS_ALLOWLIST, MAX_DOMAINS, PORT_ENTRIES, REJECT_DROP,
-    REJECT_RESET,
+    BALANCER_ENTRIES, COUNTERS_PER_DOMAIN, DOMAIN_HAS_ALLOWLIST, MAX_DOMAINS, PORT_ENTRIES,
+    REJECT_DROP, REJECT_RESET,
 };
 
 use crate::config::{Config, XdpReject};
@@ -51,6 +51,11 @@ pub enum XdpError {
     TooManyDomains,
     #[error("{0} ports to inspect; the gate's PORTS map holds {PORT_ENTRIES}")]
     TooManyPorts(usize),
+    #[error(
+        "{0} load balancers in listen.proxy_protocol.from; the gate's BALANCERS map holds \
+         {BALANCER_ENTRIES}"
+    )]
+    TooManyBalancers(usize),
     #[error("{0} allow-list entries; the gate's ALLOW map holds {ALLOW_ENTRIES}")]
     AllowOverflow(usize),
     #[error("this binary was built without the XDP object (run `cargo xtask build`)")]
@@ -187,6 +192,8 @@ pub struct MapPlan {
     /// capacity; see [`MapPlan::fit_allow`]): the gate passes their ClientHellos and the daemon
     /// applies the allow-list after reading them.
     pub ungated: Vec<u32>,
+    /// `(prefix_len, address)` for the `BALANCERS` trie: `listen.proxy_protocol.from`.
+    pub balancers: Vec<(u32, Addr)>,
 }
 
 impl MapPlan {
@@ -245,6 +252,15 @@ impl MapPlan {
             },
             fresh: ids.fresh.clone(),
             ungated: Vec::new(),
+            // A set: the same network named twice is one entry.
+            balancers: config
+                .listen
+                .proxy_protocol_from
+                .iter()
+                .map(balancer_entry)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
         };
         plan.fit_allow(ALLOW_ENTRIES as usize);
         Ok(plan)
@@ -354,6 +370,14 @@ pub fn allow_entry(domain: u32, net: &IpNet) -> (u32, AllowKey) {
     )
 }
 
+/// The `BALANCERS` trie entry for a CIDR (IPv4 bits count from the `::ffff:0:0/96` mapping).
+pub fn balancer_entry(net: &IpNet) -> (u32, Addr) {
+    match net {
+        IpNet::V4(n) => (96 + n.prefix_len() as u32, v4_mapped(n.network().octets())),
+        IpNet::V6(n) => (n.prefix_len() as u32, n.network().octets()),
+    }
+}
+
 /// The loaded program and its maps.
 pub struct Gate {
     ebpf: Ebpf,
@@ -422,6 +446,9 @@ impl Gate {
         if distinct_ports.len() > PORT_ENTRIES as usize {
             return Err(XdpError::TooManyPorts(distinct_ports.len()));
         }
+        if plan.balancers.len() > BALANCER_ENTRIES as usize {
+            return Err(XdpError::TooManyBalancers(plan.balancers.len()));
+        }
         if plan.allow.len() > ALLOW_ENTRIES as usize {
             return Err(XdpError::AllowOverflow(plan.allow.len()));
         }
@@ -453,6 +480,26 @@ impl Gate {
     }
 
     fn write_plan(&mut self, plan: &MapPlan, prune_allow: bool) -> Result<(), XdpError> {
+        {
+            // First: until a new balancer is in, the gate judges its clients' ClientHellos as
+            // the balancer's own.
+            let mut balancers: LpmTrie<&mut MapData, Addr, u8> =
+                LpmTrie::try_from(self.map_mut(maps::BALANCERS)?)
+                    .map_err(map_err(maps::BALANCERS))?;
+            let stale: Vec<Key<Addr>> = balancers
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !plan.balancers.contains(&(k.prefix_len(), k.data())))
+                .collect();
+            for k in stale {
+                balancers.remove(&k).map_err(map_err(maps::BALANCERS))?;
+            }
+            for (len, addr) in &plan.balancers {
+                balancers
+                    .insert(&Key::new(*len, *addr), &1, 0)
+                    .map_err(map_err(maps::BALANCERS))?;
+            }
+        }
         let live: BTreeSet<u32> = plan
             .domains
             .iter()
@@ -640,7 +687,7 @@ impl Gate {
         Ok(live)
     }
 
-    /// Empties `FLOWS` (tests and fuzzing classify every frame from scratch).
+    /// Empties `FLOWS` and `PROXIED` (tests and fuzzing classify every frame from scratch).
     pub fn forget_flows(&mut self) -> Result<(), XdpError> {
         let mut flows: aya::maps::HashMap<&mut MapData, portcullis_common::FlowKey, u32> =
             aya::maps::HashMap::try_from(self.map_mut(maps::FLOWS)?)
@@ -648,6 +695,16 @@ impl Gate {
         let keys: Vec<portcullis_common::FlowKey> = flows.keys().filter_map(Result::ok).collect();
         for k in keys {
             let _ = flows.remove(&k);
+        }
+        let mut proxied: aya::maps::HashMap<
+            &mut MapData,
+            portcullis_common::FlowKey,
+            portcullis_common::Proxied,
+        > = aya::maps::HashMap::try_from(self.map_mut(maps::PROXIED)?)
+            .map_err(map_err(maps::PROXIED))?;
+        let keys: Vec<portcullis_common::FlowKey> = proxied.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = proxied.remove(&k);
         }
         Ok(())
     }
@@ -778,6 +835,7 @@ mod tests {
             reject: REJECT_RESET,
             fresh: Vec::new(),
             ungated: Vec::new(),
+            balancers: Vec::new(),
         }
     }
 

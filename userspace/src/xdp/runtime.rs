@@ -829,6 +829,7 @@ fn unparsed_kind(c: Counter) -> &'static str {
         Counter::PassUnparsed => "unparsed",
         Counter::PassIpUnparsed => "ip_unparsed",
         Counter::PassSniTooLong => "sni_too_long",
+        Counter::PassProxyHeader => "proxy_header",
         _ => "other",
     }
 }

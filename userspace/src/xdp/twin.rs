@@ -4,9 +4,12 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use portcullis_common::{
-    sni_hashes, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, DOMAIN_HAS_ALLOWLIST,
-    MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS, REJECT_DROP,
+    sni_hashes, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, Proxied,
+    DOMAIN_HAS_ALLOWLIST, MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS, PROXY_V1_MAX,
+    PROXY_V2_SIGNATURE, REJECT_DROP,
 };
 
 use super::MapPlan;
@@ -20,7 +23,7 @@ pub enum Action {
     Tx,
 }
 
-/// The twin's copy of the maps (FLOWS changes as frames are classified).
+/// The twin's copy of the maps (FLOWS and PROXIED change as frames are classified).
 #[derive(Clone, Debug, Default)]
 pub struct TwinMaps {
     pub domains: HashMap<u64, DomainEntry>,
@@ -29,6 +32,8 @@ pub struct TwinMaps {
     pub flows: HashMap<FlowKey, u32>,
     pub ports: HashSet<u16>,
     pub reject: u32,
+    pub balancers: Vec<(u32, Addr)>,
+    pub proxied: HashMap<FlowKey, Proxied>,
 }
 
 impl TwinMaps {
@@ -38,8 +43,15 @@ impl TwinMaps {
             allow: plan.allow.clone(),
             ports: plan.ports.iter().copied().collect(),
             reject: plan.reject,
+            balancers: plan.balancers.clone(),
             ..Default::default()
         }
+    }
+
+    fn is_balancer(&self, src: &Addr) -> bool {
+        self.balancers
+            .iter()
+            .any(|(bits, net)| prefix_matches(src, net, *bits as usize))
     }
 
     fn allowed(&self, domain: u32, src: &[u8; 16]) -> bool {
@@ -51,13 +63,17 @@ impl TwinMaps {
             .collect();
         self.allow.iter().any(|(bits, k)| {
             let stored: Vec<u8> = k.domain_be.iter().chain(k.addr.iter()).copied().collect();
-            let bits = *bits as usize;
-            (0..bits).all(|i| {
-                let (byte, bit) = (i / 8, 7 - (i % 8));
-                (key[byte] >> bit) & 1 == (stored[byte] >> bit) & 1
-            })
+            prefix_matches(&key, &stored, *bits as usize)
         })
     }
+}
+
+/// Whether the first `bits` bits of `a` and `b` are equal.
+fn prefix_matches(a: &[u8], b: &[u8], bits: usize) -> bool {
+    (0..bits).all(|i| {
+        let (byte, bit) = (i / 8, 7 - (i % 8));
+        (a[byte] >> bit) & 1 == (b[byte] >> bit) & 1
+    })
 }
 
 /// The outcome for one frame: the action, the counter that moved (domain, counter), and the
@@ -88,6 +104,7 @@ struct Parsed {
     payload: usize,
     payload_len: usize,
     flags: u8,
+    seq: u32,
 }
 
 fn l2_l4(f: &[u8], maps: &TwinMaps) -> Step<Parsed> {
@@ -156,7 +173,84 @@ fn l2_l4(f: &[u8], maps: &TwinMaps) -> Step<Parsed> {
         payload,
         payload_len: ip_end - payload,
         flags: tcp[13],
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
     })
+}
+
+/// What a PROXY header at the start of `b` says: `Ok(Some((client, len)))` for a client's
+/// connection, `Ok(None)` with its length for the balancer's own; `Err` when the gate does not
+/// read it.
+fn proxy_header(b: &[u8]) -> Result<(Option<Addr>, usize), ()> {
+    if b.starts_with(&PROXY_V2_SIGNATURE) && b.len() >= 16 {
+        let len = 16 + be16(b, 14) as usize;
+        if b[12] >> 4 != 2 || b[12] & 0xf > 1 || len > b.len() {
+            return Err(());
+        }
+        if b[12] & 0xf == 0 {
+            return Ok((None, len));
+        }
+        let client = match b[13] >> 4 {
+            1 if len >= 28 => v4_mapped(b[16..20].try_into().unwrap()),
+            2 if len >= 52 => b[16..32].try_into().unwrap(),
+            1 | 2 => return Err(()),
+            _ => return Ok((None, len)),
+        };
+        return Ok((Some(client), len));
+    }
+    // v1: one line of at most 107 bytes, CRLF-terminated.
+    let line = &b[..b.len().min(PROXY_V1_MAX as usize)];
+    let end = line.iter().position(|&c| c == b'\n').ok_or(())?;
+    if end == 0 || line[end - 1] != b'\r' || end + 1 < 15 {
+        return Err(());
+    }
+    let rest = line[..end - 1].strip_prefix(b"PROXY ").ok_or(())?;
+    if rest.starts_with(b"UNKNOWN") {
+        return Ok((None, end + 1));
+    }
+    let (family, rest) = rest.split_at_checked(5).ok_or(())?;
+    let space = rest.iter().position(|&c| c == b' ').ok_or(())?;
+    // std's parsers, held to the forms the program reads: digits and dots; hex and colons.
+    let source = std::str::from_utf8(&rest[..space]).map_err(|_| ())?;
+    let client = match family {
+        b"TCP4 " if source.bytes().all(|c| c.is_ascii_digit() || c == b'.') => {
+            v4_mapped(source.parse::<Ipv4Addr>().map_err(|_| ())?.octets())
+        }
+        b"TCP6 " if source.bytes().all(|c| c.is_ascii_hexdigit() || c == b':') => {
+            source.parse::<Ipv6Addr>().map_err(|_| ())?.octets()
+        }
+        _ => return Err(()),
+    };
+    Ok((Some(client), end + 1))
+}
+
+/// A balancer's segment: `Ok((client, header length))` when its ClientHello is to be judged
+/// as `client`'s, `Err` for the step the program stops at (`maps.proxied` updated as it does).
+fn from_balancer(f: &[u8], flow: &Parsed, maps: &mut TwinMaps) -> Step<(Addr, usize)> {
+    let payload = &f[flow.payload..flow.payload + flow.payload_len];
+    if payload[0] == 0x16 {
+        if let Some(p) = maps.proxied.get(&flow.key) {
+            if p.next_seq == flow.seq {
+                let client = p.client;
+                maps.proxied.remove(&flow.key);
+                return Ok((client, 0));
+            }
+        }
+        return match payload.get(5) {
+            Some(1) => Err(Some(Counter::PassProxyHeader)),
+            _ => Err(None),
+        };
+    }
+    let (client, len) = proxy_header(payload).map_err(|_| Some(Counter::PassProxyHeader))?;
+    if len == payload.len() {
+        if let Some(client) = client {
+            let next_seq = flow.seq.wrapping_add(len as u32);
+            maps.proxied.insert(flow.key, Proxied { client, next_seq });
+        }
+        return Err(None);
+    }
+    client
+        .map(|c| (c, len))
+        .ok_or(Some(Counter::PassProxyHeader))
 }
 
 fn sni(f: &[u8], base: usize, len: usize) -> Step<Vec<u8>> {
@@ -258,7 +352,17 @@ pub fn classify(frame: &[u8], maps: &mut TwinMaps, now_ns: u64) -> Verdict {
     if flow.payload_len == 0 {
         return pass(None);
     }
-    let name = match sni(frame, flow.payload, flow.payload_len) {
+    let first = frame[flow.payload];
+    let (src, at, len) = if matches!(first, 0x16 | b'P' | b'\r') && maps.is_balancer(&flow.key.src)
+    {
+        match from_balancer(frame, &flow, maps) {
+            Ok((client, header)) => (client, flow.payload + header, flow.payload_len - header),
+            Err(c) => return pass(c.map(|c| (0, c))),
+        }
+    } else {
+        (flow.key.src, flow.payload, flow.payload_len)
+    };
+    let name = match sni(frame, at, len) {
         Ok(n) => n,
         Err(c) => return pass(c.map(|c| (0, c))),
     };
@@ -281,12 +385,12 @@ pub fn classify(frame: &[u8], maps: &mut TwinMaps, now_ns: u64) -> Verdict {
         .deny
         .get(&DenyKey {
             domain_id: domain,
-            addr: flow.key.src,
+            addr: src,
         })
         .is_some_and(|expiry| *expiry > now_ns);
     let why = if denied {
         Counter::RejectDeny
-    } else if flags & DOMAIN_HAS_ALLOWLIST != 0 && !maps.allowed(domain, &flow.key.src) {
+    } else if flags & DOMAIN_HAS_ALLOWLIST != 0 && !maps.allowed(domain, &src) {
         Counter::RejectAllowlist
     } else {
         return pass(Some((domain, Counter::Pass)));
