@@ -42,6 +42,9 @@ pub mod maps {
     /// `LruHashMap<FlowKey, Proxied>`: a balancer's flows whose PROXY header came in a segment of
     /// its own, with the client it named, until the segment after it (written by the program).
     pub const PROXIED: &str = "PROXIED";
+    /// `PerCpuArray` of one: the program's working copy of the packet's flow and judged source
+    /// (not pinned, not synced).
+    pub const PACKET: &str = "PACKET";
 }
 
 /// Domains the gate distinguishes (ids 1..=MAX_DOMAINS; 0 means "no domain").

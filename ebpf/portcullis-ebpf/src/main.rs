@@ -51,6 +51,21 @@ static SETTINGS: Array<u32> = Array::pinned(1, 0);
 static SCRATCH: PerCpuArray<[u8; SNI_BUF]> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+/// What one run of the program works on, kept in a map rather than on the stack: built up there
+/// from scalars, the addresses were spilled a byte per 8-byte stack slot, past the 512 bytes
+/// Debian's 6.1 verifier allows.
+#[repr(C)]
+struct Packet {
+    /// The segment's flow.
+    key: FlowKey,
+    /// `client` is the source the ClientHello is judged by (the peer, or the client a
+    /// balancer's header names); the whole is also what `PROXIED` keeps for a header alone.
+    proxied: Proxied,
+    /// The length of the PROXY header before the ClientHello.
+    header: u32,
+}
+#[map(name = "PACKET")]
+static PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "BALANCERS")]
 static BALANCERS: LpmTrie<Addr, u8> = LpmTrie::pinned(BALANCER_ENTRIES, 0);
 #[map(name = "PROXIED")]
@@ -108,13 +123,25 @@ fn load<const N: usize>(ctx: &XdpContext, offset: u32, stop: Stop) -> Result<[u8
     Ok(buf)
 }
 
+/// Copies N bytes at `offset` to `out` (in a map value).
+#[inline(always)]
+fn load_into<const N: usize>(ctx: &XdpContext, offset: u32, out: &mut [u8; N]) -> Result<(), Stop> {
+    // SAFETY: the helper bounds-checks against the packet and writes at most N bytes to `out`.
+    let r =
+        unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, out.as_mut_ptr() as *mut c_void, N as u32) };
+    if r < 0 {
+        return Err(Stop::Ignore);
+    }
+    Ok(())
+}
+
 #[inline(always)]
 fn be16(b: &[u8], i: usize) -> u16 {
     u16::from_be_bytes([b[i], b[i + 1]])
 }
 
-struct Flow {
-    key: FlowKey,
+struct Flow<'a> {
+    key: &'a FlowKey,
     /// Where the IP header starts, and whether it is IPv6.
     l3: u32,
     v6: bool,
@@ -127,14 +154,21 @@ struct Flow {
 }
 
 fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
-    let flow = parse_l2_l4(ctx)?;
+    let packet = PACKET.get_ptr_mut(0).ok_or(Stop::Ignore)?;
+    // SAFETY: this CPU's slot, used only within this run of the program.
+    let Packet {
+        key,
+        proxied,
+        header: header_slot,
+    } = unsafe { &mut *packet };
+    let flow = parse_l2_l4(ctx, key)?;
     if flow.flags & TCP_SYN != 0 {
         // A new connection on this 4-tuple: forget an old rejection.
-        let _ = FLOWS.remove(&flow.key);
+        let _ = FLOWS.remove(flow.key);
         return Err(Stop::Ignore);
     }
     // SAFETY: the value is copied out at once.
-    if let Some(reason) = unsafe { FLOWS.get(&flow.key) } {
+    if let Some(reason) = unsafe { FLOWS.get(flow.key) } {
         count(Counter::RejectFlow, *reason & 0xffff);
         if reject_mode() == REJECT_DROP {
             return Ok(xdp_action::XDP_DROP);
@@ -154,18 +188,30 @@ fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
     let first: [u8; 1] = load(ctx, flow.payload, Stop::Ignore)?;
     // Only a handshake record or a PROXY header (v1 starts with 'P', v2 with CR) can need the
     // balancer check; the rest of a balancer's traffic costs no lookup.
-    let (src, at, len) = match first[0] {
+    let header = match first[0] {
         TLS_HANDSHAKE | b'P' | b'\r' if is_balancer(&flow.key.src) => {
-            let (client, header) = from_balancer(ctx, &flow, first[0], buf)?;
-            (client, flow.payload + header, flow.payload_len - header)
+            from_balancer(ctx, &flow, first[0], buf, proxied)?
         }
-        _ => (flow.key.src, flow.payload, flow.payload_len),
+        _ => {
+            proxied.client = flow.key.src;
+            0
+        }
     };
+    // Every way here leaves the same state for the verifier: the header length goes through the
+    // map, so what follows is verified once, not once per way (on 6.1 the copies exceed its
+    // budget).
+    // SAFETY: a field of this CPU's slot.
+    let header = unsafe {
+        core::ptr::write_volatile(header_slot, header);
+        core::ptr::read_volatile(header_slot)
+    };
+    let (at, len) = (flow.payload + header, flow.payload_len - header);
     let sni_len = client_hello_sni(ctx, at, len, buf)?;
     let (full, parent) = hash_sni(buf, sni_len);
     let (domain, flags) = classify(full, parent).ok_or(Stop::Count(Counter::PassUnknownDomain))?;
 
     let now = unsafe { bpf_ktime_get_ns() };
+    let src = proxied.client;
     let deny = DenyKey {
         domain_id: domain,
         addr: src,
@@ -192,7 +238,8 @@ fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
     Ok(xdp_action::XDP_PASS)
 }
 
-fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
+/// Parses the headers; the flow's addresses and ports are written to `key`.
+fn parse_l2_l4<'a>(ctx: &XdpContext, key: &'a mut FlowKey) -> Result<Flow<'a>, Stop> {
     let start = ctx.data();
     if start + 14 > ctx.data_end() {
         return Err(Stop::Ignore);
@@ -210,7 +257,7 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
         off += 4;
     }
     let l3 = off;
-    let (src, dst, l4, ip_end): (Addr, Addr, u32, u32) = match proto {
+    let (l4, ip_end) = match proto {
         ETH_P_IP => {
             let ip: [u8; 20] = load(ctx, off, Stop::Ignore)?;
             if ip[9] != IPPROTO_TCP {
@@ -225,15 +272,13 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
             }
             let ihl = ((ip[0] & 0x0f) as u32) * 4;
             let total = be16(&ip, 2) as u32;
-            (
-                v4_mapped([ip[12], ip[13], ip[14], ip[15]]),
-                v4_mapped([ip[16], ip[17], ip[18], ip[19]]),
-                off + ihl,
-                off + total,
-            )
+            key.src = v4_mapped([ip[12], ip[13], ip[14], ip[15]]);
+            key.dst = v4_mapped([ip[16], ip[17], ip[18], ip[19]]);
+            (off + ihl, off + total)
         }
         ETH_P_IPV6 => {
-            let ip: [u8; 40] = load(ctx, off, Stop::Ignore)?;
+            // The fixed part, then the addresses straight into `key`.
+            let ip: [u8; 8] = load(ctx, off, Stop::Ignore)?;
             let next = ip[6];
             if next != IPPROTO_TCP {
                 return match next {
@@ -242,11 +287,9 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
                     _ => Err(Stop::Ignore),
                 };
             }
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&ip[8..24]);
-            dst.copy_from_slice(&ip[24..40]);
-            (src, dst, off + 40, off + 40 + be16(&ip, 4) as u32)
+            load_into(ctx, off + 8, &mut key.src)?;
+            load_into(ctx, off + 24, &mut key.dst)?;
+            (off + 40, off + 40 + be16(&ip, 4) as u32)
         }
         _ => return Err(Stop::Ignore),
     };
@@ -260,15 +303,12 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Flow, Stop> {
     if payload > ip_end || (tcp[12] >> 4) < 5 {
         return Err(Stop::Count(Counter::PassIpUnparsed));
     }
+    key.sport = u16::from_ne_bytes([tcp[0], tcp[1]]);
+    key.dport = u16::from_ne_bytes([tcp[2], tcp[3]]);
     Ok(Flow {
         l3,
         v6: proto == ETH_P_IPV6,
-        key: FlowKey {
-            src,
-            dst,
-            sport: u16::from_ne_bytes([tcp[0], tcp[1]]),
-            dport: u16::from_ne_bytes([tcp[2], tcp[3]]),
-        },
+        key,
         l4,
         payload,
         payload_len: ip_end - payload,
@@ -282,24 +322,25 @@ fn is_balancer(addr: &Addr) -> bool {
     BALANCERS.get(&Key::new(128, *addr)).is_some()
 }
 
-/// A balancer's segment that starts with `first`: the client whose ClientHello it carries, and
-/// the length of the PROXY header before that ClientHello. A header alone in its segment is
-/// remembered for the next one (`Err(Ignore)`); a ClientHello the gate cannot tie to a client
-/// passes, counted.
+/// A balancer's segment that starts with `first`: the length of the PROXY header before its
+/// ClientHello, with the client it is judged as written to `proxied`. A header alone in its
+/// segment is remembered for the next one (`Err(Ignore)`); a ClientHello the gate cannot tie to a
+/// client passes, counted.
 fn from_balancer(
     ctx: &XdpContext,
     flow: &Flow,
     first: u8,
     buf: &mut [u8; SNI_BUF],
-) -> Result<(Addr, u32), Stop> {
+    proxied: &mut Proxied,
+) -> Result<u32, Stop> {
     let unattributed = Stop::Count(Counter::PassProxyHeader);
     if first == TLS_HANDSHAKE {
         // SAFETY: the value is copied out at once.
-        if let Some(p) = unsafe { PROXIED.get(&flow.key) } {
+        if let Some(p) = unsafe { PROXIED.get(flow.key) } {
             if p.next_seq == flow.seq {
-                let client = p.client;
-                let _ = PROXIED.remove(&flow.key);
-                return Ok((client, 0));
+                proxied.client = p.client;
+                let _ = PROXIED.remove(flow.key);
+                return Ok(0);
             }
         }
         // Other handshake records (TLS 1.2's later ones) are ordinary traffic.
@@ -310,29 +351,38 @@ fn from_balancer(
             Stop::Ignore
         });
     }
-    let (client, header) = proxy_header(ctx, flow.payload, flow.payload_len, buf)?;
+    let client = &mut proxied.client;
+    let (named, header) = proxy_header(ctx, flow.payload, flow.payload_len, buf, client)?;
     if header == flow.payload_len {
-        if let Some(client) = client {
-            let next_seq = flow.seq.wrapping_add(header);
-            let _ = PROXIED.insert(&flow.key, &Proxied { client, next_seq }, 0);
+        if named {
+            proxied.next_seq = flow.seq.wrapping_add(header);
+            let _ = PROXIED.insert(flow.key, proxied, 0);
         }
         return Err(Stop::Ignore);
     }
-    match client {
-        Some(client) => Ok((client, header)),
-        None => Err(unattributed),
+    if named {
+        Ok(header)
+    } else {
+        Err(unattributed)
     }
 }
 
-/// Reads the PROXY header at `base` (`len` bytes left in the segment): the client it names
-/// (`None` for the balancer's own connections) and its length. What does not parse, or is not
+/// Writes `::ffff:a.b.c.d` to `out`.
+#[inline(always)]
+fn set_v4(out: &mut Addr, octets: [u8; 4]) {
+    *out = v4_mapped(octets);
+}
+
+/// Reads the PROXY header at `base` (`len` bytes left in the segment): whether it names a client
+/// (written to `client`; not for the balancer's own connections) and its length. What does not parse, or is not
 /// whole here, passes, counted.
 fn proxy_header(
     ctx: &XdpContext,
     base: u32,
     len: u32,
     buf: &mut [u8; SNI_BUF],
-) -> Result<(Option<Addr>, u32), Stop> {
+    client: &mut Addr,
+) -> Result<(bool, u32), Stop> {
     let bad = Stop::Count(Counter::PassProxyHeader);
     let n = len.min(PROXY_V1_MAX);
     // As for the SNI copy: a length the verifier can bound on every kernel, in 1..=128 (it is
@@ -352,19 +402,19 @@ fn proxy_header(
             return Err(bad);
         }
         if ver_cmd & 0x0f == 0 {
-            return Ok((None, total));
+            return Ok((false, total));
         }
         return match family >> 4 {
             1 if total >= PROXY_V2_FIXED + 12 => {
-                Ok((Some(v4_mapped([buf[16], buf[17], buf[18], buf[19]])), total))
+                set_v4(client, [buf[16], buf[17], buf[18], buf[19]]);
+                Ok((true, total))
             }
             2 if total >= PROXY_V2_FIXED + 36 => {
-                let mut a = [0u8; 16];
-                a.copy_from_slice(&buf[16..32]);
-                Ok((Some(a), total))
+                client.copy_from_slice(&buf[16..32]);
+                Ok((true, total))
             }
             1 | 2 => Err(bad),
-            _ => Ok((None, total)),
+            _ => Ok((false, total)),
         };
     }
     if n < 15 || differs(buf, 0, &PROXY_V1_PREFIX) != 0 {
@@ -387,20 +437,20 @@ fn proxy_header(
     if end == 0 {
         return Err(bad);
     }
+    // One state for every line length, not one per length.
+    let end = opaque(buf, 4, end as usize) as u32;
     if differs(buf, 6, b"UNKNOWN") == 0 {
-        return Ok((None, end));
+        return Ok((false, end));
     }
-    let client = if differs(buf, 6, b"TCP4 ") == 0 {
-        v1_ipv4(buf)
-    } else if differs(buf, 6, b"TCP6 ") == 0 {
-        v1_ipv6(buf)
+    if differs(buf, 6, b"TCP4 ") == 0 {
+        let a = v1_ipv4(buf).ok_or(bad)?;
+        set_v4(client, a.to_be_bytes());
+    } else if differs(buf, 6, b"TCP6 ") == 0 && v1_ipv6(buf) {
+        client.copy_from_slice(&buf[V1_ADDR..V1_ADDR + 16]);
     } else {
-        None
-    };
-    match client {
-        Some(a) => Ok((Some(a), end)),
-        None => Err(bad),
+        return Err(bad);
     }
+    Ok((true, end))
 }
 
 /// Non-zero when `buf[at..]` does not start with `want` (an OR of XORs, not a call to `bcmp`).
@@ -437,9 +487,11 @@ fn opaque(buf: &mut [u8; SNI_BUF], slot: usize, v: usize) -> usize {
 
 /// The dotted-quad source address of a v1 `TCP4` line, ended by a space: four decimal numbers up
 /// to 255 without leading zeros.
-fn v1_ipv4(buf: &[u8; SNI_BUF]) -> Option<Addr> {
+fn v1_ipv4(buf: &mut [u8; SNI_BUF]) -> Option<u32> {
     let (mut addr, mut octets, mut value, mut digits) = (0u32, 0u32, 0u32, 0u32);
     for i in 0..16 {
+        octets = opaque(buf, 0, octets as usize) as u32;
+        digits = opaque(buf, 1, digits as usize) as u32;
         let c = buf[(V1_SOURCE + i) & (SNI_BUF - 1)];
         match c {
             b'0'..=b'9' => {
@@ -458,7 +510,7 @@ fn v1_ipv4(buf: &[u8; SNI_BUF]) -> Option<Addr> {
                 }
                 addr = (addr << 8) | value;
                 if c == b' ' {
-                    return Some(v4_mapped(addr.to_be_bytes()));
+                    return Some(addr);
                 }
                 (octets, value, digits) = (octets + 1, 0, 0);
             }
@@ -469,8 +521,9 @@ fn v1_ipv4(buf: &[u8; SNI_BUF]) -> Option<Addr> {
 }
 
 /// The source address of a v1 `TCP6` line, ended by a space: up to eight groups of one to four
-/// hex digits with at most one `::`. The form with a dotted IPv4 tail is not read (it passes).
-fn v1_ipv6(buf: &mut [u8; SNI_BUF]) -> Option<Addr> {
+/// hex digits with at most one `::`, written to `buf[V1_ADDR..]`. The form with a dotted IPv4
+/// tail is not read (it passes).
+fn v1_ipv6(buf: &mut [u8; SNI_BUF]) -> bool {
     const NONE: usize = 8;
     let (mut count, mut gap) = (0usize, NONE);
     let (mut value, mut digits, mut colons) = (0u32, 0u32, 0u32);
@@ -490,7 +543,7 @@ fn v1_ipv6(buf: &mut [u8; SNI_BUF]) -> Option<Addr> {
         if let Some(h) = hex {
             // A single colon at the start is not an address.
             if digits == 4 || (i == 1 && colons == 1) {
-                return None;
+                return false;
             }
             value = (value << 4) | h as u32;
             digits += 1;
@@ -499,7 +552,7 @@ fn v1_ipv6(buf: &mut [u8; SNI_BUF]) -> Option<Addr> {
         }
         if digits > 0 {
             if count == 8 {
-                return None;
+                return false;
             }
             let at = V1_GROUPS + 2 * (count & 7);
             buf[at] = (value >> 8) as u8;
@@ -512,17 +565,17 @@ fn v1_ipv6(buf: &mut [u8; SNI_BUF]) -> Option<Addr> {
                 colons += 1;
                 if colons == 2 {
                     if gap != NONE {
-                        return None;
+                        return false;
                     }
                     gap = count;
                 } else if colons > 2 {
-                    return None;
+                    return false;
                 }
             }
             b' ' => {
                 // Ends after a group, or right after `::`.
                 if colons == 1 || (gap == NONE && count != 8) || (gap != NONE && count > 7) {
-                    return None;
+                    return false;
                 }
                 let zeros = 8 - count;
                 for j in 0..8 {
@@ -543,14 +596,12 @@ fn v1_ipv6(buf: &mut [u8; SNI_BUF]) -> Option<Addr> {
                     buf[V1_ADDR + 2 * j] = hi;
                     buf[V1_ADDR + 2 * j + 1] = lo;
                 }
-                let mut a = [0u8; 16];
-                a.copy_from_slice(&buf[V1_ADDR..V1_ADDR + 16]);
-                return Some(a);
+                return true;
             }
-            _ => return None,
+            _ => return false,
         }
     }
-    None
+    false
 }
 
 /// Finds the SNI of a ClientHello that starts at `base` and is whole in this segment; copies it
@@ -700,7 +751,7 @@ fn reject_mode() -> u32 {
 }
 
 fn reject(ctx: &XdpContext, flow: &Flow, domain: u32, why: Counter) -> Result<u32, Stop> {
-    let _ = FLOWS.insert(&flow.key, &(domain | ((why as u32) << 16)), 0);
+    let _ = FLOWS.insert(flow.key, &(domain | ((why as u32) << 16)), 0);
     count(why, domain);
     if reject_mode() == REJECT_DROP {
         return Ok(xdp_action::XDP_DROP);
