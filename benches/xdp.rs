@@ -9,7 +9,7 @@ mod packets;
 
 use ipnet::IpNet;
 use packets::{client_hello, Segment, SniAt};
-use portcullis::xdp::{addr_bytes, allow_entry, Gate, MapPlan, OBJECT};
+use portcullis::xdp::{addr_bytes, allow_entry, balancer_entry, Gate, MapPlan, OBJECT};
 use portcullis_common::{name_hash, DomainEntry, DOMAIN_HAS_ALLOWLIST, REJECT_DROP};
 
 fn main() {
@@ -37,7 +37,7 @@ fn main() {
         reject: REJECT_DROP,
         fresh: Vec::new(),
         ungated: Vec::new(),
-        balancers: Vec::new(),
+        balancers: vec![balancer_entry(&"192.0.2.200/32".parse().unwrap())],
     };
     gate.sync(&plan, true).unwrap();
     gate.deny(1, addr_bytes("192.0.2.99".parse().unwrap()), u64::MAX / 2)
@@ -86,6 +86,19 @@ fn main() {
                 .chain([0u8; 64])
                 .collect(),
         ),
+    );
+    // Behind a load balancer: the PROXY header read, the ClientHello judged as the named client's.
+    let mut v1 = b"PROXY TCP4 10.1.2.3 10.0.0.1 40000 443\r\n".to_vec();
+    v1.extend(&hello);
+    bench(
+        "pass: balancer, v1 header + ClientHello",
+        &Segment::new("192.0.2.200", "10.0.0.1", v1),
+    );
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend([10, 1, 2, 3, 10, 0, 0, 1, 0x9c, 0x40, 0x01, 0xbb]);
+    bench(
+        "pass: balancer, v2 header alone",
+        &Segment::new("192.0.2.200", "10.0.0.1", v2),
     );
     let mut other = Segment::new("192.0.2.1", "10.0.0.1", hello.clone());
     other.dport = 80;

@@ -113,20 +113,31 @@ fn count(c: Counter, domain: u32) {
 
 #[inline(always)]
 fn load<const N: usize>(ctx: &XdpContext, offset: u32, stop: Stop) -> Result<[u8; N], Stop> {
-    let mut buf = [0u8; N];
-    // SAFETY: the helper bounds-checks against the packet and writes at most N bytes to `buf`.
+    // Not zeroed first: that was a call to a byte-by-byte `memset`, run and verified at every
+    // load.
+    let mut buf = core::mem::MaybeUninit::<[u8; N]>::uninit();
+    // SAFETY: the helper bounds-checks against the packet and, when it succeeds, writes all N
+    // bytes to `buf` (on failure it zeroes them).
     let r =
         unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, buf.as_mut_ptr() as *mut c_void, N as u32) };
     if r < 0 {
         return Err(stop);
     }
-    Ok(buf)
+    // SAFETY: written by the helper above.
+    Ok(unsafe { buf.assume_init() })
 }
 
-/// Copies N bytes at `offset` to `out` (in a map value).
+/// Copies N bytes at `offset` to `out[at..at + N]` (in a map value).
 #[inline(always)]
-fn load_into<const N: usize>(ctx: &XdpContext, offset: u32, out: &mut [u8; N]) -> Result<(), Stop> {
-    // SAFETY: the helper bounds-checks against the packet and writes at most N bytes to `out`.
+fn load_into<const N: usize, const M: usize>(
+    ctx: &XdpContext,
+    offset: u32,
+    out: &mut [u8; M],
+    at: usize,
+) -> Result<(), Stop> {
+    let out = &mut out[at..at + N];
+    // SAFETY: the helper bounds-checks against the packet and writes N bytes to `out`, which
+    // holds N bytes.
     let r =
         unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, out.as_mut_ptr() as *mut c_void, N as u32) };
     if r < 0 {
@@ -154,14 +165,7 @@ struct Flow<'a> {
 }
 
 fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
-    let packet = PACKET.get_ptr_mut(0).ok_or(Stop::Ignore)?;
-    // SAFETY: this CPU's slot, used only within this run of the program.
-    let Packet {
-        key,
-        proxied,
-        header: header_slot,
-    } = unsafe { &mut *packet };
-    let flow = parse_l2_l4(ctx, key)?;
+    let (flow, proxied, header_slot) = parse_l2_l4(ctx)?;
     if flow.flags & TCP_SYN != 0 {
         // A new connection on this 4-tuple: forget an old rejection.
         let _ = FLOWS.remove(flow.key);
@@ -238,8 +242,11 @@ fn gate(ctx: &XdpContext) -> Result<u32, Stop> {
     Ok(xdp_action::XDP_PASS)
 }
 
-/// Parses the headers; the flow's addresses and ports are written to `key`.
-fn parse_l2_l4<'a>(ctx: &XdpContext, key: &'a mut FlowKey) -> Result<Flow<'a>, Stop> {
+/// Parses the headers of a TCP segment to a gated port. Its flow is written to this CPU's
+/// `PACKET` slot (touched only for gated ports), whose other fields are returned with it.
+type Parsed = (Flow<'static>, &'static mut Proxied, &'static mut u32);
+
+fn parse_l2_l4(ctx: &XdpContext) -> Result<Parsed, Stop> {
     let start = ctx.data();
     if start + 14 > ctx.data_end() {
         return Err(Stop::Ignore);
@@ -272,12 +279,10 @@ fn parse_l2_l4<'a>(ctx: &XdpContext, key: &'a mut FlowKey) -> Result<Flow<'a>, S
             }
             let ihl = ((ip[0] & 0x0f) as u32) * 4;
             let total = be16(&ip, 2) as u32;
-            key.src = v4_mapped([ip[12], ip[13], ip[14], ip[15]]);
-            key.dst = v4_mapped([ip[16], ip[17], ip[18], ip[19]]);
             (off + ihl, off + total)
         }
         ETH_P_IPV6 => {
-            // The fixed part, then the addresses straight into `key`.
+            // The fixed part; the addresses are copied to `PACKET` below.
             let ip: [u8; 8] = load(ctx, off, Stop::Ignore)?;
             let next = ip[6];
             if next != IPPROTO_TCP {
@@ -287,8 +292,6 @@ fn parse_l2_l4<'a>(ctx: &XdpContext, key: &'a mut FlowKey) -> Result<Flow<'a>, S
                     _ => Err(Stop::Ignore),
                 };
             }
-            load_into(ctx, off + 8, &mut key.src)?;
-            load_into(ctx, off + 24, &mut key.dst)?;
             (off + 40, off + 40 + be16(&ip, 4) as u32)
         }
         _ => return Err(Stop::Ignore),
@@ -303,18 +306,37 @@ fn parse_l2_l4<'a>(ctx: &XdpContext, key: &'a mut FlowKey) -> Result<Flow<'a>, S
     if payload > ip_end || (tcp[12] >> 4) < 5 {
         return Err(Stop::Count(Counter::PassIpUnparsed));
     }
+    let v6 = proto == ETH_P_IPV6;
+    let packet = PACKET.get_ptr_mut(0).ok_or(Stop::Ignore)?;
+    // SAFETY: this CPU's slot, used only within this run of the program.
+    let Packet {
+        key,
+        proxied,
+        header,
+    } = unsafe { &mut *packet };
+    if v6 {
+        load_into::<16, 16>(ctx, l3 + 8, &mut key.src, 0)?;
+        load_into::<16, 16>(ctx, l3 + 24, &mut key.dst, 0)?;
+    } else {
+        key.src = v4_mapped([0; 4]);
+        key.dst = v4_mapped([0; 4]);
+        load_into::<4, 16>(ctx, l3 + 12, &mut key.src, 12)?;
+        load_into::<4, 16>(ctx, l3 + 16, &mut key.dst, 12)?;
+    }
     key.sport = u16::from_ne_bytes([tcp[0], tcp[1]]);
     key.dport = u16::from_ne_bytes([tcp[2], tcp[3]]);
-    Ok(Flow {
+    let key: &'static FlowKey = key;
+    let flow = Flow {
         l3,
-        v6: proto == ETH_P_IPV6,
+        v6,
         key,
         l4,
         payload,
         payload_len: ip_end - payload,
         flags: tcp[13],
         seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-    })
+    };
+    Ok((flow, proxied, header))
 }
 
 #[inline(always)]
@@ -485,6 +507,16 @@ fn opaque(buf: &mut [u8; SNI_BUF], slot: usize, v: usize) -> usize {
     }
 }
 
+/// `opaque` for a u32, in four bytes from `slot` on.
+#[inline(always)]
+fn opaque32(buf: &mut [u8; SNI_BUF], slot: usize, v: u32) -> u32 {
+    let mut out = 0u32;
+    for (i, b) in v.to_be_bytes().iter().enumerate() {
+        out = (out << 8) | opaque(buf, slot + i, *b as usize) as u32;
+    }
+    out
+}
+
 /// The dotted-quad source address of a v1 `TCP4` line, ended by a space: four decimal numbers up
 /// to 255 without leading zeros.
 fn v1_ipv4(buf: &mut [u8; SNI_BUF]) -> Option<u32> {
@@ -492,6 +524,8 @@ fn v1_ipv4(buf: &mut [u8; SNI_BUF]) -> Option<u32> {
     for i in 0..16 {
         octets = opaque(buf, 0, octets as usize) as u32;
         digits = opaque(buf, 1, digits as usize) as u32;
+        value = opaque(buf, 2, value as usize) as u32;
+        addr = opaque32(buf, 8, addr);
         let c = buf[(V1_SOURCE + i) & (SNI_BUF - 1)];
         match c {
             b'0'..=b'9' => {
@@ -533,6 +567,7 @@ fn v1_ipv6(buf: &mut [u8; SNI_BUF]) -> bool {
         gap = opaque(buf, 1, gap);
         colons = opaque(buf, 2, colons as usize) as u32;
         digits = opaque(buf, 3, digits as usize) as u32;
+        value = opaque32(buf, 8, value);
         let c = buf[(V1_SOURCE + i) & (SNI_BUF - 1)];
         let hex = match c {
             b'0'..=b'9' => Some(c - b'0'),

@@ -406,6 +406,12 @@ impl Gate {
             .try_into()?)
     }
 
+    /// How many instructions the kernel's verifier processed to load the program (its budget is
+    /// 1,000,000); `None` where the kernel does not say (before 5.16).
+    pub fn verified_instructions(&self) -> Result<Option<u32>, XdpError> {
+        Ok(self.program()?.info()?.verified_instruction_count())
+    }
+
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, XdpError> {
         self.ebpf.map_mut(name).ok_or(XdpError::Missing(name))
     }
