@@ -1347,28 +1347,41 @@ fn call_with(
     wrong_ca: bool,
 ) -> Result<u16, String> {
     ns.block_on(move || async move {
-        let attempt = async {
+        within_10s(async {
             let leaf = if wrong_ca { &pki.wrong_ca } else { &pki.a };
-            let tls = tls_from(&source, target, &pki, leaf, b"http/1.1").await?;
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .map_err(|e| format!("http: {e}"))?;
-            tokio::spawn(conn);
-            let req = http::Request::get("/")
-                .header("host", "a.apps.identity")
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap();
-            let resp = send
-                .send_request(req)
-                .await
-                .map_err(|e| format!("request: {e}"))?;
-            Ok(resp.status().as_u16())
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
-            .await
-            .unwrap_or(Err("no answer in 10 s".into()))
+            get_status(tls_from(&source, target, &pki, leaf, b"http/1.1").await?).await
+        })
+        .await
     })
+}
+
+/// One `GET /` for a.apps.identity over `io` with HTTP/1.1: the answer's status.
+async fn get_status<S>(io: S) -> Result<u16, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", "a.apps.identity")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    Ok(resp.status().as_u16())
+}
+
+/// `attempt`'s outcome, or an error after 10 s.
+async fn within_10s<T>(
+    attempt: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or(Err("no answer in 10 s".into()))
 }
 
 /// SPEC §11 end to end: the real daemon with the gate attached to a veth; a source outside the
@@ -1520,7 +1533,7 @@ async fn call_via_balancer(
 ) -> Result<u16, String> {
     use std::os::fd::AsRawFd;
     use tokio::io::AsyncWriteExt;
-    let attempt = async {
+    within_10s(async {
         let mut tcp = connect_from(balancer, target).await?;
         tcp.set_nodelay(true).unwrap();
         let cork = |on: libc::c_int| {
@@ -1551,24 +1564,9 @@ async fn call_via_balancer(
             .connect(name, tcp)
             .await
             .map_err(|e| format!("tls: {e}"))?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| format!("http: {e}"))?;
-        tokio::spawn(conn);
-        let req = http::Request::get("/")
-            .header("host", "a.apps.identity")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        Ok(resp.status().as_u16())
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
-        .await
-        .unwrap_or(Err("no answer in 10 s".into()))
+        get_status(tls).await
+    })
+    .await
 }
 
 /// Behind a load balancer (`listen.proxy_protocol.from`) with the gate attached: the gate judges

@@ -27,11 +27,10 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use portcullis_common::{
-    lower, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, Proxied,
-    ALLOW_ENTRIES, BALANCER_ENTRIES, COUNTER_ENTRIES, DENY_ENTRIES, DOMAIN_HAS_ALLOWLIST,
-    FLOW_ENTRIES, FNV_OFFSET, FNV_PRIME, MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS,
-    PORT_ENTRIES, PROXY_V1_MAX, PROXY_V1_PREFIX, PROXY_V2_FIXED, PROXY_V2_SIGNATURE, REJECT_DROP,
-    SNI_BUF,
+    lower, Addr, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, Proxied, ALLOW_ENTRIES,
+    BALANCER_ENTRIES, COUNTER_ENTRIES, DENY_ENTRIES, DOMAIN_HAS_ALLOWLIST, FLOW_ENTRIES,
+    FNV_OFFSET, FNV_PRIME, MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS, PORT_ENTRIES,
+    PROXY_V1_MAX, PROXY_V1_PREFIX, PROXY_V2_FIXED, PROXY_V2_SIGNATURE, REJECT_DROP, SNI_BUF,
 };
 
 #[map(name = "DOMAINS")]
@@ -127,17 +126,10 @@ fn load<const N: usize>(ctx: &XdpContext, offset: u32, stop: Stop) -> Result<[u8
     Ok(unsafe { buf.assume_init() })
 }
 
-/// Copies N bytes at `offset` to `out[at..at + N]` (in a map value).
+/// Copies N bytes at `offset` to `out` (in a map value).
 #[inline(always)]
-fn load_into<const N: usize, const M: usize>(
-    ctx: &XdpContext,
-    offset: u32,
-    out: &mut [u8; M],
-    at: usize,
-) -> Result<(), Stop> {
-    let out = &mut out[at..at + N];
-    // SAFETY: the helper bounds-checks against the packet and writes N bytes to `out`, which
-    // holds N bytes.
+fn load_into<const N: usize>(ctx: &XdpContext, offset: u32, out: &mut [u8; N]) -> Result<(), Stop> {
+    // SAFETY: the helper bounds-checks against the packet and writes N bytes to `out`.
     let r =
         unsafe { bpf_xdp_load_bytes(ctx.ctx, offset, out.as_mut_ptr() as *mut c_void, N as u32) };
     if r < 0 {
@@ -264,7 +256,8 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Parsed, Stop> {
         off += 4;
     }
     let l3 = off;
-    let (l4, ip_end) = match proto {
+    // IPv4's addresses are kept as two words (in registers) until the key is written.
+    let (l4, ip_end, v4_src, v4_dst) = match proto {
         ETH_P_IP => {
             let ip: [u8; 20] = load(ctx, off, Stop::Ignore)?;
             if ip[9] != IPPROTO_TCP {
@@ -279,7 +272,8 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Parsed, Stop> {
             }
             let ihl = ((ip[0] & 0x0f) as u32) * 4;
             let total = be16(&ip, 2) as u32;
-            (off + ihl, off + total)
+            let word = |i: usize| u32::from_ne_bytes([ip[i], ip[i + 1], ip[i + 2], ip[i + 3]]);
+            (off + ihl, off + total, word(12), word(16))
         }
         ETH_P_IPV6 => {
             // The fixed part; the addresses are copied to `PACKET` below.
@@ -292,7 +286,7 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Parsed, Stop> {
                     _ => Err(Stop::Ignore),
                 };
             }
-            (off + 40, off + 40 + be16(&ip, 4) as u32)
+            (off + 40, off + 40 + be16(&ip, 4) as u32, 0, 0)
         }
         _ => return Err(Stop::Ignore),
     };
@@ -315,13 +309,11 @@ fn parse_l2_l4(ctx: &XdpContext) -> Result<Parsed, Stop> {
         header,
     } = unsafe { &mut *packet };
     if v6 {
-        load_into::<16, 16>(ctx, l3 + 8, &mut key.src, 0)?;
-        load_into::<16, 16>(ctx, l3 + 24, &mut key.dst, 0)?;
+        load_into(ctx, l3 + 8, &mut key.src)?;
+        load_into(ctx, l3 + 24, &mut key.dst)?;
     } else {
-        key.src = v4_mapped([0; 4]);
-        key.dst = v4_mapped([0; 4]);
-        load_into::<4, 16>(ctx, l3 + 12, &mut key.src, 12)?;
-        load_into::<4, 16>(ctx, l3 + 16, &mut key.dst, 12)?;
+        set_v4(&mut key.src, v4_src.to_ne_bytes());
+        set_v4(&mut key.dst, v4_dst.to_ne_bytes());
     }
     key.sport = u16::from_ne_bytes([tcp[0], tcp[1]]);
     key.dport = u16::from_ne_bytes([tcp[2], tcp[3]]);
@@ -392,7 +384,24 @@ fn from_balancer(
 /// Writes `::ffff:a.b.c.d` to `out`.
 #[inline(always)]
 fn set_v4(out: &mut Addr, octets: [u8; 4]) {
-    *out = v4_mapped(octets);
+    v4_prefix(out);
+    let p = out.as_mut_ptr() as *mut u32;
+    // SAFETY: the last 4 of the 16 bytes, written unaligned.
+    unsafe { p.add(3).write_unaligned(u32::from_ne_bytes(octets)) };
+}
+
+/// Writes the IPv4-mapped prefix (`::ffff:`) to the first 12 bytes of `out`, in word stores: an
+/// array assigned whole became a call to a byte-by-byte `memset` for its zeros.
+#[inline(always)]
+fn v4_prefix(out: &mut Addr) {
+    let p = out.as_mut_ptr() as *mut u32;
+    // SAFETY: the first 12 of the 16 bytes, written unaligned.
+    unsafe {
+        p.write_unaligned(0);
+        p.add(1).write_unaligned(0);
+        p.add(2)
+            .write_unaligned(u32::from_ne_bytes([0, 0, 0xff, 0xff]));
+    }
 }
 
 /// Reads the PROXY header at `base` (`len` bytes left in the segment): whether it names a client
