@@ -18,13 +18,13 @@ use ppp::{v1, v2};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-/// v2's signature (its first 12 bytes).
-const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
-/// v2's fixed part: signature, version and command, family and protocol, payload length.
-const V2_FIXED: usize = 16;
-/// v1's start, and its longest header (CRLF included).
-const V1_PREFIX: &[u8; 6] = b"PROXY ";
-const V1_MAX: usize = 107;
+/// v2's signature (its first 12 bytes) and fixed part (signature, version and command, family
+/// and protocol, payload length); v1's start, and its longest header (CRLF included). The XDP
+/// gate frames headers with the same constants.
+const V2_SIGNATURE: &[u8; 12] = &portcullis_common::PROXY_V2_SIGNATURE;
+const V2_FIXED: usize = portcullis_common::PROXY_V2_FIXED as usize;
+const V1_PREFIX: &[u8; 6] = &portcullis_common::PROXY_V1_PREFIX;
+const V1_MAX: usize = portcullis_common::PROXY_V1_MAX as usize;
 /// How long to wait before looking again at a header that has not arrived whole.
 const RETRY: Duration = Duration::from_millis(5);
 

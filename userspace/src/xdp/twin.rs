@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use portcullis_common::{
     sni_hashes, v4_mapped, Addr, AllowKey, Counter, DenyKey, DomainEntry, FlowKey, Proxied,
     DOMAIN_HAS_ALLOWLIST, MAX_DOMAINS, MAX_EXTENSIONS, MAX_SNI_LEN, MAX_VLAN_TAGS, PROXY_V1_MAX,
-    PROXY_V2_SIGNATURE, REJECT_DROP,
+    PROXY_V2_FIXED, PROXY_V2_SIGNATURE, REJECT_DROP,
 };
 
 use super::MapPlan;
@@ -181,8 +181,9 @@ fn l2_l4(f: &[u8], maps: &TwinMaps) -> Step<Parsed> {
 /// connection, `Ok(None)` with its length for the balancer's own; `Err` when the gate does not
 /// read it.
 fn proxy_header(b: &[u8]) -> Result<(Option<Addr>, usize), ()> {
-    if b.starts_with(&PROXY_V2_SIGNATURE) && b.len() >= 16 {
-        let len = 16 + be16(b, 14) as usize;
+    let fixed = PROXY_V2_FIXED as usize;
+    if b.starts_with(&PROXY_V2_SIGNATURE) && b.len() >= fixed {
+        let len = fixed + be16(b, 14) as usize;
         if b[12] >> 4 != 2 || b[12] & 0xf > 1 || len > b.len() {
             return Err(());
         }
