@@ -1011,3 +1011,177 @@ async fn started_config() -> (tempfile::TempDir, echo::EchoServer, std::path::Pa
     );
     (dir, backend, cfg)
 }
+
+/// `WatchdogSec=` in the unit: systemd passes `WATCHDOG_USEC`, and the gateway feeds the watchdog
+/// (`WATCHDOG=1`, every half period) only while every event loop runs. Here the loops are
+/// stalled the way a wedged journal stalls them: stderr is a pipe nobody reads, and failed
+/// handshakes logged at debug fill it until the workers block writing to it. The feeding stops,
+/// which is what makes systemd restart a gateway whose workers hold connections they no longer
+/// serve; once the pipe is read again the loops run, say they stalled, and the feeding resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_fed_only_while_every_event_loop_runs() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let (dir, backend, _) = started_config().await;
+    let mut yaml = reload_config(0, "cf:app:app-a", backend.addr);
+    yaml.push_str("admin: {listen: \"127.0.0.1:0\"}\n");
+    let cfg = write_config(dir.path(), "watchdog.yaml", &yaml);
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // Notifications as they come: (when, text); None after `limit` without one.
+    let next = |limit: Duration| {
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                return Some(String::from_utf8(buf[..n].to_vec()).unwrap());
+            }
+        }
+        None
+    };
+    /// Killed and reaped however the test ends.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reaped(
+        Command::new(BIN)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "400000")
+            .env("PORTCULLIS_LOG", "info,portcullis=debug")
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // stderr, read only while `reading` is set; its lines go to `lines`.
+    let reading = Arc::new(AtomicBool::new(true));
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap());
+    let r = reading.clone();
+    std::thread::spawn(move || loop {
+        while !r.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut line = String::new();
+        match stderr.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_line = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(l) => seen.push(l),
+                Err(_) => break,
+            }
+        }
+        panic!("no line with '{needle}' in:\n{}", seen.join(""));
+    };
+    assert_eq!(
+        next(Duration::from_secs(20)).as_deref(),
+        Some("READY=1\nSTATUS=serving\n")
+    );
+    let serving = wait_line("portcullis is serving");
+    let https = Running::served_addr(&serving, "https=");
+    let admin = Running::served_addr(&serving, "admin=");
+    wait_line("feeding the systemd watchdog");
+    // Fed every 0.2 s while the loops run.
+    let started = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(
+            next(Duration::from_secs(2)).as_deref(),
+            Some("WATCHDOG=1\n")
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(health(admin).await, (200, "ok\n".to_string()));
+
+    // Nobody reads stderr any more; each refused handshake (plain text on the TLS port) writes
+    // a debug line, until the pipe is full and the workers block on it.
+    reading.store(false, Ordering::Relaxed);
+    let stalled = tokio::task::spawn_blocking(move || {
+        let mut unanswered = 0;
+        for attempt in 0..20_000 {
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&https, Duration::from_secs(1))
+            else {
+                unanswered += 1;
+                continue;
+            };
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut rest = Vec::new();
+            match s.read_to_end(&mut rest) {
+                Ok(_) => unanswered = 0,
+                Err(_) => unanswered += 1,
+            }
+            if unanswered >= 3 {
+                return Some(attempt);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert!(
+        stalled.is_some(),
+        "20,000 refused handshakes never stalled a worker"
+    );
+    // The feeding stops once the stall is older than liveness::STALL (5 s): a silence of 2 s
+    // (ten periods) within 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut silent = false;
+    while Instant::now() < deadline {
+        match next(Duration::from_secs(2)) {
+            None => {
+                silent = true;
+                break;
+            }
+            Some(n) => assert_eq!(n, "WATCHDOG=1\n"),
+        }
+    }
+    assert!(
+        silent,
+        "the watchdog was still fed 10 s after the workers stalled"
+    );
+
+    // The pipe drains; the loops run again and the feeding resumes.
+    reading.store(true, Ordering::Relaxed);
+    assert_eq!(
+        next(Duration::from_secs(5)).as_deref(),
+        Some("WATCHDOG=1\n"),
+        "not fed again after the loops ran"
+    );
+    let said = wait_line("an event loop has stopped running");
+    assert!(said.contains("event_loop="), "{said}");
+    wait_line("a stalled event loop runs again");
+    assert_eq!(health(admin).await, (200, "ok\n".to_string()));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = None;
+    while status.is_none() && Instant::now() < deadline {
+        // The drain writes to stderr too.
+        while lines.try_recv().is_ok() {}
+        status = child.0.try_wait().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}

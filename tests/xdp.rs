@@ -2994,7 +2994,8 @@ fn journal() -> String {
 /// its open-files limit, attaches the gate with its pins in the unit's own bpffs, hands TLS to the
 /// kernel under the unit's sandbox, writes its access log to its LogsDirectory, follows `systemctl
 /// reload` (the gate's allow-list included), keeps a learned denial across `systemctl restart`,
-/// and drains and exits 0 on `systemctl stop`.
+/// feeds the unit's watchdog while it runs and is restarted by it once it stops running, and
+/// drains and exits 0 on `systemctl stop`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_systemd_unit_runs_the_gateway() {
     // It installs a user, a unit and /etc/portcullis and takes port 443: only where asked to
@@ -3157,6 +3158,45 @@ async fn the_systemd_unit_runs_the_gateway() {
     assert_eq!(call_from(ns, ns.client(3), target, pki.clone()), Ok(200));
     let (_, denials) = get("/xdp/denials").await.unwrap();
     assert!(denials.contains(&ns.client(2)), "{denials}");
+
+    // The watchdog: fed while the event loops run, so the unit's 30 s never fires in service.
+    // With 2 s (a drop-in) the gateway stays up through three periods; stopped (SIGSTOP: no
+    // loop runs, nothing feeds it), systemd ends and restarts it.
+    let show = |p: &str| sh(&format!("systemctl show -p {p} --value portcullis"), p);
+    assert_eq!(show("WatchdogUSec").trim(), "30s");
+    let dropin = std::path::Path::new("/etc/systemd/system/portcullis.service.d");
+    std::fs::create_dir_all(dropin).unwrap();
+    std::fs::write(dropin.join("watchdog.conf"), "[Service]\nWatchdogSec=2s\n").unwrap();
+    sh(
+        "systemctl daemon-reload && systemctl restart portcullis",
+        "restart with WatchdogSec=2s",
+    );
+    let pid = main_pid();
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    assert_eq!(
+        (main_pid(), show("NRestarts").trim().to_string()),
+        (pid, "0".to_string()),
+        "the watchdog fired on a running gateway\n{}",
+        journal()
+    );
+    sh(&format!("kill -STOP {pid}"), "stop the process");
+    let mut restarted = false;
+    for _ in 0..150 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        if main_pid() != pid && get("/health").await.map(|(s, _)| s) == Some(200) {
+            restarted = true;
+            break;
+        }
+    }
+    assert!(
+        restarted,
+        "not restarted 30 s after it stopped\n{}",
+        journal()
+    );
+    assert_eq!(show("NRestarts").trim(), "1");
+    assert!(journal().contains("Watchdog timeout"), "{}", journal());
+    std::fs::remove_dir_all(dropin).unwrap();
+    sh("systemctl daemon-reload", "without the drop-in");
 
     // `systemctl stop`: SIGTERM, drain, exit 0.
     sh("systemctl stop portcullis", "stop");

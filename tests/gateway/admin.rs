@@ -406,3 +406,130 @@ async fn the_admin_api_over_tls_and_with_client_certificates() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The one log writer of this test binary (installed by the test below): it discards every line
+/// except those containing `marker`, whose writing thread it holds until released (at most
+/// 20 s), as a wedged journal or log pipe holds a thread writing to it.
+struct Wedge {
+    marker: String,
+    released: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+struct WedgeWriter(std::sync::Arc<Wedge>);
+
+impl std::io::Write for WedgeWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if String::from_utf8_lossy(buf).contains(&self.0.marker) {
+            let released = self.0.released.lock().unwrap();
+            let _ = self
+                .0
+                .cv
+                .wait_timeout_while(released, std::time::Duration::from_secs(20), |r| !*r)
+                .unwrap();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Releases the wedged thread however the test ends.
+struct Release(std::sync::Arc<Wedge>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        *self.0.released.lock().unwrap() = true;
+        self.0.cv.notify_all();
+    }
+}
+
+/// A worker whose thread is held by a blocking call (here: writing a log line) holds every
+/// connection it accepted: `/health` then answers 503 naming that event loop, so a load
+/// balancer takes the gateway out, and `portcullis_event_loops_stalled` counts it, while the
+/// other worker serves new connections. Once the call returns, health is 200 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_fails_while_a_worker_is_stalled() {
+    use std::time::Duration;
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let caller = tokio::net::TcpSocket::new_v4().unwrap();
+    caller.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = caller.local_addr().unwrap().port();
+    let wedge = std::sync::Arc::new(Wedge {
+        marker: format!("client=127.0.0.1:{port} "),
+        released: Default::default(),
+        cv: Default::default(),
+    });
+    let _release = Release(wedge.clone());
+    let w = wedge.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("portcullis::gateway=debug")
+        .with_ansi(false)
+        .with_writer(move || WedgeWriter(w.clone()))
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    let gw = TestGateway::start(
+        &pki,
+        &format!(
+            "limits: {{workers: 2}}\n{}",
+            pipeline_yaml(backend.addr, "")
+        ),
+    )
+    .await;
+    let admin = gw.gw.admin_addr().unwrap();
+    let health = || async move {
+        let mut c = Conn::plain(admin).await.unwrap();
+        let r = c.get("admin", "/health").await.unwrap();
+        (r.status, r.body)
+    };
+    assert_eq!(health().await, (200, "ok\n".to_string()));
+
+    // Not TLS: the handshake fails, and the worker that took the connection logs it at debug,
+    // with the caller's address, which the writer holds.
+    let mut s = caller.connect(gw.https()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut said = (0, String::new());
+    for _ in 0..50 {
+        said = health().await;
+        if said.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = said;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("stalled: event loop w") && body.matches("event loop").count() == 1,
+        "{body:?}"
+    );
+    gw.wait_metric("portcullis_event_loops_stalled", 1.0).await;
+    // The other worker serves.
+    let r = crate::support::client::get(
+        gw.https(),
+        &pki.server_ca,
+        Some(&pki.a),
+        "any-a.apps.identity",
+        "/",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+
+    drop(_release);
+    let mut said = (0, String::new());
+    for _ in 0..25 {
+        said = health().await;
+        if said.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(said, (200, "ok\n".to_string()));
+    gw.wait_metric("portcullis_event_loops_stalled", 0.0).await;
+}

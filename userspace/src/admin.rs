@@ -118,6 +118,8 @@ fn route<B>(state: &State, req: &Request<B>, caller_pem: Option<&[u8]>) -> Respo
                     "text/plain",
                     "draining: stopping soon\n".into(),
                 )
+            } else if let Some(stalled) = state.liveness.health() {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", stalled)
             } else if state
                 .registry_connected
                 .load(std::sync::atomic::Ordering::Relaxed)

@@ -232,6 +232,7 @@ impl Gateway {
             xdp,
             ktls,
             draining: Default::default(),
+            liveness: crate::liveness::Liveness::new(workers),
         });
 
         if let Err(e) = crate::registry::nats::start(state.clone()).await {
@@ -258,6 +259,7 @@ impl Gateway {
             gw.state.clone(),
             gw.shutdown.subscribe(),
         ));
+        tokio::spawn(liveness_upkeep(gw.state.clone(), gw.shutdown.subscribe()));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let failures = Arc::new(AcceptFailures::default());
         let listeners = [Some((https_l, true)), http_l.map(|l| (l, false))];
@@ -305,12 +307,16 @@ impl Gateway {
             ));
         }
         let (slots, failures) = (slots.clone(), failures.clone());
+        let state = self.state.clone();
         let mut stop = self.stop_workers.subscribe();
         std::thread::Builder::new()
             .name(format!("portcullis-w{index}"))
             .spawn(move || {
                 crate::state::set_worker(index);
                 rt.block_on(async move {
+                    tokio::spawn(
+                        async move { crate::liveness::beat(&state.liveness, index).await },
+                    );
                     for (l, tls, parts) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {
@@ -536,6 +542,24 @@ async fn certificate_upkeep(s: Arc<State>, mut stop: watch::Receiver<bool>) {
             _ = every.tick() => {
                 let runtime = s.runtime.load();
                 tls::expiry::log(&runtime.config.certificate_validity, tls::expiry::unix_now());
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The main runtime's beat, and the log line and gauge for event loops that stall (see
+/// [`crate::liveness`]).
+async fn liveness_upkeep(s: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(crate::liveness::BEAT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = Vec::new();
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                s.liveness.beat(s.liveness.main_slot());
+                let stalled = crate::liveness::log_changes(&s.liveness, &mut seen);
+                s.metrics.event_loops_stalled.set(stalled as i64);
             }
             _ = stop.changed() => return,
         }

@@ -18,6 +18,7 @@ pub mod echo;
 pub mod explain;
 pub mod gateway;
 pub mod identity;
+pub mod liveness;
 pub mod metrics;
 pub mod names;
 mod park;

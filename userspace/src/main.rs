@@ -384,6 +384,25 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
         );
     }
     tell_service_manager(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    // `WatchdogSec=` in the unit: fed from a thread of its own while every event loop runs.
+    // It feeds through the drain too, and ends with the process.
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        let state = gateway.state().clone();
+        match portcullis::liveness::feed_watchdog(period, move || {
+            state
+                .liveness
+                .stalled(portcullis::liveness::STALL)
+                .is_empty()
+        }) {
+            Ok(_) => tracing::info!(
+                period_s = period.as_secs_f64(),
+                "feeding the systemd watchdog while every event loop runs"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the watchdog thread; systemd will end the gateway after WatchdogSec")
+            }
+        }
+    }
     loop {
         tokio::select! {
             _ = hup.recv() => {

@@ -141,6 +141,7 @@ pub struct Metrics {
     pub admin_connections_refused: Counter,
     pub backend_exhausted_conns: Counter,
     pub certificate_expiry: Family<CertLabels, Gauge>,
+    pub event_loops_stalled: Gauge,
 }
 
 impl Default for Metrics {
@@ -190,6 +191,7 @@ impl Metrics {
             admin_connections_refused: Counter::default(),
             backend_exhausted_conns: Counter::default(),
             certificate_expiry: Family::default(),
+            event_loops_stalled: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -337,6 +339,12 @@ impl Metrics {
             "When each certificate the config loaded expires (its notAfter, Unix seconds), by \
              config key, file and subject",
             m.certificate_expiry.clone(),
+        );
+        registry.register(
+            "event_loops_stalled",
+            "Event loops (worker threads, the main runtime) that have not run for 5 s: a task is \
+             blocking the thread, and the connections it holds wait",
+            m.event_loops_stalled.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -57,6 +57,8 @@ pub struct State {
     pub ktls: Option<Arc<crate::tls::KernelTls>>,
     /// Whether the gateway is draining before it stops (see [`crate::gateway::Gateway::drain`]).
     pub draining: Draining,
+    /// Whether each event loop (every worker's and the main runtime's) still runs.
+    pub liveness: crate::liveness::Liveness,
 }
 
 /// Set once, when the gateway starts draining: `/health` answers 503, HTTP/1.1 responses close
