@@ -933,3 +933,248 @@ async fn a_gateway_serves_only_its_isolation_segments() {
         e.err()
     );
 }
+
+/// The files of a NATS deployment with TLS, as Cloud Foundry's `nats-tls` has it: the servers'
+/// CA and certificate, the CA client certificates must chain to, a client certificate from it
+/// for the gateway (`gw.pem`) and one for the route emitter (`emitter.pem`), and one from
+/// another CA (`stranger.pem`).
+struct NatsPki {
+    dir: tempfile::TempDir,
+}
+
+impl NatsPki {
+    fn new() -> NatsPki {
+        use portcullis::pki::{Attr, Ca, Validity};
+        let dir = tempfile::tempdir().unwrap();
+        let server_ca = Ca::root("nats server CA").unwrap();
+        let client_ca = Ca::root("nats client CA").unwrap();
+        let stranger_ca = Ca::root("another CA").unwrap();
+        let server = server_ca.server(&["127.0.0.1", "localhost"]).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("server-ca.pem", &server_ca.cert_pem);
+        write("client-ca.pem", &client_ca.cert_pem);
+        write("server.pem", &server.chain_pem);
+        write("server.key", &server.key_pem);
+        for (name, ca) in [
+            ("gw", &client_ca),
+            ("emitter", &client_ca),
+            ("stranger", &stranger_ca),
+        ] {
+            let leaf = ca.client(&[&[Attr::Cn(name)]], Validity::Current).unwrap();
+            write(&format!("{name}.pem"), &leaf.chain_pem);
+            write(&format!("{name}.key"), &leaf.key_pem);
+        }
+        NatsPki { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_string()
+    }
+
+    fn server(&self) -> NatsServer {
+        NatsServer::start_tls(
+            self.dir.path().join("server.pem").as_path(),
+            self.dir.path().join("server.key").as_path(),
+            self.dir.path().join("client-ca.pem").as_path(),
+        )
+    }
+
+    /// The route emitter's connection.
+    async fn emitter(&self, url: &str) -> async_nats::Client {
+        support::bounded(
+            "nats connect over TLS",
+            async_nats::ConnectOptions::new()
+                .require_tls(true)
+                .add_root_certificates(self.path("server-ca.pem").into())
+                .add_client_certificate(
+                    self.path("emitter.pem").into(),
+                    self.path("emitter.key").into(),
+                )
+                .connect(url),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The gateway's `nats` section: TLS with client certificate `client` (`None`: without).
+    fn yaml(&self, url: &str, client: Option<&str>) -> String {
+        let cert = client.map_or(String::new(), |c| {
+            format!(
+                ", cert_chain: \"{}\", private_key: \"{}\"",
+                self.path(&format!("{c}.pem")),
+                self.path(&format!("{c}.key"))
+            )
+        });
+        format!(
+            "nats: {{servers: [\"{url}\"], tls: {{ca_certs: \"{}\"{cert}}}}}\n\
+             domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\n",
+            self.path("server-ca.pem")
+        )
+    }
+}
+
+/// What this test binary's gateways log at warn and above from the registry, as text.
+fn registry_warnings() -> String {
+    static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    struct Into(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Into {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = LOG.get_or_init(|| {
+        let log: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+        let to = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("portcullis::registry=warn")
+            .with_ansi(false)
+            .with_writer(move || Into(to.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        log
+    });
+    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+}
+
+async fn health(gw: &TestGateway) -> (u16, String) {
+    let mut c = Conn::plain(gw.gw.admin_addr().unwrap()).await.unwrap();
+    let r = c.get("admin", "/health").await.unwrap();
+    (r.status, r.body)
+}
+
+/// `nats.tls`: a NATS that requires TLS and a client certificate (Cloud Foundry's `nats-tls`) is
+/// reached with the configured CA and client certificate, from a plain `nats://` URL as GoRouter
+/// writes them; the registry then works as over plain NATS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_arrive_over_nats_with_tls_and_a_client_certificate() {
+    let pki = TestPki::new();
+    let npki = NatsPki::new();
+    let nats = npki.server();
+    let url = nats.url();
+    let emitter = npki.emitter(&url).await;
+    let mut starts = emitter.subscribe("router.start").await.unwrap();
+    emitter.flush().await.unwrap();
+    let gw = TestGateway::start(&pki, &npki.yaml(&url, Some("gw"))).await;
+    next_start(&mut starts).await;
+    assert_eq!(health(&gw).await, (200, "ok\n".to_string()));
+    let backend = echo::start("tls-nats", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    emitter
+        .publish(
+            "router.register",
+            registration("n.apps.identity", backend.addr, json!({})).into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, Some(&pki.a), "n.apps.identity", 200).await,
+        200
+    );
+}
+
+/// Without a client certificate the server refuses the gateway, which stays unhealthy (503) and
+/// routes nothing; a reload that adds the certificate (the files an operator rotates) is used
+/// from the next reconnection, without a restart, and the routes arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_client_certificate_added_on_reload_is_used_from_the_next_connection() {
+    let pki = TestPki::new();
+    let npki = NatsPki::new();
+    let nats = npki.server();
+    let url = nats.url();
+    registry_warnings();
+    let gw = TestGateway::start(&pki, &npki.yaml(&url, None)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = health(&gw).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "registry: not connected to NATS yet\n")
+    );
+    // And says why, naming the server.
+    let said = registry_warnings();
+    let ours = said
+        .lines()
+        .find(|l| l.contains("cannot connect to NATS") && l.contains(&url))
+        .unwrap_or_else(|| panic!("no warning naming {url} in:\n{said}"));
+    assert!(ours.contains("alert"), "not the TLS failure: {ours}");
+    // A certificate from a CA the server does not trust is refused too.
+    gw.reload(&npki.yaml(&url, Some("stranger")));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(health(&gw).await.0, 503);
+
+    let emitter = npki.emitter(&url).await;
+    let mut starts = emitter.subscribe("router.start").await.unwrap();
+    emitter.flush().await.unwrap();
+    gw.reload(&npki.yaml(&url, Some("gw")));
+    next_start(&mut starts).await;
+    assert_eq!(health(&gw).await, (200, "ok\n".to_string()));
+    let backend = echo::start("tls-nats", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    emitter
+        .publish(
+            "router.register",
+            registration("n.apps.identity", backend.addr, json!({})).into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, Some(&pki.a), "n.apps.identity", 200).await,
+        200
+    );
+}
+
+/// Cloud Foundry's NATS takes a user and password (GoRouter's `nats.user`, `nats.pass`); they
+/// are written into the server URLs (`nats://user:password@host:port`, percent-encoded) and the
+/// gateway logs in with them. With a wrong password it stays unhealthy and says the server
+/// refused it, without writing the password into the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_and_password_in_the_server_url_log_in() {
+    let pki = TestPki::new();
+    let nats = NatsServer::start_with(&["--user", "router", "--pass", "s3cr%t"]);
+    let url = |pass: &str| format!("nats://router:{pass}@127.0.0.1:{}", nats.port);
+    // async-nats itself does not read credentials from a URL.
+    let emitter = support::bounded(
+        "nats connect",
+        async_nats::ConnectOptions::with_user_and_password("router".into(), "s3cr%t".into())
+            .connect(nats.url()),
+    )
+    .await
+    .unwrap();
+    let mut starts = emitter.subscribe("router.start").await.unwrap();
+    emitter.flush().await.unwrap();
+    registry_warnings();
+    let gw = TestGateway::start(&pki, &config(&url("s3cr%25t"), "")).await;
+    next_start(&mut starts).await;
+    assert_eq!(health(&gw).await, (200, "ok\n".to_string()));
+    let backend = echo::start("auth", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    emitter
+        .publish(
+            "router.register",
+            registration("u.apps.identity", backend.addr, json!({})).into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, Some(&pki.a), "u.apps.identity", 200).await,
+        200
+    );
+
+    let wrong = TestGateway::start(&pki, &config(&url("nope"), "")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(health(&wrong).await.0, 503);
+    let said = registry_warnings();
+    let port = format!("127.0.0.1:{}", nats.port);
+    assert!(
+        said.lines().any(|l| l.contains("cannot connect to NATS")
+            && l.contains(&port)
+            && !l.contains("nope")),
+        "no warning naming {port} (without the password) in:\n{said}"
+    );
+}

@@ -2,6 +2,7 @@
 //! and a TCP relay that can cut the gateway's connection to it on demand.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,8 @@ fn binary() -> String {
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
+    /// Extra arguments (TLS).
+    args: Vec<String>,
 }
 
 impl NatsServer {
@@ -32,6 +35,33 @@ impl NatsServer {
         let mut s = NatsServer {
             child: None,
             port: 0,
+            args: Vec::new(),
+        };
+        s.spawn(-1);
+        s
+    }
+
+    /// A server that requires TLS with `cert`/`key` and a client certificate chaining to
+    /// `client_ca` (as Cloud Foundry's `nats-tls`), files in PEM.
+    pub fn start_tls(cert: &Path, key: &Path, client_ca: &Path) -> NatsServer {
+        let arg = |p: &Path| p.to_str().unwrap().to_string();
+        NatsServer::start_with(&[
+            "--tlsverify",
+            "--tlscert",
+            &arg(cert),
+            "--tlskey",
+            &arg(key),
+            "--tlscacert",
+            &arg(client_ca),
+        ])
+    }
+
+    /// A server started with these extra arguments (`--user u --pass p`, …).
+    pub fn start_with(args: &[&str]) -> NatsServer {
+        let mut s = NatsServer {
+            child: None,
+            port: 0,
+            args: args.iter().map(ToString::to_string).collect(),
         };
         s.spawn(-1);
         s
@@ -42,6 +72,7 @@ impl NatsServer {
     fn spawn(&mut self, port: i32) {
         let mut child = Command::new(binary())
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -222,6 +222,13 @@ impl Gateway {
         let limits = config.limits.clone();
         let workers = limits.worker_threads();
         let has_nats = config.nats.is_some();
+        let nats_tls = match config.nats.as_ref().and_then(|n| n.tls.as_ref()) {
+            None => None,
+            Some(t) => Some(
+                crate::tls::nats::LiveNatsTls::new(t)
+                    .map_err(|e| StartError::Nats(crate::registry::nats::NatsError::Tls(e)))?,
+            ),
+        };
         let state = Arc::new(State {
             runtime: ArcSwap::from_pointee(Runtime::build(config)?),
             registry,
@@ -233,6 +240,7 @@ impl Gateway {
             ktls,
             draining: Default::default(),
             liveness: crate::liveness::Liveness::new(workers),
+            nats_tls,
         });
 
         if let Err(e) = crate::registry::nats::start(state.clone()).await {
@@ -377,9 +385,17 @@ impl Gateway {
         if old.admin.as_ref().map(|a| a.listen) != config.admin.as_ref().map(|a| a.listen) {
             return Err(StartError::NeedsRestart("admin.listen"));
         }
-        if old.nats.as_ref().map(|n| &n.servers) != config.nats.as_ref().map(|n| &n.servers) {
+        // TLS to NATS can take new files (they are used from the next reconnection), not be
+        // switched on or off.
+        let nats = |c: &Config| {
+            c.nats
+                .as_ref()
+                .map(|n| (n.servers.clone(), n.auth.clone(), n.tls.is_some()))
+        };
+        if nats(old) != nats(&config) {
             return Err(StartError::NeedsRestart("nats"));
         }
+
         if old.registry.sharding != config.registry.sharding {
             return Err(StartError::NeedsRestart(
                 "registry.routing_table_sharding_mode and registry.isolation_segments",
@@ -393,6 +409,13 @@ impl Gateway {
         }
         let runtime = Runtime::build(config)?;
         let cfg = &runtime.config;
+        if let (Some(live), Some(tls)) = (
+            &self.state.nats_tls,
+            cfg.nats.as_ref().and_then(|n| n.tls.as_ref()),
+        ) {
+            live.update(tls)
+                .map_err(|e| StartError::Nats(crate::registry::nats::NatsError::Tls(e)))?;
+        }
         warn_admin(cfg);
         check_certificates(&self.state.metrics, cfg);
         if let Some(x) = &self.state.xdp {

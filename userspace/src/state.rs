@@ -59,6 +59,8 @@ pub struct State {
     pub draining: Draining,
     /// Whether each event loop (every worker's and the main runtime's) still runs.
     pub liveness: crate::liveness::Liveness,
+    /// `nats.tls`, as the NATS client's next handshake uses it (reloads update it).
+    pub nats_tls: Option<Arc<crate::tls::nats::LiveNatsTls>>,
 }
 
 /// Set once, when the gateway starts draining: `/health` answers 503, HTTP/1.1 responses close

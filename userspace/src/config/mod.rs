@@ -234,9 +234,77 @@ impl Sharding {
 
 #[derive(Clone, Debug)]
 pub struct Nats {
+    /// The server URLs without the credentials written into them (those are in `auth`), so
+    /// that they can be logged.
     pub servers: Vec<String>,
+    /// The user and password (or token) written into the server URLs.
+    pub auth: Option<NatsAuth>,
     /// Publish learned denials on `portcullis.deny` and apply the fleet's (default true).
     pub share_denials: bool,
+    /// TLS to every NATS server (GoRouter's `nats.tls_enabled`), required when set.
+    pub tls: Option<NatsTls>,
+}
+
+/// Credentials for NATS, from `nats://user:password@host:port` (or `nats://token@host:port`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsAuth::UserPassword { user, .. } => write!(f, "user {user:?} with a password"),
+            NatsAuth::Token(_) => write!(f, "a token"),
+        }
+    }
+}
+
+/// `s` with whatever stands between `://` and `@` (credentials) replaced by `***`.
+fn redacted(s: &str) -> String {
+    match (s.find("://"), s.rfind('@')) {
+        (Some(a), Some(b)) if b > a + 3 => format!("{}***{}", &s[..a + 3], &s[b..]),
+        _ => s.to_string(),
+    }
+}
+
+/// A NATS server URL split into the URL without credentials and the credentials.
+fn nats_server(s: &str) -> Result<(String, Option<NatsAuth>), String> {
+    let shown = redacted(s);
+    let bad = |why: &str| format!("invalid URL '{shown}': {why}, expected nats://HOST:PORT");
+    let mut url = url::Url::parse(s).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "nats" | "tls") {
+        return Err(bad("the scheme is neither nats nor tls"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    let decode = |v: &str| {
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| bad("the credentials are not UTF-8 once decoded"))
+    };
+    let auth = match (url.username(), url.password()) {
+        ("", None) => None,
+        (user, Some(password)) => Some(NatsAuth::UserPassword {
+            user: decode(user)?,
+            password: decode(password)?,
+        }),
+        (token, None) => Some(NatsAuth::Token(decode(token)?)),
+    };
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Ok((url.to_string(), auth))
+}
+
+/// `nats.tls`: whom the NATS servers' certificates must chain to, and the client certificate
+/// to present (Cloud Foundry's `nats-tls` requires one).
+#[derive(Clone, Debug)]
+pub struct NatsTls {
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    pub client_cert: Option<Arc<CertifiedKey>>,
 }
 
 #[derive(Clone, Debug)]
@@ -1175,17 +1243,57 @@ impl Validator<'_> {
             if n.servers.is_empty() {
                 self.problem("nats.servers", "at least one server is required");
             }
+            let mut servers = Vec::with_capacity(n.servers.len());
+            let mut auth: Option<NatsAuth> = None;
             for (i, s) in n.servers.iter().enumerate() {
-                if !s.starts_with("nats://") && !s.starts_with("tls://") {
-                    self.problem(
-                        format!("nats.servers[{i}]"),
-                        format!("invalid URL '{s}', expected nats://HOST:PORT"),
-                    );
+                match nats_server(s) {
+                    Err(e) => self.problem(format!("nats.servers[{i}]"), e),
+                    Ok((url, None)) => servers.push(url),
+                    Ok((url, Some(a))) => {
+                        servers.push(url);
+                        if auth.as_ref().is_some_and(|known| *known != a) {
+                            self.problem(
+                                format!("nats.servers[{i}]"),
+                                "names other credentials than the servers before it; one user \
+                                 and password (or token) serves them all, as GoRouter's \
+                                 nats.user and nats.pass",
+                            );
+                        }
+                        auth.get_or_insert(a);
+                    }
                 }
             }
+            let tls = n.tls.map(|t| {
+                let ca_certs = match t.ca_certs.as_deref() {
+                    None => {
+                        self.problem(
+                            "nats.tls.ca_certs",
+                            "required: the CA bundle the NATS servers' certificates chain to",
+                        );
+                        None
+                    }
+                    Some(p) => self.certs("nats.tls.ca_certs", p),
+                };
+                let client_cert = if t.cert_chain.is_some() || t.private_key.is_some() {
+                    self.certified_key(
+                        "nats.tls",
+                        t.cert_chain.as_deref(),
+                        t.private_key.as_deref(),
+                    )
+                    .map(|c| c.key)
+                } else {
+                    None
+                };
+                NatsTls {
+                    ca_certs: ca_certs.unwrap_or_default(),
+                    client_cert,
+                }
+            });
             Nats {
-                servers: n.servers,
+                servers,
+                auth,
                 share_denials: n.share_denials.unwrap_or(true),
+                tls,
             }
         });
 
@@ -1420,6 +1528,87 @@ mod tests {
         Config::from_yaml(yaml, Path::new("."), Path::new("t.yaml"))
             .unwrap_err()
             .problems()
+    }
+
+    #[test]
+    fn nats_tls_needs_its_ca_and_a_whole_client_certificate() {
+        let problems = problems_of(
+            "nats: {servers: [\"nats://127.0.0.1:4222\"], tls: {cert_chain: c.pem, verify: no}}\n",
+        );
+        for want in [
+            "nats.tls.ca_certs: required: the CA bundle the NATS servers' certificates chain to",
+            "nats.tls.private_key: required",
+            "nats.tls.verify: unknown key",
+        ] {
+            assert!(
+                problems.contains(&want.to_string()),
+                "{want} in {problems:?}"
+            );
+        }
+        let problems = problems_of(
+            "nats: {servers: [\"nats://127.0.0.1:4222\"], tls: {ca_certs: /nonexistent/ca.pem}}\n",
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("nats.tls.ca_certs: ") && p.contains("/nonexistent/ca.pem")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn nats_credentials_leave_the_urls_and_never_reach_a_message() {
+        assert_eq!(
+            nats_server("nats://router:p%40ss%25@10.0.0.5:4222").unwrap(),
+            (
+                "nats://10.0.0.5:4222".to_string(),
+                Some(NatsAuth::UserPassword {
+                    user: "router".into(),
+                    password: "p@ss%".into()
+                })
+            )
+        );
+        assert_eq!(
+            nats_server("tls://10.0.0.6:4224").unwrap(),
+            ("tls://10.0.0.6:4224".to_string(), None)
+        );
+        assert_eq!(
+            nats_server("nats://tok3n@[::1]:4222").unwrap(),
+            (
+                "nats://[::1]:4222".to_string(),
+                Some(NatsAuth::Token("tok3n".into()))
+            )
+        );
+        let auth = NatsAuth::UserPassword {
+            user: "router".into(),
+            password: "secret".into(),
+        };
+        assert_eq!(format!("{auth:?}"), "user \"router\" with a password");
+        let problems: Vec<String> = problems_of(
+            "nats: {servers: [\"nats://a:secret1@h1:4222\", \"nats://a:secret2@h2:4222\", \
+             \"ftp://a:secret3@h3\", \"nats://a:secret4@\", \"nats://h5:4222\"]}\n",
+        )
+        .into_iter()
+        .filter(|p| p.starts_with("nats."))
+        .collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with("nats.servers[1]: names other credentials"),
+            "{problems:?}"
+        );
+        assert_eq!(
+            problems[1],
+            "nats.servers[2]: invalid URL 'ftp://***@h3': the scheme is neither nats nor tls, \
+             expected nats://HOST:PORT"
+        );
+        assert!(
+            problems[2].starts_with("nats.servers[3]: invalid URL 'nats://***@'"),
+            "{problems:?}"
+        );
+        assert!(
+            !problems.iter().any(|p| p.contains("secret")),
+            "{problems:?}"
+        );
     }
 
     #[test]

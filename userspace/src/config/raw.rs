@@ -129,6 +129,15 @@ pub struct RawRegistry {
 pub struct RawNats {
     pub servers: Vec<String>,
     pub share_denials: Option<bool>,
+    pub tls: Option<RawNatsTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawNatsTls {
+    pub ca_certs: Option<String>,
+    pub cert_chain: Option<String>,
+    pub private_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

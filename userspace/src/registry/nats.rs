@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{Registration, RegistrationError, ValidRegistration};
-use crate::config::Config;
+use crate::config::{Config, NatsAuth};
 use crate::metrics::RegistryLabels;
 use crate::state::State;
 use crate::xdp::SharedDenial;
@@ -45,6 +45,8 @@ pub enum NatsError {
     Connect(#[from] async_nats::ConnectError),
     #[error("nats: cannot subscribe: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    #[error("{0}")]
+    Tls(String),
 }
 
 enum Change {
@@ -112,6 +114,35 @@ pub async fn start(state: Arc<State>) -> Result<(), NatsError> {
                 let _ = tx.send(event);
             }
         });
+    // async-nats keeps why each server refused (a TLS failure, a refused connection) to itself
+    // and logs it at debug; it hands the servers to this callback before each attempt.
+    let said = Arc::new(std::sync::Mutex::new(Unreachable::default()));
+    let options = options.reconnect_to_server_callback(move |servers, _| {
+        let errors: Vec<String> = servers
+            .iter()
+            .filter_map(|s| Some(format!("{s}: {}", s.last_error.as_deref()?)))
+            .collect();
+        if let Ok(mut said) = said.lock() {
+            said.report(errors);
+        }
+        std::future::ready(None)
+    });
+    let options = match nats.auth.clone() {
+        None => options,
+        Some(NatsAuth::UserPassword { user, password }) => {
+            options.user_and_password(user, password)
+        }
+        Some(NatsAuth::Token(token)) => options.token(token),
+    };
+    let options = match &state.nats_tls {
+        None => options,
+        Some(live) => {
+            let config = live
+                .client_config()
+                .map_err(|e| NatsError::Tls(format!("nats.tls: {e}")))?;
+            options.require_tls(true).tls_client_config(config)
+        }
+    };
     let client = options.connect(nats.servers.clone()).await?;
     let register = client.subscribe("router.register").await?;
     let unregister = client.subscribe("router.unregister").await?;
@@ -134,6 +165,34 @@ pub async fn start(state: Arc<State>) -> Result<(), NatsError> {
     };
     tokio::spawn(run(state, client, subs, events, start_msg));
     Ok(())
+}
+
+/// Why the NATS servers could not be reached, said at warn when it changes and at most once a
+/// minute while it lasts.
+#[derive(Default)]
+struct Unreachable {
+    last: Vec<String>,
+    at: Option<Instant>,
+}
+
+impl Unreachable {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn report(&mut self, errors: Vec<String>) {
+        if errors.is_empty() {
+            self.last.clear();
+            return;
+        }
+        let due = self.at.is_none_or(|t| t.elapsed() >= Self::EVERY);
+        if errors != self.last || due {
+            tracing::warn!(
+                errors = %errors.join("; "),
+                "cannot connect to NATS; retrying (routes from NATS wait, and /health answers 503 while no server is connected)"
+            );
+            self.at = Some(Instant::now());
+            self.last = errors;
+        }
+    }
 }
 
 /// The subject learned denials are shared on.

@@ -5,6 +5,7 @@ mod backend;
 pub mod expiry;
 mod kernel;
 pub mod kstream;
+pub mod nats;
 mod server;
 mod unbuffered;
 
