@@ -1040,6 +1040,19 @@ fn registry_warnings() -> String {
     String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
 }
 
+/// Registers `uri` on a fresh backend through `emitter`; the gateway must route it (200).
+async fn routes_through(emitter: &async_nats::Client, gw: &TestGateway, pki: &TestPki, uri: &str) {
+    let backend = echo::start(uri, ([127, 0, 0, 1], 0).into()).await.unwrap();
+    emitter
+        .publish(
+            "router.register",
+            registration(uri, backend.addr, json!({})).into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(wait_status(gw, pki, Some(&pki.a), uri, 200).await, 200);
+}
+
 async fn health(gw: &TestGateway) -> (u16, String) {
     let mut c = Conn::plain(gw.gw.admin_addr().unwrap()).await.unwrap();
     let r = c.get("admin", "/health").await.unwrap();
@@ -1061,20 +1074,7 @@ async fn routes_arrive_over_nats_with_tls_and_a_client_certificate() {
     let gw = TestGateway::start(&pki, &npki.yaml(&url, Some("gw"))).await;
     next_start(&mut starts).await;
     assert_eq!(health(&gw).await, (200, "ok\n".to_string()));
-    let backend = echo::start("tls-nats", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    emitter
-        .publish(
-            "router.register",
-            registration("n.apps.identity", backend.addr, json!({})).into(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_status(&gw, &pki, Some(&pki.a), "n.apps.identity", 200).await,
-        200
-    );
+    routes_through(&emitter, &gw, &pki, "n.apps.identity").await;
 }
 
 /// Without a client certificate the server refuses the gateway, which stays unhealthy (503) and
@@ -1112,20 +1112,7 @@ async fn a_nats_client_certificate_added_on_reload_is_used_from_the_next_connect
     gw.reload(&npki.yaml(&url, Some("gw")));
     next_start(&mut starts).await;
     assert_eq!(health(&gw).await, (200, "ok\n".to_string()));
-    let backend = echo::start("tls-nats", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    emitter
-        .publish(
-            "router.register",
-            registration("n.apps.identity", backend.addr, json!({})).into(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_status(&gw, &pki, Some(&pki.a), "n.apps.identity", 200).await,
-        200
-    );
+    routes_through(&emitter, &gw, &pki, "n.apps.identity").await;
 }
 
 /// Cloud Foundry's NATS takes a user and password (GoRouter's `nats.user`, `nats.pass`); they
@@ -1151,20 +1138,7 @@ async fn the_user_and_password_in_the_server_url_log_in() {
     let gw = TestGateway::start(&pki, &config(&url("s3cr%25t"), "")).await;
     next_start(&mut starts).await;
     assert_eq!(health(&gw).await, (200, "ok\n".to_string()));
-    let backend = echo::start("auth", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    emitter
-        .publish(
-            "router.register",
-            registration("u.apps.identity", backend.addr, json!({})).into(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_status(&gw, &pki, Some(&pki.a), "u.apps.identity", 200).await,
-        200
-    );
+    routes_through(&emitter, &gw, &pki, "u.apps.identity").await;
 
     let wrong = TestGateway::start(&pki, &config(&url("nope"), "")).await;
     tokio::time::sleep(Duration::from_secs(2)).await;

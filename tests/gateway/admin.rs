@@ -493,15 +493,19 @@ async fn health_fails_while_a_worker_is_stalled() {
     tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut said = (0, String::new());
-    for _ in 0..50 {
-        said = health().await;
-        if said.0 == 503 {
-            break;
+    // Polls `/health` (every 0.2 s, at most 10 s) until it answers `status`.
+    let health_becomes = |status: u16| async move {
+        let mut said = health().await;
+        for _ in 0..50 {
+            if said.0 == status {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            said = health().await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (status, body) = said;
+        said
+    };
+    let (status, body) = health_becomes(503).await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.starts_with("stalled: event loop w") && body.matches("event loop").count() == 1,
@@ -522,14 +526,6 @@ async fn health_fails_while_a_worker_is_stalled() {
     assert_eq!(r.status, 200);
 
     drop(_release);
-    let mut said = (0, String::new());
-    for _ in 0..25 {
-        said = health().await;
-        if said.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(said, (200, "ok\n".to_string()));
+    assert_eq!(health_becomes(200).await, (200, "ok\n".to_string()));
     gw.wait_metric("portcullis_event_loops_stalled", 0.0).await;
 }
