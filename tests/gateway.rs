@@ -24,6 +24,8 @@ mod pipeline;
 mod proxy_protocol;
 #[path = "gateway/reload.rs"]
 mod reload;
+#[path = "gateway/rewrite.rs"]
+mod rewrite;
 #[path = "gateway/selection.rs"]
 mod selection;
 #[path = "gateway/websocket.rs"]

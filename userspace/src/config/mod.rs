@@ -45,9 +45,51 @@ pub struct Config {
     /// (`portcullis`, or `<tenant>@portcullis`); `None` leaves `traceparent` and `tracestate` as
     /// the caller sent them.
     pub w3c_tracestate_key: Option<Arc<str>>,
+    /// `http_rewrite.responses`: headers removed from, then added to, every response.
+    pub response_rewrite: ResponseRewrite,
     /// Every certificate loaded from the files above, in config order, for the expiry checks.
     pub certificate_validity: Vec<CertValidity>,
 }
+
+/// `http_rewrite.responses` (GoRouter's): applied to every response the gateway sends, the
+/// backends' and its own (404, 403, 502 …), for headers such as `Strict-Transport-Security`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResponseRewrite {
+    /// `remove_headers`: removed first.
+    pub remove: Vec<http::HeaderName>,
+    /// `add_headers_if_not_present`: then set where the response has no such header.
+    pub add_if_absent: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+impl ResponseRewrite {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add_if_absent.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.add_if_absent {
+            if !headers.contains_key(name) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// Headers the HTTP layer writes itself (framing, hop-by-hop): a rewrite of them would corrupt
+/// the response or be undone.
+const UNREWRITABLE: [&str; 8] = [
+    "connection",
+    "content-length",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// The admin API (SPEC §12).
 #[derive(Clone, Debug)]
@@ -965,6 +1007,65 @@ impl Validator<'_> {
         })
     }
 
+    /// A header name for `http_rewrite`: present, valid, and not one the HTTP layer owns.
+    fn rewrite_name(&mut self, key: &str, name: Option<&str>) -> Option<http::HeaderName> {
+        let Some(name) = name else {
+            self.problem(format!("{key}.name"), "required");
+            return None;
+        };
+        match http::HeaderName::from_bytes(name.as_bytes()) {
+            Err(_) => {
+                self.problem(
+                    format!("{key}.name"),
+                    format!("'{name}' is not a valid header name"),
+                );
+                None
+            }
+            Ok(h) if UNREWRITABLE.contains(&h.as_str()) => {
+                self.problem(
+                    format!("{key}.name"),
+                    format!("'{name}' is written by the HTTP layer itself and cannot be rewritten"),
+                );
+                None
+            }
+            Ok(h) => Some(h),
+        }
+    }
+
+    fn response_rewrite(&mut self, raw: &RawResponseRewrite) -> ResponseRewrite {
+        let mut out = ResponseRewrite::default();
+        for (i, h) in raw.remove_headers.iter().enumerate() {
+            let key = format!("http_rewrite.responses.remove_headers[{i}]");
+            if let Some(name) = self.rewrite_name(&key, h.name.as_deref()) {
+                out.remove.push(name);
+            }
+        }
+        for (i, h) in raw.add_headers_if_not_present.iter().enumerate() {
+            let key = format!("http_rewrite.responses.add_headers_if_not_present[{i}]");
+            let name = self.rewrite_name(&key, h.name.as_deref());
+            let value = match h.value.as_deref() {
+                None => {
+                    self.problem(format!("{key}.value"), "required");
+                    None
+                }
+                Some(v) => match http::HeaderValue::from_str(v) {
+                    Ok(v) => Some(v),
+                    Err(_) => {
+                        self.problem(
+                            format!("{key}.value"),
+                            "not a valid header value (visible ASCII, spaces and tabs only)",
+                        );
+                        None
+                    }
+                },
+            };
+            if let (Some(name), Some(value)) = (name, value) {
+                out.add_if_absent.push((name, value));
+            }
+        }
+        out
+    }
+
     fn certs(&mut self, key: &str, rel: &str) -> Option<Vec<CertificateDer<'static>>> {
         match load_certs(self.base, rel) {
             Ok(c) => {
@@ -1461,6 +1562,7 @@ impl Validator<'_> {
         };
 
         let w3c_tracestate_key = self.tracing(&raw.tracing);
+        let response_rewrite = self.response_rewrite(&raw.http_rewrite.responses);
 
         Config {
             source: None,
@@ -1479,6 +1581,7 @@ impl Validator<'_> {
             limits,
             drain,
             w3c_tracestate_key,
+            response_rewrite,
             certificate_validity: std::mem::take(&mut self.validity),
         }
     }
@@ -1609,6 +1712,40 @@ mod tests {
             !problems.iter().any(|p| p.contains("secret")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn http_rewrite_names_valid_headers_the_http_layer_does_not_own() {
+        let problems: Vec<String> = problems_of(
+            "http_rewrite:\n  responses:\n    add_headers_if_not_present:\n\
+             \x20     - {name: X-Frame-Options}\n\
+             \x20     - {name: \"bad name\", value: x}\n\
+             \x20     - {name: X-Ok, value: \"a\\nb\"}\n\
+             \x20   remove_headers: [{name: Transfer-Encoding}, {value: x}, {name: Server}]\n",
+        )
+        .into_iter()
+        .filter(|p| p.starts_with("http_rewrite"))
+        .collect();
+        let key = "http_rewrite.responses";
+        for want in [
+            format!("{key}.add_headers_if_not_present[0].value: required"),
+            format!(
+                "{key}.add_headers_if_not_present[1].name: 'bad name' is not a valid header name"
+            ),
+            format!(
+                "{key}.add_headers_if_not_present[2].value: not a valid header value (visible \
+                 ASCII, spaces and tabs only)"
+            ),
+            format!(
+                "{key}.remove_headers[0].name: 'Transfer-Encoding' is written by the HTTP layer \
+                 itself and cannot be rewritten"
+            ),
+            format!("{key}.remove_headers[1].name: required"),
+            format!("{key}.remove_headers[1].value: unknown key"),
+        ] {
+            assert!(problems.contains(&want), "{want} in {problems:?}");
+        }
+        assert_eq!(problems.len(), 6, "{problems:?}");
     }
 
     #[test]

@@ -23,6 +23,34 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub drain: RawDrain,
     pub tracing: RawTracing,
+    pub http_rewrite: RawHttpRewrite,
+}
+
+/// GoRouter's `http_rewrite`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawHttpRewrite {
+    pub responses: RawResponseRewrite,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawResponseRewrite {
+    pub add_headers_if_not_present: Vec<RawHeaderValue>,
+    pub remove_headers: Vec<RawHeaderName>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawHeaderValue {
+    pub name: Option<String>,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawHeaderName {
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

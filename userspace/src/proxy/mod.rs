@@ -350,6 +350,13 @@ pub async fn handle(
         resp.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
+    {
+        let runtime = state.runtime.load();
+        let rewrite = &runtime.config.response_rewrite;
+        if !rewrite.is_empty() {
+            rewrite.apply(resp.headers_mut());
+        }
+    }
     done.record.status = resp.status().as_u16();
     Ok(done.wrap(resp))
 }
