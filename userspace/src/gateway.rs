@@ -395,7 +395,6 @@ impl Gateway {
         if nats(old) != nats(&config) {
             return Err(StartError::NeedsRestart("nats"));
         }
-
         if old.registry.sharding != config.registry.sharding {
             return Err(StartError::NeedsRestart(
                 "registry.routing_table_sharding_mode and registry.isolation_segments",
