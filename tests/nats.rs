@@ -363,6 +363,7 @@ async fn pruning_is_suspended_while_nats_is_down() {
         backend.addr.port()
     );
     let gw = start_subscribed(&pki, &nats.url(), &y).await;
+    assert_eq!(gw.metric("portcullis_registry_connected"), 1.0);
     let nc = nats_client(&nats.url()).await;
     let stale_soon = json!({"stale_threshold_in_seconds": 1});
     nc.publish(
@@ -423,6 +424,7 @@ async fn pruning_is_suspended_while_nats_is_down() {
     let admin = gw.gw.admin_addr().unwrap();
     let mut c = Conn::plain(admin).await.unwrap();
     assert_eq!(c.get("admin", "/health").await.unwrap().status, 503);
+    assert_eq!(gw.metric("portcullis_registry_connected"), 0.0);
 
     nats.restart();
     let nc = nats_client(&nats.url()).await;
@@ -439,6 +441,7 @@ async fn pruning_is_suspended_while_nats_is_down() {
         assert!(Instant::now() < deadline, "gateway never reconnected");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(gw.metric("portcullis_registry_connected"), 1.0);
     // Connected again and still unrefreshed: pruned now. A refreshed one stays (re-sent until
     // the restored subscription sees it, as route emitters do); static routes stay.
     let deadline = Instant::now() + Duration::from_secs(10);

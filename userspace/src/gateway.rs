@@ -222,6 +222,7 @@ impl Gateway {
         let limits = config.limits.clone();
         let workers = limits.worker_threads();
         let has_nats = config.nats.is_some();
+        metrics.registry_connected.set(i64::from(!has_nats));
         let nats_tls = match config.nats.as_ref().and_then(|n| n.tls.as_ref()) {
             None => None,
             Some(t) => Some(

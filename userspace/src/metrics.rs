@@ -142,6 +142,7 @@ pub struct Metrics {
     pub backend_exhausted_conns: Counter,
     pub certificate_expiry: Family<CertLabels, Gauge>,
     pub event_loops_stalled: Gauge,
+    pub registry_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -192,6 +193,7 @@ impl Metrics {
             backend_exhausted_conns: Counter::default(),
             certificate_expiry: Family::default(),
             event_loops_stalled: Gauge::default(),
+            registry_connected: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -345,6 +347,12 @@ impl Metrics {
             "Event loops (worker threads, the main runtime) that have not run for 5 s: a task is \
              blocking the thread, and the connections it holds wait",
             m.event_loops_stalled.clone(),
+        );
+        registry.register(
+            "registry_connected",
+            "1 while a NATS server is connected (always 1 without NATS), else 0: routes from NATS \
+             are not updated and stale ones not pruned",
+            m.registry_connected.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -293,6 +293,7 @@ async fn run(
             Some(event) = events.recv() => match event {
                 Event::Connected => {
                     state.registry_connected.store(true, Ordering::Relaxed);
+                    state.metrics.registry_connected.set(1);
                     if let Err(e) = client.publish("router.start", start_body.clone()).await {
                         tracing::warn!(error = %e, "router.start publish failed");
                     }
@@ -300,6 +301,7 @@ async fn run(
                 }
                 Event::Disconnected => {
                     state.registry_connected.store(false, Ordering::Relaxed);
+                    state.metrics.registry_connected.set(0);
                     tracing::warn!("NATS disconnected; pruning suspended");
                 }
                 Event::SlowConsumer(sid) => {
