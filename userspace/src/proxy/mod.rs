@@ -334,7 +334,9 @@ pub async fn handle(
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
     done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), conn.client.ip());
     let h1 = req.version() < Version::HTTP_2;
-    let mut resp = match route(&state, &conn, req, &host, &raw_host, &mut done).await {
+    // One snapshot of the running config for the whole request.
+    let rt = state.runtime.load_full();
+    let mut resp = match route(&state, &rt, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => resp,
         Err(reject) => {
             done.record.router_error = reject.router_error();
@@ -350,12 +352,9 @@ pub async fn handle(
         resp.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
-    {
-        let runtime = state.runtime.load();
-        let rewrite = &runtime.config.response_rewrite;
-        if !rewrite.is_empty() {
-            rewrite.apply(resp.headers_mut());
-        }
+    let rewrite = &rt.config.response_rewrite;
+    if !rewrite.is_empty() {
+        rewrite.apply(resp.headers_mut());
     }
     done.record.status = resp.status().as_u16();
     Ok(done.wrap(resp))
@@ -363,6 +362,7 @@ pub async fn handle(
 
 async fn route(
     state: &Arc<State>,
+    rt: &crate::state::Runtime,
     conn: &ConnCtx,
     mut req: Request<Incoming>,
     host: &str,
@@ -372,7 +372,6 @@ async fn route(
     if host.is_empty() {
         return Err(Reject::EmptyHost);
     }
-    let rt = state.runtime.load_full();
     let table = state.registry.table();
     let pool = table
         .lookup(host, req.uri().path())

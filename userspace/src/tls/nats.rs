@@ -13,7 +13,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::config::NatsTls;
 
@@ -36,13 +36,8 @@ impl std::fmt::Debug for LiveNatsTls {
 }
 
 fn current(tls: &NatsTls) -> Result<Current, String> {
-    let mut roots = RootCertStore::empty();
-    let (added, ignored) = roots.add_parsable_certificates(tls.ca_certs.iter().cloned());
-    if added == 0 {
-        return Err(format!(
-            "nats.tls.ca_certs: none of the {ignored} certificate(s) is a usable trust anchor"
-        ));
-    }
+    let roots = super::server::trust_anchors(&tls.ca_certs)
+        .map_err(|e| format!("nats.tls.ca_certs: {e}"))?;
     let verifier =
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), super::server::provider())
             .build()

@@ -58,6 +58,13 @@ pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn client_verifier(
     cas: &[CertificateDer<'static>],
 ) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(trust_anchors(cas)?), provider())
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The trust anchors in `cas`; the error says why none of them can be one.
+pub(super) fn trust_anchors(cas: &[CertificateDer<'static>]) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     let (added, ignored) = roots.add_parsable_certificates(cas.iter().cloned());
     if added == 0 {
@@ -65,9 +72,7 @@ pub fn client_verifier(
             "none of the {ignored} certificate(s) is a usable trust anchor"
         ));
     }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| e.to_string())
+    Ok(roots)
 }
 
 /// A client config trusting `cas`, presenting `client` when given: for TLS backends and for
