@@ -26,6 +26,8 @@ mod proxy_protocol;
 mod reload;
 #[path = "gateway/rewrite.rs"]
 mod rewrite;
+#[path = "gateway/route_services.rs"]
+mod route_services;
 #[path = "gateway/selection.rs"]
 mod selection;
 #[path = "gateway/websocket.rs"]

@@ -23,9 +23,13 @@ pub struct Explanation {
     pub sources: Vec<String>,
     pub malformed_sources: Vec<String>,
     pub endpoint_selection: String,
-    /// The route service the route is bound to (every request is answered 502).
+    /// The route service the route is bound to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_service_url: Option<String>,
+    /// Whether requests go through that route service (`route_services` is configured and the
+    /// route is not in an mTLS domain); otherwise they are answered 502.
+    #[serde(default)]
+    pub route_service_called: bool,
     pub endpoints: Vec<EndpointView>,
     pub caller: Option<CallerDecision>,
 }
@@ -117,6 +121,7 @@ pub fn explain(
         }
         .to_string(),
         route_service_url: pool.route_service.as_deref().map(str::to_string),
+        route_service_called: config.route_services.is_some() && domain.is_none(),
         endpoints: pool
             .endpoints
             .iter()
@@ -228,11 +233,20 @@ impl fmt::Display for Explanation {
                 self.malformed_sources.join(", ")
             )?;
         }
-        if let Some(url) = &self.route_service_url {
-            writeln!(
+        match (&self.route_service_url, self.route_service_called) {
+            (Some(url), true) => writeln!(
                 f,
-                "route service: {url}: not supported, so every request the policy allows is answered 502 (route_service_unsupported)"
-            )?;
+                "route service: {url}: requests the policy allows go to it first, and to the endpoints when it sends them back signed"
+            )?,
+            (Some(url), false) if self.domain.is_some() => writeln!(
+                f,
+                "route service: {url}: not supported in an mTLS domain, so every request the policy allows is answered 502 (route_service_unsupported)"
+            )?,
+            (Some(url), false) => writeln!(
+                f,
+                "route service: {url}: route_services is not configured, so every request the policy allows is answered 502 (route_service_unsupported)"
+            )?,
+            (None, _) => {}
         }
         writeln!(f, "endpoints:")?;
         for e in &self.endpoints {
@@ -266,7 +280,13 @@ impl fmt::Display for Explanation {
             writeln!(f, "certificate: {}", c.certificate)?;
             writeln!(f, "decision:  {} ({})", c.decision, c.rule)?;
             if c.decision == "allow" {
-                if self.route_service_url.is_some() {
+                if self.route_service_url.is_some() && self.route_service_called {
+                    writeln!(
+                        f,
+                        "reaches:   the route service, then {}",
+                        c.reachable_endpoints.join(", ")
+                    )?;
+                } else if self.route_service_url.is_some() {
                     writeln!(f, "reaches:   nothing: 502 (route service)")?;
                 } else {
                     writeln!(f, "reaches:   {}", c.reachable_endpoints.join(", "))?;

@@ -72,6 +72,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: &'static str,
 }
@@ -143,6 +148,7 @@ pub struct Metrics {
     pub certificate_expiry: Family<CertLabels, Gauge>,
     pub event_loops_stalled: Gauge,
     pub registry_connected: Gauge,
+    pub route_service_requests: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -194,6 +200,7 @@ impl Metrics {
             certificate_expiry: Family::default(),
             event_loops_stalled: Gauge::default(),
             registry_connected: Gauge::default(),
+            route_service_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -353,6 +360,13 @@ impl Metrics {
             "1 while a NATS server is connected (always 1 without NATS), else 0: routes from NATS \
              are not updated and stale ones not pruned",
             m.registry_connected.clone(),
+        );
+        registry.register(
+            "route_service_requests",
+            "Requests for routes bound to a route service, by outcome: sent to the service, \
+             returned from it and taken back, failed (the service did not answer), or refused \
+             on return (invalid_signature, expired, other_route)",
+            m.route_service_requests.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -22,6 +22,8 @@ pub struct Runtime {
     pub backend_tls: Option<Arc<ClientConfig>>,
     /// The admin API's TLS settings (`admin.tls`), when it is served over TLS.
     pub admin_tls: Option<Arc<rustls::ServerConfig>>,
+    /// `route_services`: the signing keys and the client that calls the route services.
+    pub route_services: Option<crate::proxy::route_service::RouteServiceRuntime>,
 }
 
 impl Runtime {
@@ -32,11 +34,19 @@ impl Runtime {
             Some(a) => Some(admin_server_config(a, &config.tls)?),
             None => None,
         };
+        let route_services = match &config.route_services {
+            Some(rs) => Some(
+                crate::proxy::route_service::RouteServiceRuntime::build(rs, &config.backends)
+                    .map_err(TlsBuildError::RouteServices)?,
+            ),
+            None => None,
+        };
         Ok(Runtime {
             config,
             tls,
             backend_tls,
             admin_tls,
+            route_services,
         })
     }
 }

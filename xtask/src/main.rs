@@ -64,7 +64,13 @@ enum Task {
 }
 
 /// Fuzz targets under `fuzz/`, each with a seed corpus in `fuzz/corpus/<name>`.
-const FUZZ_TARGETS: &[&str] = &["registration", "config", "certificate", "proxy_header"];
+const FUZZ_TARGETS: &[&str] = &[
+    "registration",
+    "config",
+    "certificate",
+    "proxy_header",
+    "route_service_signature",
+];
 /// Fuzz targets that load the XDP program: root, bpffs and the built object needed.
 const PRIVILEGED_FUZZ_TARGETS: &[&str] = &["xdp_twin"];
 /// The nightly toolchain for the eBPF target and cargo-fuzz: LLVM 22, to match bpf-linker built

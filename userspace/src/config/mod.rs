@@ -47,6 +47,9 @@ pub struct Config {
     pub w3c_tracestate_key: Option<Arc<str>>,
     /// `http_rewrite.responses`: headers removed from, then added to, every response.
     pub response_rewrite: ResponseRewrite,
+    /// `route_services`: routes bound to a route service send their requests through it; `None`
+    /// answers them 502 `route_service_unsupported`, as GoRouter does with route services off.
+    pub route_services: Option<RouteServices>,
     /// Every certificate loaded from the files above, in config order, for the expiry checks.
     pub certificate_validity: Vec<CertValidity>,
 }
@@ -300,6 +303,37 @@ impl std::fmt::Debug for NatsAuth {
             NatsAuth::UserPassword { user, .. } => write!(f, "user {user:?} with a password"),
             NatsAuth::Token(_) => write!(f, "a token"),
         }
+    }
+}
+
+/// `route_services` (GoRouter's `route_services_secret`, `route_services_secret_decrypt_only`,
+/// `route_services_timeout`, `route_services_recommend_https`): see [`crate::proxy::route_service`].
+#[derive(Clone)]
+pub struct RouteServices {
+    /// Signs the requests sent to route services and checks those that come back.
+    pub secret: String,
+    /// The previous secret during a rotation: requests signed with it are still taken back.
+    pub secret_decrypt_only: Option<String>,
+    /// How long a signature is good for: a request that comes back later is refused.
+    pub timeout: Duration,
+    /// Whether `X-CF-Forwarded-Url` says `https://` (else `http://`).
+    pub recommend_https: bool,
+    /// Trust anchors for the route services' certificates besides the system's.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for RouteServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteServices")
+            .field("secret", &"***")
+            .field(
+                "secret_decrypt_only",
+                &self.secret_decrypt_only.as_ref().map(|_| "***"),
+            )
+            .field("timeout", &self.timeout)
+            .field("recommend_https", &self.recommend_https)
+            .field("ca_certs", &self.ca_certs.len())
+            .finish()
     }
 }
 
@@ -1402,10 +1436,10 @@ impl Validator<'_> {
         for (i, r) in raw.routes.into_iter().enumerate() {
             match ValidRegistration::try_from(r) {
                 Ok(v) => {
-                    if v.route_service.is_some() {
+                    if v.route_service.is_some() && raw.route_services.is_none() {
                         self.problem(
                             format!("routes[{i}].route_service_url"),
-                            "route services are not supported: the route's requests would all be answered 502; remove it",
+                            "the route is bound to a route service, but route_services is not configured: its requests would all be answered 502; configure route_services or remove it",
                         );
                     }
                     for bad in &v.policy.malformed {
@@ -1563,6 +1597,7 @@ impl Validator<'_> {
 
         let w3c_tracestate_key = self.tracing(&raw.tracing);
         let response_rewrite = self.response_rewrite(&raw.http_rewrite.responses);
+        let route_services = raw.route_services.as_ref().map(|r| self.route_services(r));
 
         Config {
             source: None,
@@ -1582,7 +1617,47 @@ impl Validator<'_> {
             drain,
             w3c_tracestate_key,
             response_rewrite,
+            route_services,
             certificate_validity: std::mem::take(&mut self.validity),
+        }
+    }
+
+    /// `route_services`: a secret is required (every gateway behind the same balancer needs the
+    /// same one, as each takes back what another signed).
+    fn route_services(&mut self, r: &RawRouteServices) -> RouteServices {
+        let key = "route_services";
+        let secret = match r.secret.as_deref() {
+            Some(s) if !s.is_empty() => s.to_string(),
+            _ => {
+                self.problem(
+                    format!("{key}.secret"),
+                    "required: the key route service requests are signed with (GoRouter's route_services_secret)",
+                );
+                String::new()
+            }
+        };
+        let secret_decrypt_only = match r.secret_decrypt_only.as_deref() {
+            Some("") => {
+                self.problem(format!("{key}.secret_decrypt_only"), "empty");
+                None
+            }
+            other => other.map(str::to_string),
+        };
+        let ca_certs = r
+            .ca_certs
+            .as_deref()
+            .and_then(|p| self.certs(&format!("{key}.ca_certs"), p))
+            .unwrap_or_default();
+        RouteServices {
+            secret,
+            secret_decrypt_only,
+            timeout: self.duration(
+                &format!("{key}.timeout"),
+                r.timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+            recommend_https: r.recommend_https.unwrap_or(true),
+            ca_certs,
         }
     }
 
@@ -2137,6 +2212,44 @@ mod tests {
     }
 
     #[test]
+    fn route_services_need_a_secret_and_take_bound_static_routes() {
+        let problems = problems_of(
+            "route_services: {secret_decrypt_only: \"\", timeout: soon, ca_certs: /nonexistent/rs.pem, hairpin: yes}\n\
+             routes:\n\
+             - {uris: [a.apps.plain], host: 127.0.0.1, port: 9001, route_service_url: \"https://rs.example/\"}\n",
+        );
+        let ours: Vec<_> = problems
+            .iter()
+            .filter(|p| p.starts_with("route"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(ours.len(), 5, "{ours:#?}");
+        for want in [
+            "route_services.hairpin: unknown key",
+            "route_services.secret: required: the key route service requests are signed with (GoRouter's route_services_secret)",
+            "route_services.secret_decrypt_only: empty",
+        ] {
+            assert!(ours.contains(&want), "{want}: {ours:#?}");
+        }
+        assert!(ours
+            .iter()
+            .any(|p| p.starts_with("route_services.timeout: ")));
+        assert!(ours.iter().any(
+            |p| p.starts_with("route_services.ca_certs: ") && p.contains("/nonexistent/rs.pem")
+        ));
+        // The secret is never printed.
+        let rs = RouteServices {
+            secret: "hunter2".into(),
+            secret_decrypt_only: Some("hunter1".into()),
+            timeout: Duration::from_secs(1),
+            recommend_https: true,
+            ca_certs: Vec::new(),
+        };
+        let text = format!("{rs:?}");
+        assert!(!text.contains("hunter"), "{text}");
+    }
+
+    #[test]
     fn a_static_route_cannot_be_bound_to_a_route_service() {
         let problems = problems_of(
             "routes:\n\
@@ -2147,7 +2260,7 @@ mod tests {
         assert_eq!(
             problems[2..],
             [
-                "routes[0].route_service_url: route services are not supported: the route's requests would all be answered 502; remove it",
+                "routes[0].route_service_url: the route is bound to a route service, but route_services is not configured: its requests would all be answered 502; configure route_services or remove it",
                 "routes[1]: route_service_url 'http://rs.example/' is not an https:// URL",
             ]
         );

@@ -24,6 +24,18 @@ pub struct RawConfig {
     pub drain: RawDrain,
     pub tracing: RawTracing,
     pub http_rewrite: RawHttpRewrite,
+    pub route_services: Option<RawRouteServices>,
+}
+
+/// GoRouter's `route_services_*` settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRouteServices {
+    pub secret: Option<String>,
+    pub secret_decrypt_only: Option<String>,
+    pub timeout: Option<String>,
+    pub recommend_https: Option<bool>,
+    pub ca_certs: Option<String>,
 }
 
 /// GoRouter's `http_rewrite`.

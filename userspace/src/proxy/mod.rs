@@ -4,6 +4,7 @@
 pub mod body;
 mod headers;
 mod pool;
+pub mod route_service;
 pub mod sticky;
 
 use std::net::SocketAddr;
@@ -104,8 +105,14 @@ enum Reject {
     InvalidInstanceHeader,
     /// Every endpoint the request could go to has `backends.max_conns` requests in flight.
     ConnectionLimit(String),
-    /// The route is bound to a route service, which portcullis does not call.
+    /// The route is bound to a route service, and `route_services` is not configured (or the
+    /// route is in an mTLS domain).
     RouteServiceUnsupported,
+    /// A WebSocket upgrade for a route bound to a route service.
+    RouteServiceWebSocket,
+    /// A request that came back from a route service with a signature the gateway does not
+    /// take back.
+    RouteServiceSignature,
     /// The route has no endpoint for the instance `X-CF-App-Instance` names.
     UnknownInstance {
         host: String,
@@ -135,6 +142,14 @@ impl Reject {
             Reject::RouteServiceUnsupported => (
                 StatusCode::BAD_GATEWAY,
                 "Support for route services is disabled.".into(),
+            ),
+            Reject::RouteServiceWebSocket => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Websocket requests are not supported for routes bound to Route Services.".into(),
+            ),
+            Reject::RouteServiceSignature => (
+                StatusCode::BAD_REQUEST,
+                "Failed to validate Route Service Signature".into(),
             ),
             Reject::InvalidInstanceHeader => (
                 StatusCode::BAD_REQUEST,
@@ -171,9 +186,13 @@ impl Reject {
             Reject::UnknownRoute(_) | Reject::UnknownInstance { .. } => "unknown_route",
             Reject::InvalidInstanceHeader => "invalid_cf_app_instance_header",
             Reject::ConnectionLimit(_) => "Connection Limit Reached",
-            Reject::RouteServiceUnsupported => "route_service_unsupported",
+            Reject::RouteServiceUnsupported | Reject::RouteServiceWebSocket => {
+                "route_service_unsupported"
+            }
             Reject::EndpointFailure => "endpoint_failure",
             Reject::EndpointTimeout => "endpoint_timeout",
+            // GoRouter sends none with it; the log line says why (debug) and the metric counts it.
+            Reject::RouteServiceSignature => "",
             Reject::Misdirected | Reject::Forbidden(_) => "",
         }
     }
@@ -468,14 +487,42 @@ async fn route(
             }
         }
     }
-    // A route bound to a route service (GoRouter's `route_service_url`) must not reach its app
-    // past that service, which may be what authenticates or limits its callers: refused, as
-    // GoRouter refuses it with route services disabled. After the policy, so a caller the
-    // route refuses still learns nothing more than 403.
-    if pool.route_service.is_some() {
-        return Err(Reject::RouteServiceUnsupported);
+    // A route bound to a route service (GoRouter's `route_service_url`) reaches its app only
+    // through that service, which may be what authenticates or limits its callers: the request
+    // goes to the service, unless it comes back from it signed. After the policy, so a caller
+    // the route refuses learns nothing more than 403.
+    let mut to_route_service = None;
+    if let Some(url) = &pool.route_service {
+        let services = match (&rt.route_services, conn.mtls()) {
+            (Some(s), None) => s,
+            // Without `route_services`, or in an mTLS domain (the service's call back would
+            // carry its own certificate, not the caller's): as GoRouter with route services off.
+            _ => return Err(Reject::RouteServiceUnsupported),
+        };
+        if is_upgrade(req.headers()) {
+            return Err(Reject::RouteServiceWebSocket);
+        }
+        let outcome = |o| route_service::count(state, o);
+        if req
+            .headers()
+            .contains_key(route_service::X_CF_PROXY_SIGNATURE)
+        {
+            if let Err(e) = route_service::came_back(services, &table, &pool.key, req.headers()) {
+                tracing::debug!(client = %conn.client, %host, error = %e, "route service request not taken back");
+                outcome(e.outcome());
+                return Err(Reject::RouteServiceSignature);
+            }
+            outcome("returned");
+            let h = req.headers_mut();
+            h.remove(route_service::X_CF_PROXY_SIGNATURE);
+            h.remove(route_service::X_CF_PROXY_METADATA);
+            h.remove(route_service::X_CF_FORWARDED_URL);
+        } else {
+            outcome("sent");
+            to_route_service = Some((services, url.clone()));
+        }
     }
-    if full {
+    if full && to_route_service.is_none() {
         return Err(connection_limit(state, host));
     }
 
@@ -525,6 +572,11 @@ async fn route(
         parts,
         BodyExt::boxed_unsync(body.map_err(BoxError::from)),
     ));
+    if let Some((services, url)) = to_route_service {
+        let out = pending.take().expect("built above");
+        let timeout = rt.config.backends.response_header_timeout;
+        return route_service::send(state, services, &url, host, &pq, out, timeout).await;
+    }
 
     // Proxy, retrying connection failures on other endpoints.
     let settings = ConnectSettings {

@@ -300,10 +300,10 @@ impl RegistryState {
             }
             if pool.route_service.as_deref() != reg.route_service.as_deref() {
                 match &reg.route_service {
-                    Some(url) => tracing::warn!(
+                    Some(url) => tracing::info!(
                         route = %key,
                         route_service_url = %url,
-                        "route bound to a route service, which portcullis does not call: its requests are answered 502 (route_service_unsupported) until a registration without it"
+                        "route bound to a route service: its requests go through it (with route_services configured; otherwise they are answered 502, route_service_unsupported)"
                     ),
                     None => {
                         tracing::info!(route = %key, "route no longer bound to a route service")

@@ -12,5 +12,7 @@ mod unbuffered;
 pub use accept::{accept, Accepted, Alpn, ConnTls, HandshakeFailure};
 pub use backend::backend_client_config;
 pub use kernel::{probe as probe_kernel_tls, KernelTls};
-pub use server::{admin_server_config, client_config, client_verifier, TlsBuildError, TlsServer};
+pub use server::{
+    admin_server_config, client_config, client_verifier, provider, TlsBuildError, TlsServer,
+};
 pub use unbuffered::{accept_kernel, connect_kernel, KernelPending};

@@ -30,6 +30,8 @@ pub enum TlsBuildError {
     AdminClientCa(String),
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("{0}")]
+    RouteServices(String),
 }
 
 #[derive(Debug)]
@@ -49,7 +51,7 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
-pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
