@@ -179,24 +179,8 @@ impl tokio::io::AsyncWrite for Rekeying {
 
 /// The TLS backend's server config: a `backend.internal` certificate from the backend CA.
 fn backend_tls(pki: &TestPki) -> Arc<rustls::ServerConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let leaf = pki.backend_ca.server(&["backend.internal"]).unwrap();
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap(),
-    )
+    Arc::new(support::pki::server_config(&leaf))
 }
 
 /// `a.apps.identity` (mTLS) and `a.apps.plain` go to the plain backend, `tls.apps.plain` to the

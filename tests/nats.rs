@@ -821,7 +821,7 @@ async fn a_route_bound_to_a_route_service_is_refused_never_sent_past_it() {
     assert!(out.status.success(), "{text}");
     assert!(
         text.contains(&format!(
-            "route service: {url}: route_services is not configured, so every request the policy allows is answered 502 (route_service_unsupported)"
+            "route service: {url}: not supported in an mTLS domain, so every request the policy allows is answered 502 (route_service_unsupported)"
         )),
         "{text}"
     );

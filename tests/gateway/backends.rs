@@ -4,8 +4,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use portcullis::echo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::support::bounded;
 use crate::support::client::{get, Conn};
@@ -16,19 +14,7 @@ use crate::support::pki::TestPki;
 async fn tls_backend_with_san_check() {
     let pki = TestPki::new();
     let leaf = pki.backend_ca.server(&["backend.internal"]).unwrap();
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
+    let cfg = crate::support::pki::server_config(&leaf);
     let tls_backend = echo::start_with(
         "tls-backend",
         ([127, 0, 0, 1], 0).into(),

@@ -14,8 +14,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use portcullis::echo;
 use portcullis::pki::Ca;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
 use crate::dead_port;
@@ -45,19 +43,7 @@ struct RouteService {
 impl RouteService {
     async fn start(pki: Arc<TestPki>, listener: TcpListener, gateway: SocketAddr) -> RouteService {
         let leaf = pki.backend_ca.server(&["localhost"]).unwrap();
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .unwrap();
-        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+        let mut cfg = crate::support::pki::server_config(&leaf);
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let seen = Arc::new(Mutex::new(Vec::new()));
