@@ -407,3 +407,68 @@ async fn w3c_trace_context_continues_the_callers_trace_under_the_gateways_span()
     assert_eq!(r.echo().headers["traceparent"], incoming);
     assert_eq!(r.echo().headers["tracestate"], "congo=t61rcWkgMzE");
 }
+
+/// `x_forwarded_proto`: by default the connection's scheme, whatever the caller says; `https`
+/// always; `client` keeps a caller's `http`/`https` (anything else is replaced). The access log
+/// shows what the backend got. A reload switches the mode.
+#[tokio::test]
+async fn x_forwarded_proto_follows_its_mode() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let with = |mode: &str| format!("{}{mode}", pipeline_yaml(backend.addr, ""));
+    let gw = TestGateway::start(&pki, &with("")).await;
+    // (mode, caller's header, over TLS, over plain HTTP)
+    let rows: [(&str, Option<&str>, &str, &str); 6] = [
+        ("", Some("http"), "https", "http"),
+        ("", Some("https"), "https", "http"),
+        ("x_forwarded_proto: https\n", None, "https", "https"),
+        (
+            "x_forwarded_proto: client\n",
+            Some("HTTPS"),
+            "https",
+            "https",
+        ),
+        ("x_forwarded_proto: client\n", Some("http"), "http", "http"),
+        (
+            "x_forwarded_proto: client\n",
+            Some("gopher"),
+            "https",
+            "http",
+        ),
+    ];
+    let mut requests = 0;
+    for (mode, sent, tls_want, plain_want) in rows {
+        gw.reload(&with(mode));
+        let headers: Vec<(&str, &str)> =
+            sent.map(|v| ("x-forwarded-proto", v)).into_iter().collect();
+        let mut tls = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("open.apps.plain"),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let req = tls.build("open.apps.plain", "/", &headers);
+        let got = tls.send(req).await.unwrap().echo();
+        assert_eq!(
+            got.headers["x-forwarded-proto"], tls_want,
+            "{mode} {sent:?} tls"
+        );
+        let mut plain = Conn::plain(gw.http()).await.unwrap();
+        let req = plain.build("open.apps.plain", "/", &headers);
+        let got = plain.send(req).await.unwrap().echo();
+        assert_eq!(
+            got.headers["x-forwarded-proto"], plain_want,
+            "{mode} {sent:?} plain"
+        );
+        requests += 2;
+        let lines = gw.log_lines(requests).await;
+        let logged: Vec<_> = lines[requests - 2..]
+            .iter()
+            .map(|l| LogLine::parse(l).field("x_forwarded_proto").to_string())
+            .collect();
+        assert_eq!(logged, [tls_want, plain_want], "{mode} {sent:?} logged");
+    }
+}

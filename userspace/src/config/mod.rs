@@ -31,6 +31,8 @@ pub struct Config {
     pub admin: Option<Admin>,
     pub tls: Tls,
     pub forwarded_client_cert: XfccMode,
+    /// `x_forwarded_proto`: what the backends are told the caller's scheme was.
+    pub x_forwarded_proto: ForwardedProto,
     pub domains: Vec<Domain>,
     pub endpoint_selection: EndpointSelection,
     pub backends: Backends,
@@ -173,6 +175,20 @@ pub enum KtlsMode {
     Auto,
     On,
     Off,
+}
+
+/// `x_forwarded_proto`: the `X-Forwarded-Proto` a backend gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardedProto {
+    /// The scheme of the connection the request came on, whatever the caller sent (GoRouter's
+    /// `sanitize_forwarded_proto: true`).
+    Connection,
+    /// Always `https` (GoRouter's `force_forwarded_proto_https`): behind a balancer that
+    /// terminates HTTPS and sends plain HTTP on.
+    Https,
+    /// The caller's own `http` or `https` when it sends one, else the connection's (GoRouter's
+    /// default): only behind a balancer that sets the header, since any caller can.
+    Client,
 }
 
 /// What happens to an incoming `X-Forwarded-Client-Cert` header (SPEC §8).
@@ -1237,6 +1253,18 @@ impl Validator<'_> {
             "mode",
         );
 
+        let x_forwarded_proto = self.choice(
+            "x_forwarded_proto",
+            raw.x_forwarded_proto.as_deref(),
+            &[
+                ("connection", ForwardedProto::Connection),
+                ("https", ForwardedProto::Https),
+                ("client", ForwardedProto::Client),
+            ],
+            ForwardedProto::Connection,
+            "mode",
+        );
+
         let mut domains: Vec<Domain> = Vec::new();
         for (i, d) in raw.domains.iter().enumerate() {
             let key = format!("domains[{i}]");
@@ -1605,6 +1633,7 @@ impl Validator<'_> {
             admin,
             tls,
             forwarded_client_cert,
+            x_forwarded_proto,
             domains,
             endpoint_selection,
             backends,
@@ -2209,6 +2238,18 @@ mod tests {
             assert_eq!(seg.serves(segment), only, "{segment:?}");
             assert_eq!(shared.serves(segment), and_shared, "{segment:?}");
         }
+    }
+
+    #[test]
+    fn x_forwarded_proto_is_one_of_its_modes() {
+        let problems = problems_of("x_forwarded_proto: sanitize\n");
+        assert!(
+            problems.contains(
+                &"x_forwarded_proto: invalid mode 'sanitize', must be one of connection, https, client"
+                    .to_string()
+            ),
+            "{problems:#?}"
+        );
     }
 
     #[test]

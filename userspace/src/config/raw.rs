@@ -12,6 +12,7 @@ pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub tls: RawTls,
     pub forwarded_client_cert: Option<String>,
+    pub x_forwarded_proto: Option<String>,
     pub domains: Vec<RawDomain>,
     pub authorization: RawAuthorization,
     pub backends: RawBackends,

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 
 use crate::accesslog::AccessRecord;
 use crate::authz::{check_scope, decide_sources, Denial, Rule};
-use crate::config::{Config, EndpointSelection, XfccFormat};
+use crate::config::{Config, EndpointSelection, ForwardedProto, XfccFormat};
 use crate::identity::Identity;
 use crate::names::{normalize_authority, DomainPattern};
 use crate::registry::Protocol;
@@ -283,6 +283,19 @@ fn scheme_of(conn: &ConnCtx) -> &'static str {
     }
 }
 
+/// The `X-Forwarded-Proto` the backend gets (and the access log shows), per `x_forwarded_proto`.
+fn forwarded_proto(mode: ForwardedProto, conn: &ConnCtx, h: &http::HeaderMap) -> &'static str {
+    match mode {
+        ForwardedProto::Connection => scheme_of(conn),
+        ForwardedProto::Https => "https",
+        ForwardedProto::Client => match h.get(headers::X_FORWARDED_PROTO).map(|v| v.as_bytes()) {
+            Some(v) if v.eq_ignore_ascii_case(b"https") => "https",
+            Some(v) if v.eq_ignore_ascii_case(b"http") => "http",
+            _ => scheme_of(conn),
+        },
+    }
+}
+
 fn proto_name(v: Version) -> &'static str {
     match v {
         Version::HTTP_2 => "HTTP/2.0",
@@ -312,6 +325,8 @@ pub async fn handle(
         })
         .unwrap_or_default();
     let host = normalize_authority(&raw_host);
+    // One snapshot of the running config for the whole request.
+    let rt = state.runtime.load_full();
     let record = AccessRecord {
         host: host.clone(),
         start: SystemTime::now(),
@@ -329,7 +344,7 @@ pub async fn handle(
         user_agent: header_str(&req, USER_AGENT),
         endpoint: None,
         x_forwarded_for: String::new(),
-        x_forwarded_proto: scheme_of(&conn),
+        x_forwarded_proto: forwarded_proto(rt.config.x_forwarded_proto, &conn, req.headers()),
         vcap_request_id: String::new(),
         response_time: Duration::ZERO,
         backend_time: None,
@@ -353,8 +368,6 @@ pub async fn handle(
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
     done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), conn.client.ip());
     let h1 = req.version() < Version::HTTP_2;
-    // One snapshot of the running config for the whole request.
-    let rt = state.runtime.load_full();
     let mut resp = match route(&state, &rt, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => resp,
         Err(reject) => {
@@ -537,7 +550,7 @@ async fn route(
     headers::strip_hop_by_hop(h, upgrade);
     h.insert(
         headers::X_FORWARDED_PROTO,
-        HeaderValue::from_static(scheme_of(conn)),
+        HeaderValue::from_static(done.record.x_forwarded_proto),
     );
     // Set by `handle`; put back only if a Connection header named it.
     if !h.contains_key(headers::X_FORWARDED_FOR) {
