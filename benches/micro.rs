@@ -130,6 +130,7 @@ fn access_log(c: &mut Criterion) {
         )),
         route_policy: Some(Rule::Allowed("route:cf:app:a".into())),
         failed_attempts: 0,
+        route_service: "",
         router_error: "",
     };
     let extra: Vec<ExtraField> = ExtraField::ALL[..5].iter().map(|(_, f)| *f).collect();

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::dead_port;
 use crate::support::client::{get, Conn, Resp};
-use crate::support::gateway::TestGateway;
+use crate::support::gateway::{LogLine, TestGateway};
 use crate::support::pki::TestPki;
 
 const SIGNATURE: &str = "x-cf-proxy-signature";
@@ -135,6 +135,7 @@ fn config(rs_port: u16, backend: SocketAddr, secrets: &str) -> String {
     format!(
         "domains:\n  - {{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}\n\
          route_services: {{{secrets}, timeout: 3s, ca_certs: backend-ca.pem}}\n\
+         access_log: {{path: access.log, extra_fields: [route_service]}}\n\
          routes:\n{}{}{}{}\
          \x20 - {{uris: [\"other.apps.plain\"], host: \"{h}\", port: {p}}}\n",
         bound("rs.apps.plain", rs_port),
@@ -215,6 +216,29 @@ async fn requests_go_through_the_route_service_and_come_back_signed() {
         assert!(!seen.headers.contains_key("x-cf-applicationid"));
     }
     assert_eq!(backend.requests(), 2);
+    // Each pass is one access-log line: the caller's (sent to the service, no app endpoint) and
+    // the service's (returned, to the app).
+    let lines = gw.log_lines(4).await;
+    let passes: Vec<(String, String, String)> = lines
+        .iter()
+        .map(|l| {
+            let l = LogLine::parse(l);
+            let pass = l.field("route_service").to_string();
+            (l.host.clone(), pass, l.backend.clone())
+        })
+        .collect();
+    let sent = (
+        "rs.apps.plain".to_string(),
+        "sent".to_string(),
+        "-".to_string(),
+    );
+    let returned = (
+        "rs.apps.plain".to_string(),
+        "returned".to_string(),
+        backend.addr.to_string(),
+    );
+    // The service's line is written first: its response ends before the caller's does.
+    assert_eq!(passes, [returned.clone(), sent.clone(), returned, sent]);
     gw.wait_metric(
         "portcullis_route_service_requests_total{outcome=\"sent\"}",
         2.0,

@@ -44,6 +44,9 @@ pub struct AccessRecord {
     /// The authorization decision's rule; `None` on a route that does not enforce a policy.
     pub route_policy: Option<Rule>,
     pub failed_attempts: usize,
+    /// For a route bound to a route service: `sent` (the request went to the service) or
+    /// `returned` (it came back signed and went to the app); empty otherwise.
+    pub route_service: &'static str,
     pub router_error: &'static str,
 }
 
@@ -277,6 +280,7 @@ impl AccessRecord {
                 ExtraField::Ktls => {
                     let _ = write!(o, " ktls:{}", self.conn.ktls);
                 }
+                ExtraField::RouteService => field(&mut o, "route_service", self.route_service),
             }
         }
         field(&mut o, "x_cf_routererror", self.router_error);
@@ -599,6 +603,7 @@ mod tests {
             conn: conn("127.0.0.1:5555", Some("a.apps.identity")),
             route_policy: Some(Rule::RoutePolicies),
             failed_attempts: 0,
+            route_service: "",
             router_error: "",
         }
     }

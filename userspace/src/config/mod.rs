@@ -417,10 +417,11 @@ pub enum ExtraField {
     FailedAttempts,
     BackendTime,
     Ktls,
+    RouteService,
 }
 
 impl ExtraField {
-    pub const ALL: [(&'static str, ExtraField); 8] = [
+    pub const ALL: [(&'static str, ExtraField); 9] = [
         ("tls_sni", ExtraField::TlsSni),
         ("caller_cf_app", ExtraField::CallerCfApp),
         ("caller_cf_space", ExtraField::CallerCfSpace),
@@ -429,6 +430,7 @@ impl ExtraField {
         ("failed_attempts", ExtraField::FailedAttempts),
         ("backend_time", ExtraField::BackendTime),
         ("ktls", ExtraField::Ktls),
+        ("route_service", ExtraField::RouteService),
     ];
 
     /// The field's name as it appears in the log line.

@@ -351,6 +351,7 @@ pub async fn handle(
         conn: conn.clone(),
         route_policy: None,
         failed_attempts: 0,
+        route_service: "",
         router_error: "",
     };
     let mut done = Completion {
@@ -526,12 +527,14 @@ async fn route(
                 return Err(Reject::RouteServiceSignature);
             }
             outcome("returned");
+            done.record.route_service = "returned";
             let h = req.headers_mut();
             h.remove(route_service::X_CF_PROXY_SIGNATURE);
             h.remove(route_service::X_CF_PROXY_METADATA);
             h.remove(route_service::X_CF_FORWARDED_URL);
         } else {
             outcome("sent");
+            done.record.route_service = "sent";
             to_route_service = Some((services, url.clone()));
         }
     }
@@ -588,7 +591,11 @@ async fn route(
     if let Some((services, url)) = to_route_service {
         let out = pending.take().expect("built above");
         let timeout = rt.config.backends.response_header_timeout;
-        return route_service::send(state, services, &url, host, &pq, out, timeout).await;
+        let sent_at = Instant::now();
+        let resp = route_service::send(state, services, &url, host, &pq, out, timeout).await?;
+        // The service's time, as a backend's: it is not the gateway's (`gorouter_time`).
+        done.record.backend_time = Some(sent_at.elapsed());
+        return Ok(resp);
     }
 
     // Proxy, retrying connection failures on other endpoints.
