@@ -19,6 +19,7 @@ fn signer() -> &'static Signer {
             secret_decrypt_only: Some("previous".into()),
             timeout: Duration::from_secs(60),
             recommend_https: true,
+            hairpinning: true,
             ca_certs: Vec::new(),
         })
     })

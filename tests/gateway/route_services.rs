@@ -41,20 +41,24 @@ struct RouteService {
 }
 
 impl RouteService {
-    async fn start(pki: Arc<TestPki>, listener: TcpListener, gateway: SocketAddr) -> RouteService {
+    /// Serves HTTPS (a `localhost` certificate from the backend CA) when `tls`, else plain
+    /// HTTP, as an app on the platform does behind the gateway.
+    async fn start(
+        pki: Arc<TestPki>,
+        listener: TcpListener,
+        gateway: SocketAddr,
+        tls: bool,
+    ) -> RouteService {
         let leaf = pki.backend_ca.server(&["localhost"]).unwrap();
         let mut cfg = crate::support::pki::server_config(&leaf);
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let acceptor = tls.then(|| tokio_rustls::TlsAcceptor::from(Arc::new(cfg)));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (record, ca) = (seen.clone(), pki);
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (acceptor, record, ca) = (acceptor.clone(), record.clone(), ca.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (record, ca) = (record.clone(), ca.clone());
                         async move {
@@ -63,9 +67,17 @@ impl RouteService {
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(tcp).await {
+                                let _ = http.serve_connection(TokioIo::new(tls), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -181,7 +193,7 @@ async fn requests_go_through_the_route_service_and_come_back_signed() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rs_port = listener.local_addr().unwrap().port();
     let gw = TestGateway::start(&pki, &config(rs_port, backend.addr, "secret: first")).await;
-    let rs = RouteService::start(pki.clone(), listener, gw.https()).await;
+    let rs = RouteService::start(pki.clone(), listener, gw.https(), true).await;
 
     for h2 in [false, true] {
         let r = get(
@@ -369,4 +381,67 @@ async fn requests_go_through_the_route_service_and_come_back_signed() {
     // A route without a route service ignores the headers.
     let r = direct(&gw, &pki, "other.apps.plain", "/", &as_pairs(&fresh)).await;
     assert_eq!(r.status, 200);
+}
+
+/// GoRouter's hairpinning: a route service that is a route of the gateway (here
+/// `auth.apps.plain`, a name no DNS server knows) is reached through that route's endpoints;
+/// with `hairpinning: false` the gateway looks the name up, fails, and answers 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_service_on_the_platform_is_reached_inside_the_gateway() {
+    let pki = Arc::new(TestPki::new());
+    let backend = echo::start("app", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let auth = listener.local_addr().unwrap();
+    let (h, p) = (backend.addr.ip(), backend.addr.port());
+    let config = |hairpinning: bool| {
+        format!(
+            "route_services: {{secret: s, hairpinning: {hairpinning}}}\n\
+             access_log: {{path: access.log, extra_fields: [route_service]}}\n\
+             routes:\n\
+             \x20 - {{uris: [hp.apps.plain], host: \"{h}\", port: {p}, route_service_url: \"https://auth.apps.plain/check?x=1\"}}\n\
+             \x20 - {{uris: [auth.apps.plain], host: \"{}\", port: {}}}\n",
+            auth.ip(),
+            auth.port()
+        )
+    };
+    let gw = TestGateway::start(&pki, &config(true)).await;
+    let rs = RouteService::start(pki.clone(), listener, gw.https(), false).await;
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "hp.apps.plain",
+        "/in?y=2",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-route-service"), Some("seen"));
+    assert_eq!(r.echo().path, "/in?y=2");
+    let seen = rs.last();
+    assert_eq!(seen.path, "/check?x=1");
+    assert_eq!(seen.headers["host"], "auth.apps.plain");
+    assert_eq!(seen.headers[FORWARDED], "https://hp.apps.plain/in?y=2");
+    // The sent pass names the route service's endpoint.
+    let lines = gw.log_lines(2).await;
+    let sent = LogLine::parse(&lines[1]);
+    assert_eq!(sent.field("route_service"), "sent");
+    assert_eq!(sent.backend, auth.to_string());
+
+    gw.reload(&config(false));
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "hp.apps.plain",
+        "/",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(rs.count(), 1);
 }

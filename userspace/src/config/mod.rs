@@ -334,6 +334,10 @@ pub struct RouteServices {
     pub timeout: Duration,
     /// Whether `X-CF-Forwarded-Url` says `https://` (else `http://`).
     pub recommend_https: bool,
+    /// GoRouter's `route_services_hairpinning`: a route service that is a route of this
+    /// gateway (outside every mTLS domain, without a policy) is sent to that route's endpoints
+    /// directly instead of through DNS and the balancer.
+    pub hairpinning: bool,
     /// Trust anchors for the route services' certificates besides the system's.
     pub ca_certs: Vec<CertificateDer<'static>>,
 }
@@ -348,6 +352,7 @@ impl std::fmt::Debug for RouteServices {
             )
             .field("timeout", &self.timeout)
             .field("recommend_https", &self.recommend_https)
+            .field("hairpinning", &self.hairpinning)
             .field("ca_certs", &self.ca_certs.len())
             .finish()
     }
@@ -1688,6 +1693,7 @@ impl Validator<'_> {
                 Duration::from_secs(60),
             ),
             recommend_https: r.recommend_https.unwrap_or(true),
+            hairpinning: r.hairpinning.unwrap_or(true),
             ca_certs,
         }
     }
@@ -2257,7 +2263,7 @@ mod tests {
     #[test]
     fn route_services_need_a_secret_and_take_bound_static_routes() {
         let problems = problems_of(
-            "route_services: {secret_decrypt_only: \"\", timeout: soon, ca_certs: /nonexistent/rs.pem, hairpin: yes}\n\
+            "route_services: {secret_decrypt_only: \"\", timeout: soon, ca_certs: /nonexistent/rs.pem, hairpins: yes}\n\
              routes:\n\
              - {uris: [a.apps.plain], host: 127.0.0.1, port: 9001, route_service_url: \"https://rs.example/\"}\n",
         );
@@ -2268,7 +2274,7 @@ mod tests {
             .collect();
         assert_eq!(ours.len(), 5, "{ours:#?}");
         for want in [
-            "route_services.hairpin: unknown key",
+            "route_services.hairpins: unknown key",
             "route_services.secret: required: the key route service requests are signed with (GoRouter's route_services_secret)",
             "route_services.secret_decrypt_only: empty",
         ] {
@@ -2286,6 +2292,7 @@ mod tests {
             secret_decrypt_only: Some("hunter1".into()),
             timeout: Duration::from_secs(1),
             recommend_https: true,
+            hairpinning: true,
             ca_certs: Vec::new(),
         };
         let text = format!("{rs:?}");

@@ -36,6 +36,7 @@ pub struct RawRouteServices {
     pub secret_decrypt_only: Option<String>,
     pub timeout: Option<String>,
     pub recommend_https: Option<bool>,
+    pub hairpinning: Option<bool>,
     pub ca_certs: Option<String>,
 }
 

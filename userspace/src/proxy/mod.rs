@@ -588,15 +588,6 @@ async fn route(
         parts,
         BodyExt::boxed_unsync(body.map_err(BoxError::from)),
     ));
-    if let Some((services, url)) = to_route_service {
-        let out = pending.take().expect("built above");
-        let timeout = rt.config.backends.response_header_timeout;
-        let sent_at = Instant::now();
-        let resp = route_service::send(state, services, &url, host, &pq, out, timeout).await?;
-        // The service's time, as a backend's: it is not the gateway's (`gorouter_time`).
-        done.record.backend_time = Some(sent_at.elapsed());
-        return Ok(resp);
-    }
 
     // Proxy, retrying connection failures on other endpoints.
     let settings = ConnectSettings {
@@ -607,6 +598,13 @@ async fn route(
         max_idle: rt.config.backends.max_idle_per_endpoint,
         h2_streams: rt.config.backends.h2_streams_per_connection,
     };
+    if let Some((services, url)) = to_route_service {
+        let out = pending.take().expect("built above");
+        return route_service::send(
+            state, rt, &table, services, &url, host, &pq, out, &settings, done,
+        )
+        .await;
+    }
     let eligible = |e: &Endpoint| {
         in_instance(e)
             && match (scope, identity) {

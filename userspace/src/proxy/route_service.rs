@@ -11,7 +11,8 @@
 //! bytes), base64url with padding; the metadata header is base64url of `{"nonce": <base64>}`.
 
 use std::num::NonZeroU32;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 use base64::Engine;
@@ -19,6 +20,7 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -26,11 +28,15 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, NONCE_LEN};
 use serde::{Deserialize, Serialize};
 
 use super::body::{BoxError, ProxyBody};
-use super::Reject;
-use crate::config::{Backends, RouteServices};
+use super::pool::ConnectSettings;
+use super::{Completion, Reject};
+use crate::config::{Backends, Config, RouteServices};
 use crate::metrics::OutcomeLabels;
+use crate::registry::Protocol;
 use crate::registry::RouteKey;
+use crate::routing::Pool;
 use crate::routing::RouteTable;
+use crate::state::Runtime;
 use crate::state::State;
 
 pub const X_CF_FORWARDED_URL: HeaderName = HeaderName::from_static("x-cf-forwarded-url");
@@ -96,6 +102,7 @@ fn derive(secret: &str) -> LessSafeKey {
 pub struct RouteServiceRuntime {
     signer: Signer,
     pub recommend_https: bool,
+    pub hairpinning: bool,
     pub client: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
 }
 
@@ -163,6 +170,7 @@ impl RouteServiceRuntime {
         Ok(RouteServiceRuntime {
             signer: Signer::new(rs),
             recommend_https: rs.recommend_https,
+            hairpinning: rs.hairpinning,
             client,
         })
     }
@@ -280,15 +288,20 @@ pub(super) fn count(state: &State, outcome: &'static str) {
 
 /// Sends a request for a route bound to the route service at `service` (an `https://` URL) to
 /// that service, signed for the URL it asked for (`host`, `pq`), and answers with the service's
-/// response.
+/// response. A service that is a route of this gateway is reached through that route's
+/// endpoints (hairpinning).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn send(
     state: &State,
+    rt: &Runtime,
+    table: &RouteTable,
     services: &RouteServiceRuntime,
     service: &str,
     host: &str,
     pq: &PathAndQuery,
     mut out: Request<ProxyBody>,
-    timeout: Duration,
+    settings: &ConnectSettings<'_>,
+    done: &mut Completion,
 ) -> Result<Response<ProxyBody>, Reject> {
     let outcome = |o| count(state, o);
     let scheme = if services.recommend_https {
@@ -299,7 +312,11 @@ pub(super) async fn send(
     let forwarded = format!("{scheme}://{host}{pq}");
     let (signature, metadata) = services.signer.sign(&forwarded, SystemTime::now());
     // Registrations are checked to carry an `https://` URL with a host.
-    let Ok(uri) = service.parse::<Uri>() else {
+    let Some((uri, authority)) = service
+        .parse::<Uri>()
+        .ok()
+        .and_then(|u| Some((u.clone(), u.authority()?.clone())))
+    else {
         outcome("failed");
         return Err(Reject::EndpointFailure);
     };
@@ -314,16 +331,36 @@ pub(super) async fn send(
             HeaderValue::try_from(value).expect("base64 and a request's own URL are visible ASCII"),
         );
     }
-    if let Some(a) = uri.authority() {
-        h.insert(
-            HOST,
-            HeaderValue::from_str(a.as_str()).expect("an authority is a valid header value"),
-        );
-    }
-    *out.uri_mut() = uri;
-    *out.version_mut() = Version::HTTP_11;
-    match tokio::time::timeout(timeout, services.client.request(out)).await {
-        Ok(Ok(resp)) => {
+    h.insert(
+        HOST,
+        HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value"),
+    );
+    let timeout = rt.config.backends.response_header_timeout;
+    let sent_at = Instant::now();
+    let pool = if services.hairpinning {
+        hairpin_pool(table, &rt.config, &uri)
+    } else {
+        None
+    };
+    let result = match pool {
+        Some(pool) => hairpin(state, rt, &pool, &uri, out, settings, done).await,
+        None => {
+            *out.uri_mut() = uri;
+            *out.version_mut() = Version::HTTP_11;
+            match tokio::time::timeout(timeout, services.client.request(out)).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => {
+                    tracing::debug!(route_service = service, error = %e, error_source = ?std::error::Error::source(&e), "route service request failed");
+                    Err(Reject::EndpointFailure)
+                }
+                Err(_) => Err(Reject::EndpointTimeout),
+            }
+        }
+    };
+    match result {
+        Ok(resp) => {
+            // The service's time, as a backend's: it is not the gateway's (`gorouter_time`).
+            done.record.backend_time = Some(sent_at.elapsed());
             let (mut parts, body) = resp.into_parts();
             super::headers::strip_hop_by_hop(&mut parts.headers, false);
             Ok(Response::from_parts(
@@ -331,21 +368,115 @@ pub(super) async fn send(
                 BodyExt::boxed_unsync(body.map_err(BoxError::from)),
             ))
         }
-        Ok(Err(e)) => {
-            tracing::debug!(route_service = service, error = %e, error_source = ?std::error::Error::source(&e), "route service request failed");
-            outcome("failed");
-            Err(Reject::EndpointFailure)
-        }
-        Err(_) => {
+        Err(reject) => {
             tracing::debug!(
                 route_service = service,
-                ?timeout,
-                "route service did not answer in time"
+                ?reject,
+                "route service did not answer"
             );
             outcome("failed");
-            Err(Reject::EndpointTimeout)
+            Err(reject)
         }
     }
+}
+
+/// The route a route service's URL names in this gateway's table, when the gateway may reach
+/// it directly (GoRouter's hairpinning): outside every mTLS domain, without a policy and not
+/// bound to a route service itself. Anything else goes out through DNS, as any caller would.
+fn hairpin_pool(table: &RouteTable, cfg: &Config, service: &Uri) -> Option<Arc<Pool>> {
+    let host = crate::names::normalize_host(service.host()?);
+    if cfg.domain_for(&host).is_some() {
+        return None;
+    }
+    let pool = table.lookup(&host, service.path())?;
+    (!pool.policy.is_enforcing() && pool.route_service.is_none()).then(|| pool.clone())
+}
+
+/// Sends a route service's request to the endpoints of its route in this gateway, retrying
+/// connection failures on other endpoints as any request is.
+async fn hairpin(
+    state: &State,
+    rt: &Runtime,
+    pool: &Pool,
+    service: &Uri,
+    out: Request<ProxyBody>,
+    settings: &ConnectSettings<'_>,
+    done: &mut Completion,
+) -> Result<Response<Incoming>, Reject> {
+    let max_conns = rt.config.backends.max_conns;
+    let cooldown = rt.config.backends.failure_cooldown;
+    let pq = service
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut selector = pool.selector();
+    let mut pending = Some(out);
+    for _ in 0..super::MAX_ATTEMPTS {
+        let Some(ep) = selector.next(|e| e.has_room(max_conns)) else {
+            break;
+        };
+        if !ep.reserve(max_conns) {
+            continue;
+        }
+        let mut lease = match state.backends().checkout(&ep, settings).await {
+            Ok(l) => l,
+            Err(e) => {
+                ep.release();
+                super::endpoint_failed(&ep, &pool.key, &e, cooldown);
+                continue;
+            }
+        };
+        let Some(mut req) = pending.take() else { break };
+        if ep.protocol == Protocol::Http2 {
+            *req.version_mut() = Version::HTTP_2;
+            let authority = req.headers_mut().remove(HOST);
+            let scheme = if ep.tls_san.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let authority = authority
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .unwrap_or_default();
+            if let Ok(u) = format!("{scheme}://{authority}{pq}").parse::<Uri>() {
+                *req.uri_mut() = u;
+            }
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            *req.uri_mut() = Uri::from(pq.clone());
+        }
+        done.endpoint_active = Some(ep.active.clone());
+        done.record.endpoint = Some(ep.clone());
+        let timeout = rt.config.backends.response_header_timeout;
+        match tokio::time::timeout(
+            timeout,
+            super::send_retrying_stale(state, &ep, settings, &mut lease, req),
+        )
+        .await
+        {
+            Err(_) => return Err(Reject::EndpointTimeout),
+            Ok(Ok(resp)) => {
+                ep.mark_answered();
+                done.lease = Some((lease, settings.max_idle));
+                return Ok(resp);
+            }
+            Ok(Err(failure)) => {
+                let super::SendFailure { error, request } = *failure;
+                ep.release();
+                done.endpoint_active = None;
+                done.record.endpoint = None;
+                match request {
+                    Some(r) => {
+                        super::endpoint_failed(&ep, &pool.key, &error, cooldown);
+                        pending = Some(r);
+                    }
+                    None => return Err(Reject::EndpointFailure),
+                }
+            }
+        }
+    }
+    Err(Reject::EndpointFailure)
 }
 
 /// Go's `time.Time` JSON form (RFC 3339 with nanoseconds), in UTC.
@@ -371,6 +502,7 @@ mod tests {
             secret_decrypt_only: previous.map(str::to_string),
             timeout,
             recommend_https: true,
+            hairpinning: true,
             ca_certs: Vec::new(),
         })
     }
