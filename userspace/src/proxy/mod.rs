@@ -584,10 +584,7 @@ async fn route(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let body = Counted::new(body, done.request_bytes.clone());
-    let mut pending = Some(Request::from_parts(
-        parts,
-        BodyExt::boxed_unsync(body.map_err(BoxError::from)),
-    ));
+    let out = Request::from_parts(parts, BodyExt::boxed_unsync(body.map_err(BoxError::from)));
 
     // Proxy, retrying connection failures on other endpoints.
     let settings = ConnectSettings {
@@ -599,7 +596,6 @@ async fn route(
         h2_streams: rt.config.backends.h2_streams_per_connection,
     };
     if let Some((services, url)) = to_route_service {
-        let out = pending.take().expect("built above");
         return route_service::send(
             state, rt, &table, services, &url, host, &pq, out, &settings, done,
         )
@@ -616,24 +612,109 @@ async fn route(
     if let (None, Some(id)) = (&first, asked.as_deref()) {
         first = selector.prefer(id, open);
     }
+    let sent = send_to_endpoints(
+        state,
+        rt,
+        &pool.key,
+        (&mut selector, first, open),
+        out,
+        (raw_host, &pq),
+        upgrade,
+        &settings,
+        done,
+        &mut full,
+    )
+    .await;
+    match sent {
+        Ok((mut resp, ep, lease)) => {
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+                let backend_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(bridge(client_upgrade, backend_upgrade));
+                let (mut rparts, _) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut rparts.headers, true);
+                return Ok(Response::from_parts(rparts, empty()));
+            }
+            let (mut rparts, rbody) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut rparts.headers, false);
+            let instance = &ep.private_instance_id;
+            sticky::respond(
+                &mut rparts.headers,
+                asked.as_deref(),
+                instance,
+                &pool.key.path,
+                sessions,
+            );
+            if !upgrade {
+                done.lease = Some((lease, settings.max_idle));
+            }
+            return Ok(Response::from_parts(
+                rparts,
+                BodyExt::boxed_unsync(rbody.map_err(BoxError::from)),
+            ));
+        }
+        Err(Some(reject)) => return Err(reject),
+        Err(None) => {}
+    }
+    let failed = done.record.failed_attempts;
+    if failed == 0
+        && max_conns > 0
+        && (full
+            || pool
+                .endpoints
+                .iter()
+                .any(|e| eligible(e) && !e.has_room(max_conns)))
+    {
+        return Err(connection_limit(state, host));
+    }
+    Err(Reject::EndpointFailure)
+}
+
+/// A response from an endpoint, the endpoint, and the connection it came on.
+type Sent = (Response<Incoming>, Arc<Endpoint>, Lease);
+
+/// Sends `out` to an endpoint of the route `key`: `first` when given, then those `selector`
+/// offers that `open` admits, retrying connection failures (nothing sent) on the next, at most
+/// [`MAX_ATTEMPTS`] failures in all. `target` is the authority and path the endpoint is asked
+/// for. Fails with `None` when no endpoint took the request (`full` says whether one was passed
+/// over for `backends.max_conns`; the failures are in the access record), else with the answer.
+#[allow(clippy::too_many_arguments)]
+async fn send_to_endpoints(
+    state: &State,
+    rt: &crate::state::Runtime,
+    key: &crate::registry::RouteKey,
+    (selector, mut first, open): (
+        &mut crate::routing::Selector<'_>,
+        Option<Arc<Endpoint>>,
+        impl Fn(&Endpoint) -> bool,
+    ),
+    out: Request<ProxyBody>,
+    (authority, pq): (&str, &PathAndQuery),
+    upgrade: bool,
+    settings: &ConnectSettings<'_>,
+    done: &mut Completion,
+    full: &mut bool,
+) -> Result<Sent, Option<Reject>> {
+    let max_conns = rt.config.backends.max_conns;
     let cooldown = rt.config.backends.failure_cooldown;
+    let mut pending = Some(out);
     let mut failed = 0;
     while failed < MAX_ATTEMPTS {
-        let Some(ep) = first.take().or_else(|| selector.next(open)) else {
+        let Some(ep) = first.take().or_else(|| selector.next(&open)) else {
             break;
         };
         // Counted in flight from here (least-connection and max_conns see requests still
         // connecting); one that filled up since it was chosen is passed over.
         if !ep.reserve(max_conns) {
-            full = true;
+            *full = true;
             continue;
         }
         done.endpoint_active = Some(ep.active.clone());
         done.record.endpoint = Some(ep.clone());
         let leased = if upgrade {
-            state.backends().connect_fresh(&ep, &settings, true).await
+            state.backends().connect_fresh(&ep, settings, true).await
         } else {
-            state.backends().checkout(&ep, &settings).await
+            state.backends().checkout(&ep, settings).await
         };
         let mut lease = match leased {
             Ok(l) => l,
@@ -641,7 +722,7 @@ async fn route(
                 tracing::debug!(endpoint = %ep.addr, error = %e, "backend connect failed");
                 ep.release();
                 done.endpoint_active = None;
-                endpoint_failed(&ep, &pool.key, &e, cooldown);
+                endpoint_failed(&ep, key, &e, cooldown);
                 state
                     .metrics
                     .backend_errors
@@ -670,7 +751,7 @@ async fn route(
             } else {
                 "http"
             };
-            format!("{scheme}://{raw_host}{pq}").parse::<Uri>().ok()
+            format!("{scheme}://{authority}{pq}").parse::<Uri>().ok()
         } else {
             *out.version_mut() = Version::HTTP_11;
             // Origin form, whatever form the client used.
@@ -683,7 +764,7 @@ async fn route(
         let timeout = rt.config.backends.response_header_timeout;
         let result = match tokio::time::timeout(
             timeout,
-            send_retrying_stale(state, &ep, &settings, &mut lease, out),
+            send_retrying_stale(state, &ep, settings, &mut lease, out),
         )
         .await
         {
@@ -694,38 +775,14 @@ async fn route(
                     .backend_errors
                     .get_or_create(&crate::metrics::ErrorLabels { kind: "timeout" })
                     .inc();
-                return Err(Reject::EndpointTimeout);
+                return Err(Some(Reject::EndpointTimeout));
             }
         };
         match result {
-            Ok(mut resp) => {
+            Ok(resp) => {
                 ep.mark_answered();
                 done.record.backend_time = Some(sent_at.elapsed());
-                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-                    let backend_upgrade = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(bridge(client_upgrade, backend_upgrade));
-                    let (mut rparts, _) = resp.into_parts();
-                    headers::strip_hop_by_hop(&mut rparts.headers, true);
-                    return Ok(Response::from_parts(rparts, empty()));
-                }
-                let (mut rparts, rbody) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut rparts.headers, false);
-                let instance = &ep.private_instance_id;
-                sticky::respond(
-                    &mut rparts.headers,
-                    asked.as_deref(),
-                    instance,
-                    &pool.key.path,
-                    sessions,
-                );
-                if !upgrade {
-                    done.lease = Some((lease, settings.max_idle));
-                }
-                return Ok(Response::from_parts(
-                    rparts,
-                    BodyExt::boxed_unsync(rbody.map_err(BoxError::from)),
-                ));
+                return Ok((resp, ep, lease));
             }
             Err(failure) => {
                 let SendFailure { error: e, request } = *failure;
@@ -740,27 +797,17 @@ async fn route(
                 match request {
                     // Nothing was sent: safe to try another endpoint.
                     Some(r) => {
-                        endpoint_failed(&ep, &pool.key, &e, cooldown);
+                        endpoint_failed(&ep, key, &e, cooldown);
                         pending = Some(r);
                         failed += 1;
                         done.record.failed_attempts = failed;
                     }
-                    None => return Err(Reject::EndpointFailure),
+                    None => return Err(Some(Reject::EndpointFailure)),
                 }
             }
         }
     }
-    if failed == 0
-        && max_conns > 0
-        && (full
-            || pool
-                .endpoints
-                .iter()
-                .any(|e| eligible(e) && !e.has_room(max_conns)))
-    {
-        return Err(connection_limit(state, host));
-    }
-    Err(Reject::EndpointFailure)
+    Err(None)
 }
 
 /// A request none of whose endpoints may take another (`backends.max_conns`), counted (the

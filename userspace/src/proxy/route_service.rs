@@ -20,7 +20,6 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -32,7 +31,6 @@ use super::pool::ConnectSettings;
 use super::{Completion, Reject};
 use crate::config::{Backends, Config, RouteServices};
 use crate::metrics::OutcomeLabels;
-use crate::registry::Protocol;
 use crate::registry::RouteKey;
 use crate::routing::Pool;
 use crate::routing::RouteTable;
@@ -343,7 +341,34 @@ pub(super) async fn send(
         None
     };
     let result = match pool {
-        Some(pool) => hairpin(state, rt, &pool, &uri, out, settings, done).await,
+        // Through the route's endpoints, as any request for it goes (instance headers, retries,
+        // cooldowns); its own policy is none (see `hairpin_pool`).
+        Some(pool) => {
+            let pq = uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let max_conns = rt.config.backends.max_conns;
+            let mut full = false;
+            super::send_to_endpoints(
+                state,
+                rt,
+                &pool.key,
+                (&mut pool.selector(), None, |e| e.has_room(max_conns)),
+                out,
+                (authority.as_str(), &pq),
+                false,
+                settings,
+                done,
+                &mut full,
+            )
+            .await
+            .map(|(resp, _, lease)| {
+                done.lease = Some((lease, settings.max_idle));
+                resp
+            })
+            .map_err(|r| r.unwrap_or(Reject::EndpointFailure))
+        }
         None => {
             *out.uri_mut() = uri;
             *out.version_mut() = Version::HTTP_11;
@@ -390,93 +415,6 @@ fn hairpin_pool(table: &RouteTable, cfg: &Config, service: &Uri) -> Option<Arc<P
     }
     let pool = table.lookup(&host, service.path())?;
     (!pool.policy.is_enforcing() && pool.route_service.is_none()).then(|| pool.clone())
-}
-
-/// Sends a route service's request to the endpoints of its route in this gateway, retrying
-/// connection failures on other endpoints as any request is.
-async fn hairpin(
-    state: &State,
-    rt: &Runtime,
-    pool: &Pool,
-    service: &Uri,
-    out: Request<ProxyBody>,
-    settings: &ConnectSettings<'_>,
-    done: &mut Completion,
-) -> Result<Response<Incoming>, Reject> {
-    let max_conns = rt.config.backends.max_conns;
-    let cooldown = rt.config.backends.failure_cooldown;
-    let pq = service
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut selector = pool.selector();
-    let mut pending = Some(out);
-    for _ in 0..super::MAX_ATTEMPTS {
-        let Some(ep) = selector.next(|e| e.has_room(max_conns)) else {
-            break;
-        };
-        if !ep.reserve(max_conns) {
-            continue;
-        }
-        let mut lease = match state.backends().checkout(&ep, settings).await {
-            Ok(l) => l,
-            Err(e) => {
-                ep.release();
-                super::endpoint_failed(&ep, &pool.key, &e, cooldown);
-                continue;
-            }
-        };
-        let Some(mut req) = pending.take() else { break };
-        if ep.protocol == Protocol::Http2 {
-            *req.version_mut() = Version::HTTP_2;
-            let authority = req.headers_mut().remove(HOST);
-            let scheme = if ep.tls_san.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            let authority = authority
-                .as_ref()
-                .and_then(|a| a.to_str().ok())
-                .unwrap_or_default();
-            if let Ok(u) = format!("{scheme}://{authority}{pq}").parse::<Uri>() {
-                *req.uri_mut() = u;
-            }
-        } else {
-            *req.version_mut() = Version::HTTP_11;
-            *req.uri_mut() = Uri::from(pq.clone());
-        }
-        done.endpoint_active = Some(ep.active.clone());
-        done.record.endpoint = Some(ep.clone());
-        let timeout = rt.config.backends.response_header_timeout;
-        match tokio::time::timeout(
-            timeout,
-            super::send_retrying_stale(state, &ep, settings, &mut lease, req),
-        )
-        .await
-        {
-            Err(_) => return Err(Reject::EndpointTimeout),
-            Ok(Ok(resp)) => {
-                ep.mark_answered();
-                done.lease = Some((lease, settings.max_idle));
-                return Ok(resp);
-            }
-            Ok(Err(failure)) => {
-                let super::SendFailure { error, request } = *failure;
-                ep.release();
-                done.endpoint_active = None;
-                done.record.endpoint = None;
-                match request {
-                    Some(r) => {
-                        super::endpoint_failed(&ep, &pool.key, &error, cooldown);
-                        pending = Some(r);
-                    }
-                    None => return Err(Reject::EndpointFailure),
-                }
-            }
-        }
-    }
-    Err(Reject::EndpointFailure)
 }
 
 /// Go's `time.Time` JSON form (RFC 3339 with nanoseconds), in UTC.
