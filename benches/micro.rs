@@ -14,7 +14,7 @@ use portcullis::identity::PeerCert;
 use portcullis::pki::{Attr, Ca, Validity};
 use portcullis::proxy::ConnCtx;
 use portcullis::registry::{Registration, ValidRegistration};
-use portcullis::routing::{Endpoint, RegistryState};
+use portcullis::routing::{Endpoint, Maglev, RegistryState};
 use portcullis::tls::{Alpn, ConnTls};
 
 fn table(n: usize) -> portcullis::routing::RouteTable {
@@ -48,6 +48,56 @@ fn routing(c: &mut Criterion) {
             b.iter(|| black_box(t.lookup(black_box(&host), "/v1/things")).is_some())
         });
     }
+}
+
+/// Choosing one of a route's 30 instances: round-robin, and by a header's hash (GoRouter's
+/// `loadbalancing: hash`, with `hash_balance` so the average load is read too); building the
+/// hash table, which happens when the route's instances change.
+fn selection(c: &mut Criterion) {
+    let pool_of = |options: &[(&str, &str)]| {
+        let mut s = RegistryState::default();
+        for i in 0..30u16 {
+            let r = ValidRegistration::try_from(Registration {
+                uris: vec!["app.apps.identity".into()],
+                host: Some("10.0.0.1".into()),
+                port: Some(8000 + i),
+                private_instance_id: Some(format!("a1b2c3d4-0000-4000-8000-{i:012}")),
+                options: options
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            })
+            .expect("valid");
+            s.register(&r, false, Duration::from_secs(120), Instant::now());
+        }
+        s.snapshot()
+    };
+    let rr = pool_of(&[]);
+    let hashed = pool_of(&[
+        ("loadbalancing", "hash"),
+        ("hash_header", "tenant-id"),
+        ("hash_balance", "1.25"),
+    ]);
+    let mut headers = http::HeaderMap::new();
+    headers.insert("tenant-id", http::HeaderValue::from_static("tenant-4711"));
+    let pool = rr.lookup("app.apps.identity", "/").expect("route");
+    c.bench_function("endpoint selection, round-robin, 30 instances", |b| {
+        b.iter(|| black_box(pool.selector().hashing(&headers).next(|_| true)).is_some())
+    });
+    let pool = hashed.lookup("app.apps.identity", "/").expect("route");
+    c.bench_function("endpoint selection, hash, 30 instances", |b| {
+        b.iter(|| black_box(pool.selector().hashing(&headers).next(|_| true)).is_some())
+    });
+    let names: Vec<String> = pool
+        .endpoints
+        .iter()
+        .map(|e| e.private_instance_id.clone())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    c.bench_function("hash table build, 30 instances", |b| {
+        b.iter(|| black_box(Maglev::new(black_box(&names))).is_some())
+    });
 }
 
 /// The DER of a Diego-shaped instance-identity leaf for app `a` in space `s`, org `o`.
@@ -139,5 +189,5 @@ fn access_log(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, identity_and_authz, access_log);
+criterion_group!(benches, routing, selection, identity_and_authz, access_log);
 criterion_main!(benches);

@@ -351,6 +351,117 @@ async fn bad_messages_are_dropped_counted_and_harmless() {
     }
 }
 
+/// Hash-based routing as Cloud Controller registers it (`hash_balance` a string: GoRouter once
+/// dropped such registrations, routing-release#585), or as a number; options the gateway cannot
+/// use keep the route, balanced round-robin, and are counted.
+#[tokio::test]
+async fn hash_based_routes_register_whatever_their_options() {
+    let nats = NatsServer::start();
+    let nc = nats_client(&nats.url()).await;
+    let pki = TestPki::new();
+    let gw = start_subscribed(&pki, &nats.url(), &config(&nats.url(), "")).await;
+    let mut backends = Vec::new();
+    for (i, balance) in [json!("1.2"), json!(1.2), json!("1.2")]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("instance-{i}");
+        let b = echo::start(&name, ([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        let options =
+            json!({"loadbalancing": "hash", "hash_header": "tenant-id", "hash_balance": balance});
+        let msg = registration(
+            "hb.apps.plain",
+            b.addr,
+            json!({"private_instance_id": name, "options": options}),
+        );
+        nc.publish("router.register", msg.into()).await.unwrap();
+        backends.push(b);
+    }
+    let odd = [
+        ("lb.apps.plain", json!({"loadbalancing": "weighted"})),
+        (
+            "nohdr.apps.plain",
+            json!({"loadbalancing": "hash", "hash_balance": 2}),
+        ),
+        (
+            "bal.apps.plain",
+            json!({"loadbalancing": "hash", "hash_header": "t", "hash_balance": "lots"}),
+        ),
+    ];
+    for (uri, options) in &odd {
+        let msg = registration(uri, backends[0].addr, json!({"options": options}));
+        nc.publish("router.register", msg.into()).await.unwrap();
+    }
+    for uri in [
+        "hb.apps.plain",
+        "lb.apps.plain",
+        "nohdr.apps.plain",
+        "bal.apps.plain",
+    ] {
+        assert_eq!(wait_status(&gw, &pki, None, uri, 200).await, 200, "{uri}");
+    }
+    // All three instances registered (the pool is complete before the tenants are spread).
+    support::bounded("three instances", async {
+        while gw.route_view("hb.apps.plain").await["endpoints"]
+            .as_array()
+            .map_or(0, Vec::len)
+            < 3
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("hb.apps.plain"),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    let mut owners = std::collections::BTreeMap::new();
+    for t in 0..24 {
+        let tenant = format!("tenant-{t}");
+        for _ in 0..3 {
+            let req = c.build("hb.apps.plain", "/", &[("tenant-id", &tenant)]);
+            let r = c.send(req).await.unwrap();
+            let prev = owners.insert(tenant.clone(), r.echo().backend);
+            assert!(prev.is_none_or(|p| p == owners[&tenant]), "{tenant} moved");
+        }
+    }
+    let distinct: std::collections::BTreeSet<&String> = owners.values().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "24 tenants spread over the three: {owners:?}"
+    );
+    for (option, n) in [
+        ("loadbalancing", 1.0),
+        ("hash_header", 1.0),
+        ("hash_balance", 1.0),
+    ] {
+        let sample = format!("portcullis_registry_option_problems_total{{option=\"{option}\"}}");
+        assert_eq!(gw.metric(&sample), n, "{sample}");
+    }
+    let ok = "portcullis_registry_messages_total{subject=\"router.register\",result=\"ok\"}";
+    assert_eq!(gw.metric(ok), 6.0);
+    // What the gateway made of each: `/routes` says.
+    for (uri, lb) in [
+        ("hb.apps.plain", "hash"),
+        ("lb.apps.plain", "round-robin"),
+        ("nohdr.apps.plain", "round-robin"),
+        ("bal.apps.plain", "hash"),
+    ] {
+        let view = gw.route_view(uri).await;
+        assert_eq!(view["load_balancing"], lb, "{view}");
+    }
+    assert_eq!(gw.route_view("bal.apps.plain").await["hash_balance"], 0.0);
+    assert_eq!(gw.route_view("hb.apps.plain").await["hash_balance"], 1.2);
+}
+
 #[tokio::test]
 async fn pruning_is_suspended_while_nats_is_down() {
     let mut nats = NatsServer::start();

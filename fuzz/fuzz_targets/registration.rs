@@ -1,5 +1,7 @@
 //! Any bytes on `router.register` / `router.unregister`: decoding never panics, and whatever
-//! decodes can be registered, looked up and unregistered without panicking either.
+//! decodes can be registered, looked up (by hash too, when the route asks for hash-based
+//! routing: the header's value is the input's first bytes) and unregistered without panicking
+//! either.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -19,8 +21,16 @@ fuzz_target!(|data: &[u8]| {
         let pool = table
             .lookup(&key.host, &key.path)
             .expect("a registered key is routable");
-        let mut sel = pool.selector();
+        let mut headers = http::HeaderMap::new();
+        if let Some(h) = &pool.hash {
+            let value = &data[..data.len().min(24)];
+            if let Ok(v) = http::HeaderValue::from_bytes(value) {
+                headers.insert(h.header.clone(), v);
+            }
+        }
+        let mut sel = pool.selector().hashing(&headers);
         assert!(sel.next(|_| true).is_some());
+        assert!(sel.next(|_| true).is_none(), "one endpoint, offered once");
     }
     state.unregister(&reg);
     assert_eq!(state.snapshot().endpoint_count(), 0);

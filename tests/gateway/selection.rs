@@ -490,3 +490,208 @@ async fn locally_optimistic_keeps_requests_in_the_gateways_zone_while_it_can() {
     want.sort();
     assert_eq!(zones, want);
 }
+
+/// GoRouter's hash-based routing (`loadbalancing: hash`, RFC 0042) on route `hash.apps.identity`
+/// over `instance-a`..`-c`, and on `hash-down.apps.identity`, the same instances with
+/// `instance-b` refusing connections. The tenants' owners are those of GoRouter's own table (the
+/// vector in `routing/maglev.rs`): tenant-1 → b, then c, then a; tenant-3 → a; acme → c.
+#[tokio::test]
+async fn hash_based_routing_keeps_each_tenant_on_its_instance() {
+    let pki = TestPki::new();
+    let mut echoes = Vec::new();
+    for name in ["instance-a", "instance-b", "instance-c"] {
+        echoes.push(echo::start(name, ([127, 0, 0, 1], 0).into()).await.unwrap());
+    }
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", crate::dead_port()).parse().unwrap();
+    // hash_balance as YAML's number, as a static route may give it.
+    let options = "{loadbalancing: hash, hash_header: Tenant-ID, hash_balance: 1.5}";
+    let mut y = "access_log: {path: access.log, extra_fields: [failed_attempts]}\n\
+                 domains: [{name: \"*.apps.identity\", ca_certs: identity-ca.pem}]\nroutes:\n"
+        .to_string();
+    for (host, b) in [("hash", echoes[1].addr), ("hash-down", dead)] {
+        for (id, addr) in [
+            ("instance-a", echoes[0].addr),
+            ("instance-b", b),
+            ("instance-c", echoes[2].addr),
+        ] {
+            y += &format!(
+                "  - uris: [{host}.apps.identity]\n    host: \"{}\"\n    port: {}\n    \
+                 private_instance_id: {id}\n    options: {options}\n",
+                addr.ip(),
+                addr.port()
+            );
+        }
+    }
+    let gw = TestGateway::start(&pki, &y).await;
+    let expected = [
+        ("tenant-1", "instance-b"),
+        ("tenant-2", "instance-b"),
+        ("tenant-3", "instance-a"),
+        ("tenant-4", "instance-c"),
+        ("tenant-5", "instance-a"),
+        ("tenant-6", "instance-b"),
+        ("acme", "instance-c"),
+        ("globex", "instance-c"),
+    ];
+    for h2 in [false, true] {
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("hash.apps.identity"),
+            Some(&pki.a),
+            h2,
+        )
+        .await
+        .unwrap();
+        for (tenant, owner) in expected {
+            for _ in 0..3 {
+                let r = call(&mut c, "hash.apps.identity", &[("tenant-id", tenant)]).await;
+                assert_eq!(
+                    (r.status, r.echo().backend.as_str()),
+                    (200, owner),
+                    "{tenant}, h2 {h2}"
+                );
+            }
+        }
+        // Without the header (or with it empty): every instance in turn.
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..6 {
+            let headers: &[(&str, &str)] = if i % 2 == 0 {
+                &[]
+            } else {
+                &[("tenant-id", "")]
+            };
+            let r = call(&mut c, "hash.apps.identity", headers).await;
+            seen.insert(r.echo().backend);
+        }
+        assert_eq!(seen.len(), 3, "h2 {h2}: {seen:?}");
+        // A sticky session comes first (GoRouter: the cookie has precedence over the hash).
+        let cookie = "JSESSIONID=s1; __VCAP_ID__=instance-a";
+        let r = call(
+            &mut c,
+            "hash.apps.identity",
+            &[("tenant-id", "tenant-1"), ("cookie", cookie)],
+        )
+        .await;
+        assert_eq!(r.echo().backend, "instance-a");
+    }
+
+    // hash_balance 1.5: one slow request of tenant-1 on instance-b (1 of 1 in flight: 3× the
+    // average of the three) sends its next request to instance-c, the next in the table; once
+    // it is done, tenant-1 is back on instance-b.
+    let (b, c_) = (&echoes[1], &echoes[2]);
+    let before = b.requests();
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("hash.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    let slow = tokio::spawn(async move {
+        let req = c.build(
+            "hash.apps.identity",
+            "/slow?ms=2000",
+            &[("tenant-id", "tenant-1")],
+        );
+        c.send(req).await.unwrap().echo().backend
+    });
+    crate::support::bounded("the slow request reaches instance-b", async {
+        while b.requests() < before + 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("hash.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    let c_before = c_.requests();
+    let r = call(&mut c, "hash.apps.identity", &[("tenant-id", "tenant-1")]).await;
+    assert_eq!(
+        r.echo().backend,
+        "instance-c",
+        "instance-b is over the balance"
+    );
+    assert_eq!(c_.requests(), c_before + 1);
+    // Another tenant's owner is not affected.
+    let r = call(&mut c, "hash.apps.identity", &[("tenant-id", "tenant-3")]).await;
+    assert_eq!(r.echo().backend, "instance-a");
+    assert_eq!(slow.await.unwrap(), "instance-b");
+    let r = call(&mut c, "hash.apps.identity", &[("tenant-id", "tenant-1")]).await;
+    assert_eq!(r.echo().backend, "instance-b", "back once the load is gone");
+
+    // instance-b down: tenant-1 is retried on instance-c (the table's next), then goes there
+    // directly while instance-b cools down; tenant-3 stays on instance-a.
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("hash-down.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let r = call(
+            &mut c,
+            "hash-down.apps.identity",
+            &[("tenant-id", "tenant-1")],
+        )
+        .await;
+        assert_eq!((r.status, r.echo().backend.as_str()), (200, "instance-c"));
+        let r = call(
+            &mut c,
+            "hash-down.apps.identity",
+            &[("tenant-id", "tenant-3")],
+        )
+        .await;
+        assert_eq!(r.echo().backend, "instance-a");
+    }
+    let down = |ls: &[String]| -> Vec<String> {
+        ls.iter()
+            .filter(|l| l.starts_with("hash-down.apps.identity "))
+            .map(|l| LogLine::parse(l).field("failed_attempts").to_string())
+            .collect()
+    };
+    let lines = gw
+        .log_lines_until("six hash-down lines", |ls| down(ls).len() >= 6)
+        .await;
+    let mut failed = down(&lines);
+    failed.sort();
+    assert_eq!(
+        failed,
+        ["0", "0", "0", "0", "0", "1"],
+        "one failed connection in all"
+    );
+
+    // The route's options are shown as registered.
+    let view = gw.route_view("hash.apps.identity").await;
+    assert_eq!(view["options"]["loadbalancing"], "hash", "{view}");
+    assert_eq!(view["options"]["hash_balance"], "1.5", "{view}");
+    assert_eq!(
+        (
+            &view["load_balancing"],
+            &view["hash_header"],
+            &view["hash_balance"]
+        ),
+        (
+            &serde_json::json!("hash"),
+            &serde_json::json!("tenant-id"),
+            &serde_json::json!(1.5)
+        ),
+        "{view}"
+    );
+}
+
+async fn call(c: &mut Conn, host: &str, headers: &[(&str, &str)]) -> crate::support::client::Resp {
+    let req = c.build(host, "/", headers);
+    c.send(req).await.unwrap()
+}

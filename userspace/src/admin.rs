@@ -28,7 +28,16 @@ use crate::state::State;
 struct RouteView<'a> {
     route: String,
     options: &'a BTreeMap<String, String>,
-    /// The route service the route is bound to: its requests are answered 502.
+    /// How the gateway balances the route, as it reads the options: `round-robin`,
+    /// `least-connection` or `hash` (an option it could not use is left out).
+    load_balancing: &'static str,
+    /// Under `hash`: the header that keys it and the balance limit (0: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash_header: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash_balance: Option<f64>,
+    /// The route service the route is bound to: its requests go through it (with
+    /// `route_services` configured; otherwise they are answered 502).
     #[serde(skip_serializing_if = "Option::is_none")]
     route_service_url: Option<&'a str>,
     endpoints: Vec<EndpointView<'a>>,
@@ -80,6 +89,13 @@ fn routes(state: &State) -> Response<ProxyBody> {
         .map(|p| RouteView {
             route: p.key.to_string(),
             options: &p.options,
+            load_balancing: match (&p.hash, p.load_balancing) {
+                (Some(_), _) => "hash",
+                (None, crate::registry::LoadBalancing::RoundRobin) => "round-robin",
+                (None, crate::registry::LoadBalancing::LeastConnection) => "least-connection",
+            },
+            hash_header: p.hash.as_ref().map(|h| h.header.as_str()),
+            hash_balance: p.hash.as_ref().map(|h| h.balance),
             route_service_url: p.route_service.as_deref(),
             endpoints: p
                 .endpoints

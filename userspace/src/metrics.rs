@@ -53,6 +53,12 @@ pub struct RegistryLabels {
     pub result: &'static str,
 }
 
+/// A route option that could not be used: `loadbalancing`, `hash_header` or `hash_balance`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OptionLabels {
+    pub option: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct XdpVerdictLabels {
     pub domain: String,
@@ -128,6 +134,7 @@ pub struct Metrics {
     pub registry_endpoints: Gauge,
     pub registry_messages: Family<RegistryLabels, Counter>,
     pub route_policy_malformed_sources: Counter,
+    pub registry_option_problems: Family<OptionLabels, Counter>,
     pub xdp_verdicts: Family<XdpVerdictLabels, Counter>,
     pub xdp_deny_entries: Gauge,
     pub xdp_ungated_domains: Gauge,
@@ -180,6 +187,7 @@ impl Metrics {
             registry_endpoints: Gauge::default(),
             registry_messages: Family::default(),
             route_policy_malformed_sources: Counter::default(),
+            registry_option_problems: Family::default(),
             xdp_verdicts: Family::default(),
             xdp_deny_entries: Gauge::default(),
             xdp_ungated_domains: Gauge::default(),
@@ -255,6 +263,12 @@ impl Metrics {
             "route_policy_malformed_sources",
             "Malformed route_policy_sources entries skipped, once per registration",
             m.route_policy_malformed_sources.clone(),
+        );
+        registry.register(
+            "registry_option_problems",
+            "Route options a registration carried that could not be used (the route is registered \
+             without them), by option, once per registration",
+            m.registry_option_problems.clone(),
         );
         registry.register(
             "xdp_verdicts",

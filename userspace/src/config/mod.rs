@@ -1477,6 +1477,12 @@ impl Validator<'_> {
                             "the route is bound to a route service, but route_services is not configured: its requests would all be answered 502; configure route_services or remove it",
                         );
                     }
+                    for problem in &v.option_problems {
+                        self.problem(
+                            format!("routes[{i}].options.{}", problem.option()),
+                            problem.to_string(),
+                        );
+                    }
                     for bad in &v.policy.malformed {
                         self.problem(
                             format!("routes[{i}].options.route_policy_sources"),
@@ -2312,6 +2318,28 @@ mod tests {
             [
                 "routes[0].route_service_url: the route is bound to a route service, but route_services is not configured: its requests would all be answered 502; configure route_services or remove it",
                 "routes[1]: route_service_url 'http://rs.example/' is not an https:// URL",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_static_route_option_that_cannot_be_used_is_refused_by_name() {
+        let problems = problems_of(
+            "routes:\n\
+             - {uris: [a.apps.plain], host: 127.0.0.1, port: 9001, options: {loadbalancing: hash, hash_header: X-Tenant, hash_balance: 1.25}}\n\
+             - {uris: [b.apps.plain], host: 127.0.0.1, port: 9002, options: {loadbalancing: weighted}}\n\
+             - {uris: [c.apps.plain], host: 127.0.0.1, port: 9003, options: {loadbalancing: hash, hash_balance: -2}}\n",
+        );
+        let routes: Vec<&String> = problems
+            .iter()
+            .filter(|p| p.starts_with("routes"))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                "routes[1].options.loadbalancing: invalid loadbalancing 'weighted', must be one of round-robin, least-connection, hash: the route is balanced round-robin",
+                "routes[2].options.hash_header: loadbalancing is hash but hash_header is missing: the route is balanced round-robin",
+                "routes[2].options.hash_balance: invalid hash_balance '-2', must be a number of at least 0 (0: no limit): no limit is applied",
             ]
         );
     }

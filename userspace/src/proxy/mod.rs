@@ -435,7 +435,8 @@ async fn route(
     let asked = sticky::requested(req.headers(), sessions);
     let mut selector = pool
         .selector()
-        .local_first(rt.config.backends.local_zone.as_deref());
+        .local_first(rt.config.backends.local_zone.as_deref())
+        .hashing(req.headers());
     let mut first: Option<Arc<Endpoint>> = None;
     // `backends.max_conns`: endpoints with that many requests in flight are passed over, and a
     // request with none left is answered 503 (after its authorization).

@@ -41,8 +41,38 @@ pub struct Registration {
     pub availability_zone: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    #[serde(default)]
+    /// Route options. Cloud Controller sends every value as a string (`"hash_balance":"1.25"`);
+    /// numbers and booleans are taken too, as their text, so that a number where a string was
+    /// expected does not lose the route (GoRouter lost such routes once: routing-release#585).
+    #[serde(default, deserialize_with = "option_values")]
     pub options: BTreeMap<String, String>,
+}
+
+/// The `options` map: string values, with numbers and booleans as their text; `null` as absent.
+fn option_values<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    let raw = Option::<BTreeMap<String, Option<Value>>>::deserialize(d)?.unwrap_or_default();
+    Ok(raw
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let v = match v? {
+                Value::S(s) => s,
+                Value::I(n) => n.to_string(),
+                Value::U(n) => n.to_string(),
+                Value::F(f) => f.to_string(),
+                Value::B(b) => b.to_string(),
+            };
+            Some((k, v))
+        })
+        .collect())
 }
 
 fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -75,8 +105,35 @@ pub enum RegistrationError {
     TlsWithoutSan,
     #[error("invalid protocol '{0}', must be one of http1, http2")]
     BadProtocol(String),
-    #[error("invalid loadbalancing '{0}', must be one of round-robin, least-connection")]
-    BadLoadBalancing(String),
+}
+
+/// A route option that could not be used. The route is registered all the same (as GoRouter
+/// does), balanced round-robin where the option asked for something else; the problem is
+/// counted (`portcullis_registry_option_problems_total{option}`), logged when the route's
+/// options change, and refused by `check` in static routes.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OptionProblem {
+    #[error("invalid loadbalancing '{0}', must be one of round-robin, least-connection, hash: the route is balanced round-robin")]
+    LoadBalancing(String),
+    #[error("loadbalancing is hash but hash_header is missing: the route is balanced round-robin")]
+    NoHashHeader,
+    #[error(
+        "invalid hash_header '{0}', not an HTTP header name: the route is balanced round-robin"
+    )]
+    HashHeader(String),
+    #[error("invalid hash_balance '{0}', must be a number of at least 0 (0: no limit): no limit is applied")]
+    HashBalance(String),
+}
+
+impl OptionProblem {
+    /// The option at fault: the metric's `option` label.
+    pub fn option(&self) -> &'static str {
+        match self {
+            OptionProblem::LoadBalancing(_) => "loadbalancing",
+            OptionProblem::NoHashHeader | OptionProblem::HashHeader(_) => "hash_header",
+            OptionProblem::HashBalance(_) => "hash_balance",
+        }
+    }
 }
 
 impl RegistrationError {
@@ -90,7 +147,6 @@ impl RegistrationError {
             RegistrationError::RouteServiceNotHttps(_) => "route_service_not_https",
             RegistrationError::TlsWithoutSan => "tls_without_san",
             RegistrationError::BadProtocol(_) => "bad_protocol",
-            RegistrationError::BadLoadBalancing(_) => "bad_loadbalancing",
         }
     }
 }
@@ -128,12 +184,24 @@ impl std::fmt::Display for RouteKey {
     }
 }
 
-/// How a pool picks among its endpoints.
+/// How a pool picks among its endpoints (for requests without a hash key, see [`HashOptions`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LoadBalancing {
     #[default]
     RoundRobin,
     LeastConnection,
+}
+
+/// GoRouter's hash-based routing (`loadbalancing: hash`, Cloud Foundry RFC 0042): requests with
+/// the same value of `header` go to the same instance; those without the header are balanced
+/// round-robin.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HashOptions {
+    /// `hash_header`.
+    pub header: http::HeaderName,
+    /// `hash_balance`: an instance with more than this many times the route's average requests
+    /// in flight is passed over for the next one in the table; 0 sets no limit.
+    pub balance: f64,
 }
 
 /// The backend protocol of an endpoint.
@@ -154,6 +222,10 @@ pub struct ValidRegistration {
     pub tls_san: Option<String>,
     pub protocol: Protocol,
     pub load_balancing: LoadBalancing,
+    /// Set when the route asks for hash-based routing with a usable `hash_header`.
+    pub hash: Option<HashOptions>,
+    /// Options that could not be used (the route is registered without them).
+    pub option_problems: Vec<OptionProblem>,
     pub policy: RoutePolicy,
     /// `route_service_url`, when it is set (an `https://` URL).
     pub route_service: Option<std::sync::Arc<str>>,
@@ -225,11 +297,7 @@ impl TryFrom<Registration> for ValidRegistration {
             Some("http2") => Protocol::Http2,
             Some(other) => return Err(RegistrationError::BadProtocol(other.to_string())),
         };
-        let load_balancing = match raw.options.get("loadbalancing").map(String::as_str) {
-            None | Some("") | Some("round-robin") => LoadBalancing::RoundRobin,
-            Some("least-connection") => LoadBalancing::LeastConnection,
-            Some(other) => return Err(RegistrationError::BadLoadBalancing(other.to_string())),
-        };
+        let (load_balancing, hash, option_problems) = balancing_options(&raw.options);
         let policy = RoutePolicy::from_options(
             raw.options.get("route_policy_scope").map(String::as_str),
             raw.options.get("route_policy_sources").map(String::as_str),
@@ -241,11 +309,61 @@ impl TryFrom<Registration> for ValidRegistration {
             tls_san,
             protocol,
             load_balancing,
+            hash,
+            option_problems,
             policy,
             route_service,
             raw,
         })
     }
+}
+
+/// `loadbalancing`, `hash_header` and `hash_balance`, as GoRouter reads them: an algorithm it
+/// does not know, or hash-based routing without a header, leaves the route balanced
+/// round-robin rather than unregistered; `hash_header` and `hash_balance` mean nothing for the
+/// other algorithms (Cloud Controller refuses them there) and are ignored.
+fn balancing_options(
+    options: &BTreeMap<String, String>,
+) -> (LoadBalancing, Option<HashOptions>, Vec<OptionProblem>) {
+    let mut problems = Vec::new();
+    let get = |k: &str| options.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let lb = match get("loadbalancing") {
+        None | Some("round-robin") => LoadBalancing::RoundRobin,
+        Some("least-connection") => LoadBalancing::LeastConnection,
+        Some("hash") => {
+            let header = match get("hash_header") {
+                None => Err(OptionProblem::NoHashHeader),
+                Some(h) => http::HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| OptionProblem::HashHeader(h.to_string())),
+            };
+            let balance = match get("hash_balance") {
+                None => 0.0,
+                Some(b) => match b.parse::<f64>() {
+                    Ok(f) if f.is_finite() && f >= 0.0 => f,
+                    _ => {
+                        problems.push(OptionProblem::HashBalance(b.to_string()));
+                        0.0
+                    }
+                },
+            };
+            return match header {
+                Ok(header) => (
+                    LoadBalancing::RoundRobin,
+                    Some(HashOptions { header, balance }),
+                    problems,
+                ),
+                Err(p) => {
+                    problems.insert(0, p);
+                    (LoadBalancing::RoundRobin, None, problems)
+                }
+            };
+        }
+        Some(other) => {
+            problems.push(OptionProblem::LoadBalancing(other.to_string()));
+            LoadBalancing::RoundRobin
+        }
+    };
+    (lb, None, problems)
 }
 
 #[cfg(test)]
@@ -262,6 +380,103 @@ mod tests {
         assert_eq!(RouteKey::parse("a.b/").unwrap().path, "");
         assert!(RouteKey::parse("").is_none());
         assert!(RouteKey::parse("a b").is_none());
+    }
+
+    /// A registration for `a.x` with these options, as JSON values.
+    fn with_options(options: &str) -> ValidRegistration {
+        let raw: Registration = serde_json::from_str(&format!(
+            r#"{{"uris":["a.x"],"host":"10.0.0.1","port":8080,"options":{options}}}"#
+        ))
+        .unwrap();
+        ValidRegistration::try_from(raw).unwrap()
+    }
+
+    #[test]
+    fn hash_based_routing_options_as_cloud_controller_sends_them() {
+        // Cloud Controller's wire format: every value a string.
+        let v = with_options(
+            r#"{"loadbalancing":"hash","hash_header":"Tenant-ID","hash_balance":"1.25"}"#,
+        );
+        let h = v.hash.unwrap();
+        assert_eq!((h.header.as_str(), h.balance), ("tenant-id", 1.25));
+        assert!(v.option_problems.is_empty());
+        assert_eq!(v.raw.options["hash_balance"], "1.25");
+        // A number, as a GoRouter release once expected, is taken as well; no balance is 0.
+        let v = with_options(r#"{"loadbalancing":"hash","hash_header":"x-t","hash_balance":2}"#);
+        assert_eq!(v.hash.unwrap().balance, 2.0);
+        assert_eq!(v.raw.options["hash_balance"], "2");
+        let v = with_options(r#"{"loadbalancing":"hash","hash_header":"x-t","hash_balance":null}"#);
+        assert_eq!(v.hash.unwrap().balance, 0.0);
+        // Other scalars are text; the route is kept whatever the values.
+        let v = with_options(r#"{"route_policy_scope":"any","x":true,"y":1.5,"z":-3}"#);
+        assert_eq!(
+            (
+                v.raw.options["x"].as_str(),
+                v.raw.options["y"].as_str(),
+                v.raw.options["z"].as_str()
+            ),
+            ("true", "1.5", "-3")
+        );
+        assert!(
+            serde_json::from_str::<Registration>(
+                r#"{"uris":["a.x"],"options":{"loadbalancing":["hash"]}}"#
+            )
+            .is_err(),
+            "a list is not an option value"
+        );
+    }
+
+    #[test]
+    fn unusable_balancing_options_keep_the_route_and_say_why() {
+        // Options; the header and balance hashing uses, if any; the options at fault.
+        type Case<'a> = (&'a str, Option<(&'a str, f64)>, &'a [&'a str]);
+        let cases: [Case; 8] = [
+            (r#"{"loadbalancing":"least-connection"}"#, None, &[]),
+            (
+                r#"{"loadbalancing":"hash","hash_header":"x-t"}"#,
+                Some(("x-t", 0.0)),
+                &[],
+            ),
+            (r#"{"loadbalancing":"weighted"}"#, None, &["loadbalancing"]),
+            (r#"{"loadbalancing":"hash"}"#, None, &["hash_header"]),
+            (
+                r#"{"loadbalancing":"hash","hash_header":"bad header"}"#,
+                None,
+                &["hash_header"],
+            ),
+            (
+                r#"{"loadbalancing":"hash","hash_header":"x-t","hash_balance":"lots"}"#,
+                Some(("x-t", 0.0)),
+                &["hash_balance"],
+            ),
+            (
+                r#"{"loadbalancing":"hash","hash_balance":"-1"}"#,
+                None,
+                &["hash_header", "hash_balance"],
+            ),
+            // Meaningless without hash (Cloud Controller refuses it): ignored.
+            (
+                r#"{"loadbalancing":"round-robin","hash_header":"x-t","hash_balance":"NaN"}"#,
+                None,
+                &[],
+            ),
+        ];
+        for (options, hash, problems) in cases {
+            let v = with_options(options);
+            assert_eq!(
+                v.hash.as_ref().map(|h| (h.header.as_str(), h.balance)),
+                hash,
+                "{options}"
+            );
+            let got: Vec<&str> = v.option_problems.iter().map(|p| p.option()).collect();
+            assert_eq!(got, problems, "{options}");
+            let lc = options.contains("least-connection");
+            assert_eq!(v.load_balancing == LoadBalancing::LeastConnection, lc);
+        }
+        assert_eq!(
+            with_options(r#"{"loadbalancing":"weighted"}"#).option_problems[0].to_string(),
+            "invalid loadbalancing 'weighted', must be one of round-robin, least-connection, hash: the route is balanced round-robin"
+        );
     }
 
     #[test]

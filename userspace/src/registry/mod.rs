@@ -4,8 +4,8 @@ mod message;
 pub mod nats;
 
 pub use message::{
-    endpoint_addr, LoadBalancing, Protocol, Registration, RegistrationError, RouteKey,
-    ValidRegistration,
+    endpoint_addr, HashOptions, LoadBalancing, OptionProblem, Protocol, Registration,
+    RegistrationError, RouteKey, ValidRegistration,
 };
 
 use std::sync::{Arc, Mutex};

@@ -374,6 +374,17 @@ fn push(state: &State, batch: &mut Vec<Change>, is_register: bool, payload: &[u8
                     .route_policy_malformed_sources
                     .inc_by(reg.policy.malformed.len() as u64);
             }
+            if is_register {
+                for problem in &reg.option_problems {
+                    state
+                        .metrics
+                        .registry_option_problems
+                        .get_or_create(&crate::metrics::OptionLabels {
+                            option: problem.option(),
+                        })
+                        .inc();
+                }
+            }
             batch.push(if is_register {
                 Change::Register(reg)
             } else {

@@ -3,6 +3,7 @@
 //! A [`RouteTable`] is immutable once built: the registry builds a new one per change and swaps it
 //! in whole, so one request always sees one consistent view of route, options and endpoints.
 
+mod maglev;
 mod select;
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,7 +12,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::authz::{RoutePolicy, ScopeTags};
-use crate::registry::{LoadBalancing, Protocol, RouteKey, ValidRegistration};
+use crate::registry::{HashOptions, LoadBalancing, Protocol, RouteKey, ValidRegistration};
+pub use maglev::Maglev;
 pub use select::Selector;
 
 /// One backend instance registered under a route.
@@ -83,14 +85,10 @@ impl Endpoint {
             let value = |s: &str| {
                 http::HeaderValue::from_str(s).unwrap_or(http::HeaderValue::from_static(""))
             };
-            let id = match self.private_instance_id.as_str() {
-                "" => &self.addr,
-                id => id,
-            };
             InstanceHeaders {
                 app_id: value(&self.app),
                 index: value(&self.private_instance_index),
-                instance_id: value(id),
+                instance_id: value(self.instance_name()),
             }
         })
     }
@@ -163,6 +161,15 @@ impl Endpoint {
             t => t,
         }
     }
+
+    /// The name GoRouter knows the instance by (in `X-CF-InstanceID` and in hash-based
+    /// routing's table): its `private_instance_id`, or its address when it has none.
+    pub fn instance_name(&self) -> &str {
+        match self.private_instance_id.as_str() {
+            "" => &self.addr,
+            id => id,
+        }
+    }
 }
 
 impl ScopeTags for Endpoint {
@@ -187,15 +194,28 @@ pub struct Pool {
     pub key: RouteKey,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub policy: RoutePolicy,
+    /// How requests without a hash key are balanced.
     pub load_balancing: LoadBalancing,
+    /// Hash-based routing (`loadbalancing: hash`), when the route asks for it.
+    pub hash: Option<HashRouting>,
     /// The raw options of the registration that set them, for `/routes`.
     pub options: BTreeMap<String, String>,
     /// GoRouter's `route_service_url` (newest registration wins, as GoRouter keeps it): a route
-    /// bound to a route service. portcullis does not call route services, so such a route's
-    /// requests are refused rather than sent to the app past its route service.
+    /// bound to a route service, whose requests reach the app only through it (`route_services`;
+    /// without it they are refused rather than sent to the app past the service).
     pub route_service: Option<Arc<str>>,
     /// Round-robin position; shared across snapshots so rebuilding does not reset the rotation.
     next: Arc<AtomicUsize>,
+}
+
+/// A pool's hash-based routing: the request header that keys it, the balance limit and the
+/// Maglev table over the pool's endpoints.
+#[derive(Debug)]
+pub struct HashRouting {
+    pub header: http::HeaderName,
+    /// `hash_balance` (0: no limit).
+    pub balance: f64,
+    pub table: Arc<Maglev>,
 }
 
 impl Pool {
@@ -257,9 +277,38 @@ struct PoolState {
     endpoints: BTreeMap<String, Arc<Endpoint>>,
     policy: RoutePolicy,
     load_balancing: LoadBalancing,
+    hash: Option<HashOptions>,
+    /// The Maglev table of the last snapshot and the instance names it was built for, in pool
+    /// order: heartbeats rebuild the pool, and the table only when its instances changed.
+    maglev: Option<(Vec<String>, Arc<Maglev>)>,
     options: BTreeMap<String, String>,
     route_service: Option<Arc<str>>,
     next: Arc<AtomicUsize>,
+}
+
+impl PoolState {
+    /// The pool's hash-based routing for its current endpoints, reusing the last table when
+    /// they are the same instances.
+    fn hash_routing(&mut self) -> Option<HashRouting> {
+        let Some(opts) = &self.hash else {
+            self.maglev = None;
+            return None;
+        };
+        let names: Vec<&str> = self.endpoints.values().map(|e| e.instance_name()).collect();
+        let table = match &self.maglev {
+            Some((built_for, table)) if built_for.iter().eq(names.iter()) => table.clone(),
+            _ => {
+                let table = Arc::new(Maglev::new(&names)?);
+                self.maglev = Some((names.iter().map(|n| n.to_string()).collect(), table.clone()));
+                table
+            }
+        };
+        Some(HashRouting {
+            header: opts.header.clone(),
+            balance: opts.balance,
+            table,
+        })
+    }
 }
 
 /// The registry's working state; [`RegistryState::snapshot`] freezes it into a [`RouteTable`].
@@ -285,18 +334,29 @@ impl RegistryState {
         let addr = reg.addr();
         for key in &reg.keys {
             self.dirty.insert(key.clone());
-            let pool = self.pools.entry(key.clone()).or_insert_with(|| PoolState {
-                endpoints: BTreeMap::new(),
-                policy: reg.policy.clone(),
-                load_balancing: reg.load_balancing,
-                options: reg.raw.options.clone(),
-                route_service: None,
-                next: Arc::default(),
+            let mut created = false;
+            let pool = self.pools.entry(key.clone()).or_insert_with(|| {
+                created = true;
+                PoolState {
+                    endpoints: BTreeMap::new(),
+                    policy: reg.policy.clone(),
+                    load_balancing: reg.load_balancing,
+                    hash: reg.hash.clone(),
+                    maglev: None,
+                    options: reg.raw.options.clone(),
+                    route_service: None,
+                    next: Arc::default(),
+                }
             });
-            if pool.options != reg.raw.options {
+            if created || pool.options != reg.raw.options {
+                // Said when the route's options change, not at every heartbeat.
+                for problem in &reg.option_problems {
+                    tracing::warn!(route = %key, option = problem.option(), "{problem}");
+                }
                 pool.options = reg.raw.options.clone();
                 pool.policy = reg.policy.clone();
                 pool.load_balancing = reg.load_balancing;
+                pool.hash = reg.hash.clone();
             }
             if pool.route_service.as_deref() != reg.route_service.as_deref() {
                 match &reg.route_service {
@@ -420,12 +480,13 @@ impl RegistryState {
                 .cloned()
                 .collect();
             for key in &keys {
-                if let Some(p) = self.pools.get(key) {
+                if let Some(p) = self.pools.get_mut(key) {
                     pools.push(Arc::new(Pool {
                         key: key.clone(),
                         endpoints: p.endpoints.values().cloned().collect(),
                         policy: p.policy.clone(),
                         load_balancing: p.load_balancing,
+                        hash: p.hash_routing(),
                         options: p.options.clone(),
                         route_service: p.route_service.clone(),
                         next: p.next.clone(),

@@ -1,9 +1,10 @@
-//! Endpoint selection: round-robin or least-connection, never offering an endpoint twice.
+//! Endpoint selection: round-robin, least-connection or by a request header's hash, never
+//! offering an endpoint twice.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{Endpoint, Pool};
+use super::{Endpoint, HashRouting, Pool};
 use crate::registry::LoadBalancing;
 
 /// Offers a pool's endpoints one at a time in load-balancing order (for retries).
@@ -13,6 +14,8 @@ pub struct Selector<'a> {
     tried: Vec<usize>,
     /// The gateway's own availability zone, under `az_preference: locally-optimistic`.
     zone: Option<&'a str>,
+    /// The request's slot in the pool's hash table, under hash-based routing.
+    slot: Option<usize>,
 }
 
 impl<'a> Selector<'a> {
@@ -22,7 +25,26 @@ impl<'a> Selector<'a> {
             start,
             tried: Vec::new(),
             zone: None,
+            slot: None,
         }
+    }
+
+    /// Hash-based routing: when the pool has it and the request carries its header (the first
+    /// value, not empty), endpoints are offered from that value's slot in table order, and the
+    /// zone preference is ignored (as GoRouter does). Without the header, the pool's other
+    /// balancing applies.
+    pub fn hashing(mut self, headers: &http::HeaderMap) -> Self {
+        if let Some(h) = &self.pool.hash {
+            if let Some(v) = headers.get(&h.header).filter(|v| !v.is_empty()) {
+                self.slot = Some(h.table.slot(v.as_bytes()));
+            }
+        }
+        self
+    }
+
+    /// Whether endpoints are offered by the request's hash.
+    pub fn is_hashed(&self) -> bool {
+        self.slot.is_some()
     }
 
     /// GoRouter's `locally-optimistic` preference: the first endpoint offered is one registered
@@ -49,7 +71,9 @@ impl<'a> Selector<'a> {
         };
         // Under `locally-optimistic`, a request's first endpoint comes from the gateway's zone
         // when one there is eligible and not cooling down.
-        let local = self.zone.filter(|_| self.tried.is_empty());
+        let local = self
+            .zone
+            .filter(|_| self.tried.is_empty() && self.slot.is_none());
         let chosen = local
             .and_then(|z| self.pick(|e| e.availability_zone == z && eligible(e) && !cooling(e)))
             .or_else(|| self.pick(|e| eligible(e) && !cooling(e)));
@@ -80,6 +104,13 @@ impl<'a> Selector<'a> {
 
     /// The untried endpoint for which `ok` holds that the pool's load balancing picks first.
     fn pick(&self, mut ok: impl FnMut(&Endpoint) -> bool) -> Option<usize> {
+        if let (Some(slot), Some(h)) = (self.slot, &self.pool.hash) {
+            if let Some(i) = self.pick_hashed(slot, h, &mut ok) {
+                return Some(i);
+            }
+            // Only endpoints outside the table (a second one with the same instance id) are
+            // left, if any: they come in rotation.
+        }
         let eps = &self.pool.endpoints;
         let n = eps.len();
         let order = (0..n).map(|i| (self.start + i) % n);
@@ -92,6 +123,54 @@ impl<'a> Selector<'a> {
         }
     }
 
+    /// The first untried endpoint for which `ok` holds in table order from `slot`. One with
+    /// more than `hash_balance` times the pool's average requests in flight is passed over for
+    /// the next (GoRouter's overflow to the next instance in the table), unless every other one
+    /// is as well.
+    fn pick_hashed(
+        &self,
+        slot: usize,
+        h: &HashRouting,
+        ok: &mut impl FnMut(&Endpoint) -> bool,
+    ) -> Option<usize> {
+        let eps = &self.pool.endpoints;
+        let average = (h.balance > 0.0).then(|| {
+            let total: usize = eps.iter().map(|e| e.active.load(Ordering::Relaxed)).sum();
+            total as f64 / eps.len() as f64
+        });
+        let busy = |e: &Endpoint| {
+            average.is_some_and(|average| {
+                average > 0.0 && e.active.load(Ordering::Relaxed) as f64 / average > h.balance
+            })
+        };
+        let mut usable = |i: usize| i < eps.len() && !self.tried.contains(&i) && ok(&eps[i]);
+        // Most requests take the slot's owner: no walk, no allocation.
+        let owner = h.table.owner(slot);
+        let mut overflow = None;
+        if usable(owner) {
+            if !busy(&eps[owner]) {
+                return Some(owner);
+            }
+            overflow = Some(owner);
+        }
+        let mut seen = vec![false; eps.len()];
+        if let Some(s) = seen.get_mut(owner) {
+            *s = true;
+        }
+        for i in h.table.from(slot) {
+            if i >= eps.len() || std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            if usable(i) {
+                if !busy(&eps[i]) {
+                    return Some(i);
+                }
+                overflow.get_or_insert(i);
+            }
+        }
+        overflow
+    }
+
     /// How many endpoints were offered so far.
     pub fn attempts(&self) -> usize {
         self.tried.len()
@@ -100,6 +179,8 @@ impl<'a> Selector<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use crate::registry::{Registration, ValidRegistration};
@@ -210,6 +291,208 @@ mod tests {
                 "a new failure is said again"
             );
         }
+    }
+
+    /// A hash route `a.x` over instances `instance-a`..`-c` (ports 1–3, registered in reverse
+    /// so that pool order is not name order) with `hash_balance`.
+    fn hashed(balance: &str) -> RegistryState {
+        let mut s = RegistryState::default();
+        for (port, id) in [(3, "instance-c"), (1, "instance-a"), (2, "instance-b")] {
+            let r = ValidRegistration::try_from(Registration {
+                uris: vec!["a.x".into()],
+                host: Some("127.0.0.1".into()),
+                port: Some(port),
+                private_instance_id: Some(id.into()),
+                availability_zone: Some(format!("z{port}")),
+                options: [
+                    ("loadbalancing", "hash"),
+                    ("hash_header", "Tenant"),
+                    ("hash_balance", balance),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+                ..Default::default()
+            })
+            .unwrap();
+            s.register(&r, false, Duration::from_secs(9), Instant::now());
+        }
+        s
+    }
+
+    fn tenant(value: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("tenant", value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn a_hash_key_picks_its_instance_and_overflows_in_table_order() {
+        let t = hashed("0").snapshot();
+        let pool = t.lookup("a.x", "/").unwrap();
+        let id = |e: Arc<crate::routing::Endpoint>| e.private_instance_id.clone();
+        // The owners of GoRouter's table (see maglev.rs), whatever the zone preference says.
+        for (key, owner) in [
+            ("tenant-1", "instance-b"),
+            ("tenant-3", "instance-a"),
+            ("acme", "instance-c"),
+        ] {
+            for _ in 0..4 {
+                let mut sel = pool
+                    .selector()
+                    .local_first(Some("z1"))
+                    .hashing(&tenant(key));
+                assert!(sel.is_hashed());
+                assert_eq!(id(sel.next(|_| true).unwrap()), owner, "{key}");
+            }
+        }
+        // Retries follow the table from the key's slot: b, c, a for tenant-1.
+        let mut sel = pool.selector().hashing(&tenant("tenant-1"));
+        let order: Vec<String> = std::iter::from_fn(|| sel.next(|_| true)).map(id).collect();
+        assert_eq!(order, ["instance-b", "instance-c", "instance-a"]);
+        // Not eligible (full, out of scope) or cooling down: the next one in the table.
+        let next = |ok: &dyn Fn(&crate::routing::Endpoint) -> bool| {
+            id(pool
+                .selector()
+                .hashing(&tenant("tenant-1"))
+                .next(ok)
+                .unwrap())
+        };
+        assert_eq!(
+            next(&|e| e.private_instance_id != "instance-b"),
+            "instance-c"
+        );
+        let b = pool
+            .endpoints
+            .iter()
+            .find(|e| e.private_instance_id == "instance-b")
+            .unwrap();
+        b.mark_failed(Duration::from_secs(60));
+        assert_eq!(next(&|_| true), "instance-c");
+        assert_eq!(
+            next(&|e| e.private_instance_id == "instance-b"),
+            "instance-b",
+            "only it left"
+        );
+        b.mark_answered();
+        // No header, an empty one: the pool's rotation (every instance in turn).
+        let mut all = std::collections::BTreeSet::new();
+        for h in [http::HeaderMap::new(), tenant("")].iter().cycle().take(6) {
+            let mut sel = pool.selector().hashing(h);
+            assert!(!sel.is_hashed());
+            all.insert(id(sel.next(|_| true).unwrap()));
+        }
+        assert_eq!(all.len(), 3);
+    }
+
+    #[test]
+    fn hash_balance_passes_over_an_instance_busier_than_the_average_allows() {
+        let t = hashed("1.2").snapshot();
+        let pool = t.lookup("a.x", "/").unwrap();
+        let by_id = |id: &str| {
+            pool.endpoints
+                .iter()
+                .find(|e| e.private_instance_id == id)
+                .unwrap()
+        };
+        let first = |key: &str| {
+            let mut sel = pool.selector().hashing(&tenant(key));
+            sel.next(|_| true).unwrap().private_instance_id.clone()
+        };
+        let load = |a: usize, b: usize, c: usize| {
+            for (id, n) in [("instance-a", a), ("instance-b", b), ("instance-c", c)] {
+                by_id(id).active.store(n, Ordering::Relaxed);
+            }
+        };
+        // b has 3 of 5 in flight: 3 / (5/3) = 1.8 > 1.2, so tenant-1 goes to c, the next in
+        // b's table order; at 2 of 5 (1.2, not more) it stays.
+        load(1, 3, 1);
+        assert_eq!(first("tenant-1"), "instance-c");
+        load(2, 2, 1);
+        assert_eq!(first("tenant-1"), "instance-b");
+        // b and c both over (1.5 each): a.
+        load(0, 4, 4);
+        assert_eq!(first("tenant-1"), "instance-a");
+        // Every instance over is impossible with a balance of at least 1; below 1, the first
+        // in table order is taken rather than none.
+        let t = hashed("0.5").snapshot();
+        let pool = t.lookup("a.x", "/").unwrap();
+        pool.endpoints
+            .iter()
+            .for_each(|e| e.active.store(3, Ordering::Relaxed));
+        let mut sel = pool.selector().hashing(&tenant("tenant-1"));
+        assert_eq!(
+            sel.next(|_| true).unwrap().private_instance_id,
+            "instance-b"
+        );
+        load(0, 0, 0);
+        // Nothing in flight: the owner, always.
+        load(0, 0, 0);
+        assert_eq!(first("tenant-1"), "instance-b");
+        // Without a balance the owner takes any load.
+        let t = hashed("0").snapshot();
+        let pool = t.lookup("a.x", "/").unwrap();
+        pool.endpoints.iter().for_each(|e| {
+            e.active.store(
+                if e.private_instance_id == "instance-b" {
+                    50
+                } else {
+                    0
+                },
+                Ordering::Relaxed,
+            )
+        });
+        let mut sel = pool.selector().hashing(&tenant("tenant-1"));
+        assert_eq!(
+            sel.next(|_| true).unwrap().private_instance_id,
+            "instance-b"
+        );
+    }
+
+    #[test]
+    fn the_table_is_rebuilt_only_when_the_instances_change() {
+        let mut s = hashed("0");
+        let t1 = s.snapshot();
+        // A heartbeat: same instances, same table.
+        let r = ValidRegistration::try_from(Registration {
+            uris: vec!["a.x".into()],
+            host: Some("127.0.0.1".into()),
+            port: Some(2),
+            private_instance_id: Some("instance-b".into()),
+            options: t1.lookup("a.x", "/").unwrap().options.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        s.register(&r, false, Duration::from_secs(9), Instant::now());
+        let t2 = s.snapshot();
+        let table = |t: &crate::routing::RouteTable| {
+            t.lookup("a.x", "/")
+                .unwrap()
+                .hash
+                .as_ref()
+                .unwrap()
+                .table
+                .clone()
+        };
+        assert!(Arc::ptr_eq(&table(&t1), &table(&t2)));
+        // instance-b leaves: a new table, where tenant-1 (b's) goes to c, as in GoRouter.
+        s.unregister(&r);
+        let t3 = s.snapshot();
+        assert!(!Arc::ptr_eq(&table(&t2), &table(&t3)));
+        let pool = t3.lookup("a.x", "/").unwrap();
+        let mut sel = pool.selector().hashing(&tenant("tenant-1"));
+        assert_eq!(
+            sel.next(|_| true).unwrap().private_instance_id,
+            "instance-c"
+        );
+        // Options without hash drop the table.
+        let plain = ValidRegistration::try_from(Registration {
+            options: Default::default(),
+            ..r.raw.clone()
+        })
+        .unwrap();
+        s.register(&plain, false, Duration::from_secs(9), Instant::now());
+        assert!(s.snapshot().lookup("a.x", "/").unwrap().hash.is_none());
     }
 
     #[test]
