@@ -691,6 +691,116 @@ async fn hash_based_routing_keeps_each_tenant_on_its_instance() {
     );
 }
 
+/// GoRouter's `balancing_algorithm` as `backends.balancing_algorithm`: routes that name no
+/// `loadbalancing`, and a hash route's requests without its header, are balanced by it; a
+/// route's own option wins; a reload changes it for the next request.
+#[tokio::test]
+async fn the_default_balancing_algorithm_applies_where_a_route_names_none() {
+    let pki = TestPki::new();
+    let one = echo::start("one", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let two = echo::start("two", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let sections = |algorithm: &str| {
+        let mut y = format!(
+            "backends: {{ca_certs: backend-ca.pem, connect_timeout: 1s, balancing_algorithm: {algorithm}}}\n\
+             domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\nroutes:\n"
+        );
+        for (host, options) in [
+            ("plain", ""),
+            ("rr", "loadbalancing: round-robin"),
+            ("hashed", "loadbalancing: hash, hash_header: tenant-id"),
+        ] {
+            for (id, b) in [("one", &one), ("two", &two)] {
+                y += &format!(
+                    "  - uris: [{host}.apps.identity]\n    host: \"{}\"\n    port: {}\n    \
+                     private_instance_id: {id}\n    options: {{{options}}}\n",
+                    b.addr.ip(),
+                    b.addr.port()
+                );
+            }
+        }
+        y
+    };
+    let gw = TestGateway::start(&pki, &sections("least-connection")).await;
+    // least-connection by default: every request goes to the idle instance, on a route without
+    // options and on a hash route's requests without the header.
+    for host in ["plain.apps.identity", "hashed.apps.identity"] {
+        let (busy, answered) = while_one_is_busy(&gw, &pki, [&one, &two], host).await;
+        assert!(
+            answered.iter().all(|b| *b != busy),
+            "{host}: {busy} busy, {answered:?}"
+        );
+    }
+    // A route's own round-robin wins: both take turns.
+    let (_, answered) = while_one_is_busy(&gw, &pki, [&one, &two], "rr.apps.identity").await;
+    assert_eq!(
+        answered.iter().filter(|b| *b == "one").count(),
+        2,
+        "{answered:?}"
+    );
+    assert_eq!(
+        gw.route_view("plain.apps.identity").await["load_balancing"],
+        "least-connection"
+    );
+    assert_eq!(
+        gw.route_view("rr.apps.identity").await["load_balancing"],
+        "round-robin"
+    );
+    assert_eq!(
+        gw.route_view("hashed.apps.identity").await["load_balancing"],
+        "hash"
+    );
+
+    // Reloaded to round-robin: the route without options takes turns too.
+    gw.reload(&sections("round-robin"));
+    let (_, answered) = while_one_is_busy(&gw, &pki, [&one, &two], "plain.apps.identity").await;
+    assert_eq!(
+        answered.iter().filter(|b| *b == "one").count(),
+        2,
+        "{answered:?}"
+    );
+    assert_eq!(
+        gw.route_view("plain.apps.identity").await["load_balancing"],
+        "round-robin"
+    );
+}
+
+/// With one slow request in flight on an instance of `host`, four more requests: the instance
+/// the slow one went to, and those that answered the four.
+async fn while_one_is_busy(
+    gw: &TestGateway,
+    pki: &TestPki,
+    backends: [&echo::EchoServer; 2],
+    host: &'static str,
+) -> (String, Vec<String>) {
+    let arrived = || backends.iter().map(|b| b.requests()).sum::<u64>();
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    let before = arrived();
+    let slow = tokio::spawn(async move {
+        let req = c.build(host, "/slow?ms=1500", &[]);
+        c.send(req).await.unwrap().echo().backend
+    });
+    crate::support::bounded("the slow request arrives", async {
+        while arrived() == before {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        answered.push(call(&mut c, host, &[]).await.echo().backend);
+    }
+    (slow.await.unwrap(), answered)
+}
+
 async fn call(c: &mut Conn, host: &str, headers: &[(&str, &str)]) -> crate::support::client::Resp {
     let req = c.build(host, "/", headers);
     c.send(req).await.unwrap()

@@ -28,8 +28,9 @@ use crate::state::State;
 struct RouteView<'a> {
     route: String,
     options: &'a BTreeMap<String, String>,
-    /// How the gateway balances the route, as it reads the options: `round-robin`,
-    /// `least-connection` or `hash` (an option it could not use is left out).
+    /// How the gateway balances the route, as it reads the options (an option it could not use
+    /// is left out) and `backends.balancing_algorithm`: `round-robin`, `least-connection` or
+    /// `hash`.
     load_balancing: &'static str,
     /// Under `hash`: the header that keys it and the balance limit (0: none).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,13 +84,14 @@ fn json<T: Serialize>(v: &T) -> Response<ProxyBody> {
 
 fn routes(state: &State) -> Response<ProxyBody> {
     let table = state.registry.table();
+    let default = state.runtime.load().config.backends.balancing;
     let views: Vec<RouteView<'_>> = table
         .pools()
         .into_iter()
         .map(|p| RouteView {
             route: p.key.to_string(),
             options: &p.options,
-            load_balancing: match (&p.hash, p.load_balancing) {
+            load_balancing: match (&p.hash, p.load_balancing.unwrap_or(default)) {
                 (Some(_), _) => "hash",
                 (None, crate::registry::LoadBalancing::RoundRobin) => "round-robin",
                 (None, crate::registry::LoadBalancing::LeastConnection) => "least-connection",

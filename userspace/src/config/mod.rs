@@ -17,7 +17,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 
 use crate::names::DomainPattern;
-use crate::registry::ValidRegistration;
+use crate::registry::{LoadBalancing, ValidRegistration};
 pub use pem::{load_certified_key, load_certs, parse_certs, CertFile, CertValidity};
 use raw::*;
 pub use token::{read_token, Access, AdminToken};
@@ -256,6 +256,9 @@ pub struct Backends {
     /// and `balancing_algorithm_az_preference`): a request's first endpoint is one registered
     /// in this zone when one can take it; retries, and routes with none there, use any zone.
     pub local_zone: Option<String>,
+    /// `backends.balancing_algorithm` (GoRouter's `balancing_algorithm`): how routes that do not
+    /// set `loadbalancing` are balanced, and hash-based routes' requests without their header.
+    pub balancing: LoadBalancing,
 }
 
 #[derive(Clone, Debug)]
@@ -1393,6 +1396,16 @@ impl Validator<'_> {
             sticky_session_cookies: self.sticky_session_cookies(b.sticky_session_cookies.clone()),
             max_conns: b.max_conns.unwrap_or(0),
             local_zone: self.local_zone(b.availability_zone.as_deref(), b.az_preference.as_deref()),
+            balancing: self.choice(
+                "backends.balancing_algorithm",
+                b.balancing_algorithm.as_deref(),
+                &[
+                    ("round-robin", LoadBalancing::RoundRobin),
+                    ("least-connection", LoadBalancing::LeastConnection),
+                ],
+                LoadBalancing::RoundRobin,
+                "algorithm",
+            ),
         };
 
         let registry = RegistrySettings {
@@ -2220,6 +2233,16 @@ mod tests {
     }
 
     #[test]
+    fn the_default_balancing_algorithm_is_gorouters_choice() {
+        let problems = |backends: &str| section_problems("backends", backends);
+        assert_eq!(
+            problems("balancing_algorithm: hash"),
+            ["backends.balancing_algorithm: invalid algorithm 'hash', must be one of round-robin, least-connection"]
+        );
+        assert!(problems("balancing_algorithm: least-connection").is_empty());
+    }
+
+    #[test]
     fn sharding_follows_gorouter_and_is_checked() {
         let problems = |registry: &str| section_problems("registry", registry);
         assert_eq!(
@@ -2337,8 +2360,8 @@ mod tests {
         assert_eq!(
             routes,
             [
-                "routes[1].options.loadbalancing: invalid loadbalancing 'weighted', must be one of round-robin, least-connection, hash: the route is balanced round-robin",
-                "routes[2].options.hash_header: loadbalancing is hash but hash_header is missing: the route is balanced round-robin",
+                "routes[1].options.loadbalancing: invalid loadbalancing 'weighted', must be one of round-robin, least-connection, hash: the route is balanced by backends.balancing_algorithm",
+                "routes[2].options.hash_header: loadbalancing is hash but hash_header is missing: the route is balanced by backends.balancing_algorithm",
                 "routes[2].options.hash_balance: invalid hash_balance '-2', must be a number of at least 0 (0: no limit): no limit is applied",
             ]
         );

@@ -155,6 +155,7 @@ pub struct RawBackends {
     pub max_conns: Option<usize>,
     pub availability_zone: Option<String>,
     pub az_preference: Option<String>,
+    pub balancing_algorithm: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -436,6 +436,7 @@ async fn route(
     let mut selector = pool
         .selector()
         .local_first(rt.config.backends.local_zone.as_deref())
+        .balancing(rt.config.backends.balancing)
         .hashing(req.headers());
     let mut first: Option<Arc<Endpoint>> = None;
     // `backends.max_conns`: endpoints with that many requests in flight are passed over, and a

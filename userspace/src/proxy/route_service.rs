@@ -354,7 +354,11 @@ pub(super) async fn send(
                 state,
                 rt,
                 &pool.key,
-                (&mut pool.selector(), None, |e| e.has_room(max_conns)),
+                (
+                    &mut pool.selector().balancing(rt.config.backends.balancing),
+                    None,
+                    |e| e.has_room(max_conns),
+                ),
                 out,
                 (authority.as_str(), &pq),
                 false,

@@ -108,17 +108,18 @@ pub enum RegistrationError {
 }
 
 /// A route option that could not be used. The route is registered all the same (as GoRouter
-/// does), balanced round-robin where the option asked for something else; the problem is
+/// does), balanced by `backends.balancing_algorithm` where the option asked for something
+/// else; the problem is
 /// counted (`portcullis_registry_option_problems_total{option}`), logged when the route's
 /// options change, and refused by `check` in static routes.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OptionProblem {
-    #[error("invalid loadbalancing '{0}', must be one of round-robin, least-connection, hash: the route is balanced round-robin")]
+    #[error("invalid loadbalancing '{0}', must be one of round-robin, least-connection, hash: the route is balanced by backends.balancing_algorithm")]
     LoadBalancing(String),
-    #[error("loadbalancing is hash but hash_header is missing: the route is balanced round-robin")]
+    #[error("loadbalancing is hash but hash_header is missing: the route is balanced by backends.balancing_algorithm")]
     NoHashHeader,
     #[error(
-        "invalid hash_header '{0}', not an HTTP header name: the route is balanced round-robin"
+        "invalid hash_header '{0}', not an HTTP header name: the route is balanced by backends.balancing_algorithm"
     )]
     HashHeader(String),
     #[error("invalid hash_balance '{0}', must be a number of at least 0 (0: no limit): no limit is applied")]
@@ -221,7 +222,9 @@ pub struct ValidRegistration {
     /// The SAN the backend certificate must carry, when the endpoint is reached over TLS.
     pub tls_san: Option<String>,
     pub protocol: Protocol,
-    pub load_balancing: LoadBalancing,
+    /// `loadbalancing` when it names round-robin or least-connection; otherwise the gateway's
+    /// `backends.balancing_algorithm` applies.
+    pub load_balancing: Option<LoadBalancing>,
     /// Set when the route asks for hash-based routing with a usable `hash_header`.
     pub hash: Option<HashOptions>,
     /// Options that could not be used (the route is registered without them).
@@ -319,17 +322,22 @@ impl TryFrom<Registration> for ValidRegistration {
 }
 
 /// `loadbalancing`, `hash_header` and `hash_balance`, as GoRouter reads them: an algorithm it
-/// does not know, or hash-based routing without a header, leaves the route balanced
-/// round-robin rather than unregistered; `hash_header` and `hash_balance` mean nothing for the
-/// other algorithms (Cloud Controller refuses them there) and are ignored.
+/// does not know, or hash-based routing without a header, leaves the route balanced by the
+/// gateway's default algorithm rather than unregistered; `hash_header` and `hash_balance` mean
+/// nothing for the other algorithms (Cloud Controller refuses them there) and are ignored.
 fn balancing_options(
     options: &BTreeMap<String, String>,
-) -> (LoadBalancing, Option<HashOptions>, Vec<OptionProblem>) {
+) -> (
+    Option<LoadBalancing>,
+    Option<HashOptions>,
+    Vec<OptionProblem>,
+) {
     let mut problems = Vec::new();
     let get = |k: &str| options.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let lb = match get("loadbalancing") {
-        None | Some("round-robin") => LoadBalancing::RoundRobin,
-        Some("least-connection") => LoadBalancing::LeastConnection,
+        None => None,
+        Some("round-robin") => Some(LoadBalancing::RoundRobin),
+        Some("least-connection") => Some(LoadBalancing::LeastConnection),
         Some("hash") => {
             let header = match get("hash_header") {
                 None => Err(OptionProblem::NoHashHeader),
@@ -347,20 +355,16 @@ fn balancing_options(
                 },
             };
             return match header {
-                Ok(header) => (
-                    LoadBalancing::RoundRobin,
-                    Some(HashOptions { header, balance }),
-                    problems,
-                ),
+                Ok(header) => (None, Some(HashOptions { header, balance }), problems),
                 Err(p) => {
                     problems.insert(0, p);
-                    (LoadBalancing::RoundRobin, None, problems)
+                    (None, None, problems)
                 }
             };
         }
         Some(other) => {
             problems.push(OptionProblem::LoadBalancing(other.to_string()));
-            LoadBalancing::RoundRobin
+            None
         }
     };
     (lb, None, problems)
@@ -471,11 +475,11 @@ mod tests {
             let got: Vec<&str> = v.option_problems.iter().map(|p| p.option()).collect();
             assert_eq!(got, problems, "{options}");
             let lc = options.contains("least-connection");
-            assert_eq!(v.load_balancing == LoadBalancing::LeastConnection, lc);
+            assert_eq!(v.load_balancing == Some(LoadBalancing::LeastConnection), lc);
         }
         assert_eq!(
             with_options(r#"{"loadbalancing":"weighted"}"#).option_problems[0].to_string(),
-            "invalid loadbalancing 'weighted', must be one of round-robin, least-connection, hash: the route is balanced round-robin"
+            "invalid loadbalancing 'weighted', must be one of round-robin, least-connection, hash: the route is balanced by backends.balancing_algorithm"
         );
     }
 

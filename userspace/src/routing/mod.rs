@@ -194,8 +194,9 @@ pub struct Pool {
     pub key: RouteKey,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub policy: RoutePolicy,
-    /// How requests without a hash key are balanced.
-    pub load_balancing: LoadBalancing,
+    /// How requests without a hash key are balanced, when the route says (otherwise by the
+    /// gateway's `backends.balancing_algorithm`).
+    pub load_balancing: Option<LoadBalancing>,
     /// Hash-based routing (`loadbalancing: hash`), when the route asks for it.
     pub hash: Option<HashRouting>,
     /// The raw options of the registration that set them, for `/routes`.
@@ -276,7 +277,7 @@ impl RouteTable {
 struct PoolState {
     endpoints: BTreeMap<String, Arc<Endpoint>>,
     policy: RoutePolicy,
-    load_balancing: LoadBalancing,
+    load_balancing: Option<LoadBalancing>,
     hash: Option<HashOptions>,
     /// The Maglev table of the last snapshot and the instance names it was built for, in pool
     /// order: heartbeats rebuild the pool, and the table only when its instances changed.

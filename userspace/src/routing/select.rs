@@ -16,6 +16,8 @@ pub struct Selector<'a> {
     zone: Option<&'a str>,
     /// The request's slot in the pool's hash table, under hash-based routing.
     slot: Option<usize>,
+    /// `backends.balancing_algorithm`, for a pool whose registration does not name one.
+    default: LoadBalancing,
 }
 
 impl<'a> Selector<'a> {
@@ -26,7 +28,15 @@ impl<'a> Selector<'a> {
             tried: Vec::new(),
             zone: None,
             slot: None,
+            default: LoadBalancing::RoundRobin,
         }
+    }
+
+    /// The algorithm for a pool whose registration names none (GoRouter's
+    /// `balancing_algorithm`); round-robin unless set.
+    pub fn balancing(mut self, default: LoadBalancing) -> Self {
+        self.default = default;
+        self
     }
 
     /// Hash-based routing: when the pool has it and the request carries its header (the first
@@ -115,7 +125,7 @@ impl<'a> Selector<'a> {
         let n = eps.len();
         let order = (0..n).map(|i| (self.start + i) % n);
         let mut candidates = order.filter(|i| !self.tried.contains(i) && ok(&eps[*i]));
-        match self.pool.load_balancing {
+        match self.pool.load_balancing.unwrap_or(self.default) {
             LoadBalancing::RoundRobin => candidates.next(),
             LoadBalancing::LeastConnection => {
                 candidates.min_by_key(|i| eps[*i].active.load(Ordering::Relaxed))
