@@ -768,6 +768,64 @@ async fn the_default_balancing_algorithm_applies_where_a_route_names_none() {
     );
 }
 
+/// GoRouter's wildcard routes: `*.wild.apps.plain` serves every name below `wild.apps.plain`
+/// that no nearer route serves, at any depth, and is served by its own routes' policies; an
+/// exact route wins.
+#[tokio::test]
+async fn wildcard_routes_serve_the_names_below_them() {
+    let pki = TestPki::new();
+    let wild = echo::start("wild", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let exact = echo::start("exact", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let scoped = echo::start("scoped", ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let mut y =
+        "domains: [{name: \"*.apps.identity\", ca_certs: identity-ca.pem}]\nroutes:\n".to_string();
+    y += &route("*.wild.apps.plain", wild.addr, "", "");
+    y += &route("exact.wild.apps.plain", exact.addr, "", "");
+    // In an mTLS domain: a catch-all for its names, under its policy.
+    y += &route(
+        "*.apps.identity",
+        scoped.addr,
+        "app_id: s, space_id: space-1, organization_id: org-1",
+        "route_policy_scope: any, route_policy_sources: \"cf:app:app-a\"",
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let mut c = Conn::plain(gw.http()).await.unwrap();
+    for (host, status, backend) in [
+        ("tenant-1.wild.apps.plain", 200, "wild"),
+        ("a.b.wild.apps.plain", 200, "wild"),
+        ("Tenant-2.Wild.Apps.Plain.", 200, "wild"),
+        ("exact.wild.apps.plain", 200, "exact"),
+        ("wild.apps.plain", 404, ""),
+        ("tenant-1.other.apps.plain", 404, ""),
+    ] {
+        let r = call(&mut c, host, &[]).await;
+        assert_eq!(r.status, status, "{host}");
+        if status == 200 {
+            assert_eq!(r.echo().backend, backend, "{host}");
+        }
+    }
+    for (caller, status) in [(&pki.a, 200), (&pki.b, 403)] {
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("any.apps.identity"),
+            Some(caller),
+            true,
+        )
+        .await
+        .unwrap();
+        let r = call(&mut c, "any.apps.identity", &[]).await;
+        assert_eq!(r.status, status);
+    }
+    assert_eq!(scoped.requests(), 1);
+}
+
 /// With one slow request in flight on an instance of `host`, four more requests: the instance
 /// the slow one went to, and those that answered the four.
 async fn while_one_is_busy(

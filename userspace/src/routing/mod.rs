@@ -233,14 +233,40 @@ pub struct RouteTable {
     /// Pools per host, longest path first.
     hosts: imbl::HashMap<String, Arc<[Arc<Pool>]>>,
     endpoints: usize,
+    /// Hosts that are wildcards (`*.example.com`): without any, a miss costs one lookup.
+    wildcards: usize,
 }
 
 impl RouteTable {
     /// The pool for a normalised host and a request path: longest matching path prefix, on
-    /// segment boundaries (`/api` matches `/api` and `/api/x`, not `/apix`).
+    /// segment boundaries (`/api` matches `/api` and `/api/x`, not `/apix`). When the host has
+    /// no route for the path, GoRouter's wildcard routes are tried, nearest first: for
+    /// `a.b.example.com`, `*.b.example.com`, then `*.example.com`, then `*.com`.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Pool>> {
-        let pools = self.hosts.get(host)?;
         let path = path.split_once('?').map_or(path, |(p, _)| p);
+        if let Some(pool) = self.lookup_host(host, path) {
+            return Some(pool);
+        }
+        if self.wildcards == 0 {
+            return None;
+        }
+        let mut rest = host.strip_prefix("*.").unwrap_or(host);
+        let mut wildcard = String::with_capacity(host.len() + 1);
+        while let Some((_, parent)) = rest.split_once('.') {
+            wildcard.clear();
+            wildcard.push_str("*.");
+            wildcard.push_str(parent);
+            if let Some(pool) = self.lookup_host(&wildcard, path) {
+                return Some(pool);
+            }
+            rest = parent;
+        }
+        None
+    }
+
+    /// The pool of exactly `host` whose path prefix matches `path` (without its query).
+    fn lookup_host(&self, host: &str, path: &str) -> Option<&Arc<Pool>> {
+        let pools = self.hosts.get(host)?;
         pools.iter().find(|p| {
             let prefix = p.key.path.as_str();
             prefix.is_empty()
@@ -497,6 +523,15 @@ impl RegistryState {
             pools.sort_by_key(|p| std::cmp::Reverse(p.key.path.len()));
             let new_count: usize = pools.iter().map(|p| p.endpoints.len()).sum();
             self.table.endpoints = self.table.endpoints + new_count - old_count;
+            let was = !old.is_empty();
+            let is = !pools.is_empty();
+            if host.starts_with("*.") && was != is {
+                if is {
+                    self.table.wildcards += 1;
+                } else {
+                    self.table.wildcards -= 1;
+                }
+            }
             if pools.is_empty() {
                 self.table.hosts.remove(&host);
             } else {
@@ -550,6 +585,49 @@ mod tests {
         assert_eq!(t.lookup("a.x", "/api?q").unwrap().key.path, "/api");
         assert_eq!(t.lookup("a.x", "/apix").unwrap().key.path, "");
         assert!(t.lookup("b.x", "/").is_none());
+    }
+
+    #[test]
+    fn wildcard_routes_serve_what_no_nearer_route_does() {
+        let mut s = RegistryState::default();
+        let now = Instant::now();
+        let stale = Duration::from_secs(1);
+        let port = |t: &RouteTable, host: &str, path: &str| {
+            t.lookup(host, path).map(|p| p.endpoints[0].port)
+        };
+        s.register(&reg("exact.x", 1, &[]), false, stale, now);
+        assert_eq!(port(&s.snapshot(), "a.x", "/"), None, "no wildcard yet");
+        s.register(&reg("*.x", 2, &[]), false, stale, now);
+        s.register(&reg("*.b.x", 3, &[]), false, stale, now);
+        s.register(&reg("*.B.X/api", 4, &[]), false, stale, now);
+        s.register(&reg("api.b.x/v2", 5, &[]), false, stale, now);
+        let t = s.snapshot();
+        // An exact host wins, then the nearest wildcard, at any depth.
+        assert_eq!(port(&t, "exact.x", "/"), Some(1));
+        assert_eq!(port(&t, "a.x", "/"), Some(2));
+        assert_eq!(port(&t, "a.b.x", "/"), Some(3));
+        assert_eq!(port(&t, "deep.er.b.x", "/q?x=1"), Some(3));
+        assert_eq!(
+            port(&t, "a.b.x", "/api/v1"),
+            Some(4),
+            "the wildcard's own paths"
+        );
+        assert_eq!(port(&t, "a.c.x", "/api/v1"), Some(2));
+        // A host with routes, none for this path: the wildcards still serve it (GoRouter's).
+        assert_eq!(port(&t, "api.b.x", "/v2/x"), Some(5));
+        assert_eq!(port(&t, "api.b.x", "/other"), Some(3));
+        // Not the wildcard's own name, nor a sibling domain.
+        assert_eq!(port(&t, "x", "/"), None);
+        assert_eq!(port(&t, "a.y", "/"), None);
+        assert_eq!(port(&t, "*.b.x", "/"), Some(3));
+        // Gone when its last endpoint goes.
+        s.unregister(&reg("*.x", 2, &[]));
+        s.unregister(&reg("*.b.x", 3, &[]));
+        s.unregister(&reg("*.B.X/api", 4, &[]));
+        let t = s.snapshot();
+        assert_eq!(t.wildcards, 0);
+        assert_eq!(port(&t, "a.b.x", "/"), None);
+        assert_eq!(port(&t, "api.b.x", "/v2"), Some(5));
     }
 
     #[test]
