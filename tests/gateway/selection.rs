@@ -363,6 +363,111 @@ async fn x_cf_app_instance_asks_for_one_instance_under_the_same_policy() {
     assert_eq!(backends[2].requests(), 0);
 }
 
+/// GoRouter's `X-CF-Process-Instance: <process guid>[:<index>]` (how a canary deployment's new
+/// process is tried before it takes traffic): the request goes to an instance of that process
+/// (the endpoints' `process_id` tag), or to that one instance; `X-CF-App-Instance` comes first.
+#[tokio::test]
+async fn x_cf_process_instance_asks_for_one_process_or_one_of_its_instances() {
+    let pki = TestPki::new();
+    let app = "6e8e2c2e-6c55-4c1c-9a5e-4b5b1c3d2e1f";
+    let (old, canary) = (
+        "0d3f6a2b-1111-4c1c-9a5e-000000000001",
+        "0d3f6a2b-2222-4c1c-9a5e-000000000002",
+    );
+    let mut backends = Vec::new();
+    let mut y = String::from(
+        "domains: [{name: \"*.apps.identity\", ca_certs: identity-ca.pem}]\nroutes:\n",
+    );
+    for (process, name) in [(old, "old"), (canary, "canary")] {
+        for index in 0..2 {
+            let e = echo::start(&format!("{name}-{index}"), ([127, 0, 0, 1], 0).into())
+                .await
+                .unwrap();
+            y += &format!(
+                "  - uris: [canary.apps.identity]\n    host: \"{}\"\n    port: {}\n    app: {app}\n    \
+                 private_instance_index: \"{index}\"\n    private_instance_id: {name}-{index}\n    \
+                 tags: {{app_id: {app}, process_id: {process}, space_id: space-1}}\n    \
+                 options: {{route_policy_scope: any, route_policy_sources: \"cf:any\"}}\n",
+                e.addr.ip(),
+                e.addr.port()
+            );
+            backends.push(e);
+        }
+    }
+    let gw = TestGateway::start(&pki, &y).await;
+    let host = "canary.apps.identity";
+    for h2 in [false, true] {
+        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), h2)
+            .await
+            .unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let r = call(&mut c, host, &[("x-cf-process-instance", canary)]).await;
+            assert_eq!(r.status, 200);
+            seen.insert(r.echo().backend);
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            ["canary-0", "canary-1"]
+        );
+        for _ in 0..3 {
+            let r = call(
+                &mut c,
+                host,
+                &[("x-cf-process-instance", &format!("{canary}:1"))],
+            )
+            .await;
+            assert_eq!(r.echo().backend, "canary-1");
+        }
+        // X-CF-App-Instance wins over it.
+        let headers = [
+            ("x-cf-app-instance", format!("{app}:0")),
+            ("x-cf-process-instance", format!("{canary}:1")),
+        ];
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = call(&mut c, host, &h).await;
+        assert!(r.echo().backend.ends_with("-0"), "{}", r.echo().backend);
+        // A process or an index the route does not have.
+        let other = "00000000-0000-0000-0000-000000000000";
+        for (value, body) in [
+            (
+                other.to_string(),
+                format!("Requested instance with process guid ('{other}') does not exist for route ('{host}')"),
+            ),
+            (
+                format!("{canary}:7"),
+                format!("Requested instance ('7') with process guid ('{canary}') does not exist for route ('{host}')"),
+            ),
+        ] {
+            let r = call(&mut c, host, &[("x-cf-process-instance", &value)]).await;
+            assert_eq!((r.status, r.body.as_str()), (400, body.as_str()));
+            assert_eq!(r.header("x-cf-routererror"), Some("unknown_route"));
+        }
+        for bad in [
+            "nope".to_string(),
+            format!("{canary}:"),
+            format!("{canary}:x"),
+            canary.to_uppercase(),
+            format!("{canary}:1:2"),
+        ] {
+            let r = call(&mut c, host, &[("x-cf-process-instance", &bad)]).await;
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (400, "Invalid X-CF-Process-Instance Header"),
+                "{bad}"
+            );
+            assert_eq!(
+                r.header("x-cf-routererror"),
+                Some("invalid_cf_process_instance_header")
+            );
+        }
+    }
+    // The old process saw at most the X-CF-App-Instance requests (index 0 of the app is old-0
+    // and canary-0 alike, as in GoRouter).
+    assert!(backends[0].requests() <= 2);
+    assert_eq!(backends[1].requests(), 0);
+}
+
 /// GoRouter tells an app which of its instances a request went to: `X-CF-ApplicationID` (the
 /// registration's `app`), `X-CF-InstanceIndex` and `X-CF-InstanceID` (`private_instance_id`, or
 /// the endpoint's address without one). They are set for the endpoint that answers, over

@@ -18,6 +18,7 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
 /// GoRouter's instance routing: `<app guid>:<index>`.
 pub const X_CF_APP_INSTANCE: HeaderName = HeaderName::from_static("x-cf-app-instance");
+pub const X_CF_PROCESS_INSTANCE: HeaderName = HeaderName::from_static("x-cf-process-instance");
 /// GoRouter's headers naming the instance a request was sent to (set, never passed through).
 pub const X_CF_APPLICATION_ID: HeaderName = HeaderName::from_static("x-cf-applicationid");
 pub const X_CF_INSTANCE_INDEX: HeaderName = HeaderName::from_static("x-cf-instanceindex");

@@ -101,8 +101,9 @@ enum Reject {
     Forbidden(Rule),
     EndpointFailure,
     EndpointTimeout,
-    /// `X-CF-App-Instance` is not `<app guid>:<index>`.
-    InvalidInstanceHeader,
+    /// `X-CF-App-Instance` is not `<app guid>:<index>`, or `X-CF-Process-Instance` is not
+    /// `<process guid>[:<index>]`.
+    InvalidInstanceHeader(InstanceHeader),
     /// Every endpoint the request could go to has `backends.max_conns` requests in flight.
     ConnectionLimit(String),
     /// The route is bound to a route service, and `route_services` is not configured (or the
@@ -113,12 +114,46 @@ enum Reject {
     /// A request that came back from a route service with a signature the gateway does not
     /// take back.
     RouteServiceSignature,
-    /// The route has no endpoint for the instance `X-CF-App-Instance` names.
+    /// The route has no endpoint for the instance `X-CF-App-Instance` or
+    /// `X-CF-Process-Instance` names.
     UnknownInstance {
         host: String,
-        app: String,
-        index: String,
+        wanted: Wanted,
     },
+}
+
+/// GoRouter's two headers that ask for particular instances.
+#[derive(Clone, Copy, Debug)]
+enum InstanceHeader {
+    App,
+    Process,
+}
+
+/// The instances a request asks for, as GoRouter reads its headers (`X-CF-App-Instance` first).
+#[derive(Debug)]
+enum Wanted {
+    /// `X-CF-App-Instance: <app guid>:<index>`: one instance of the route's app.
+    App { app: String, index: String },
+    /// `X-CF-Process-Instance: <process guid>[:<index>]`: the instances of one process (a
+    /// canary deployment's, say), or one of them.
+    Process {
+        process: String,
+        index: Option<String>,
+    },
+}
+
+impl Wanted {
+    fn admits(&self, e: &Endpoint) -> bool {
+        match self {
+            Wanted::App { app, index } => e.app == *app && e.private_instance_index == *index,
+            Wanted::Process { process, index } => {
+                e.process_id() == process
+                    && index
+                        .as_ref()
+                        .is_none_or(|i| e.private_instance_index == *i)
+            }
+        }
+    }
 }
 
 impl Reject {
@@ -151,15 +186,27 @@ impl Reject {
                 StatusCode::BAD_REQUEST,
                 "Failed to validate Route Service Signature".into(),
             ),
-            Reject::InvalidInstanceHeader => (
+            Reject::InvalidInstanceHeader(InstanceHeader::App) => (
                 StatusCode::BAD_REQUEST,
                 "Invalid X-CF-App-Instance Header".into(),
             ),
-            Reject::UnknownInstance { host, app, index } => (
+            Reject::InvalidInstanceHeader(InstanceHeader::Process) => (
                 StatusCode::BAD_REQUEST,
-                format!(
-                    "Requested instance ('{index}') with guid ('{app}') does not exist for route ('{host}')"
-                ),
+                "Invalid X-CF-Process-Instance Header".into(),
+            ),
+            Reject::UnknownInstance { host, wanted } => (
+                StatusCode::BAD_REQUEST,
+                match wanted {
+                    Wanted::App { app, index } => format!(
+                        "Requested instance ('{index}') with guid ('{app}') does not exist for route ('{host}')"
+                    ),
+                    Wanted::Process { process, index: Some(index) } => format!(
+                        "Requested instance ('{index}') with process guid ('{process}') does not exist for route ('{host}')"
+                    ),
+                    Wanted::Process { process, index: None } => format!(
+                        "Requested instance with process guid ('{process}') does not exist for route ('{host}')"
+                    ),
+                },
             ),
         };
         let has_body = !body.is_empty();
@@ -184,7 +231,10 @@ impl Reject {
         match self {
             Reject::EmptyHost => "empty_host",
             Reject::UnknownRoute(_) | Reject::UnknownInstance { .. } => "unknown_route",
-            Reject::InvalidInstanceHeader => "invalid_cf_app_instance_header",
+            Reject::InvalidInstanceHeader(InstanceHeader::App) => "invalid_cf_app_instance_header",
+            Reject::InvalidInstanceHeader(InstanceHeader::Process) => {
+                "invalid_cf_process_instance_header"
+            }
             Reject::ConnectionLimit(_) => "Connection Limit Reached",
             Reject::RouteServiceUnsupported | Reject::RouteServiceWebSocket => {
                 "route_service_unsupported"
@@ -413,22 +463,18 @@ async fn route(
         return Err(Reject::Misdirected);
     }
     // GoRouter's `X-CF-App-Instance: <app guid>:<index>` asks for one instance of the route's
-    // app; every other endpoint is out of the selection.
-    let instance = requested_instance(req.headers())?;
-    let in_instance = |e: &Endpoint| {
-        instance
-            .as_ref()
-            .is_none_or(|(app, index)| e.app == *app && e.private_instance_index == *index)
-    };
-    if let Some((app, index)) = &instance {
-        if !pool.endpoints.iter().any(|e| in_instance(e)) {
+    // app, `X-CF-Process-Instance` for the instances of one process; every other endpoint is
+    // out of the selection.
+    let instance = match requested_instance(req.headers())? {
+        Some(wanted) if !pool.endpoints.iter().any(|e| wanted.admits(e)) => {
             return Err(Reject::UnknownInstance {
                 host: host.to_string(),
-                app: app.clone(),
-                index: index.clone(),
+                wanted,
             });
         }
-    }
+        wanted => wanted,
+    };
+    let in_instance = |e: &Endpoint| instance.as_ref().is_none_or(|w| w.admits(e));
 
     // Authorization with endpoint selection; a sticky session asks for its instance first.
     let sessions = &rt.config.backends.sticky_session_cookies;
@@ -819,22 +865,48 @@ fn connection_limit(state: &State, host: &str) -> Reject {
     Reject::ConnectionLimit(host.to_string())
 }
 
-/// The instance an `X-CF-App-Instance` header asks for, as GoRouter takes it: `<app guid>:<index>`
-/// with the guid in lowercase hex.
-fn requested_instance(headers: &http::HeaderMap) -> Result<Option<(String, String)>, Reject> {
-    let Some(value) = headers.get(headers::X_CF_APP_INSTANCE) else {
+/// The instances a request asks for, as GoRouter reads its headers: `X-CF-App-Instance:
+/// <app guid>:<index>` or, without it, `X-CF-Process-Instance: <process guid>[:<index>]`, each
+/// guid in lowercase hex; a header of another shape is refused.
+fn requested_instance(headers: &http::HeaderMap) -> Result<Option<Wanted>, Reject> {
+    fn guid(s: &str) -> bool {
+        let groups: Vec<&str> = s.split('-').collect();
+        groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+            && groups
+                .iter()
+                .all(|g| g.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    }
+    fn index(s: &str) -> bool {
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+    }
+    if let Some(value) = headers.get(headers::X_CF_APP_INSTANCE) {
+        let parsed = value.to_str().ok().and_then(|v| {
+            let (app, i) = v.split_once(':')?;
+            (guid(app) && index(i)).then(|| Wanted::App {
+                app: app.to_string(),
+                index: i.to_string(),
+            })
+        });
+        return parsed
+            .map(Some)
+            .ok_or(Reject::InvalidInstanceHeader(InstanceHeader::App));
+    }
+    let Some(value) = headers.get(headers::X_CF_PROCESS_INSTANCE) else {
         return Ok(None);
     };
     let parsed = value.to_str().ok().and_then(|v| {
-        let (app, index) = v.split_once(':')?;
-        let hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        let groups: Vec<&str> = app.split('-').collect();
-        let shape = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
-        let guid = shape && groups.iter().all(|g| hex(g));
-        let index_ok = !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit());
-        (guid && index_ok).then(|| (app.to_string(), index.to_string()))
+        let (process, i) = match v.split_once(':') {
+            Some((p, i)) => (p, Some(i)),
+            None => (v, None),
+        };
+        (guid(process) && i.is_none_or(index)).then(|| Wanted::Process {
+            process: process.to_string(),
+            index: i.map(str::to_string),
+        })
     });
-    parsed.map(Some).ok_or(Reject::InvalidInstanceHeader)
+    parsed
+        .map(Some)
+        .ok_or(Reject::InvalidInstanceHeader(InstanceHeader::Process))
 }
 
 /// Puts an endpoint whose connection failed behind the others for `cooldown`, saying so when it

@@ -154,6 +154,12 @@ impl Endpoint {
         }
     }
 
+    /// The endpoint's `process_id` tag (the process it is an instance of; GoRouter's
+    /// `X-CF-Process-Instance` asks for one).
+    pub fn process_id(&self) -> &str {
+        self.tag("process_id")
+    }
+
     /// The endpoint's `app_id` tag, or the registration's `app` field.
     pub fn app_id(&self) -> &str {
         match self.tag("app_id") {
