@@ -333,6 +333,57 @@ async fn connection_failures_are_retried_then_502() {
     assert_eq!(dead.field("x_cf_routererror"), "endpoint_failure");
 }
 
+/// `backends.max_attempts` (GoRouter's): how many endpoints a request may fail to reach before
+/// its 502; 3 unless set, changed by a reload.
+#[tokio::test]
+async fn max_attempts_bounds_the_endpoints_a_request_tries() {
+    let pki = TestPki::new();
+    let sections = |attempts: &str| {
+        let mut y = format!(
+            "backends: {{ca_certs: backend-ca.pem, connect_timeout: 1s{attempts}}}\n\
+             access_log: {{path: access.log, extra_fields: [failed_attempts]}}\nroutes:\n"
+        );
+        for _ in 0..6 {
+            let d: std::net::SocketAddr =
+                format!("127.0.0.1:{}", crate::dead_port()).parse().unwrap();
+            y += &crate::route("six-dead.apps.plain", d, "", "");
+        }
+        y
+    };
+    let gw = TestGateway::start(&pki, &sections("")).await;
+    let mut logged = 0;
+    for (attempts, failed) in [
+        ("", "3"),
+        (", max_attempts: 5", "5"),
+        (", max_attempts: 1", "1"),
+        (", max_attempts: 9", "6"),
+    ] {
+        gw.reload(&sections(attempts));
+        let r = get(
+            gw.https(),
+            &pki.server_ca,
+            None,
+            "six-dead.apps.plain",
+            "/",
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (r.status, r.header("x-cf-routererror")),
+            (502, Some("endpoint_failure"))
+        );
+        logged += 1;
+        let lines = gw.log_lines(logged).await;
+        let line = LogLine::parse(&lines[logged - 1]);
+        assert_eq!(
+            line.field("failed_attempts"),
+            failed,
+            "{attempts}: all six tried at most"
+        );
+    }
+}
+
 /// `tracing.w3c`: each proxied request carries a W3C `traceparent` whose parent id is the
 /// gateway's span (the B3 span id), continuing a valid one, starting one from the B3 trace
 /// otherwise; off (the default and after a reload), the caller's headers pass untouched.

@@ -256,6 +256,9 @@ pub struct Backends {
     /// and `balancing_algorithm_az_preference`): a request's first endpoint is one registered
     /// in this zone when one can take it; retries, and routes with none there, use any zone.
     pub local_zone: Option<String>,
+    /// `backends.max_attempts` (GoRouter's): how many endpoints one request may fail to reach
+    /// before it is answered 502.
+    pub max_attempts: usize,
     /// `backends.balancing_algorithm` (GoRouter's `balancing_algorithm`): how routes that do not
     /// set `loadbalancing` are balanced, and hash-based routes' requests without their header.
     pub balancing: LoadBalancing,
@@ -505,6 +508,10 @@ pub struct Limits {
 
 /// The most `limits.workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
+
+/// Endpoints one request may fail to reach before its 502, unless `backends.max_attempts` says
+/// (SPEC §6, GoRouter's default).
+pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
 /// `limits.listen_backlog` unless set: Linux's default `net.core.somaxconn` since 5.4. (Rust's
 /// and tokio's listeners use 128, which a burst of new connections overflows.)
 pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
@@ -1396,6 +1403,17 @@ impl Validator<'_> {
             sticky_session_cookies: self.sticky_session_cookies(b.sticky_session_cookies.clone()),
             max_conns: b.max_conns.unwrap_or(0),
             local_zone: self.local_zone(b.availability_zone.as_deref(), b.az_preference.as_deref()),
+            max_attempts: match b.max_attempts {
+                Some(0) => {
+                    self.problem(
+                        "backends.max_attempts",
+                        "must be at least 1 (the endpoints one request may try)",
+                    );
+                    1
+                }
+                Some(n) => n,
+                None => DEFAULT_MAX_ATTEMPTS,
+            },
             balancing: self.choice(
                 "backends.balancing_algorithm",
                 b.balancing_algorithm.as_deref(),
@@ -2230,6 +2248,15 @@ mod tests {
         );
         assert!(problems("az_preference: locally-optimistic, availability_zone: z1").is_empty());
         assert!(problems("availability_zone: z1").is_empty());
+    }
+
+    #[test]
+    fn max_attempts_is_at_least_one() {
+        assert_eq!(
+            section_problems("backends", "max_attempts: 0"),
+            ["backends.max_attempts: must be at least 1 (the endpoints one request may try)"]
+        );
+        assert!(section_problems("backends", "max_attempts: 5").is_empty());
     }
 
     #[test]

@@ -156,6 +156,7 @@ pub struct RawBackends {
     pub availability_zone: Option<String>,
     pub az_preference: Option<String>,
     pub balancing_algorithm: Option<String>,
+    pub max_attempts: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

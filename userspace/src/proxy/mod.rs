@@ -32,9 +32,6 @@ pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
 pub use pool::BackendPool;
 use pool::{ConnectSettings, Lease, SendFailure};
 
-/// Most endpoints tried for one request when connecting fails (SPEC §6).
-pub const MAX_ATTEMPTS: usize = 3;
-
 /// What the proxy knows about a client connection.
 #[derive(Debug)]
 pub struct ConnCtx {
@@ -723,7 +720,7 @@ type Sent = (Response<Incoming>, Arc<Endpoint>, Lease);
 
 /// Sends `out` to an endpoint of the route `key`: `first` when given, then those `selector`
 /// offers that `open` admits, retrying connection failures (nothing sent) on the next, at most
-/// [`MAX_ATTEMPTS`] failures in all. `target` is the authority and path the endpoint is asked
+/// `backends.max_attempts` failures in all. `target` is the authority and path the endpoint is asked
 /// for. Fails with `None` when no endpoint took the request (`full` says whether one was passed
 /// over for `backends.max_conns`; the failures are in the access record), else with the answer.
 #[allow(clippy::too_many_arguments)]
@@ -747,7 +744,7 @@ async fn send_to_endpoints(
     let cooldown = rt.config.backends.failure_cooldown;
     let mut pending = Some(out);
     let mut failed = 0;
-    while failed < MAX_ATTEMPTS {
+    while failed < rt.config.backends.max_attempts {
         let Some(ep) = first.take().or_else(|| selector.next(&open)) else {
             break;
         };
