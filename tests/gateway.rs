@@ -48,6 +48,13 @@ pub fn dead_port() -> u16 {
     port
 }
 
+/// An echo backend named `name` on a loopback port of its own.
+pub async fn echo_on_loopback(name: &str) -> portcullis::echo::EchoServer {
+    portcullis::echo::start(name, ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap()
+}
+
 /// One route entry for a test config.
 pub fn route(uri: &str, backend: SocketAddr, tags: &str, options: &str) -> String {
     format!(

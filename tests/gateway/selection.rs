@@ -11,12 +11,8 @@ async fn shared_route(
     pki: &TestPki,
     mode: &str,
 ) -> (TestGateway, echo::EchoServer, echo::EchoServer) {
-    let e1 = echo::start("space-1-instance", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let e2 = echo::start("space-2-instance", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let e1 = crate::echo_on_loopback("space-1-instance").await;
+    let e2 = crate::echo_on_loopback("space-2-instance").await;
     let opts = "route_policy_scope: space, route_policy_sources: \"cf:any\"";
     let mut y = format!(
         "authorization: {{endpoint_selection: {mode}}}\n\
@@ -164,7 +160,7 @@ async fn sticky_sessions_stay_with_their_instance_and_move_when_they_must() {
     let pki = TestPki::new();
     let mut backends = Vec::new();
     for name in ["inst-1", "inst-2", "inst-3"] {
-        backends.push(echo::start(name, ([127, 0, 0, 1], 0).into()).await.unwrap());
+        backends.push(crate::echo_on_loopback(name).await);
     }
     let three = [&backends[0], &backends[1], &backends[2]];
     let gw = TestGateway::start(&pki, &sticky_yaml("", three)).await;
@@ -284,9 +280,7 @@ async fn x_cf_app_instance_asks_for_one_instance_under_the_same_policy() {
         "domains: [{name: \"*.apps.identity\", ca_certs: identity-ca.pem}]\nroutes:\n",
     );
     for (index, space) in [(0, "space-1"), (1, "space-1"), (2, "space-2")] {
-        let e = echo::start(&format!("index-{index}"), ([127, 0, 0, 1], 0).into())
-            .await
-            .unwrap();
+        let e = crate::echo_on_loopback(&format!("index-{index}")).await;
         y += &format!(
             "  - uris: [inst.apps.identity]\n    host: \"{}\"\n    port: {}\n    app: {guid}\n    \
              private_instance_index: \"{index}\"\n    private_instance_id: id-{index}\n    \
@@ -380,9 +374,7 @@ async fn x_cf_process_instance_asks_for_one_process_or_one_of_its_instances() {
     );
     for (process, name) in [(old, "old"), (canary, "canary")] {
         for index in 0..2 {
-            let e = echo::start(&format!("{name}-{index}"), ([127, 0, 0, 1], 0).into())
-                .await
-                .unwrap();
+            let e = crate::echo_on_loopback(&format!("{name}-{index}")).await;
             y += &format!(
                 "  - uris: [canary.apps.identity]\n    host: \"{}\"\n    port: {}\n    app: {app}\n    \
                  private_instance_index: \"{index}\"\n    private_instance_id: {name}-{index}\n    \
@@ -476,12 +468,8 @@ async fn x_cf_process_instance_asks_for_one_process_or_one_of_its_instances() {
 async fn the_app_is_told_which_instance_it_is_and_the_caller_cannot_say() {
     let pki = TestPki::new();
     let guid = "6e8e2c2e-6c55-4c1c-9a5e-4b5b1c3d2e1f";
-    let named = echo::start("named", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let bare = echo::start("bare", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let named = crate::echo_on_loopback("named").await;
+    let bare = crate::echo_on_loopback("bare").await;
     let host = "who.apps.plain";
     let y = format!(
         "routes:\n\
@@ -536,12 +524,8 @@ async fn the_app_is_told_which_instance_it_is_and_the_caller_cannot_say() {
 #[tokio::test]
 async fn locally_optimistic_keeps_requests_in_the_gateways_zone_while_it_can() {
     let pki = TestPki::new();
-    let near = echo::start("near", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let far = echo::start("far", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let near = crate::echo_on_loopback("near").await;
+    let far = crate::echo_on_loopback("far").await;
     let dead = crate::dead_port();
     let entry = |host: &str, port: u16, zone: &str| {
         format!(
@@ -605,7 +589,7 @@ async fn hash_based_routing_keeps_each_tenant_on_its_instance() {
     let pki = TestPki::new();
     let mut echoes = Vec::new();
     for name in ["instance-a", "instance-b", "instance-c"] {
-        echoes.push(echo::start(name, ([127, 0, 0, 1], 0).into()).await.unwrap());
+        echoes.push(crate::echo_on_loopback(name).await);
     }
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", crate::dead_port()).parse().unwrap();
     // hash_balance as YAML's number, as a static route may give it.
@@ -802,12 +786,8 @@ async fn hash_based_routing_keeps_each_tenant_on_its_instance() {
 #[tokio::test]
 async fn the_default_balancing_algorithm_applies_where_a_route_names_none() {
     let pki = TestPki::new();
-    let one = echo::start("one", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let two = echo::start("two", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let one = crate::echo_on_loopback("one").await;
+    let two = crate::echo_on_loopback("two").await;
     let sections = |algorithm: &str| {
         let mut y = format!(
             "backends: {{ca_certs: backend-ca.pem, connect_timeout: 1s, balancing_algorithm: {algorithm}}}\n\
@@ -879,15 +859,9 @@ async fn the_default_balancing_algorithm_applies_where_a_route_names_none() {
 #[tokio::test]
 async fn wildcard_routes_serve_the_names_below_them() {
     let pki = TestPki::new();
-    let wild = echo::start("wild", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let exact = echo::start("exact", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let scoped = echo::start("scoped", ([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
+    let wild = crate::echo_on_loopback("wild").await;
+    let exact = crate::echo_on_loopback("exact").await;
+    let scoped = crate::echo_on_loopback("scoped").await;
     let mut y =
         "domains: [{name: \"*.apps.identity\", ca_certs: identity-ca.pem}]\nroutes:\n".to_string();
     y += &route("*.wild.apps.plain", wild.addr, "", "");
