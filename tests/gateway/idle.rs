@@ -252,3 +252,20 @@ async fn shutdown_closes_parked_connections_at_once() {
     assert!(end.is_ok(), "{end:?}");
     assert!(rest.is_empty());
 }
+
+/// Once `shutdown` returns, the gateway's listeners are closed: another gateway (a restart in
+/// the same process, as the XDP tests do) can bind the same ports at once. Each accept loop
+/// closes its socket on its own worker thread, so this is raced several times.
+#[tokio::test]
+async fn shutdown_returns_with_the_ports_free() {
+    let pki = TestPki::new();
+    for _ in 0..10 {
+        let gw = gateway(&pki).await;
+        let ports = [gw.https(), gw.http()];
+        gw.gw.shutdown(Duration::from_secs(1)).await;
+        for addr in ports {
+            let again = std::net::TcpListener::bind(addr);
+            assert!(again.is_ok(), "{addr}: {again:?}");
+        }
+    }
+}

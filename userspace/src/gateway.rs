@@ -61,6 +61,25 @@ pub struct Gateway {
     connections: Arc<AtomicUsize>,
     /// Dropped (with the gateway) to end the worker threads' event loops.
     stop_workers: watch::Sender<()>,
+    /// Listening sockets still open (each accept loop holds one), so that shutting down returns
+    /// only once the ports are free for another gateway.
+    listening: Arc<AtomicUsize>,
+}
+
+/// Counts a listening socket open until dropped, after the socket (declare it first).
+struct Listening(Arc<AtomicUsize>);
+
+impl Listening {
+    fn new(count: &Arc<AtomicUsize>) -> Listening {
+        count.fetch_add(1, Ordering::Relaxed);
+        Listening(count.clone())
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// TCP_DEFER_ACCEPT on the TLS listener: a connection reaches `accept` only once its first data
@@ -262,6 +281,7 @@ impl Gateway {
             shutdown,
             connections,
             stop_workers,
+            listening: Arc::new(AtomicUsize::new(0)),
         };
         tokio::spawn(xdp_upkeep(gw.state.clone(), gw.shutdown.subscribe()));
         tokio::spawn(certificate_upkeep(
@@ -282,11 +302,12 @@ impl Gateway {
             gw.spawn_worker(index, &listeners, &slots, &failures)?;
         }
         if let Some(l) = admin_l {
-            tokio::spawn(crate::admin::serve(
-                state.clone(),
-                l,
-                gw.shutdown.subscribe(),
-            ));
+            let open = Listening::new(&gw.listening);
+            let served = crate::admin::serve(state.clone(), l, gw.shutdown.subscribe());
+            tokio::spawn(async move {
+                served.await;
+                drop(open);
+            });
         }
         tracing::info!(https = %gw.https, http = ?gw.http, admin = ?gw.admin, "portcullis is serving");
         Ok(gw)
@@ -313,6 +334,7 @@ impl Gateway {
                 l.try_clone().map_err(StartError::Workers)?,
                 *tls,
                 self.clone_parts(),
+                Listening::new(&self.listening),
             ));
         }
         let (slots, failures) = (slots.clone(), failures.clone());
@@ -326,16 +348,15 @@ impl Gateway {
                     tokio::spawn(
                         async move { crate::liveness::beat(&state.liveness, index).await },
                     );
-                    for (l, tls, parts) in mine {
+                    for (l, tls, parts, open) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {
-                                tokio::spawn(accept_loop(
-                                    parts,
-                                    l,
-                                    slots.clone(),
-                                    failures.clone(),
-                                    tls,
-                                ));
+                                let accepting =
+                                    accept_loop(parts, l, slots.clone(), failures.clone(), tls);
+                                tokio::spawn(async move {
+                                    accepting.await;
+                                    drop(open);
+                                });
                             }
                             Err(e) => {
                                 tracing::error!(worker = index, error = %e, "worker cannot accept")
@@ -442,6 +463,14 @@ impl Gateway {
     /// cut at once.
     async fn shutdown_unless(self, drain: Duration, hurry: impl Future<Output = ()>) {
         let _ = self.shutdown.send(true);
+        // The accept loops close their sockets on their own threads: wait for it (bounded, in
+        // case a worker is stuck), so that the ports are free when this returns.
+        let closed = async {
+            while self.listening.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
         if let Some(x) = &self.state.xdp {
             if self.state.runtime.load().config.xdp.detach_on_exit {
                 x.detach();
