@@ -55,6 +55,20 @@ pub async fn echo_on_loopback(name: &str) -> portcullis::echo::EchoServer {
         .unwrap()
 }
 
+/// One route entry for an instance `id` of a test config, with more of the registration's
+/// keys as YAML (`("app", guid)`, `("tags", "{space_id: s}")`, …).
+pub fn instance_route(uri: &str, backend: SocketAddr, id: &str, keys: &[(&str, &str)]) -> String {
+    let mut y = format!(
+        "  - uris: [\"{uri}\"]\n    host: \"{}\"\n    port: {}\n    private_instance_id: {id}\n",
+        backend.ip(),
+        backend.port()
+    );
+    for (key, value) in keys {
+        y += &format!("    {key}: {value}\n");
+    }
+    y
+}
+
 /// One route entry for a test config.
 pub fn route(uri: &str, backend: SocketAddr, tags: &str, options: &str) -> String {
     format!(

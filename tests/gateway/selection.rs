@@ -111,12 +111,12 @@ fn sticky_yaml(sections: &str, backends: [&echo::EchoServer; 3]) -> String {
         ("inst-dead", dead, "space-1", "org-1"),
     ];
     for (id, addr, space, org) in endpoints {
-        y += &format!(
-            "  - uris: [sticky.apps.identity]\n    host: \"{}\"\n    port: {}\n    \
-             private_instance_id: {id}\n    \
-             tags: {{app_id: s, space_id: {space}, organization_id: {org}}}\n    options: {opts}\n",
-            addr.ip(),
-            addr.port()
+        let tags = format!("{{app_id: s, space_id: {space}, organization_id: {org}}}");
+        y += &crate::instance_route(
+            "sticky.apps.identity",
+            addr,
+            id,
+            &[("tags", &tags), ("options", opts)],
         );
     }
     y
@@ -281,12 +281,17 @@ async fn x_cf_app_instance_asks_for_one_instance_under_the_same_policy() {
     );
     for (index, space) in [(0, "space-1"), (1, "space-1"), (2, "space-2")] {
         let e = crate::echo_on_loopback(&format!("index-{index}")).await;
-        y += &format!(
-            "  - uris: [inst.apps.identity]\n    host: \"{}\"\n    port: {}\n    app: {guid}\n    \
-             private_instance_index: \"{index}\"\n    private_instance_id: id-{index}\n    \
-             tags: {{app_id: {guid}, space_id: {space}, organization_id: org-1}}\n    options: {opts}\n",
-            e.addr.ip(),
-            e.addr.port()
+        let tags = format!("{{app_id: {guid}, space_id: {space}, organization_id: org-1}}");
+        y += &crate::instance_route(
+            "inst.apps.identity",
+            e.addr,
+            &format!("id-{index}"),
+            &[
+                ("app", guid),
+                ("private_instance_index", &format!("\"{index}\"")),
+                ("tags", &tags),
+                ("options", opts),
+            ],
         );
         backends.push(e);
     }
@@ -375,13 +380,20 @@ async fn x_cf_process_instance_asks_for_one_process_or_one_of_its_instances() {
     for (process, name) in [(old, "old"), (canary, "canary")] {
         for index in 0..2 {
             let e = crate::echo_on_loopback(&format!("{name}-{index}")).await;
-            y += &format!(
-                "  - uris: [canary.apps.identity]\n    host: \"{}\"\n    port: {}\n    app: {app}\n    \
-                 private_instance_index: \"{index}\"\n    private_instance_id: {name}-{index}\n    \
-                 tags: {{app_id: {app}, process_id: {process}, space_id: space-1}}\n    \
-                 options: {{route_policy_scope: any, route_policy_sources: \"cf:any\"}}\n",
-                e.addr.ip(),
-                e.addr.port()
+            let tags = format!("{{app_id: {app}, process_id: {process}, space_id: space-1}}");
+            y += &crate::instance_route(
+                "canary.apps.identity",
+                e.addr,
+                &format!("{name}-{index}"),
+                &[
+                    ("app", app),
+                    ("private_instance_index", &format!("\"{index}\"")),
+                    ("tags", &tags),
+                    (
+                        "options",
+                        "{route_policy_scope: any, route_policy_sources: \"cf:any\"}",
+                    ),
+                ],
             );
             backends.push(e);
         }
@@ -603,11 +615,11 @@ async fn hash_based_routing_keeps_each_tenant_on_its_instance() {
             ("instance-b", b),
             ("instance-c", echoes[2].addr),
         ] {
-            y += &format!(
-                "  - uris: [{host}.apps.identity]\n    host: \"{}\"\n    port: {}\n    \
-                 private_instance_id: {id}\n    options: {options}\n",
-                addr.ip(),
-                addr.port()
+            y += &crate::instance_route(
+                &format!("{host}.apps.identity"),
+                addr,
+                id,
+                &[("options", options)],
             );
         }
     }
@@ -799,11 +811,11 @@ async fn the_default_balancing_algorithm_applies_where_a_route_names_none() {
             ("hashed", "loadbalancing: hash, hash_header: tenant-id"),
         ] {
             for (id, b) in [("one", &one), ("two", &two)] {
-                y += &format!(
-                    "  - uris: [{host}.apps.identity]\n    host: \"{}\"\n    port: {}\n    \
-                     private_instance_id: {id}\n    options: {{{options}}}\n",
-                    b.addr.ip(),
-                    b.addr.port()
+                y += &crate::instance_route(
+                    &format!("{host}.apps.identity"),
+                    b.addr,
+                    id,
+                    &[("options", &format!("{{{options}}}"))],
                 );
             }
         }

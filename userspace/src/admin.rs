@@ -91,10 +91,9 @@ fn routes(state: &State) -> Response<ProxyBody> {
         .map(|p| RouteView {
             route: p.key.to_string(),
             options: &p.options,
-            load_balancing: match (&p.hash, p.load_balancing.unwrap_or(default)) {
-                (Some(_), _) => "hash",
-                (None, crate::registry::LoadBalancing::RoundRobin) => "round-robin",
-                (None, crate::registry::LoadBalancing::LeastConnection) => "least-connection",
+            load_balancing: match &p.hash {
+                Some(_) => "hash",
+                None => p.load_balancing.unwrap_or(default).name(),
             },
             hash_header: p.hash.as_ref().map(|h| h.header.as_str()),
             hash_balance: p.hash.as_ref().map(|h| h.balance),

@@ -66,7 +66,7 @@ pub struct Gateway {
     listening: Arc<AtomicUsize>,
 }
 
-/// Counts a listening socket open until dropped, after the socket (declare it first).
+/// One listening socket counted as open: dropped once the task owning the socket has ended.
 struct Listening(Arc<AtomicUsize>);
 
 impl Listening {

@@ -1417,10 +1417,7 @@ impl Validator<'_> {
             balancing: self.choice(
                 "backends.balancing_algorithm",
                 b.balancing_algorithm.as_deref(),
-                &[
-                    ("round-robin", LoadBalancing::RoundRobin),
-                    ("least-connection", LoadBalancing::LeastConnection),
-                ],
+                &LoadBalancing::ALL,
                 LoadBalancing::RoundRobin,
                 "algorithm",
             ),

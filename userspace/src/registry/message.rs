@@ -193,6 +193,21 @@ pub enum LoadBalancing {
     LeastConnection,
 }
 
+impl LoadBalancing {
+    /// Each algorithm with its name in `loadbalancing` and `backends.balancing_algorithm`.
+    pub const ALL: [(&'static str, LoadBalancing); 2] = [
+        ("round-robin", LoadBalancing::RoundRobin),
+        ("least-connection", LoadBalancing::LeastConnection),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadBalancing::RoundRobin => "round-robin",
+            LoadBalancing::LeastConnection => "least-connection",
+        }
+    }
+}
+
 /// GoRouter's hash-based routing (`loadbalancing: hash`, Cloud Foundry RFC 0042): requests with
 /// the same value of `header` go to the same instance; those without the header are balanced
 /// round-robin.
@@ -336,8 +351,9 @@ fn balancing_options(
     let get = |k: &str| options.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let lb = match get("loadbalancing") {
         None => None,
-        Some("round-robin") => Some(LoadBalancing::RoundRobin),
-        Some("least-connection") => Some(LoadBalancing::LeastConnection),
+        Some(name) if let Some((_, lb)) = LoadBalancing::ALL.iter().find(|(n, _)| *n == name) => {
+            Some(*lb)
+        }
         Some("hash") => {
             let header = match get("hash_header") {
                 None => Err(OptionProblem::NoHashHeader),

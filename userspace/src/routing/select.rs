@@ -167,10 +167,16 @@ impl<'a> Selector<'a> {
         if let Some(s) = seen.get_mut(owner) {
             *s = true;
         }
+        let mut left = eps.len().saturating_sub(1);
         for i in h.table.from(slot) {
+            if left == 0 {
+                // Every endpoint judged: the rest of the table only repeats them.
+                break;
+            }
             if i >= eps.len() || std::mem::replace(&mut seen[i], true) {
                 continue;
             }
+            left -= 1;
             if usable(i) {
                 if !busy(&eps[i]) {
                     return Some(i);
