@@ -280,3 +280,123 @@ async fn a_request_the_client_gives_up_on_is_logged_499_and_released() {
     assert_eq!(in_flight(&gw, backend.addr).await, 0);
     assert_eq!(gw.metric("portcullis_requests_total{code=\"499\"}"), 2.0);
 }
+
+/// GoRouter's `extra_headers_to_log`, `redact_query_parameters`, `disable_log_source_ip` and
+/// `disable_log_forwarded_for` (`access_log.headers` and `redact_*`): what reaches the app is
+/// unchanged, the log keeps no query, client address or forwarded chain; and a reload applies a
+/// new format and path from the next request (a path that cannot be opened fails the reload).
+#[tokio::test]
+async fn logged_headers_redaction_and_their_reload() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let private = "access_log:\n  path: access.log\n  extra_fields: [tls_sni]\n  \
+        headers: [X-Tenant-Id, X-B3-TraceId, X-Missing]\n  redact_query_parameters: hash\n  \
+        redact_source_ip: true\n  redact_forwarded_for: true\n";
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, private)).await;
+    let host = "any-a.apps.identity";
+    let mut a = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    let tenant = |t| [("x-tenant-id", t), ("x-forwarded-for", "10.1.1.1")];
+    let ok = a
+        .send(a.build(host, "/ok?name=peter", &tenant("acme")))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let seen = ok.echo();
+    // The app gets what it always got.
+    assert_eq!(seen.path, "/ok?name=peter");
+    assert_eq!(seen.headers["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
+    let trace = seen.headers["x-b3-traceid"].clone();
+    let mut b = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.b), true)
+        .await
+        .unwrap();
+    let mut denied = b.build(host, "/denied?token=secret", &tenant("globex"));
+    *denied.method_mut() = http::Method::POST;
+    assert_eq!(b.send(denied).await.unwrap().status, 403);
+
+    let lines = gw.log_lines(2).await;
+    let text = lines.join("\n");
+    for secret in ["peter", "secret", "10.1.1.1"] {
+        assert!(!text.contains(secret), "{secret} logged: {text}");
+    }
+    let keys = |l: &LogLine| l.fields.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+    let l = LogLine::parse(&lines[0]);
+    assert_eq!(
+        l.request,
+        // sha1("name=peter"), GoRouter's example.
+        "GET /ok?hash=a6909eece4005d85fb1894cc4efa38564b9c30c3 HTTP/1.1"
+    );
+    assert_eq!((l.client.as_str(), l.field("x_forwarded_for")), ("-", "-"));
+    assert_eq!(
+        keys(&l)[8..],
+        [
+            "tls_sni",
+            "x_tenant_id",
+            "x_b3_traceid",
+            "x_missing",
+            "x_cf_routererror"
+        ]
+    );
+    assert_eq!(l.field("x_tenant_id"), "acme");
+    // As the app received it: the trace id the gateway made.
+    assert_eq!(l.field("x_b3_traceid"), trace);
+    assert_eq!(l.field("x_missing"), "-");
+    let l = LogLine::parse(&lines[1]);
+    assert_eq!(
+        (l.request.as_str(), l.status),
+        // sha1("token=secret"): every method's query, not only GET's as in GoRouter.
+        (
+            "POST /denied?hash=bf9670ef7201756440d624c3e0776b08ea7a5d1f HTTP/2.0",
+            403
+        )
+    );
+    assert_eq!(l.field("x_tenant_id"), "globex");
+    // Refused before it was built for an app: the caller sent none.
+    assert_eq!(l.field("x_b3_traceid"), "-");
+
+    // A reload to a path that cannot be opened fails and changes nothing.
+    std::fs::write(
+        gw.config_path(),
+        crate::support::gateway::base(&pipeline_yaml(
+            backend.addr,
+            "access_log: {path: no-such-dir/access.log}\n",
+        )),
+    )
+    .unwrap();
+    let config = portcullis::config::Config::load(&gw.config_path()).unwrap();
+    let err = gw.gw.reload(config).unwrap_err().to_string();
+    assert!(
+        err.starts_with("access_log.path: cannot open '") && err.contains("no-such-dir/access.log"),
+        "{err}"
+    );
+    let still = a.send(a.build(host, "/still?q=1", &tenant("acme"))).await;
+    assert_eq!(still.unwrap().status, 200);
+    let lines = gw.log_lines(3).await;
+    assert!(lines[2].contains("/still?hash="), "{}", lines[2]);
+
+    // The new format and path apply from the next request.
+    gw.reload(&pipeline_yaml(
+        backend.addr,
+        "access_log: {path: access-2.log, extra_fields: [route_policy]}\n",
+    ));
+    let after = a
+        .send(a.build(host, "/after?name=peter", &tenant("acme")))
+        .await;
+    assert_eq!(after.unwrap().status, 200);
+    let moved = gw.dir.path().join("access-2.log");
+    let mut line = String::new();
+    for _ in 0..100 {
+        line = std::fs::read_to_string(&moved).unwrap_or_default();
+        if !line.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let l = LogLine::parse(line.lines().next().expect("a line in access-2.log"));
+    assert_eq!(l.request, "GET /after?name=peter HTTP/1.1");
+    assert!(l.client.starts_with("127.0.0.1:"), "{}", l.client);
+    assert_eq!(l.field("x_forwarded_for"), "10.1.1.1, 127.0.0.1");
+    assert_eq!(keys(&l)[8..], ["route_policy", "x_cf_routererror"]);
+    assert_eq!(gw.log_lines(3).await.len(), 3, "nothing more in access.log");
+}

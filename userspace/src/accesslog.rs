@@ -7,14 +7,14 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use std::io::Write;
 use std::sync::mpsc;
 
 use crate::authz::Rule;
-use crate::config::ExtraField;
+use crate::config::{AccessLog, ExtraField, QueryRedaction};
 use crate::metrics::Metrics;
 use crate::proxy::ConnCtx;
 use crate::routing::Endpoint;
@@ -48,6 +48,8 @@ pub struct AccessRecord {
     /// `returned` (it came back signed and went to the app); empty otherwise.
     pub route_service: &'static str,
     pub router_error: &'static str,
+    /// The values of `access_log.headers`, in its order (empty when it names none).
+    pub headers: Vec<Option<http::HeaderValue>>,
 }
 
 /// Appends `"value"` with `"-"` for empty, escaping quotes, backslashes and control characters so
@@ -100,6 +102,22 @@ fn escaped(out: &mut String, v: &str) {
             }
             c => out.push(c),
         }
+    }
+}
+
+/// Appends the request target `uri` (escaped) with its query as `redact` says. A target
+/// without a query, or with an empty one (`/p?`), is logged as it came.
+fn redacted_uri(out: &mut String, uri: &str, redact: QueryRedaction) {
+    let (path, query) = match uri.split_once('?') {
+        Some((path, query)) if !query.is_empty() && redact != QueryRedaction::None => (path, query),
+        _ => return escaped(out, uri),
+    };
+    escaped(out, path);
+    if redact == QueryRedaction::Hash {
+        let digest =
+            ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, query.as_bytes());
+        out.push_str("?hash=");
+        out.push_str(&hex::encode(digest.as_ref()));
     }
 }
 
@@ -183,8 +201,19 @@ pub fn push_socket_addr(out: &mut String, addr: SocketAddr) {
 }
 
 impl AccessRecord {
-    /// Renders the line (with a trailing newline).
-    pub fn render(&self, extra: &[ExtraField]) -> String {
+    /// Takes the values of the headers `format` logs from `h`: the request as the gateway
+    /// received it, then (once it is built) as the app receives it.
+    pub fn take_headers(&mut self, format: &AccessLog, h: &http::HeaderMap) {
+        if format.headers.is_empty() {
+            return;
+        }
+        self.headers.clear();
+        self.headers
+            .extend(format.headers.iter().map(|l| h.get(&l.name).cloned()));
+    }
+
+    /// Renders the line (with a trailing newline) as `format` says.
+    pub fn render(&self, format: &AccessLog) -> String {
         let mut o = String::with_capacity(512);
         o.push_str(if self.host.is_empty() {
             "-"
@@ -197,7 +226,7 @@ impl AccessRecord {
         // The request line, quoted as one value.
         escaped(&mut o, self.method.as_str());
         o.push(' ');
-        escaped(&mut o, &self.uri);
+        redacted_uri(&mut o, &self.uri, format.redact_query);
         o.push(' ');
         escaped(&mut o, self.proto);
         o.push_str("\" ");
@@ -212,9 +241,13 @@ impl AccessRecord {
         quoted(&mut o, &self.user_agent);
         o.push(' ');
         // An address has nothing to escape.
-        o.push('"');
-        push_socket_addr(&mut o, self.conn.client);
-        o.push_str("\" ");
+        if format.redact_source_ip {
+            o.push_str("\"-\" ");
+        } else {
+            o.push('"');
+            push_socket_addr(&mut o, self.conn.client);
+            o.push_str("\" ");
+        }
         let ep = self.endpoint.as_deref();
         quoted(&mut o, ep.map_or("", |e| &e.addr));
         let field = |o: &mut String, name: &str, v: &str| {
@@ -223,7 +256,11 @@ impl AccessRecord {
             o.push(':');
             quoted(o, v);
         };
-        field(&mut o, "x_forwarded_for", &self.x_forwarded_for);
+        let forwarded_for = match format.redact_forwarded_for {
+            true => "",
+            false => &self.x_forwarded_for,
+        };
+        field(&mut o, "x_forwarded_for", forwarded_for);
         field(&mut o, "x_forwarded_proto", self.x_forwarded_proto);
         field(&mut o, "vcap_request_id", &self.vcap_request_id);
         let gorouter = self
@@ -246,7 +283,7 @@ impl AccessRecord {
         );
         let sni = self.conn.tls.as_ref().and_then(|t| t.sni.as_deref());
         let caller = self.conn.identity();
-        for f in extra {
+        for f in &format.extra_fields {
             match f {
                 ExtraField::TlsSni => field(&mut o, "tls_sni", sni.unwrap_or("")),
                 ExtraField::CallerCfApp => {
@@ -283,6 +320,10 @@ impl AccessRecord {
                 ExtraField::RouteService => field(&mut o, "route_service", self.route_service),
             }
         }
+        for (h, v) in format.headers.iter().zip(&self.headers) {
+            let v = v.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()));
+            field(&mut o, &h.field, v.as_deref().unwrap_or(""));
+        }
         field(&mut o, "x_cf_routererror", self.router_error);
         o.push('\n');
         o
@@ -305,7 +346,8 @@ const BATCH_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AccessLogger {
     tx: mpsc::SyncSender<Msg>,
-    extra: Arc<[ExtraField]>,
+    /// A destination opened by [`AccessLogger::reopen`], for the writer to take.
+    next: Arc<Mutex<Option<Sink>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -322,6 +364,16 @@ pub enum AccessLogError {
 }
 
 type Sink = Box<dyn Write + Send>;
+
+/// An access-log destination, opened (for [`AccessLogger::switch`]) but not yet written to.
+pub struct Destination(Sink);
+
+impl Destination {
+    /// Opens `path` for appending (`None` = stdout), creating the file if needed.
+    pub fn open(path: &Option<PathBuf>) -> Result<Destination, AccessLogError> {
+        open(path).map(Destination)
+    }
+}
 
 fn open(path: &Option<PathBuf>) -> Result<Sink, AccessLogError> {
     match path {
@@ -340,8 +392,8 @@ fn open(path: &Option<PathBuf>) -> Result<Sink, AccessLogError> {
 
 /// Owns the destination; runs on its own thread so file writes never touch the async workers.
 struct Writer {
-    path: Option<PathBuf>,
     sink: Sink,
+    next: Arc<Mutex<Option<Sink>>>,
     buf: Vec<u8>,
 }
 
@@ -365,15 +417,20 @@ impl Writer {
             Msg::Line(l) => self.buf.extend_from_slice(l.as_bytes()),
             Msg::Reopen => {
                 self.write_out();
-                match open(&self.path) {
-                    Ok(s) => self.sink = s,
-                    Err(e) => tracing::error!(error = %e, "access log not reopened"),
-                }
+                self.take_next();
             }
             Msg::Flush(done) => {
                 self.write_out();
                 let _ = done.send(());
             }
+        }
+    }
+
+    /// Moves on to a destination [`AccessLogger::reopen`] opened, if there is one.
+    fn take_next(&mut self) {
+        let next = self.next.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(sink) = next {
+            self.sink = sink;
         }
     }
 
@@ -391,6 +448,8 @@ impl Writer {
                 }
             }
             self.write_out();
+            // In case the wake-up of a reopen found the queue full.
+            self.take_next();
         }
         // Every handle is gone: write what is left.
         self.write_out();
@@ -399,39 +458,36 @@ impl Writer {
 
 impl AccessLogger {
     /// Opens the destination (`None` = stdout) and starts the writer thread.
-    pub fn start(
-        path: Option<PathBuf>,
-        extra: Vec<ExtraField>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, AccessLogError> {
+    pub fn start(path: Option<PathBuf>, metrics: Arc<Metrics>) -> Result<Self, AccessLogError> {
         let sink = open(&path)?;
         let (tx, rx) = mpsc::sync_channel::<Msg>(16 * 1024);
+        let next = Arc::default();
         let writer = Writer {
-            path,
             sink,
+            next: Arc::clone(&next),
             buf: Vec::with_capacity(BATCH_BYTES + 4096),
         };
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || writer.run(rx))
             .map_err(AccessLogError::Thread)?;
-        Ok(AccessLogger {
-            tx,
-            extra: extra.into(),
-            metrics,
-        })
+        Ok(AccessLogger { tx, next, metrics })
     }
 
-    /// Queues one record; never waits.
-    pub fn log(&self, record: &AccessRecord) {
-        let line = record.render(&self.extra);
+    /// Queues one record, rendered as `format` says; never waits.
+    pub fn log(&self, record: &AccessRecord, format: &AccessLog) {
+        let line = record.render(format);
         if self.tx.try_send(Msg::Line(line)).is_err() {
             self.metrics.access_log_dropped.inc();
         }
     }
 
-    /// Reopens the file (after log rotation, on SIGHUP).
-    pub fn reopen(&self) {
+    /// Has the writer go on at `to`: the same file again after a log rotation, or another one
+    /// named by a reload. Lines queued before are written to the old destination.
+    pub fn switch(&self, to: Destination) {
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Some(to.0);
+        // A full queue means the writer is busy: it looks for the new destination after
+        // every batch anyway.
         let _ = self.tx.try_send(Msg::Reopen);
     }
 
@@ -516,6 +572,14 @@ mod tests {
         assert_eq!(o, "[fe80::1%7]:443");
     }
 
+    /// The log format with these extra fields and nothing else changed.
+    fn fields(extra: &[ExtraField]) -> AccessLog {
+        AccessLog {
+            extra_fields: extra.to_vec(),
+            ..AccessLog::default()
+        }
+    }
+
     fn record(uri: &str) -> AccessRecord {
         let mut r = sample();
         r.uri = uri.into();
@@ -527,9 +591,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
         let metrics = Arc::new(Metrics::new());
-        let log = AccessLogger::start(Some(path.clone()), vec![], metrics.clone()).unwrap();
+        let log = AccessLogger::start(Some(path.clone()), metrics.clone()).unwrap();
+        let format = fields(&[]);
         for i in 0..1000 {
-            log.log(&record(&format!("/r{i}")));
+            log.log(&record(&format!("/r{i}")), &format);
         }
         log.flush(Duration::from_secs(5)).await;
         let text = std::fs::read_to_string(&path).unwrap();
@@ -546,8 +611,8 @@ mod tests {
         // Rotation: the file is moved away, SIGHUP reopens the path.
         let rotated = dir.path().join("access.log.1");
         std::fs::rename(&path, &rotated).unwrap();
-        log.reopen();
-        log.log(&record("/after"));
+        log.switch(Destination::open(&Some(path.clone())).unwrap());
+        log.log(&record("/after"), &format);
         log.flush(Duration::from_secs(5)).await;
         assert_eq!(
             std::fs::read_to_string(&rotated).unwrap().lines().count(),
@@ -563,7 +628,7 @@ mod tests {
     fn an_unwritable_path_is_a_specific_start_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing-dir/access.log");
-        let err = AccessLogger::start(Some(path), vec![], Arc::new(Metrics::new()))
+        let err = AccessLogger::start(Some(path), Arc::new(Metrics::new()))
             .err()
             .expect("must not start");
         let msg = err.to_string();
@@ -605,6 +670,7 @@ mod tests {
             failed_attempts: 0,
             route_service: "",
             router_error: "",
+            headers: Vec::new(),
         }
     }
 
@@ -681,7 +747,10 @@ mod tests {
         r.status = 502;
         r.request_bytes = 1_048_576;
         r.conn = conn("[::1]:443", None);
-        let line = r.render(&[ExtraField::FailedAttempts, ExtraField::BackendTime]);
+        let line = r.render(&fields(&[
+            ExtraField::FailedAttempts,
+            ExtraField::BackendTime,
+        ]));
         assert!(line.contains("\" 502 1048576 9 \"-\" "), "{line}");
         assert!(line.contains(" \"[::1]:443\" \"-\" "), "{line}");
         assert!(
@@ -701,11 +770,11 @@ mod tests {
             app: "B".into(),
             ..Endpoint::plain("10.0.1.2", 8080)
         }));
-        let line = r.render(&[
+        let line = r.render(&fields(&[
             ExtraField::RoutePolicy,
             ExtraField::TlsSni,
             ExtraField::CallerCfOrg,
-        ]);
+        ]));
         assert_eq!(
             line,
             "a.apps.identity - [2023-11-14T22:13:20.123456789Z] \"GET /x?y=1 HTTP/1.1\" 403 0 9 \"-\" \
@@ -715,5 +784,114 @@ mod tests {
              route_policy:\"route:route_policies\" tls_sni:\"a.apps.identity\" caller_cf_org:\"-\" \
              x_cf_routererror:\"-\"\n"
         );
+    }
+
+    #[test]
+    fn redacts_the_query_the_source_ip_and_x_forwarded_for_as_configured() {
+        let render = |uri: &str, method: http::Method, format: &AccessLog| {
+            let mut r = record(uri);
+            r.method = method;
+            r.render(format)
+        };
+        let with = |redact_query| AccessLog {
+            redact_query,
+            ..fields(&[])
+        };
+        let get = http::Method::GET;
+        // GoRouter's own example: `name=peter` is logged as its SHA-1.
+        assert!(render(
+            "/users?name=peter",
+            get.clone(),
+            &with(QueryRedaction::Hash)
+        )
+        .contains("\"GET /users?hash=a6909eece4005d85fb1894cc4efa38564b9c30c3 HTTP/1.1\""));
+        assert!(
+            render("/users?name=peter", get.clone(), &with(QueryRedaction::All))
+                .contains("\"GET /users HTTP/1.1\"")
+        );
+        assert!(render(
+            "/users?name=peter",
+            get.clone(),
+            &with(QueryRedaction::None)
+        )
+        .contains("\"GET /users?name=peter HTTP/1.1\""));
+        // Every method, not only GET as in GoRouter: a POST's query is as personal.
+        assert!(render(
+            "/users?name=peter",
+            http::Method::POST,
+            &with(QueryRedaction::All)
+        )
+        .contains("\"POST /users HTTP/1.1\""));
+        // Nothing to redact: no query, or an empty one.
+        for uri in ["/users", "/users?", "/"] {
+            for q in [QueryRedaction::All, QueryRedaction::Hash] {
+                let line = render(uri, get.clone(), &with(q));
+                assert!(line.contains(&format!("\"GET {uri} HTTP/1.1\"")), "{line}");
+            }
+        }
+        // The path is escaped as before; only the first `?` starts the query.
+        let line = render("/a\"b?x=1?y", get.clone(), &with(QueryRedaction::Hash));
+        let sha = "6af621f17269191e3d139500b14d1a83911b3829";
+        assert!(
+            line.contains(&format!("\"GET /a\\\"b?hash={sha} HTTP/1.1\"")),
+            "{line}"
+        );
+
+        let plain = record("/x").render(&fields(&[]));
+        assert!(
+            plain.contains(" \"127.0.0.1:5555\" \"-\" x_forwarded_for:\"127.0.0.1\" "),
+            "{plain}"
+        );
+        let hidden = record("/x").render(&AccessLog {
+            redact_source_ip: true,
+            redact_forwarded_for: true,
+            ..fields(&[])
+        });
+        assert!(
+            hidden.contains(" \"-\" \"-\" x_forwarded_for:\"-\" "),
+            "{hidden}"
+        );
+        assert!(!hidden.contains("127.0.0.1"), "{hidden}");
+    }
+
+    #[test]
+    fn ends_with_the_logged_headers_in_their_order() {
+        let header = |n: &str| crate::config::LoggedHeader {
+            name: http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            field: n.to_ascii_lowercase().replace('-', "_"),
+        };
+        let format = AccessLog {
+            headers: vec![
+                header("X-Tenant-Id"),
+                header("Traceparent"),
+                header("X-Odd"),
+            ],
+            ..fields(&[ExtraField::TlsSni])
+        };
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "x-odd",
+            http::HeaderValue::from_bytes(b"a\"b\t\xe9").unwrap(),
+        );
+        h.append("x-tenant-id", http::HeaderValue::from_static("acme"));
+        h.append("x-tenant-id", http::HeaderValue::from_static("second"));
+        let mut r = sample();
+        r.take_headers(&format, &h);
+        let line = r.render(&format);
+        assert!(
+            line.ends_with(
+                " tls_sni:\"a.apps.identity\" x_tenant_id:\"acme\" traceparent:\"-\" \
+                 x_odd:\"a\\\"b\\x09\u{fffd}\" x_cf_routererror:\"-\"\n"
+            ),
+            "{line}"
+        );
+        // Taken again (the request as the app gets it): the later values win.
+        h.insert("traceparent", http::HeaderValue::from_static("00-ab-cd-01"));
+        r.take_headers(&format, &h);
+        assert!(r.render(&format).contains(" traceparent:\"00-ab-cd-01\" "));
+        // None configured: nothing taken, nothing added.
+        let mut r = sample();
+        r.take_headers(&fields(&[]), &h);
+        assert!(r.headers.is_empty());
     }
 }

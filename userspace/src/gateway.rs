@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::accesslog::{AccessLogError, AccessLogger};
+use crate::accesslog::{AccessLogError, AccessLogger, Destination};
 use crate::config::{Config, Limits};
 use crate::cork::{Cork, Corked};
 use crate::metrics::{KtlsLabels, Metrics, ProxyHeaderLabels};
@@ -181,11 +181,7 @@ impl Gateway {
     /// Binds every listener and starts serving. Returns once all listeners accept connections.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let log = AccessLogger::start(
-            config.access_log.path.clone(),
-            config.access_log.extra_fields.clone(),
-            metrics.clone(),
-        )?;
+        let log = AccessLogger::start(config.access_log.path.clone(), metrics.clone())?;
         let registry = Registry::new(metrics.clone());
         registry.replace_static(&config.routes, config.registry.droplet_stale_threshold);
         count_malformed(&metrics, &config);
@@ -430,6 +426,9 @@ impl Gateway {
         }
         let runtime = Runtime::build(config)?;
         let cfg = &runtime.config;
+        // Reopened at every reload (a log rotation's SIGHUP), at the path the new config names;
+        // a path that cannot be opened fails the reload before anything is applied.
+        let access_log = Destination::open(&cfg.access_log.path)?;
         if let (Some(live), Some(tls)) = (
             &self.state.nats_tls,
             cfg.nats.as_ref().and_then(|n| n.tls.as_ref()),
@@ -448,8 +447,8 @@ impl Gateway {
             .registry
             .replace_static(&cfg.routes, cfg.registry.droplet_stale_threshold);
         count_malformed(&self.state.metrics, cfg);
+        self.state.log.switch(access_log);
         self.state.runtime.store(Arc::new(runtime));
-        self.state.log.reopen();
         tracing::info!("configuration reloaded");
         Ok(())
     }

@@ -415,7 +415,72 @@ pub struct AccessLog {
     /// `None` = stdout.
     pub path: Option<PathBuf>,
     pub extra_fields: Vec<ExtraField>,
+    /// `access_log.headers` (GoRouter's `extra_headers_to_log`): request headers each line
+    /// ends with, in this order, after the extra fields.
+    pub headers: Vec<LoggedHeader>,
+    /// `access_log.redact_query_parameters` (GoRouter's `redact_query_parameters`).
+    pub redact_query: QueryRedaction,
+    /// `access_log.redact_source_ip` (GoRouter's `disable_log_source_ip`): the client address
+    /// is logged as `"-"`.
+    pub redact_source_ip: bool,
+    /// `access_log.redact_forwarded_for` (GoRouter's `disable_log_forwarded_for`):
+    /// `x_forwarded_for:"-"`.
+    pub redact_forwarded_for: bool,
 }
+
+impl Default for AccessLog {
+    /// To stdout, with SPEC §9's default extra fields, nothing redacted.
+    fn default() -> AccessLog {
+        AccessLog {
+            path: None,
+            extra_fields: ExtraField::ALL[..5].iter().map(|(_, f)| *f).collect(),
+            headers: Vec::new(),
+            redact_query: QueryRedaction::None,
+            redact_source_ip: false,
+            redact_forwarded_for: false,
+        }
+    }
+}
+
+/// A request header logged as a field of its own: `X-Tenant-Id` as `x_tenant_id:"…"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedHeader {
+    pub name: http::HeaderName,
+    /// The field's name in the line: the header's, lower case, `-` written as `_`.
+    pub field: String,
+}
+
+/// What the access log shows of a request's query string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryRedaction {
+    /// The whole query (the default).
+    None,
+    /// No query: `/users?name=peter` is logged as `/users`.
+    All,
+    /// The query's SHA-1 in hex, as GoRouter writes it: `/users?hash=<40 hex digits>`.
+    Hash,
+}
+
+impl QueryRedaction {
+    pub const ALL: [(&'static str, QueryRedaction); 3] = [
+        ("none", QueryRedaction::None),
+        ("all", QueryRedaction::All),
+        ("hash", QueryRedaction::Hash),
+    ];
+}
+
+/// The names a line's own fields have, which a logged header's field must not repeat.
+const LINE_FIELDS: [&str; 9] = [
+    "x_forwarded_for",
+    "x_forwarded_proto",
+    "vcap_request_id",
+    "response_time",
+    "gorouter_time",
+    "app_id",
+    "app_index",
+    "instance_id",
+    "x_cf_routererror",
+];
 
 /// An access-log extra field (SPEC §9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -791,6 +856,35 @@ impl Validator<'_> {
             }
         }
         names
+    }
+
+    /// `access_log.headers`: header names, each logged once under a field name of its own.
+    fn logged_headers(&mut self, names: &[String]) -> Vec<LoggedHeader> {
+        let mut out: Vec<LoggedHeader> = Vec::with_capacity(names.len());
+        for (i, n) in names.iter().enumerate() {
+            let key = format!("access_log.headers[{i}]");
+            let Ok(name) = http::HeaderName::from_bytes(n.as_bytes()) else {
+                self.problem(key, format!("'{n}' is not a header name"));
+                continue;
+            };
+            let field = name.as_str().replace('-', "_");
+            let taken = LINE_FIELDS
+                .iter()
+                .copied()
+                .chain(ExtraField::ALL.iter().map(|(f, _)| *f))
+                .any(|f| f == field);
+            if taken {
+                self.problem(
+                    key,
+                    format!("'{n}' would be logged as {field}, a field the line already has"),
+                );
+            } else if out.iter().any(|h| h.name == name) {
+                self.problem(key, format!("'{n}' is listed twice"));
+            } else {
+                out.push(LoggedHeader { name, field });
+            }
+        }
+        out
     }
 
     /// A duration where `0s` means "not at all".
@@ -1529,7 +1623,7 @@ impl Validator<'_> {
                 Some(p) => Some(self.base.join(p)),
             },
             extra_fields: match raw.access_log.extra_fields {
-                None => ExtraField::ALL[..5].iter().map(|(_, f)| *f).collect(),
+                None => AccessLog::default().extra_fields,
                 Some(names) => names
                     .iter()
                     .enumerate()
@@ -1549,6 +1643,16 @@ impl Validator<'_> {
                     })
                     .collect(),
             },
+            headers: self.logged_headers(raw.access_log.headers.as_deref().unwrap_or_default()),
+            redact_query: self.choice(
+                "access_log.redact_query_parameters",
+                raw.access_log.redact_query_parameters.as_deref(),
+                &QueryRedaction::ALL,
+                QueryRedaction::None,
+                "value",
+            ),
+            redact_source_ip: raw.access_log.redact_source_ip.unwrap_or(false),
+            redact_forwarded_for: raw.access_log.redact_forwarded_for.unwrap_or(false),
         };
 
         let x = &raw.xdp;
@@ -2254,6 +2358,34 @@ mod tests {
             ["backends.max_attempts: must be at least 1 (the endpoints one request may try)"]
         );
         assert!(section_problems("backends", "max_attempts: 5").is_empty());
+    }
+
+    #[test]
+    fn access_log_headers_and_redaction_are_checked() {
+        let problems = |access_log: &str| section_problems("access_log", access_log);
+        assert!(problems(
+            "headers: [X-Tenant-Id, traceparent], redact_query_parameters: hash, \
+             redact_source_ip: true, redact_forwarded_for: true"
+        )
+        .is_empty());
+        assert_eq!(
+            problems("redact_query_parameters: some"),
+            ["access_log.redact_query_parameters: invalid value 'some', must be one of none, all, hash"]
+        );
+        assert_eq!(
+            problems("headers: [X-Tenant-Id, \"bad name\", x-tenant-id, X-Forwarded-For, TLS-SNI]"),
+            [
+                "access_log.headers[1]: 'bad name' is not a header name",
+                "access_log.headers[2]: 'x-tenant-id' is listed twice",
+                "access_log.headers[3]: 'X-Forwarded-For' would be logged as x_forwarded_for, a field the line already has",
+                "access_log.headers[4]: 'TLS-SNI' would be logged as tls_sni, a field the line already has",
+            ]
+        );
+        let not_bool = problems_of("access_log: {redact_source_ip: sometimes}\n");
+        assert!(
+            not_bool.iter().any(|p| p.contains("redact_source_ip")),
+            "{not_bool:?}"
+        );
     }
 
     #[test]

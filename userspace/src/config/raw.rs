@@ -189,6 +189,10 @@ pub struct RawNatsTls {
 pub struct RawAccessLog {
     pub path: Option<String>,
     pub extra_fields: Option<Vec<String>>,
+    pub headers: Option<Vec<String>>,
+    pub redact_query_parameters: Option<String>,
+    pub redact_source_ip: Option<bool>,
+    pub redact_forwarded_for: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -264,6 +264,8 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 /// as a 499, so the request is logged and its endpoint's in-flight count released.
 struct Completion {
     state: Arc<State>,
+    /// The config the request started under, whose `access_log` renders its line.
+    rt: Arc<crate::state::Runtime>,
     record: AccessRecord,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
@@ -296,7 +298,7 @@ impl Completion {
             self.record.response_time,
             self.record.backend_time,
         );
-        self.state.log.log(&self.record);
+        self.state.log.log(&self.record, &self.rt.config.access_log);
         if let Some(a) = self.endpoint_active.take() {
             a.fetch_sub(1, Ordering::Relaxed);
         }
@@ -400,9 +402,11 @@ pub async fn handle(
         failed_attempts: 0,
         route_service: "",
         router_error: "",
+        headers: Vec::new(),
     };
     let mut done = Completion {
         state: state.clone(),
+        rt: rt.clone(),
         record,
         started,
         request_bytes: Arc::default(),
@@ -415,6 +419,8 @@ pub async fn handle(
     let mut req = req;
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
     done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), conn.client.ip());
+    done.record
+        .take_headers(&rt.config.access_log, req.headers());
     let h1 = req.version() < Version::HTTP_2;
     let mut resp = match route(&state, &rt, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => resp,
@@ -628,6 +634,9 @@ async fn route(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // Logged as the app receives them (with the gateway's trace headers, say).
+    done.record
+        .take_headers(&rt.config.access_log, &parts.headers);
     let body = Counted::new(body, done.request_bytes.clone());
     let out = Request::from_parts(parts, BodyExt::boxed_unsync(body.map_err(BoxError::from)));
 
