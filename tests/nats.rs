@@ -16,7 +16,14 @@ use support::gateway::TestGateway;
 use support::nats::{NatsServer, Relay};
 use support::pki::TestPki;
 
+/// The gateway's config with NATS at `nats_url` and these `registry` settings; healthy as soon as
+/// it is connected (`start_delay: 0s`) unless they say otherwise.
 fn config(nats_url: &str, registry: &str) -> String {
+    let registry = match registry {
+        r if r.contains("start_delay") => r.to_string(),
+        "" => "start_delay: 0s".to_string(),
+        r => format!("start_delay: 0s, {r}"),
+    };
     format!(
         "nats: {{servers: [\"{nats_url}\"]}}\nregistry: {{{registry}}}\n\
          domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\n"
@@ -460,6 +467,92 @@ async fn hash_based_routes_register_whatever_their_options() {
     }
     assert_eq!(gw.route_view("bal.apps.plain").await["hash_balance"], 0.0);
     assert_eq!(gw.route_view("hb.apps.plain").await["hash_balance"], 1.2);
+}
+
+/// GoRouter's `start_response_delay_interval` (`registry.start_delay`): a gateway that has just
+/// connected serves what it has, but `/health` (what a load balancer asks) says it can serve
+/// only once route emitters had the delay to answer `router.start` with their routes; the delay
+/// is paid once, not again when NATS comes back.
+#[tokio::test]
+async fn health_waits_start_delay_after_the_first_connection_only() {
+    let mut nats = NatsServer::start();
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let emitter = nats_client(&nats.url()).await;
+    let mut starts = emitter.subscribe("router.start").await.unwrap();
+    emitter.flush().await.unwrap();
+    let gw = TestGateway::start(&pki, &config(&nats.url(), "start_delay: 2s")).await;
+    let (status, body) = health(&gw).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "registry: not connected to NATS yet\n")
+    );
+    next_start(&mut starts).await;
+    let connected = Instant::now();
+    // As route emitters do: every route at once, in answer to router.start.
+    emitter
+        .publish(
+            "router.register",
+            registration("early.apps.plain", backend.addr, json!({})).into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, None, "early.apps.plain", 200).await,
+        200
+    );
+    let (status, body) = health(&gw).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("registry: loading routes (registry.start_delay), ")
+            && body.ends_with(" s to go\n"),
+        "{body}"
+    );
+    let healthy = loop {
+        if health(&gw).await.0 == 200 {
+            break connected.elapsed();
+        }
+        assert!(
+            connected.elapsed() < Duration::from_secs(6),
+            "never healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        healthy >= Duration::from_millis(1900),
+        "healthy after {healthy:?}"
+    );
+
+    nats.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = health(&gw).await;
+        if status == 503 {
+            assert_eq!(body, "registry: disconnected from NATS\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still healthy without NATS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The routes are kept (pruning waits for NATS) and served.
+    assert_eq!(
+        wait_status(&gw, &pki, None, "early.apps.plain", 200).await,
+        200
+    );
+    nats.restart();
+    let emitter = nats_client(&nats.url()).await;
+    let mut starts = emitter.subscribe("router.start").await.unwrap();
+    emitter.flush().await.unwrap();
+    next_start(&mut starts).await;
+    // Reconnected: healthy at once (allowing for the event to reach the registry task).
+    let back = Instant::now();
+    while health(&gw).await.0 != 200 {
+        assert!(
+            back.elapsed() < Duration::from_secs(1),
+            "the delay was paid again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -1121,6 +1214,7 @@ impl NatsPki {
         });
         format!(
             "nats: {{servers: [\"{url}\"], tls: {{ca_certs: \"{}\"{cert}}}}}\n\
+             registry: {{start_delay: 0s}}\n\
              domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\n",
             self.path("server-ca.pem")
         )

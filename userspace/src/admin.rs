@@ -122,6 +122,26 @@ fn routes(state: &State) -> Response<ProxyBody> {
     json(&views)
 }
 
+/// Why the route registry cannot serve yet (or any more), for `/health`.
+fn registry_unready(state: &State) -> Option<String> {
+    let Some(&loaded) = state.registry_loaded.get() else {
+        return Some("registry: not connected to NATS yet\n".into());
+    };
+    if !state
+        .registry_connected
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return Some("registry: disconnected from NATS\n".into());
+    }
+    let left = loaded.saturating_duration_since(std::time::Instant::now());
+    (!left.is_zero()).then(|| {
+        format!(
+            "registry: loading routes (registry.start_delay), {:.1} s to go\n",
+            left.as_secs_f64()
+        )
+    })
+}
+
 /// Largest caller-certificate PEM accepted by `POST /routes/{host}/policy`.
 const MAX_CALLER_PEM: usize = 64 * 1024;
 
@@ -137,17 +157,10 @@ fn route<B>(state: &State, req: &Request<B>, caller_pem: Option<&[u8]>) -> Respo
                 )
             } else if let Some(stalled) = state.liveness.health() {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", stalled)
-            } else if state
-                .registry_connected
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                respond(StatusCode::OK, "text/plain", "ok\n".into())
+            } else if let Some(why) = registry_unready(state) {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why)
             } else {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "registry: not connected to NATS yet\n".into(),
-                )
+                respond(StatusCode::OK, "text/plain", "ok\n".into())
             }
         }
         "/metrics" => {

@@ -252,6 +252,10 @@ impl Gateway {
             log,
             backends: (0..workers).map(|_| BackendPool::default()).collect(),
             registry_connected: AtomicBool::new(!has_nats),
+            registry_loaded: match has_nats {
+                true => std::sync::OnceLock::new(),
+                false => std::sync::OnceLock::from(Instant::now()),
+            },
             xdp,
             ktls,
             draining: Default::default(),

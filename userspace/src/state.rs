@@ -61,6 +61,9 @@ pub struct State {
     pub backends: Box<[BackendPool]>,
     /// Whether the dynamic registry is connected (always true without NATS).
     pub registry_connected: AtomicBool,
+    /// From when the registry holds the routes (`registry.start_delay` after the first
+    /// connection to NATS; the start without NATS); unset before.
+    pub registry_loaded: std::sync::OnceLock<std::time::Instant>,
     /// The XDP gate, when configured and available.
     pub xdp: Option<crate::xdp::XdpRuntime>,
     /// Kernel TLS, when the start-up probe found it (and `tls.ktls` is not `off`).

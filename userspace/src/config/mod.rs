@@ -264,10 +264,18 @@ pub struct Backends {
     pub balancing: LoadBalancing,
 }
 
+/// `registry.start_delay` unless set: the interval the gateway asks route emitters to
+/// register in (`minimumRegisterIntervalInSeconds`), so each has registered once.
+pub const DEFAULT_START_DELAY: Duration = Duration::from_secs(5);
+
 #[derive(Clone, Debug)]
 pub struct RegistrySettings {
     pub droplet_stale_threshold: Duration,
     pub prune_interval: Duration,
+    /// `registry.start_delay` (GoRouter's `start_response_delay_interval`): how long after its
+    /// first connection to NATS the gateway lets route emitters re-register their routes
+    /// before `/health` says it can serve.
+    pub start_delay: Duration,
     /// Which NATS registrations this gateway takes, by their `isolation_segment`.
     pub sharding: Sharding,
 }
@@ -1523,6 +1531,11 @@ impl Validator<'_> {
                 raw.registry.droplet_stale_threshold.as_deref(),
                 Duration::from_secs(120),
             ),
+            start_delay: self.duration_or_zero(
+                "registry.start_delay",
+                raw.registry.start_delay.as_deref(),
+                DEFAULT_START_DELAY,
+            ),
             prune_interval: self.duration(
                 "registry.prune_interval",
                 raw.registry.prune_interval.as_deref(),
@@ -2401,6 +2414,15 @@ mod tests {
     #[test]
     fn sharding_follows_gorouter_and_is_checked() {
         let problems = |registry: &str| section_problems("registry", registry);
+        let delay = problems("start_delay: soon");
+        assert!(
+            delay.len() == 1 && delay[0].starts_with("registry.start_delay: "),
+            "{delay:?}"
+        );
+        assert!(
+            problems("start_delay: 0s").is_empty(),
+            "0s: healthy once connected"
+        );
         assert_eq!(
             problems("routing_table_sharding_mode: some"),
             ["registry.routing_table_sharding_mode: invalid mode 'some', must be one of all, segments, shared-and-segments"]

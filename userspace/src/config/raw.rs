@@ -164,6 +164,7 @@ pub struct RawBackends {
 pub struct RawRegistry {
     pub droplet_stale_threshold: Option<String>,
     pub prune_interval: Option<String>,
+    pub start_delay: Option<String>,
     pub routing_table_sharding_mode: Option<String>,
     pub isolation_segments: Vec<String>,
 }

@@ -26,7 +26,7 @@ const MAX_BATCH: usize = 4096;
 /// Messages buffered per subscription.
 const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 /// The minimum register interval announced to route emitters.
-const MINIMUM_REGISTER_INTERVAL_SECS: u64 = 5;
+const MINIMUM_REGISTER_INTERVAL_SECS: u64 = crate::config::DEFAULT_START_DELAY.as_secs();
 
 /// The `router.start` / `router.greet` reply body.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -292,6 +292,10 @@ async fn run(
             }
             Some(event) = events.recv() => match event {
                 Event::Connected => {
+                    // Route emitters answer router.start with every route they have: the
+                    // first connection's routes are all in once they had `start_delay`.
+                    let delay = state.runtime.load().config.registry.start_delay;
+                    state.registry_loaded.get_or_init(|| Instant::now() + delay);
                     state.registry_connected.store(true, Ordering::Relaxed);
                     state.metrics.registry_connected.set(1);
                     if let Err(e) = client.publish("router.start", start_body.clone()).await {
