@@ -663,3 +663,105 @@ async fn max_conns_under_strict_selection_is_503_not_403() {
     assert_eq!(slow.await.unwrap(), 200);
     assert_eq!(a.get(host, "/").await.unwrap().status, 200);
 }
+
+/// A backend that answers every request on a connection with a head and 10 of the 100 bytes it
+/// announces, then (`/stall`) sends nothing more, holding the connection open, or (`/drip`)
+/// sends the other 90 in 9 pieces 300 ms apart.
+async fn stalling_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let drip = head.starts_with(b"GET /drip ");
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                    .await;
+                if drip {
+                    for _ in 0..9 {
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        let _ = s.write_all(b"abcdefghij").await;
+                    }
+                }
+                // Held until the gateway closes it (bounded, so the task ends by itself).
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `backends.response_body_timeout`: an endpoint that sends its response's head and then
+/// nothing is cut after the limit, over HTTP/1.1 and h2 (the client sees the body end in an
+/// error; the access log has the status sent, the bytes that got through and `endpoint_timeout`;
+/// the backend connection is closed, not pooled). It limits silence, not length: a slow body
+/// that keeps sending outlasts it.
+#[tokio::test]
+async fn a_response_body_that_stops_is_cut_after_response_body_timeout() {
+    let pki = TestPki::new();
+    let backend = stalling_backend().await;
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem, connect_timeout: 1s, response_body_timeout: 1s}}\n\
+         routes:\n  - {{uris: [stall.apps.plain], host: 127.0.0.1, port: {}}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    for h2 in [false, true] {
+        let started = std::time::Instant::now();
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("stall.apps.plain"),
+            None,
+            h2,
+        )
+        .await
+        .unwrap();
+        let r = bounded("stalled body", c.get("stall.apps.plain", "/stall")).await;
+        let took = started.elapsed();
+        assert!(r.is_err(), "h2 {h2}: a cut body must not look whole");
+        assert!(
+            took >= std::time::Duration::from_millis(900)
+                && took < std::time::Duration::from_secs(5),
+            "h2 {h2}: cut after {took:?}"
+        );
+    }
+    let lines = gw.log_lines(2).await;
+    for line in &lines {
+        let l = crate::support::gateway::LogLine::parse(line);
+        assert_eq!((l.status, l.resp_bytes), (200, 10), "{line}");
+        assert_eq!(l.field("x_cf_routererror"), "endpoint_timeout", "{line}");
+    }
+    assert_eq!(
+        gw.metric("portcullis_backend_errors_total{kind=\"body_timeout\"}"),
+        2.0
+    );
+
+    // 2.7 s of body in pieces 300 ms apart: never 1 s of silence.
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "stall.apps.plain",
+        "/drip",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 100);
+    assert!(r.body.ends_with("abcdefghij"));
+    let lines = gw.log_lines(3).await;
+    let l = crate::support::gateway::LogLine::parse(&lines[2]);
+    assert_eq!((l.resp_bytes, l.field("x_cf_routererror")), (100, "-"));
+}

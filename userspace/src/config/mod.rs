@@ -238,6 +238,9 @@ pub struct Backends {
     pub client_cert: Option<Arc<CertifiedKey>>,
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
+    /// `backends.response_body_timeout`: the longest an endpoint's response body may go without
+    /// sending anything before it is cut (zero: no limit).
+    pub response_body_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
     /// Requests one h2 backend connection carries at a time; when every connection to a backend
@@ -1480,6 +1483,13 @@ impl Validator<'_> {
                 b.response_header_timeout.as_deref(),
                 Duration::from_secs(60),
             ),
+            // GoRouter's whole-request limit (`request_timeout_in_seconds`) is 900 s; this one
+            // counts only silence, so nothing GoRouter serves is cut by it.
+            response_body_timeout: self.duration_or_zero(
+                "backends.response_body_timeout",
+                b.response_body_timeout.as_deref(),
+                Duration::from_secs(900),
+            ),
             idle_timeout: self.duration(
                 "backends.idle_timeout",
                 b.idle_timeout.as_deref(),
@@ -2404,6 +2414,15 @@ mod tests {
     #[test]
     fn the_default_balancing_algorithm_is_gorouters_choice() {
         let problems = |backends: &str| section_problems("backends", backends);
+        assert!(
+            problems("response_body_timeout: 0s").is_empty(),
+            "0s: no limit"
+        );
+        let body = problems("response_body_timeout: long");
+        assert!(
+            body.len() == 1 && body[0].starts_with("backends.response_body_timeout: "),
+            "{body:?}"
+        );
         assert_eq!(
             problems("balancing_algorithm: hash"),
             ["backends.balancing_algorithm: invalid algorithm 'hash', must be one of round-robin, least-connection"]

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -70,8 +71,92 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
     }
 }
 
-/// Called once with the number of bytes sent and whether the body ended cleanly.
-pub type OnDone = Box<dyn FnOnce(u64, bool) + Send>;
+/// How a response body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// All of it was sent.
+    Clean,
+    /// Cut short: the client went away, or the endpoint's body failed.
+    Cut,
+    /// Cut short because the endpoint sent nothing for `backends.response_body_timeout`.
+    Stalled,
+}
+
+/// Called once with the number of bytes sent and how the body ended.
+pub type OnDone = Box<dyn FnOnce(u64, End) + Send>;
+
+/// The error a [`Stall`] body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the endpoint sent nothing of its response body for {0:?}")]
+pub struct BodyStalled(pub Duration);
+
+pin_project! {
+    /// An endpoint's response body that fails with [`BodyStalled`] once `limit` passes without a
+    /// frame while one is awaited: a hung app does not hold the client's connection, and the
+    /// backend connection, forever. The timer is armed only when the body has nothing ready, so
+    /// a body that arrives with its head costs no timer.
+    pub struct Stall<B> {
+        #[pin]
+        inner: B,
+        limit: Duration,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        waiting: bool,
+    }
+}
+
+impl<B> Stall<B> {
+    pub fn new(inner: B, limit: Duration) -> Self {
+        Stall {
+            inner,
+            limit,
+            timer: None,
+            waiting: false,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes, Error = BoxError>> Body for Stall<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Pending => {
+                let limit = *this.limit;
+                let timer = match this.timer {
+                    Some(t) => {
+                        if !*this.waiting {
+                            t.as_mut().reset(tokio::time::Instant::now() + limit);
+                        }
+                        t
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(limit))),
+                };
+                *this.waiting = true;
+                match std::future::Future::poll(timer.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(limit))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ready => {
+                *this.waiting = false;
+                ready
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 pin_project! {
     /// Runs `on_done` once: at end of stream, on error, or when dropped unfinished.
@@ -86,7 +171,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(done) = this.on_done.take() {
-                done(*this.bytes, false);
+                done(*this.bytes, End::Cut);
             }
         }
     }
@@ -102,14 +187,14 @@ impl<B> Finish<B> {
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for Finish<B> {
+impl<B: Body<Data = Bytes, Error = BoxError>> Body for Finish<B> {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let res = this.inner.as_mut().poll_frame(cx);
         match &res {
@@ -122,18 +207,22 @@ impl<B: Body<Data = Bytes>> Body for Finish<B> {
                 // the backend connection go back to the pool).
                 if this.inner.is_end_stream() {
                     if let Some(done) = this.on_done.take() {
-                        done(*this.bytes, true);
+                        done(*this.bytes, End::Clean);
                     }
                 }
             }
             Poll::Ready(None) => {
                 if let Some(done) = this.on_done.take() {
-                    done(*this.bytes, true);
+                    done(*this.bytes, End::Clean);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
+                let end = match e.is::<BodyStalled>() {
+                    true => End::Stalled,
+                    false => End::Cut,
+                };
                 if let Some(done) = this.on_done.take() {
-                    done(*this.bytes, false);
+                    done(*this.bytes, end);
                 }
             }
             Poll::Pending => {}

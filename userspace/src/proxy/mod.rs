@@ -27,7 +27,7 @@ use crate::registry::Protocol;
 use crate::routing::Endpoint;
 use crate::state::State;
 use crate::tls::ConnTls;
-use body::{empty, full, BoxError, Counted, Finish, ProxyBody};
+use body::{empty, full, BoxError, Counted, End, Finish, ProxyBody, Stall};
 pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
 pub use pool::BackendPool;
 use pool::{ConnectSettings, Lease, SendFailure};
@@ -281,14 +281,19 @@ impl Drop for Completion {
             if self.record.status == 0 {
                 self.record.status = CLIENT_CLOSED_REQUEST;
             }
-            self.finish(0, false);
+            self.finish(0, End::Cut);
         }
     }
 }
 
 impl Completion {
-    fn finish(&mut self, response_bytes: u64, clean: bool) {
+    fn finish(&mut self, response_bytes: u64, end: End) {
         self.finished = true;
+        let clean = end == End::Clean;
+        if end == End::Stalled {
+            self.record.router_error = "endpoint_timeout";
+            count_backend_error(&self.state, "body_timeout");
+        }
         self.record.response_bytes = response_bytes;
         self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
         self.record.response_time = self.started.elapsed();
@@ -311,7 +316,7 @@ impl Completion {
     fn wrap(self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
         let (parts, body) = resp.into_parts();
         let mut done = self;
-        let body = Finish::new(body, Box::new(move |n, clean| done.finish(n, clean)));
+        let body = Finish::new(body, Box::new(move |n, end| done.finish(n, end)));
         Response::from_parts(parts, BodyExt::boxed_unsync(body))
     }
 }
@@ -704,7 +709,7 @@ async fn route(
             }
             return Ok(Response::from_parts(
                 rparts,
-                BodyExt::boxed_unsync(rbody.map_err(BoxError::from)),
+                stalling(rbody, rt.config.backends.response_body_timeout),
             ));
         }
         Err(Some(reject)) => return Err(reject),
@@ -777,11 +782,7 @@ async fn send_to_endpoints(
                 ep.release();
                 done.endpoint_active = None;
                 endpoint_failed(&ep, key, &e, cooldown);
-                state
-                    .metrics
-                    .backend_errors
-                    .get_or_create(&crate::metrics::ErrorLabels { kind: e.kind() })
-                    .inc();
+                count_backend_error(state, e.kind());
                 failed += 1;
                 done.record.failed_attempts = failed;
                 continue;
@@ -824,11 +825,7 @@ async fn send_to_endpoints(
         {
             Ok(r) => r,
             Err(_) => {
-                state
-                    .metrics
-                    .backend_errors
-                    .get_or_create(&crate::metrics::ErrorLabels { kind: "timeout" })
-                    .inc();
+                count_backend_error(state, "timeout");
                 return Err(Some(Reject::EndpointTimeout));
             }
         };
@@ -842,11 +839,7 @@ async fn send_to_endpoints(
                 let SendFailure { error: e, request } = *failure;
                 ep.release();
                 done.endpoint_active = None;
-                state
-                    .metrics
-                    .backend_errors
-                    .get_or_create(&crate::metrics::ErrorLabels { kind: "send" })
-                    .inc();
+                count_backend_error(state, "send");
                 tracing::debug!(endpoint = %ep.addr, error = %e, "backend request failed");
                 match request {
                     // Nothing was sent: safe to try another endpoint.
@@ -862,6 +855,25 @@ async fn send_to_endpoints(
         }
     }
     Err(None)
+}
+
+/// An endpoint's response body for the client, cut once it sends nothing for `limit` (zero: no
+/// limit).
+pub(crate) fn stalling(body: Incoming, limit: Duration) -> ProxyBody {
+    let body = body.map_err(BoxError::from);
+    match limit.is_zero() {
+        true => BodyExt::boxed_unsync(body),
+        false => BodyExt::boxed_unsync(Stall::new(body, limit)),
+    }
+}
+
+/// Counts a failure to get an answer from an endpoint in `portcullis_backend_errors_total`.
+fn count_backend_error(state: &State, kind: &'static str) {
+    state
+        .metrics
+        .backend_errors
+        .get_or_create(&crate::metrics::ErrorLabels { kind })
+        .inc();
 }
 
 /// A request none of whose endpoints may take another (`backends.max_conns`), counted (the

@@ -19,14 +19,13 @@ use base64::Engine;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri, Version};
-use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, NONCE_LEN};
 use serde::{Deserialize, Serialize};
 
-use super::body::{BoxError, ProxyBody};
+use super::body::ProxyBody;
 use super::pool::ConnectSettings;
 use super::{Completion, Reject};
 use crate::config::{Backends, Config, RouteServices};
@@ -394,7 +393,7 @@ pub(super) async fn send(
             super::headers::strip_hop_by_hop(&mut parts.headers, false);
             Ok(Response::from_parts(
                 parts,
-                BodyExt::boxed_unsync(body.map_err(BoxError::from)),
+                super::stalling(body, rt.config.backends.response_body_timeout),
             ))
         }
         Err(reject) => {
