@@ -3209,3 +3209,88 @@ async fn the_systemd_unit_runs_the_gateway() {
     }
     assert!(get("/health").await.is_none(), "still answering after stop");
 }
+
+/// Answers each HTTP/1.1 request on a connection with `200 ok`, keeping the connection.
+async fn answer_ok(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let mut head = Vec::new();
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+                while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    head.drain(..end + 4);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// `backends.keep_alive_probe_interval` (GoRouter's, 1 s by default): a backend that vanishes
+/// without a word (here: its link goes down, so what the gateway sends is dropped) is found by
+/// TCP keepalive probes within about ten intervals, so the pooled connection to it is closed
+/// and the next request fails fast (502, a new connection that cannot be made) instead of
+/// waiting on the dead one for `response_header_timeout` (504). Needs a network namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_probes_find_a_backend_that_vanished() {
+    if object().is_none() {
+        return;
+    }
+    let ns = support::netns::Netns::new(13);
+    let addr = ns.client(2);
+    // A socket keeps the namespace it was made in.
+    let listener = ns.run(move || std::net::TcpListener::bind((addr.as_str(), 0)).unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = tokio::spawn(answer_ok(
+        tokio::net::TcpListener::from_std(listener).unwrap(),
+    ));
+    let pki = TestPki::new();
+    let yaml = format!(
+        "backends: {{ca_certs: backend-ca.pem, connect_timeout: 1s, response_header_timeout: 20s, \
+         keep_alive_probe_interval: 1s}}\n\
+         routes:\n  - {{uris: [gone.apps.plain], host: \"{}\", port: {}}}\n",
+        backend.ip(),
+        backend.port()
+    );
+    let gw = support::gateway::TestGateway::start(&pki, &yaml).await;
+    let mut c = support::client::Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("gone.apps.plain"),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    let r = c.get("gone.apps.plain", "/").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+
+    // The backend's machine vanishes: its pooled connection is idle at the gateway.
+    ns.set_link(false);
+    tokio::time::sleep(std::time::Duration::from_secs(13)).await;
+    let asked = std::time::Instant::now();
+    let r = support::bounded(
+        "request after the backend vanished",
+        c.get("gone.apps.plain", "/"),
+    )
+    .await
+    .unwrap();
+    let took = asked.elapsed();
+    assert_eq!(
+        (r.status, r.header("x-cf-routererror")),
+        (502, Some("endpoint_failure")),
+        "after {took:?}: the dead pooled connection was used"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+    ns.set_link(true);
+    server.abort();
+}

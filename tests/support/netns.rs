@@ -8,6 +8,8 @@ use std::process::Command;
 pub struct Netns {
     pub name: String,
     pub host_if: String,
+    /// The veth end inside the namespace.
+    pub peer_if: String,
     pub net: u8,
     pub k: u8,
     /// The XDP_PASS program on the namespace's veth end, attached while this is open.
@@ -66,14 +68,15 @@ fn ip(args: &[&str]) {
 impl Netns {
     pub fn new(k: u8) -> Netns {
         let id = std::process::id() % 200 + 20;
+        let peer = format!("pclc{id}k{k}");
         let mut ns = Netns {
             name: format!("pcl-client-{id}-{k}"),
             host_if: format!("pclh{id}k{k}"),
+            peer_if: peer.clone(),
             net: id as u8,
             k,
             link: None,
         };
-        let peer = format!("pclc{id}k{k}");
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         let _ = Command::new("ip")
             .args(["link", "del", &ns.host_if])
@@ -118,6 +121,22 @@ impl Netns {
         // physical NIC's driver needs nothing of the kind.
         ns.link = Some(ns.run(move || xdp_pass_link(&peer)));
         ns
+    }
+
+    /// Takes the namespace's end of the link down (or up again): what the host sends there is
+    /// dropped without a word, as when a machine vanishes.
+    pub fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&[
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "link",
+            "set",
+            &self.peer_if,
+            state,
+        ]);
     }
 
     pub fn host(&self) -> String {

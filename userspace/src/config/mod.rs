@@ -241,6 +241,10 @@ pub struct Backends {
     /// `backends.response_body_timeout`: the longest an endpoint's response body may go without
     /// sending anything before it is cut (zero: no limit).
     pub response_body_timeout: Duration,
+    /// `backends.keep_alive_probe_interval` (GoRouter's): TCP keepalive on backend connections,
+    /// first probe after this much silence and then one this often, nine unanswered probes
+    /// ending the connection (zero: the kernel's defaults, off).
+    pub keep_alive_probe_interval: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
     /// Requests one h2 backend connection carries at a time; when every connection to a backend
@@ -898,6 +902,25 @@ impl Validator<'_> {
         out
     }
 
+    /// `backends.keep_alive_probe_interval`: whole seconds (the kernel counts keepalive times in
+    /// seconds), 1 s by default as GoRouter's, `0s` for none.
+    fn keep_alive_probe_interval(&mut self, raw: Option<&str>) -> Duration {
+        let key = "backends.keep_alive_probe_interval";
+        let d = self.duration_or_zero(key, raw, Duration::from_secs(1));
+        if d.subsec_nanos() != 0 {
+            self.problem(
+                key,
+                "must be whole seconds: the kernel times TCP keepalive probes in seconds",
+            );
+            return Duration::from_secs(1);
+        }
+        if d.as_secs() > 32_767 {
+            self.problem(key, "must be at most 32767s (the kernel's limit)");
+            return Duration::from_secs(1);
+        }
+        d
+    }
+
     /// A duration where `0s` means "not at all".
     fn duration_or_zero(&mut self, key: &str, raw: Option<&str>, default: Duration) -> Duration {
         self.parse_duration(key, raw, default, true)
@@ -1490,6 +1513,8 @@ impl Validator<'_> {
                 b.response_body_timeout.as_deref(),
                 Duration::from_secs(900),
             ),
+            keep_alive_probe_interval: self
+                .keep_alive_probe_interval(b.keep_alive_probe_interval.as_deref()),
             idle_timeout: self.duration(
                 "backends.idle_timeout",
                 b.idle_timeout.as_deref(),
@@ -2417,6 +2442,19 @@ mod tests {
         assert!(
             problems("response_body_timeout: 0s").is_empty(),
             "0s: no limit"
+        );
+        assert!(
+            problems("keep_alive_probe_interval: 0s").is_empty(),
+            "0s: off"
+        );
+        assert!(problems("keep_alive_probe_interval: 30s").is_empty());
+        assert_eq!(
+            problems("keep_alive_probe_interval: 1500ms"),
+            ["backends.keep_alive_probe_interval: must be whole seconds: the kernel times TCP keepalive probes in seconds"]
+        );
+        assert_eq!(
+            problems("keep_alive_probe_interval: 10h"),
+            ["backends.keep_alive_probe_interval: must be at most 32767s (the kernel's limit)"]
         );
         let body = problems("response_body_timeout: long");
         assert!(

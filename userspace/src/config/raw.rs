@@ -148,6 +148,7 @@ pub struct RawBackends {
     pub connect_timeout: Option<String>,
     pub response_header_timeout: Option<String>,
     pub response_body_timeout: Option<String>,
+    pub keep_alive_probe_interval: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_idle_per_endpoint: Option<usize>,
     pub h2_streams_per_connection: Option<usize>,

@@ -650,6 +650,7 @@ async fn route(
         tls: rt.backend_tls.as_ref(),
         ktls: state.ktls.as_deref(),
         connect_timeout: rt.config.backends.connect_timeout,
+        keep_alive: rt.config.backends.keep_alive_probe_interval,
         idle_timeout: rt.config.backends.idle_timeout,
         max_idle: rt.config.backends.max_idle_per_endpoint,
         h2_streams: rt.config.backends.h2_streams_per_connection,

@@ -204,6 +204,9 @@ pub struct BackendPool {
 /// Check-ins between sweeps: endpoints come and go (app instances move), and the entries of
 /// those that are gone would otherwise stay in the maps for the life of the process.
 const SWEEP_EVERY: usize = 4096;
+/// Unanswered keepalive probes that end a backend connection: Go's default, so the time a dead
+/// backend takes to be found is GoRouter's for the same `keep_alive_probe_interval`.
+pub(crate) const KEEPALIVE_PROBES: u32 = 9;
 
 /// A failed h2 connect, for the requests that waited for it.
 struct Failed {
@@ -218,6 +221,8 @@ pub struct ConnectSettings<'a> {
     /// Kernel TLS for TLS backends, when the start-up probe found it.
     pub ktls: Option<&'a crate::tls::KernelTls>,
     pub connect_timeout: Duration,
+    /// TCP keepalive probes (`backends.keep_alive_probe_interval`; zero: none).
+    pub keep_alive: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
     /// Requests one h2 backend connection carries at a time before another is opened.
@@ -377,6 +382,18 @@ impl BackendPool {
         .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
         .map_err(ConnectError::Tcp)?;
         let _ = tcp.set_nodelay(true);
+        if !s.keep_alive.is_zero() {
+            // As GoRouter's dialer: a backend that vanished without a word (its VM gone, a
+            // partition) is found within about ten probes, rather than by the next request
+            // that waits on it for `response_header_timeout`.
+            let probes = socket2::TcpKeepalive::new()
+                .with_time(s.keep_alive)
+                .with_interval(s.keep_alive)
+                .with_retries(KEEPALIVE_PROBES);
+            if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&probes) {
+                tracing::debug!(endpoint = %ep.addr, error = %e, "TCP keepalive not set");
+            }
+        }
         let sender = match &ep.tls_san {
             None => handshake(TokioIo::new(tcp), key.h2, upgrades).await?,
             Some(san) => {
@@ -508,6 +525,7 @@ mod tests {
             tls: None,
             ktls: None,
             connect_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(90),
             max_idle: 100,
             h2_streams: 100,

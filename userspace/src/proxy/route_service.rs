@@ -154,6 +154,13 @@ impl RouteServiceRuntime {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(backends.connect_timeout));
+        let probes = backends.keep_alive_probe_interval;
+        if !probes.is_zero() {
+            // As the backends' own connections (see `BackendPool::connect`).
+            http.set_keepalive(Some(probes));
+            http.set_keepalive_interval(Some(probes));
+            http.set_keepalive_retries(Some(super::pool::KEEPALIVE_PROBES));
+        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
