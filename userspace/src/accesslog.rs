@@ -346,7 +346,7 @@ const BATCH_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AccessLogger {
     tx: mpsc::SyncSender<Msg>,
-    /// A destination opened by [`AccessLogger::reopen`], for the writer to take.
+    /// A destination handed over by [`AccessLogger::switch`], for the writer to take.
     next: Arc<Mutex<Option<Sink>>>,
     metrics: Arc<Metrics>,
 }
@@ -426,7 +426,7 @@ impl Writer {
         }
     }
 
-    /// Moves on to a destination [`AccessLogger::reopen`] opened, if there is one.
+    /// Moves on to a destination [`AccessLogger::switch`] handed over, if there is one.
     fn take_next(&mut self) {
         let next = self.next.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(sink) = next {
