@@ -189,6 +189,31 @@ fn access_log(c: &mut Criterion) {
     c.bench_function("access-log rendering", |b| {
         b.iter(|| black_box(&r).render(&format))
     });
+    // With GoRouter's privacy settings and two logged request headers.
+    let private = AccessLog {
+        headers: ["X-Tenant-Id", "X-B3-TraceId"]
+            .map(|n| portcullis::config::LoggedHeader {
+                name: http::HeaderName::from_static(n.to_ascii_lowercase().leak()),
+                field: n.to_ascii_lowercase().replace('-', "_"),
+            })
+            .to_vec(),
+        redact_query: portcullis::config::QueryRedaction::Hash,
+        redact_source_ip: true,
+        redact_forwarded_for: true,
+        ..AccessLog::default()
+    };
+    let mut h = http::HeaderMap::new();
+    h.insert("x-tenant-id", http::HeaderValue::from_static("acme"));
+    h.insert(
+        "x-b3-traceid",
+        http::HeaderValue::from_static("463ac35c9f6413ad48485a3953bb6124"),
+    );
+    let mut with_headers = r.clone();
+    with_headers.take_headers(&private, &h);
+    c.bench_function(
+        "access-log rendering, query hashed, addresses redacted, two headers",
+        |b| b.iter(|| black_box(&with_headers).render(&private)),
+    );
 }
 
 criterion_group!(benches, routing, selection, identity_and_authz, access_log);
