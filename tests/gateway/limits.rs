@@ -275,3 +275,255 @@ async fn the_admin_api_bounds_its_connections() {
     assert_eq!(gw.metric(refused), 2.0);
     assert_eq!(again.get("admin", "/health").await.unwrap().status, 200);
 }
+
+/// A backend for request bodies: `/upload` reads the whole body, then answers how many bytes it
+/// got; `/early` answers at once, before reading anything, and ends its body with that count.
+/// What became of each request's body ("N bytes", or "cut after N bytes") is sent on the
+/// returned channel. Serves HTTPS with `tls` (as a route service), else plain HTTP.
+async fn upload_backend(
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+
+    async fn read_all(mut body: Incoming) -> String {
+        let mut n = 0;
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => n += f.data_ref().map_or(0, |d| d.len()),
+                Some(Err(_)) => return format!("cut after {n} bytes"),
+                None => return format!("{n} bytes"),
+            }
+        }
+    }
+
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let seen_tx = seen_tx.clone();
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let seen_tx = seen_tx.clone();
+                async move {
+                    let early = req.uri().path() == "/early";
+                    let body = req.into_body();
+                    let resp = if early {
+                        let (mut tx, rbody) = http_body_util::channel::Channel::<
+                            Bytes,
+                            std::convert::Infallible,
+                        >::new(1);
+                        tokio::spawn(async move {
+                            let got = read_all(body).await;
+                            let _ = tx.send_data(Bytes::from(got.clone())).await;
+                            let _ = seen_tx.send(got);
+                        });
+                        rbody.boxed_unsync()
+                    } else {
+                        let got = read_all(body).await;
+                        let _ = seen_tx.send(got.clone());
+                        Full::new(Bytes::from(got))
+                            .map_err(|never| match never {})
+                            .boxed_unsync()
+                    };
+                    Ok::<_, std::convert::Infallible>(http::Response::new(resp))
+                }
+            });
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let http = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                match tls {
+                    None => {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                            .await;
+                    }
+                    Some(cfg) => {
+                        if let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                .await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+type BodySender = http_body_util::channel::Sender<bytes::Bytes, std::convert::Infallible>;
+type Answer = Result<http::Response<hyper::body::Incoming>, hyper::Error>;
+
+/// A POST of `len` bytes (h1: with that `content-length`) for `host` on a new TLS connection
+/// whose body the caller sends piece by piece through the returned sender; the response comes
+/// on the returned task.
+async fn streaming_post(
+    gw: &TestGateway,
+    pki: &TestPki,
+    host: &str,
+    path: &str,
+    len: usize,
+    h2: bool,
+) -> (BodySender, tokio::task::JoinHandle<Answer>) {
+    use hyper::client::conn::{http1, http2};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let tls =
+        crate::support::client::tls_connect(gw.https(), &pki.server_ca, Some(host), None, alpn)
+            .await
+            .unwrap();
+    let (tx, body) = http_body_util::channel::Channel::new(1);
+    let req = match h2 {
+        false => http::Request::post(path)
+            .header("host", host)
+            .header("content-length", len),
+        true => http::Request::post(format!("https://{host}{path}")),
+    }
+    .body(body)
+    .unwrap();
+    let answer = match h2 {
+        false => {
+            let (mut s, c) = http1::handshake(TokioIo::new(tls)).await.unwrap();
+            tokio::spawn(c);
+            tokio::spawn(async move { s.send_request(req).await })
+        }
+        true => {
+            let (mut s, c) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(c);
+            tokio::spawn(async move { s.send_request(req).await })
+        }
+    };
+    (tx, answer)
+}
+
+/// `limits.request_body_timeout`: a client that sends part of its request body and then nothing
+/// is answered 408 `request_body_timeout` after the limit, over HTTP/1.1 (which then closes)
+/// and h2; the endpoint sees its request end unfinished and is not blamed (no backend error, no
+/// 504 after `response_header_timeout`). It limits silence, not length, and only until the
+/// endpoint answers: a slow upload that keeps sending completes, and a client silent on an
+/// exchange the endpoint has already answered (a stream) is left alone. A route service is held
+/// to it as an endpoint is.
+#[tokio::test]
+async fn a_request_body_that_stops_is_answered_408_after_request_body_timeout() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    let pki = TestPki::new();
+    let (backend, mut seen) = upload_backend(None).await;
+    let leaf = pki.backend_ca.server(&["localhost"]).unwrap();
+    let mut cfg = crate::support::pki::server_config(&leaf);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (service, mut service_seen) = upload_backend(Some(std::sync::Arc::new(cfg))).await;
+    let y = format!(
+        "limits: {{request_body_timeout: 1s}}\n\
+         backends: {{response_header_timeout: 3s}}\n\
+         route_services: {{secret: s, ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [upload.apps.plain], host: 127.0.0.1, port: {}}}\n\
+         \x20 - {{uris: [rs.apps.plain], host: 127.0.0.1, port: {}, route_service_url: \"https://localhost:{}/upload\"}}\n",
+        backend.port(),
+        backend.port(),
+        service.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    for (host, h2) in [
+        ("upload.apps.plain", false),
+        ("upload.apps.plain", true),
+        ("rs.apps.plain", false),
+    ] {
+        let (mut tx, answer) = streaming_post(&gw, &pki, host, "/upload", 20, h2).await;
+        tx.send_data(Bytes::from_static(b"01234")).await.unwrap();
+        let started = Instant::now();
+        let resp = crate::support::bounded("408", answer)
+            .await
+            .unwrap()
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(resp.status(), 408, "h2 {h2}");
+        assert_eq!(
+            resp.headers()["x-cf-routererror"],
+            "request_body_timeout",
+            "h2 {h2}"
+        );
+        if !h2 {
+            assert_eq!(resp.headers()["connection"], "close");
+        }
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(2900),
+            "h2 {h2}: answered after {took:?}"
+        );
+        let seen = match host {
+            "rs.apps.plain" => &mut service_seen,
+            _ => &mut seen,
+        };
+        let got = crate::support::bounded("the endpoint's end", seen.recv()).await;
+        assert_eq!(got.as_deref(), Some("cut after 5 bytes"), "{host} h2 {h2}");
+        drop(tx);
+    }
+    for line in gw.log_lines(3).await {
+        let l = crate::support::gateway::LogLine::parse(&line);
+        assert_eq!((l.status, l.req_bytes), (408, 5), "{line}");
+        assert_eq!(
+            l.field("x_cf_routererror"),
+            "request_body_timeout",
+            "{line}"
+        );
+    }
+    assert_eq!(gw.metric("portcullis_requests_total{code=\"408\"}"), 3.0);
+    assert_eq!(
+        gw.metric("portcullis_backend_errors_total{kind=\"send\"}"),
+        0.0
+    );
+
+    for h2 in [false, true] {
+        // 30 bytes in pieces 300 ms apart, 1.8 s in all: never 1 s of silence.
+        let (mut tx, answer) =
+            streaming_post(&gw, &pki, "upload.apps.plain", "/upload", 30, h2).await;
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.send_data(Bytes::from_static(b"abcde")).await.unwrap();
+        }
+        drop(tx);
+        let resp = crate::support::bounded("drip", answer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "h2 {h2}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "30 bytes", "h2 {h2}");
+        assert_eq!(seen.recv().await.as_deref(), Some("30 bytes"));
+
+        // Answered first: 2 s of silence after the response head does not cut the body.
+        let (mut tx, answer) =
+            streaming_post(&gw, &pki, "upload.apps.plain", "/early", 10, h2).await;
+        let resp = crate::support::bounded("early", answer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "h2 {h2}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tx.send_data(Bytes::from_static(b"01234")).await.unwrap();
+        tx.send_data(Bytes::from_static(b"56789")).await.unwrap();
+        drop(tx);
+        let body = crate::support::bounded("early body", resp.into_body().collect())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body, "10 bytes", "h2 {h2}");
+        assert_eq!(seen.recv().await.as_deref(), Some("10 bytes"));
+    }
+    let lines = gw.log_lines(7).await;
+    for line in &lines[3..] {
+        let l = crate::support::gateway::LogLine::parse(line);
+        assert_eq!(l.status, 200, "{line}");
+        assert_eq!(l.field("x_cf_routererror"), "-", "{line}");
+    }
+}

@@ -575,6 +575,9 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// The longest a client may send nothing of a request body the endpoint is waiting for,
+    /// before the endpoint answers (zero: no limit). Then 408 `request_body_timeout`.
+    pub request_body_timeout: Duration,
     pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     /// Threads serving connections, each with its own event loop and backend pool
@@ -585,6 +588,14 @@ pub struct Limits {
     /// kernel caps it at `net.core.somaxconn`.
     pub listen_backlog: u32,
 }
+
+/// `backends.response_header_timeout` unless set.
+pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `limits.request_body_timeout` unless set: shorter than `backends.response_header_timeout`'s
+/// default, so that a client that stops half way through its body is answered 408 before the
+/// endpoint waiting for it is blamed (504); nginx's `client_body_timeout` is 60 s.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The most `limits.workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
@@ -614,6 +625,7 @@ impl Default for Limits {
             max_connections: 50_000,
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
             idle_timeout: Duration::from_secs(90),
             h2_max_concurrent_streams: 256,
             workers: 0,
@@ -1504,7 +1516,7 @@ impl Validator<'_> {
             response_header_timeout: self.duration(
                 "backends.response_header_timeout",
                 b.response_header_timeout.as_deref(),
-                Duration::from_secs(60),
+                DEFAULT_RESPONSE_HEADER_TIMEOUT,
             ),
             // GoRouter's whole-request limit (`request_timeout_in_seconds`) is 900 s; this one
             // counts only silence, so nothing GoRouter serves is cut by it.
@@ -1798,6 +1810,11 @@ impl Validator<'_> {
                 "limits.header_read_timeout",
                 l.header_read_timeout.as_deref(),
                 defaults.header_read_timeout,
+            ),
+            request_body_timeout: self.duration_or_zero(
+                "limits.request_body_timeout",
+                l.request_body_timeout.as_deref(),
+                defaults.request_body_timeout,
             ),
             idle_timeout: self.duration(
                 "limits.idle_timeout",
@@ -2097,6 +2114,18 @@ mod tests {
                 "{want} in {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn request_body_timeout_defaults_below_the_header_timeout_and_takes_zero() {
+        let limits = Limits::default();
+        assert_eq!(limits.request_body_timeout, Duration::from_secs(30));
+        assert!(limits.request_body_timeout < DEFAULT_RESPONSE_HEADER_TIMEOUT);
+        assert!(section_problems("limits", "request_body_timeout: 0s").is_empty());
+        assert_eq!(
+            section_problems("limits", "request_body_timeout: a while"),
+            ["limits.request_body_timeout: invalid duration 'a while', expected e.g. '10s' or '2m'"]
+        );
     }
 
     #[test]

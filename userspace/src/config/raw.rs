@@ -227,6 +227,7 @@ pub struct RawLimits {
     pub max_connections: Option<usize>,
     pub max_header_bytes: Option<usize>,
     pub header_read_timeout: Option<String>,
+    pub request_body_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub workers: Option<usize>,

@@ -2,7 +2,7 @@
 //! dropped (which is when the access-log record is written and pooled connections are returned).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -90,17 +90,55 @@ pub type OnDone = Box<dyn FnOnce(u64, End) + Send>;
 #[error("the endpoint sent nothing of its response body for {0:?}")]
 pub struct BodyStalled(pub Duration);
 
+/// A body's silence while the proxy waits on it: [`Silence::elapsed`] is ready once `limit` has
+/// passed since the body last had nothing to give. The timer is armed only when the body has
+/// nothing ready, so a body that arrives with its head costs no timer.
+struct Silence {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl Silence {
+    fn new(limit: Duration) -> Self {
+        Silence {
+            limit,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// The body had nothing (and registered its waker): ready once it has been silent for
+    /// `limit`.
+    fn elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let limit = self.limit;
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if !self.waiting {
+                    t.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                t
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        self.waiting = true;
+        std::future::Future::poll(timer.as_mut(), cx)
+    }
+
+    /// The body gave something (a frame, its end or an error).
+    fn heard(&mut self) {
+        self.waiting = false;
+    }
+}
+
 pin_project! {
     /// An endpoint's response body that fails with [`BodyStalled`] once `limit` passes without a
     /// frame while one is awaited: a hung app does not hold the client's connection, and the
-    /// backend connection, forever. The timer is armed only when the body has nothing ready, so
-    /// a body that arrives with its head costs no timer.
+    /// backend connection, forever.
     pub struct Stall<B> {
         #[pin]
         inner: B,
-        limit: Duration,
-        timer: Option<Pin<Box<tokio::time::Sleep>>>,
-        waiting: bool,
+        silence: Silence,
     }
 }
 
@@ -108,9 +146,7 @@ impl<B> Stall<B> {
     pub fn new(inner: B, limit: Duration) -> Self {
         Stall {
             inner,
-            limit,
-            timer: None,
-            waiting: false,
+            silence: Silence::new(limit),
         }
     }
 }
@@ -125,25 +161,129 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Stall<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
+            Poll::Pending => match this.silence.elapsed(cx) {
+                Poll::Ready(()) => {
+                    Poll::Ready(Some(Err(Box::new(BodyStalled(this.silence.limit)))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            ready => {
+                this.silence.heard();
+                ready
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The error a [`RequestStall`] body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing of its request body for {0:?}")]
+pub struct RequestBodyStalled(pub Duration);
+
+/// Where a request whose body is watched by a [`RequestStall`] stands, shared between the body
+/// (inside the backend connection's task) and the request's handler.
+#[derive(Debug, Default)]
+pub struct RequestWatch(AtomicU8);
+
+/// The endpoint has not answered yet: the client's silence is timed.
+const AWAITING_ANSWER: u8 = 0;
+/// The endpoint's response head arrived: from here the exchange is the app's (a gRPC stream's
+/// client may say nothing for minutes), and the client's silence is not timed.
+const ANSWERED: u8 = 1;
+/// The client went silent for the limit before the endpoint answered: the body failed.
+const STALLED: u8 = 2;
+
+impl RequestWatch {
+    /// The endpoint's response head arrived. False when the body had already stalled.
+    pub fn answered(&self) -> bool {
+        self.0
+            .compare_exchange(
+                AWAITING_ANSWER,
+                ANSWERED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Whether the client's request body went silent for the limit before an answer.
+    pub fn stalled(&self) -> bool {
+        self.0.load(Ordering::Acquire) == STALLED
+    }
+}
+
+pin_project! {
+    /// A client's request body on its way to an endpoint that fails with [`RequestBodyStalled`]
+    /// once `limit` passes without a frame while the endpoint waits for it and has not answered
+    /// (`limits.request_body_timeout`, nginx's `client_body_timeout`): a client that stops half
+    /// way through an upload does not hold an endpoint, and a backend connection, until the
+    /// endpoint's own timeout, nor is its silence blamed on the endpoint (504).
+    pub struct RequestStall<B> {
+        #[pin]
+        inner: B,
+        silence: Silence,
+        watch: Arc<RequestWatch>,
+    }
+}
+
+impl<B> RequestStall<B> {
+    pub fn new(inner: B, limit: Duration, watch: Arc<RequestWatch>) -> Self {
+        RequestStall {
+            inner,
+            silence: Silence::new(limit),
+            watch,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes, Error = BoxError>> Body for RequestStall<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
             Poll::Pending => {
-                let limit = *this.limit;
-                let timer = match this.timer {
-                    Some(t) => {
-                        if !*this.waiting {
-                            t.as_mut().reset(tokio::time::Instant::now() + limit);
-                        }
-                        t
+                if this.watch.0.load(Ordering::Acquire) != AWAITING_ANSWER {
+                    this.silence.timer = None;
+                    return Poll::Pending;
+                }
+                match this.silence.elapsed(cx) {
+                    Poll::Ready(())
+                        if this
+                            .watch
+                            .0
+                            .compare_exchange(
+                                AWAITING_ANSWER,
+                                STALLED,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            )
+                            .is_ok() =>
+                    {
+                        Poll::Ready(Some(Err(Box::new(RequestBodyStalled(this.silence.limit)))))
                     }
-                    None => this.timer.insert(Box::pin(tokio::time::sleep(limit))),
-                };
-                *this.waiting = true;
-                match std::future::Future::poll(timer.as_mut(), cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(limit))))),
+                    // Answered meanwhile: the inner body's waker is registered.
+                    Poll::Ready(()) => {
+                        this.silence.timer = None;
+                        Poll::Pending
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
             ready => {
-                *this.waiting = false;
+                this.silence.heard();
                 ready
             }
         }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use http::header::{HeaderValue, CONTENT_TYPE, HOST, REFERER, USER_AGENT};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -27,7 +28,9 @@ use crate::registry::Protocol;
 use crate::routing::Endpoint;
 use crate::state::State;
 use crate::tls::ConnTls;
-use body::{empty, full, BoxError, Counted, End, Finish, ProxyBody, Stall};
+use body::{
+    empty, full, BoxError, Counted, End, Finish, ProxyBody, RequestStall, RequestWatch, Stall,
+};
 pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
 pub use pool::BackendPool;
 use pool::{ConnectSettings, Lease, SendFailure};
@@ -98,6 +101,9 @@ enum Reject {
     Forbidden(Rule),
     EndpointFailure,
     EndpointTimeout,
+    /// The client sent nothing of its request body for `limits.request_body_timeout` while the
+    /// endpoint waited for it.
+    RequestBodyTimeout,
     /// `X-CF-App-Instance` is not `<app guid>:<index>`, or `X-CF-Process-Instance` is not
     /// `<process guid>[:<index>]`.
     InvalidInstanceHeader(InstanceHeader),
@@ -167,6 +173,7 @@ impl Reject {
             Reject::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden".into()),
             Reject::EndpointFailure => (StatusCode::BAD_GATEWAY, String::new()),
             Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
+            Reject::RequestBodyTimeout => (StatusCode::REQUEST_TIMEOUT, String::new()),
             Reject::ConnectionLimit(host) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("Requested route ('{host}') has reached the connection limit."),
@@ -238,6 +245,7 @@ impl Reject {
             }
             Reject::EndpointFailure => "endpoint_failure",
             Reject::EndpointTimeout => "endpoint_timeout",
+            Reject::RequestBodyTimeout => "request_body_timeout",
             // GoRouter sends none with it; the log line says why (debug) and the metric counts it.
             Reject::RouteServiceSignature => "",
             Reject::Misdirected | Reject::Forbidden(_) => "",
@@ -272,6 +280,8 @@ struct Completion {
     inflight: Arc<AtomicUsize>,
     endpoint_active: Option<Arc<AtomicUsize>>,
     lease: Option<(Lease, usize)>,
+    /// Set when the request's body is timed (`limits.request_body_timeout`).
+    request_watch: Option<Arc<RequestWatch>>,
     finished: bool,
 }
 
@@ -418,6 +428,7 @@ pub async fn handle(
         inflight: conn.inflight.clone(),
         endpoint_active: None,
         lease: None,
+        request_watch: None,
         finished: false,
     };
     // Logged for every request, including the gateway's own rejections.
@@ -428,14 +439,25 @@ pub async fn handle(
         .take_headers(&rt.config.access_log, req.headers());
     let h1 = req.version() < Version::HTTP_2;
     let mut resp = match route(&state, &rt, &conn, req, &host, &raw_host, &mut done).await {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            if let Some(watch) = &done.request_watch {
+                watch.answered();
+            }
+            resp
+        }
         Err(reject) => {
+            // However the endpoint's connection ended, it was the client that stopped.
+            let reject = match &done.request_watch {
+                Some(watch) if watch.stalled() => Reject::RequestBodyTimeout,
+                _ => reject,
+            };
             done.record.router_error = reject.router_error();
             reject.response()
         }
     };
     // A connection that should end (its caller was denied, or the gateway is draining) ends
-    // after this response; an upgrade's 101 keeps its `connection: upgrade`.
+    // after this response; an upgrade's 101 keeps its `connection: upgrade`. (One whose request
+    // body was left unread half way, after a 408, hyper closes itself.)
     if h1
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
         && (conn.is_ending() || state.draining.is_on())
@@ -642,8 +664,18 @@ async fn route(
     // Logged as the app receives them (with the gateway's trace headers, say).
     done.record
         .take_headers(&rt.config.access_log, &parts.headers);
-    let body = Counted::new(body, done.request_bytes.clone());
-    let out = Request::from_parts(parts, BodyExt::boxed_unsync(body.map_err(BoxError::from)));
+    let body = Counted::new(body, done.request_bytes.clone()).map_err(BoxError::from);
+    let limit = rt.config.limits.request_body_timeout;
+    // A request whose body came with its head (a GET) has nothing to time.
+    let body = match limit.is_zero() || body.is_end_stream() {
+        true => BodyExt::boxed_unsync(body),
+        false => {
+            let watch = Arc::new(RequestWatch::default());
+            done.request_watch = Some(watch.clone());
+            BodyExt::boxed_unsync(RequestStall::new(body, limit, watch))
+        }
+    };
+    let out = Request::from_parts(parts, body);
 
     // Proxy, retrying connection failures on other endpoints.
     let settings = ConnectSettings {
@@ -840,6 +872,10 @@ async fn send_to_endpoints(
                 let SendFailure { error: e, request } = *failure;
                 ep.release();
                 done.endpoint_active = None;
+                if done.request_watch.as_ref().is_some_and(|w| w.stalled()) {
+                    tracing::debug!(endpoint = %ep.addr, error = %e, "client request body stalled");
+                    return Err(Some(Reject::RequestBodyTimeout));
+                }
                 count_backend_error(state, "send");
                 tracing::debug!(endpoint = %ep.addr, error = %e, "backend request failed");
                 match request {
