@@ -180,6 +180,7 @@ fn access_log(c: &mut Criterion) {
         )),
         route_policy: Some(Rule::Allowed("route:cf:app:a".into())),
         failed_attempts: 0,
+        attempts: Default::default(),
         route_service: "",
         router_error: "",
         headers: Vec::new(),

@@ -7,7 +7,7 @@ use portcullis::echo;
 
 use crate::support::bounded;
 use crate::support::client::{get, Conn};
-use crate::support::gateway::TestGateway;
+use crate::support::gateway::{LogLine, TestGateway};
 use crate::support::pki::TestPki;
 
 #[tokio::test]
@@ -764,4 +764,134 @@ async fn a_response_body_that_stops_is_cut_after_response_body_timeout() {
     let lines = gw.log_lines(3).await;
     let l = crate::support::gateway::LogLine::parse(&lines[2]);
     assert_eq!((l.resp_bytes, l.field("x_cf_routererror")), (100, "-"));
+}
+
+/// A plain backend that answers each request with the address it came from.
+async fn peer_backend() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = l.accept().await {
+            let svc = hyper::service::service_fn(
+                move |_req: http::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(peer.to_string())),
+                    ))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    addr
+}
+
+/// GoRouter's backend-connection fields in the access log: `local_address` is the gateway's end
+/// of the connection the app saw the request on (the same again when the next request reuses
+/// it); `dial_time`, `dns_time` and `tls_time` are timed for the request that opened the
+/// connection (a lookup only for an endpoint registered by name, a handshake only for a TLS
+/// one), `"-"` for a pooled one; `failed_attempts_time` only when attempts failed.
+#[tokio::test]
+async fn the_access_log_says_how_the_backend_connection_was_made() {
+    let pki = TestPki::new();
+    let peer = peer_backend().await;
+    let leaf = pki.backend_ca.server(&["backend.internal"]).unwrap();
+    let cfg = crate::support::pki::server_config(&leaf);
+    let tls_backend = echo::start_with("tls", ([127, 0, 0, 1], 0).into(), Some(Arc::new(cfg)))
+        .await
+        .unwrap();
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem, connect_timeout: 1s}}\n\
+         access_log: {{path: access.log, extra_fields: [local_address, failed_attempts_time, dns_time, dial_time, tls_time]}}\n\
+         routes:\n\
+         \x20 - {{uris: [peer.apps.plain], host: 127.0.0.1, port: {}}}\n\
+         \x20 - {{uris: [tls.apps.plain], host: localhost, tls_port: {}, server_cert_domain_san: backend.internal}}\n\
+         \x20 - {{uris: [dead.apps.plain], host: 127.0.0.1, port: {}}}\n",
+        peer.port(),
+        tls_backend.addr.port(),
+        crate::dead_port(),
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let seconds = |l: &crate::support::gateway::LogLine, f: &str| {
+        let v = l.field(f);
+        let s: f64 = v
+            .parse()
+            .unwrap_or_else(|_| panic!("{f}:{v} is not seconds"));
+        assert!((0.0..5.0).contains(&s), "{f}:{v}");
+    };
+    // Two requests on one client connection: one worker, so one backend pool.
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("peer.apps.plain"),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    let first = c.get("peer.apps.plain", "/").await.unwrap();
+    let second = c.get("peer.apps.plain", "/").await.unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body, second.body, "the pooled connection is reused");
+    let lines = gw.log_lines(2).await;
+    let (opened, pooled) = (LogLine::parse(&lines[0]), LogLine::parse(&lines[1]));
+    assert_eq!(opened.field("local_address"), first.body);
+    seconds(&opened, "dial_time");
+    for (f, v) in [
+        ("dns_time", "-"),
+        ("tls_time", "-"),
+        ("failed_attempts_time", "-"),
+    ] {
+        assert_eq!(
+            opened.field(f),
+            v,
+            "{f} for an address and a plain endpoint"
+        );
+    }
+    assert_eq!(pooled.field("local_address"), first.body);
+    for f in ["dial_time", "dns_time", "tls_time", "failed_attempts_time"] {
+        assert_eq!(pooled.field(f), "-", "{f} for a pooled connection");
+    }
+
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "tls.apps.plain",
+        "/",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "dead.apps.plain",
+        "/",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 502);
+    let lines = gw.log_lines(4).await;
+    let tls = LogLine::parse(&lines[2]);
+    for f in ["dns_time", "dial_time", "tls_time"] {
+        seconds(&tls, f);
+    }
+    assert!(
+        tls.field("local_address").starts_with("127.0.0.1:")
+            || tls.field("local_address").starts_with("[::1]:"),
+        "{}",
+        lines[2]
+    );
+    assert_eq!(tls.field("failed_attempts_time"), "-");
+    let dead = LogLine::parse(&lines[3]);
+    seconds(&dead, "failed_attempts_time");
+    for f in ["local_address", "dial_time", "dns_time", "tls_time"] {
+        assert_eq!(dead.field(f), "-", "{f} when no connection was made");
+    }
 }

@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use crate::authz::Rule;
 use crate::config::{AccessLog, ExtraField, QueryRedaction};
 use crate::metrics::Metrics;
-use crate::proxy::ConnCtx;
+use crate::proxy::{ConnCtx, Setup};
 use crate::routing::Endpoint;
 
 /// Everything one access-log line says about a request.
@@ -44,12 +44,26 @@ pub struct AccessRecord {
     /// The authorization decision's rule; `None` on a route that does not enforce a policy.
     pub route_policy: Option<Rule>,
     pub failed_attempts: usize,
+    /// The backend connection, and what getting one took.
+    pub attempts: Attempts,
     /// For a route bound to a route service: `sent` (the request went to the service) or
     /// `returned` (it came back signed and went to the app); empty otherwise.
     pub route_service: &'static str,
     pub router_error: &'static str,
     /// The values of `access_log.headers`, in its order (empty when it names none).
     pub headers: Vec<Option<http::HeaderValue>>,
+}
+
+/// How a request's backend connection came to be: GoRouter's `local_address`,
+/// `failed_attempts_time`, `dns_time`, `dial_time` and `tls_time` access-log fields.
+#[derive(Clone, Debug, Default)]
+pub struct Attempts {
+    /// From the first attempt's start to the end of the last that failed to reach its endpoint.
+    pub failed_time: Option<Duration>,
+    /// The gateway's end of the connection the response came on.
+    pub local_address: Option<SocketAddr>,
+    /// How that connection was opened, when it was opened for this request.
+    pub setup: Option<Box<Setup>>,
 }
 
 /// Appends `"value"` with `"-"` for empty, escaping quotes, backslashes and control characters so
@@ -160,6 +174,19 @@ fn seconds(out: &mut String, d: Duration) {
     let micros = n.format(d.subsec_micros());
     out.push_str(&"000000"[micros.len()..]);
     out.push_str(micros);
+}
+
+/// ` name:seconds`, or ` name:"-"` for a time not taken, as GoRouter logs its timings.
+fn time(out: &mut String, name: &str, d: Option<Duration>) {
+    out.push(' ');
+    out.push_str(name);
+    match d {
+        Some(d) => {
+            out.push(':');
+            seconds(out, d);
+        }
+        None => out.push_str(":\"-\""),
+    }
 }
 
 fn number(out: &mut String, v: impl itoa::Integer) {
@@ -307,17 +334,34 @@ impl AccessRecord {
                     o.push_str(" failed_attempts:");
                     number(&mut o, self.failed_attempts);
                 }
-                ExtraField::BackendTime => match self.backend_time {
-                    Some(t) => {
-                        o.push_str(" backend_time:");
-                        seconds(&mut o, t);
-                    }
-                    None => o.push_str(" backend_time:\"-\""),
-                },
+                ExtraField::BackendTime => time(&mut o, "backend_time", self.backend_time),
                 ExtraField::Ktls => {
                     let _ = write!(o, " ktls:{}", self.conn.ktls);
                 }
                 ExtraField::RouteService => field(&mut o, "route_service", self.route_service),
+                ExtraField::LocalAddress => match self.attempts.local_address {
+                    Some(a) => {
+                        o.push_str(" local_address:\"");
+                        push_socket_addr(&mut o, a);
+                        o.push('"');
+                    }
+                    None => o.push_str(" local_address:\"-\""),
+                },
+                ExtraField::FailedAttemptsTime => {
+                    time(&mut o, "failed_attempts_time", self.attempts.failed_time)
+                }
+                ExtraField::DnsTime => {
+                    let dns = self.attempts.setup.as_ref().and_then(|s| s.dns);
+                    time(&mut o, "dns_time", dns)
+                }
+                ExtraField::DialTime => {
+                    let dial = self.attempts.setup.as_ref().map(|s| s.dial);
+                    time(&mut o, "dial_time", dial)
+                }
+                ExtraField::TlsTime => {
+                    let tls = self.attempts.setup.as_ref().and_then(|s| s.tls);
+                    time(&mut o, "tls_time", tls)
+                }
             }
         }
         for (h, v) in format.headers.iter().zip(&self.headers) {
@@ -668,6 +712,7 @@ mod tests {
             conn: conn("127.0.0.1:5555", Some("a.apps.identity")),
             route_policy: Some(Rule::RoutePolicies),
             failed_attempts: 0,
+            attempts: Default::default(),
             route_service: "",
             router_error: "",
             headers: Vec::new(),
@@ -736,6 +781,55 @@ mod tests {
         let mut o = String::new();
         quoted(&mut o, "a\"b\u{1}");
         assert_eq!(o, "\"a\\\"b\\x01\"");
+    }
+
+    /// GoRouter's backend-connection fields: seconds or an address when known, `"-"` when not
+    /// (a pooled connection, a plain endpoint, an address that needed no lookup, no failure).
+    #[test]
+    fn renders_the_backend_connection_fields() {
+        let all = fields(&[
+            ExtraField::LocalAddress,
+            ExtraField::FailedAttemptsTime,
+            ExtraField::DnsTime,
+            ExtraField::DialTime,
+            ExtraField::TlsTime,
+        ]);
+        let mut r = sample();
+        assert!(
+            r.render(&all).contains(
+                " local_address:\"-\" failed_attempts_time:\"-\" dns_time:\"-\" \
+                 dial_time:\"-\" tls_time:\"-\" x_cf_routererror:\"-\"\n"
+            ),
+            "{}",
+            r.render(&all)
+        );
+        r.attempts = Attempts {
+            failed_time: Some(Duration::from_micros(2_000_001)),
+            local_address: Some("[fd00::1]:40001".parse().unwrap()),
+            setup: Some(Box::new(Setup {
+                dns: Some(Duration::from_micros(250)),
+                dial: Duration::from_micros(1_500),
+                tls: Some(Duration::from_millis(3)),
+            })),
+        };
+        let line = r.render(&all);
+        assert!(
+            line.contains(
+                " local_address:\"[fd00::1]:40001\" failed_attempts_time:2.000001 \
+                 dns_time:0.000250 dial_time:0.001500 tls_time:0.003000 x_cf_routererror"
+            ),
+            "{line}"
+        );
+        r.attempts.setup = Some(Box::new(Setup {
+            dns: None,
+            dial: Duration::from_micros(9),
+            tls: None,
+        }));
+        let line = r.render(&all);
+        assert!(
+            line.contains(" dns_time:\"-\" dial_time:0.000009 tls_time:\"-\" "),
+            "{line}"
+        );
     }
 
     #[test]

@@ -509,10 +509,15 @@ pub enum ExtraField {
     BackendTime,
     Ktls,
     RouteService,
+    LocalAddress,
+    FailedAttemptsTime,
+    DnsTime,
+    DialTime,
+    TlsTime,
 }
 
 impl ExtraField {
-    pub const ALL: [(&'static str, ExtraField); 9] = [
+    pub const ALL: [(&'static str, ExtraField); 14] = [
         ("tls_sni", ExtraField::TlsSni),
         ("caller_cf_app", ExtraField::CallerCfApp),
         ("caller_cf_space", ExtraField::CallerCfSpace),
@@ -522,6 +527,12 @@ impl ExtraField {
         ("backend_time", ExtraField::BackendTime),
         ("ktls", ExtraField::Ktls),
         ("route_service", ExtraField::RouteService),
+        // GoRouter's, about the backend connection.
+        ("local_address", ExtraField::LocalAddress),
+        ("failed_attempts_time", ExtraField::FailedAttemptsTime),
+        ("dns_time", ExtraField::DnsTime),
+        ("dial_time", ExtraField::DialTime),
+        ("tls_time", ExtraField::TlsTime),
     ];
 
     /// The field's name as it appears in the log line.

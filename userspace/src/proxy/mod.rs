@@ -32,7 +32,7 @@ use body::{
     empty, full, BoxError, Counted, End, Finish, ProxyBody, RequestStall, RequestWatch, Stall,
 };
 pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
-pub use pool::BackendPool;
+pub use pool::{BackendPool, Setup};
 use pool::{ConnectSettings, Lease, SendFailure};
 
 /// What the proxy knows about a client connection.
@@ -415,6 +415,7 @@ pub async fn handle(
         conn: conn.clone(),
         route_policy: None,
         failed_attempts: 0,
+        attempts: Default::default(),
         route_service: "",
         router_error: "",
         headers: Vec::new(),
@@ -791,6 +792,7 @@ async fn send_to_endpoints(
     let cooldown = rt.config.backends.failure_cooldown;
     let mut pending = Some(out);
     let mut failed = 0;
+    let attempts_started = Instant::now();
     while failed < rt.config.backends.max_attempts {
         let Some(ep) = first.take().or_else(|| selector.next(&open)) else {
             break;
@@ -818,6 +820,7 @@ async fn send_to_endpoints(
                 count_backend_error(state, e.kind());
                 failed += 1;
                 done.record.failed_attempts = failed;
+                done.record.attempts.failed_time = Some(attempts_started.elapsed());
                 continue;
             }
         };
@@ -866,6 +869,8 @@ async fn send_to_endpoints(
             Ok(resp) => {
                 ep.mark_answered();
                 done.record.backend_time = Some(sent_at.elapsed());
+                done.record.attempts.local_address = lease.local_addr();
+                done.record.attempts.setup = lease.setup.take();
                 return Ok((resp, ep, lease));
             }
             Err(failure) => {
@@ -885,6 +890,7 @@ async fn send_to_endpoints(
                         pending = Some(r);
                         failed += 1;
                         done.record.failed_attempts = failed;
+                        done.record.attempts.failed_time = Some(attempts_started.elapsed());
                     }
                     None => return Err(Some(Reject::EndpointFailure)),
                 }

@@ -3,6 +3,7 @@
 //! endpoint's `server_cert_domain_san` as the name the certificate must carry.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -84,8 +85,10 @@ impl std::hash::Hash for Key {
     }
 }
 
+/// A backend connection's sending half, with the connection's local address (`None` where the
+/// socket did not say).
 enum Sender {
-    H1(http1::SendRequest<ProxyBody>),
+    H1(http1::SendRequest<ProxyBody>, Option<SocketAddr>),
     H2(H2Conn),
 }
 
@@ -95,6 +98,7 @@ struct H2Conn {
     send: http2::SendRequest<ProxyBody>,
     /// Leases on it not yet dropped: requests whose response has not ended.
     streams: Arc<AtomicUsize>,
+    local: Option<SocketAddr>,
 }
 
 impl H2Conn {
@@ -117,10 +121,22 @@ impl Drop for StreamSlot {
 impl Sender {
     fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(s) => s.is_closed() || !s.is_ready(),
+            Sender::H1(s, _) => s.is_closed() || !s.is_ready(),
             Sender::H2(c) => c.send.is_closed() || !c.send.is_ready(),
         }
     }
+}
+
+/// What it took to open a new backend connection (GoRouter's `dns_time`, `dial_time` and
+/// `tls_time` access-log fields); a pooled connection's request has none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Setup {
+    /// Looking the endpoint's host name up; `None` for an address.
+    pub dns: Option<Duration>,
+    /// The TCP connect.
+    pub dial: Duration,
+    /// The TLS handshake; `None` for a plain endpoint.
+    pub tls: Option<Duration>,
 }
 
 /// A connection checked out for one request.
@@ -131,19 +147,36 @@ pub struct Lease {
     pub reused: bool,
     /// For an h2 connection: this request's place among its streams.
     _slot: Option<StreamSlot>,
+    /// How the connection was opened, when it was opened for this request (boxed: most requests
+    /// go out on a pooled one).
+    pub setup: Option<Box<Setup>>,
 }
 
 impl Lease {
     fn new(sender: Sender, key: Key, reused: bool) -> Lease {
         let _slot = match &sender {
             Sender::H2(c) => Some(c.slot()),
-            Sender::H1(_) => None,
+            Sender::H1(..) => None,
         };
         Lease {
             sender,
             key,
             reused,
             _slot,
+            setup: None,
+        }
+    }
+
+    fn opened(mut self, setup: Setup) -> Lease {
+        self.setup = Some(Box::new(setup));
+        self
+    }
+
+    /// The connection's local address (GoRouter's `local_address` access-log field).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.sender {
+            Sender::H1(_, local) => *local,
+            Sender::H2(c) => c.local,
         }
     }
 }
@@ -161,7 +194,7 @@ impl Lease {
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, Box<SendFailure>> {
         let res = match &mut self.sender {
-            Sender::H1(s) => {
+            Sender::H1(s, _) => {
                 if let Err(error) = s.ready().await {
                     return Err(Box::new(SendFailure {
                         error,
@@ -335,7 +368,7 @@ impl BackendPool {
     /// list, an h2 one (which stays listed while it is shared) marked as used now.
     pub fn checkin(&self, lease: Lease, max_idle: usize) {
         let closed = match &lease.sender {
-            Sender::H1(s) => s.is_closed(),
+            Sender::H1(s, _) => s.is_closed(),
             Sender::H2(c) => c.send.is_closed(),
         };
         if closed {
@@ -358,10 +391,10 @@ impl BackendPool {
         let list = idle.entry(lease.key).or_default();
         match &lease.sender {
             Sender::H2(conn) => list_h2(list, conn),
-            Sender::H1(_) if list.len() < max_idle => {
+            Sender::H1(..) if list.len() < max_idle => {
                 list.push_back((lease.sender, Instant::now()))
             }
-            Sender::H1(_) => {}
+            Sender::H1(..) => {}
         }
     }
 
@@ -374,13 +407,11 @@ impl BackendPool {
         s: &ConnectSettings<'_>,
         upgrades: bool,
     ) -> Result<Lease, ConnectError> {
-        let tcp = tokio::time::timeout(
-            s.connect_timeout,
-            TcpStream::connect((ep.host.as_str(), ep.port)),
-        )
-        .await
-        .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
-        .map_err(ConnectError::Tcp)?;
+        let (tcp, dns, dial) = tokio::time::timeout(s.connect_timeout, dial(&ep.host, ep.port))
+            .await
+            .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
+            .map_err(ConnectError::Tcp)?;
+        let local = tcp.local_addr().ok();
         let _ = tcp.set_nodelay(true);
         if !s.keep_alive.is_zero() {
             // As GoRouter's dialer: a backend that vanished without a word (its VM gone, a
@@ -394,8 +425,14 @@ impl BackendPool {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "TCP keepalive not set");
             }
         }
+        let mut setup = Setup {
+            dns,
+            dial,
+            tls: None,
+        };
+        let tls_started = Instant::now();
         let sender = match &ep.tls_san {
-            None => handshake(TokioIo::new(tcp), key.h2, upgrades).await?,
+            None => handshake(TokioIo::new(tcp), local, key.h2, upgrades).await?,
             Some(san) => {
                 let cfg = s.tls.ok_or(ConnectError::NoTlsConfig)?;
                 let name = ServerName::try_from(san.clone())
@@ -406,8 +443,9 @@ impl BackendPool {
                         .await
                         .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
                         .map_err(ConnectError::Tls)?;
-                    let sender = handshake(TokioIo::new(tls), key.h2, upgrades).await?;
-                    return Ok(Lease::new(sender, key, false));
+                    setup.tls = Some(tls_started.elapsed());
+                    let sender = handshake(TokioIo::new(tls), local, key.h2, upgrades).await?;
+                    return Ok(Lease::new(sender, key, false).opened(setup));
                 };
                 // As for client connections: an unbuffered handshake, then the record crypto
                 // goes to the kernel.
@@ -418,11 +456,40 @@ impl BackendPool {
                 .await
                 .map_err(|_| ConnectError::Timeout(s.connect_timeout))?
                 .map_err(ConnectError::Tls)?;
-                handshake(TokioIo::new(stream), key.h2, upgrades).await?
+                setup.tls = Some(tls_started.elapsed());
+                handshake(TokioIo::new(stream), local, key.h2, upgrades).await?
             }
         };
-        Ok(Lease::new(sender, key, false))
+        Ok(Lease::new(sender, key, false).opened(setup))
     }
+}
+
+/// Connects to `host` (an address, or a name looked up first) on `port`: the stream, how long
+/// the lookup took (`None` for an address) and how long the connect. A name's addresses are
+/// tried in turn, as `TcpStream::connect` does.
+async fn dial(host: &str, port: u16) -> std::io::Result<(TcpStream, Option<Duration>, Duration)> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        let started = Instant::now();
+        let tcp = TcpStream::connect((ip, port)).await?;
+        return Ok((tcp, None, started.elapsed()));
+    }
+    let started = Instant::now();
+    let addrs = tokio::net::lookup_host((host, port)).await?;
+    let dns = started.elapsed();
+    let mut last = None;
+    for addr in addrs {
+        let started = Instant::now();
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok((tcp, Some(dns), started.elapsed())),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("'{host}' has no address"),
+        )
+    }))
 }
 
 /// Lists `conn` among the h2 connections a backend's requests share (again, if it expired from
@@ -439,7 +506,12 @@ fn list_h2(list: &mut VecDeque<(Sender, Instant)>, conn: &H2Conn) {
     }
 }
 
-async fn handshake<T>(io: TokioIo<T>, h2: bool, upgrades: bool) -> Result<Sender, ConnectError>
+async fn handshake<T>(
+    io: TokioIo<T>,
+    local: Option<SocketAddr>,
+    h2: bool,
+    upgrades: bool,
+) -> Result<Sender, ConnectError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -455,6 +527,7 @@ where
         Ok(Sender::H2(H2Conn {
             send: sender,
             streams: Arc::default(),
+            local,
         }))
     } else {
         let (sender, conn) = http1::handshake(io)
@@ -470,7 +543,7 @@ where
                 tracing::debug!(error = %e, "backend connection closed");
             }
         });
-        Ok(Sender::H1(sender))
+        Ok(Sender::H1(sender, local))
     }
 }
 
@@ -492,7 +565,7 @@ mod tests {
             let _peer = _peer;
             let _ = conn.await;
         });
-        let lease = Lease::new(Sender::H1(sender), key(addr, false), false);
+        let lease = Lease::new(Sender::H1(sender, None), key(addr, false), false);
         (lease, task)
     }
 
@@ -547,7 +620,7 @@ mod tests {
             .to_bytes();
         assert_eq!(&body[..], b"HTTP/2.0");
         let upgrade = pool.connect_fresh(&ep, &settings, true).await.unwrap();
-        assert!(matches!(upgrade.sender, Sender::H1(_)));
+        assert!(matches!(upgrade.sender, Sender::H1(..)));
     }
 
     #[tokio::test]
