@@ -1,4 +1,5 @@
-//! `http_rewrite.responses` (GoRouter's): headers removed from and added to every response.
+//! `http_rewrite.responses` (GoRouter's): headers removed from and added to every response; and
+//! `html_error_template_file`: the gateway's own answers as the operator's HTML page.
 
 use portcullis::echo;
 
@@ -57,4 +58,103 @@ async fn responses_lose_and_gain_the_configured_headers() {
     let r = call("any-a.apps.identity", "/", false).await;
     assert!(r.headers.get("strict-transport-security").is_none());
     assert_eq!(r.headers["content-type"], "application/json");
+}
+
+/// `html_error_template_file` (GoRouter's): a caller whose `Accept` names `text/html` gets the
+/// gateway's own answers (404, 502 …) as the operator's page, with the status, the plain
+/// answer's text (escaped) and its `X-Cf-Routererror`; an API caller, and every answer from an
+/// app, are left as they were. A template that cannot be rendered is refused by the config
+/// (the running page stays); a reload brings a new one.
+#[tokio::test]
+async fn the_gateways_own_answers_use_the_html_error_template_for_browsers() {
+    use crate::support::client::Conn;
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let pages = tempfile::tempdir().unwrap();
+    let page = pages.path().join("error.html");
+    std::fs::write(
+        &page,
+        "<h1>{{.Status}} {{.StatusText}}</h1>\n<p>{{.Message}}</p>\
+         <!-- {{.Header.Get \"X-Cf-Routererror\"}} -->\n",
+    )
+    .unwrap();
+    let dead = format!("127.0.0.1:{}", crate::dead_port()).parse().unwrap();
+    let sections = |page: &std::path::Path| {
+        format!(
+            "html_error_template_file: {}\nroutes:\n{}{}",
+            page.display(),
+            crate::route("app.apps.plain", backend.addr, "", ""),
+            crate::route("dead.apps.plain", dead, "", ""),
+        )
+    };
+    let gw = TestGateway::start(&pki, &sections(&page)).await;
+    const BROWSER: &str = "text/html,application/xhtml+xml,*/*;q=0.8";
+    let call = |host: &'static str, accept: Option<&'static str>, h2: bool| {
+        let (addr, pki) = (gw.https(), &pki);
+        async move {
+            let mut c = Conn::tls(addr, &pki.server_ca, Some(host), None, h2)
+                .await
+                .unwrap();
+            let headers: Vec<(&str, &str)> = accept.iter().map(|a| ("accept", *a)).collect();
+            let req = c.build(host, "/", &headers);
+            c.send(req).await.unwrap()
+        }
+    };
+    for h2 in [false, true] {
+        let r = call("nope.apps.plain", Some(BROWSER), h2).await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+        assert_eq!(r.header("x-cf-routererror"), Some("unknown_route"));
+        assert_eq!(
+            r.body,
+            "<h1>404 Not Found</h1>\n<p>Requested route (&#39;nope.apps.plain&#39;) does not \
+             exist.</p><!-- unknown_route -->\n"
+        );
+        let r = call("dead.apps.plain", Some(BROWSER), h2).await;
+        assert_eq!(r.status, 502);
+        assert_eq!(
+            r.body,
+            "<h1>502 Bad Gateway</h1>\n<p></p><!-- endpoint_failure -->\n"
+        );
+        // An API caller, or one that asks for anything (`*/*`), keeps SPEC's answer.
+        for accept in [None, Some("*/*"), Some("application/json")] {
+            let r = call("nope.apps.plain", accept, h2).await;
+            assert_eq!(r.status, 404);
+            assert_eq!(
+                r.body,
+                "Requested route ('nope.apps.plain') does not exist."
+            );
+            assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+        }
+        // An app's answer is the app's.
+        let r = call("app.apps.plain", Some(BROWSER), h2).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.echo().path, "/");
+    }
+
+    // A template this gateway would render differently is refused, by line.
+    let broken = pages.path().join("broken.html");
+    std::fs::write(&broken, "<p>\n{{if .Message}}{{.Message}}{{end}}</p>").unwrap();
+    std::fs::write(
+        gw.config_path(),
+        crate::support::gateway::base(&sections(&broken)),
+    )
+    .unwrap();
+    let e = portcullis::config::Config::load(&gw.config_path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("html_error_template_file: ")
+            && e.contains("broken.html' line 2: '{{if .Message}}' is not supported"),
+        "{e}"
+    );
+    let r = call("nope.apps.plain", Some(BROWSER), false).await;
+    assert!(r.body.starts_with("<h1>404 Not Found</h1>"), "{}", r.body);
+
+    let plainer = pages.path().join("plainer.html");
+    std::fs::write(&plainer, "<b>{{.Status}}</b>").unwrap();
+    gw.reload(&sections(&plainer));
+    let r = call("nope.apps.plain", Some(BROWSER), false).await;
+    assert_eq!(r.body, "<b>404</b>");
 }

@@ -49,6 +49,9 @@ pub struct Config {
     pub w3c_tracestate_key: Option<Arc<str>>,
     /// `http_rewrite.responses`: headers removed from, then added to, every response.
     pub response_rewrite: ResponseRewrite,
+    /// `html_error_template_file` (GoRouter's): the gateway's own answers as the operator's HTML
+    /// page, for callers whose `Accept` names `text/html`.
+    pub error_template: Option<Arc<crate::proxy::ErrorTemplate>>,
     /// `route_services`: routes bound to a route service send their requests through it; `None`
     /// answers them 502 `route_service_unsupported`, as GoRouter does with route services off.
     pub route_services: Option<RouteServices>,
@@ -1250,6 +1253,25 @@ impl Validator<'_> {
         }
     }
 
+    fn error_template(&mut self, rel: &str) -> Option<Arc<crate::proxy::ErrorTemplate>> {
+        const KEY: &str = "html_error_template_file";
+        let path = self.base.join(rel);
+        let src = match std::fs::read_to_string(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                self.problem(KEY, format!("cannot read '{}': {e}", path.display()));
+                return None;
+            }
+        };
+        match crate::proxy::ErrorTemplate::parse(&src) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                self.problem(KEY, format!("'{}' {e}", path.display()));
+                None
+            }
+        }
+    }
+
     fn response_rewrite(&mut self, raw: &RawResponseRewrite) -> ResponseRewrite {
         let mut out = ResponseRewrite::default();
         for (i, h) in raw.remove_headers.iter().enumerate() {
@@ -1846,6 +1868,10 @@ impl Validator<'_> {
 
         let w3c_tracestate_key = self.tracing(&raw.tracing);
         let response_rewrite = self.response_rewrite(&raw.http_rewrite.responses);
+        let error_template = raw
+            .html_error_template_file
+            .as_deref()
+            .and_then(|rel| self.error_template(rel));
         let route_services = raw.route_services.as_ref().map(|r| self.route_services(r));
 
         Config {
@@ -1867,6 +1893,7 @@ impl Validator<'_> {
             drain,
             w3c_tracestate_key,
             response_rewrite,
+            error_template,
             route_services,
             certificate_validity: std::mem::take(&mut self.validity),
         }

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub tracing: RawTracing,
     pub http_rewrite: RawHttpRewrite,
     pub route_services: Option<RawRouteServices>,
+    pub html_error_template_file: Option<String>,
 }
 
 /// GoRouter's `route_services_*` settings.

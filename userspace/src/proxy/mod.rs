@@ -2,6 +2,7 @@
 //! endpoint selection → proxy → exactly one access-log record.
 
 pub mod body;
+mod error_page;
 mod headers;
 mod pool;
 pub mod route_service;
@@ -31,6 +32,7 @@ use crate::tls::ConnTls;
 use body::{
     empty, full, BoxError, Counted, End, Finish, ProxyBody, RequestStall, RequestWatch, Stall,
 };
+pub use error_page::ErrorTemplate;
 pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
 pub use pool::{BackendPool, Setup};
 use pool::{ConnectSettings, Lease, SendFailure};
@@ -160,8 +162,9 @@ impl Wanted {
 }
 
 impl Reject {
-    /// The one place a rejection becomes a status, a body and an `X-Cf-Routererror`.
-    fn response(&self) -> Response<ProxyBody> {
+    /// The one place a rejection becomes a status, a body and an `X-Cf-Routererror`; with `page`,
+    /// the body is the operator's HTML page (`html_error_template_file`) around that body.
+    fn response(&self, page: Option<&ErrorTemplate>) -> Response<ProxyBody> {
         let (status, body) = match self {
             Reject::EmptyHost => (StatusCode::BAD_REQUEST, String::new()),
             Reject::UnknownRoute(host) => (
@@ -213,19 +216,28 @@ impl Reject {
                 },
             ),
         };
-        let has_body = !body.is_empty();
-        let mut resp = Response::new(if has_body { full(body) } else { empty() });
+        let mut resp = Response::new(empty());
         *resp.status_mut() = status;
-        if has_body {
-            resp.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-        }
         let router_error = self.router_error();
         if !router_error.is_empty() {
             resp.headers_mut()
                 .insert(X_CF_ROUTERERROR, HeaderValue::from_static(router_error));
+        }
+        let (body, content_type) = match page {
+            Some(page) => {
+                let html = page.render(status, &body, resp.headers());
+                resp.headers_mut().insert(
+                    http::header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                );
+                (html, "text/html; charset=utf-8")
+            }
+            None => (body, "text/plain; charset=utf-8"),
+        };
+        if !body.is_empty() {
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            *resp.body_mut() = full(body);
         }
         resp
     }
@@ -439,6 +451,11 @@ pub async fn handle(
     done.record
         .take_headers(&rt.config.access_log, req.headers());
     let h1 = req.version() < Version::HTTP_2;
+    let page = rt
+        .config
+        .error_template
+        .as_deref()
+        .filter(|_| error_page::accepts_html(req.headers()));
     let mut resp = match route(&state, &rt, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => {
             if let Some(watch) = &done.request_watch {
@@ -453,7 +470,7 @@ pub async fn handle(
                 _ => reject,
             };
             done.record.router_error = reject.router_error();
-            reject.response()
+            reject.response(page)
         }
     };
     // A connection that should end (its caller was denied, or the gateway is draining) ends
