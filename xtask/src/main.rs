@@ -70,6 +70,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "certificate",
     "proxy_header",
     "route_service_signature",
+    "error_template",
 ];
 /// Fuzz targets that load the XDP program: root, bpffs and the built object needed.
 const PRIVILEGED_FUZZ_TARGETS: &[&str] = &["xdp_twin"];
