@@ -809,7 +809,6 @@ async fn send_to_endpoints(
     let cooldown = rt.config.backends.failure_cooldown;
     let mut pending = Some(out);
     let mut failed = 0;
-    let attempts_started = Instant::now();
     while failed < rt.config.backends.max_attempts {
         let Some(ep) = first.take().or_else(|| selector.next(&open)) else {
             break;
@@ -837,7 +836,7 @@ async fn send_to_endpoints(
                 count_backend_error(state, e.kind());
                 failed += 1;
                 done.record.failed_attempts = failed;
-                done.record.attempts.failed_time = Some(attempts_started.elapsed());
+                done.record.attempts.failed_time = Some(done.started.elapsed());
                 continue;
             }
         };
@@ -907,7 +906,7 @@ async fn send_to_endpoints(
                         pending = Some(r);
                         failed += 1;
                         done.record.failed_attempts = failed;
-                        done.record.attempts.failed_time = Some(attempts_started.elapsed());
+                        done.record.attempts.failed_time = Some(done.started.elapsed());
                     }
                     None => return Err(Some(Reject::EndpointFailure)),
                 }
