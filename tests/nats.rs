@@ -551,6 +551,57 @@ async fn health_waits_start_delay_after_the_first_connection_only() {
     assert_eq!(health(&gw).await, (200, "ok\n".to_string()));
 }
 
+/// `registry.healthy_while_disconnected`: with it, a gateway cut off from NATS stays in its
+/// balancer (`/health` 200) and keeps serving its table, so a NATS outage across the fleet does
+/// not take every gateway out at once; a reload without it brings the 503 back. Before the first
+/// connection the table is empty, and `/health` says so either way.
+#[tokio::test]
+async fn health_can_stay_up_while_nats_is_down() {
+    let mut nats = NatsServer::start();
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let emitter = nats_client(&nats.url()).await;
+    let with = config(&nats.url(), "healthy_while_disconnected: true");
+    let gw = TestGateway::start(&pki, &with).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metric("portcullis_registry_connected") != 1.0 {
+        assert_eq!(
+            health(&gw).await.0,
+            503,
+            "healthy before the first connection"
+        );
+        assert!(Instant::now() < deadline, "gateway never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    emitter
+        .publish(
+            "router.register",
+            registration("kept.apps.plain", backend.addr, json!({})).into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_status(&gw, &pki, None, "kept.apps.plain", 200).await,
+        200
+    );
+    nats.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metric("portcullis_registry_connected") != 0.0 {
+        assert!(Instant::now() < deadline, "never saw NATS go");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(health(&gw).await, (200, "ok\n".to_string()));
+    assert_eq!(
+        wait_status(&gw, &pki, None, "kept.apps.plain", 200).await,
+        200
+    );
+    gw.reload(&config(&nats.url(), ""));
+    assert_eq!(
+        health(&gw).await,
+        (503, "registry: disconnected from NATS\n".to_string())
+    );
+}
+
 #[tokio::test]
 async fn pruning_is_suspended_while_nats_is_down() {
     let mut nats = NatsServer::start();

@@ -130,6 +130,12 @@ fn registry_unready(state: &State) -> Option<String> {
     if !state
         .registry_connected
         .load(std::sync::atomic::Ordering::Relaxed)
+        && !state
+            .runtime
+            .load()
+            .config
+            .registry
+            .healthy_while_disconnected
     {
         return Some("registry: disconnected from NATS\n".into());
     }

@@ -286,6 +286,11 @@ pub struct RegistrySettings {
     /// first connection to NATS the gateway lets route emitters re-register their routes
     /// before `/health` says it can serve.
     pub start_delay: Duration,
+    /// `registry.healthy_while_disconnected`: whether `/health` stays 200 while NATS is
+    /// disconnected (the table is kept and served either way). Off, the default, a gateway cut
+    /// off from NATS leaves its balancer; on, a NATS outage across the fleet does not take every
+    /// gateway out at once.
+    pub healthy_while_disconnected: bool,
     /// Which NATS registrations this gateway takes, by their `isolation_segment`.
     pub sharding: Sharding,
 }
@@ -1616,6 +1621,7 @@ impl Validator<'_> {
                 raw.registry.start_delay.as_deref(),
                 DEFAULT_START_DELAY,
             ),
+            healthy_while_disconnected: raw.registry.healthy_while_disconnected.unwrap_or(false),
             prune_interval: self.duration(
                 "registry.prune_interval",
                 raw.registry.prune_interval.as_deref(),

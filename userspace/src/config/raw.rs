@@ -168,6 +168,7 @@ pub struct RawRegistry {
     pub droplet_stale_threshold: Option<String>,
     pub prune_interval: Option<String>,
     pub start_delay: Option<String>,
+    pub healthy_while_disconnected: Option<bool>,
     pub routing_table_sharding_mode: Option<String>,
     pub isolation_segments: Vec<String>,
 }
