@@ -202,21 +202,25 @@ const ANSWERED: u8 = 1;
 const STALLED: u8 = 2;
 
 impl RequestWatch {
-    /// The endpoint's response head arrived. False when the body had already stalled.
-    pub fn answered(&self) -> bool {
+    /// Moves from `AWAITING_ANSWER` to `to`; false when another move came first.
+    fn leave_awaiting(&self, to: u8) -> bool {
         self.0
-            .compare_exchange(
-                AWAITING_ANSWER,
-                ANSWERED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
+            .compare_exchange(AWAITING_ANSWER, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// The endpoint's response head arrived (unless the body had already stalled).
+    pub fn answered(&self) {
+        self.leave_awaiting(ANSWERED);
     }
 
     /// Whether the client's request body went silent for the limit before an answer.
     pub fn stalled(&self) -> bool {
         self.0.load(Ordering::Acquire) == STALLED
+    }
+
+    fn awaiting(&self) -> bool {
+        self.0.load(Ordering::Acquire) == AWAITING_ANSWER
     }
 }
 
@@ -254,34 +258,22 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for RequestStall<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
-            Poll::Pending => {
-                if this.watch.0.load(Ordering::Acquire) != AWAITING_ANSWER {
-                    this.silence.timer = None;
-                    return Poll::Pending;
-                }
-                match this.silence.elapsed(cx) {
-                    Poll::Ready(())
-                        if this
-                            .watch
-                            .0
-                            .compare_exchange(
-                                AWAITING_ANSWER,
-                                STALLED,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            )
-                            .is_ok() =>
-                    {
-                        Poll::Ready(Some(Err(Box::new(RequestBodyStalled(this.silence.limit)))))
-                    }
-                    // Answered meanwhile: the inner body's waker is registered.
-                    Poll::Ready(()) => {
-                        this.silence.timer = None;
-                        Poll::Pending
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
+            // Once answered (or stalled) nothing is timed; the inner body's waker is registered.
+            Poll::Pending if !this.watch.awaiting() => {
+                this.silence.timer = None;
+                Poll::Pending
             }
+            Poll::Pending => match this.silence.elapsed(cx) {
+                Poll::Ready(()) if this.watch.leave_awaiting(STALLED) => {
+                    Poll::Ready(Some(Err(Box::new(RequestBodyStalled(this.silence.limit)))))
+                }
+                // Answered between the check and the timer.
+                Poll::Ready(()) => {
+                    this.silence.timer = None;
+                    Poll::Pending
+                }
+                Poll::Pending => Poll::Pending,
+            },
             ready => {
                 this.silence.heard();
                 ready

@@ -430,13 +430,13 @@ impl BackendPool {
             dial,
             tls: None,
         };
-        let tls_started = Instant::now();
         let sender = match &ep.tls_san {
             None => handshake(TokioIo::new(tcp), local, key.h2, upgrades).await?,
             Some(san) => {
                 let cfg = s.tls.ok_or(ConnectError::NoTlsConfig)?;
                 let name = ServerName::try_from(san.clone())
                     .map_err(|_| ConnectError::BadSan(san.clone()))?;
+                let tls_started = Instant::now();
                 let Some(ktls) = s.ktls else {
                     let connector = tokio_rustls::TlsConnector::from(cfg.clone());
                     let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
