@@ -245,6 +245,25 @@ async fn sticky_sessions_stay_with_their_instance_and_move_when_they_must() {
     }
     assert_eq!(backends[2].requests(), 0);
 
+    // `secure_cookies` (GoRouter's): the instance cookie is Secure although the app's session
+    // cookie is not.
+    gw.reload(&sticky_yaml(
+        "backends: {ca_certs: backend-ca.pem, connect_timeout: 1s, secure_cookies: true}\n",
+        three,
+    ));
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), true)
+        .await
+        .unwrap();
+    let r = c
+        .get(host, "/?set-cookie=JSESSIONID%3Dabc%3B%20Path%3D%2F")
+        .await
+        .unwrap();
+    let instance = r.echo().backend;
+    assert_eq!(
+        vcap_cookies(&r),
+        [format!("__VCAP_ID__={instance}; HttpOnly; Secure; Path=/")]
+    );
+
     // Turned off: no instance cookie, and sessions are not pinned.
     gw.reload(&sticky_yaml(
         "backends: {ca_certs: backend-ca.pem, connect_timeout: 1s, sticky_session_cookies: []}\n",

@@ -259,6 +259,9 @@ pub struct Backends {
     /// Cookies that start a sticky session (GoRouter's `sticky_session_cookie_names`); empty =
     /// sticky sessions off. See [`crate::proxy::sticky`].
     pub sticky_session_cookies: Vec<String>,
+    /// GoRouter's `secure_cookies`: the instance cookie is always `Secure`, whatever the session
+    /// cookie says.
+    pub secure_cookies: bool,
     /// Requests in flight to one endpoint at most (GoRouter's `backends.max_conns`); a route
     /// whose endpoints are all that busy answers 503. Zero = no limit.
     pub max_conns: usize,
@@ -1588,6 +1591,7 @@ impl Validator<'_> {
                 Duration::from_secs(30),
             ),
             sticky_session_cookies: self.sticky_session_cookies(b.sticky_session_cookies.clone()),
+            secure_cookies: b.secure_cookies,
             max_conns: b.max_conns.unwrap_or(0),
             local_zone: self.local_zone(b.availability_zone.as_deref(), b.az_preference.as_deref()),
             max_attempts: match b.max_attempts {

@@ -155,6 +155,7 @@ pub struct RawBackends {
     pub h2_streams_per_connection: Option<usize>,
     pub failure_cooldown: Option<String>,
     pub sticky_session_cookies: Option<Vec<String>>,
+    pub secure_cookies: bool,
     pub max_conns: Option<usize>,
     pub availability_zone: Option<String>,
     pub az_preference: Option<String>,

@@ -754,6 +754,7 @@ async fn route(
                 instance,
                 &pool.key.path,
                 sessions,
+                rt.config.backends.secure_cookies,
             );
             if !upgrade {
                 done.lease = Some((lease, settings.max_idle));

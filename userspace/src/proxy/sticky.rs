@@ -38,14 +38,16 @@ pub fn requested(headers: &HeaderMap, session_cookies: &[String]) -> Option<Stri
 /// `instance` answered although the request asked for another one (which has gone or failed),
 /// so the client's next requests come back here. It takes the session cookie's `Secure`,
 /// `SameSite`, `Partitioned`, `Max-Age` and `Expires` (a session cookie being deleted deletes it
-/// too), is `HttpOnly`, and is scoped to the route's path. A response that sets `__VCAP_ID__`
-/// itself is left alone, and so is an instance id that cannot be a cookie value.
+/// too), is `HttpOnly`, and is scoped to the route's path; `always_secure` (GoRouter's
+/// `secure_cookies`) makes it `Secure` whatever the session cookie says. A response that sets
+/// `__VCAP_ID__` itself is left alone, and so is an instance id that cannot be a cookie value.
 pub fn respond(
     headers: &mut HeaderMap,
     asked: Option<&str>,
     instance: &str,
     route_path: &str,
     session_cookies: &[String],
+    always_secure: bool,
 ) {
     if session_cookies.is_empty() || instance.is_empty() {
         return;
@@ -91,6 +93,9 @@ pub fn respond(
         if let Some(expires) = c.expires() {
             vcap = vcap.expires(expires);
         }
+    }
+    if always_secure {
+        vcap = vcap.secure(true);
     }
     if let Ok(v) = HeaderValue::from_str(&vcap.build().to_string()) {
         headers.append(SET_COOKIE, v);
@@ -179,7 +184,7 @@ mod tests {
                 "JSESSIONID=abc; Path=/x; Secure; SameSite=None; Max-Age=3600; Partitioned",
             ),
         );
-        respond(&mut h, None, "inst-1", "/api", &n);
+        respond(&mut h, None, "inst-1", "/api", &n, false);
         let got = set_cookies(&h);
         assert_eq!(got.len(), 3);
         let vcap = Cookie::parse(got[2]).unwrap();
@@ -197,11 +202,21 @@ mod tests {
             SET_COOKIE,
             HeaderValue::from_static("JSESSIONID=; Max-Age=0"),
         );
-        respond(&mut h, Some("inst-1"), "inst-1", "", &n);
+        respond(&mut h, Some("inst-1"), "inst-1", "", &n, false);
         let vcap = Cookie::parse(set_cookies(&h)[1]).unwrap();
         assert_eq!(vcap.max_age(), Some(cookie::time::Duration::ZERO));
         assert_eq!(vcap.path(), Some("/"));
         assert_eq!(vcap.secure(), None);
+        // `secure_cookies` overrides a session cookie that is not Secure, and keeps the rest.
+        let mut h = HeaderMap::new();
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("JSESSIONID=abc; SameSite=Strict"),
+        );
+        respond(&mut h, None, "inst-1", "", &n, true);
+        let vcap = Cookie::parse(set_cookies(&h)[1]).unwrap();
+        assert_eq!(vcap.secure(), Some(true));
+        assert_eq!(vcap.same_site(), Some(cookie::SameSite::Strict));
     }
 
     #[test]
@@ -214,15 +229,22 @@ mod tests {
         };
         // The asked-for instance answered, and no new session: nothing to add.
         let mut h = HeaderMap::new();
-        respond(&mut h, Some("inst-1"), "inst-1", "", &n);
+        respond(&mut h, Some("inst-1"), "inst-1", "", &n, false);
         assert!(set_cookies(&h).is_empty());
         // Another instance answered: the client is moved to it.
-        respond(&mut h, Some("gone"), "inst-1", "", &n);
+        respond(&mut h, Some("gone"), "inst-1", "", &n, false);
         assert_eq!(set_cookies(&h), ["__VCAP_ID__=inst-1; HttpOnly; Path=/"]);
+        // `secure_cookies`: Secure though the request asked for no session attributes.
+        let mut h = HeaderMap::new();
+        respond(&mut h, Some("gone"), "inst-1", "", &n, true);
+        assert_eq!(
+            set_cookies(&h),
+            ["__VCAP_ID__=inst-1; HttpOnly; Secure; Path=/"]
+        );
         // The app sets __VCAP_ID__ itself: left alone.
         let mut h = session();
         h.append(SET_COOKIE, HeaderValue::from_static("__VCAP_ID__=mine"));
-        respond(&mut h, None, "inst-1", "", &n);
+        respond(&mut h, None, "inst-1", "", &n, false);
         assert_eq!(set_cookies(&h).len(), 2);
         // Endpoints without an instance id, ids that could inject attributes, and sticky
         // sessions turned off add nothing.
@@ -233,7 +255,7 @@ mod tests {
             ("inst-1", vec![]),
         ] {
             let mut h = session();
-            respond(&mut h, None, instance, "", &names);
+            respond(&mut h, None, instance, "", &names, false);
             assert_eq!(set_cookies(&h).len(), 1, "{instance:?} {names:?}");
         }
     }
