@@ -1,10 +1,11 @@
-//! `http_rewrite.responses` (GoRouter's): headers removed from and added to every response; and
-//! `html_error_template_file`: the gateway's own answers as the operator's HTML page.
+//! `http_rewrite.responses` (GoRouter's): headers removed from and added to every response;
+//! `html_error_template_file`: the gateway's own answers as the operator's HTML page; and
+//! `tracing.trace_key`: the trace headers GoRouter answers `X-Vcap-Trace` with.
 
 use portcullis::echo;
 
 use crate::pipeline_yaml;
-use crate::support::client::get;
+use crate::support::client::{get, Conn};
 use crate::support::gateway::TestGateway;
 use crate::support::pki::TestPki;
 
@@ -157,4 +158,111 @@ async fn the_gateways_own_answers_use_the_html_error_template_for_browsers() {
     gw.reload(&sections(&plainer));
     let r = call("nope.apps.plain", Some(BROWSER), false).await;
     assert_eq!(r.body, "<b>404</b>");
+}
+
+/// `tracing.trace_key` (GoRouter's `trace_key`): a request whose `X-Vcap-Trace` is the key is
+/// answered with `X-Vcap-Router` (the gateway's address the client connected to),
+/// `X-Vcap-Backend` and `X-Cf-RouteEndpoint` (the endpoint it went to, the last one tried when
+/// none answered), and the key reaches neither the app nor the access log. Another value is an
+/// ordinary header; without a key configured nothing is added.
+#[tokio::test]
+async fn a_trace_request_with_the_key_is_told_the_router_and_the_endpoint() {
+    const KEY: &str = "4f1c0a9e7d2b63a8e5f0";
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let sections = |tracing: &str| {
+        format!(
+            "{tracing}access_log: {{path: access.log, headers: [X-Vcap-Trace]}}\n{}",
+            pipeline_yaml(backend.addr, "")
+        )
+    };
+    let gw = TestGateway::start(&pki, &sections(&format!("tracing: {{trace_key: {KEY}}}\n"))).await;
+    let traced = ["x-vcap-router", "x-vcap-backend", "x-cf-routeendpoint"];
+    let backend_addr = backend.addr.to_string();
+    for h2 in [false, true] {
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("open.apps.identity"),
+            Some(&pki.a),
+            h2,
+        )
+        .await
+        .unwrap();
+        let mut call = async |host: &str, trace: Option<&str>| {
+            let headers: Vec<(&str, &str)> =
+                trace.map(|t| ("x-vcap-trace", t)).into_iter().collect();
+            let req = c.build(host, "/", &headers);
+            c.send(req).await.unwrap()
+        };
+        let r = call("open.apps.identity", Some(KEY)).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-vcap-router"), Some("127.0.0.1"), "h2={h2}");
+        assert_eq!(r.header("x-vcap-backend"), Some(backend_addr.as_str()));
+        assert_eq!(r.header("x-cf-routeendpoint"), Some(backend_addr.as_str()));
+        assert!(
+            !r.echo().headers.contains_key("x-vcap-trace"),
+            "the key reached the app"
+        );
+
+        // A wrong key, and none: nothing added; a wrong value is the app's header.
+        let r = call("open.apps.identity", Some("not-the-key")).await;
+        assert_eq!(r.status, 200);
+        for h in traced {
+            assert_eq!(r.header(h), None, "{h}");
+        }
+        assert_eq!(r.echo().headers["x-vcap-trace"], "not-the-key");
+        let r = call("open.apps.identity", None).await;
+        assert_eq!(r.header("x-vcap-backend"), None);
+
+        // No endpoint answered: the last one tried is named with the 502.
+        let r = call("dead.apps.identity", Some(KEY)).await;
+        assert_eq!(r.status, 502);
+        let tried = r
+            .header("x-vcap-backend")
+            .expect("a dead endpoint is named");
+        assert!(
+            tried.starts_with("127.0.0.1:") && tried != backend_addr,
+            "{tried}"
+        );
+        assert_eq!(r.header("x-vcap-router"), Some("127.0.0.1"));
+        // No route, no endpoint: nothing to name.
+        let r = call("nope.apps.identity", Some(KEY)).await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.header("x-vcap-backend"), None);
+    }
+    let lines = gw.log_lines(10).await;
+    let logged: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            crate::support::gateway::LogLine::parse(l)
+                .field("x_vcap_trace")
+                .to_string()
+        })
+        .collect();
+    assert!(
+        lines.iter().all(|l| !l.contains(KEY)),
+        "the key was logged: {lines:?}"
+    );
+    assert_eq!(
+        logged.iter().filter(|v| *v == "not-the-key").count(),
+        2,
+        "{logged:?}"
+    );
+
+    // Without a key nothing is a trace request, and the header is passed on.
+    gw.reload(&sections(""));
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.identity"),
+        Some(&pki.a),
+        false,
+    )
+    .await
+    .unwrap();
+    let req = c.build("open.apps.identity", "/", &[("x-vcap-trace", KEY)]);
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.header("x-vcap-backend"), None);
+    assert_eq!(r.echo().headers["x-vcap-trace"], KEY);
 }

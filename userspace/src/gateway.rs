@@ -1,7 +1,7 @@
 //! Wiring: listeners, per-connection limits and timeouts, reload and shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -763,7 +763,8 @@ async fn accept_loop(
             match client_of(&state, &mut tcp, client).await {
                 Some(client) if tls => serve_tls(state.clone(), tcp, client, shutdown).await,
                 Some(client) => {
-                    let conn = ConnCtx::new(client, None);
+                    let mut conn = ConnCtx::new(client, None);
+                    conn.local = local_ip(&tcp);
                     serve_http(state.clone(), Box::new(tcp), conn, shutdown).await;
                 }
                 None => {}
@@ -773,6 +774,12 @@ async fn accept_loop(
             drop(permit);
         });
     }
+}
+
+/// The gateway's address a connection came to, as the client sees it (`X-Vcap-Router`): one
+/// `getsockname` per connection, since a listener on `0.0.0.0` or `[::]` serves several.
+fn local_ip(tcp: &TcpStream) -> Option<IpAddr> {
+    tcp.local_addr().ok().map(|a| a.ip().to_canonical())
 }
 
 /// PROXY protocol failures, said once every 10 s with how many there were.
@@ -846,15 +853,16 @@ async fn handshake(
     // The gate's decision on the ClientHello's domain, taken again (see `XdpRuntime::refuses`).
     let config = &rt.config;
     let refuse = |p: &DomainPattern| state.xdp.as_ref()?.refuses(config, p, client.ip());
+    let local = local_ip(&tcp);
     let Some(ktls) = state.ktls.as_deref() else {
         let accepted = tls::accept(tcp, &rt.tls, deadline, refuse).await;
-        let (stream, conn) = handshake_done(state, accepted, client, "userspace")?;
+        let (stream, conn) = handshake_done(state, accepted, client, local, "userspace")?;
         return Some((Box::new(stream), conn));
     };
     // The probe found every cipher suite the gateway offers supported by the kernel.
     let accepted = tls::accept_kernel(tcp, &rt.tls, deadline, refuse).await;
     drop(rt);
-    let (pending, mut conn) = handshake_done(state, accepted, client, "kernel")?;
+    let (pending, mut conn) = handshake_done(state, accepted, client, local, "kernel")?;
     match pending.into_kernel(ktls) {
         Ok(stream) => {
             conn.ktls = true;
@@ -875,6 +883,7 @@ fn handshake_done<S>(
     state: &State,
     accepted: Result<tls::Accepted<S>, (Option<DomainPattern>, tls::HandshakeFailure)>,
     client: SocketAddr,
+    local: Option<IpAddr>,
     mode: &'static str,
 ) -> Option<(S, ConnCtx)> {
     match accepted {
@@ -900,7 +909,8 @@ fn handshake_done<S>(
                 .ktls_connections
                 .get_or_create(&KtlsLabels { mode })
                 .inc();
-            let conn = ConnCtx::new(client, Some(accepted.info));
+            let mut conn = ConnCtx::new(client, Some(accepted.info));
+            conn.local = local;
             Some((accepted.stream, conn))
         }
     }

@@ -20,7 +20,7 @@ use crate::names::DomainPattern;
 use crate::registry::{LoadBalancing, ValidRegistration};
 pub use pem::{load_certified_key, load_certs, parse_certs, CertFile, CertValidity};
 use raw::*;
-pub use token::{read_token, Access, AdminToken};
+pub use token::{read_token, Access, Secret};
 
 /// A whole, validated configuration.
 #[derive(Clone, Debug)]
@@ -47,6 +47,9 @@ pub struct Config {
     /// (`portcullis`, or `<tenant>@portcullis`); `None` leaves `traceparent` and `tracestate` as
     /// the caller sent them.
     pub w3c_tracestate_key: Option<Arc<str>>,
+    /// `tracing.trace_key` (GoRouter's `trace_key`): a request whose `X-Vcap-Trace` header is
+    /// this secret is answered with the gateway's and the endpoint's addresses.
+    pub trace_key: Option<Secret>,
     /// `http_rewrite.responses`: headers removed from, then added to, every response.
     pub response_rewrite: ResponseRewrite,
     /// `html_error_template_file` (GoRouter's): the gateway's own answers as the operator's HTML
@@ -105,7 +108,7 @@ pub struct Admin {
     pub listen: SocketAddr,
     /// `admin.token_file`: when set, every request but `GET /health` must carry the token as
     /// `Authorization: Bearer <token>`. Read again on every reload, so a token can be rotated.
-    pub token: Option<AdminToken>,
+    pub token: Option<Secret>,
     /// The token file can be read by every user on the host (the gateway warns).
     pub token_world_readable: bool,
     /// `admin.tls`: serve the admin API over TLS (reloaded with the config).
@@ -1182,7 +1185,7 @@ impl Validator<'_> {
                 Ok(t) => {
                     use std::os::unix::fs::PermissionsExt;
                     let mode = std::fs::metadata(&path).map_or(0, |m| m.permissions().mode());
-                    Some((AdminToken::new(&t), mode & 0o004 != 0))
+                    Some((Secret::new(&t), mode & 0o004 != 0))
                 }
                 Err(e) => {
                     self.problem("admin.token_file", e);
@@ -1877,6 +1880,12 @@ impl Validator<'_> {
         };
 
         let w3c_tracestate_key = self.tracing(&raw.tracing);
+        let trace_key = raw.tracing.trace_key.as_deref().and_then(|k| {
+            token::check_secret(k)
+                .map_err(|e| self.problem("tracing.trace_key", e))
+                .ok()
+                .map(|()| Secret::new(k))
+        });
         let response_rewrite = self.response_rewrite(&raw.http_rewrite.responses);
         let error_template = raw
             .html_error_template_file
@@ -1902,6 +1911,7 @@ impl Validator<'_> {
             limits,
             drain,
             w3c_tracestate_key,
+            trace_key,
             response_rewrite,
             error_template,
             route_services,
@@ -2427,6 +2437,21 @@ mod tests {
         assert!(not_bool.contains("tracing.w3c: invalid type"), "{not_bool}");
         assert!(problems("w3c: true, w3c_tenant_id: a-1_b*c/d").is_empty());
         assert!(problems("w3c: false").is_empty());
+    }
+
+    #[test]
+    fn the_trace_key_is_a_secret() {
+        let problems = |tracing: &str| section_problems("tracing", tracing);
+        assert_eq!(
+            problems("trace_key: \"22\""),
+            ["tracing.trace_key: has 2 characters; at least 16 are required (e.g. `openssl rand \
+              -hex 32`)"]
+        );
+        assert_eq!(
+            problems("trace_key: \"0123456789 abcdef\""),
+            ["tracing.trace_key: holds ' '; a token is visible ASCII without spaces"]
+        );
+        assert!(problems("trace_key: \"0123456789abcdef\"").is_empty());
     }
 
     #[test]

@@ -242,6 +242,7 @@ pub struct RawLimits {
 pub struct RawTracing {
     pub w3c: bool,
     pub w3c_tenant_id: Option<String>,
+    pub trace_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,5 +1,6 @@
-//! The admin API's bearer token (`admin.token_file`): read and checked once when the config is
-//! loaded (and on every reload), kept only as its SHA-256 digest, and compared in constant time.
+//! Secrets requests present: the admin API's bearer token (`admin.token_file`) and the trace key
+//! (`tracing.trace_key`). Read and checked once when the config is loaded (and on every reload),
+//! kept only as their SHA-256 digests, and compared in constant time.
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ pub const MIN_TOKEN_LEN: usize = 16;
 pub const MAX_TOKEN_LEN: usize = 1024;
 
 /// Reads a token file. Whitespace around the token (a trailing newline) is not part of it; the
-/// token itself must be visible ASCII without spaces, as an HTTP bearer token is.
+/// token itself must pass [`check_secret`].
 pub fn read_token(path: &Path) -> Result<String, String> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read '{shown}': {e}"))?;
@@ -21,25 +22,32 @@ pub fn read_token(path: &Path) -> Result<String, String> {
     if token.is_empty() {
         return Err(format!("'{shown}' holds no token"));
     }
-    if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(format!(
-            "the token in '{shown}' holds {c:?}; a token is visible ASCII without spaces"
-        ));
-    }
-    if token.len() < MIN_TOKEN_LEN {
-        return Err(format!(
-            "the token in '{shown}' has {} characters; at least {MIN_TOKEN_LEN} are required \
-             (e.g. `openssl rand -hex 32`)",
-            token.len()
-        ));
-    }
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(format!(
-            "the token in '{shown}' has {} characters; at most {MAX_TOKEN_LEN} are accepted",
-            token.len()
-        ));
-    }
+    check_secret(token).map_err(|e| format!("the token in '{shown}' {e}"))?;
     Ok(token.to_string())
+}
+
+/// A secret a request presents in a header (the admin token, `tracing.trace_key`): visible
+/// ASCII without spaces, as an HTTP bearer token is, and [`MIN_TOKEN_LEN`] to
+/// [`MAX_TOKEN_LEN`] characters. The error completes a sentence naming the secret.
+pub fn check_secret(secret: &str) -> Result<(), String> {
+    if let Some(c) = secret.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "holds {c:?}; a token is visible ASCII without spaces"
+        ));
+    }
+    if secret.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "has {} characters; at least {MIN_TOKEN_LEN} are required (e.g. `openssl rand -hex 32`)",
+            secret.len()
+        ));
+    }
+    if secret.len() > MAX_TOKEN_LEN {
+        return Err(format!(
+            "has {} characters; at most {MAX_TOKEN_LEN} are accepted",
+            secret.len()
+        ));
+    }
+    Ok(())
 }
 
 /// What a request's `Authorization` header amounts to.
@@ -52,29 +60,35 @@ pub enum Access {
     Wrong,
 }
 
-/// The admin token, as its digest: the secret itself is not kept, so neither a `Debug` print of
-/// the config nor a memory dump shows it.
+/// A secret (the admin token, the trace key), as its digest: the secret itself is not kept, so
+/// neither a `Debug` print of the config nor a memory dump shows it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken {
+pub struct Secret {
     digest: [u8; 32],
 }
 
-impl std::fmt::Debug for AdminToken {
+impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminToken(…)")
+        f.write_str("Secret(…)")
     }
 }
 
-impl AdminToken {
-    pub fn new(token: &str) -> Self {
-        AdminToken {
-            digest: Sha256::digest(token.as_bytes()).into(),
+impl Secret {
+    pub fn new(secret: &str) -> Self {
+        Secret {
+            digest: Sha256::digest(secret.as_bytes()).into(),
         }
     }
 
+    /// Whether `presented` is this secret. The comparison takes the same time wherever the
+    /// presented value differs, and for any length, since digests are compared.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        bool::from(digest.ct_eq(&self.digest))
+    }
+
     /// Whether an `Authorization` header value carries this token (`Bearer <token>`, the scheme
-    /// in any case, RFC 9110 §11.1). The comparison takes the same time wherever the presented
-    /// token differs, and for any length, since digests are compared.
+    /// in any case, RFC 9110 §11.1), compared as [`Secret::matches`] does.
     pub fn admits(&self, authorization: Option<&[u8]>) -> Access {
         let Some(value) = authorization else {
             return Access::Missing;
@@ -85,9 +99,7 @@ impl AdminToken {
         if !scheme.eq_ignore_ascii_case(b"bearer ") {
             return Access::Missing;
         }
-        let presented = rest.trim_ascii();
-        let digest: [u8; 32] = Sha256::digest(presented).into();
-        if bool::from(digest.ct_eq(&self.digest)) {
+        if self.matches(rest.trim_ascii()) {
             Access::Granted
         } else {
             Access::Wrong
@@ -103,7 +115,7 @@ mod tests {
 
     #[test]
     fn only_the_bearer_token_itself_is_admitted() {
-        let t = AdminToken::new(TOKEN);
+        let t = Secret::new(TOKEN);
         let bearer = |s: &str| t.admits(Some(s.as_bytes()));
         assert_eq!(bearer(&format!("Bearer {TOKEN}")), Access::Granted);
         assert_eq!(bearer(&format!("bearer  {TOKEN} ")), Access::Granted);
@@ -119,7 +131,7 @@ mod tests {
 
     #[test]
     fn the_token_is_not_in_debug_output() {
-        let shown = format!("{:?}", AdminToken::new(TOKEN));
+        let shown = format!("{:?}", Secret::new(TOKEN));
         assert!(!shown.contains(TOKEN) && !shown.contains("0123"), "{shown}");
     }
 

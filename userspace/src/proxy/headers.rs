@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use base64::Engine as _;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 
-use crate::config::{XfccFormat, XfccMode};
+use crate::config::{Secret, XfccFormat, XfccMode};
 use crate::identity::PeerCert;
 
 // Names as `HeaderName`s, not strings: a `&str` name is parsed again on every map operation.
@@ -23,6 +23,11 @@ pub const X_CF_PROCESS_INSTANCE: HeaderName = HeaderName::from_static("x-cf-proc
 pub const X_CF_APPLICATION_ID: HeaderName = HeaderName::from_static("x-cf-applicationid");
 pub const X_CF_INSTANCE_INDEX: HeaderName = HeaderName::from_static("x-cf-instanceindex");
 pub const X_CF_INSTANCE_ID: HeaderName = HeaderName::from_static("x-cf-instanceid");
+/// GoRouter's trace request (`tracing.trace_key`) and the headers that answer it.
+const X_VCAP_TRACE: HeaderName = HeaderName::from_static("x-vcap-trace");
+const X_VCAP_ROUTER: HeaderName = HeaderName::from_static("x-vcap-router");
+const X_VCAP_BACKEND: HeaderName = HeaderName::from_static("x-vcap-backend");
+const X_CF_ROUTE_ENDPOINT: HeaderName = HeaderName::from_static("x-cf-routeendpoint");
 const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
 const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
@@ -255,6 +260,34 @@ fn continued_state(h: &HeaderMap, key: &str, own: String) -> String {
 }
 
 /// Appends the client address to `X-Forwarded-For`; returns the new value.
+/// Whether the request asks for the trace headers with the operator's key (`X-Vcap-Trace`). A
+/// header carrying the key is removed, so that the key never reaches an app or the access log;
+/// one that does not is passed on as any other header.
+pub fn trace_requested(h: &mut HeaderMap, key: &Secret) -> bool {
+    let asked = h
+        .get(X_VCAP_TRACE)
+        .is_some_and(|v| key.matches(v.as_bytes()));
+    if asked {
+        h.remove(X_VCAP_TRACE);
+    }
+    asked
+}
+
+/// GoRouter's answer to a trace request: `X-Vcap-Router`, the gateway's address the client
+/// connected to, and `X-Vcap-Backend` and `X-Cf-RouteEndpoint`, the endpoint the request went to
+/// (`host:port`).
+pub fn add_trace(h: &mut HeaderMap, router: Option<IpAddr>, endpoint: &str) {
+    if let Some(ip) = router {
+        if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+            h.insert(X_VCAP_ROUTER, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(endpoint) {
+        h.insert(X_VCAP_BACKEND, v.clone());
+        h.insert(X_CF_ROUTE_ENDPOINT, v);
+    }
+}
+
 pub fn forwarded_for(h: &mut HeaderMap, client_ip: IpAddr) -> String {
     let mut value = String::with_capacity(24);
     // What earlier proxies appended, in order; empty and non-text values are left out.

@@ -8,7 +8,7 @@ mod pool;
 pub mod route_service;
 pub mod sticky;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -45,6 +45,8 @@ pub struct ConnCtx {
     pub tls: Option<ConnTls>,
     /// Whether the kernel does this connection's TLS records.
     pub ktls: bool,
+    /// The gateway's address this connection came to (`X-Vcap-Router`); `None` where unknown.
+    pub local: Option<IpAddr>,
     /// Requests in flight (the idle timer only runs when this is zero).
     pub inflight: Arc<AtomicUsize>,
     /// Requests started on this connection (the idle timer restarts when it moves).
@@ -61,6 +63,7 @@ impl ConnCtx {
             client,
             tls,
             ktls: false,
+            local: None,
             inflight: Arc::default(),
             requests: AtomicU64::new(0),
             end: tokio::sync::Notify::new(),
@@ -446,6 +449,11 @@ pub async fn handle(
     };
     // Logged for every request, including the gateway's own rejections.
     let mut req = req;
+    let trace = rt
+        .config
+        .trace_key
+        .as_ref()
+        .is_some_and(|key| headers::trace_requested(req.headers_mut(), key));
     done.record.vcap_request_id = headers::request_id(req.headers_mut());
     done.record.x_forwarded_for = headers::forwarded_for(req.headers_mut(), conn.client.ip());
     done.record
@@ -482,6 +490,9 @@ pub async fn handle(
     {
         resp.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let (true, Some(ep)) = (trace, &done.record.endpoint) {
+        headers::add_trace(resp.headers_mut(), conn.local, &ep.addr);
     }
     let rewrite = &rt.config.response_rewrite;
     if !rewrite.is_empty() {
