@@ -385,7 +385,8 @@ async fn requests_go_through_the_route_service_and_come_back_signed() {
 
 /// GoRouter's hairpinning: a route service that is a route of the gateway (here
 /// `auth.apps.plain`, a name no DNS server knows) is reached through that route's endpoints;
-/// with `hairpinning: false` the gateway looks the name up, fails, and answers 502.
+/// with `hairpinning: false`, or a `hairpinning_allowlist` the name is not on, the gateway looks
+/// the name up, fails, and answers 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_service_on_the_platform_is_reached_inside_the_gateway() {
     let pki = Arc::new(TestPki::new());
@@ -395,9 +396,9 @@ async fn a_route_service_on_the_platform_is_reached_inside_the_gateway() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let auth = listener.local_addr().unwrap();
     let (h, p) = (backend.addr.ip(), backend.addr.port());
-    let config = |hairpinning: bool| {
+    let config = |hairpinning: &str| {
         format!(
-            "route_services: {{secret: s, hairpinning: {hairpinning}}}\n\
+            "route_services: {{secret: s, {hairpinning}}}\n\
              access_log: {{path: access.log, extra_fields: [route_service]}}\n\
              routes:\n\
              \x20 - {{uris: [hp.apps.plain], host: \"{h}\", port: {p}, route_service_url: \"https://auth.apps.plain/check?x=1\"}}\n\
@@ -406,7 +407,7 @@ async fn a_route_service_on_the_platform_is_reached_inside_the_gateway() {
             auth.port()
         )
     };
-    let gw = TestGateway::start(&pki, &config(true)).await;
+    let gw = TestGateway::start(&pki, &config("hairpinning: true")).await;
     let rs = RouteService::start(pki.clone(), listener, gw.https(), false).await;
     let r = get(
         gw.https(),
@@ -431,17 +432,37 @@ async fn a_route_service_on_the_platform_is_reached_inside_the_gateway() {
     assert_eq!(sent.field("route_service"), "sent");
     assert_eq!(sent.backend, auth.to_string());
 
-    gw.reload(&config(false));
-    let r = get(
-        gw.https(),
-        &pki.server_ca,
-        None,
-        "hp.apps.plain",
-        "/",
-        false,
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 502);
-    assert_eq!(rs.count(), 1);
+    // On the allowlist, as a one-label wildcard or by name (case aside): still hairpinned.
+    let mut seen = 1;
+    for (section, hairpinned) in [
+        ("hairpinning_allowlist: [\"*.apps.plain\"]", true),
+        (
+            "hairpinning_allowlist: [other.example.com, AUTH.apps.plain]",
+            true,
+        ),
+        (
+            "hairpinning_allowlist: [\"*.example.com\", \"*.auth.apps.plain\"]",
+            false,
+        ),
+        ("hairpinning: false", false),
+    ] {
+        gw.reload(&config(section));
+        let r = get(
+            gw.https(),
+            &pki.server_ca,
+            None,
+            "hp.apps.plain",
+            "/",
+            false,
+        )
+        .await
+        .unwrap();
+        if hairpinned {
+            seen += 1;
+            assert_eq!(r.status, 200, "{section}: {}", r.body);
+        } else {
+            assert_eq!(r.status, 502, "{section}");
+        }
+        assert_eq!(rs.count(), seen, "{section}");
+    }
 }

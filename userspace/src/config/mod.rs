@@ -373,6 +373,10 @@ pub struct RouteServices {
     /// gateway (outside every mTLS domain, without a policy) is sent to that route's endpoints
     /// directly instead of through DNS and the balancer.
     pub hairpinning: bool,
+    /// GoRouter's `route_services_hairpinning_allowlist`: when not empty, only route services
+    /// whose host is one of these names, or one label below a `*.` entry's domain, are
+    /// hairpinned; the others go out through DNS. Lowercase.
+    pub hairpinning_allowlist: Vec<String>,
     /// Trust anchors for the route services' certificates besides the system's.
     pub ca_certs: Vec<CertificateDer<'static>>,
 }
@@ -388,6 +392,7 @@ impl std::fmt::Debug for RouteServices {
             .field("timeout", &self.timeout)
             .field("recommend_https", &self.recommend_https)
             .field("hairpinning", &self.hairpinning)
+            .field("hairpinning_allowlist", &self.hairpinning_allowlist)
             .field("ca_certs", &self.ca_certs.len())
             .finish()
     }
@@ -1945,6 +1950,9 @@ impl Validator<'_> {
             .as_deref()
             .and_then(|p| self.certs(&format!("{key}.ca_certs"), p))
             .unwrap_or_default();
+        let hairpinning = r.hairpinning.unwrap_or(true);
+        let hairpinning_allowlist =
+            self.hairpinning_allowlist(r.hairpinning_allowlist.as_deref(), hairpinning);
         RouteServices {
             secret,
             secret_decrypt_only,
@@ -1954,9 +1962,45 @@ impl Validator<'_> {
                 Duration::from_secs(60),
             ),
             recommend_https: r.recommend_https.unwrap_or(true),
-            hairpinning: r.hairpinning.unwrap_or(true),
+            hairpinning,
+            hairpinning_allowlist,
             ca_certs,
         }
+    }
+
+    /// `route_services.hairpinning_allowlist`: host names (`auth.example.com`) and one-label
+    /// wildcards (`*.example.com`), as GoRouter takes them, lowercased.
+    fn hairpinning_allowlist(&mut self, raw: Option<&[String]>, hairpinning: bool) -> Vec<String> {
+        let key = "route_services.hairpinning_allowlist";
+        let Some(raw) = raw else {
+            return Vec::new();
+        };
+        if !hairpinning && !raw.is_empty() {
+            self.problem(
+                key,
+                "has no effect unless route_services.hairpinning is true",
+            );
+        }
+        let label_ok =
+            |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let mut out = Vec::new();
+        for (i, entry) in raw.iter().enumerate() {
+            let entry = entry.to_ascii_lowercase();
+            let name = entry.strip_prefix("*.").unwrap_or(&entry);
+            let labels: Vec<&str> = name.split('.').collect();
+            if labels.len() < 2 || !labels.iter().all(|l| label_ok(l)) {
+                self.problem(
+                    format!("{key}[{i}]"),
+                    format!(
+                        "'{entry}' is neither a host name (auth.example.com) nor a wildcard \
+                         (*.example.com)"
+                    ),
+                );
+                continue;
+            }
+            out.push(entry);
+        }
+        out
     }
 
     /// `tracing`: the W3C `tracestate` key, when W3C Trace Context is on. A tenant id must be
@@ -2627,6 +2671,29 @@ mod tests {
     }
 
     #[test]
+    fn the_hairpinning_allowlist_takes_names_and_one_label_wildcards() {
+        let problems = |body: &str| section_problems("route_services", body);
+        assert_eq!(
+            problems(
+                "secret: s, hairpinning_allowlist: [\"*.Apps.Internal\", rs.example.com, \
+                 \"rs.*.example.com\", \"*.*.example.com\", localhost, \"*.com.\", \"a b.com\"]"
+            ),
+            [
+                "route_services.hairpinning_allowlist[2]: 'rs.*.example.com' is neither a host name (auth.example.com) nor a wildcard (*.example.com)",
+                "route_services.hairpinning_allowlist[3]: '*.*.example.com' is neither a host name (auth.example.com) nor a wildcard (*.example.com)",
+                "route_services.hairpinning_allowlist[4]: 'localhost' is neither a host name (auth.example.com) nor a wildcard (*.example.com)",
+                "route_services.hairpinning_allowlist[5]: '*.com.' is neither a host name (auth.example.com) nor a wildcard (*.example.com)",
+                "route_services.hairpinning_allowlist[6]: 'a b.com' is neither a host name (auth.example.com) nor a wildcard (*.example.com)",
+            ]
+        );
+        assert_eq!(
+            problems("secret: s, hairpinning: false, hairpinning_allowlist: [a.example.com]"),
+            ["route_services.hairpinning_allowlist: has no effect unless route_services.hairpinning is true"]
+        );
+        assert!(problems("secret: s, hairpinning: false, hairpinning_allowlist: []").is_empty());
+    }
+
+    #[test]
     fn route_services_need_a_secret_and_take_bound_static_routes() {
         let problems = problems_of(
             "route_services: {secret_decrypt_only: \"\", timeout: soon, ca_certs: /nonexistent/rs.pem, hairpins: yes}\n\
@@ -2659,6 +2726,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             recommend_https: true,
             hairpinning: true,
+            hairpinning_allowlist: Vec::new(),
             ca_certs: Vec::new(),
         };
         let text = format!("{rs:?}");

@@ -38,6 +38,7 @@ pub struct RawRouteServices {
     pub timeout: Option<String>,
     pub recommend_https: Option<bool>,
     pub hairpinning: Option<bool>,
+    pub hairpinning_allowlist: Option<Vec<String>>,
     pub ca_certs: Option<String>,
 }
 

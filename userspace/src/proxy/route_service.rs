@@ -100,6 +100,7 @@ pub struct RouteServiceRuntime {
     signer: Signer,
     pub recommend_https: bool,
     pub hairpinning: bool,
+    hairpinning_allowlist: Vec<String>,
     pub client: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
 }
 
@@ -175,6 +176,7 @@ impl RouteServiceRuntime {
             signer: Signer::new(rs),
             recommend_https: rs.recommend_https,
             hairpinning: rs.hairpinning,
+            hairpinning_allowlist: rs.hairpinning_allowlist.clone(),
             client,
         })
     }
@@ -342,7 +344,7 @@ pub(super) async fn send(
     let timeout = rt.config.backends.response_header_timeout;
     let sent_at = Instant::now();
     let pool = if services.hairpinning {
-        hairpin_pool(table, &rt.config, &uri)
+        hairpin_pool(table, &rt.config, &services.hairpinning_allowlist, &uri)
     } else {
         None
     };
@@ -416,15 +418,33 @@ pub(super) async fn send(
 }
 
 /// The route a route service's URL names in this gateway's table, when the gateway may reach
-/// it directly (GoRouter's hairpinning): outside every mTLS domain, without a policy and not
-/// bound to a route service itself. Anything else goes out through DNS, as any caller would.
-fn hairpin_pool(table: &RouteTable, cfg: &Config, service: &Uri) -> Option<Arc<Pool>> {
+/// it directly (GoRouter's hairpinning): outside every mTLS domain, without a policy, not
+/// bound to a route service itself, and on the `allowlist` when there is one. Anything else
+/// goes out through DNS, as any caller would.
+fn hairpin_pool(
+    table: &RouteTable,
+    cfg: &Config,
+    allowlist: &[String],
+    service: &Uri,
+) -> Option<Arc<Pool>> {
     let host = crate::names::normalize_host(service.host()?);
-    if cfg.domain_for(&host).is_some() {
+    if cfg.domain_for(&host).is_some() || !allowed_to_hairpin(allowlist, &host) {
         return None;
     }
     let pool = table.lookup(&host, service.path())?;
     (!pool.policy.is_enforcing() && pool.route_service.is_none()).then(|| pool.clone())
+}
+
+/// Whether `host` (lowercase) is on `route_services.hairpinning_allowlist`, as GoRouter matches
+/// it: a name itself, or a `*.` entry whose domain is what follows the host's first label. An
+/// empty list allows every host.
+fn allowed_to_hairpin(allowlist: &[String], host: &str) -> bool {
+    let parent = host.split_once('.').map(|(_, parent)| parent);
+    allowlist.is_empty()
+        || allowlist.iter().any(|e| match e.strip_prefix("*.") {
+            Some(domain) => parent == Some(domain),
+            None => e == host,
+        })
 }
 
 /// Go's `time.Time` JSON form (RFC 3339 with nanoseconds), in UTC.
@@ -451,6 +471,7 @@ mod tests {
             timeout,
             recommend_https: true,
             hairpinning: true,
+            hairpinning_allowlist: Vec::new(),
             ca_certs: Vec::new(),
         })
     }
@@ -552,5 +573,22 @@ mod tests {
         assert_eq!(t, utc);
         let now = SystemTime::now();
         assert_eq!(parse_rfc3339(&rfc3339(now)).unwrap(), now);
+    }
+
+    #[test]
+    fn the_hairpinning_allowlist_matches_names_and_one_label_below_wildcards() {
+        let list = ["*.apps.internal".to_string(), "rs.example.com".to_string()];
+        for (host, allowed) in [
+            ("auth.apps.internal", true),
+            ("rs.example.com", true),
+            ("a.b.apps.internal", false),
+            ("apps.internal", false),
+            ("x.rs.example.com", false),
+            ("example.com", false),
+            ("auth.apps.internal.evil", false),
+        ] {
+            assert_eq!(allowed_to_hairpin(&list, host), allowed, "{host}");
+        }
+        assert!(allowed_to_hairpin(&[], "anything.example"));
     }
 }
