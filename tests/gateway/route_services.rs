@@ -378,9 +378,61 @@ async fn requests_go_through_the_route_service_and_come_back_signed() {
         );
     }
 
-    // A route without a route service ignores the headers.
+    // A route without a route service ignores the headers (here an expired signature) ...
     let r = direct(&gw, &pki, "other.apps.plain", "/", &as_pairs(&fresh)).await;
     assert_eq!(r.status, 200);
+    assert_eq!(r.echo().headers[SIGNATURE], fresh[0].1);
+
+    // ... unless `strict_signature_validation` (GoRouter's): then a signature must be valid
+    // there too, whatever URL it names, so that a route service's own route called directly
+    // with forged headers does not reach the service. Requests without one are untouched.
+    gw.reload(&config(
+        rs_port,
+        backend.addr,
+        "secret: second, strict_signature_validation: true",
+    ));
+    let forged = [
+        (SIGNATURE.to_string(), "bm90IGEgc2lnbmF0dXJl".to_string()),
+        fresh[1].clone(),
+    ];
+    let invalid_before =
+        gw.metric("portcullis_route_service_requests_total{outcome=\"invalid_signature\"}");
+    for (what, headers, status) in [
+        ("expired", as_pairs(&fresh), 400),
+        ("forged", as_pairs(&forged), 400),
+        ("none", vec![], 200),
+        ("metadata alone", as_pairs(&fresh[1..]), 200),
+    ] {
+        let r = direct(&gw, &pki, "other.apps.plain", "/", &headers).await;
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+    }
+    gw.wait_metric(
+        "portcullis_route_service_requests_total{outcome=\"expired\"}",
+        2.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("portcullis_route_service_requests_total{outcome=\"invalid_signature\"}"),
+        invalid_before + 1.0
+    );
+    // A signature the gateway made a moment ago (for another route) passes, headers and all.
+    let sent = rs.count();
+    let r = get(
+        gw.https(),
+        &pki.server_ca,
+        None,
+        "rs.apps.plain",
+        "/",
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(rs.count(), sent + 1);
+    let now = signature_of(&rs.last());
+    let r = direct(&gw, &pki, "other.apps.plain", "/", &as_pairs(&now)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.echo().headers[SIGNATURE], now[0].1);
 }
 
 /// GoRouter's hairpinning: a route service that is a route of the gateway (here

@@ -377,6 +377,10 @@ pub struct RouteServices {
     /// whose host is one of these names, or one label below a `*.` entry's domain, are
     /// hairpinned; the others go out through DNS. Lowercase.
     pub hairpinning_allowlist: Vec<String>,
+    /// GoRouter's `route_services_strict_signature_validation`: a request for a route without a
+    /// route service that carries `X-CF-Proxy-Signature` must carry a valid one (a route
+    /// service's own route, called directly with forged headers, is refused).
+    pub strict_signature_validation: bool,
     /// Trust anchors for the route services' certificates besides the system's.
     pub ca_certs: Vec<CertificateDer<'static>>,
 }
@@ -393,6 +397,10 @@ impl std::fmt::Debug for RouteServices {
             .field("recommend_https", &self.recommend_https)
             .field("hairpinning", &self.hairpinning)
             .field("hairpinning_allowlist", &self.hairpinning_allowlist)
+            .field(
+                "strict_signature_validation",
+                &self.strict_signature_validation,
+            )
             .field("ca_certs", &self.ca_certs.len())
             .finish()
     }
@@ -1964,6 +1972,7 @@ impl Validator<'_> {
             recommend_https: r.recommend_https.unwrap_or(true),
             hairpinning,
             hairpinning_allowlist,
+            strict_signature_validation: r.strict_signature_validation,
             ca_certs,
         }
     }
@@ -2727,6 +2736,7 @@ mod tests {
             recommend_https: true,
             hairpinning: true,
             hairpinning_allowlist: Vec::new(),
+            strict_signature_validation: false,
             ca_certs: Vec::new(),
         };
         let text = format!("{rs:?}");

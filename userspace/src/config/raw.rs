@@ -39,6 +39,7 @@ pub struct RawRouteServices {
     pub recommend_https: Option<bool>,
     pub hairpinning: Option<bool>,
     pub hairpinning_allowlist: Option<Vec<String>>,
+    pub strict_signature_validation: bool,
     pub ca_certs: Option<String>,
 }
 

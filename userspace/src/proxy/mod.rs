@@ -644,6 +644,12 @@ async fn route(
             done.record.route_service = "sent";
             to_route_service = Some((services, url.clone()));
         }
+    } else if let Some(services) = &rt.route_services {
+        if let Err(e) = route_service::signed_anyway(services, req.headers()) {
+            tracing::debug!(client = %conn.client, %host, error = %e, "forged route service headers for a route without a route service");
+            route_service::count(state, e.outcome());
+            return Err(Reject::RouteServiceSignature);
+        }
     }
     if full && to_route_service.is_none() {
         return Err(connection_limit(state, host));

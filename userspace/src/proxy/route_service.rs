@@ -101,6 +101,7 @@ pub struct RouteServiceRuntime {
     pub recommend_https: bool,
     pub hairpinning: bool,
     hairpinning_allowlist: Vec<String>,
+    pub strict_signature_validation: bool,
     pub client: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
 }
 
@@ -177,6 +178,7 @@ impl RouteServiceRuntime {
             recommend_https: rs.recommend_https,
             hairpinning: rs.hairpinning,
             hairpinning_allowlist: rs.hairpinning_allowlist.clone(),
+            strict_signature_validation: rs.strict_signature_validation,
             client,
         })
     }
@@ -281,6 +283,21 @@ pub fn came_back(
         Some(pool) if pool.key == *key => Ok(()),
         _ => Err(other()),
     }
+}
+
+/// Checks a request for a route without a route service that carries `X-CF-Proxy-Signature`
+/// anyway, with `strict_signature_validation` (GoRouter's): the signature must be this
+/// gateway's (or the previous secret's) and younger than the timeout, whatever URL it names.
+/// So a route service's own route, called directly with forged headers, does not reach the
+/// service, which would forward the request to the URL the headers name.
+pub fn signed_anyway(
+    services: &RouteServiceRuntime,
+    headers: &HeaderMap,
+) -> Result<(), SignatureError> {
+    if !services.strict_signature_validation || !headers.contains_key(X_CF_PROXY_SIGNATURE) {
+        return Ok(());
+    }
+    services.signer.verify(headers, SystemTime::now()).map(drop)
 }
 
 /// Counts one request in `portcullis_route_service_requests_total{outcome}`.
@@ -472,6 +489,7 @@ mod tests {
             recommend_https: true,
             hairpinning: true,
             hairpinning_allowlist: Vec::new(),
+            strict_signature_validation: false,
             ca_certs: Vec::new(),
         })
     }
