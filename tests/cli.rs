@@ -1185,3 +1185,80 @@ async fn the_watchdog_is_fed_only_while_every_event_loop_runs() {
     }
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+/// `GET`/`PUT /log-level` on the admin API: the operational log's filter changes while the
+/// gateway runs (here debug lines for `portcullis` on, then off again), a filter that does not
+/// parse is refused with the reason and the old one kept, and each change is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_filter_changes_through_the_admin_api() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::io::{Read, Write};
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = draining_gateway(&pki, dir.path(), "{}").await;
+    let (mut gw, https, admin) = (d.gw, d.https, d.admin);
+    let log_level = |method: &'static str, body: &'static str| async move {
+        let mut c = Conn::plain(admin).await.expect("admin reachable");
+        let req = http::Request::builder()
+            .method(method)
+            .uri("/log-level")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let r = c.send(req).await.expect("the admin API answers");
+        (r.status, r.body)
+    };
+    // A TLS handshake that fails: logged at debug, once the gateway has closed the connection.
+    let failed_handshake = || {
+        let mut s = std::net::TcpStream::connect(https).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"this is not TLS\r\n\r\n").unwrap();
+        let mut buf = [0u8; 256];
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    };
+    let debug_lines = |gw: &Running| {
+        gw.seen
+            .iter()
+            .filter(|l| l.contains("handshake failed"))
+            .count()
+    };
+
+    assert_eq!(log_level("GET", "").await, (200, "info\n".to_string()));
+    failed_handshake();
+    let (status, body) = log_level("PUT", "info,portcullis=debug\n").await;
+    // The filter as in force, its directives in tracing's order.
+    assert_eq!((status, body.as_str()), (200, "portcullis=debug,info\n"));
+    let said = gw.wait_for("log filter changed through the admin API");
+    assert!(
+        said.contains("WARN") && said.contains("from=info"),
+        "{said}"
+    );
+    assert_eq!(debug_lines(&gw), 0, "a debug line before the change");
+    failed_handshake();
+    gw.wait_for("handshake failed");
+
+    // Not a filter: refused, and the filter stays.
+    let (status, body) = log_level("PUT", "portcullis=loud").await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("\"portcullis=loud\" is not a log filter")
+            && body.ends_with("still portcullis=debug,info\n"),
+        "{body}"
+    );
+    assert_eq!(log_level("PUT", "  ").await.0, 400);
+    assert_eq!(
+        log_level("GET", "").await.1,
+        "portcullis=debug,info\n".to_string()
+    );
+
+    // Back to info: the next failed handshake is not logged.
+    assert_eq!(log_level("PUT", "info").await.0, 200);
+    gw.wait_for("to=info");
+    let before = debug_lines(&gw);
+    failed_handshake();
+    assert_eq!(log_level("PUT", "info").await.0, 200);
+    gw.wait_for("to=info");
+    assert_eq!(debug_lines(&gw), before, "{:#?}", gw.seen);
+    assert!(gw.terminate().is_some());
+}

@@ -180,6 +180,10 @@ fn route<B>(state: &State, req: &Request<B>, caller_pem: Option<&[u8]>) -> Respo
             )
         }
         "/routes" => routes(state),
+        "/log-level" => match crate::logfilter::control() {
+            Some(c) => respond(StatusCode::OK, "text/plain", format!("{}\n", c.current())),
+            None => no_log_control(),
+        },
         "/xdp/denials" => json(&state.xdp.as_ref().map(|x| x.denials()).unwrap_or_default()),
         _ => {
             let Some(host) = path
@@ -262,6 +266,58 @@ fn lift(state: &State, query: &str) -> Response<ProxyBody> {
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
             format!("{e}\n"),
+        ),
+    }
+}
+
+fn no_log_control() -> Response<ProxyBody> {
+    respond(
+        StatusCode::NOT_IMPLEMENTED,
+        "text/plain",
+        "this process's log filter cannot be changed\n".into(),
+    )
+}
+
+/// `PUT /log-level`: the body (`debug`, `info,portcullis::proxy=debug`, PORTCULLIS_LOG's syntax)
+/// becomes the operational log's filter at once, until the next change or a restart.
+async fn set_log_filter(body: Incoming, peer: std::net::SocketAddr) -> Response<ProxyBody> {
+    let Some(control) = crate::logfilter::control() else {
+        return no_log_control();
+    };
+    let limited = http_body_util::Limited::new(body, crate::logfilter::MAX_SPEC);
+    let spec = match http_body_util::BodyExt::collect(limited).await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "text/plain",
+                format!("{e}\n"),
+            )
+        }
+    };
+    let Some(spec) = std::str::from_utf8(&spec)
+        .ok()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    else {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "send a log filter as the body, e.g. `debug` or `info,portcullis::proxy=debug`\n"
+                .into(),
+        );
+    };
+    let before = control.current();
+    match control.set(spec) {
+        Ok(()) => {
+            let now = control.current();
+            tracing::warn!(client = %peer, from = %before, to = %now, "log filter changed through the admin API");
+            respond(StatusCode::OK, "text/plain", format!("{now}\n"))
+        }
+        Err(e) => respond(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            format!("{spec:?} is not a log filter ({e}); still {before}\n"),
         ),
     }
 }
@@ -421,9 +477,11 @@ async fn serve_connection<I>(
                     }
                 } else if req.method() == Method::DELETE && req.uri().path() == "/xdp/denials" {
                     lift(&state, req.uri().query().unwrap_or(""))
+                } else if req.method() == Method::PUT && req.uri().path() == "/log-level" {
+                    set_log_filter(req.into_body(), peer).await
                 } else {
                     let allowed = "GET, POST a caller certificate to /routes/{host}/policy, \
-                               or DELETE /xdp/denials?source=<address>\n";
+                               DELETE /xdp/denials?source=<address>, or PUT a filter to /log-level\n";
                     respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", allowed.into())
                 };
                 Ok::<_, std::convert::Infallible>(resp)

@@ -19,6 +19,7 @@ pub mod explain;
 pub mod gateway;
 pub mod identity;
 pub mod liveness;
+pub mod logfilter;
 pub mod metrics;
 pub mod names;
 mod park;

@@ -11,6 +11,7 @@ use portcullis::gateway::Gateway;
 use portcullis::registry::Registry;
 use portcullis::tls::expiry;
 use sd_notify::NotifyState;
+use tracing_subscriber::EnvFilter;
 
 /// jemalloc rather than glibc's malloc. A proxied request makes about 40 allocations, several
 /// larger than glibc's per-thread cache takes (1,032 bytes, 7 per size), which then go through
@@ -104,8 +105,24 @@ enum Command {
 /// the rate it connects; the handshake outcomes are counted in `portcullis_tls_handshakes_total`.
 const DEFAULT_LOG: &str = "info,rustls=error";
 
+/// The filter of the subscriber `init_tracing` installs, replaceable through the admin API.
+struct Reloadable(tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>);
+
+impl portcullis::logfilter::LogFilter for Reloadable {
+    fn current(&self) -> String {
+        self.0.with_current(|f| f.to_string()).unwrap_or_default()
+    }
+
+    fn set(&self, spec: &str) -> Result<(), String> {
+        let filter = EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
 fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, reload, Layer};
     let filter = match std::env::var("PORTCULLIS_LOG") {
         Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
             eprintln!("PORTCULLIS_LOG={spec:?} is not a log filter ({e}); using {DEFAULT_LOG:?}");
@@ -113,28 +130,33 @@ fn init_tracing() {
         }),
         Err(_) => EnvFilter::new(DEFAULT_LOG),
     };
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match std::env::var("PORTCULLIS_LOG_FORMAT").as_deref() {
+    let (filter, handle) = reload::Layer::new(filter);
+    let format = std::env::var("PORTCULLIS_LOG_FORMAT");
+    let lines = match format.as_deref() {
         // One JSON object per line, the event's fields beside `timestamp`, `level`, `target` and
         // `message`, for log pipelines.
-        Ok("json") => fmt
+        Ok("json") => fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .init(),
-        format => {
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            fmt.with_ansi(ansi).init();
-            if let Ok(other) = format {
-                if other != "text" {
-                    tracing::warn!(
-                        "PORTCULLIS_LOG_FORMAT={other:?} is neither text nor json; writing text"
-                    );
-                }
-            }
+            .with_writer(std::io::stderr)
+            .boxed(),
+        _ => fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .init();
+    portcullis::logfilter::install(Box::new(Reloadable(handle)));
+    if let Ok(other) = format.as_deref() {
+        if other != "text" && other != "json" {
+            tracing::warn!(
+                "PORTCULLIS_LOG_FORMAT={other:?} is neither text nor json; writing text"
+            );
         }
     }
 }
