@@ -482,6 +482,15 @@ async fn a_request_body_that_stops_is_answered_408_after_request_body_timeout() 
         gw.metric("portcullis_backend_errors_total{kind=\"send\"}"),
         0.0
     );
+    // The route service was sent the request, and did not fail: its client stopped.
+    assert_eq!(
+        gw.metric("portcullis_route_service_requests_total{outcome=\"sent\"}"),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("portcullis_route_service_requests_total{outcome=\"failed\"}"),
+        0.0
+    );
 
     for h2 in [false, true] {
         // 30 bytes in pieces 300 ms apart, 1.8 s in all: never 1 s of silence.

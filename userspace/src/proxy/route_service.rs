@@ -422,6 +422,9 @@ pub(super) async fn send(
                 super::stalling(body, rt.config.backends.response_body_timeout),
             ))
         }
+        // The client stopped sending its body: the handler answers 408, and the service did
+        // not fail.
+        Err(reject) if done.request_watch.as_ref().is_some_and(|w| w.stalled()) => Err(reject),
         Err(reject) => {
             tracing::debug!(
                 route_service = service,
