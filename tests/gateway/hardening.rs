@@ -109,3 +109,68 @@ async fn no_per_request_denial_logging_only_counters() {
     assert_eq!(gw.log_lines(3).await.len(), 3);
     assert_eq!(gw.metric("portcullis_requests_total{code=\"403\"}"), 3.0);
 }
+
+/// HTTP/2 Rapid Reset (CVE-2023-44487): a client that opens streams and resets them at once, as
+/// fast as it can, on one connection. The gateway takes up at most `h2_max_concurrent_streams`
+/// of them (each logged as the 499 it is; how many depends on timing), refuses the rest and
+/// ends the connection with GOAWAY ENHANCE_YOUR_CALM, well before the 20,000 the client queued;
+/// another client is served.
+#[tokio::test]
+async fn an_h2_rapid_reset_flood_ends_its_connection() {
+    use std::time::Duration;
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(
+        &pki,
+        &pipeline_yaml(backend.addr, "limits: {h2_max_concurrent_streams: 100}\n"),
+    )
+    .await;
+    let tls = crate::support::client::tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.identity"),
+        Some(&pki.a),
+        &[b"h2"],
+    )
+    .await
+    .unwrap();
+    let (mut client, conn) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(conn);
+    for _ in 0..20_000 {
+        let Ok(ready) = client.ready().await else {
+            break;
+        };
+        client = ready;
+        let req = http::Request::get("https://open.apps.identity/")
+            .body(())
+            .unwrap();
+        let Ok((_, mut stream)) = client.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver)
+        .await
+        .expect("the gateway ends the connection")
+        .unwrap();
+    assert!(ended.is_err(), "{ended:?}");
+
+    let mut other = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.identity"),
+        Some(&pki.a),
+        true,
+    )
+    .await
+    .unwrap();
+    let r = other.get("open.apps.identity", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    // The streams taken up were logged; then the one real request.
+    let served = gw
+        .log_lines_until("the 200", |ls| ls.iter().any(|l| l.contains(" 200 ")))
+        .await;
+    let taken = served.iter().filter(|l| l.contains(" 499 ")).count();
+    assert!(taken <= 100, "{taken} streams taken up: {served:#?}");
+    assert!(backend.requests() <= 101, "{}", backend.requests());
+}

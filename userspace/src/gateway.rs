@@ -936,10 +936,23 @@ pub(crate) fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
+        // HTTP/2 Rapid Reset (CVE-2023-44487) and its variants: a client whose streams are reset
+        // (by itself before they were taken up, or by the gateway because it opened more than
+        // `max_concurrent_streams`) faster than they can be served gets GOAWAY
+        // ENHANCE_YOUR_CALM. The `h2` crate's own defaults, set here so that a dependency update
+        // cannot loosen them unnoticed.
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     b
 }
+
+/// Streams a client may reset before the gateway took them up, at one time (see `builder`).
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams the gateway may reset on one connection (refused beyond `max_concurrent_streams`,
+/// malformed) before it sends GOAWAY.
+const H2_MAX_LOCAL_RESETS: usize = 1024;
 
 /// How often a serving connection checks for idleness. An HTTP/1.1 connection that saw no request
 /// during a whole tick parks (see [`crate::park`]), so idle ones release their HTTP buffers after
