@@ -174,3 +174,102 @@ async fn an_h2_rapid_reset_flood_ends_its_connection() {
     assert!(taken <= 100, "{taken} streams taken up: {served:#?}");
     assert!(backend.requests() <= 101, "{}", backend.requests());
 }
+
+/// HTTP/2 CONTINUATION flood (CVE-2024-27316 and its kin): a client that sends a request's
+/// HEADERS and then CONTINUATION frames without end. The gateway keeps at most about
+/// `max_header_bytes` of the header block and ends the connection with GOAWAY, long before the
+/// 64 MiB this client would send; it does not buffer or decode without bound.
+#[tokio::test]
+async fn an_h2_continuation_flood_ends_its_connection() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    let tls = crate::support::client::tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.identity"),
+        Some(&pki.a),
+        &[b"h2"],
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    // What the gateway sends back: the frame types seen, until it closes.
+    let closed = Arc::new(AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let closed = closed.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = rd.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            closed.store(true, Ordering::Relaxed);
+            let mut types = Vec::new();
+            let mut at = 0;
+            while at + 9 <= got.len() {
+                let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+                types.push(got[at + 3]);
+                at += 9 + len;
+            }
+            types
+        }
+    });
+    wr.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    wr.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+    // GET https://open.apps.identity/, END_STREAM but not END_HEADERS.
+    let mut block = vec![0x82, 0x87, 0x84, 0x41, 18];
+    block.extend_from_slice(b"open.apps.identity");
+    wr.write_all(&frame(0x1, 0x1, 1, &block)).await.unwrap();
+    // CONTINUATION frames of 150 literal fields `x-a: <100 bytes>` each, about 16 KB.
+    let mut field = vec![0x00, 3];
+    field.extend_from_slice(b"x-a");
+    field.push(100);
+    field.extend_from_slice(&[b'v'; 100]);
+    let continuation = frame(0x9, 0, 1, &field.repeat(150));
+    let mut sent = 0usize;
+    while sent < 64 << 20 && !closed.load(Ordering::Relaxed) {
+        if wr.write_all(&continuation).await.is_err() {
+            break;
+        }
+        sent += continuation.len();
+    }
+    let types = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    // What was written includes what the loopback's socket buffers hold (several MB).
+    assert!(sent < 16 << 20, "{sent} bytes of CONTINUATION taken");
+    assert!(types.contains(&0x7), "no GOAWAY among the frames {types:?}");
+    assert_eq!(backend.requests(), 0);
+    // The gateway serves on.
+    let mut other = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.identity"),
+        Some(&pki.a),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        other.get("open.apps.identity", "/").await.unwrap().status,
+        200
+    );
+}

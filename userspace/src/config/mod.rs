@@ -638,6 +638,11 @@ pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most `limits.workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
 
+/// The most `limits.max_header_bytes` may be: 16 times GoRouter's 1 MiB. It bounds what one
+/// request head (an HTTP/1.1 buffer, an h2 header list) may hold in memory, and an h2 header
+/// list size is a 32-bit setting.
+pub const MAX_HEADER_BYTES: usize = 16 << 20;
+
 /// Endpoints one request may fail to reach before its 502, unless `backends.max_attempts` says
 /// (SPEC §6, GoRouter's default).
 pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
@@ -1845,8 +1850,11 @@ impl Validator<'_> {
         let defaults = Limits::default();
         let l = &raw.limits;
         let max_header_bytes = l.max_header_bytes.unwrap_or(defaults.max_header_bytes);
-        if max_header_bytes < 8192 {
-            self.problem("limits.max_header_bytes", "must be at least 8192");
+        if !(8192..=MAX_HEADER_BYTES).contains(&max_header_bytes) {
+            self.problem(
+                "limits.max_header_bytes",
+                format!("{max_header_bytes} is not in 8192..={MAX_HEADER_BYTES}"),
+            );
         }
         let workers = l.workers.unwrap_or(defaults.workers);
         if workers > MAX_WORKERS {
@@ -1864,7 +1872,7 @@ impl Validator<'_> {
         }
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(defaults.max_connections).max(1),
-            max_header_bytes: max_header_bytes.max(8192),
+            max_header_bytes: max_header_bytes.clamp(8192, MAX_HEADER_BYTES),
             header_read_timeout: self.duration(
                 "limits.header_read_timeout",
                 l.header_read_timeout.as_deref(),
@@ -2200,6 +2208,28 @@ mod tests {
             ),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn max_header_bytes_is_bounded_both_ways() {
+        for (bytes, ok) in [
+            (4096u64, false),
+            (8192, true),
+            (16 << 20, true),
+            (1 << 32, false),
+        ] {
+            let problems = section_problems("limits", &format!("max_header_bytes: {bytes}"));
+            if ok {
+                assert!(problems.is_empty(), "{bytes}: {problems:?}");
+            } else {
+                assert_eq!(
+                    problems,
+                    [format!(
+                        "limits.max_header_bytes: {bytes} is not in 8192..=16777216"
+                    )]
+                );
+            }
+        }
     }
 
     #[test]
