@@ -273,3 +273,87 @@ async fn an_h2_continuation_flood_ends_its_connection() {
         200
     );
 }
+
+/// Request smuggling through HTTP/1.1 framing: each request the gateway reads is one request to
+/// the app, framed anew, and a request whose framing is ambiguous is refused before any app
+/// sees it. `Content-Length` beside `Transfer-Encoding: chunked` is read as chunked (the length
+/// dropped) and the connection closed after it, so what follows is never taken as a request;
+/// two lengths are 400; a transfer coding besides `chunked`, 501 (GoRouter's answer), with the
+/// connection closed; `chunked` not last, 400.
+#[tokio::test]
+async fn ambiguous_http1_framing_never_smuggles_a_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: open.apps.identity\r\n\r\n";
+    let head =
+        |te_cl: &str| format!("POST /in HTTP/1.1\r\nHost: open.apps.identity\r\n{te_cl}\r\n");
+    for (what, raw, status, reaches_app) in [
+        (
+            "CL and TE",
+            head("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n") + "0\r\n\r\n" + smuggled,
+            200,
+            true,
+        ),
+        (
+            "two lengths",
+            head("Content-Length: 5\r\nContent-Length: 6\r\n") + "hello!" + smuggled,
+            400,
+            false,
+        ),
+        (
+            "gzip, chunked",
+            head("Transfer-Encoding: gzip, chunked\r\n") + "5\r\nhello\r\n0\r\n\r\n" + smuggled,
+            501,
+            false,
+        ),
+        (
+            "gzip, then chunked on its own line",
+            head("Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n")
+                + "0\r\n\r\n"
+                + smuggled,
+            501,
+            false,
+        ),
+        (
+            "chunked, gzip",
+            head("Transfer-Encoding: chunked, gzip\r\n") + "hello" + smuggled,
+            400,
+            false,
+        ),
+    ] {
+        let before = backend.requests();
+        let mut tls = crate::support::client::tls_connect(
+            gw.https(),
+            &pki.server_ca,
+            Some("open.apps.identity"),
+            Some(&pki.a),
+            &[b"http/1.1"],
+        )
+        .await
+        .unwrap();
+        tls.write_all(raw.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the connection stays open"))
+            .ok();
+        let text = String::from_utf8_lossy(&out);
+        let statuses: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("HTTP/1.1 "))
+            .collect();
+        assert_eq!(statuses.len(), 1, "{what}: one answer: {text}");
+        assert!(
+            statuses[0].starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {text}"
+        );
+        assert!(!text.contains("/smuggled"), "{what}: {text}");
+        let reached = backend.requests() - before;
+        assert_eq!(reached, u64::from(reaches_app), "{what}");
+        if status == 501 {
+            assert!(text.contains("Unsupported transfer encoding"), "{text}");
+        }
+    }
+}

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use base64::Engine as _;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TRANSFER_ENCODING, UPGRADE};
 
 use crate::config::{Secret, XfccFormat, XfccMode};
 use crate::identity::PeerCert;
@@ -260,6 +260,22 @@ fn continued_state(h: &HeaderMap, key: &str, own: String) -> String {
 }
 
 /// Appends the client address to `X-Forwarded-For`; returns the new value.
+/// Whether an HTTP/1.1 request's `Transfer-Encoding` (if any) is `chunked` alone, the one
+/// transfer coding the gateway (through hyper) takes off; anything else would reach the backend
+/// still coded, as Go's server refuses it too. (`chunked` not last is hyper's 400 already.)
+pub fn transfer_coding_ok(h: &HeaderMap) -> bool {
+    let mut codings = h
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
+}
+
 /// Whether the request asks for the trace headers with the operator's key (`X-Vcap-Trace`). A
 /// header carrying the key is removed, so that the key never reaches an app or the access log;
 /// one that does not is passed on as any other header.
@@ -349,6 +365,26 @@ pub fn apply_xfcc(h: &mut HeaderMap, mode: XfccMode, format: XfccFormat, peer: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_chunked_alone_is_a_transfer_coding_the_gateway_takes() {
+        let ok = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            transfer_coding_ok(&h)
+        };
+        assert!(ok(&[]));
+        assert!(ok(&["chunked"]));
+        assert!(ok(&[" Chunked "]));
+        assert!(ok(&["chunked,"]));
+        assert!(!ok(&["gzip, chunked"]));
+        assert!(!ok(&["gzip", "chunked"]));
+        assert!(!ok(&["chunked", "chunked"]));
+        assert!(!ok(&["identity"]));
+        assert!(!ok(&["chunked;q=1"]));
+    }
 
     #[test]
     fn forwarded_for_appends_the_client_to_what_earlier_proxies_sent() {

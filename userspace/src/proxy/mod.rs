@@ -128,6 +128,10 @@ enum Reject {
         host: String,
         wanted: Wanted,
     },
+    /// An HTTP/1.1 request whose `Transfer-Encoding` is not `chunked` alone (`gzip, chunked`):
+    /// the gateway would pass the body on still coded and unsaid (RFC 9112 §6.1; Go's server,
+    /// so GoRouter, answers the same 501).
+    UnsupportedTransferCoding,
 }
 
 /// GoRouter's two headers that ask for particular instances.
@@ -180,6 +184,10 @@ impl Reject {
             Reject::EndpointFailure => (StatusCode::BAD_GATEWAY, String::new()),
             Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
             Reject::RequestBodyTimeout => (StatusCode::REQUEST_TIMEOUT, String::new()),
+            Reject::UnsupportedTransferCoding => (
+                StatusCode::NOT_IMPLEMENTED,
+                "Unsupported transfer encoding".into(),
+            ),
             Reject::ConnectionLimit(host) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("Requested route ('{host}') has reached the connection limit."),
@@ -263,7 +271,7 @@ impl Reject {
             Reject::RequestBodyTimeout => "request_body_timeout",
             // GoRouter sends none with it; the log line says why (debug) and the metric counts it.
             Reject::RouteServiceSignature => "",
-            Reject::Misdirected | Reject::Forbidden(_) => "",
+            Reject::Misdirected | Reject::Forbidden(_) | Reject::UnsupportedTransferCoding => "",
         }
     }
 }
@@ -464,6 +472,7 @@ pub async fn handle(
         .error_template
         .as_deref()
         .filter(|_| error_page::accepts_html(req.headers()));
+    let mut close = false;
     let mut resp = match route(&state, &rt, &conn, req, &host, &raw_host, &mut done).await {
         Ok(resp) => {
             if let Some(watch) = &done.request_watch {
@@ -478,6 +487,8 @@ pub async fn handle(
                 _ => reject,
             };
             done.record.router_error = reject.router_error();
+            // Where its body ends cannot be trusted.
+            close = matches!(reject, Reject::UnsupportedTransferCoding);
             reject.response(page)
         }
     };
@@ -486,7 +497,7 @@ pub async fn handle(
     // body was left unread half way, after a 408, hyper closes itself.)
     if h1
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
-        && (conn.is_ending() || state.draining.is_on())
+        && (close || conn.is_ending() || state.draining.is_on())
     {
         resp.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -511,6 +522,9 @@ async fn route(
     raw_host: &str,
     done: &mut Completion,
 ) -> Result<Response<ProxyBody>, Reject> {
+    if req.version() < Version::HTTP_2 && !headers::transfer_coding_ok(req.headers()) {
+        return Err(Reject::UnsupportedTransferCoding);
+    }
     if host.is_empty() {
         return Err(Reject::EmptyHost);
     }
