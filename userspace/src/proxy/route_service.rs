@@ -101,7 +101,7 @@ pub struct RouteServiceRuntime {
     pub recommend_https: bool,
     pub hairpinning: bool,
     hairpinning_allowlist: Vec<String>,
-    pub strict_signature_validation: bool,
+    strict_signature_validation: bool,
     pub client: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
 }
 
