@@ -20,6 +20,8 @@ fn signer() -> &'static Signer {
             timeout: Duration::from_secs(60),
             recommend_https: true,
             hairpinning: true,
+            hairpinning_allowlist: Vec::new(),
+            strict_signature_validation: false,
             ca_certs: Vec::new(),
         })
     })
