@@ -110,6 +110,27 @@ async fn no_per_request_denial_logging_only_counters() {
     assert_eq!(gw.metric("portcullis_requests_total{code=\"403\"}"), 3.0);
 }
 
+/// A TLS connection for `open.apps.identity` as caller A, offering `alpn`, to speak by hand.
+async fn raw_tls(
+    gw: &TestGateway,
+    pki: &TestPki,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let host = Some("open.apps.identity");
+    crate::support::client::tls_connect(gw.https(), &pki.server_ca, host, Some(&pki.a), &[alpn])
+        .await
+        .unwrap()
+}
+
+/// After an abusive client, another one is served (over h2).
+async fn serves_another_client(gw: &TestGateway, pki: &TestPki) {
+    let host = "open.apps.identity";
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), true)
+        .await
+        .unwrap();
+    assert_eq!(c.get(host, "/").await.unwrap().status, 200);
+}
+
 /// HTTP/2 Rapid Reset (CVE-2023-44487): a client that opens streams and resets them at once, as
 /// fast as it can, on one connection. The gateway takes up at most `h2_max_concurrent_streams`
 /// of them (each logged as the 499 it is; how many depends on timing), refuses the rest and
@@ -125,15 +146,7 @@ async fn an_h2_rapid_reset_flood_ends_its_connection() {
         &pipeline_yaml(backend.addr, "limits: {h2_max_concurrent_streams: 100}\n"),
     )
     .await;
-    let tls = crate::support::client::tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some("open.apps.identity"),
-        Some(&pki.a),
-        &[b"h2"],
-    )
-    .await
-    .unwrap();
+    let tls = raw_tls(&gw, &pki, b"h2").await;
     let (mut client, conn) = h2::client::handshake(tls).await.unwrap();
     let driver = tokio::spawn(conn);
     for _ in 0..20_000 {
@@ -155,17 +168,7 @@ async fn an_h2_rapid_reset_flood_ends_its_connection() {
         .unwrap();
     assert!(ended.is_err(), "{ended:?}");
 
-    let mut other = Conn::tls(
-        gw.https(),
-        &pki.server_ca,
-        Some("open.apps.identity"),
-        Some(&pki.a),
-        true,
-    )
-    .await
-    .unwrap();
-    let r = other.get("open.apps.identity", "/").await.unwrap();
-    assert_eq!(r.status, 200);
+    serves_another_client(&gw, &pki).await;
     // The streams taken up were logged; then the one real request.
     let served = gw
         .log_lines_until("the 200", |ls| ls.iter().any(|l| l.contains(" 200 ")))
@@ -188,15 +191,7 @@ async fn an_h2_continuation_flood_ends_its_connection() {
     let pki = TestPki::new();
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
-    let tls = crate::support::client::tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some("open.apps.identity"),
-        Some(&pki.a),
-        &[b"h2"],
-    )
-    .await
-    .unwrap();
+    let tls = raw_tls(&gw, &pki, b"h2").await;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
         let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
@@ -258,20 +253,7 @@ async fn an_h2_continuation_flood_ends_its_connection() {
     assert!(sent < 16 << 20, "{sent} bytes of CONTINUATION taken");
     assert!(types.contains(&0x7), "no GOAWAY among the frames {types:?}");
     assert_eq!(backend.requests(), 0);
-    // The gateway serves on.
-    let mut other = Conn::tls(
-        gw.https(),
-        &pki.server_ca,
-        Some("open.apps.identity"),
-        Some(&pki.a),
-        true,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        other.get("open.apps.identity", "/").await.unwrap().status,
-        200
-    );
+    serves_another_client(&gw, &pki).await;
 }
 
 /// Request smuggling through HTTP/1.1 framing: each request the gateway reads is one request to
@@ -324,15 +306,7 @@ async fn ambiguous_http1_framing_never_smuggles_a_request() {
         ),
     ] {
         let before = backend.requests();
-        let mut tls = crate::support::client::tls_connect(
-            gw.https(),
-            &pki.server_ca,
-            Some("open.apps.identity"),
-            Some(&pki.a),
-            &[b"http/1.1"],
-        )
-        .await
-        .unwrap();
+        let mut tls = raw_tls(&gw, &pki, b"http/1.1").await;
         tls.write_all(raw.as_bytes()).await.unwrap();
         let mut out = Vec::new();
         tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut out))
