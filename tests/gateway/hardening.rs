@@ -331,3 +331,84 @@ async fn ambiguous_http1_framing_never_smuggles_a_request() {
         }
     }
 }
+
+/// The app sees the host the gateway routed and authorized the request by. Here caller B, whom
+/// `any-a.apps.identity` refuses, asks `open.apps.identity` (the same app, no policy) while
+/// naming `any-a` in a Host header: through an absolute-form HTTP/1.1 target and through h2's
+/// `:authority`, the app gets `Host: open.apps.identity`; two Host headers are 400 before any
+/// app sees the request, and the connection is closed.
+#[tokio::test]
+async fn the_app_sees_the_host_the_request_was_authorized_for() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    let as_b = |alpn: &'static [u8]| {
+        let (gw, pki) = (&gw, &pki);
+        async move {
+            let host = Some("open.apps.identity");
+            crate::support::client::tls_connect(
+                gw.https(),
+                &pki.server_ca,
+                host,
+                Some(&pki.b),
+                &[alpn],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // The echo's JSON, for the host it was sent.
+    let echoed_host = |body: &[u8]| -> String {
+        let v: serde_json::Value = serde_json::from_slice(body).expect("the echo's JSON");
+        v["headers"]["host"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    let mut tls = as_b(b"http/1.1").await;
+    tls.write_all(
+        b"GET https://open.apps.identity/abs HTTP/1.1\r\nHost: any-a.apps.identity\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    let body = &out[text.find("\r\n\r\n").unwrap() + 4..];
+    assert_eq!(echoed_host(body), "open.apps.identity");
+
+    let tls = as_b(b"h2").await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get("https://open.apps.identity/h2")
+        .header("host", "any-a.apps.identity")
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut all = Vec::new();
+    while let Some(chunk) = body.data().await {
+        all.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(echoed_host(&all), "open.apps.identity");
+
+    let before = backend.requests();
+    let mut tls = as_b(b"http/1.1").await;
+    tls.write_all(
+        b"GET /two HTTP/1.1\r\nHost: open.apps.identity\r\nHost: any-a.apps.identity\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.ends_with("too many Host headers"), "{text}");
+    assert_eq!(backend.requests(), before);
+}

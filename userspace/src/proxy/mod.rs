@@ -128,6 +128,9 @@ enum Reject {
         host: String,
         wanted: Wanted,
     },
+    /// More than one Host header: which one the app would read is anyone's guess (RFC 9112
+    /// §3.2; Go's server answers the same 400).
+    TooManyHosts,
     /// An HTTP/1.1 request whose `Transfer-Encoding` is not `chunked` alone (`gzip, chunked`):
     /// the gateway would pass the body on still coded and unsaid (RFC 9112 §6.1; Go's server,
     /// so GoRouter, answers the same 501).
@@ -184,6 +187,7 @@ impl Reject {
             Reject::EndpointFailure => (StatusCode::BAD_GATEWAY, String::new()),
             Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
             Reject::RequestBodyTimeout => (StatusCode::REQUEST_TIMEOUT, String::new()),
+            Reject::TooManyHosts => (StatusCode::BAD_REQUEST, "too many Host headers".into()),
             Reject::UnsupportedTransferCoding => (
                 StatusCode::NOT_IMPLEMENTED,
                 "Unsupported transfer encoding".into(),
@@ -271,7 +275,10 @@ impl Reject {
             Reject::RequestBodyTimeout => "request_body_timeout",
             // GoRouter sends none with it; the log line says why (debug) and the metric counts it.
             Reject::RouteServiceSignature => "",
-            Reject::Misdirected | Reject::Forbidden(_) | Reject::UnsupportedTransferCoding => "",
+            Reject::Misdirected
+            | Reject::Forbidden(_)
+            | Reject::UnsupportedTransferCoding
+            | Reject::TooManyHosts => "",
         }
     }
 }
@@ -487,8 +494,12 @@ pub async fn handle(
                 _ => reject,
             };
             done.record.router_error = reject.router_error();
-            // Where its body ends cannot be trusted.
-            close = matches!(reject, Reject::UnsupportedTransferCoding);
+            // A request framed or addressed ambiguously: the client's next one cannot be
+            // trusted either (where its body ends, which host it means).
+            close = matches!(
+                reject,
+                Reject::UnsupportedTransferCoding | Reject::TooManyHosts
+            );
             reject.response(page)
         }
     };
@@ -524,6 +535,9 @@ async fn route(
 ) -> Result<Response<ProxyBody>, Reject> {
     if req.version() < Version::HTTP_2 && !headers::transfer_coding_ok(req.headers()) {
         return Err(Reject::UnsupportedTransferCoding);
+    }
+    if req.headers().get_all(HOST).iter().nth(1).is_some() {
+        return Err(Reject::TooManyHosts);
     }
     if host.is_empty() {
         return Err(Reject::EmptyHost);
@@ -700,7 +714,11 @@ async fn route(
     };
     let peer = conn.tls.as_ref().and_then(|t| t.peer.as_deref());
     headers::apply_xfcc(h, mode, format, peer);
-    if !h.contains_key(HOST) {
+    // The app sees the host the request was routed and authorized by. The request target's
+    // authority (h2's `:authority`, an absolute-form URI) wins over a Host header that names
+    // another (RFC 9112 §3.2.2; Go's server, so GoRouter, does the same): else a caller allowed
+    // on one route of an app could ask that app, by Host, for another of its routes.
+    if parts.uri.authority().is_some() || !h.contains_key(HOST) {
         if let Ok(v) = HeaderValue::from_str(raw_host) {
             h.insert(HOST, v);
         }
