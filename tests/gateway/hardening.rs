@@ -412,3 +412,82 @@ async fn the_app_sees_the_host_the_request_was_authorized_for() {
     assert!(text.ends_with("too many Host headers"), "{text}");
     assert_eq!(backend.requests(), before);
 }
+
+/// A route's policy cannot be sidestepped by spelling another route's path differently. Here
+/// `paths.apps.identity` is open at its root and `/admin` admits app A only, both on one app.
+/// Caller B's spellings of `/admin` that the app would read as `/admin` (escaped letters,
+/// escaped slashes) meet `/admin`'s policy; dot segments, raw or escaped, are 400 before any app
+/// sees them. The app gets the path as it was sent.
+#[tokio::test]
+async fn a_path_spelled_differently_meets_the_policy_of_the_path_it_means() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let t1 = "app_id: backend, space_id: space-1, organization_id: org-1";
+    let y = format!(
+        "domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\nroutes:\n{}{}",
+        crate::route("paths.apps.identity", backend.addr, t1, ""),
+        crate::route(
+            "paths.apps.identity/admin",
+            backend.addr,
+            t1,
+            "route_policy_scope: any, route_policy_sources: \"cf:app:app-a\""
+        ),
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    // One request by hand (so that the path goes out exactly as written), as `caller`.
+    let send = |path: &'static str, caller: &'static str| {
+        let (gw, pki) = (&gw, &pki);
+        async move {
+            let leaf = if caller == "a" { &pki.a } else { &pki.b };
+            let host = Some("paths.apps.identity");
+            let mut tls = crate::support::client::tls_connect(
+                gw.https(),
+                &pki.server_ca,
+                host,
+                Some(leaf),
+                &[b"http/1.1"],
+            )
+            .await
+            .unwrap();
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: paths.apps.identity\r\nConnection: close\r\n\r\n"
+            );
+            tls.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            tls.read_to_end(&mut out).await.unwrap();
+            let text = String::from_utf8_lossy(&out).to_string();
+            let status: u16 = text[9..12].parse().unwrap();
+            (status, text)
+        }
+    };
+    assert_eq!(send("/admin", "a").await.0, 200);
+    let (status, text) = send("/x/%61dmin", "b").await;
+    assert_eq!(status, 200, "under the root: {text}");
+    assert!(
+        text.contains("\"path\": \"/x/%61dmin\""),
+        "sent as is: {text}"
+    );
+    for path in ["/admin", "/%61dmin", "/admin%2Fsecrets", "/admin%5Csecrets"] {
+        let (status, text) = send(path, "b").await;
+        assert_eq!(status, 403, "{path}: {text}");
+    }
+    // Paths are case-sensitive, as route keys are: `/ADMIN` is under the root.
+    assert_eq!(send("/ADMIN", "b").await.0, 200);
+    let before = backend.requests();
+    for path in [
+        "/x/../admin",
+        "/x/%2e%2e/admin",
+        "/x/..%2Fadmin",
+        "/x%2F..%2Fadmin",
+        "/x/%2E/admin",
+    ] {
+        let (status, text) = send(path, "b").await;
+        assert_eq!(status, 400, "{path}: {text}");
+        assert!(
+            text.contains("the path has a '.' or '..' segment"),
+            "{text}"
+        );
+    }
+    assert_eq!(backend.requests(), before, "no app saw a dot segment");
+}

@@ -260,6 +260,72 @@ fn continued_state(h: &HeaderMap, key: &str, own: String) -> String {
 }
 
 /// Appends the client address to `X-Forwarded-For`; returns the new value.
+/// The path a request is routed by: its path as the app will read it, so that a route's policy
+/// cannot be sidestepped by spelling another route's path differently. Percent-encoded
+/// unreserved characters are decoded (`/%61dmin` is `/admin`), and encoded slashes and
+/// backslashes (`%2F`, `%5C`, `\`) are taken as the `/` many apps decode them to
+/// (`/admin%2Fx` is under `/admin`); other escapes stay as they are. `None` when a segment is
+/// then `.` or `..` (`/api/../admin`, `/api/%2e%2e/admin`): where it leads depends on the app,
+/// and clients resolve such segments before they send (RFC 3986 §5.2.4), so the request is
+/// refused. The app still gets the path as sent.
+pub fn routing_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    let b = path.as_bytes();
+    if !b.iter().any(|&c| c == b'%' || c == b'\\') {
+        // The common case: nothing to decode, and a dot segment would show as `/.`.
+        return match path.contains("/.") && has_dot_segment(path) {
+            true => None,
+            false => Some(Cow::Borrowed(path)),
+        };
+    }
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let escaped = match (
+            c,
+            b.get(i + 1).and_then(|&h| hex(h)),
+            b.get(i + 2).and_then(|&l| hex(l)),
+        ) {
+            (b'%', Some(h), Some(l)) => Some(h << 4 | l),
+            _ => None,
+        };
+        match escaped {
+            Some(d) if d.is_ascii_alphanumeric() || matches!(d, b'-' | b'.' | b'_' | b'~') => {
+                out.push(d as char);
+                i += 3;
+            }
+            Some(b'/' | b'\\') => {
+                out.push('/');
+                i += 3;
+            }
+            Some(_) => {
+                out.push_str(&path[i..i + 3]);
+                i += 3;
+            }
+            None if c == b'\\' => {
+                out.push('/');
+                i += 1;
+            }
+            None => {
+                // Copy the run up to the next byte that needs a look (keeps UTF-8 whole).
+                let end = b[i + 1..]
+                    .iter()
+                    .position(|&c| c == b'%' || c == b'\\')
+                    .map_or(b.len(), |p| i + 1 + p);
+                out.push_str(&path[i..end]);
+                i = end;
+            }
+        }
+    }
+    (!has_dot_segment(&out)).then_some(Cow::Owned(out))
+}
+
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|s| s == "." || s == "..")
+}
+
 /// Whether an HTTP/1.1 request's `Transfer-Encoding` (if any) is `chunked` alone, the one
 /// transfer coding the gateway (through hyper) takes off; anything else would reach the backend
 /// still coded, as Go's server refuses it too. (`chunked` not last is hyper's 400 already.)
@@ -365,6 +431,43 @@ pub fn apply_xfcc(h: &mut HeaderMap, mode: XfccMode, format: XfccFormat, peer: O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_routed_by_the_path_the_app_will_read() {
+        let routed = |p: &str| routing_path(p).map(|c| c.into_owned());
+        for (sent, path) in [
+            ("/admin", "/admin"),
+            ("/", "/"),
+            ("/a/.well-known/x/.../y", "/a/.well-known/x/.../y"),
+            ("/%61dmin", "/admin"),
+            ("/%7Euser/%2d", "/~user/-"),
+            ("/admin%2Fx", "/admin/x"),
+            ("/admin%2fx%5Cy", "/admin/x/y"),
+            ("/admin\\x", "/admin/x"),
+            ("/files/a%20b%3F%", "/files/a%20b%3F%"),
+            ("/caf%C3%A9/é%zz", "/caf%C3%A9/é%zz"),
+        ] {
+            assert_eq!(routed(sent).as_deref(), Some(path), "{sent}");
+        }
+        for sent in [
+            "/api/../admin",
+            "/api/./admin",
+            "/api/..",
+            "/..",
+            "/api/%2e%2e/admin",
+            "/api/%2E./admin",
+            "/api/..%2Fadmin",
+            "/api%2F..%2Fadmin",
+            "/api\\..\\admin",
+            "/api%5C..%5Cadmin",
+        ] {
+            assert_eq!(routed(sent), None, "{sent}");
+        }
+        assert!(matches!(
+            routing_path("/plain/path"),
+            Some(std::borrow::Cow::Borrowed(_))
+        ));
+    }
 
     #[test]
     fn only_chunked_alone_is_a_transfer_coding_the_gateway_takes() {

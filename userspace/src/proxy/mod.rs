@@ -128,6 +128,8 @@ enum Reject {
         host: String,
         wanted: Wanted,
     },
+    /// A path with a `.` or `..` segment, raw or escaped (see [`headers::routing_path`]).
+    DotSegment,
     /// More than one Host header: which one the app would read is anyone's guess (RFC 9112
     /// §3.2; Go's server answers the same 400).
     TooManyHosts,
@@ -188,6 +190,10 @@ impl Reject {
             Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
             Reject::RequestBodyTimeout => (StatusCode::REQUEST_TIMEOUT, String::new()),
             Reject::TooManyHosts => (StatusCode::BAD_REQUEST, "too many Host headers".into()),
+            Reject::DotSegment => (
+                StatusCode::BAD_REQUEST,
+                "the path has a '.' or '..' segment".into(),
+            ),
             Reject::UnsupportedTransferCoding => (
                 StatusCode::NOT_IMPLEMENTED,
                 "Unsupported transfer encoding".into(),
@@ -278,7 +284,8 @@ impl Reject {
             Reject::Misdirected
             | Reject::Forbidden(_)
             | Reject::UnsupportedTransferCoding
-            | Reject::TooManyHosts => "",
+            | Reject::TooManyHosts
+            | Reject::DotSegment => "",
         }
     }
 }
@@ -542,9 +549,10 @@ async fn route(
     if host.is_empty() {
         return Err(Reject::EmptyHost);
     }
+    let path = headers::routing_path(req.uri().path()).ok_or(Reject::DotSegment)?;
     let table = state.registry.table();
     let pool = table
-        .lookup(host, req.uri().path())
+        .lookup(host, &path)
         .ok_or_else(|| Reject::UnknownRoute(host.to_string()))?;
     if !binding_ok(&rt.config, conn.mtls(), host) {
         return Err(Reject::Misdirected);
