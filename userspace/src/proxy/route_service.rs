@@ -279,7 +279,9 @@ pub fn came_back(
     };
     let url = url::Url::parse(&forwarded).map_err(|_| other())?;
     let host = crate::names::normalize_host(url.host_str().unwrap_or_default());
-    match table.lookup(&host, url.path()) {
+    // Routed as the request itself was (see `routing_path`).
+    let path = super::headers::routing_path(url.path()).ok_or_else(other)?;
+    match table.lookup(&host, &path) {
         Some(pool) if pool.key == *key => Ok(()),
         _ => Err(other()),
     }
