@@ -491,3 +491,82 @@ async fn a_path_spelled_differently_meets_the_policy_of_the_path_it_means() {
     }
     assert_eq!(backend.requests(), before, "no app saw a dot segment");
 }
+
+/// h2c smuggling: a caller asks to upgrade its HTTP/1.1 connection to cleartext HTTP/2 on an
+/// allowed route. Were an app to take it, the caller would speak HTTP/2 to the app through the
+/// tunnel, and every later request on it (`/admin` here) would bypass the gateway's routing and
+/// policies. The gateway takes `h2c` out of `Upgrade`: this backend, which would switch (101)
+/// for any `Upgrade: h2c` it sees, gets an ordinary request and answers it. WebSocket upgrades
+/// are untouched (`tests/gateway/websocket.rs`).
+#[tokio::test]
+async fn an_h2c_upgrade_never_reaches_the_app() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::<String>::new()));
+    tokio::spawn({
+        let heads = heads.clone();
+        async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let heads = heads.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).await.unwrap_or(0) == 1
+                    {
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let answer: &[u8] = if head.contains("upgrade: h2c") {
+                        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nplain"
+                    };
+                    heads.lock().unwrap().push(head);
+                    let _ = s.write_all(answer).await;
+                });
+            }
+        }
+    });
+    let t1 = "app_id: backend, space_id: space-1, organization_id: org-1";
+    let y = format!(
+        "domains:\n  - name: \"*.apps.identity\"\n    ca_certs: identity-ca.pem\nroutes:\n{}",
+        crate::route("h2c.apps.identity", backend, t1, ""),
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let host = Some("h2c.apps.identity");
+    for upgrade in ["h2c", "H2C, foo"] {
+        let mut tls = crate::support::client::tls_connect(
+            gw.https(),
+            &pki.server_ca,
+            host,
+            Some(&pki.b),
+            &[b"http/1.1"],
+        )
+        .await
+        .unwrap();
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: h2c.apps.identity\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             Upgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+        );
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), tls.read(&mut out))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out[..n]);
+        assert!(text.starts_with("HTTP/1.1 200 "), "{upgrade}: {text}");
+        let seen = heads
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("the app got the request");
+        assert!(
+            !seen.contains("upgrade: h2c") && !seen.contains("http2-settings"),
+            "{seen}"
+        );
+    }
+}

@@ -60,6 +60,39 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Takes `h2c` out of a request's `Upgrade` (and drops `HTTP2-Settings`), so that the request
+/// goes on as an ordinary one. An app that took the upgrade would speak HTTP/2 with the caller
+/// through a tunnel, and every later request on it would reach the app past the gateway's
+/// routing and policies ("h2c smuggling"); Envoy refuses it the same way.
+pub fn refuse_h2c(h: &mut HeaderMap) {
+    let asks_h2c = |v: &HeaderValue| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    };
+    if !h.get_all(UPGRADE).iter().any(asks_h2c) {
+        return;
+    }
+    let others: Vec<String> = h
+        .get_all(UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("h2c"))
+        .map(str::to_string)
+        .collect();
+    h.remove(UPGRADE);
+    h.remove(HTTP2_SETTINGS);
+    if let Ok(v) = HeaderValue::from_str(&others.join(", ")) {
+        if !others.is_empty() {
+            h.insert(UPGRADE, v);
+        }
+    }
+}
+
 /// Removes hop-by-hop headers and those named in `Connection`. With `keep_upgrade`, `Upgrade`
 /// and `Connection: upgrade` survive so an authorized upgrade can be forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
@@ -467,6 +500,39 @@ mod tests {
             routing_path("/plain/path"),
             Some(std::borrow::Cow::Borrowed(_))
         ));
+    }
+
+    #[test]
+    fn h2c_is_taken_out_of_upgrade() {
+        let after = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(UPGRADE, HeaderValue::from_str(v).unwrap());
+            }
+            h.insert(
+                HTTP2_SETTINGS,
+                HeaderValue::from_static("AAMAAABkAAQAoAAAAAIAAAAA"),
+            );
+            refuse_h2c(&mut h);
+            let left: Vec<_> = h
+                .get_all(UPGRADE)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect();
+            (left, h.contains_key(HTTP2_SETTINGS))
+        };
+        assert_eq!(after(&["h2c"]), (vec![], false));
+        assert_eq!(after(&["H2C"]), (vec![], false));
+        assert_eq!(after(&["websocket"]), (vec!["websocket".to_string()], true));
+        assert_eq!(
+            after(&["h2c, websocket"]),
+            (vec!["websocket".to_string()], false)
+        );
+        assert_eq!(
+            after(&["websocket", "h2c"]),
+            (vec!["websocket".to_string()], false)
+        );
+        assert_eq!(after(&["h2"]), (vec!["h2".to_string()], true));
     }
 
     #[test]

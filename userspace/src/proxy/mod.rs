@@ -546,6 +546,7 @@ async fn route(
     if req.headers().get_all(HOST).iter().nth(1).is_some() {
         return Err(Reject::TooManyHosts);
     }
+    headers::refuse_h2c(req.headers_mut());
     if host.is_empty() {
         return Err(Reject::EmptyHost);
     }
