@@ -570,3 +570,25 @@ async fn an_h2c_upgrade_never_reaches_the_app() {
         );
     }
 }
+
+/// `CONNECT` is answered 405 before any app sees it: the gateway is not a forward proxy, and a
+/// tunnel to an app would carry requests past its routing and policies.
+#[tokio::test]
+async fn connect_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    let mut tls = raw_tls(&gw, &pki, b"http/1.1").await;
+    tls.write_all(
+        b"CONNECT open.apps.identity:443 HTTP/1.1\r\nHost: open.apps.identity:443\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tls.read(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(text.starts_with("HTTP/1.1 405 "), "{text}");
+    assert!(text.ends_with("CONNECT is not supported"), "{text}");
+    assert_eq!(backend.requests(), 0);
+}

@@ -128,6 +128,9 @@ enum Reject {
         host: String,
         wanted: Wanted,
     },
+    /// `CONNECT`: the gateway is not a forward proxy, and a tunnel to an app would carry
+    /// requests past its routing and policies.
+    Connect,
     /// A path with a `.` or `..` segment, raw or escaped (see [`headers::routing_path`]).
     DotSegment,
     /// More than one Host header: which one the app would read is anyone's guess (RFC 9112
@@ -190,6 +193,10 @@ impl Reject {
             Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
             Reject::RequestBodyTimeout => (StatusCode::REQUEST_TIMEOUT, String::new()),
             Reject::TooManyHosts => (StatusCode::BAD_REQUEST, "too many Host headers".into()),
+            Reject::Connect => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not supported".into(),
+            ),
             Reject::DotSegment => (
                 StatusCode::BAD_REQUEST,
                 "the path has a '.' or '..' segment".into(),
@@ -285,6 +292,7 @@ impl Reject {
             | Reject::Forbidden(_)
             | Reject::UnsupportedTransferCoding
             | Reject::TooManyHosts
+            | Reject::Connect
             | Reject::DotSegment => "",
         }
     }
@@ -545,6 +553,9 @@ async fn route(
     }
     if req.headers().get_all(HOST).iter().nth(1).is_some() {
         return Err(Reject::TooManyHosts);
+    }
+    if req.method() == http::Method::CONNECT {
+        return Err(Reject::Connect);
     }
     headers::refuse_h2c(req.headers_mut());
     if host.is_empty() {
