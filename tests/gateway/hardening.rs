@@ -592,3 +592,45 @@ async fn connect_is_refused() {
     assert!(text.ends_with("CONNECT is not supported"), "{text}");
     assert_eq!(backend.requests(), 0);
 }
+
+/// CGI and WSGI servers (gunicorn before 22, PHP's CGI) read `X_Forwarded_Client_Cert` and
+/// `X-Forwarded-Client-Cert` as the same header. The gateway drops request headers whose names,
+/// `_` read as `-`, are headers it sets or vouches for, so a caller cannot hand such an app a
+/// forged certificate or instance; other names with `_` pass.
+#[tokio::test]
+async fn underscore_lookalikes_of_the_gateways_headers_never_reach_the_app() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    for h2 in [false, true] {
+        let host = "open.apps.identity";
+        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.b), h2)
+            .await
+            .unwrap();
+        let req = c.build(
+            host,
+            "/",
+            &[
+                ("x_forwarded_client_cert", "Hash=forged"),
+                ("x_cf_instanceid", "forged"),
+                ("x-forwarded_proto", "http"),
+                ("x_tenant_id", "t-1"),
+            ],
+        );
+        let r = c.send(req).await.unwrap();
+        assert_eq!(r.status, 200);
+        let seen = r.echo().headers;
+        for forged in [
+            "x_forwarded_client_cert",
+            "x_cf_instanceid",
+            "x-forwarded_proto",
+        ] {
+            assert!(
+                !seen.contains_key(forged),
+                "h2 {h2}: {forged} reached the app"
+            );
+        }
+        assert_eq!(seen["x_tenant_id"], "t-1");
+        assert_eq!(seen["x-forwarded-proto"], "https", "the gateway's own");
+    }
+}

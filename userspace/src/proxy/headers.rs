@@ -60,6 +60,36 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Removes request headers whose names, with `_` read as `-`, are ones the gateway sets or
+/// vouches for (`X_Forwarded_Client_Cert`, `X_CF_InstanceID`, `X_B3_TraceId` …). CGI and WSGI
+/// servers (gunicorn before 22, PHP's CGI) give `X-Forwarded-Client-Cert` and
+/// `X_Forwarded_Client_Cert` the same name, so a caller could otherwise hand such an app a
+/// forged certificate, or overrule any header the gateway sets. Other names with `_` pass.
+pub fn drop_underscore_lookalikes(h: &mut HeaderMap) {
+    // Prefixes of the names with a `-` (only those have lookalikes).
+    const VOUCHED: [&str; 5] = [
+        "x-forwarded-",
+        "x-cf-",
+        "x-vcap-",
+        "x-b3-",
+        "x-request-start",
+    ];
+    let mut lookalikes = Vec::new();
+    for k in h.keys() {
+        let name = k.as_str();
+        if !name.contains('_') {
+            continue;
+        }
+        let dashed = name.replace('_', "-");
+        if VOUCHED.iter().any(|v| dashed.starts_with(v)) {
+            lookalikes.push(k.clone());
+        }
+    }
+    for k in lookalikes {
+        h.remove(k);
+    }
+}
+
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Takes `h2c` out of a request's `Upgrade` (and drops `HTTP2-Settings`), so that the request
@@ -500,6 +530,38 @@ mod tests {
             routing_path("/plain/path"),
             Some(std::borrow::Cow::Borrowed(_))
         ));
+    }
+
+    #[test]
+    fn underscore_lookalikes_of_vouched_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x_forwarded_client_cert",
+            "X_CF_InstanceID",
+            "x-forwarded_for",
+            "x_b3_traceid",
+            "trace_state",
+            "x_custom_header",
+            "x-forwarded-client-cert",
+            "x_tenant",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        drop_underscore_lookalikes(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "trace_state",
+                "x-forwarded-client-cert",
+                "x_custom_header",
+                "x_tenant"
+            ]
+        );
     }
 
     #[test]

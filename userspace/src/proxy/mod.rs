@@ -712,6 +712,7 @@ async fn route(
     // map grows at most once; a request refused above never pays for it.
     h.reserve(10);
     headers::strip_hop_by_hop(h, upgrade);
+    headers::drop_underscore_lookalikes(h);
     h.insert(
         headers::X_FORWARDED_PROTO,
         HeaderValue::from_static(done.record.x_forwarded_proto),
