@@ -322,7 +322,6 @@ fn continued_state(h: &HeaderMap, key: &str, own: String) -> String {
     out
 }
 
-/// Appends the client address to `X-Forwarded-For`; returns the new value.
 /// The path a request is routed by: its path as the app will read it, so that a route's policy
 /// cannot be sidestepped by spelling another route's path differently. Percent-encoded
 /// unreserved characters are decoded (`/%61dmin` is `/admin`), and encoded slashes and
@@ -433,6 +432,7 @@ pub fn add_trace(h: &mut HeaderMap, router: Option<IpAddr>, endpoint: &str) {
     }
 }
 
+/// Appends the client address to `X-Forwarded-For`; returns the new value.
 pub fn forwarded_for(h: &mut HeaderMap, client_ip: IpAddr) -> String {
     let mut value = String::with_capacity(24);
     // What earlier proxies appended, in order; empty and non-text values are left out.
