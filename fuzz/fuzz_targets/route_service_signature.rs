@@ -15,14 +15,8 @@ fn signer() -> &'static Signer {
     static SIGNER: OnceLock<Signer> = OnceLock::new();
     SIGNER.get_or_init(|| {
         Signer::new(&RouteServices {
-            secret: "my-route-services-secret".into(),
             secret_decrypt_only: Some("previous".into()),
-            timeout: Duration::from_secs(60),
-            recommend_https: true,
-            hairpinning: true,
-            hairpinning_allowlist: Vec::new(),
-            strict_signature_validation: false,
-            ca_certs: Vec::new(),
+            ..RouteServices::new("my-route-services-secret")
         })
     })
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::Access;
+use crate::config::{bearer_access, Access};
 use crate::gateway::Repeats;
 use crate::proxy::body::{full, ProxyBody};
 use crate::proxy::ConnCtx;
@@ -334,15 +334,17 @@ fn refuse<B>(
     }
     let rt = state.runtime.load();
     let token = rt.config.admin.as_ref()?.token.as_ref()?;
-    let (challenge, why) =
-        match token.admits(req.headers().get(AUTHORIZATION).map(|v| v.as_bytes())) {
-            Access::Granted => return None,
-            Access::Missing => ("Bearer realm=\"portcullis admin\"", "no bearer token"),
-            Access::Wrong => (
-                "Bearer realm=\"portcullis admin\", error=\"invalid_token\"",
-                "wrong bearer token",
-            ),
-        };
+    let (challenge, why) = match bearer_access(
+        token,
+        req.headers().get(AUTHORIZATION).map(|v| v.as_bytes()),
+    ) {
+        Access::Granted => return None,
+        Access::Missing => ("Bearer realm=\"portcullis admin\"", "no bearer token"),
+        Access::Wrong => (
+            "Bearer realm=\"portcullis admin\", error=\"invalid_token\"",
+            "wrong bearer token",
+        ),
+    };
     state.metrics.admin_refused.inc();
     tracing::warn!(client = %peer, method = %req.method(), path = req.uri().path(), "admin request refused: {why}");
     let mut r = respond(

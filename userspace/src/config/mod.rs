@@ -20,7 +20,7 @@ use crate::names::DomainPattern;
 use crate::registry::{LoadBalancing, ValidRegistration};
 pub use pem::{load_certified_key, load_certs, parse_certs, CertFile, CertValidity};
 use raw::*;
-pub use token::{read_token, Access, Secret};
+pub use token::{bearer_access, read_token, Access, Secret};
 
 /// A whole, validated configuration.
 #[derive(Clone, Debug)]
@@ -383,6 +383,23 @@ pub struct RouteServices {
     pub strict_signature_validation: bool,
     /// Trust anchors for the route services' certificates besides the system's.
     pub ca_certs: Vec<CertificateDer<'static>>,
+}
+
+impl RouteServices {
+    /// Route services signed with `secret` and every other setting at its default, as a
+    /// `route_services` section with only `secret` gives them.
+    pub fn new(secret: impl Into<String>) -> Self {
+        RouteServices {
+            secret: secret.into(),
+            secret_decrypt_only: None,
+            timeout: Duration::from_secs(60),
+            recommend_https: true,
+            hairpinning: true,
+            hairpinning_allowlist: Vec::new(),
+            strict_signature_validation: false,
+            ca_certs: Vec::new(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RouteServices {
@@ -2733,6 +2750,25 @@ mod tests {
     }
 
     #[test]
+    fn route_services_new_has_the_defaults_of_a_section_with_only_its_secret() {
+        let mut v = Validator {
+            base: Path::new("."),
+            problems: Vec::new(),
+            validity: Vec::new(),
+        };
+        let from_file = v.route_services(&RawRouteServices {
+            secret: Some("s3".into()),
+            ..Default::default()
+        });
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!(from_file.secret, "s3");
+        assert_eq!(
+            format!("{from_file:?}"),
+            format!("{:?}", RouteServices::new("s3"))
+        );
+    }
+
+    #[test]
     fn route_services_need_a_secret_and_take_bound_static_routes() {
         let problems = problems_of(
             "route_services: {secret_decrypt_only: \"\", timeout: soon, ca_certs: /nonexistent/rs.pem, hairpins: yes}\n\
@@ -2760,14 +2796,8 @@ mod tests {
         ));
         // The secret is never printed.
         let rs = RouteServices {
-            secret: "hunter2".into(),
             secret_decrypt_only: Some("hunter1".into()),
-            timeout: Duration::from_secs(1),
-            recommend_https: true,
-            hairpinning: true,
-            hairpinning_allowlist: Vec::new(),
-            strict_signature_validation: false,
-            ca_certs: Vec::new(),
+            ..RouteServices::new("hunter2")
         };
         let text = format!("{rs:?}");
         assert!(!text.contains("hunter"), "{text}");

@@ -86,24 +86,26 @@ impl Secret {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         bool::from(digest.ct_eq(&self.digest))
     }
+}
 
-    /// Whether an `Authorization` header value carries this token (`Bearer <token>`, the scheme
-    /// in any case, RFC 9110 §11.1), compared as [`Secret::matches`] does.
-    pub fn admits(&self, authorization: Option<&[u8]>) -> Access {
-        let Some(value) = authorization else {
-            return Access::Missing;
-        };
-        let Some((scheme, rest)) = value.split_first_chunk::<7>() else {
-            return Access::Missing;
-        };
-        if !scheme.eq_ignore_ascii_case(b"bearer ") {
-            return Access::Missing;
-        }
-        if self.matches(rest.trim_ascii()) {
-            Access::Granted
-        } else {
-            Access::Wrong
-        }
+/// What an `Authorization` header value amounts to for the admin API's `token`: `Bearer
+/// <token>`, the scheme in any case (RFC 9110 §11.1), the token compared as [`Secret::matches`]
+/// does. (A free function, not a method of [`Secret`], which the trace key shares: that one is
+/// presented in its own header, never as a bearer token.)
+pub fn bearer_access(token: &Secret, authorization: Option<&[u8]>) -> Access {
+    let Some(value) = authorization else {
+        return Access::Missing;
+    };
+    let Some((scheme, rest)) = value.split_first_chunk::<7>() else {
+        return Access::Missing;
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return Access::Missing;
+    }
+    if token.matches(rest.trim_ascii()) {
+        Access::Granted
+    } else {
+        Access::Wrong
     }
 }
 
@@ -116,7 +118,7 @@ mod tests {
     #[test]
     fn only_the_bearer_token_itself_is_admitted() {
         let t = Secret::new(TOKEN);
-        let bearer = |s: &str| t.admits(Some(s.as_bytes()));
+        let bearer = |s: &str| bearer_access(&t, Some(s.as_bytes()));
         assert_eq!(bearer(&format!("Bearer {TOKEN}")), Access::Granted);
         assert_eq!(bearer(&format!("bearer  {TOKEN} ")), Access::Granted);
         assert_eq!(bearer(&format!("BEARER {TOKEN}")), Access::Granted);
@@ -126,7 +128,7 @@ mod tests {
         assert_eq!(bearer(&format!("Basic {TOKEN}")), Access::Missing);
         assert_eq!(bearer(&format!("Bearer{TOKEN}")), Access::Missing);
         assert_eq!(bearer("Bear"), Access::Missing);
-        assert_eq!(t.admits(None), Access::Missing);
+        assert_eq!(bearer_access(&t, None), Access::Missing);
     }
 
     #[test]

@@ -488,14 +488,9 @@ mod tests {
 
     fn runtime(secret: &str, previous: Option<&str>, timeout: Duration) -> Signer {
         Signer::new(&RouteServices {
-            secret: secret.into(),
             secret_decrypt_only: previous.map(str::to_string),
             timeout,
-            recommend_https: true,
-            hairpinning: true,
-            hairpinning_allowlist: Vec::new(),
-            strict_signature_validation: false,
-            ca_certs: Vec::new(),
+            ..RouteServices::new(secret)
         })
     }
 
