@@ -286,6 +286,48 @@ async fn sticky_sessions_stay_with_their_instance_and_move_when_they_must() {
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
 
+/// Routes match paths in any case, as GoRouter's do; the instance cookie is scoped to the
+/// route's path as the client spelled it, since browsers compare a cookie's `Path` exactly.
+#[tokio::test]
+async fn the_instance_cookie_is_scoped_to_the_route_path_as_the_client_spells_it() {
+    let pki = TestPki::new();
+    let backend = crate::echo_on_loopback("inst-1").await;
+    let opts = "{route_policy_scope: any, route_policy_sources: \"cf:any\"}";
+    let y = format!(
+        "domains: [{{name: \"*.apps.identity\", ca_certs: identity-ca.pem}}]\nroutes:\n{}",
+        crate::instance_route(
+            "shop.apps.identity/Cart",
+            backend.addr,
+            "inst-1",
+            &[("options", opts)],
+        )
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let host = "shop.apps.identity";
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    for (spelled, path) in [
+        ("/Cart", "/Cart"),
+        ("/cart/items", "/cart"),
+        ("/CART/x", "/CART"),
+    ] {
+        let target = format!("{spelled}?set-cookie=JSESSIONID%3Dabc");
+        let r = send(&mut c, host, &target, None).await.unwrap();
+        assert_eq!(r.status, 200, "{spelled}");
+        assert_eq!(r.echo().path, target, "the app gets the path as sent");
+        assert_eq!(
+            vcap_cookies(&r),
+            [format!("__VCAP_ID__=inst-1; HttpOnly; Path={path}")],
+            "{spelled}"
+        );
+    }
+    assert_eq!(
+        send(&mut c, host, "/carts", None).await.unwrap().status,
+        404
+    );
+}
+
 /// GoRouter's instance routing: `X-CF-App-Instance: <app guid>:<index>` sends the request to that
 /// instance of the route's app, still under the route's policy; a malformed header or an
 /// instance the route does not have gets 400 before any backend sees the request.

@@ -566,6 +566,12 @@ async fn route(
     let pool = table
         .lookup(host, &path)
         .ok_or_else(|| Reject::UnknownRoute(host.to_string()))?;
+    // The route's path as this client spells it (routes match in any case), for the sticky
+    // session cookie's `Path`, which browsers compare case-sensitively.
+    let route_path = match path.get(..pool.key.path.len()) {
+        Some(spelled) if spelled != pool.key.path => std::borrow::Cow::Owned(spelled.to_string()),
+        _ => std::borrow::Cow::Borrowed(pool.key.path.as_str()),
+    };
     if !binding_ok(&rt.config, conn.mtls(), host) {
         return Err(Reject::Misdirected);
     }
@@ -822,7 +828,7 @@ async fn route(
                 &mut rparts.headers,
                 asked.as_deref(),
                 instance,
-                &pool.key.path,
+                &route_path,
                 sessions,
                 rt.config.backends.secure_cookies,
             );

@@ -152,7 +152,8 @@ impl RegistrationError {
     }
 }
 
-/// A route key: normalised host plus a path prefix without trailing `/` (empty for the root).
+/// A route key: normalised host plus a path prefix, lowercased (ASCII) and without trailing `/`
+/// (empty for the root).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RouteKey {
     pub host: String,
@@ -174,7 +175,8 @@ impl RouteKey {
         }
         Some(RouteKey {
             host,
-            path: path.trim_end_matches('/').to_string(),
+            // Lowercase, as GoRouter keys routes: requests match them in any case.
+            path: path.trim_end_matches('/').to_ascii_lowercase(),
         })
     }
 }
@@ -392,11 +394,12 @@ mod tests {
 
     #[test]
     fn route_keys_normalise() {
-        let k = RouteKey::parse("App.Apps.Identity./v1/?x=1").unwrap();
+        let k = RouteKey::parse("App.Apps.Identity./V1/?x=1").unwrap();
         assert_eq!(
             (k.host.as_str(), k.path.as_str()),
             ("app.apps.identity", "/v1")
         );
+        assert_eq!(RouteKey::parse("app.apps.identity/v1"), Some(k));
         assert_eq!(RouteKey::parse("a.b/").unwrap().path, "");
         assert!(RouteKey::parse("").is_none());
         assert!(RouteKey::parse("a b").is_none());

@@ -270,14 +270,19 @@ impl RouteTable {
         None
     }
 
-    /// The pool of exactly `host` whose path prefix matches `path` (without its query).
+    /// The pool of exactly `host` whose path prefix matches `path` (without its query), in
+    /// any case as GoRouter matches (route keys are lowercase): an app that reads `/Admin` as
+    /// `/admin` must not get it under a weaker route's policy.
     fn lookup_host(&self, host: &str, path: &str) -> Option<&Arc<Pool>> {
         let pools = self.hosts.get(host)?;
+        let path = path.as_bytes();
         pools.iter().find(|p| {
-            let prefix = p.key.path.as_str();
+            let prefix = p.key.path.as_bytes();
             prefix.is_empty()
-                || (path.starts_with(prefix)
-                    && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+                || (path
+                    .get(..prefix.len())
+                    .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+                    && matches!(path.get(prefix.len()), None | Some(b'/')))
         })
     }
 
@@ -591,6 +596,23 @@ mod tests {
         assert_eq!(t.lookup("a.x", "/api?q").unwrap().key.path, "/api");
         assert_eq!(t.lookup("a.x", "/apix").unwrap().key.path, "");
         assert!(t.lookup("b.x", "/").is_none());
+        // In any case, as GoRouter matches; a registration in capitals is the same route.
+        assert_eq!(t.lookup("a.x", "/API/v1").unwrap().key.path, "/api");
+        assert_eq!(t.lookup("a.x", "/Api").unwrap().key.path, "/api");
+        assert_eq!(t.lookup("a.x", "/APIX").unwrap().key.path, "");
+        assert_eq!(t.lookup("a.x", "/A").unwrap().key.path, "");
+        s.register(
+            &reg("a.x/Docs/V2", 3, &[]),
+            false,
+            Duration::from_secs(1),
+            now,
+        );
+        s.register(&reg("a.x/API", 4, &[]), false, Duration::from_secs(1), now);
+        let t = s.snapshot();
+        assert_eq!(t.lookup("a.x", "/docs/v2/x").unwrap().key.path, "/docs/v2");
+        assert_eq!(t.lookup("a.x", "/api").unwrap().endpoints.len(), 2);
+        // A non-ASCII byte is never split: the prefix is compared byte by byte.
+        assert_eq!(t.lookup("a.x", "/ap\u{e9}").unwrap().key.path, "");
     }
 
     #[test]
