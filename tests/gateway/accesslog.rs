@@ -400,3 +400,84 @@ async fn logged_headers_redaction_and_their_reload() {
     assert_eq!(keys(&l)[8..], ["route_policy", "x_cf_routererror"]);
     assert_eq!(gw.log_lines(3).await.len(), 3, "nothing more in access.log");
 }
+
+/// SPEC §9 logs every answer, including those hyper gives itself to a request head it cannot
+/// parse (before any of the gateway's code sees a request): a malformed header (400), a head
+/// over `limits.max_header_bytes` (431) and a URI over hyper's 64 KiB (414). Each is one line
+/// with the request line unknown, the connection's fields and the reason as router error, and
+/// is counted in `portcullis_requests_total`.
+#[tokio::test]
+async fn request_heads_hyper_refuses_are_logged_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let extra =
+        "access_log:\n  path: access.log\n  extra_fields: [tls_sni, caller_cf_app, route_policy]\n\
+                 limits: {max_header_bytes: 131072}\n";
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, extra)).await;
+    let host = "any-a.apps.identity";
+    let long_uri = format!("/{}", "u".repeat(70_000));
+    let long_header = "v".repeat(140_000);
+    let heads = [
+        (
+            format!("GET /ok HTTP/1.1\r\nHost: {host}\r\nBad Name: x\r\n\r\n"),
+            400,
+            "malformed_request",
+        ),
+        (
+            format!("GET /ok HTTP/1.1\r\nHost: {host}\r\nX-Big: {long_header}\r\n\r\n"),
+            431,
+            "headers_too_large",
+        ),
+        (
+            format!("GET {long_uri} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            414,
+            "uri_too_long",
+        ),
+    ];
+    for (i, (head, status, why)) in heads.iter().enumerate() {
+        let mut tls = crate::support::client::tls_connect(
+            gw.https(),
+            &pki.server_ca,
+            Some(host),
+            Some(&pki.a),
+            &[b"http/1.1"],
+        )
+        .await
+        .unwrap();
+        // The gateway may stop reading a head that is too large before it has all of it, and
+        // then the client's write or read can end in a reset; the log line is the point.
+        let _ = tls.write_all(head.as_bytes()).await;
+        let mut out = Vec::new();
+        if tls.read_to_end(&mut out).await.is_ok() && out.len() > 12 {
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
+        }
+        let lines = gw.log_lines(i + 1).await;
+        let l = LogLine::parse(&lines[i]);
+        assert_eq!(
+            (l.host.as_str(), l.request.as_str(), l.status),
+            ("-", "- - HTTP/1.1", *status),
+            "{}",
+            lines[i]
+        );
+        assert!(l.client.starts_with("127.0.0.1:"), "{}", lines[i]);
+        assert_eq!(l.backend, "-");
+        assert_eq!(l.field("x_cf_routererror"), *why);
+        assert_eq!(l.field("tls_sni"), host);
+        assert_eq!(l.field("caller_cf_app"), "app-a");
+        assert_eq!(l.field("route_policy"), "-");
+        assert_eq!(
+            gw.metric(&format!("portcullis_requests_total{{code=\"{status}\"}}")),
+            1.0
+        );
+    }
+    assert_eq!(backend.requests(), 0);
+    // A well-formed request on a new connection is served and logged as before.
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    assert_eq!(c.get(host, "/ok").await.unwrap().status, 200);
+    let lines = gw.log_lines(4).await;
+    assert_eq!(LogLine::parse(&lines[3]).request, "GET /ok HTTP/1.1");
+}

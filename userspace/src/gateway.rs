@@ -1034,7 +1034,7 @@ async fn serve_http(
         let graceful = |s: Pin<&mut http1::UpgradeableConnection<_, _>>| s.graceful_shutdown();
         let park = || parking.request();
         // Boxed so that a parked connection does not keep the room hyper's connection took.
-        let idle_since = Box::pin(drive(
+        let (idle_since, failed) = Box::pin(drive(
             serving,
             graceful,
             &conn,
@@ -1043,6 +1043,11 @@ async fn serve_http(
             Ends::Http1 { park: &park },
         ))
         .await;
+        // A request head hyper could not parse, answered by hyper itself: logged and counted
+        // as every other answer is (SPEC §9).
+        if let Some((status, why)) = failed.as_ref().and_then(proxy::unparsed_head) {
+            proxy::log_unparsed_head(&state, &conn, status, why);
+        }
         io = match parking.take() {
             Some(parked) => parked,
             // Closed by either side, failed, or upgraded (the tunnel owns the stream now).
@@ -1171,7 +1176,7 @@ pub(crate) async fn drive<F, E>(
     limits: &Limits,
     shutdown: &mut watch::Receiver<bool>,
     mut ends: Ends<'_>,
-) -> Instant
+) -> (Instant, Option<E>)
 where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
@@ -1198,10 +1203,10 @@ where
     loop {
         tokio::select! {
             res = serving.as_mut() => {
-                if let Err(e) = res {
+                if let Err(e) = &res {
                     tracing::debug!(client = %conn.client, error = %e, "connection ended with error");
                 }
-                return idle_since;
+                return (idle_since, res.err());
             }
             _ = tokio::time::sleep(tick) => {
                 let started = conn.requests.load(Ordering::Relaxed);

@@ -413,6 +413,60 @@ fn proto_name(v: Version) -> &'static str {
     }
 }
 
+/// The answer hyper's HTTP/1.1 server gave on its own to a request head it could not parse,
+/// before the connection ended: the status, and the access log's router error for it. `None`
+/// for the errors hyper answers nothing to. (hyper 1's `Server::on_error`: a bad method, URI,
+/// version or header is 400; a head over `limits.max_header_bytes` is 431; a URI of 64 KiB or
+/// more is 414, which only its message tells from 431.)
+pub fn unparsed_head(e: &hyper::Error) -> Option<(u16, &'static str)> {
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    let text = e.to_string();
+    if e.is_parse_too_large() {
+        return Some(match text.starts_with("URI too long") {
+            true => (414, "uri_too_long"),
+            false => (431, "headers_too_large"),
+        });
+    }
+    // Parse::Internal ("internal error inside Hyper …") is not answered.
+    (!text.starts_with("internal error")).then_some((400, "malformed_request"))
+}
+
+/// Logs and counts an answer hyper gave to a request head it could not parse (see
+/// [`unparsed_head`]): the request line is unknown (`"- - HTTP/1.1"`), the connection's fields
+/// (client, SNI, caller) are there.
+pub fn log_unparsed_head(state: &State, conn: &Arc<ConnCtx>, status: u16, why: &'static str) {
+    let rt = state.runtime.load();
+    let record = AccessRecord {
+        host: String::new(),
+        start: SystemTime::now(),
+        method: http::Method::from_bytes(b"-").expect("'-' is a method token"),
+        uri: "-".into(),
+        proto: "HTTP/1.1",
+        status,
+        request_bytes: 0,
+        response_bytes: 0,
+        referer: String::new(),
+        user_agent: String::new(),
+        endpoint: None,
+        x_forwarded_for: String::new(),
+        x_forwarded_proto: scheme_of(conn),
+        vcap_request_id: String::new(),
+        response_time: Duration::ZERO,
+        backend_time: None,
+        conn: conn.clone(),
+        route_policy: None,
+        failed_attempts: 0,
+        attempts: Default::default(),
+        route_service: "",
+        router_error: why,
+        headers: vec![None; rt.config.access_log.headers.len()],
+    };
+    state.metrics.count_request(status);
+    state.log.log(&record, &rt.config.access_log);
+}
+
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(
     state: Arc<State>,
