@@ -1260,5 +1260,14 @@ async fn the_log_filter_changes_through_the_admin_api() {
     assert_eq!(log_level("PUT", "info").await.0, 200);
     gw.wait_for("to=info");
     assert_eq!(debug_lines(&gw), before, "{:#?}", gw.seen);
+
+    // A filter that silences warnings is itself on record (said under the old filter), and so
+    // is the change back (said under the new one).
+    assert_eq!(log_level("PUT", "error").await.0, 200);
+    let said = gw.wait_for("log filter changed through the admin API");
+    assert!(said.contains("from=info to=error"), "{said}");
+    assert_eq!(log_level("PUT", "info").await.0, 200);
+    let said = gw.wait_for("log filter changed through the admin API");
+    assert!(said.contains("from=error to=info"), "{said}");
     assert!(gw.terminate().is_some());
 }

@@ -308,17 +308,33 @@ async fn set_log_filter(body: Incoming, peer: std::net::SocketAddr) -> Response<
         );
     };
     let before = control.current();
-    match control.set(spec) {
-        Ok(()) => {
-            let now = control.current();
-            tracing::warn!(client = %peer, from = %before, to = %now, "log filter changed through the admin API");
-            respond(StatusCode::OK, "text/plain", format!("{now}\n"))
-        }
-        Err(e) => respond(
+    let refused = |e: String| {
+        respond(
             StatusCode::BAD_REQUEST,
             "text/plain",
             format!("{spec:?} is not a log filter ({e}); still {before}\n"),
-        ),
+        )
+    };
+    let to = match control.check(spec) {
+        Ok(to) => to,
+        Err(e) => return refused(e),
+    };
+    // The change is said once, under whichever filter lets it through: the old one when it
+    // does (so that a filter that silences warnings is itself on record), else the new one.
+    let said = |to: &str| tracing::warn!(client = %peer, from = %before, to = %to, "log filter changed through the admin API");
+    let said_before = tracing::enabled!(tracing::Level::WARN);
+    if said_before {
+        said(&to);
+    }
+    match control.set(spec) {
+        Ok(()) => {
+            let now = control.current();
+            if !said_before {
+                said(&now);
+            }
+            respond(StatusCode::OK, "text/plain", format!("{now}\n"))
+        }
+        Err(e) => refused(e),
     }
 }
 

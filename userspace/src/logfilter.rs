@@ -11,6 +11,9 @@ use std::sync::OnceLock;
 pub trait LogFilter: Send + Sync {
     /// The filter now in force, in `PORTCULLIS_LOG`'s syntax.
     fn current(&self) -> String;
+    /// `spec` as it would be in force (`PORTCULLIS_LOG`'s syntax, directives in order), or why
+    /// it is not a filter.
+    fn check(&self, spec: &str) -> Result<String, String>;
     /// Replaces the filter with `spec`, or says why `spec` is not a filter (and keeps the old).
     fn set(&self, spec: &str) -> Result<(), String>;
 }

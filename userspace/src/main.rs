@@ -113,6 +113,12 @@ impl portcullis::logfilter::LogFilter for Reloadable {
         self.0.with_current(|f| f.to_string()).unwrap_or_default()
     }
 
+    fn check(&self, spec: &str) -> Result<String, String> {
+        EnvFilter::try_new(spec)
+            .map(|f| f.to_string())
+            .map_err(|e| e.to_string())
+    }
+
     fn set(&self, spec: &str) -> Result<(), String> {
         let filter = EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
         self.0.reload(filter).map_err(|e| e.to_string())
