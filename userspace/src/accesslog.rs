@@ -230,6 +230,42 @@ pub fn push_socket_addr(out: &mut String, addr: SocketAddr) {
 }
 
 impl AccessRecord {
+    /// The record of a request on `conn` that started at `start`: its request line, and every
+    /// other field empty until the request is served.
+    pub fn new(
+        conn: Arc<ConnCtx>,
+        start: SystemTime,
+        method: http::Method,
+        uri: String,
+        proto: &'static str,
+    ) -> Self {
+        AccessRecord {
+            host: String::new(),
+            start,
+            method,
+            uri,
+            proto,
+            status: 0,
+            request_bytes: 0,
+            response_bytes: 0,
+            referer: String::new(),
+            user_agent: String::new(),
+            endpoint: None,
+            x_forwarded_for: String::new(),
+            x_forwarded_proto: "",
+            vcap_request_id: String::new(),
+            response_time: Duration::ZERO,
+            backend_time: None,
+            conn,
+            route_policy: None,
+            failed_attempts: 0,
+            attempts: Default::default(),
+            route_service: "",
+            router_error: "",
+            headers: Vec::new(),
+        }
+    }
+
     /// Takes the values of the headers `format` logs from `h`: the request as the gateway
     /// received it, then (once it is built) as the app receives it.
     pub fn take_headers(&mut self, format: &AccessLog, h: &http::HeaderMap) {
@@ -696,28 +732,21 @@ mod tests {
     fn sample() -> AccessRecord {
         AccessRecord {
             host: "a.apps.identity".into(),
-            start: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
-            method: http::Method::GET,
-            uri: "/x?y=1".into(),
-            proto: "HTTP/1.1",
             status: 403,
-            request_bytes: 0,
             response_bytes: 9,
-            referer: String::new(),
             user_agent: "ua \"quoted\"".into(),
-            endpoint: None,
             x_forwarded_for: "127.0.0.1".into(),
             x_forwarded_proto: "https",
             vcap_request_id: "id".into(),
             response_time: Duration::from_micros(1_500),
-            backend_time: None,
-            conn: conn("127.0.0.1:5555", Some("a.apps.identity")),
             route_policy: Some(Rule::RoutePolicies),
-            failed_attempts: 0,
-            attempts: Default::default(),
-            route_service: "",
-            router_error: "",
-            headers: Vec::new(),
+            ..AccessRecord::new(
+                conn("127.0.0.1:5555", Some("a.apps.identity")),
+                SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
+                http::Method::GET,
+                "/x?y=1".into(),
+                "HTTP/1.1",
+            )
         }
     }
 

@@ -439,29 +439,17 @@ pub fn unparsed_head(e: &hyper::Error) -> Option<(u16, &'static str)> {
 pub fn log_unparsed_head(state: &State, conn: &Arc<ConnCtx>, status: u16, why: &'static str) {
     let rt = state.runtime.load();
     let record = AccessRecord {
-        host: String::new(),
-        start: SystemTime::now(),
-        method: http::Method::from_bytes(b"-").expect("'-' is a method token"),
-        uri: "-".into(),
-        proto: "HTTP/1.1",
         status,
-        request_bytes: 0,
-        response_bytes: 0,
-        referer: String::new(),
-        user_agent: String::new(),
-        endpoint: None,
-        x_forwarded_for: String::new(),
         x_forwarded_proto: scheme_of(conn),
-        vcap_request_id: String::new(),
-        response_time: Duration::ZERO,
-        backend_time: None,
-        conn: conn.clone(),
-        route_policy: None,
-        failed_attempts: 0,
-        attempts: Default::default(),
-        route_service: "",
         router_error: why,
         headers: vec![None; rt.config.access_log.headers.len()],
+        ..AccessRecord::new(
+            conn.clone(),
+            SystemTime::now(),
+            http::Method::from_bytes(b"-").expect("'-' is a method token"),
+            "-".into(),
+            "HTTP/1.1",
+        )
     };
     state.metrics.count_request(status);
     state.log.log(&record, &rt.config.access_log);
@@ -492,32 +480,19 @@ pub async fn handle(
     let rt = state.runtime.load_full();
     let record = AccessRecord {
         host: host.clone(),
-        start: SystemTime::now(),
-        method: req.method().clone(),
-        uri: req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string(),
-        proto: proto_name(req.version()),
-        status: 0,
-        request_bytes: 0,
-        response_bytes: 0,
         referer: header_str(&req, REFERER),
         user_agent: header_str(&req, USER_AGENT),
-        endpoint: None,
-        x_forwarded_for: String::new(),
         x_forwarded_proto: forwarded_proto(rt.config.x_forwarded_proto, &conn, req.headers()),
-        vcap_request_id: String::new(),
-        response_time: Duration::ZERO,
-        backend_time: None,
-        conn: conn.clone(),
-        route_policy: None,
-        failed_attempts: 0,
-        attempts: Default::default(),
-        route_service: "",
-        router_error: "",
-        headers: Vec::new(),
+        ..AccessRecord::new(
+            conn.clone(),
+            SystemTime::now(),
+            req.method().clone(),
+            req.uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            proto_name(req.version()),
+        )
     };
     let mut done = Completion {
         state: state.clone(),
