@@ -71,6 +71,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "proxy_header",
     "route_service_signature",
     "error_template",
+    "request_path",
 ];
 /// Fuzz targets that load the XDP program: root, bpffs and the built object needed.
 const PRIVILEGED_FUZZ_TARGETS: &[&str] = &["xdp_twin"];

@@ -334,8 +334,9 @@ pub fn routing_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
     use std::borrow::Cow;
     let b = path.as_bytes();
     if !b.iter().any(|&c| c == b'%' || c == b'\\') {
-        // The common case: nothing to decode, and a dot segment would show as `/.`.
-        return match path.contains("/.") && has_dot_segment(path) {
+        // The common case: nothing to decode, and a dot segment would show as `/.` (or, in a
+        // path without its leading `/`, which no request has, at the start).
+        return match (path.starts_with('.') || path.contains("/.")) && has_dot_segment(path) {
             true => None,
             false => Some(Cow::Borrowed(path)),
         };
@@ -523,6 +524,9 @@ mod tests {
             "/api%2F..%2Fadmin",
             "/api\\..\\admin",
             "/api%5C..%5Cadmin",
+            // No request's path lacks its leading `/`, but the rule holds without it too.
+            "../admin",
+            "./x",
         ] {
             assert_eq!(routed(sent), None, "{sent}");
         }

@@ -8,6 +8,9 @@ mod pool;
 pub mod route_service;
 pub mod sticky;
 
+/// The path a request is routed by (public for the `request_path` fuzz target).
+pub use headers::routing_path;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
