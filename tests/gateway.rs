@@ -48,6 +48,20 @@ pub fn dead_port() -> u16 {
     port
 }
 
+/// A TLS connection to the gateway for `host`, with `leaf`'s client certificate, offering
+/// `alpn`: for requests and frames written by hand.
+pub async fn raw_tls(
+    gw: &support::gateway::TestGateway,
+    pki: &support::pki::TestPki,
+    leaf: &portcullis::pki::Leaf,
+    host: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    support::client::tls_connect(gw.https(), &pki.server_ca, Some(host), Some(leaf), &[alpn])
+        .await
+        .unwrap()
+}
+
 /// An echo backend named `name` on a loopback port of its own.
 pub async fn echo_on_loopback(name: &str) -> portcullis::echo::EchoServer {
     portcullis::echo::start(name, ([127, 0, 0, 1], 0).into())

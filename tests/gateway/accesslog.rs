@@ -222,23 +222,6 @@ async fn in_flight(gw: &TestGateway, addr: std::net::SocketAddr) -> u64 {
 /// A client that gives up on a request (an h2 stream reset, an HTTP/1.1 connection closed)
 /// while the backend still works on it: the request is logged with 499 at once, as nginx and
 /// GoRouter log it, and its endpoint's in-flight count (least-connection's) is released.
-/// A TLS connection to `host` as caller A that speaks HTTP/1.1, for requests written by hand.
-async fn raw_h1(
-    gw: &TestGateway,
-    pki: &TestPki,
-    host: &str,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    crate::support::client::tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some(host),
-        Some(&pki.a),
-        &[b"http/1.1"],
-    )
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn a_request_the_client_gives_up_on_is_logged_499_and_released() {
     use tokio::io::AsyncWriteExt;
@@ -260,7 +243,7 @@ async fn a_request_the_client_gives_up_on_is_logged_499_and_released() {
     pending.abort();
 
     // HTTP/1.1: the client closes its connection.
-    let mut h1 = raw_h1(&gw, &pki, host).await;
+    let mut h1 = crate::raw_tls(&gw, &pki, &pki.a, host, b"http/1.1").await;
     h1.write_all(format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
@@ -445,7 +428,7 @@ async fn request_heads_hyper_refuses_are_logged_and_counted() {
         ),
     ];
     for (i, (head, status, why)) in heads.iter().enumerate() {
-        let mut tls = raw_h1(&gw, &pki, host).await;
+        let mut tls = crate::raw_tls(&gw, &pki, &pki.a, host, b"http/1.1").await;
         // The gateway may stop reading a head that is too large before it has all of it, and
         // then the client's write or read can end in a reset; the log line is the point.
         let _ = tls.write_all(head.as_bytes()).await;

@@ -116,10 +116,7 @@ async fn raw_tls(
     pki: &TestPki,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let host = Some("open.apps.identity");
-    crate::support::client::tls_connect(gw.https(), &pki.server_ca, host, Some(&pki.a), &[alpn])
-        .await
-        .unwrap()
+    crate::raw_tls(gw, pki, &pki.a, "open.apps.identity", alpn).await
 }
 
 /// After an abusive client, another one is served (over h2).
@@ -345,18 +342,7 @@ async fn the_app_sees_the_host_the_request_was_authorized_for() {
     let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
     let as_b = |alpn: &'static [u8]| {
         let (gw, pki) = (&gw, &pki);
-        async move {
-            let host = Some("open.apps.identity");
-            crate::support::client::tls_connect(
-                gw.https(),
-                &pki.server_ca,
-                host,
-                Some(&pki.b),
-                &[alpn],
-            )
-            .await
-            .unwrap()
-        }
+        async move { crate::raw_tls(gw, pki, &pki.b, "open.apps.identity", alpn).await }
     };
     // The echo's JSON, for the host it was sent.
     let echoed_host = |body: &[u8]| -> String {
@@ -440,16 +426,7 @@ async fn a_path_spelled_differently_meets_the_policy_of_the_path_it_means() {
         let (gw, pki) = (&gw, &pki);
         async move {
             let leaf = if caller == "a" { &pki.a } else { &pki.b };
-            let host = Some("paths.apps.identity");
-            let mut tls = crate::support::client::tls_connect(
-                gw.https(),
-                &pki.server_ca,
-                host,
-                Some(leaf),
-                &[b"http/1.1"],
-            )
-            .await
-            .unwrap();
+            let mut tls = crate::raw_tls(gw, pki, leaf, "paths.apps.identity", b"http/1.1").await;
             let req = format!(
                 "GET {path} HTTP/1.1\r\nHost: paths.apps.identity\r\nConnection: close\r\n\r\n"
             );
@@ -547,17 +524,8 @@ async fn an_h2c_upgrade_never_reaches_the_app() {
         crate::route("h2c.apps.identity", backend, t1, ""),
     );
     let gw = TestGateway::start(&pki, &y).await;
-    let host = Some("h2c.apps.identity");
     for upgrade in ["h2c", "H2C, foo"] {
-        let mut tls = crate::support::client::tls_connect(
-            gw.https(),
-            &pki.server_ca,
-            host,
-            Some(&pki.b),
-            &[b"http/1.1"],
-        )
-        .await
-        .unwrap();
+        let mut tls = crate::raw_tls(&gw, &pki, &pki.b, "h2c.apps.identity", b"http/1.1").await;
         let req = format!(
             "GET / HTTP/1.1\r\nHost: h2c.apps.identity\r\nConnection: Upgrade, HTTP2-Settings\r\n\
              Upgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"

@@ -1983,22 +1983,23 @@ impl Validator<'_> {
             .as_deref()
             .and_then(|p| self.certs(&format!("{key}.ca_certs"), p))
             .unwrap_or_default();
-        let hairpinning = r.hairpinning.unwrap_or(true);
+        let defaults = RouteServices::new(secret);
+        let hairpinning = r.hairpinning.unwrap_or(defaults.hairpinning);
         let hairpinning_allowlist =
             self.hairpinning_allowlist(r.hairpinning_allowlist.as_deref(), hairpinning);
         RouteServices {
-            secret,
             secret_decrypt_only,
             timeout: self.duration(
                 &format!("{key}.timeout"),
                 r.timeout.as_deref(),
-                Duration::from_secs(60),
+                defaults.timeout,
             ),
-            recommend_https: r.recommend_https.unwrap_or(true),
+            recommend_https: r.recommend_https.unwrap_or(defaults.recommend_https),
             hairpinning,
             hairpinning_allowlist,
             strict_signature_validation: r.strict_signature_validation,
             ca_certs,
+            ..defaults
         }
     }
 
