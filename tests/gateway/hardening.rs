@@ -613,3 +613,52 @@ async fn underscore_lookalikes_of_the_gateways_headers_never_reach_the_app() {
         assert_eq!(seen["x-forwarded-proto"], "https", "the gateway's own");
     }
 }
+
+/// RFC 9110 has a proxy remove the headers a `Connection` header names. A caller naming the
+/// headers the gateway sets or vouches for would take away what a balancer in front passed on
+/// (`X-Forwarded-Client-Cert` in `forward` mode, its `X-Forwarded-For`, the trace it started)
+/// and the request id the access log shows; such names are not honoured, as GoRouter's
+/// `hop_by_hop_headers_to_filter` does not honour them. Other names still go.
+#[tokio::test]
+async fn connection_cannot_name_away_the_headers_the_gateway_vouches_for() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    let host = "open.apps.identity";
+    let id = "9f0c6a46-3c9e-4f43-8d2a-5b8e1f7d2c10";
+    let trace = "463ac35c9f6413ad48485a3953bb6124";
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), Some(&pki.a), false)
+        .await
+        .unwrap();
+    let req = c.build(
+        host,
+        "/",
+        &[
+            (
+                "connection",
+                "keep-alive, X-Forwarded-Client-Cert, X-Forwarded-For, X-Vcap-Request-Id, \
+                 X-B3-TraceId, X-B3-SpanId, x-private",
+            ),
+            ("x-forwarded-client-cert", "Hash=from-the-balancer"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-vcap-request-id", id),
+            ("x-b3-traceid", trace),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-private", "1"),
+        ],
+    );
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = r.echo().headers;
+    assert_eq!(seen["x-forwarded-client-cert"], "Hash=from-the-balancer");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-vcap-request-id"], id);
+    assert_eq!(seen["x-b3-traceid"], trace, "the caller's trace goes on");
+    assert_eq!(seen["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+    assert!(!seen.contains_key("x-private"), "other named headers go");
+    assert!(!seen.contains_key("connection"));
+    // The access log shows the request id the app got.
+    let lines = gw.log_lines(1).await;
+    let l = crate::support::gateway::LogLine::parse(&lines[0]);
+    assert_eq!(l.field("vcap_request_id"), id);
+}

@@ -60,28 +60,37 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Removes request headers whose names, with `_` read as `-`, are ones the gateway sets or
-/// vouches for (`X_Forwarded_Client_Cert`, `X_CF_InstanceID`, `X_B3_TraceId` …). CGI and WSGI
-/// servers (gunicorn before 22, PHP's CGI) give `X-Forwarded-Client-Cert` and
-/// `X_Forwarded_Client_Cert` the same name, so a caller could otherwise hand such an app a
-/// forged certificate, or overrule any header the gateway sets. Other names with `_` pass.
-pub fn drop_underscore_lookalikes(h: &mut HeaderMap) {
-    // Prefixes of the names with a `-` (only those have lookalikes).
-    const VOUCHED: [&str; 5] = [
+/// Whether a header name (in any case) is one the gateway sets or vouches for: the forwarding
+/// headers, GoRouter's `X-CF-*` and `X-Vcap-*`, `X-Request-Start` and the trace context.
+fn vouched(name: &str) -> bool {
+    const PREFIXES: [&str; 5] = [
         "x-forwarded-",
         "x-cf-",
         "x-vcap-",
         "x-b3-",
         "x-request-start",
     ];
+    const NAMES: [&str; 3] = ["b3", "traceparent", "tracestate"];
+    let starts = |p: &str| {
+        name.get(..p.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(p))
+    };
+    PREFIXES.into_iter().any(starts) || NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// Removes request headers whose names, with `_` read as `-`, are ones the gateway sets or
+/// vouches for (`X_Forwarded_Client_Cert`, `X_CF_InstanceID`, `X_B3_TraceId` …). CGI and WSGI
+/// servers (gunicorn before 22, PHP's CGI) give `X-Forwarded-Client-Cert` and
+/// `X_Forwarded_Client_Cert` the same name, so a caller could otherwise hand such an app a
+/// forged certificate, or overrule any header the gateway sets. Other names with `_` pass.
+pub fn drop_underscore_lookalikes(h: &mut HeaderMap) {
     let mut lookalikes = Vec::new();
     for k in h.keys() {
         let name = k.as_str();
         if !name.contains('_') {
             continue;
         }
-        let dashed = name.replace('_', "-");
-        if VOUCHED.iter().any(|v| dashed.starts_with(v)) {
+        if vouched(&name.replace('_', "-")) {
             lookalikes.push(k.clone());
         }
     }
@@ -123,8 +132,12 @@ pub fn refuse_h2c(h: &mut HeaderMap) {
     }
 }
 
-/// Removes hop-by-hop headers and those named in `Connection`. With `keep_upgrade`, `Upgrade`
-/// and `Connection: upgrade` survive so an authorized upgrade can be forwarded.
+/// Removes hop-by-hop headers and those named in `Connection`, except the headers the gateway
+/// sets or vouches for ([`vouched`]): `Connection: X-Forwarded-Client-Cert` would otherwise take
+/// away what a balancer in front passed on in `forward` mode, `Connection: X-Vcap-Request-Id` the
+/// request id the access log shows, and so on (GoRouter's `hop_by_hop_headers_to_filter`
+/// protects the same). With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive so an
+/// authorized upgrade can be forwarded.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names present finds which hop-by-hop ones are there: usually none in a
     // request, and only `Connection: keep-alive` in a backend's response. They are kept as the
@@ -153,7 +166,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
                 .into_iter()
                 .chain(HOP_BY_HOP)
                 .any(|n| t.eq_ignore_ascii_case(n));
-            if t.is_empty() || removed_anyway {
+            if t.is_empty() || removed_anyway || vouched(t) {
                 continue;
             }
             if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
@@ -670,6 +683,42 @@ mod tests {
         }
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"]);
+    }
+
+    #[test]
+    fn connection_never_names_away_the_headers_the_gateway_vouches_for() {
+        let vouched_names = [
+            "x-forwarded-client-cert",
+            "x-forwarded-for",
+            "x-vcap-request-id",
+            "x-request-start",
+            "x-cf-instanceid",
+            "x-b3-traceid",
+            "b3",
+            "traceparent",
+            "tracestate",
+        ];
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static(
+                "keep-alive, X-Forwarded-Client-Cert, x-forwarded-for, X-VCAP-Request-Id, \
+                 X-Request-Start, X-CF-InstanceID, X-B3-TraceId, B3, Traceparent, tracestate, \
+                 x-private, x-cf, x-b3",
+            ),
+        );
+        for n in vouched_names
+            .into_iter()
+            .chain(["x-private", "x-cf", "x-b3"])
+        {
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        let mut expect = vouched_names.to_vec();
+        expect.sort_unstable();
+        assert_eq!(left, expect, "only the names outside the vouched ones go");
     }
 
     #[test]

@@ -755,12 +755,7 @@ async fn route(
         headers::X_FORWARDED_PROTO,
         HeaderValue::from_static(done.record.x_forwarded_proto),
     );
-    // Set by `handle`; put back only if a Connection header named it.
-    if !h.contains_key(headers::X_FORWARDED_FOR) {
-        if let Ok(v) = HeaderValue::from_str(&done.record.x_forwarded_for) {
-            h.insert(headers::X_FORWARDED_FOR, v);
-        }
-    }
+    // `X-Forwarded-For` was set by `handle`, and no `Connection` token takes it away.
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
