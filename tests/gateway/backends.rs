@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use portcullis::echo;
 
@@ -894,4 +895,139 @@ async fn the_access_log_says_how_the_backend_connection_was_made() {
     for f in ["local_address", "dial_time", "dns_time", "tls_time"] {
         assert_eq!(dead.field(f), "-", "{f} when no connection was made");
     }
+}
+
+/// A backend whose keep-alive timer fires as the gateway's next request arrives: on each
+/// connection it answers the first request, then reads the next request's head and closes the
+/// connection without a word. Returns its address and the request lines it read, by connection.
+async fn forgetful_backend() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<Vec<String>>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let log = log.clone();
+            let conn = {
+                let mut all = log.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for answered in [true, false] {
+                    let mut chunk = [0u8; 4096];
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk))
+                            .await
+                        {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let line = head.lines().next().unwrap_or_default().to_string();
+                    log.lock().unwrap()[conn].push(line);
+                    // The test's requests carry at most a few bytes of body, read with the head.
+                    buf.clear();
+                    if answered {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+                // Dropped: closed without answering the second request.
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A backend closes a keep-alive connection once it has sat idle for the backend's own timeout
+/// (gunicorn 2 s, Node.js 5 s), and a request the gateway sends on it at that moment is lost
+/// with it. A replayable request (GET, HEAD, OPTIONS, TRACE, or an `Idempotency-Key`, without a
+/// body) on a connection that had been idle is sent again on a new connection, as Go's transport
+/// (so GoRouter) does; anything else gets the 502 it got before, and is never sent twice.
+#[tokio::test]
+async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replayable() {
+    let pki = TestPki::new();
+    let (backend, seen) = forgetful_backend().await;
+    let host = "forgetful.apps.plain";
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem, connect_timeout: 1s}}\n\
+         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
+        .await
+        .unwrap();
+    let post = |path: &str, body: &'static str, key: Option<&str>| {
+        let mut b = http::Request::post(path).header("host", host);
+        if let Some(k) = key {
+            b = b.header("idempotency-key", k);
+        }
+        b.body(http_body_util::Full::new(bytes::Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap()
+    };
+    // Each request after the first finds the connection the one before it left idle.
+    let idle = || tokio::time::sleep(Duration::from_millis(300));
+    assert_eq!(c.get(host, "/one").await.unwrap().status, 200);
+    idle().await;
+    let r = c.get(host, "/two").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"), "GET sent again");
+    idle().await;
+    let r = c.send(post("/three", "x", None)).await.unwrap();
+    assert_eq!(r.status, 502, "a POST is not sent twice");
+    assert_eq!(c.get(host, "/four").await.unwrap().status, 200);
+    idle().await;
+    let r = c.send(post("/five", "", Some("k-5"))).await.unwrap();
+    assert_eq!(
+        r.status, 200,
+        "an empty POST with an Idempotency-Key is sent again"
+    );
+    idle().await;
+    let r = c.send(post("/six", "x", Some("k-6"))).await.unwrap();
+    assert_eq!(r.status, 502, "a body is not kept to be sent again");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            vec!["GET /one HTTP/1.1", "GET /two HTTP/1.1"],
+            vec!["GET /two HTTP/1.1", "POST /three HTTP/1.1"],
+            vec!["GET /four HTTP/1.1", "POST /five HTTP/1.1"],
+            vec!["POST /five HTTP/1.1", "POST /six HTTP/1.1"],
+        ],
+        "requests by backend connection"
+    );
+    let lines = gw.log_lines(6).await;
+    let statuses: Vec<(u16, String)> = lines
+        .iter()
+        .map(|l| {
+            let l = LogLine::parse(l);
+            (l.status, l.field("x_cf_routererror").to_string())
+        })
+        .collect();
+    assert_eq!(statuses[1], (200, "-".to_string()), "{lines:?}");
+    assert_eq!(
+        statuses[2],
+        (502, "endpoint_failure".to_string()),
+        "{lines:?}"
+    );
+    // The endpoint did not fail: it is not put behind others.
+    let view = gw.route_view(host).await;
+    assert!(
+        view["endpoints"][0].get("failure_cooldown_ms").is_none(),
+        "{view}"
+    );
 }

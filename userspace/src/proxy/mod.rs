@@ -1110,8 +1110,59 @@ fn endpoint_failed(
     }
 }
 
-/// Sends on `lease`; when a pooled connection turns out closed before anything was sent, retries
-/// once on a new connection to the same endpoint (a stale pool entry is not a failed endpoint).
+/// How long a pooled connection must have been idle before a replayable request sent on it is
+/// kept, to be sent again should the backend close the connection without answering. A backend
+/// closes a keep-alive connection once it has been idle for its own timeout (gunicorn 2 s,
+/// Node.js and uvicorn 5 s, nginx 75 s), and a request sent as it does so is lost with the
+/// connection; a connection reused sooner than this is not one a backend's idle timer closes,
+/// and a busy gateway's requests pay nothing for the copy.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
+
+/// A copy of `req` to send again if it may be: an idempotent method (GET, HEAD, OPTIONS, TRACE)
+/// or an `Idempotency-Key`, and no body (a streamed body is gone once sent). As Go's transport,
+/// so GoRouter, replays a request a reused connection lost.
+fn replayable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    use http::Method;
+    const IDEMPOTENCY_KEYS: [&str; 2] = ["idempotency-key", "x-idempotency-key"];
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    ) || IDEMPOTENCY_KEYS
+        .iter()
+        .any(|k| req.headers().contains_key(*k));
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether a send failed because the connection ended (closed or reset) before an answer came.
+fn connection_ended(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    e.is_incomplete_message()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ErrorKind::ConnectionReset
+                        | ErrorKind::BrokenPipe
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::UnexpectedEof
+                )
+            })
+}
+
+/// Sends on `lease`. When a pooled connection turns out closed before anything was sent, or it
+/// had been idle for [`REPLAY_AFTER_IDLE`] and ended without answering a replayable request
+/// ([`replayable_copy`]: the backend's keep-alive timer closed it as the request went out),
+/// retries once on a new connection to the same endpoint: a stale pool entry is not a failed
+/// endpoint. Should that connect fail, the request is handed back to be tried elsewhere.
 async fn send_retrying_stale(
     state: &State,
     ep: &Arc<Endpoint>,
@@ -1119,10 +1170,19 @@ async fn send_retrying_stale(
     lease: &mut Lease,
     req: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, Box<SendFailure>> {
+    let replay = lease
+        .idle
+        .filter(|idle| *idle >= REPLAY_AFTER_IDLE)
+        .and_then(|_| replayable_copy(&req));
     match lease.send(req).await {
-        Err(mut f) if lease.reused => {
-            let Some(req) = f.request.take() else {
-                return Err(f);
+        Err(mut f) if lease.idle.is_some() => {
+            let req = match (f.request.take(), replay) {
+                (Some(req), _) => req,
+                (None, Some(copy)) if connection_ended(&f.error) => {
+                    tracing::debug!(endpoint = %ep.addr, error = %f.error, "a pooled backend connection ended without answering; sending the request again on a new one");
+                    copy
+                }
+                (None, _) => return Err(f),
             };
             match state.backends().connect_fresh(ep, settings, false).await {
                 Ok(mut fresh) => {

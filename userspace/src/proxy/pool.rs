@@ -143,8 +143,10 @@ pub struct Setup {
 pub struct Lease {
     sender: Sender,
     key: Key,
-    /// Whether it came from the idle pool (a failure to send on it is then retried on a new one).
-    pub reused: bool,
+    /// How long it had been idle in the pool; `None` for a connection opened for this request.
+    /// A failure to send on a pooled one is retried on a new one (and, after a while idle, a
+    /// replayable request it took is sent again: `proxy::send_retrying_stale`).
+    pub idle: Option<Duration>,
     /// For an h2 connection: this request's place among its streams.
     _slot: Option<StreamSlot>,
     /// How the connection was opened, when it was opened for this request (boxed: most requests
@@ -153,7 +155,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn new(sender: Sender, key: Key, reused: bool) -> Lease {
+    fn new(sender: Sender, key: Key, idle: Option<Duration>) -> Lease {
         let _slot = match &sender {
             Sender::H2(c) => Some(c.slot()),
             Sender::H1(..) => None,
@@ -161,7 +163,7 @@ impl Lease {
         Lease {
             sender,
             key,
-            reused,
+            idle,
             _slot,
             setup: None,
         }
@@ -333,15 +335,15 @@ impl BackendPool {
         let mut idle = self.idle.lock().ok()?;
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        let sender = if key.h2 {
+        let (sender, since) = if key.h2 {
             // Shared connections stay listed. Take the first one with room: the ones listed
             // later then fall idle first when the load drops, and expire.
             list.retain(|(c, since)| !c.is_closed() && now.duration_since(*since) < s.idle_timeout);
             list.iter_mut().find_map(|(c, since)| match c {
                 Sender::H2(c) if c.streams.load(Ordering::Relaxed) < s.h2_streams => {
                     // In use, so not idle.
-                    *since = now;
-                    Some(Sender::H2(c.clone()))
+                    let last = std::mem::replace(since, now);
+                    Some((Sender::H2(c.clone()), last))
                 }
                 _ => None,
             })
@@ -357,11 +359,15 @@ impl BackendPool {
             loop {
                 match list.pop_back() {
                     Some((c, _)) if c.is_closed() => continue,
-                    other => break other.map(|(c, _)| c),
+                    other => break other,
                 }
             }
         }?;
-        Some(Lease::new(sender, key.clone(), true))
+        Some(Lease::new(
+            sender,
+            key.clone(),
+            Some(now.saturating_duration_since(since)),
+        ))
     }
 
     /// Returns a connection after its response body was fully read: an HTTP/1.1 one to the idle
@@ -445,7 +451,7 @@ impl BackendPool {
                         .map_err(ConnectError::Tls)?;
                     setup.tls = Some(tls_started.elapsed());
                     let sender = handshake(TokioIo::new(tls), local, key.h2, upgrades).await?;
-                    return Ok(Lease::new(sender, key, false).opened(setup));
+                    return Ok(Lease::new(sender, key, None).opened(setup));
                 };
                 // As for client connections: an unbuffered handshake, then the record crypto
                 // goes to the kernel.
@@ -460,7 +466,7 @@ impl BackendPool {
                 handshake(TokioIo::new(stream), local, key.h2, upgrades).await?
             }
         };
-        Ok(Lease::new(sender, key, false).opened(setup))
+        Ok(Lease::new(sender, key, None).opened(setup))
     }
 }
 
@@ -565,7 +571,7 @@ mod tests {
             let _peer = _peer;
             let _ = conn.await;
         });
-        let lease = Lease::new(Sender::H1(sender, None), key(addr, false), false);
+        let lease = Lease::new(Sender::H1(sender, None), key(addr, false), None);
         (lease, task)
     }
 
