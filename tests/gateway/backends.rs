@@ -1031,3 +1031,135 @@ async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replaya
         "{view}"
     );
 }
+
+/// What a gRPC-shaped backend saw: each request's `te` header and its trailers.
+#[derive(Default, Debug)]
+struct GrpcSeen {
+    te: Vec<Option<String>>,
+    request_trailers: Vec<Option<String>>,
+}
+
+/// An h2c backend (`protocol: http2`, as Cloud Foundry routes gRPC apps) that answers as a gRPC
+/// server does: a 200 head, a message, then the status in trailers (`grpc-status`,
+/// `grpc-message`).
+async fn grpc_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<GrpcSeen>>) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<GrpcSeen>> = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let record = record.clone();
+            let svc = hyper::service::service_fn(
+                move |req: http::Request<hyper::body::Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let te = req
+                            .headers()
+                            .get("te")
+                            .map(|v| v.to_str().unwrap().to_string());
+                        let body = req.into_body().collect().await?;
+                        let trailer = body
+                            .trailers()
+                            .and_then(|t| t.get("x-checksum"))
+                            .map(|v| v.to_str().unwrap().to_string());
+                        {
+                            let mut r = record.lock().unwrap();
+                            r.te.push(te);
+                            r.request_trailers.push(trailer);
+                        }
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("7"));
+                        trailers.insert(
+                            "grpc-message",
+                            http::HeaderValue::from_static("caller%20not%20allowed"),
+                        );
+                        let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+                            Ok(Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"))),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        let body = StreamBody::new(futures_util::stream::iter(frames));
+                        Ok::<_, hyper::Error>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                                .unwrap(),
+                        )
+                    }
+                },
+            );
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// gRPC through the gateway: its status travels in the response's trailers, which must reach
+/// the caller, and its clients send `te: trailers`, which gRPC servers look for to know that
+/// no proxy on the way drops trailers (grpc-java warns without it): `te` is hop-by-hop, but
+/// `te: trailers` is passed on, as Go's reverse proxy (so GoRouter) and Envoy pass it. Request
+/// trailers reach the backend too.
+#[tokio::test]
+async fn grpc_status_in_trailers_and_te_trailers_pass_through() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let pki = TestPki::new();
+    let (backend, seen) = grpc_backend().await;
+    let host = "grpc.apps.plain";
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let tls =
+        crate::support::client::tls_connect(gw.https(), &pki.server_ca, Some(host), None, &[b"h2"])
+            .await
+            .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for te in [Some("trailers"), None] {
+        let mut request_trailers = http::HeaderMap::new();
+        request_trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+        let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\x01x"))),
+            Ok(Frame::trailers(request_trailers)),
+        ];
+        let mut req = http::Request::post(format!("https://{host}/echo.Echo/Say"))
+            .header("content-type", "application/grpc");
+        if let Some(te) = te {
+            req = req.header("te", te);
+        }
+        let req = req
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap();
+        let resp = bounded("grpc call", send.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = bounded("grpc body", resp.into_body().collect())
+            .await
+            .unwrap();
+        let trailers = body.trailers().cloned().expect("the response's trailers");
+        assert_eq!(trailers["grpc-status"], "7");
+        assert_eq!(trailers["grpc-message"], "caller%20not%20allowed");
+        assert_eq!(&body.to_bytes()[..], b"\0\0\0\0\x02hi");
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.te, [Some("trailers".to_string()), None], "te as sent");
+    assert_eq!(
+        seen.request_trailers,
+        [Some("abc".to_string()), Some("abc".to_string())]
+    );
+}

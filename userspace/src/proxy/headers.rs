@@ -4,7 +4,9 @@
 use std::net::IpAddr;
 
 use base64::Engine as _;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
+};
 
 use crate::config::{Secret, XfccFormat, XfccMode};
 use crate::identity::PeerCert;
@@ -185,6 +187,22 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     if keep_upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// [`strip_hop_by_hop`] for a request on its way to a backend, except that `TE: trailers` goes on
+/// (as `te: trailers` alone): gRPC clients send it and gRPC servers look for it, to know that no
+/// proxy on the way drops the trailers their status travels in. Go's reverse proxy (so
+/// GoRouter) and Envoy pass it on the same way.
+pub fn strip_request_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let te_trailers = h.get_all(TE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
+    strip_hop_by_hop(h, keep_upgrade);
+    if te_trailers {
+        h.insert(TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -719,6 +737,30 @@ mod tests {
         let mut expect = vouched_names.to_vec();
         expect.sort_unstable();
         assert_eq!(left, expect, "only the names outside the vouched ones go");
+    }
+
+    #[test]
+    fn a_request_keeps_te_trailers_alone() {
+        let mut h = HeaderMap::new();
+        h.append(TE, HeaderValue::from_static("gzip;q=0.5"));
+        h.append(TE, HeaderValue::from_static(" Trailers , deflate"));
+        h.insert(CONNECTION, HeaderValue::from_static("TE"));
+        strip_request_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[TE], "trailers");
+        // Without the token, TE goes as any hop-by-hop header; a response never keeps it.
+        for request in [true, false] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                TE,
+                HeaderValue::from_static(if request { "gzip" } else { "trailers" }),
+            );
+            match request {
+                true => strip_request_hop_by_hop(&mut h, false),
+                false => strip_hop_by_hop(&mut h, false),
+            }
+            assert!(h.is_empty(), "{h:?}");
+        }
     }
 
     #[test]

@@ -749,7 +749,7 @@ async fn route(
     // Room for the headers added from here on (forwarding, B3, XFCC, the instance's), so the
     // map grows at most once; a request refused above never pays for it.
     h.reserve(10);
-    headers::strip_hop_by_hop(h, upgrade);
+    headers::strip_request_hop_by_hop(h, upgrade);
     headers::drop_underscore_lookalikes(h);
     h.insert(
         headers::X_FORWARDED_PROTO,
