@@ -523,3 +523,21 @@ async fn x_forwarded_proto_follows_its_mode() {
         assert_eq!(logged, [tls_want, plain_want], "{mode} {sent:?} logged");
     }
 }
+
+/// An h2 client may send each cookie as a `cookie` field of its own (browsers do); the app, over
+/// HTTP/1.1, gets them as one `Cookie` header (`; `-separated), as Go's h2 server (so GoRouter)
+/// hands them over, since an app may read only one `Cookie` header.
+#[tokio::test]
+async fn an_h2_callers_cookies_reach_the_app_as_one_header() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, "")).await;
+    let host = "open.apps.plain";
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, true)
+        .await
+        .unwrap();
+    let req = c.build(host, "/", &[("cookie", "a=1"), ("cookie", "b=2; c=3")]);
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echo().headers["cookie"], "a=1; b=2; c=3");
+}

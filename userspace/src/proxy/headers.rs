@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use base64::Engine as _;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, TE, TRANSFER_ENCODING, UPGRADE,
 };
 
 use crate::config::{Secret, XfccFormat, XfccMode};
@@ -203,6 +203,26 @@ pub fn strip_request_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     strip_hop_by_hop(h, keep_upgrade);
     if te_trailers {
         h.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Joins an h2 request's `Cookie` fields into one, separated by `; `. An h2 client may send each
+/// cookie as a field of its own (RFC 9113 §8.2.3; browsers do, for HPACK), and an HTTP/1.1 app
+/// that reads one `Cookie` header (as RFC 6265 lets it) would see only some of its cookies. Go's
+/// h2 server, so GoRouter, joins them the same way.
+pub fn join_cookies(h: &mut HeaderMap) {
+    let mut values = h.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in h.get_all(COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Each part was a valid value, and `; ` is too.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(COOKIE, v);
     }
 }
 
@@ -737,6 +757,25 @@ mod tests {
         let mut expect = vouched_names.to_vec();
         expect.sort_unstable();
         assert_eq!(left, expect, "only the names outside the vouched ones go");
+    }
+
+    #[test]
+    fn an_h2_requests_cookie_fields_are_joined() {
+        let mut h = HeaderMap::new();
+        for c in ["a=1", "b=2", "__VCAP_ID__=x"] {
+            h.append(COOKIE, HeaderValue::from_static(c));
+        }
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all(COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; b=2; __VCAP_ID__=x"]
+        );
+        assert_eq!(h.len(), 2);
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h[COOKIE], "a=1");
     }
 
     #[test]

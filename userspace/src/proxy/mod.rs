@@ -751,6 +751,9 @@ async fn route(
     h.reserve(10);
     headers::strip_request_hop_by_hop(h, upgrade);
     headers::drop_underscore_lookalikes(h);
+    if parts.version == Version::HTTP_2 {
+        headers::join_cookies(h);
+    }
     h.insert(
         headers::X_FORWARDED_PROTO,
         HeaderValue::from_static(done.record.x_forwarded_proto),
