@@ -1163,3 +1163,117 @@ async fn grpc_status_in_trailers_and_te_trailers_pass_through() {
         [Some("abc".to_string()), Some("abc".to_string())]
     );
 }
+
+/// A backend's response head may be as large over h2 as over HTTP/1.1: an app's large cookies
+/// or policy headers (here 24 KiB, above hyper's 16 KiB default for h2) must not turn into a
+/// 502 because the app speaks h2. More than 100 header fields in an HTTP/1.1 response is a
+/// 502, as HAProxy (101) and Envoy (100) refuse them.
+#[tokio::test]
+async fn large_response_heads_pass_from_h1_and_h2_backends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    // An HTTP/1.1 backend: `/wide` answers with 120 header fields, anything else with 24 KiB
+    // of them in 24.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h1 = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                // One request head per read: the gateway sends one at a time.
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let read = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf));
+                    let n = match read.await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return,
+                    };
+                    let wide = buf[..n].starts_with(b"GET /wide ");
+                    let mut resp = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+                    let (fields, len) = if wide { (120, 1) } else { (24, 1000) };
+                    for i in 0..fields {
+                        resp += &format!("x-big-{i}: {}\r\n", "v".repeat(len));
+                    }
+                    resp += "\r\nok";
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    // An h2c backend answering with the same 24 KiB.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h2 = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let svc =
+                hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    let mut r = http::Response::builder();
+                    for i in 0..24 {
+                        r = r.header(format!("x-big-{i}"), "v".repeat(1000));
+                    }
+                    Ok::<_, hyper::Error>(
+                        r.body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                            .unwrap(),
+                    )
+                });
+            tokio::spawn(async move {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [big1.apps.plain], host: 127.0.0.1, port: {}}}\n\
+         \x20 - {{uris: [big2.apps.plain], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        h1.port(),
+        h2.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    for host in ["big1.apps.plain", "big2.apps.plain"] {
+        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
+            .await
+            .unwrap();
+        let r = c.get(host, "/").await.unwrap();
+        assert_eq!(r.status, 200, "{host}, h1 client");
+        assert_eq!(r.header("x-big-23").map(str::len), Some(1000), "{host}");
+        // An h2 client that takes heads this large (hyper's client too refuses more than
+        // 16 KiB by default; browsers take 256 KiB).
+        let tls = crate::support::client::tls_connect(
+            gw.https(),
+            &pki.server_ca,
+            Some(host),
+            None,
+            &[b"h2"],
+        )
+        .await
+        .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_header_list_size(256 * 1024)
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("https://{host}/"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let r = bounded("h2 client", send.send_request(req)).await.unwrap();
+        assert_eq!(r.status(), 200, "{host}, h2 client");
+        assert_eq!(r.headers()["x-big-23"].len(), 1000, "{host}");
+    }
+    let mut c = Conn::tls(
+        gw.https(),
+        &pki.server_ca,
+        Some("big1.apps.plain"),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    let r = c.get("big1.apps.plain", "/wide").await.unwrap();
+    assert_eq!(r.status, 502);
+}

@@ -512,6 +512,12 @@ fn list_h2(list: &mut VecDeque<(Sender, Instant)>, conn: &H2Conn) {
     }
 }
 
+/// The largest response head an h2 backend may send: as large as hyper takes from an HTTP/1.1
+/// one (its read buffer's limit, 8 KiB + 400 KiB), where hyper's h2 default is 16 KiB, so an app
+/// with large cookies or policy headers does not get a 502 for speaking h2 (Go's transport, so
+/// GoRouter, takes 10 MB).
+const MAX_H2_RESPONSE_HEAD: u32 = 8192 + 4096 * 100;
+
 async fn handshake<T>(
     io: TokioIo<T>,
     local: Option<SocketAddr>,
@@ -522,7 +528,9 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     if h2 {
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .max_header_list_size(MAX_H2_RESPONSE_HEAD)
+            .handshake(io)
             .await
             .map_err(ConnectError::Handshake)?;
         tokio::spawn(async move {
