@@ -934,6 +934,7 @@ async fn forgetful_backend() -> (
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
                     let line = head.lines().next().unwrap_or_default().to_string();
+                    let reset = line.contains("/rst");
                     log.lock().unwrap()[conn].push(line);
                     // The test's requests carry at most a few bytes of body, read with the head.
                     buf.clear();
@@ -941,6 +942,9 @@ async fn forgetful_backend() -> (
                         let _ = s
                             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                             .await;
+                    } else if reset {
+                        // Reset rather than closed.
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
                     }
                 }
                 // Dropped: closed without answering the second request.
@@ -998,6 +1002,10 @@ async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replaya
     idle().await;
     let r = c.send(post("/six", "x", Some("k-6"))).await.unwrap();
     assert_eq!(r.status, 502, "a body is not kept to be sent again");
+    assert_eq!(c.get(host, "/seven").await.unwrap().status, 200);
+    idle().await;
+    let r = c.get(host, "/rst").await.unwrap();
+    assert_eq!(r.status, 200, "sent again after a reset too");
 
     let seen = seen.lock().unwrap().clone();
     assert_eq!(
@@ -1007,6 +1015,8 @@ async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replaya
             vec!["GET /two HTTP/1.1", "POST /three HTTP/1.1"],
             vec!["GET /four HTTP/1.1", "POST /five HTTP/1.1"],
             vec!["POST /five HTTP/1.1", "POST /six HTTP/1.1"],
+            vec!["GET /seven HTTP/1.1", "GET /rst HTTP/1.1"],
+            vec!["GET /rst HTTP/1.1"],
         ],
         "requests by backend connection"
     );
