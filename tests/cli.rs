@@ -313,6 +313,67 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
     assert_eq!(a.get("r.apps.identity", "/").await.unwrap().status, 200);
 }
 
+/// `SIGUSR1` reopens the access log at the running config's path, for log rotation
+/// (`dist/portcullis.logrotate`): lines go to the new file from then on. It does not read the
+/// config file, so a rotation works while the file on disk is mid-edit or broken, which would
+/// fail a reload (and with it the reopening a reload does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_whatever_the_config_file_holds() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path());
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "portcullis.yaml",
+        &reload_config(0, "cf:app:app-a", backend.addr),
+    );
+    let mut gw = Running::start(&["run", "--config", cfg.to_str().unwrap()]);
+    let serving = gw.wait_for("portcullis is serving");
+    let addr = Running::served_addr(&serving, "https=");
+    let mut a = caller(addr, &pki, false).await;
+    let log = dir.path().join("access.log");
+    let rotated = dir.path().join("access.log.1");
+    let holds = |path: &std::path::Path, what: &str| {
+        std::fs::read_to_string(path).is_ok_and(|t| t.contains(what))
+    };
+    let wait_for_line = |path: std::path::PathBuf, what: &'static str| async move {
+        for _ in 0..100 {
+            if std::fs::read_to_string(&path).is_ok_and(|t| t.contains(what)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} never held {what}", path.display());
+    };
+
+    assert_eq!(
+        a.get("r.apps.identity", "/before").await.unwrap().status,
+        200
+    );
+    wait_for_line(log.clone(), "/before").await;
+    std::fs::rename(&log, &rotated).unwrap();
+    write_config(dir.path(), "portcullis.yaml", "listen: [broken\n");
+    assert!(gw.signal(libc::SIGUSR1));
+    gw.wait_for("SIGUSR1: access log reopened");
+    assert_eq!(
+        a.get("r.apps.identity", "/after").await.unwrap().status,
+        200
+    );
+    wait_for_line(log.clone(), "/after").await;
+    assert!(!holds(&log, "/before"), "the new file starts empty");
+    assert!(holds(&rotated, "/before") && !holds(&rotated, "/after"));
+
+    // A path that cannot be opened keeps the file already open.
+    let open = dir.path().join("access.log.2");
+    std::fs::rename(&log, &open).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    assert!(gw.signal(libc::SIGUSR1));
+    gw.wait_for("SIGUSR1: access log not reopened");
+    assert_eq!(a.get("r.apps.identity", "/kept").await.unwrap().status, 200);
+    wait_for_line(open, "/kept").await;
+}
+
 /// A gateway with `drain` set, its route allowing caller A.
 struct Draining {
     gw: Running,

@@ -3113,6 +3113,42 @@ async fn the_systemd_unit_runs_the_gateway() {
     let log = std::fs::read_to_string("/var/log/portcullis/access.log").unwrap_or_default();
     assert!(log.contains("a.apps.identity"), "access log: {log:?}");
 
+    // Log rotation with dist/portcullis.logrotate: logrotate moves the file and signals the
+    // unit's main process (SIGUSR1), which reopens the log as a new file of its own user.
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/portcullis.logrotate"),
+        "/etc/logrotate.d/portcullis",
+    )
+    .unwrap();
+    sh(
+        "logrotate --force --state /tmp/portcullis-logrotate.state /etc/logrotate.d/portcullis",
+        "logrotate",
+    );
+    let rotated = std::fs::read_to_string("/var/log/portcullis/access.log.1").unwrap_or_default();
+    assert!(rotated.contains("a.apps.identity"), "the rotated file: {rotated:?}");
+    assert_eq!(call_from(ns, ns.client(3), target, pki.clone()), Ok(200));
+    let mut fresh = String::new();
+    for _ in 0..100 {
+        fresh = std::fs::read_to_string("/var/log/portcullis/access.log").unwrap_or_default();
+        if fresh.contains("a.apps.identity") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        fresh.lines().count(),
+        1,
+        "one new line in the new file: {fresh:?}\n{}",
+        journal()
+    );
+    assert!(
+        journal().contains("SIGUSR1: access log reopened"),
+        "{}",
+        journal()
+    );
+    let owner = sh("stat -c %U /var/log/portcullis/access.log", "owner");
+    assert_eq!(owner.trim(), "portcullis");
+
     // `systemctl reload`: the same process takes the new allow-list, the gate's included.
     config(&format!("\"{}/32\", \"{}/32\"", ns.client(3), ns.client(2)));
     sh("systemctl reload portcullis", "reload");

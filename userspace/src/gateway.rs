@@ -457,6 +457,16 @@ impl Gateway {
         Ok(())
     }
 
+    /// Reopens the access log at the path the running configuration names (`SIGUSR1`, for log
+    /// rotation), without reading the config file: a rotation must not depend on the file on
+    /// disk being valid, as a reload does. On failure the log goes on to the file already open.
+    pub fn reopen_access_log(&self) -> Result<(), AccessLogError> {
+        let runtime = self.state.runtime.load();
+        let access_log = Destination::open(&runtime.config.access_log.path)?;
+        self.state.log.switch(access_log);
+        Ok(())
+    }
+
     /// Stops accepting, lets open connections finish their requests for up to `drain`.
     pub async fn shutdown(self, drain: Duration) {
         self.shutdown_unless(drain, std::future::pending()).await;

@@ -377,8 +377,9 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
     );
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = signals else {
+    let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr1)) = signals else {
         eprintln!("cannot install signal handlers");
         return ExitCode::from(1);
     };
@@ -456,6 +457,10 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
                 };
                 tell_service_manager(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
+            _ = usr1.recv() => match gateway.reopen_access_log() {
+                Ok(()) => tracing::info!("SIGUSR1: access log reopened"),
+                Err(e) => tracing::error!(error = %e, "SIGUSR1: access log not reopened; writing on to the file already open"),
+            },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

@@ -165,6 +165,10 @@ pub fn vm_test() -> Result<()> {
         if !have("modprobe") {
             apt_install(&["kmod"])?;
         }
+        // The unit's test rotates the access log with dist/portcullis.logrotate.
+        if !have("logrotate") {
+            apt_install(&["logrotate"])?;
+        }
     }
     let binaries = static_tests(&work)?;
     // PORTCULLIS_VM_ONLY=<test name>: only the boots that run that test (for development).
