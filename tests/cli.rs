@@ -320,14 +320,7 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr1_reopens_the_access_log_whatever_the_config_file_holds() {
     let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    pki.write(dir.path());
-    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
-    let cfg = write_config(
-        dir.path(),
-        "portcullis.yaml",
-        &reload_config(0, "cf:app:app-a", backend.addr),
-    );
+    let (dir, _backend, cfg) = started_config(&pki).await;
     let mut gw = Running::start(&["run", "--config", cfg.to_str().unwrap()]);
     let serving = gw.wait_for("portcullis is serving");
     let addr = Running::served_addr(&serving, "https=");
@@ -987,7 +980,7 @@ async fn json_logs_are_one_object_per_line() {
 /// signal's default action, which would end the process uncleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_during_start_up_reloads_once_serving_instead_of_killing() {
-    let (_dir, _backend, cfg) = started_config().await;
+    let (_dir, _backend, cfg) = started_config(&TestPki::new()).await;
     let mut gw = Running::spawn(Command::new(BIN).env("PORTCULLIS_LOG", "debug").args([
         "run",
         "--config",
@@ -1010,7 +1003,7 @@ async fn a_sighup_during_start_up_reloads_once_serving_instead_of_killing() {
 /// went (`systemctl status` shows it), and when it drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_manager_is_told_ready_reloading_and_stopping() {
-    let (dir, _backend, cfg) = started_config().await;
+    let (dir, _backend, cfg) = started_config(&TestPki::new()).await;
     let socket_path = dir.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket
@@ -1058,10 +1051,11 @@ async fn the_service_manager_is_told_ready_reloading_and_stopping() {
     assert!(gw.terminate().is_some_and(|s| s.success()));
 }
 
-/// A gateway's files in a fresh folder (its PKI and `reload_config` allowing app A, on an
+/// A gateway's files in a fresh folder (`pki` and `reload_config` allowing app A, on an
 /// ephemeral port) and the backend it routes to, running.
-async fn started_config() -> (tempfile::TempDir, echo::EchoServer, std::path::PathBuf) {
-    let pki = TestPki::new();
+async fn started_config(
+    pki: &TestPki,
+) -> (tempfile::TempDir, echo::EchoServer, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path());
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
@@ -1085,7 +1079,7 @@ async fn the_watchdog_is_fed_only_while_every_event_loop_runs() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let (dir, backend, _) = started_config().await;
+    let (dir, backend, _) = started_config(&TestPki::new()).await;
     let mut yaml = reload_config(0, "cf:app:app-a", backend.addr);
     yaml.push_str("admin: {listen: \"127.0.0.1:0\"}\n");
     let cfg = write_config(dir.path(), "watchdog.yaml", &yaml);

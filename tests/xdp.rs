@@ -3125,7 +3125,10 @@ async fn the_systemd_unit_runs_the_gateway() {
         "logrotate",
     );
     let rotated = std::fs::read_to_string("/var/log/portcullis/access.log.1").unwrap_or_default();
-    assert!(rotated.contains("a.apps.identity"), "the rotated file: {rotated:?}");
+    assert!(
+        rotated.contains("a.apps.identity"),
+        "the rotated file: {rotated:?}"
+    );
     assert_eq!(call_from(ns, ns.client(3), target, pki.clone()), Ok(200));
     let mut fresh = String::new();
     for _ in 0..100 {
