@@ -1287,3 +1287,84 @@ async fn large_response_heads_pass_from_h1_and_h2_backends() {
     let r = c.get("big1.apps.plain", "/wide").await.unwrap();
     assert_eq!(r.status, 502);
 }
+
+/// Trailers reach an HTTP/1.1 client that asks for them (`TE: trailers`), from an HTTP/1.1
+/// backend's chunked response as from an h2 one: `Trailer`, the header announcing them, is not
+/// hop-by-hop (RFC 9110 §6.6.2), and hyper sends an HTTP/1.1 peer only the trailer fields it
+/// announces. An h2 client gets them too.
+#[tokio::test]
+async fn announced_trailers_reach_http1_and_h2_clients() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let read = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf));
+                    match read.await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    }
+                    let resp = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                                trailer: x-checksum\r\n\r\n2\r\nok\r\n0\r\nx-checksum: 42\r\n\r\n";
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let host = "trailers.apps.plain";
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    for h2 in [false, true] {
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        let tls = crate::support::client::tls_connect(
+            gw.https(),
+            &pki.server_ca,
+            Some(host),
+            None,
+            &[alpn],
+        )
+        .await
+        .unwrap();
+        let io = TokioIo::new(tls);
+        let req = |uri: String| {
+            http::Request::get(uri)
+                .header("host", host)
+                .header("te", "trailers")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        let resp = if h2 {
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send.send_request(req(format!("https://{host}/"))).await
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            send.send_request(req("/".into())).await
+        }
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = bounded("body", resp.into_body().collect()).await.unwrap();
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        assert_eq!(
+            trailers.get("x-checksum").map(|v| v.to_str().unwrap()),
+            Some("42"),
+            "h2 client {h2}"
+        );
+        assert_eq!(&body.to_bytes()[..], b"ok");
+    }
+}

@@ -40,15 +40,16 @@ const TRACESTATE_MEMBERS: usize = 32;
 const TRACESTATE_LEN: usize = 512;
 
 /// As strings: the one-pass check below compares each present name with these, and a `const`
-/// array of `HeaderName`s would be built and dropped at every use.
-const HOP_BY_HOP: [&str; 8] = [
+/// array of `HeaderName`s would be built and dropped at every use. Not `Trailer`: it announces
+/// the trailer fields to every recipient (RFC 9110 §6.6.2; RFC 2616's hop-by-hop "Trailers" was
+/// `TE`'s token), and hyper sends an HTTP/1.1 peer only the trailer fields it announces.
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
 ];
 
