@@ -1368,3 +1368,95 @@ async fn announced_trailers_reach_http1_and_h2_clients() {
         assert_eq!(&body.to_bytes()[..], b"ok");
     }
 }
+
+/// An h2 backend (the `h2` crate's server, so each stream's answer is chosen) that answers the
+/// first stream on each connection and refuses the next with `REFUSED_STREAM`, as an app at its
+/// stream limit or shutting down does. Returns its address and the streams it saw, by
+/// connection, as `METHOD path`.
+async fn refusing_h2_backend() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<Vec<String>>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let log = log.clone();
+            let conn = {
+                let mut all = log.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
+            tokio::spawn(async move {
+                let Ok(mut h2) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut answered = false;
+                while let Some(Ok((req, mut respond))) = h2.accept().await {
+                    log.lock().unwrap()[conn].push(format!(
+                        "{} {}",
+                        req.method(),
+                        req.uri().path()
+                    ));
+                    if answered {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    answered = true;
+                    let resp = http::Response::new(());
+                    if let Ok(mut body) = respond.send_response(resp, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A request an h2 backend refused (`REFUSED_STREAM`: not processed) is sent again on a new
+/// connection to it when it has no body, whatever its method; one with a body gets 502.
+#[tokio::test]
+async fn a_request_an_h2_backend_refused_is_sent_again_without_a_body() {
+    let pki = TestPki::new();
+    let (backend, seen) = refusing_h2_backend().await;
+    let host = "refusing.apps.plain";
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
+        .await
+        .unwrap();
+    let post = |path: &str, body: &'static str| {
+        http::Request::post(path)
+            .header("host", host)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap()
+    };
+    assert_eq!(c.get(host, "/one").await.unwrap().status, 200);
+    let r = c.get(host, "/two").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"), "GET sent again");
+    let r = c.send(post("/three", "")).await.unwrap();
+    assert_eq!(r.status, 200, "a refused POST without a body is sent again");
+    let r = c.send(post("/four", "x")).await.unwrap();
+    assert_eq!(r.status, 502, "a body is not kept to be sent again");
+    let seen = seen.lock().unwrap().clone();
+    // The shared connection carries every request; each one it refused went once more, on a
+    // connection of its own (whose first stream is answered), and the one with a body did not.
+    assert_eq!(
+        seen,
+        [
+            vec!["GET /one", "GET /two", "POST /three", "POST /four"],
+            vec!["GET /two"],
+            vec!["POST /three"],
+        ],
+        "streams by backend connection"
+    );
+}

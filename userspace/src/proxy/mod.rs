@@ -1113,27 +1113,30 @@ fn endpoint_failed(
     }
 }
 
-/// How long a pooled connection must have been idle before a replayable request sent on it is
-/// kept, to be sent again should the backend close the connection without answering. A backend
-/// closes a keep-alive connection once it has been idle for its own timeout (gunicorn 2 s,
-/// Node.js and uvicorn 5 s, nginx 75 s), and a request sent as it does so is lost with the
-/// connection; a connection reused sooner than this is not one a backend's idle timer closes,
-/// and a busy gateway's requests pay nothing for the copy.
+/// How long a pooled HTTP/1.1 connection must have been idle before a replayable request sent
+/// on it is kept, to be sent again should the backend close the connection without answering.
+/// A backend closes a keep-alive connection once it has been idle for its own timeout
+/// (gunicorn 2 s, Node.js and uvicorn 5 s, nginx 75 s), and a request sent as it does so is
+/// lost with the connection; a connection reused sooner than this is not one a backend's idle
+/// timer closes, and a busy gateway's requests pay nothing for the copy.
 const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
-/// A copy of `req` to send again if it may be: an idempotent method (GET, HEAD, OPTIONS, TRACE)
-/// or an `Idempotency-Key`, and no body (a streamed body is gone once sent). As Go's transport,
-/// so GoRouter, replays a request a reused connection lost.
-fn replayable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+/// Whether `req` may be sent twice: an idempotent method (GET, HEAD, OPTIONS, TRACE) or an
+/// `Idempotency-Key`, as Go's transport (so GoRouter) replays a request a reused connection lost.
+fn idempotent(req: &Request<ProxyBody>) -> bool {
     use http::Method;
     const IDEMPOTENCY_KEYS: [&str; 2] = ["idempotency-key", "x-idempotency-key"];
-    let idempotent = matches!(
+    matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
     ) || IDEMPOTENCY_KEYS
         .iter()
-        .any(|k| req.headers().contains_key(*k));
-    if !idempotent || !req.body().is_end_stream() {
+        .any(|k| req.headers().contains_key(*k))
+}
+
+/// A copy of `req` to send again, when it has no body (a streamed body is gone once sent).
+fn bodiless_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    if !req.body().is_end_stream() {
         return None;
     }
     let mut copy = Request::new(empty());
@@ -1161,11 +1164,24 @@ fn connection_ended(e: &hyper::Error) -> bool {
             })
 }
 
-/// Sends on `lease`. When a pooled connection turns out closed before anything was sent, or it
-/// had been idle for [`REPLAY_AFTER_IDLE`] and ended without answering a replayable request
-/// ([`replayable_copy`]: the backend's keep-alive timer closed it as the request went out),
-/// retries once on a new connection to the same endpoint: a stale pool entry is not a failed
-/// endpoint. Should that connect fail, the request is handed back to be tried elsewhere.
+/// Whether an h2 backend refused the request's stream (`REFUSED_STREAM`): it did not process
+/// it, so the request may be sent again whatever its method (RFC 9113 §8.7).
+fn stream_refused(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// Sends on `lease`, and once more on a new connection to the same endpoint (a stale pool entry
+/// or a backend's refusal is not a failed endpoint) when:
+/// - a pooled connection turned out closed before anything was sent;
+/// - a pooled HTTP/1.1 connection idle for [`REPLAY_AFTER_IDLE`] ended without answering an
+///   [`idempotent`] request without a body: the backend's keep-alive timer closed it as the
+///   request went out;
+/// - an h2 backend refused the stream of a request without a body (an app at its stream limit,
+///   or shutting down).
+///
+/// Should that connect fail, the request is handed back to be tried elsewhere.
 async fn send_retrying_stale(
     state: &State,
     ep: &Arc<Endpoint>,
@@ -1173,19 +1189,29 @@ async fn send_retrying_stale(
     lease: &mut Lease,
     req: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, Box<SendFailure>> {
-    let replay = lease
-        .idle
-        .filter(|idle| *idle >= REPLAY_AFTER_IDLE)
-        .and_then(|_| replayable_copy(&req));
+    let h2 = lease.is_h2();
+    let copy = match lease.idle {
+        _ if h2 => bodiless_copy(&req),
+        Some(idle) if idle >= REPLAY_AFTER_IDLE && idempotent(&req) => bodiless_copy(&req),
+        _ => None,
+    };
     match lease.send(req).await {
-        Err(mut f) if lease.idle.is_some() => {
-            let req = match (f.request.take(), replay) {
-                (Some(req), _) => req,
-                (None, Some(copy)) if connection_ended(&f.error) => {
+        Err(mut f) => {
+            let pooled = lease.idle.is_some();
+            let req = match (f.request.take(), copy) {
+                (Some(req), _) if pooled => req,
+                (None, Some(copy)) if h2 && stream_refused(&f.error) => {
+                    tracing::debug!(endpoint = %ep.addr, error = %f.error, "an h2 backend refused a request; sending it again on a new connection");
+                    copy
+                }
+                (None, Some(copy)) if !h2 && pooled && connection_ended(&f.error) => {
                     tracing::debug!(endpoint = %ep.addr, error = %f.error, "a pooled backend connection ended without answering; sending the request again on a new one");
                     copy
                 }
-                (None, _) => return Err(f),
+                (given_back, _) => {
+                    f.request = given_back;
+                    return Err(f);
+                }
             };
             match state.backends().connect_fresh(ep, settings, false).await {
                 Ok(mut fresh) => {

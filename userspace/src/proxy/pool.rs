@@ -174,6 +174,11 @@ impl Lease {
         self
     }
 
+    /// Whether this is an h2 connection.
+    pub fn is_h2(&self) -> bool {
+        self.key.h2
+    }
+
     /// The connection's local address (GoRouter's `local_address` access-log field).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.sender {
