@@ -1460,3 +1460,151 @@ async fn a_request_an_h2_backend_refused_is_sent_again_without_a_body() {
         "streams by backend connection"
     );
 }
+
+/// An h2 backend written frame by frame, so that its `GOAWAY` can leave out a stream it has
+/// received (the `h2` crate's server counts every stream it has read as processed): on each
+/// connection it answers stream 1 (`200`, `x-conn` and `x-stream` naming the connection, from
+/// 0, and the stream) and meets any later stream with `GOAWAY` (last stream 1, `NO_ERROR`), as a
+/// server shutting down, or one that ends its connections after so many requests, does. Returns
+/// its address and the stream ids it received, by connection.
+async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Vec<u32>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+    // HPACK: a literal field without indexing, new name, no Huffman coding (RFC 7541 §6.2.2).
+    fn literal(block: &mut Vec<u8>, name: &str, value: &str) {
+        block.push(0);
+        block.push(name.len() as u8);
+        block.extend(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend(value.as_bytes());
+    }
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const SETTINGS: u8 = 4;
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<Vec<u32>>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            let log = log.clone();
+            let conn = {
+                let mut all = log.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
+            tokio::spawn(tokio::time::timeout(Duration::from_secs(10), async move {
+                let mut preface = [0u8; 24];
+                tcp.read_exact(&mut preface).await?;
+                assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+                loop {
+                    let mut head = [0u8; 9];
+                    tcp.read_exact(&mut head).await?;
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let (kind, flags) = (head[3], head[4]);
+                    let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+                    let mut payload = vec![0u8; len];
+                    tcp.read_exact(&mut payload).await?;
+                    match kind {
+                        SETTINGS if flags & 1 == 0 => {
+                            tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?
+                        }
+                        PING if flags & 1 == 0 => {
+                            tcp.write_all(&frame(PING, 1, 0, &payload)).await?
+                        }
+                        HEADERS => {
+                            log.lock().unwrap()[conn].push(stream);
+                            if stream != 1 {
+                                let mut away = 1u32.to_be_bytes().to_vec();
+                                away.extend(0u32.to_be_bytes()); // NO_ERROR
+                                tcp.write_all(&frame(GOAWAY, 0, 0, &away)).await?;
+                                // Nothing more is read: the gateway ends the connection.
+                                tcp.shutdown().await?;
+                                let mut rest = Vec::new();
+                                tcp.read_to_end(&mut rest).await?;
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            let mut block = vec![0x88]; // `:status: 200`, static table entry 8
+                            literal(&mut block, "x-conn", &conn.to_string());
+                            literal(&mut block, "x-stream", &stream.to_string());
+                            tcp.write_all(&frame(HEADERS, 0x4, stream, &block)).await?;
+                            tcp.write_all(&frame(DATA, 0x1, stream, b"ok")).await?;
+                        }
+                        _ => {}
+                    }
+                }
+            }));
+        }
+    });
+    (addr, seen)
+}
+
+/// A request whose stream an h2 backend's `GOAWAY` left out (not processed) is sent again on a
+/// new connection to it when it has no body, whatever its method; one with a body gets 502.
+#[tokio::test]
+async fn a_request_an_h2_backend_went_away_without_is_sent_again_without_a_body() {
+    let pki = TestPki::new();
+    let (backend, seen) = going_away_h2_backend().await;
+    let host = "going-away.apps.plain";
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
+        .await
+        .unwrap();
+    let post = |path: &str, body: &'static str| {
+        http::Request::post(path)
+            .header("host", host)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap()
+    };
+    let answered_by = |r: &crate::support::client::Resp| {
+        let h = |n: &str| r.headers.get(n).map(|v| v.to_str().unwrap().to_string());
+        (r.status, h("x-conn"), h("x-stream"))
+    };
+    let s = |v: &str| Some(v.to_string());
+    let r = c.get(host, "/one").await.unwrap();
+    assert_eq!(answered_by(&r), (200, s("0"), s("1")));
+    let r = c.get(host, "/two").await.unwrap();
+    assert_eq!(
+        answered_by(&r),
+        (200, s("1"), s("1")),
+        "a GET the GOAWAY left out, sent again on a new connection"
+    );
+    assert_eq!(r.body, "ok");
+    // The connection it was sent again on is the shared one now, so the next request goes on
+    // it and is left out in turn.
+    let r = c.get(host, "/three").await.unwrap();
+    assert_eq!(answered_by(&r), (200, s("2"), s("1")));
+    let r = c.send(post("/four", "x")).await.unwrap();
+    assert_eq!(r.status, 502, "a body is not kept to be sent again");
+    let r = c.get(host, "/five").await.unwrap();
+    assert_eq!(answered_by(&r), (200, s("3"), s("1")));
+    let r = c.send(post("/six", "")).await.unwrap();
+    assert_eq!(
+        answered_by(&r),
+        (200, s("4"), s("1")),
+        "a POST without a body the GOAWAY left out is sent again"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [vec![1, 3], vec![1, 3], vec![1, 3], vec![1, 3], vec![1]],
+        "streams by backend connection: each second stream was left out, and sent again on the \
+         next connection unless it had a body"
+    );
+}

@@ -1164,12 +1164,19 @@ fn connection_ended(e: &hyper::Error) -> bool {
             })
 }
 
-/// Whether an h2 backend refused the request's stream (`REFUSED_STREAM`): it did not process
-/// it, so the request may be sent again whatever its method (RFC 9113 §8.7).
-fn stream_refused(e: &hyper::Error) -> bool {
+/// Whether an h2 backend said it did not process the request's stream, so that it may be sent
+/// again whatever its method (RFC 9113 §8.7): it refused the stream (`RST_STREAM` with
+/// `REFUSED_STREAM`), or it sent `GOAWAY` with a last stream id below the stream's (a server
+/// shutting down, or one that ends its connections after so many requests), or had sent one
+/// before the stream was opened. The `h2` crate gives a `GOAWAY`'s error only to those streams;
+/// the ones it leaves to finish and that the closing connection then cuts get an I/O error.
+/// Go's transport (so GoRouter) sends a request again in the same cases.
+fn not_processed(e: &hyper::Error) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<h2::Error>())
-        .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
+        .is_some_and(|h| {
+            h.is_remote() && (h.is_go_away() || h.reason() == Some(h2::Reason::REFUSED_STREAM))
+        })
 }
 
 /// Sends on `lease`, and once more on a new connection to the same endpoint (a stale pool entry
@@ -1178,8 +1185,8 @@ fn stream_refused(e: &hyper::Error) -> bool {
 /// - a pooled HTTP/1.1 connection idle for [`REPLAY_AFTER_IDLE`] ended without answering an
 ///   [`idempotent`] request without a body: the backend's keep-alive timer closed it as the
 ///   request went out;
-/// - an h2 backend refused the stream of a request without a body (an app at its stream limit,
-///   or shutting down).
+/// - an h2 backend did not process the stream of a request without a body ([`not_processed`]:
+///   an app at its stream limit, or shutting down).
 ///
 /// Should that connect fail, the request is handed back to be tried elsewhere.
 async fn send_retrying_stale(
@@ -1200,8 +1207,8 @@ async fn send_retrying_stale(
             let pooled = lease.idle.is_some();
             let req = match (f.request.take(), copy) {
                 (Some(req), _) if pooled => req,
-                (None, Some(copy)) if h2 && stream_refused(&f.error) => {
-                    tracing::debug!(endpoint = %ep.addr, error = %f.error, "an h2 backend refused a request; sending it again on a new connection");
+                (None, Some(copy)) if h2 && not_processed(&f.error) => {
+                    tracing::debug!(endpoint = %ep.addr, error = %f.error, "an h2 backend did not process a request; sending it again on a new connection");
                     copy
                 }
                 (None, Some(copy)) if !h2 && pooled && connection_ended(&f.error) => {
