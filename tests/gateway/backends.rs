@@ -1461,6 +1461,86 @@ async fn a_request_an_h2_backend_refused_is_sent_again_without_a_body() {
     );
 }
 
+/// HTTP/2 frames by hand, for backends that do what the `h2` crate's server will not.
+mod raw_h2 {
+    pub const DATA: u8 = 0;
+    pub const HEADERS: u8 = 1;
+    pub const SETTINGS: u8 = 4;
+    pub const PING: u8 = 6;
+    pub const GOAWAY: u8 = 7;
+    /// HEADERS' and DATA's flags.
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    /// HPACK: a literal field without indexing, new name, no Huffman coding (RFC 7541 §6.2.2).
+    pub fn literal(block: &mut Vec<u8>, name: &str, value: &str) {
+        block.push(0);
+        block.push(name.len() as u8);
+        block.extend(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend(value.as_bytes());
+    }
+
+    /// A response head: `:status: 200` (static table entry 8) and `x-conn` and `x-stream`
+    /// naming the connection and the stream.
+    pub fn answer(conn: usize, stream: u32) -> Vec<u8> {
+        let mut block = vec![0x88];
+        literal(&mut block, "x-conn", &conn.to_string());
+        literal(&mut block, "x-stream", &stream.to_string());
+        frame(HEADERS, END_HEADERS, stream, &block)
+    }
+
+    /// `GOAWAY` with `last` as the last stream processed, `NO_ERROR`.
+    pub fn go_away(last: u32) -> Vec<u8> {
+        let mut payload = last.to_be_bytes().to_vec();
+        payload.extend(0u32.to_be_bytes());
+        frame(GOAWAY, 0, 0, &payload)
+    }
+
+    /// Reads the client preface and sends the server's (empty) SETTINGS.
+    pub async fn accept<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        io: &mut S,
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await?;
+        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        io.write_all(&frame(SETTINGS, 0, 0, &[])).await
+    }
+
+    /// The next frame: its type, flags, stream and payload.
+    pub async fn read<S: tokio::io::AsyncRead + Unpin>(
+        io: &mut S,
+    ) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 9];
+        io.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await?;
+        Ok((head[3], head[4], stream, payload))
+    }
+
+    /// What a connection must answer, whatever the backend does with requests: SETTINGS and
+    /// PING are acknowledged. `None` for a frame that needs no answer.
+    pub fn ack(kind: u8, flags: u8, payload: &[u8]) -> Option<Vec<u8>> {
+        match kind {
+            SETTINGS if flags & 1 == 0 => Some(frame(SETTINGS, 1, 0, &[])),
+            PING if flags & 1 == 0 => Some(frame(PING, 1, 0, payload)),
+            _ => None,
+        }
+    }
+}
+
 /// An h2 backend written frame by frame, so that its `GOAWAY` can leave out a stream it has
 /// received (the `h2` crate's server counts every stream it has read as processed): on each
 /// connection it answers stream 1 (`200`, `x-conn` and `x-stream` naming the connection, from
@@ -1468,27 +1548,8 @@ async fn a_request_an_h2_backend_refused_is_sent_again_without_a_body() {
 /// server shutting down, or one that ends its connections after so many requests, does. Returns
 /// its address and the stream ids it received, by connection.
 async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Vec<u32>>>>) {
+    use raw_h2::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend([kind, flags]);
-        f.extend(stream.to_be_bytes());
-        f.extend(payload);
-        f
-    }
-    // HPACK: a literal field without indexing, new name, no Huffman coding (RFC 7541 §6.2.2).
-    fn literal(block: &mut Vec<u8>, name: &str, value: &str) {
-        block.push(0);
-        block.push(name.len() as u8);
-        block.extend(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend(value.as_bytes());
-    }
-    const DATA: u8 = 0;
-    const HEADERS: u8 = 1;
-    const SETTINGS: u8 = 4;
-    const PING: u8 = 6;
-    const GOAWAY: u8 = 7;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let seen: Arc<std::sync::Mutex<Vec<Vec<u32>>>> = Arc::default();
@@ -1502,45 +1563,26 @@ async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<
                 all.len() - 1
             };
             tokio::spawn(tokio::time::timeout(Duration::from_secs(10), async move {
-                let mut preface = [0u8; 24];
-                tcp.read_exact(&mut preface).await?;
-                assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-                tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+                accept(&mut tcp).await?;
                 loop {
-                    let mut head = [0u8; 9];
-                    tcp.read_exact(&mut head).await?;
-                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                    let (kind, flags) = (head[3], head[4]);
-                    let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
-                    let mut payload = vec![0u8; len];
-                    tcp.read_exact(&mut payload).await?;
-                    match kind {
-                        SETTINGS if flags & 1 == 0 => {
-                            tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?
-                        }
-                        PING if flags & 1 == 0 => {
-                            tcp.write_all(&frame(PING, 1, 0, &payload)).await?
-                        }
-                        HEADERS => {
-                            log.lock().unwrap()[conn].push(stream);
-                            if stream != 1 {
-                                let mut away = 1u32.to_be_bytes().to_vec();
-                                away.extend(0u32.to_be_bytes()); // NO_ERROR
-                                tcp.write_all(&frame(GOAWAY, 0, 0, &away)).await?;
-                                // Nothing more is read: the gateway ends the connection.
-                                tcp.shutdown().await?;
-                                let mut rest = Vec::new();
-                                tcp.read_to_end(&mut rest).await?;
-                                return Ok::<_, std::io::Error>(());
-                            }
-                            let mut block = vec![0x88]; // `:status: 200`, static table entry 8
-                            literal(&mut block, "x-conn", &conn.to_string());
-                            literal(&mut block, "x-stream", &stream.to_string());
-                            tcp.write_all(&frame(HEADERS, 0x4, stream, &block)).await?;
-                            tcp.write_all(&frame(DATA, 0x1, stream, b"ok")).await?;
-                        }
-                        _ => {}
+                    let (kind, flags, stream, payload) = read(&mut tcp).await?;
+                    if let Some(ack) = ack(kind, flags, &payload) {
+                        tcp.write_all(&ack).await?;
                     }
+                    if kind != HEADERS {
+                        continue;
+                    }
+                    log.lock().unwrap()[conn].push(stream);
+                    if stream != 1 {
+                        tcp.write_all(&go_away(1)).await?;
+                        // Nothing more is read: the gateway ends the connection.
+                        tcp.shutdown().await?;
+                        tcp.read_to_end(&mut Vec::new()).await?;
+                        return Ok::<_, std::io::Error>(());
+                    }
+                    tcp.write_all(&answer(conn, stream)).await?;
+                    tcp.write_all(&frame(DATA, END_STREAM, stream, b"ok"))
+                        .await?;
                 }
             }));
         }
@@ -1606,5 +1648,142 @@ async fn a_request_an_h2_backend_went_away_without_is_sent_again_without_a_body(
         [vec![1, 3], vec![1, 3], vec![1, 3], vec![1, 3], vec![1]],
         "streams by backend connection: each second stream was left out, and sent again on the \
          next connection unless it had a body"
+    );
+}
+
+/// A request a backend received: its connection, stream and method.
+type Received = (usize, u32, &'static str);
+
+/// An h2 backend draining its connections as a server shutting down gracefully does, or a gRPC
+/// server at its `MaxConnectionAge`: a GET is met with `GOAWAY` (last stream: the GET's) and
+/// then its answer, whose body (`a`, then `b`) ends only once a POST has been answered on
+/// some connection, so the connection stays open, going away, meanwhile. A POST is answered at
+/// once (`ok`). Answers carry `x-conn` and `x-stream`. Returns its address and the
+/// `(connection, stream, method)` of every request it received.
+async fn draining_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Received>>>) {
+    use raw_h2::*;
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<Received>>> = Arc::default();
+    let log = seen.clone();
+    let posted = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(async move {
+        let mut conns = 0;
+        while let Ok((tcp, _)) = l.accept().await {
+            let (log, posted, conn) = (log.clone(), posted.clone(), conns);
+            conns += 1;
+            tokio::spawn(tokio::time::timeout(Duration::from_secs(10), async move {
+                let (mut rd, mut wr) = tcp.into_split();
+                accept(&mut tokio::io::join(&mut rd, &mut wr)).await?;
+                let wr = Arc::new(tokio::sync::Mutex::new(wr));
+                loop {
+                    let (kind, flags, stream, payload) = read(&mut rd).await?;
+                    if let Some(ack) = ack(kind, flags, &payload) {
+                        wr.lock().await.write_all(&ack).await?;
+                    }
+                    if kind != HEADERS {
+                        continue;
+                    }
+                    // `:method` comes first, from HPACK's static table: 2 is GET, 3 is POST.
+                    let method = match payload.first() {
+                        Some(0x82) => "GET",
+                        Some(0x83) => "POST",
+                        other => panic!("a request head starting {other:?}"),
+                    };
+                    log.lock().unwrap().push((conn, stream, method));
+                    let mut w = wr.lock().await;
+                    if method == "POST" {
+                        w.write_all(&answer(conn, stream)).await?;
+                        w.write_all(&frame(DATA, END_STREAM, stream, b"ok")).await?;
+                        posted.notify_one();
+                        continue;
+                    }
+                    w.write_all(&go_away(stream)).await?;
+                    w.write_all(&answer(conn, stream)).await?;
+                    w.write_all(&frame(DATA, 0, stream, b"a")).await?;
+                    let (wr, posted) = (wr.clone(), posted.clone());
+                    tokio::spawn(async move {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(5), posted.notified()).await;
+                        let end = frame(DATA, END_STREAM, stream, b"b");
+                        let _ = wr.lock().await.write_all(&end).await;
+                    });
+                }
+                #[allow(unreachable_code)]
+                Ok::<_, std::io::Error>(())
+            }));
+        }
+    });
+    (addr, seen)
+}
+
+/// A request that arrives while the backend's shared h2 connection is going away (`GOAWAY`
+/// received, a response still running on it) is sent on a new connection, body and all, and the
+/// running response ends as the backend sends it.
+#[tokio::test]
+async fn a_request_arriving_while_an_h2_backend_goes_away_takes_a_new_connection() {
+    use http_body_util::BodyExt;
+    let pki = TestPki::new();
+    let (backend, seen) = draining_h2_backend().await;
+    let host = "draining.apps.plain";
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let mut a = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
+        .await
+        .unwrap();
+    let mut b = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
+        .await
+        .unwrap();
+    // A's response head comes after the GOAWAY, on the same connection: once A has it, the
+    // gateway has read the GOAWAY too.
+    let Conn::H1(sender) = &mut a else {
+        unreachable!()
+    };
+    let req = http::Request::get("/slow")
+        .header("host", host)
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let resp = bounded("the GET", sender.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-conn"], "0");
+    let mut body = resp.into_body();
+    let first = bounded("the GET's first byte", body.frame())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "a");
+    let post = http::Request::post("/upload")
+        .header("host", host)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"the request's body",
+        )))
+        .unwrap();
+    let r = b.send(post).await.unwrap();
+    let conn = r
+        .headers
+        .get("x-conn")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(
+        (r.status, conn.as_deref(), r.body.as_str()),
+        (200, Some("1"), "ok"),
+        "the POST went on a new connection"
+    );
+    let rest = bounded("the GET's end", body.collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(
+        rest, "b",
+        "the response running on the connection going away ended"
+    );
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        [(0, 1, "GET"), (1, 1, "POST")],
+        "no request was sent on the connection after its GOAWAY"
     );
 }
