@@ -954,6 +954,16 @@ async fn forgetful_backend() -> (
     (addr, seen)
 }
 
+/// `portcullis_backend_resends_total` by reason, the reasons counted so far.
+fn resends(gw: &TestGateway) -> Vec<(String, f64)> {
+    gw.metrics()
+        .lines()
+        .filter_map(|l| l.strip_prefix("portcullis_backend_resends_total{reason=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .map(|(reason, n)| (reason.to_string(), n.trim().parse().unwrap()))
+        .collect()
+}
+
 /// A backend closes a keep-alive connection once it has sat idle for the backend's own timeout
 /// (gunicorn 2 s, Node.js 5 s), and a request the gateway sends on it at that moment is lost
 /// with it. A replayable request (GET, HEAD, OPTIONS, TRACE, or an `Idempotency-Key`, without a
@@ -1020,6 +1030,7 @@ async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replaya
         ],
         "requests by backend connection"
     );
+    assert_eq!(resends(&gw), [("idle_connection_closed".into(), 3.0)]);
     let lines = gw.log_lines(6).await;
     let statuses: Vec<(u16, String)> = lines
         .iter()
@@ -1459,6 +1470,7 @@ async fn a_request_an_h2_backend_refused_is_sent_again_without_a_body() {
         ],
         "streams by backend connection"
     );
+    assert_eq!(resends(&gw), [("refused_stream".into(), 2.0)]);
 }
 
 /// HTTP/2 frames by hand, for backends that do what the `h2` crate's server will not.
@@ -1649,6 +1661,7 @@ async fn a_request_an_h2_backend_went_away_without_is_sent_again_without_a_body(
         "streams by backend connection: each second stream was left out, and sent again on the \
          next connection unless it had a body"
     );
+    assert_eq!(resends(&gw), [("go_away".into(), 3.0)]);
 }
 
 /// A request a backend received: its connection, stream and method.
@@ -1786,4 +1799,5 @@ async fn a_request_arriving_while_an_h2_backend_goes_away_takes_a_new_connection
         [(0, 1, "GET"), (1, 1, "POST")],
         "no request was sent on the connection after its GOAWAY"
     );
+    assert_eq!(resends(&gw), [("stale_connection".into(), 1.0)]);
 }

@@ -88,6 +88,11 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
     /// The status code's class: `2xx`, `4xx`, …
     pub class: &'static str,
@@ -148,6 +153,7 @@ pub struct Metrics {
     pub connections_idle: Gauge,
     pub accept_errors: Counter,
     pub backend_errors: Family<ErrorLabels, Counter>,
+    pub backend_resends: Family<ReasonLabels, Counter>,
     pub access_log_dropped: Counter,
     pub admin_refused: Counter,
     pub admin_connections_refused: Counter,
@@ -201,6 +207,7 @@ impl Metrics {
             connections_idle: Gauge::default(),
             accept_errors: Counter::default(),
             backend_errors: Family::default(),
+            backend_resends: Family::default(),
             access_log_dropped: Counter::default(),
             admin_refused: Counter::default(),
             admin_connections_refused: Counter::default(),
@@ -351,6 +358,16 @@ impl Metrics {
             "backend_errors",
             "Backend failures, by kind",
             m.backend_errors.clone(),
+        );
+        registry.register(
+            "backend_resends",
+            "Requests sent to their endpoint again on a new connection, by why: a pooled \
+             connection found closed before the request went out (stale_connection), one idle \
+             for 100 ms or more that ended without answering a replayable request \
+             (idle_connection_closed: the backend's keep-alive timeout is shorter than \
+             backends.idle_timeout), an h2 backend's REFUSED_STREAM (refused_stream) or GOAWAY \
+             (go_away)",
+            m.backend_resends.clone(),
         );
         registry.register(
             "access_log_dropped",

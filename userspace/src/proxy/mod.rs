@@ -1179,6 +1179,18 @@ fn not_processed(e: &hyper::Error) -> bool {
         })
 }
 
+/// Why an h2 backend did not process a request ([`not_processed`]), as a metric's label.
+fn go_away_or_refused(e: &hyper::Error) -> &'static str {
+    let go_away = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(h2::Error::is_go_away);
+    if go_away {
+        "go_away"
+    } else {
+        "refused_stream"
+    }
+}
+
 /// Sends on `lease`, and once more on a new connection to the same endpoint (a stale pool entry
 /// or a backend's refusal is not a failed endpoint) when:
 /// - a pooled connection turned out closed before anything was sent;
@@ -1188,7 +1200,8 @@ fn not_processed(e: &hyper::Error) -> bool {
 /// - an h2 backend did not process the stream of a request without a body ([`not_processed`]:
 ///   an app at its stream limit, or shutting down).
 ///
-/// Should that connect fail, the request is handed back to be tried elsewhere.
+/// Each is counted in `portcullis_backend_resends_total{reason}`. Should that connect fail,
+/// the request is handed back to be tried elsewhere.
 async fn send_retrying_stale(
     state: &State,
     ep: &Arc<Endpoint>,
@@ -1205,21 +1218,25 @@ async fn send_retrying_stale(
     match lease.send(req).await {
         Err(mut f) => {
             let pooled = lease.idle.is_some();
-            let req = match (f.request.take(), copy) {
-                (Some(req), _) if pooled => req,
+            let (req, reason) = match (f.request.take(), copy) {
+                (Some(req), _) if pooled => (req, "stale_connection"),
                 (None, Some(copy)) if h2 && not_processed(&f.error) => {
-                    tracing::debug!(endpoint = %ep.addr, error = %f.error, "an h2 backend did not process a request; sending it again on a new connection");
-                    copy
+                    (copy, go_away_or_refused(&f.error))
                 }
                 (None, Some(copy)) if !h2 && pooled && connection_ended(&f.error) => {
-                    tracing::debug!(endpoint = %ep.addr, error = %f.error, "a pooled backend connection ended without answering; sending the request again on a new one");
-                    copy
+                    (copy, "idle_connection_closed")
                 }
                 (given_back, _) => {
                     f.request = given_back;
                     return Err(f);
                 }
             };
+            tracing::debug!(endpoint = %ep.addr, error = %f.error, reason, "sending a request again on a new connection to its endpoint");
+            state
+                .metrics
+                .backend_resends
+                .get_or_create(&crate::metrics::ReasonLabels { reason })
+                .inc();
             match state.backends().connect_fresh(ep, settings, false).await {
                 Ok(mut fresh) => {
                     let r = fresh.send(req).await;
