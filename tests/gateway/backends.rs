@@ -1517,15 +1517,22 @@ mod raw_h2 {
         frame(GOAWAY, 0, 0, &payload)
     }
 
-    /// Reads the client preface and sends the server's (empty) SETTINGS.
+    /// Reads the client preface and sends the server's SETTINGS, with
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` when `max_streams` is given.
     pub async fn accept<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         io: &mut S,
+        max_streams: Option<u32>,
     ) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut preface = [0u8; 24];
         io.read_exact(&mut preface).await?;
         assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        io.write_all(&frame(SETTINGS, 0, 0, &[])).await
+        let mut settings = Vec::new();
+        if let Some(max) = max_streams {
+            settings.extend(3u16.to_be_bytes());
+            settings.extend(max.to_be_bytes());
+        }
+        io.write_all(&frame(SETTINGS, 0, 0, &settings)).await
     }
 
     /// The next frame: its type, flags, stream and payload.
@@ -1575,7 +1582,7 @@ async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<
                 all.len() - 1
             };
             tokio::spawn(tokio::time::timeout(Duration::from_secs(10), async move {
-                accept(&mut tcp).await?;
+                accept(&mut tcp, None).await?;
                 loop {
                     let (kind, flags, stream, payload) = read(&mut tcp).await?;
                     if let Some(ack) = ack(kind, flags, &payload) {
@@ -1667,13 +1674,17 @@ async fn a_request_an_h2_backend_went_away_without_is_sent_again_without_a_body(
 /// A request a backend received: its connection, stream and method.
 type Received = (usize, u32, &'static str);
 
-/// An h2 backend draining its connections as a server shutting down gracefully does, or a gRPC
-/// server at its `MaxConnectionAge`: a GET is met with `GOAWAY` (last stream: the GET's) and
-/// then its answer, whose body (`a`, then `b`) ends only once a POST has been answered on
-/// some connection, so the connection stays open, going away, meanwhile. A POST is answered at
-/// once (`ok`). Answers carry `x-conn` and `x-stream`. Returns its address and the
+/// An h2 backend whose GETs are long-running (a gRPC or event stream): a GET's answer has a body
+/// (`a`, then `b`) that ends only once a POST has been answered on some connection, or after
+/// 5 s; a POST is answered at once (`ok`). Answers carry `x-conn` and `x-stream`. With
+/// `drain`, a GET is met with `GOAWAY` (last stream: the GET's) before its answer, as a server
+/// shutting down gracefully, or a gRPC server at its `MaxConnectionAge`, drains its connections.
+/// With `max_streams`, its SETTINGS announce that stream limit. Returns its address and the
 /// `(connection, stream, method)` of every request it received.
-async fn draining_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Received>>>) {
+async fn long_running_h2_backend(
+    drain: bool,
+    max_streams: Option<u32>,
+) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Received>>>) {
     use raw_h2::*;
     use tokio::io::AsyncWriteExt;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1688,7 +1699,7 @@ async fn draining_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Ve
             conns += 1;
             tokio::spawn(tokio::time::timeout(Duration::from_secs(10), async move {
                 let (mut rd, mut wr) = tcp.into_split();
-                accept(&mut tokio::io::join(&mut rd, &mut wr)).await?;
+                accept(&mut tokio::io::join(&mut rd, &mut wr), max_streams).await?;
                 let wr = Arc::new(tokio::sync::Mutex::new(wr));
                 loop {
                     let (kind, flags, stream, payload) = read(&mut rd).await?;
@@ -1712,7 +1723,9 @@ async fn draining_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Ve
                         posted.notify_one();
                         continue;
                     }
-                    w.write_all(&go_away(stream)).await?;
+                    if drain {
+                        w.write_all(&go_away(stream)).await?;
+                    }
                     w.write_all(&answer(conn, stream)).await?;
                     w.write_all(&frame(DATA, 0, stream, b"a")).await?;
                     let (wr, posted) = (wr.clone(), posted.clone());
@@ -1731,14 +1744,56 @@ async fn draining_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Ve
     (addr, seen)
 }
 
+/// On one h2 connection to the gateway (so one worker, and one backend pool): a GET whose
+/// long-running answer has begun (its first byte read), then a POST while it runs. Returns the
+/// backend connection that answered the GET, the POST's answer and the rest of the GET's body.
+async fn post_while_a_get_runs(
+    gw: &TestGateway,
+    pki: &TestPki,
+    host: &str,
+) -> (String, crate::support::client::Resp, bytes::Bytes) {
+    use http_body_util::{BodyExt, Full};
+    let c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, true)
+        .await
+        .unwrap();
+    let Conn::H2(mut sender) = c else {
+        unreachable!()
+    };
+    let req = http::Request::get(format!("https://{host}/stream"))
+        .body(Full::default())
+        .unwrap();
+    let resp = bounded("the GET", sender.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let get_conn = resp.headers()["x-conn"].to_str().unwrap().to_string();
+    let mut body = resp.into_body();
+    let first = bounded("the GET's first byte", body.frame())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "a");
+    let post = http::Request::post(format!("https://{host}/call"))
+        .body(Full::new(bytes::Bytes::from_static(b"the request's body")))
+        .unwrap();
+    let r = Conn::H2(sender.clone()).send(post).await.unwrap();
+    let rest = bounded("the GET's end", body.collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    (get_conn, r, rest)
+}
+
+/// The backend connection a response names (`x-conn`).
+fn answered_on(r: &crate::support::client::Resp) -> Option<&str> {
+    r.headers.get("x-conn").map(|v| v.to_str().unwrap())
+}
+
 /// A request that arrives while the backend's shared h2 connection is going away (`GOAWAY`
 /// received, a response still running on it) is sent on a new connection, body and all, and the
 /// running response ends as the backend sends it.
 #[tokio::test]
 async fn a_request_arriving_while_an_h2_backend_goes_away_takes_a_new_connection() {
-    use http_body_util::BodyExt;
     let pki = TestPki::new();
-    let (backend, seen) = draining_h2_backend().await;
+    let (backend, seen) = long_running_h2_backend(true, None).await;
     let host = "draining.apps.plain";
     let y = format!(
         "backends: {{ca_certs: backend-ca.pem}}\n\
@@ -1746,50 +1801,15 @@ async fn a_request_arriving_while_an_h2_backend_goes_away_takes_a_new_connection
         backend.port()
     );
     let gw = TestGateway::start(&pki, &y).await;
-    let mut a = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
-        .await
-        .unwrap();
-    let mut b = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
-        .await
-        .unwrap();
-    // A's response head comes after the GOAWAY, on the same connection: once A has it, the
+    // The GET's answer comes after the GOAWAY, on the same connection: once it has begun, the
     // gateway has read the GOAWAY too.
-    let Conn::H1(sender) = &mut a else {
-        unreachable!()
-    };
-    let req = http::Request::get("/slow")
-        .header("host", host)
-        .body(http_body_util::Full::default())
-        .unwrap();
-    let resp = bounded("the GET", sender.send_request(req)).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["x-conn"], "0");
-    let mut body = resp.into_body();
-    let first = bounded("the GET's first byte", body.frame())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(first.into_data().unwrap(), "a");
-    let post = http::Request::post("/upload")
-        .header("host", host)
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            b"the request's body",
-        )))
-        .unwrap();
-    let r = b.send(post).await.unwrap();
-    let conn = r
-        .headers
-        .get("x-conn")
-        .map(|v| v.to_str().unwrap().to_string());
+    let (get_conn, post, rest) = post_while_a_get_runs(&gw, &pki, host).await;
+    assert_eq!(get_conn, "0");
     assert_eq!(
-        (r.status, conn.as_deref(), r.body.as_str()),
+        (post.status, answered_on(&post), post.body.as_str()),
         (200, Some("1"), "ok"),
         "the POST went on a new connection"
     );
-    let rest = bounded("the GET's end", body.collect())
-        .await
-        .unwrap()
-        .to_bytes();
     assert_eq!(
         rest, "b",
         "the response running on the connection going away ended"
@@ -1799,5 +1819,39 @@ async fn a_request_arriving_while_an_h2_backend_goes_away_takes_a_new_connection
         [(0, 1, "GET"), (1, 1, "POST")],
         "no request was sent on the connection after its GOAWAY"
     );
+    // The pool offered the connection going away, and hyper handed the request back unsent.
     assert_eq!(resends(&gw), [("stale_connection".into(), 1.0)]);
+}
+
+/// An h2 backend that takes one stream at a time (`SETTINGS_MAX_CONCURRENT_STREAMS` 1, as a gRPC
+/// server started with a low `MaxConcurrentStreams`): a request that arrives while a
+/// long-running one holds that stream goes on another connection, where it would otherwise
+/// wait on the first behind the running one.
+#[tokio::test]
+async fn an_h2_backends_stream_limit_opens_another_connection() {
+    let pki = TestPki::new();
+    let (backend, seen) = long_running_h2_backend(false, Some(1)).await;
+    let host = "one-stream.apps.plain";
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        backend.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    // The backend's SETTINGS come before the GET's first byte, on the same connection.
+    let (get_conn, post, rest) = post_while_a_get_runs(&gw, &pki, host).await;
+    assert_eq!(get_conn, "0");
+    // Queued on the first connection, the POST would have waited there until the GET's answer
+    // gave up on it (5 s), and gone out as stream 3 of connection 0.
+    assert_eq!(
+        (post.status, answered_on(&post), post.body.as_str()),
+        (200, Some("1"), "ok"),
+        "the POST went on a second connection"
+    );
+    assert_eq!(rest, "b");
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        [(0, 1, "GET"), (1, 1, "POST")]
+    );
+    assert_eq!(resends(&gw), [], "nothing was sent twice");
 }

@@ -72,6 +72,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "route_service_signature",
     "error_template",
     "request_path",
+    "h2_frames",
 ];
 /// Fuzz targets that load the XDP program: root, bpffs and the built object needed.
 const PRIVILEGED_FUZZ_TARGETS: &[&str] = &["xdp_twin"];

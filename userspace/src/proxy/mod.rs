@@ -3,6 +3,7 @@
 
 pub mod body;
 mod error_page;
+pub mod h2_settings;
 mod headers;
 mod pool;
 pub mod route_service;

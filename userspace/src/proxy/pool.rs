@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -98,10 +98,20 @@ struct H2Conn {
     send: http2::SendRequest<ProxyBody>,
     /// Leases on it not yet dropped: requests whose response has not ended.
     streams: Arc<AtomicUsize>,
+    /// The backend's `SETTINGS_MAX_CONCURRENT_STREAMS`, as its frames pass
+    /// ([`super::h2_settings`]); unlimited until they say.
+    max_streams: Arc<AtomicU32>,
     local: Option<SocketAddr>,
 }
 
 impl H2Conn {
+    /// Whether it may take another request: fewer than `limit`
+    /// (`backends.h2_streams_per_connection`) and than the backend allows.
+    fn has_room(&self, limit: usize) -> bool {
+        let allowed = limit.min(self.max_streams.load(Ordering::Relaxed) as usize);
+        self.streams.load(Ordering::Relaxed) < allowed
+    }
+
     /// One more request on this connection, until the returned slot is dropped.
     fn slot(&self) -> StreamSlot {
         self.streams.fetch_add(1, Ordering::Relaxed);
@@ -345,7 +355,7 @@ impl BackendPool {
             // later then fall idle first when the load drops, and expire.
             list.retain(|(c, since)| !c.is_closed() && now.duration_since(*since) < s.idle_timeout);
             list.iter_mut().find_map(|(c, since)| match c {
-                Sender::H2(c) if c.streams.load(Ordering::Relaxed) < s.h2_streams => {
+                Sender::H2(c) if c.has_room(s.h2_streams) => {
                     // In use, so not idle.
                     let last = std::mem::replace(since, now);
                     Some((Sender::H2(c.clone()), last))
@@ -533,9 +543,10 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     if h2 {
+        let (io, max_streams) = super::h2_settings::SettingsWatch::new(io.into_inner());
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .max_header_list_size(MAX_H2_RESPONSE_HEAD)
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(ConnectError::Handshake)?;
         tokio::spawn(async move {
@@ -546,6 +557,7 @@ where
         Ok(Sender::H2(H2Conn {
             send: sender,
             streams: Arc::default(),
+            max_streams,
             local,
         }))
     } else {
