@@ -3,6 +3,7 @@
 
 pub mod body;
 mod error_page;
+/// Public for the `h2_frames` fuzz target.
 pub mod h2_settings;
 mod headers;
 mod pool;
