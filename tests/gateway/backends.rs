@@ -1137,12 +1137,7 @@ async fn grpc_status_in_trailers_and_te_trailers_pass_through() {
     let pki = TestPki::new();
     let (backend, seen) = grpc_backend().await;
     let host = "grpc.apps.plain";
-    let y = format!(
-        "backends: {{ca_certs: backend-ca.pem}}\n\
-         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
-        backend.port()
-    );
-    let gw = TestGateway::start(&pki, &y).await;
+    let gw = h2_backend_gateway(&pki, host, backend).await;
     let tls =
         crate::support::client::tls_connect(gw.https(), &pki.server_ca, Some(host), None, &[b"h2"])
             .await
@@ -1380,6 +1375,34 @@ async fn announced_trailers_reach_http1_and_h2_clients() {
     }
 }
 
+/// A gateway whose one route, `host`, goes to the h2c backend at `backend` (`protocol: http2`).
+async fn h2_backend_gateway(
+    pki: &TestPki,
+    host: &str,
+    backend: std::net::SocketAddr,
+) -> TestGateway {
+    let y = format!(
+        "backends: {{ca_certs: backend-ca.pem}}\n\
+         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        backend.port()
+    );
+    TestGateway::start(pki, &y).await
+}
+
+/// An HTTP/1.1 POST of `body` to `host`.
+fn post(
+    host: &str,
+    path: &str,
+    body: &'static str,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post(path)
+        .header("host", host)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap()
+}
+
 /// An h2 backend (the `h2` crate's server, so each stream's answer is chosen) that answers the
 /// first stream on each connection and refuses the next with `REFUSED_STREAM`, as an app at its
 /// stream limit or shutting down does. Returns its address and the streams it saw, by
@@ -1434,23 +1457,11 @@ async fn a_request_an_h2_backend_refused_is_sent_again_without_a_body() {
     let pki = TestPki::new();
     let (backend, seen) = refusing_h2_backend().await;
     let host = "refusing.apps.plain";
-    let y = format!(
-        "backends: {{ca_certs: backend-ca.pem}}\n\
-         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
-        backend.port()
-    );
-    let gw = TestGateway::start(&pki, &y).await;
+    let gw = h2_backend_gateway(&pki, host, backend).await;
     let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
         .await
         .unwrap();
-    let post = |path: &str, body: &'static str| {
-        http::Request::post(path)
-            .header("host", host)
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                body.as_bytes(),
-            )))
-            .unwrap()
-    };
+    let post = |path: &str, body: &'static str| post(host, path, body);
     assert_eq!(c.get(host, "/one").await.unwrap().status, 200);
     let r = c.get(host, "/two").await.unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "ok"), "GET sent again");
@@ -1616,23 +1627,11 @@ async fn a_request_an_h2_backend_went_away_without_is_sent_again_without_a_body(
     let pki = TestPki::new();
     let (backend, seen) = going_away_h2_backend().await;
     let host = "going-away.apps.plain";
-    let y = format!(
-        "backends: {{ca_certs: backend-ca.pem}}\n\
-         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
-        backend.port()
-    );
-    let gw = TestGateway::start(&pki, &y).await;
+    let gw = h2_backend_gateway(&pki, host, backend).await;
     let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, false)
         .await
         .unwrap();
-    let post = |path: &str, body: &'static str| {
-        http::Request::post(path)
-            .header("host", host)
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                body.as_bytes(),
-            )))
-            .unwrap()
-    };
+    let post = |path: &str, body: &'static str| post(host, path, body);
     let answered_by = |r: &crate::support::client::Resp| {
         let h = |n: &str| r.headers.get(n).map(|v| v.to_str().unwrap().to_string());
         (r.status, h("x-conn"), h("x-stream"))
@@ -1795,12 +1794,7 @@ async fn a_request_arriving_while_an_h2_backend_goes_away_takes_a_new_connection
     let pki = TestPki::new();
     let (backend, seen) = long_running_h2_backend(true, None).await;
     let host = "draining.apps.plain";
-    let y = format!(
-        "backends: {{ca_certs: backend-ca.pem}}\n\
-         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
-        backend.port()
-    );
-    let gw = TestGateway::start(&pki, &y).await;
+    let gw = h2_backend_gateway(&pki, host, backend).await;
     // The GET's answer comes after the GOAWAY, on the same connection: once it has begun, the
     // gateway has read the GOAWAY too.
     let (get_conn, post, rest) = post_while_a_get_runs(&gw, &pki, host).await;
@@ -1832,12 +1826,7 @@ async fn an_h2_backends_stream_limit_opens_another_connection() {
     let pki = TestPki::new();
     let (backend, seen) = long_running_h2_backend(false, Some(1)).await;
     let host = "one-stream.apps.plain";
-    let y = format!(
-        "backends: {{ca_certs: backend-ca.pem}}\n\
-         routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
-        backend.port()
-    );
-    let gw = TestGateway::start(&pki, &y).await;
+    let gw = h2_backend_gateway(&pki, host, backend).await;
     // The backend's SETTINGS come before the GET's first byte, on the same connection.
     let (get_conn, post, rest) = post_while_a_get_runs(&gw, &pki, host).await;
     assert_eq!(get_conn, "0");
