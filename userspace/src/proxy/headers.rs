@@ -53,14 +53,18 @@ const HOP_BY_HOP: [&str; 7] = [
     "transfer-encoding",
 ];
 
+/// Whether a comma-separated header `name` lists `token`, in any case.
+fn lists(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
 /// Whether a request asks for a protocol upgrade (WebSocket and others, HTTP/1.1 only).
 pub fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(UPGRADE)
-        && h.get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    h.contains_key(UPGRADE) && lists(h, CONNECTION, "upgrade")
 }
 
 /// Whether a header name (in any case) is one the gateway sets or vouches for: the forwarding
@@ -109,12 +113,7 @@ const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// through a tunnel, and every later request on it would reach the app past the gateway's
 /// routing and policies ("h2c smuggling"); Envoy refuses it the same way.
 pub fn refuse_h2c(h: &mut HeaderMap) {
-    let asks_h2c = |v: &HeaderValue| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
-    };
-    if !h.get_all(UPGRADE).iter().any(asks_h2c) {
+    if !lists(h, UPGRADE, "h2c") {
         return;
     }
     let others: Vec<String> = h
@@ -196,11 +195,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 /// proxy on the way drops the trailers their status travels in. Go's reverse proxy (so
 /// GoRouter) and Envoy pass it on the same way.
 pub fn strip_request_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let te_trailers = h.get_all(TE).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
-    });
+    let te_trailers = lists(h, TE, "trailers");
     strip_hop_by_hop(h, keep_upgrade);
     if te_trailers {
         h.insert(TE, HeaderValue::from_static("trailers"));
@@ -212,14 +207,14 @@ pub fn strip_request_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 /// that reads one `Cookie` header (as RFC 6265 lets it) would see only some of its cookies. Go's
 /// h2 server, so GoRouter, joins them the same way.
 pub fn join_cookies(h: &mut HeaderMap) {
-    let mut values = h.get_all(COOKIE).iter();
-    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+    let mut values = h.get_all(COOKIE).iter().map(HeaderValue::as_bytes);
+    let (Some(first), Some(second)) = (values.next(), values.next()) else {
         return;
     };
-    let mut joined = first.as_bytes().to_vec();
-    for v in h.get_all(COOKIE).iter().skip(1) {
+    let mut joined = first.to_vec();
+    for v in std::iter::once(second).chain(values) {
         joined.extend_from_slice(b"; ");
-        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(v);
     }
     // Each part was a valid value, and `; ` is too.
     if let Ok(v) = HeaderValue::from_bytes(&joined) {

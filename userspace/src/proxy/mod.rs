@@ -1166,30 +1166,19 @@ fn connection_ended(e: &hyper::Error) -> bool {
             })
 }
 
-/// Whether an h2 backend said it did not process the request's stream, so that it may be sent
-/// again whatever its method (RFC 9113 §8.7): it refused the stream (`RST_STREAM` with
-/// `REFUSED_STREAM`), or it sent `GOAWAY` with a last stream id below the stream's (a server
-/// shutting down, or one that ends its connections after so many requests), or had sent one
-/// before the stream was opened. The `h2` crate gives a `GOAWAY`'s error only to those streams;
-/// the ones it leaves to finish and that the closing connection then cuts get an I/O error.
-/// Go's transport (so GoRouter) sends a request again in the same cases.
-fn not_processed(e: &hyper::Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<h2::Error>())
-        .is_some_and(|h| {
-            h.is_remote() && (h.is_go_away() || h.reason() == Some(h2::Reason::REFUSED_STREAM))
-        })
-}
-
-/// Why an h2 backend did not process a request ([`not_processed`]), as a metric's label.
-fn go_away_or_refused(e: &hyper::Error) -> &'static str {
-    let go_away = std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<h2::Error>())
-        .is_some_and(h2::Error::is_go_away);
-    if go_away {
-        "go_away"
-    } else {
-        "refused_stream"
+/// Why an h2 backend did not process the request's stream, if it said so, so that it may be
+/// sent again whatever its method (RFC 9113 §8.7), as a metric's label: `refused_stream`
+/// (`RST_STREAM` with `REFUSED_STREAM`), or `go_away` (its `GOAWAY` named a last stream below
+/// this one: a server shutting down, or one that ends its connections after so many requests;
+/// or it had sent one before the stream was opened). The `h2` crate gives a `GOAWAY`'s error
+/// only to those streams; the ones it leaves to finish and that the closing connection then
+/// cuts get an I/O error. Go's transport (so GoRouter) sends a request again in the same cases.
+fn not_processed(e: &hyper::Error) -> Option<&'static str> {
+    let h = std::error::Error::source(e)?.downcast_ref::<h2::Error>()?;
+    match h.is_remote() {
+        true if h.is_go_away() => Some("go_away"),
+        true if h.reason() == Some(h2::Reason::REFUSED_STREAM) => Some("refused_stream"),
+        _ => None,
     }
 }
 
@@ -1220,15 +1209,14 @@ async fn send_retrying_stale(
     match lease.send(req).await {
         Err(mut f) => {
             let pooled = lease.idle.is_some();
-            let (req, reason) = match (f.request.take(), copy) {
-                (Some(req), _) if pooled => (req, "stale_connection"),
-                (None, Some(copy)) if h2 && not_processed(&f.error) => {
-                    (copy, go_away_or_refused(&f.error))
-                }
-                (None, Some(copy)) if !h2 && pooled && connection_ended(&f.error) => {
+            let unprocessed = if h2 { not_processed(&f.error) } else { None };
+            let (req, reason) = match (f.request.take(), copy, unprocessed) {
+                (Some(req), _, _) if pooled => (req, "stale_connection"),
+                (None, Some(copy), Some(why)) => (copy, why),
+                (None, Some(copy), None) if !h2 && pooled && connection_ended(&f.error) => {
                     (copy, "idle_connection_closed")
                 }
-                (given_back, _) => {
+                (given_back, _, _) => {
                     f.request = given_back;
                     return Err(f);
                 }
