@@ -31,9 +31,9 @@ enum Task {
     /// Everything CI checks: prerequisites, `cargo fmt --check`, clippy -D warnings, all tests.
     Test,
     /// Benchmarks: micro-benchmarks, the registry at 100,000 routes, and (as root) the XDP
-    /// per-packet costs, the W5 flood in namespaces and BENCH.md's workloads against nginx and
-    /// HAProxy (installed from Debian, with wrk, h2load and oha), portcullis built by
-    /// `build-pgo`.
+    /// per-packet costs, the W5 flood in namespaces, kernel TLS against userspace TLS in VMs
+    /// (`vm-bench`) and BENCH.md's workloads against nginx and HAProxy (installed from Debian,
+    /// with wrk, h2load and oha), portcullis built by `build-pgo`.
     Bench {
         /// A short pass (one round of 3 s per workload, 2 s per flood mode) for use during
         /// development.
@@ -55,6 +55,14 @@ enum Task {
     /// Run the kernel-specific tests (XDP verifier and packet table, kTLS) in Debian's 6.1
     /// kernel under QEMU software emulation.
     VmTest,
+    /// Kernel TLS against userspace TLS: `benches/ktls_cost.rs` in Debian's 6.1 and newest
+    /// backports kernels under QEMU with an instruction-counting clock (this machine's kernel
+    /// has no kernel TLS).
+    VmBench {
+        /// One round of fewer requests.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run every fuzz target for a while (cargo-fuzz on the nightly toolchain).
     Fuzz {
         /// Seconds per target.
@@ -347,8 +355,10 @@ fn bench(quick: bool) -> Result<()> {
         mount_bpffs()?;
         bench("xdp", if quick { &["--quick"] } else { &[] })?;
         bench("flood", if quick { &["--quick"] } else { &[] })?;
+        // Kernel TLS against userspace TLS, in VMs whose kernels have it (this one has not).
+        vm::vm_bench(quick)?;
     } else {
-        eprintln!("not root: skipping the XDP and flood benchmarks");
+        eprintln!("not root: skipping the XDP, flood and kernel-TLS benchmarks");
     }
     // The rivals face the build an operator should run: the profile-guided one (`build-pgo`),
     // unless RIVALS_PORTCULLIS_BIN names another.
@@ -450,6 +460,10 @@ fn main() -> Result<()> {
         Task::VmTest => {
             build_ebpf()?;
             vm::vm_test()
+        }
+        Task::VmBench { quick } => {
+            build_ebpf()?;
+            vm::vm_bench(quick)
         }
     }
 }

@@ -59,6 +59,19 @@ const SYSTEMD_UNIT: VmTest = VmTest {
     ],
 };
 
+/// `benches/ktls_cost.rs`: the gateway's instructions per request and per MiB with kernel TLS
+/// and with userspace TLS (run by `cargo xtask vm-bench` under an instruction-counting clock).
+const KTLS_COST: VmTest = VmTest {
+    name: "ktls_cost",
+    target: "ktls_cost",
+    args: &[],
+};
+const KTLS_COST_QUICK: VmTest = VmTest {
+    name: "ktls_cost",
+    target: "ktls_cost",
+    args: &["--quick"],
+};
+
 impl VmTest {
     /// The shell lines that run `exe` (this test's binary) and report its result on the console.
     fn script_lines(&self, exe: &str) -> String {
@@ -79,6 +92,17 @@ enum Init {
     /// overlay kept in memory), which runs the tests as a unit: the machine's own userland, so
     /// the binaries need not be static and systemd is Debian's.
     Systemd,
+}
+
+/// The VM's clock.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Clock {
+    /// Two vCPUs on QEMU's own clock: the tests.
+    Real,
+    /// One vCPU whose clock advances by one nanosecond per instruction executed (`-icount
+    /// shift=0,sleep=off`), so the CPU time the guest kernel accounts is an instruction count:
+    /// the benchmarks. Idle time is skipped, not counted.
+    Instructions,
 }
 
 /// A kernel to boot and the tests to run on it.
@@ -142,9 +166,9 @@ const MODULE_DIRS: &[&str] = &[
 /// The whole VM run may take this long (boot under TCG is ~5 s; the tests a few minutes at most).
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
 
-pub fn vm_test() -> Result<()> {
-    let work = PathBuf::from("target/vm");
-    std::fs::create_dir_all(&work)?;
+/// What every boot needs on this machine: QEMU, busybox for the initramfs, and the tools that
+/// fetch and unpack kernels.
+fn vm_tools() -> Result<()> {
     for (cmd, pkg) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
@@ -156,6 +180,13 @@ pub fn vm_test() -> Result<()> {
             apt_install(&[pkg])?;
         }
     }
+    Ok(())
+}
+
+pub fn vm_test() -> Result<()> {
+    let work = PathBuf::from("target/vm");
+    std::fs::create_dir_all(&work)?;
+    vm_tools()?;
     // The systemd VM's userland is this machine's: its systemd, and the modprobe the kernel
     // loads modules with.
     if KERNELS.iter().any(|k| k.init == Init::Systemd) {
@@ -170,7 +201,7 @@ pub fn vm_test() -> Result<()> {
             apt_install(&["logrotate"])?;
         }
     }
-    let binaries = static_tests(&work)?;
+    let binaries = build_for_vm(&work, "test", &["xdp", "ktls"], Link::Static)?;
     // PORTCULLIS_VM_ONLY=<test name>: only the boots that run that test (for development).
     let only = std::env::var("PORTCULLIS_VM_ONLY").ok();
     for k in KERNELS {
@@ -204,8 +235,37 @@ pub fn vm_test() -> Result<()> {
             })
             .collect();
         let initramfs = initramfs(&work, &modules, &version, &tests, k.init)?;
-        boot(&kernel, &initramfs, &tests, k.init)
+        boot(&kernel, &initramfs, &tests, k.init, Clock::Real)
             .with_context(|| format!("on Linux {version} ({:?} as PID 1)", k.init))?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask vm-bench`: `benches/ktls_cost.rs` (the release build) in Debian's 6.1
+/// and in the newest backports kernel, each booted with an instruction-counting clock
+/// ([`Clock::Instructions`]); its tables are printed with the console.
+pub fn vm_bench(quick: bool) -> Result<()> {
+    let work = PathBuf::from("target/vm");
+    std::fs::create_dir_all(&work)?;
+    vm_tools()?;
+    let binaries = build_for_vm(&work, "bench", &["ktls_cost"], Link::Dynamic)?;
+    let bench = if quick { &KTLS_COST_QUICK } else { &KTLS_COST };
+    let tests = [(bench, binaries[0].1.as_path())];
+    for suite in [None, Some("trixie-backports")] {
+        let (kernel, modules, version) = match suite {
+            None => stable_kernel(&work)?,
+            Some(suite) => archive_kernel(&work, suite)?,
+        };
+        eprintln!("VM: Linux {version}, one vCPU, one nanosecond per instruction");
+        let initramfs = initramfs(&work, &modules, &version, &tests, Init::Busybox)?;
+        boot(
+            &kernel,
+            &initramfs,
+            &tests,
+            Init::Busybox,
+            Clock::Instructions,
+        )
+        .with_context(|| format!("ktls_cost on Linux {version}"))?;
     }
     Ok(())
 }
@@ -365,46 +425,63 @@ fn parse_kernel_package(apt_cache: &str) -> Option<String> {
 
 /// Builds the VM's test binaries statically (glibc, `+crt-static`) in their own target dir, so
 /// the host build's artefacts are not rebuilt with other flags.
-fn static_tests(work: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
-    let target_dir = std::env::current_dir()?.join(work).join("build");
+/// How a binary for the VM is linked.
+#[derive(Clone, Copy, PartialEq)]
+enum Link {
+    /// Static, in a target directory of its own (the tests: debug builds, quick to make).
+    Static,
+    /// As `cargo bench` builds it in the usual target directory, so `cargo xtask bench` pays
+    /// no second release build; the initramfs gets the shared libraries it needs.
+    Dynamic,
+}
+
+/// Builds `targets` of `kind` (`test` or `bench`, in its profile) for the VM; returns each
+/// target's executable.
+fn build_for_vm(
+    work: &Path,
+    kind: &str,
+    targets: &[&'static str],
+    link: Link,
+) -> Result<Vec<(&'static str, PathBuf)>> {
     let mut cmd = cargo();
-    cmd.env("CARGO_TARGET_DIR", &target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_PROFILE_DEV_DEBUG", "0")
-        .args([
-            "test",
-            "-p",
-            "portcullis",
-            "--no-run",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--message-format=json-render-diagnostics",
-        ]);
-    let targets = ["xdp", "ktls"];
+    cmd.args([
+        kind,
+        "-p",
+        "portcullis",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    if link == Link::Static {
+        let target_dir = std::env::current_dir()?.join(work).join("build");
+        cmd.env("CARGO_TARGET_DIR", &target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env("CARGO_PROFILE_DEV_DEBUG", "0")
+            .args(["--target", "x86_64-unknown-linux-gnu"]);
+    }
     for t in targets {
-        cmd.args(["--test", t]);
+        cmd.args([format!("--{kind}").as_str(), t]);
     }
     eprintln!("+ {cmd:?}");
     let out = cmd.stderr(Stdio::inherit()).output()?;
     if !out.status.success() {
-        bail!("building the VM test binaries failed");
+        bail!("building the VM's {kind} binaries failed");
     }
     let json = String::from_utf8_lossy(&out.stdout);
     targets
-        .into_iter()
-        .map(|t| {
+        .iter()
+        .map(|&t| {
             let exe = json
                 .lines()
                 .filter(|l| {
                     l.contains("\"reason\":\"compiler-artifact\"")
                         && l.contains(&format!("\"name\":\"{t}\""))
-                        && l.contains("\"kind\":[\"test\"]")
+                        && l.contains(&format!("\"kind\":[\"{kind}\"]"))
                 })
                 .find_map(|l| {
                     let rest = &l[l.find("\"executable\":\"")? + 14..];
                     Some(PathBuf::from(&rest[..rest.find('"')?]))
                 })
-                .with_context(|| format!("no executable for test target {t}"))?;
+                .with_context(|| format!("no executable for {kind} target {t}"))?;
             Ok((t, exe))
         })
         .collect()
@@ -459,6 +536,7 @@ fn initramfs(
             let mut script = String::from(INIT_HEAD);
             for (t, exe) in tests {
                 std::fs::copy(exe, root.join("tests").join(t.name))?;
+                copy_libraries(exe, &root)?;
                 script.push_str(&t.script_lines(&format!("/tests/{}", t.name)));
             }
             script.push_str("poweroff -f\n");
@@ -479,6 +557,21 @@ fn initramfs(
     Ok(out)
 }
 
+/// Copies the shared libraries `exe` loads (as `ldd` lists them, the loader included) into
+/// `root` at the same paths; nothing for a static executable.
+fn copy_libraries(exe: &Path, root: &Path) -> Result<()> {
+    let out = Command::new("ldd").arg(exe).output().context("ldd")?;
+    for lib in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let to = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap())?;
+        std::fs::copy(lib, &to).with_context(|| format!("copy {lib}"))?;
+    }
+    Ok(())
+}
+
 const INIT_HEAD: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -488,6 +581,9 @@ mount -t tmpfs tmp /tmp
 mount -t bpf bpf /sys/fs/bpf
 echo /bin/modprobe > /proc/sys/kernel/modprobe
 modprobe tls || echo "VMTEST-NOTE modprobe tls failed"
+# What udev loads on a gateway whose CPU has AES-NI: without it the kernel's gcm(aes) is the
+# generic C code, a dozen times the instructions per byte.
+modprobe aesni_intel 2>/dev/null; modprobe ghash_clmulni_intel 2>/dev/null
 ip link set lo up
 export PORTCULLIS_REQUIRE_XDP=1 PORTCULLIS_REQUIRE_KTLS=1 PORTCULLIS_XDP_OBJECT=/portcullis-ebpf.o
 export TMPDIR=/tmp RUST_BACKTRACE=1
@@ -567,17 +663,23 @@ poweroff -f
 "#;
 
 /// Boots the VM, echoes its console, and checks that every test reported rc=0.
-fn boot(kernel: &Path, initramfs: &Path, tests: &[(&VmTest, &Path)], init: Init) -> Result<()> {
+fn boot(
+    kernel: &Path,
+    initramfs: &Path,
+    tests: &[(&VmTest, &Path)],
+    init: Init,
+    clock: Clock,
+) -> Result<()> {
     // Under software emulation a kernel can die while it boots (seen once with 7.3: an int3 oops
     // in early text patching, before /init ran). Such a boot ran no test; it is retried, at most
     // twice. A test that ran and failed is never retried.
-    let mut console = boot_once(kernel, initramfs, init)?;
+    let mut console = boot_once(kernel, initramfs, init, clock)?;
     for _ in 0..2 {
         if console.iter().any(|l| l.contains("VMTEST-KERNEL")) {
             break;
         }
         eprintln!("the VM kernel died before /init ran; booting it again");
-        console = boot_once(kernel, initramfs, init)?;
+        console = boot_once(kernel, initramfs, init, clock)?;
     }
     let mut failed = Vec::new();
     for (t, _) in tests {
@@ -595,25 +697,18 @@ fn boot(kernel: &Path, initramfs: &Path, tests: &[(&VmTest, &Path)], init: Init)
 }
 
 /// Boots the VM once and returns its console.
-fn boot_once(kernel: &Path, initramfs: &Path, init: Init) -> Result<Vec<String>> {
+fn boot_once(kernel: &Path, initramfs: &Path, init: Init, clock: Clock) -> Result<Vec<String>> {
     let mut cmd = Command::new("qemu-system-x86_64");
     // /dev/kvm may exist and still not work (nested virtualisation): always emulate.
-    cmd.args([
-        "-machine",
-        "q35,accel=tcg",
-        "-cpu",
-        "max",
-        "-m",
-        "1536",
-        "-smp",
-        "2",
-        "-nographic",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initramfs);
+    cmd.args(["-machine", "q35,accel=tcg", "-cpu", "max", "-m", "1536"]);
+    match clock {
+        Clock::Real => cmd.args(["-smp", "2"]),
+        Clock::Instructions => cmd.args(["-smp", "1", "-icount", "shift=0,sleep=off"]),
+    };
+    cmd.args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initramfs);
     match init {
         Init::Busybox => cmd.args(["-append", "console=ttyS0 quiet panic=-1"]),
         Init::Systemd => cmd.args([
