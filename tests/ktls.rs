@@ -45,6 +45,9 @@ fn stat_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, k: 
     after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)
 }
 
+/// TLS record content type of application data.
+const APPLICATION_DATA: u8 = 23;
+
 fn kernel_has_ktls() -> bool {
     let required = std::env::var_os("PORTCULLIS_REQUIRE_KTLS").is_some();
     let present = std::path::Path::new("/proc/net/tls_stat").exists();
@@ -442,6 +445,7 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     key_update(&on, &pki).await;
     backend_key_update(&on, &pki, &tls_on_counts).await;
     hostile_records(&on, &pki).await;
+    padded_records(&on, &pki).await;
     record_limit(&off, &pki, backend, &upload).await;
 }
 
@@ -709,6 +713,123 @@ async fn assert_served(gw: &TestGateway, pki: &TestPki, when: &str) {
     )
     .await;
     assert!(resp.starts_with(b"HTTP/1.1 200"), "served {when}");
+}
+
+/// TLS 1.3 lets a peer pad its records; the gateway tells the kernel to expect none
+/// (`TLS_RX_EXPECT_NO_PAD`, so records are decrypted straight into the reader's buffer). A padded
+/// request must still be read exactly: the kernel counts the surprise (`TlsRxNoPadViolation`,
+/// which also shows the option is set) and decrypts the record again. rustls never pads, so the
+/// client here writes and reads its records itself with the keys its handshake produced.
+async fn padded_records(gw: &TestGateway, pki: &TestPki) {
+    use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+    use rustls::ConnectionTrafficSecrets as Secrets;
+
+    let host = "a.apps.identity";
+    let mut cfg = (*client_config(pki, true, b"http/1.1")).clone();
+    cfg.enable_secret_extraction = true;
+    let tcp = TcpStream::connect(gw.https()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(host).unwrap(), tcp)
+        .await
+        .expect("handshake");
+    // One exchange through rustls first: the session tickets that follow the handshake are read
+    // and the gateway's connection is in the kernel.
+    let request = format!("GET /bytes/100 HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let complete = |r: &[u8]| {
+        r.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_some_and(|end| r.len() >= end + 4 + 100)
+    };
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !complete(&response) {
+        let n = tls.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the connection ended before the first response");
+        response.extend_from_slice(&buf[..n]);
+    }
+    let (mut tcp, conn) = tls.into_inner();
+    let secrets = conn.dangerous_extract_secrets().expect("secrets");
+    let key = |s: Secrets| -> (LessSafeKey, [u8; 12]) {
+        let (alg, key, iv) = match s {
+            Secrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            Secrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            Secrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, key, iv),
+            _ => panic!("not a TLS 1.3 AEAD suite"),
+        };
+        let key = LessSafeKey::new(UnboundKey::new(alg, key.as_ref()).unwrap());
+        (key, iv.as_ref().try_into().unwrap())
+    };
+    let nonce = |iv: &[u8; 12], seq: u64| {
+        let mut n = *iv;
+        for (b, s) in n[4..].iter_mut().zip(seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        Nonce::assume_unique_for_key(n)
+    };
+    let (mut tx_seq, tx) = secrets.tx;
+    let (mut rx_seq, rx) = secrets.rx;
+    let (tx_key, tx_iv) = key(tx);
+    let (rx_key, rx_iv) = key(rx);
+
+    let before = tls_stat();
+    for padding in [64usize, 0] {
+        // TLSInnerPlaintext: the request, its content type, then `padding` zeros.
+        let mut record = request.clone().into_bytes();
+        record.push(APPLICATION_DATA);
+        record.resize(record.len() + padding, 0);
+        let len = (record.len() + tx_key.algorithm().tag_len()) as u16;
+        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        tx_key
+            .seal_in_place_append_tag(nonce(&tx_iv, tx_seq), Aad::from(header), &mut record)
+            .unwrap();
+        tx_seq += 1;
+        tcp.write_all(&header).await.unwrap();
+        tcp.write_all(&record).await.unwrap();
+        // Records back until the whole response, skipping any that are not application data.
+        let mut response = Vec::new();
+        while !complete(&response) {
+            let mut header = [0u8; 5];
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                tcp.read_exact(&mut header),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("padding {padding}: no answer within 10 s"))
+            .unwrap_or_else(|e| panic!("padding {padding}: the connection ended: {e}"));
+            let mut body = vec![0u8; u16::from_be_bytes([header[3], header[4]]) as usize];
+            tcp.read_exact(&mut body).await.unwrap();
+            let plain = rx_key
+                .open_in_place(nonce(&rx_iv, rx_seq), Aad::from(header), &mut body)
+                .expect("a record the gateway's kernel encrypted");
+            rx_seq += 1;
+            let end = plain.iter().rposition(|&b| b != 0).expect("a content type");
+            if plain[end] == APPLICATION_DATA {
+                response.extend_from_slice(&plain[..end]);
+            }
+        }
+        assert!(
+            response.starts_with(b"HTTP/1.1 200"),
+            "padding {padding}: {}",
+            String::from_utf8_lossy(&response)
+        );
+        assert!(
+            response.ends_with(&(0..100).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+            "padding {padding}: the body"
+        );
+    }
+    let after = tls_stat();
+    eprintln!(
+        "padded record: TlsRxNoPadViolation +{}, TlsDecryptRetry +{}",
+        stat_delta(&before, &after, "TlsRxNoPadViolation"),
+        stat_delta(&before, &after, "TlsDecryptRetry")
+    );
+    assert_eq!(
+        stat_delta(&before, &after, "TlsRxNoPadViolation"),
+        1,
+        "the kernel expected no padding and met it once: {after:?}"
+    );
+    assert_eq!(stat_delta(&before, &after, "TlsDecryptError"), 0);
 }
 
 /// Records a TLS peer may send after the handshake that the gateway's kernel connection must

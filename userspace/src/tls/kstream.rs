@@ -38,6 +38,10 @@ use crate::prefix::Prefix;
 
 const TLS_TX: libc::c_int = 1;
 const TLS_RX: libc::c_int = 2;
+/// Linux ≥ 6.0: the peer is expected not to pad TLS 1.3 records, so the kernel decrypts them
+/// straight into the reader's buffer instead of into its own and then copying (a padded record
+/// is decrypted again the slow way, never misread).
+const TLS_RX_EXPECT_NO_PAD: libc::c_int = 4;
 const TLS_SET_RECORD_TYPE: libc::c_int = 1;
 const TLS_GET_RECORD_TYPE: libc::c_int = 2;
 
@@ -161,6 +165,9 @@ impl KernelStream {
         }
         set_keys(fd, TLS_TX, suite, secrets.tx)?;
         set_keys(fd, TLS_RX, suite, secrets.rx)?;
+        if matches!(suite, SupportedCipherSuite::Tls13(_)) {
+            expect_no_padding(fd);
+        }
         Ok(Self {
             tcp,
             keys,
@@ -471,6 +478,22 @@ pub(super) fn kernel_rekeys(fd: RawFd) -> bool {
         (0, ConnectionTrafficSecrets::Aes256Gcm { key, iv })
     };
     set_keys(fd, TLS_TX, suite, keys()).is_ok() && set_keys(fd, TLS_TX, suite, keys()).is_ok()
+}
+
+/// Sets [`TLS_RX_EXPECT_NO_PAD`] where the kernel has it (older kernels refuse the option; the
+/// connection works the same without it). rustls, Go, OpenSSL and BoringSSL do not pad.
+fn expect_no_padding(fd: RawFd) {
+    let on: u32 = 1;
+    // SAFETY: setsockopt on a socket we own, with a valid u32 and its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_TLS,
+            TLS_RX_EXPECT_NO_PAD,
+            (&on as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Gives the kernel the keys for one direction.
