@@ -131,32 +131,6 @@ fn tls_stat() -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// The kernel's implementation of `name` that the crypto API picks (the highest priority in
-/// `/proc/crypto`), as "driver (priority N)".
-fn kernel_cipher(name: &str) -> String {
-    let crypto = std::fs::read_to_string("/proc/crypto").unwrap_or_default();
-    let mut best: Option<(u32, String)> = None;
-    for entry in crypto.split("\n\n") {
-        let field = |k: &str| {
-            entry.lines().find_map(|l| {
-                let (key, v) = l.split_once(':')?;
-                (key.trim() == k).then(|| v.trim().to_string())
-            })
-        };
-        if field("name").as_deref() != Some(name) {
-            continue;
-        }
-        let (Some(driver), Some(priority)) = (field("driver"), field("priority")) else {
-            continue;
-        };
-        let priority = priority.parse().unwrap_or(0);
-        if best.as_ref().is_none_or(|(p, _)| priority > *p) {
-            best = Some((priority, driver));
-        }
-    }
-    best.map_or("none loaded".into(), |(p, d)| format!("{d} (priority {p})"))
-}
-
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, k: &str) -> u64 {
     after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)
 }
@@ -386,7 +360,10 @@ fn main() {
         println!(
             "cipher suite {:?}; the kernel's gcm(aes): {}",
             samples[0][0][0].suite,
-            kernel_cipher("gcm(aes)")
+            std::fs::read_to_string("/proc/crypto")
+                .ok()
+                .and_then(|c| portcullis::tls::gcm_aes_driver(&c))
+                .unwrap_or_else(|| "not listed".into())
         );
         println!("| workload | ktls | CPU ns per unit (median; rounds) | on / off |");
         println!("|---|---|---|---|");

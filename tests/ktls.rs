@@ -442,11 +442,60 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
     let lines = off.log_lines(off_connections as usize).await;
     assert!(lines.iter().all(|l| l.contains(" ktls:false ")));
 
+    // `auto` takes the kernel too, its AES-GCM being the CPU's (the VMs load aesni_intel); a
+    // kernel whose gcm(aes) is not would leave it in userspace (unit-tested in tls::kernel).
+    let driver = std::fs::read_to_string("/proc/crypto")
+        .ok()
+        .and_then(|c| portcullis::tls::gcm_aes_driver(&c));
+    eprintln!("the kernel's gcm(aes): {driver:?}");
+    let auto = TestGateway::start(&pki, &sections("auto", backend, tls_off)).await;
+    assert_served(&auto, &pki, "with tls.ktls: auto").await;
+    assert_eq!(
+        auto.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
+        1.0,
+        "auto with {driver:?}"
+    );
+
     key_update(&on, &pki).await;
     backend_key_update(&on, &pki, &tls_on_counts).await;
     hostile_records(&on, &pki).await;
     padded_records(&on, &pki).await;
     record_limit(&off, &pki, backend, &upload).await;
+}
+
+/// On a kernel whose AES-GCM is not the CPU's accelerated code (the VM boot of `cargo xtask
+/// vm-test` that leaves `aesni_intel` unloaded sets `PORTCULLIS_EXPECT_SLOW_AES`), `tls.ktls:
+/// auto` keeps connections in userspace rustls, which uses the CPU's AES instructions, and `on`
+/// still moves them into the kernel. Elsewhere there is nothing to show: the main test covers
+/// `auto` with the CPU's AES.
+#[tokio::test]
+async fn auto_keeps_userspace_tls_where_the_kernels_aes_is_slow() {
+    if std::env::var_os("PORTCULLIS_EXPECT_SLOW_AES").is_none() || !kernel_has_ktls() {
+        return;
+    }
+    let pki = TestPki::new();
+    let (backend, _) = backend(None).await;
+    let on = TestGateway::start(&pki, &sections("on", backend, backend)).await;
+    let driver = std::fs::read_to_string("/proc/crypto")
+        .ok()
+        .and_then(|c| portcullis::tls::gcm_aes_driver(&c));
+    eprintln!("the kernel's gcm(aes): {driver:?}");
+    assert_served(&on, &pki, "with tls.ktls: on").await;
+    assert_eq!(
+        on.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
+        1.0
+    );
+    let auto = TestGateway::start(&pki, &sections("auto", backend, backend)).await;
+    assert_served(&auto, &pki, "with tls.ktls: auto").await;
+    assert_eq!(
+        auto.metric("portcullis_ktls_connections_total{mode=\"userspace\"}"),
+        1.0,
+        "auto with {driver:?}"
+    );
+    assert_eq!(
+        auto.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
+        0.0
+    );
 }
 
 /// Whether this kernel can replace the keys of a live kTLS socket (Linux 6.14 added TLS 1.3

@@ -4,7 +4,8 @@
 //! run Debian's stable kernel. The VMs check what only a different kernel can show: that the XDP
 //! program passes the 6.1 verifier and classifies the packet table the same way, that kTLS
 //! really moves record encryption into the kernel (`/proc/net/tls_stat`), and, on the newest
-//! Debian kernel (backports, Linux ≥ 6.14), that kernel TLS connections follow TLS 1.3 KeyUpdates.
+//! Debian kernel (backports, Linux ≥ 6.14), that kernel TLS connections follow TLS 1.3 KeyUpdates;
+//! without the CPU's AES module, that `tls.ktls: auto` leaves the kernel's slow AES-GCM alone.
 //! And, since systemd is not PID 1 on these machines, that `dist/portcullis.service` works as
 //! systemd runs it.
 //!
@@ -46,6 +47,16 @@ const KTLS: VmTest = VmTest {
     name: "ktls",
     target: "ktls",
     args: &["--test-threads=1", "--nocapture"],
+};
+/// `tls.ktls: auto` on a kernel whose AES-GCM is not the CPU's (booted without `aesni_intel`).
+const KTLS_SLOW_AES: VmTest = VmTest {
+    name: "ktls-slow-aes",
+    target: "ktls",
+    args: &[
+        "--exact",
+        "auto_keeps_userspace_tls_where_the_kernels_aes_is_slow",
+        "--nocapture",
+    ],
 };
 /// dist/portcullis.service started, reloaded, restarted and stopped by systemd itself.
 const SYSTEMD_UNIT: VmTest = VmTest {
@@ -113,6 +124,9 @@ struct VmKernel {
     /// The oldest kernel that shows what this VM is for.
     min_version: (u32, u32),
     init: Init,
+    /// Whether /init loads the CPU's AES module (`aesni_intel`), as udev does on a gateway whose
+    /// CPU has AES-NI; without it the kernel's AES-GCM is its slow C code.
+    cpu_aes: bool,
     tests: &'static [VmTest],
 }
 
@@ -122,6 +136,7 @@ const KERNELS: &[VmKernel] = &[
         suite: None,
         min_version: (6, 1),
         init: Init::Busybox,
+        cpu_aes: true,
         tests: &[XDP_TABLE, KTLS],
     },
     // The same kernel booting systemd, which runs the gateway from its unit file.
@@ -129,6 +144,7 @@ const KERNELS: &[VmKernel] = &[
         suite: None,
         min_version: (6, 1),
         init: Init::Systemd,
+        cpu_aes: true,
         tests: &[SYSTEMD_UNIT],
     },
     // Debian 13 backports: a kernel that replaces kTLS keys (KeyUpdate, Linux ≥ 6.14).
@@ -136,7 +152,16 @@ const KERNELS: &[VmKernel] = &[
         suite: Some("trixie-backports"),
         min_version: (6, 14),
         init: Init::Busybox,
+        cpu_aes: true,
         tests: &[KTLS],
+    },
+    // 6.1 without `aesni_intel`: `tls.ktls: auto` stays in userspace.
+    VmKernel {
+        suite: None,
+        min_version: (6, 1),
+        init: Init::Busybox,
+        cpu_aes: false,
+        tests: &[KTLS_SLOW_AES],
     },
 ];
 
@@ -234,7 +259,7 @@ pub fn vm_test() -> Result<()> {
                 (t, exe.expect("every VM test's target is built").1.as_path())
             })
             .collect();
-        let initramfs = initramfs(&work, &modules, &version, &tests, k.init)?;
+        let initramfs = initramfs(&work, &modules, &version, &tests, k.init, k.cpu_aes)?;
         boot(&kernel, &initramfs, &tests, k.init, Clock::Real)
             .with_context(|| format!("on Linux {version} ({:?} as PID 1)", k.init))?;
     }
@@ -257,7 +282,7 @@ pub fn vm_bench(quick: bool) -> Result<()> {
             Some(suite) => archive_kernel(&work, suite)?,
         };
         eprintln!("VM: Linux {version}, one vCPU, one nanosecond per instruction");
-        let initramfs = initramfs(&work, &modules, &version, &tests, Init::Busybox)?;
+        let initramfs = initramfs(&work, &modules, &version, &tests, Init::Busybox, true)?;
         boot(
             &kernel,
             &initramfs,
@@ -493,6 +518,7 @@ fn initramfs(
     version: &str,
     tests: &[(&VmTest, &Path)],
     init: Init,
+    cpu_aes: bool,
 ) -> Result<PathBuf> {
     let root = work.join("root");
     let _ = std::fs::remove_dir_all(&root);
@@ -534,6 +560,11 @@ fn initramfs(
     let script = match init {
         Init::Busybox => {
             let mut script = String::from(INIT_HEAD);
+            script.push_str(if cpu_aes {
+                CPU_AES
+            } else {
+                "export PORTCULLIS_EXPECT_SLOW_AES=1\n"
+            });
             for (t, exe) in tests {
                 std::fs::copy(exe, root.join("tests").join(t.name))?;
                 copy_libraries(exe, &root)?;
@@ -572,6 +603,11 @@ fn copy_libraries(exe: &Path, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What udev loads on a gateway whose CPU has AES-NI: without it the kernel's gcm(aes) is its C
+/// code, several times the instructions per byte (docs/benchmarks.md).
+const CPU_AES: &str =
+    "modprobe aesni_intel 2>/dev/null; modprobe ghash_clmulni_intel 2>/dev/null\n";
+
 const INIT_HEAD: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -581,9 +617,6 @@ mount -t tmpfs tmp /tmp
 mount -t bpf bpf /sys/fs/bpf
 echo /bin/modprobe > /proc/sys/kernel/modprobe
 modprobe tls || echo "VMTEST-NOTE modprobe tls failed"
-# What udev loads on a gateway whose CPU has AES-NI: without it the kernel's gcm(aes) is the
-# generic C code, a dozen times the instructions per byte.
-modprobe aesni_intel 2>/dev/null; modprobe ghash_clmulni_intel 2>/dev/null
 ip link set lo up
 export PORTCULLIS_REQUIRE_XDP=1 PORTCULLIS_REQUIRE_KTLS=1 PORTCULLIS_XDP_OBJECT=/portcullis-ebpf.o
 export TMPDIR=/tmp RUST_BACKTRACE=1

@@ -82,6 +82,12 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
             },
         },
     };
+    // The cipher probe set AES-GCM keys, so the kernel has picked its gcm(aes) implementation.
+    let generic = std::fs::read_to_string("/proc/crypto")
+        .ok()
+        .and_then(|c| gcm_aes_driver(&c))
+        .filter(|d| unaccelerated(d));
+    let found = judge_aes(found, generic, mode);
     match (found, mode) {
         (Ok((ciphers, rekeys)), _) => {
             tracing::info!(
@@ -105,6 +111,68 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
             Ok(None)
         }
     }
+}
+
+/// With `auto`, a kernel whose AES-GCM is not the CPU's accelerated code ([`unaccelerated`]) is
+/// not used: rustls on the CPU's AES instructions costs less. With `on` it is, with a warning.
+fn judge_aes<T>(
+    found: Result<T, String>,
+    generic: Option<String>,
+    mode: KtlsMode,
+) -> Result<T, String> {
+    match (found, generic) {
+        (Ok(_), Some(driver)) if mode == KtlsMode::Auto => Err(format!(
+            "the kernel's AES-GCM is not the CPU's accelerated code ({driver}), several times \
+             the CPU of rustls' (load the CPU's AES module, aesni_intel on x86, or set \
+             tls.ktls: on to use it anyway)"
+        )),
+        (Ok(found), Some(driver)) => {
+            tracing::warn!(
+                %driver,
+                "tls.ktls is on but the kernel's AES-GCM is not the CPU's accelerated code, \
+                 several times the CPU of rustls' (load the CPU's AES module, aesni_intel on x86)"
+            );
+            Ok(found)
+        }
+        (found, _) => found,
+    }
+}
+
+/// The driver the kernel's crypto API uses for `gcm(aes)`: the highest priority of that name in
+/// `/proc/crypto` (listed once something has used it), as `driver (priority N)`.
+pub fn gcm_aes_driver(proc_crypto: &str) -> Option<String> {
+    let mut best: Option<(u32, &str)> = None;
+    for entry in proc_crypto.split("\n\n") {
+        let field = |k: &str| {
+            entry.lines().find_map(|l| {
+                let (key, v) = l.split_once(':')?;
+                (key.trim() == k).then_some(v.trim())
+            })
+        };
+        if field("name") != Some("gcm(aes)") {
+            continue;
+        }
+        let (Some(driver), Some(priority)) = (field("driver"), field("priority")) else {
+            continue;
+        };
+        let priority = priority.parse().unwrap_or(0);
+        if best.is_none_or(|(p, _)| priority > p) {
+            best = Some((priority, driver));
+        }
+    }
+    best.map(|(p, d)| format!("{d} (priority {p})"))
+}
+
+/// Whether a `gcm(aes)` driver works a block at a time in C instead of with the CPU's pipelined
+/// AES-GCM code: Debian 6.1 without `aesni_intel` builds `gcm_base(ctr(aes-generic),…)` (7.2×
+/// the instructions per MiB of userspace rustls, against 0.8× with `generic-gcm-aesni`), 7.3
+/// without it `gcm-aes-lib` (2.5×; docs/benchmarks.md, `cargo xtask vm-bench`). x86's AES-NI
+/// driver is named `generic-gcm-aesni…` ("generic" as opposed to RFC 4106), so the whole names
+/// matter.
+fn unaccelerated(driver: &str) -> bool {
+    ["aes-generic", "ghash-generic", "gcm-aes-lib"]
+        .iter()
+        .any(|slow| driver.contains(slow))
 }
 
 /// The cipher suites the gateway offers that the kernel cannot take, if any. A connection is
@@ -173,6 +241,71 @@ async fn ulp_available() -> Result<bool, String> {
 
 #[cfg(test)]
 mod tests {
+    /// `/proc/crypto` as Debian's 6.1 shows it without and with `aesni_intel` loaded (excerpts
+    /// of what the VMs of `cargo xtask vm-bench` listed).
+    const GENERIC: &str = concat!(
+        "name         : gcm(aes)\n",
+        "driver       : gcm_base(ctr(aes-generic),ghash-clmulni)\n",
+        "module       : gcm\n",
+        "priority     : 250\n",
+        "type         : aead\n\n",
+        "name         : aes\n",
+        "driver       : aes-generic\n",
+        "priority     : 100\n",
+    );
+    const AESNI: &str = concat!(
+        "name         : gcm(aes)\n",
+        "driver       : generic-gcm-aesni\n",
+        "module       : aesni_intel\n",
+        "priority     : 400\n",
+        "type         : aead\n\n",
+        "name         : gcm(aes)\n",
+        "driver       : gcm_base(ctr(aes-generic),ghash-clmulni)\n",
+        "module       : gcm\n",
+        "priority     : 250\n",
+    );
+
+    #[test]
+    fn the_kernels_gcm_aes_is_the_highest_priority_driver() {
+        let generic = super::gcm_aes_driver(GENERIC).unwrap();
+        assert_eq!(
+            generic,
+            "gcm_base(ctr(aes-generic),ghash-clmulni) (priority 250)"
+        );
+        assert!(super::unaccelerated(&generic));
+        let aesni = super::gcm_aes_driver(AESNI).unwrap();
+        assert_eq!(aesni, "generic-gcm-aesni (priority 400)");
+        assert!(!super::unaccelerated(&aesni));
+        assert!(!super::unaccelerated(
+            "generic-gcm-aesni-avx (priority 500)"
+        ));
+        assert!(!super::unaccelerated("gcm-aes-ce (priority 300)"));
+        assert!(super::unaccelerated("gcm-aes-lib (priority 110)"));
+        assert_eq!(
+            super::gcm_aes_driver("name : aes\ndriver : aes-generic\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn auto_leaves_a_kernel_without_accelerated_aes_on_keeps_it() {
+        use crate::config::KtlsMode;
+        let generic = || Some("gcm-aes-lib (priority 110)".into());
+        let why = super::judge_aes(Ok(()), generic(), KtlsMode::Auto).unwrap_err();
+        assert!(
+            why.contains("accelerated code (gcm-aes-lib (priority 110))")
+                && why.contains("aesni_intel"),
+            "{why}"
+        );
+        assert_eq!(super::judge_aes(Ok(()), generic(), KtlsMode::On), Ok(()));
+        assert_eq!(super::judge_aes(Ok(()), None, KtlsMode::Auto), Ok(()));
+        let missing = Err::<(), _>("no ULP".to_string());
+        assert_eq!(
+            super::judge_aes(missing, generic(), KtlsMode::Auto),
+            Err("no ULP".into())
+        );
+    }
+
     use super::KernelTls;
     use rustls::crypto::ring::cipher_suite as suite;
 

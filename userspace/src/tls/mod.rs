@@ -11,7 +11,7 @@ mod unbuffered;
 
 pub use accept::{accept, Accepted, Alpn, ConnTls, HandshakeFailure};
 pub use backend::backend_client_config;
-pub use kernel::{probe as probe_kernel_tls, KernelTls};
+pub use kernel::{gcm_aes_driver, probe as probe_kernel_tls, KernelTls};
 pub use server::{
     admin_server_config, client_config, client_verifier, provider, TlsBuildError, TlsServer,
 };
