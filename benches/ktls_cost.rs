@@ -23,7 +23,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -33,6 +33,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use support::gateway::TestGateway;
+use support::kernel_tls::{gcm_aes_driver, stat_delta, tls_stat};
 use support::pki::TestPki;
 
 const SMALL: usize = 1024;
@@ -118,21 +119,6 @@ fn cpu(tids: &HashSet<u32>) -> u64 {
                 .expect("schedstat's first field")
         })
         .sum()
-}
-
-fn tls_stat() -> BTreeMap<String, u64> {
-    std::fs::read_to_string("/proc/net/tls_stat")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, k: &str) -> u64 {
-    after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)
 }
 
 /// What a load sends and gets back, and what its figures are per.
@@ -224,8 +210,8 @@ async fn measure(gw: &Gateway, tls: &Arc<rustls::ClientConfig>, w: &Workload) ->
     let after = cpu(&gw.tids);
     let stat_after = tls_stat();
     let (tx, rx) = (
-        delta(&stat_before, &stat_after, "TlsTxSw"),
-        delta(&stat_before, &stat_after, "TlsRxSw"),
+        stat_delta(&stat_before, &stat_after, "TlsTxSw"),
+        stat_delta(&stat_before, &stat_after, "TlsRxSw"),
     );
     let expected = if gw.mode == "on" {
         CONNECTIONS as u64
@@ -360,10 +346,7 @@ fn main() {
         println!(
             "cipher suite {:?}; the kernel's gcm(aes): {}",
             samples[0][0][0].suite,
-            std::fs::read_to_string("/proc/crypto")
-                .ok()
-                .and_then(|c| portcullis::tls::gcm_aes_driver(&c))
-                .unwrap_or_else(|| "not listed".into())
+            gcm_aes_driver().unwrap_or_else(|| "not listed".into())
         );
         println!("| workload | ktls | CPU ns per unit (median; rounds) | on / off |");
         println!("|---|---|---|---|");

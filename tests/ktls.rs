@@ -13,7 +13,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,26 +23,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use support::gateway::TestGateway;
+use support::kernel_tls::{gcm_aes_driver, stat_delta, tls_stat};
 use support::pki::TestPki;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// `/proc/net/tls_stat` as name → value (empty when the kernel has no TLS).
-fn tls_stat() -> BTreeMap<String, u64> {
-    std::fs::read_to_string("/proc/net/tls_stat")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-/// How much one `tls_stat` counter grew between two readings (a counter absent counts as 0).
-fn stat_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, k: &str) -> u64 {
-    after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)
-}
 
 /// TLS record content type of application data.
 const APPLICATION_DATA: u8 = 23;
@@ -444,17 +427,7 @@ async fn kernel_tls_matches_userspace_or_falls_back() {
 
     // `auto` takes the kernel too, its AES-GCM being the CPU's (the VMs load aesni_intel); a
     // kernel whose gcm(aes) is not would leave it in userspace (unit-tested in tls::kernel).
-    let driver = std::fs::read_to_string("/proc/crypto")
-        .ok()
-        .and_then(|c| portcullis::tls::gcm_aes_driver(&c));
-    eprintln!("the kernel's gcm(aes): {driver:?}");
-    let auto = TestGateway::start(&pki, &sections("auto", backend, tls_off)).await;
-    assert_served(&auto, &pki, "with tls.ktls: auto").await;
-    assert_eq!(
-        auto.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
-        1.0,
-        "auto with {driver:?}"
-    );
+    auto_serves_in(&pki, backend, "kernel").await;
 
     key_update(&on, &pki).await;
     backend_key_update(&on, &pki, &tls_on_counts).await;
@@ -476,26 +449,30 @@ async fn auto_keeps_userspace_tls_where_the_kernels_aes_is_slow() {
     let pki = TestPki::new();
     let (backend, _) = backend(None).await;
     let on = TestGateway::start(&pki, &sections("on", backend, backend)).await;
-    let driver = std::fs::read_to_string("/proc/crypto")
-        .ok()
-        .and_then(|c| portcullis::tls::gcm_aes_driver(&c));
-    eprintln!("the kernel's gcm(aes): {driver:?}");
     assert_served(&on, &pki, "with tls.ktls: on").await;
     assert_eq!(
         on.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
         1.0
     );
-    let auto = TestGateway::start(&pki, &sections("auto", backend, backend)).await;
-    assert_served(&auto, &pki, "with tls.ktls: auto").await;
-    assert_eq!(
-        auto.metric("portcullis_ktls_connections_total{mode=\"userspace\"}"),
-        1.0,
-        "auto with {driver:?}"
-    );
-    assert_eq!(
-        auto.metric("portcullis_ktls_connections_total{mode=\"kernel\"}"),
-        0.0
-    );
+    auto_serves_in(&pki, backend, "userspace").await;
+}
+
+/// A gateway with `tls.ktls: auto` serves one request on a connection kept in `mode` (`kernel`
+/// or `userspace`), and none in the other.
+async fn auto_serves_in(pki: &TestPki, backend: SocketAddr, mode: &str) {
+    let driver = gcm_aes_driver();
+    eprintln!("the kernel's gcm(aes): {driver:?}");
+    let auto = TestGateway::start(pki, &sections("auto", backend, backend)).await;
+    assert_served(&auto, pki, "with tls.ktls: auto").await;
+    let other = if mode == "kernel" {
+        "userspace"
+    } else {
+        "kernel"
+    };
+    for (m, n) in [(mode, 1.0), (other, 0.0)] {
+        let sample = format!("portcullis_ktls_connections_total{{mode=\"{m}\"}}");
+        assert_eq!(auto.metric(&sample), n, "{sample}, auto with {driver:?}");
+    }
 }
 
 /// Whether this kernel can replace the keys of a live kTLS socket (Linux 6.14 added TLS 1.3

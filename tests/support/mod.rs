@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod kernel_tls;
 pub mod nats;
 pub mod netns;
 pub mod packets;
