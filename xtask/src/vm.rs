@@ -573,7 +573,7 @@ fn initramfs(
             script.push_str("poweroff -f\n");
             script
         }
-        Init::Systemd => systemd_init(tests)?,
+        Init::Systemd => systemd_init(tests, cpu_aes)?,
     };
     let init = root.join("init");
     std::fs::write(&init, script)?;
@@ -626,7 +626,7 @@ echo "VMTEST-KERNEL $(uname -r)"
 /// The /init that mounts this machine's root (shared by QEMU over 9p, read-only) under an
 /// overlay kept in memory, installs a unit that runs `tests` and powers the VM off, and hands
 /// over to systemd. Paths are this machine's, so the tests run from where cargo built them.
-fn systemd_init(tests: &[(&VmTest, &Path)]) -> Result<String> {
+fn systemd_init(tests: &[(&VmTest, &Path)], cpu_aes: bool) -> Result<String> {
     let mut script = String::new();
     for (t, exe) in tests {
         script.push_str(&t.script_lines(&std::fs::canonicalize(exe)?.to_string_lossy()));
@@ -634,6 +634,8 @@ fn systemd_init(tests: &[(&VmTest, &Path)]) -> Result<String> {
     let checkout = std::env::current_dir()?;
     Ok(SYSTEMD_INIT
         .replace("@RUN@", &script)
+        // This systemd runs only the test's target, so udev has not loaded the CPU's modules.
+        .replace("@CPU_AES@", if cpu_aes { CPU_AES } else { "" })
         .replace("@CHECKOUT@", &checkout.to_string_lossy()))
 }
 
@@ -666,6 +668,7 @@ cat > /newroot/usr/local/sbin/portcullis-vmtest <<'VMTEST'
 #!/bin/sh
 export PORTCULLIS_REQUIRE_SYSTEMD=1 RUST_BACKTRACE=1 TMPDIR=/tmp
 depmod -a
+@CPU_AES@
 @RUN@
 systemctl poweroff --force --force
 VMTEST
