@@ -72,16 +72,14 @@ const SYSTEMD_UNIT: VmTest = VmTest {
 
 /// `benches/ktls_cost.rs`: the gateway's instructions per request and per MiB with kernel TLS
 /// and with userspace TLS (run by `cargo xtask vm-bench` under an instruction-counting clock).
-const KTLS_COST: VmTest = VmTest {
-    name: "ktls_cost",
-    target: "ktls_cost",
-    args: &[],
-};
-const KTLS_COST_QUICK: VmTest = VmTest {
-    name: "ktls_cost",
-    target: "ktls_cost",
-    args: &["--quick"],
-};
+/// `benches/ktls_cost.rs`, in full or with `--quick`.
+const fn ktls_cost(quick: bool) -> VmTest {
+    VmTest {
+        name: "ktls_cost",
+        target: "ktls_cost",
+        args: if quick { &["--quick"] } else { &[] },
+    }
+}
 
 impl VmTest {
     /// The shell lines that run `exe` (this test's binary) and report its result on the console.
@@ -274,8 +272,8 @@ pub fn vm_bench(quick: bool) -> Result<()> {
     std::fs::create_dir_all(&work)?;
     vm_tools()?;
     let binaries = build_for_vm(&work, "bench", &["ktls_cost"], Link::Dynamic)?;
-    let bench = if quick { &KTLS_COST_QUICK } else { &KTLS_COST };
-    let tests = [(bench, binaries[0].1.as_path())];
+    let bench = ktls_cost(quick);
+    let tests = [(&bench, binaries[0].1.as_path())];
     for suite in [None, Some("trixie-backports")] {
         let (kernel, modules, version) = match suite {
             None => stable_kernel(&work)?,

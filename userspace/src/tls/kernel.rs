@@ -83,11 +83,11 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
         },
     };
     // The cipher probe set AES-GCM keys, so the kernel has picked its gcm(aes) implementation.
-    let generic = std::fs::read_to_string("/proc/crypto")
+    let slow_aes = std::fs::read_to_string("/proc/crypto")
         .ok()
         .and_then(|c| gcm_aes_driver(&c))
         .filter(|d| unaccelerated(d));
-    let found = judge_aes(found, generic, mode);
+    let found = judge_aes(found, slow_aes, mode);
     match (found, mode) {
         (Ok((ciphers, rekeys)), _) => {
             tracing::info!(
@@ -115,12 +115,13 @@ pub async fn probe(mode: KtlsMode) -> Result<Option<Arc<KernelTls>>, String> {
 
 /// With `auto`, a kernel whose AES-GCM is not the CPU's accelerated code ([`unaccelerated`]) is
 /// not used: rustls on the CPU's AES instructions costs less. With `on` it is, with a warning.
+/// `slow_aes` names the kernel's driver when it is such code.
 fn judge_aes<T>(
     found: Result<T, String>,
-    generic: Option<String>,
+    slow_aes: Option<String>,
     mode: KtlsMode,
 ) -> Result<T, String> {
-    match (found, generic) {
+    match (found, slow_aes) {
         (Ok(_), Some(driver)) if mode == KtlsMode::Auto => Err(format!(
             "the kernel's AES-GCM is not the CPU's accelerated code ({driver}), several times \
              the CPU of rustls' (load the CPU's AES module, aesni_intel on x86, or set \
@@ -290,18 +291,18 @@ mod tests {
     #[test]
     fn auto_leaves_a_kernel_without_accelerated_aes_on_keeps_it() {
         use crate::config::KtlsMode;
-        let generic = || Some("gcm-aes-lib (priority 110)".into());
-        let why = super::judge_aes(Ok(()), generic(), KtlsMode::Auto).unwrap_err();
+        let slow_aes = || Some("gcm-aes-lib (priority 110)".into());
+        let why = super::judge_aes(Ok(()), slow_aes(), KtlsMode::Auto).unwrap_err();
         assert!(
             why.contains("accelerated code (gcm-aes-lib (priority 110))")
                 && why.contains("aesni_intel"),
             "{why}"
         );
-        assert_eq!(super::judge_aes(Ok(()), generic(), KtlsMode::On), Ok(()));
+        assert_eq!(super::judge_aes(Ok(()), slow_aes(), KtlsMode::On), Ok(()));
         assert_eq!(super::judge_aes(Ok(()), None, KtlsMode::Auto), Ok(()));
         let missing = Err::<(), _>("no ULP".to_string());
         assert_eq!(
-            super::judge_aes(missing, generic(), KtlsMode::Auto),
+            super::judge_aes(missing, slow_aes(), KtlsMode::Auto),
             Err("no ULP".into())
         );
     }
