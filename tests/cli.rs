@@ -315,8 +315,8 @@ async fn sighup_reload_flips_policy_without_dropping_connections() {
 
 /// `SIGUSR1` reopens the access log at the running config's path, for log rotation
 /// (`dist/portcullis.logrotate`): lines go to the new file from then on. It does not read the
-/// config file, so a rotation works while the file on disk is mid-edit or broken, which would
-/// fail a reload (and with it the reopening a reload does).
+/// config file, so a rotation works while the file on disk is mid-edit or broken. A SIGHUP
+/// whose reload fails on such a file reopens the log at the running config's path too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr1_reopens_the_access_log_whatever_the_config_file_holds() {
     let pki = TestPki::new();
@@ -356,6 +356,16 @@ async fn sigusr1_reopens_the_access_log_whatever_the_config_file_holds() {
     wait_for_line(log.clone(), "/after").await;
     assert!(!holds(&log, "/before"), "the new file starts empty");
     assert!(holds(&rotated, "/before") && !holds(&rotated, "/after"));
+
+    // A rotation whose SIGHUP meets the broken file: the reload fails, the log is reopened all
+    // the same (a reload that takes reopens it at the new config's path).
+    let rotated = dir.path().join("access.log.hup");
+    std::fs::rename(&log, &rotated).unwrap();
+    assert!(gw.signal(libc::SIGHUP));
+    gw.wait_for("SIGHUP: access log reopened at the running configuration's path");
+    assert_eq!(a.get("r.apps.identity", "/hup").await.unwrap().status, 200);
+    wait_for_line(log.clone(), "/hup").await;
+    assert!(holds(&rotated, "/after") && !holds(&rotated, "/hup"));
 
     // A path that cannot be opened keeps the file already open.
     let open = dir.path().join("access.log.2");

@@ -450,6 +450,13 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
                     None => "serving; configuration reloaded".to_string(),
                     Some(e) => {
                         tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                        // A SIGHUP may be a log rotation's (SPEC: the access log is reopened on
+                        // SIGHUP): the log moves on to a new file even when the config file on
+                        // disk is broken, at the running configuration's path.
+                        match gateway.reopen_access_log() {
+                            Ok(()) => tracing::info!("SIGHUP: access log reopened at the running configuration's path"),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: access log not reopened; writing on to the file already open"),
+                        }
                         // One line: the notification protocol separates its fields by newlines.
                         let e = e.split_whitespace().collect::<Vec<_>>().join(" ");
                         format!("serving; the last reload failed, the running configuration kept: {e}")
