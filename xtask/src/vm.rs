@@ -71,8 +71,8 @@ const SYSTEMD_UNIT: VmTest = VmTest {
 };
 
 /// `benches/ktls_cost.rs`: the gateway's instructions per request and per MiB with kernel TLS
-/// and with userspace TLS (run by `cargo xtask vm-bench` under an instruction-counting clock).
-/// `benches/ktls_cost.rs`, in full or with `--quick`.
+/// and with userspace TLS (run by `cargo xtask vm-bench` under an instruction-counting clock), in
+/// full or with `--quick`.
 const fn ktls_cost(quick: bool) -> VmTest {
     VmTest {
         name: "ktls_cost",
