@@ -453,10 +453,7 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
                         // A SIGHUP may be a log rotation's (SPEC: the access log is reopened on
                         // SIGHUP): the log moves on to a new file even when the config file on
                         // disk is broken, at the running configuration's path.
-                        match gateway.reopen_access_log() {
-                            Ok(()) => tracing::info!("SIGHUP: access log reopened at the running configuration's path"),
-                            Err(e) => tracing::error!(error = %e, "SIGHUP: access log not reopened; writing on to the file already open"),
-                        }
+                        reopen_access_log(&gateway, "SIGHUP");
                         // One line: the notification protocol separates its fields by newlines.
                         let e = e.split_whitespace().collect::<Vec<_>>().join(" ");
                         format!("serving; the last reload failed, the running configuration kept: {e}")
@@ -464,10 +461,7 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
                 };
                 tell_service_manager(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
-            _ = usr1.recv() => match gateway.reopen_access_log() {
-                Ok(()) => tracing::info!("SIGUSR1: access log reopened"),
-                Err(e) => tracing::error!(error = %e, "SIGUSR1: access log not reopened; writing on to the file already open"),
-            },
+            _ = usr1.recv() => reopen_access_log(&gateway, "SIGUSR1"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -492,6 +486,20 @@ async fn run(config: Option<PathBuf>, demo_listen: SocketAddr, demo_admin: Socke
         let _ = std::fs::remove_dir_all(&d.dir);
     }
     ExitCode::SUCCESS
+}
+
+/// Reopens the access log at the running configuration's path (a rotation's SIGUSR1, or a SIGHUP
+/// whose reload failed) and says so, naming the signal.
+fn reopen_access_log(gateway: &Gateway, signal: &str) {
+    match gateway.reopen_access_log() {
+        Ok(()) => {
+            tracing::info!("{signal}: access log reopened at the running configuration's path")
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            "{signal}: access log not reopened; writing on to the file already open"
+        ),
+    }
 }
 
 /// Tells systemd (`Type=notify`) where the gateway is: ready once it serves, reloading while it
