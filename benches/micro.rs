@@ -182,6 +182,7 @@ fn access_log(c: &mut Criterion) {
         failed_attempts: 0,
         attempts: Default::default(),
         route_service: "",
+        resent: "",
         router_error: "",
         headers: Vec::new(),
     };

@@ -898,8 +898,9 @@ async fn the_access_log_says_how_the_backend_connection_was_made() {
 }
 
 /// A backend whose keep-alive timer fires as the gateway's next request arrives: on each
-/// connection it answers the first request, then reads the next request's head and closes the
-/// connection without a word. Returns its address and the request lines it read, by connection.
+/// connection it answers the first request, then reads the next request and closes the
+/// connection without a word. Returns its address and the request lines it read, each followed
+/// by the request's body if it had one, by connection.
 async fn forgetful_backend() -> (
     std::net::SocketAddr,
     Arc<std::sync::Mutex<Vec<Vec<String>>>>,
@@ -933,10 +934,25 @@ async fn forgetful_backend() -> (
                         }
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let line = head.lines().next().unwrap_or_default().to_string();
+                    let mut line = head.lines().next().unwrap_or_default().to_string();
                     let reset = line.contains("/rst");
+                    let length: usize = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                        .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                    while buf.len() < end + length {
+                        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk))
+                            .await
+                        {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    if length > 0 {
+                        line += &format!(" {}", String::from_utf8_lossy(&buf[end..end + length]));
+                    }
                     log.lock().unwrap()[conn].push(line);
-                    // The test's requests carry at most a few bytes of body, read with the head.
                     buf.clear();
                     if answered {
                         let _ = s
@@ -966,9 +982,10 @@ fn resends(gw: &TestGateway) -> Vec<(String, f64)> {
 
 /// A backend closes a keep-alive connection once it has sat idle for the backend's own timeout
 /// (gunicorn 2 s, Node.js 5 s), and a request the gateway sends on it at that moment is lost
-/// with it. A replayable request (GET, HEAD, OPTIONS, TRACE, or an `Idempotency-Key`, without a
-/// body) on a connection that had been idle is sent again on a new connection, as Go's transport
-/// (so GoRouter) does; anything else gets the 502 it got before, and is never sent twice.
+/// with it. A replayable request (GET, HEAD, OPTIONS, TRACE, or an `Idempotency-Key`) on a
+/// connection that had been idle is sent again on a new connection, as Go's transport (so
+/// GoRouter) does, with its body too (Go's only without one); anything else gets the 502 it got
+/// before, and is never sent twice.
 #[tokio::test]
 async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replayable() {
     let pki = TestPki::new();
@@ -976,6 +993,7 @@ async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replaya
     let host = "forgetful.apps.plain";
     let y = format!(
         "backends: {{ca_certs: backend-ca.pem, connect_timeout: 1s}}\n\
+         access_log: {{path: access.log, extra_fields: [resent]}}\n\
          routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}}}\n",
         backend.port()
     );
@@ -1011,8 +1029,10 @@ async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replaya
     );
     idle().await;
     let r = c.send(post("/six", "x", Some("k-6"))).await.unwrap();
-    assert_eq!(r.status, 502, "a body is not kept to be sent again");
-    assert_eq!(c.get(host, "/seven").await.unwrap().status, 200);
+    assert_eq!(
+        r.status, 200,
+        "a POST with an Idempotency-Key and a body is sent again"
+    );
     idle().await;
     let r = c.get(host, "/rst").await.unwrap();
     assert_eq!(r.status, 200, "sent again after a reset too");
@@ -1022,28 +1042,38 @@ async fn a_request_lost_with_an_idle_backend_connection_is_sent_again_if_replaya
         seen,
         [
             vec!["GET /one HTTP/1.1", "GET /two HTTP/1.1"],
-            vec!["GET /two HTTP/1.1", "POST /three HTTP/1.1"],
+            vec!["GET /two HTTP/1.1", "POST /three HTTP/1.1 x"],
             vec!["GET /four HTTP/1.1", "POST /five HTTP/1.1"],
-            vec!["POST /five HTTP/1.1", "POST /six HTTP/1.1"],
-            vec!["GET /seven HTTP/1.1", "GET /rst HTTP/1.1"],
+            vec!["POST /five HTTP/1.1", "POST /six HTTP/1.1 x"],
+            vec!["POST /six HTTP/1.1 x", "GET /rst HTTP/1.1"],
             vec!["GET /rst HTTP/1.1"],
         ],
-        "requests by backend connection"
+        "requests (and bodies) by backend connection"
     );
-    assert_eq!(resends(&gw), [("idle_connection_closed".into(), 3.0)]);
-    let lines = gw.log_lines(6).await;
-    let statuses: Vec<(u16, String)> = lines
+    assert_eq!(resends(&gw), [("idle_connection_closed".into(), 4.0)]);
+    let lines = gw.log_lines(7).await;
+    let logged: Vec<(u16, String, String)> = lines
         .iter()
         .map(|l| {
             let l = LogLine::parse(l);
-            (l.status, l.field("x_cf_routererror").to_string())
+            let f = |n| l.field(n).to_string();
+            (l.status, f("x_cf_routererror"), f("resent"))
         })
         .collect();
-    assert_eq!(statuses[1], (200, "-".to_string()), "{lines:?}");
+    let line = |status, error: &str, resent: &str| (status, error.into(), resent.into());
+    let again = "idle_connection_closed";
     assert_eq!(
-        statuses[2],
-        (502, "endpoint_failure".to_string()),
-        "{lines:?}"
+        logged,
+        [
+            line(200, "-", "-"),
+            line(200, "-", again),
+            line(502, "endpoint_failure", "-"),
+            line(200, "-", "-"),
+            line(200, "-", again),
+            line(200, "-", again),
+            line(200, "-", again),
+        ],
+        "status, x_cf_routererror and resent by request: {lines:#?}"
     );
     // The endpoint did not fail: it is not put behind others.
     let view = gw.route_view(host).await;
@@ -1383,6 +1413,7 @@ async fn h2_backend_gateway(
 ) -> TestGateway {
     let y = format!(
         "backends: {{ca_certs: backend-ca.pem}}\n\
+         access_log: {{path: access.log, extra_fields: [resent]}}\n\
          routes:\n  - {{uris: [{host}], host: 127.0.0.1, port: {}, protocol: http2}}\n",
         backend.port()
     );
@@ -1405,8 +1436,10 @@ fn post(
 
 /// An h2 backend (the `h2` crate's server, so each stream's answer is chosen) that answers the
 /// first stream on each connection and refuses the next with `REFUSED_STREAM`, as an app at its
-/// stream limit or shutting down does. Returns its address and the streams it saw, by
-/// connection, as `METHOD path`.
+/// stream limit or shutting down does. It reads a request's whole body first (a stream whose
+/// path starts `/partial`, when refused: only its first DATA frame) and answers with the body it
+/// read, or `ok` for none. Returns its address and the streams it saw, by connection, as
+/// `METHOD path`.
 async fn refusing_h2_backend() -> (
     std::net::SocketAddr,
     Arc<std::sync::Mutex<Vec<Vec<String>>>>,
@@ -1429,20 +1462,33 @@ async fn refusing_h2_backend() -> (
                 };
                 let mut answered = false;
                 while let Some(Ok((req, mut respond))) = h2.accept().await {
-                    log.lock().unwrap()[conn].push(format!(
-                        "{} {}",
-                        req.method(),
-                        req.uri().path()
-                    ));
-                    if answered {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    answered = true;
-                    let resp = http::Response::new(());
-                    if let Ok(mut body) = respond.send_response(resp, false) {
-                        let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
-                    }
+                    let path = req.uri().path().to_string();
+                    log.lock().unwrap()[conn].push(format!("{} {path}", req.method()));
+                    let refuse = std::mem::replace(&mut answered, true);
+                    // Read in a task of its own: the connection moves only while `accept` runs.
+                    tokio::spawn(async move {
+                        let partial = refuse && path.starts_with("/partial");
+                        let mut body = req.into_body();
+                        let mut read = Vec::new();
+                        while let Some(Ok(d)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(d.len());
+                            read.extend_from_slice(&d);
+                            if partial {
+                                break;
+                            }
+                        }
+                        if refuse {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            return;
+                        }
+                        if read.is_empty() {
+                            read.extend_from_slice(b"ok");
+                        }
+                        let resp = http::Response::new(());
+                        if let Ok(mut body) = respond.send_response(resp, false) {
+                            let _ = body.send_data(read.into(), true);
+                        }
+                    });
                 }
             });
         }
@@ -1451,9 +1497,10 @@ async fn refusing_h2_backend() -> (
 }
 
 /// A request an h2 backend refused (`REFUSED_STREAM`: not processed) is sent again on a new
-/// connection to it when it has no body, whatever its method; one with a body gets 502.
+/// connection to it, whatever its method, with its body as it was sent (kept up to 64 KiB
+/// until the answer); a larger body is not kept, and that request gets 502.
 #[tokio::test]
-async fn a_request_an_h2_backend_refused_is_sent_again_without_a_body() {
+async fn a_request_an_h2_backend_refused_is_sent_again_with_its_body() {
     let pki = TestPki::new();
     let (backend, seen) = refusing_h2_backend().await;
     let host = "refusing.apps.plain";
@@ -1467,21 +1514,128 @@ async fn a_request_an_h2_backend_refused_is_sent_again_without_a_body() {
     assert_eq!((r.status, r.body.as_str()), (200, "ok"), "GET sent again");
     let r = c.send(post("/three", "")).await.unwrap();
     assert_eq!(r.status, 200, "a refused POST without a body is sent again");
-    let r = c.send(post("/four", "x")).await.unwrap();
-    assert_eq!(r.status, 502, "a body is not kept to be sent again");
+    let r = c.send(post("/four", "the body")).await.unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "the body"),
+        "a refused POST is sent again with its body"
+    );
+    static BIG: [u8; 100 * 1024] = [b'x'; 100 * 1024];
+    let big = http::Request::post("/big")
+        .header("host", host)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(&BIG)))
+        .unwrap();
+    let r = c.send(big).await.unwrap();
+    assert_eq!(
+        r.status, 502,
+        "a body past 64 KiB is not kept to be sent again"
+    );
     let seen = seen.lock().unwrap().clone();
     // The shared connection carries every request; each one it refused went once more, on a
-    // connection of its own (whose first stream is answered), and the one with a body did not.
+    // connection of its own (whose first stream is answered), but for the large body.
     assert_eq!(
         seen,
         [
-            vec!["GET /one", "GET /two", "POST /three", "POST /four"],
+            vec![
+                "GET /one",
+                "GET /two",
+                "POST /three",
+                "POST /four",
+                "POST /big"
+            ],
             vec!["GET /two"],
             vec!["POST /three"],
+            vec!["POST /four"],
         ],
         "streams by backend connection"
     );
-    assert_eq!(resends(&gw), [("refused_stream".into(), 2.0)]);
+    assert_eq!(resends(&gw), [("refused_stream".into(), 3.0)]);
+    let lines = gw.log_lines(5).await;
+    let logged: Vec<(u16, String)> = lines
+        .iter()
+        .map(|l| {
+            let l = LogLine::parse(l);
+            (l.status, l.field("resent").to_string())
+        })
+        .collect();
+    let refused = "refused_stream".to_string();
+    assert_eq!(
+        logged,
+        [
+            (200, "-".into()),
+            (200, refused.clone()),
+            (200, refused.clone()),
+            (200, refused),
+            (502, "-".into()),
+        ],
+        "status and resent by request: {lines:#?}"
+    );
+}
+
+/// A request whose body is still coming when an h2 backend refuses it goes again with what was
+/// sent so far, then on with the rest as the client sends it.
+#[tokio::test]
+async fn a_refused_request_whose_body_is_still_coming_is_sent_again_whole() {
+    use http_body_util::BodyExt;
+    use hyper::client::conn::http1;
+    use hyper_util::rt::TokioIo;
+    let pki = TestPki::new();
+    let (backend, seen) = refusing_h2_backend().await;
+    let host = "refusing.apps.plain";
+    let gw = h2_backend_gateway(&pki, host, backend).await;
+    // One connection to the gateway (so one worker, and one backend pool).
+    let tls = crate::support::client::tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some(host),
+        None,
+        &[b"http/1.1"],
+    )
+    .await
+    .unwrap();
+    let (mut s, conn) = http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    // One answered stream first, so that the next is refused.
+    let get = http::Request::get("/one")
+        .header("host", host)
+        .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    let r = bounded("the GET", s.send_request(get)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.into_body().collect().await.unwrap();
+    let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes, hyper::Error>::new(1);
+    let (first, second) = ("sent before the refusal, ", "and after it");
+    let req = http::Request::post("/partial")
+        .header("host", host)
+        .header("content-length", first.len() + second.len())
+        .body(body.boxed())
+        .unwrap();
+    bounded("the connection ready", s.ready()).await.unwrap();
+    let answer = tokio::spawn(async move { s.send_request(req).await });
+    tx.send_data(first.into()).await.unwrap();
+    // The backend reads that much, refuses the stream, and the request arrives again on a new
+    // connection; only then does the rest of the body come.
+    bounded("the request sent again", async {
+        while seen.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    tx.send_data(second.into()).await.unwrap();
+    drop(tx);
+    let resp = bounded("the answer", answer).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let echoed = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        echoed,
+        format!("{first}{second}"),
+        "the body the backend read"
+    );
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        [vec!["GET /one", "POST /partial"], vec!["POST /partial"]]
+    );
+    assert_eq!(resends(&gw), [("refused_stream".into(), 1.0)]);
 }
 
 /// HTTP/2 frames by hand, for backends that do what the `h2` crate's server will not.
@@ -1621,9 +1775,9 @@ async fn going_away_h2_backend() -> (std::net::SocketAddr, Arc<std::sync::Mutex<
 }
 
 /// A request whose stream an h2 backend's `GOAWAY` left out (not processed) is sent again on a
-/// new connection to it when it has no body, whatever its method; one with a body gets 502.
+/// new connection to it, whatever its method, with its body.
 #[tokio::test]
-async fn a_request_an_h2_backend_went_away_without_is_sent_again_without_a_body() {
+async fn a_request_an_h2_backend_went_away_without_is_sent_again() {
     let pki = TestPki::new();
     let (backend, seen) = going_away_h2_backend().await;
     let host = "going-away.apps.plain";
@@ -1651,23 +1805,34 @@ async fn a_request_an_h2_backend_went_away_without_is_sent_again_without_a_body(
     let r = c.get(host, "/three").await.unwrap();
     assert_eq!(answered_by(&r), (200, s("2"), s("1")));
     let r = c.send(post("/four", "x")).await.unwrap();
-    assert_eq!(r.status, 502, "a body is not kept to be sent again");
+    assert_eq!(
+        answered_by(&r),
+        (200, s("3"), s("1")),
+        "a POST with a body the GOAWAY left out is sent again"
+    );
     let r = c.get(host, "/five").await.unwrap();
-    assert_eq!(answered_by(&r), (200, s("3"), s("1")));
+    assert_eq!(answered_by(&r), (200, s("4"), s("1")));
     let r = c.send(post("/six", "")).await.unwrap();
     assert_eq!(
         answered_by(&r),
-        (200, s("4"), s("1")),
+        (200, s("5"), s("1")),
         "a POST without a body the GOAWAY left out is sent again"
     );
     let seen = seen.lock().unwrap().clone();
     assert_eq!(
         seen,
-        [vec![1, 3], vec![1, 3], vec![1, 3], vec![1, 3], vec![1]],
+        [
+            vec![1, 3],
+            vec![1, 3],
+            vec![1, 3],
+            vec![1, 3],
+            vec![1, 3],
+            vec![1]
+        ],
         "streams by backend connection: each second stream was left out, and sent again on the \
-         next connection unless it had a body"
+         next connection"
     );
-    assert_eq!(resends(&gw), [("go_away".into(), 3.0)]);
+    assert_eq!(resends(&gw), [("go_away".into(), 5.0)]);
 }
 
 /// A request a backend received: its connection, stream and method.

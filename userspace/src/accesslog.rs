@@ -49,6 +49,9 @@ pub struct AccessRecord {
     /// For a route bound to a route service: `sent` (the request went to the service) or
     /// `returned` (it came back signed and went to the app); empty otherwise.
     pub route_service: &'static str,
+    /// Why the request was sent once more to its endpoint, on a new connection (a reason of
+    /// `portcullis_backend_resends_total`); empty when it was not.
+    pub resent: &'static str,
     pub router_error: &'static str,
     /// The values of `access_log.headers`, in its order (empty when it names none).
     pub headers: Vec<Option<http::HeaderValue>>,
@@ -261,6 +264,7 @@ impl AccessRecord {
             failed_attempts: 0,
             attempts: Default::default(),
             route_service: "",
+            resent: "",
             router_error: "",
             headers: Vec::new(),
         }
@@ -400,6 +404,7 @@ impl AccessRecord {
                     let tls = self.attempts.setup.as_ref().and_then(|s| s.tls);
                     time(&mut o, "tls_time", tls)
                 }
+                ExtraField::Resent => field(&mut o, "resent", self.resent),
             }
         }
         for (h, v) in format.headers.iter().zip(&self.headers) {

@@ -558,10 +558,11 @@ pub enum ExtraField {
     DnsTime,
     DialTime,
     TlsTime,
+    Resent,
 }
 
 impl ExtraField {
-    pub const ALL: [(&'static str, ExtraField); 14] = [
+    pub const ALL: [(&'static str, ExtraField); 15] = [
         ("tls_sni", ExtraField::TlsSni),
         ("caller_cf_app", ExtraField::CallerCfApp),
         ("caller_cf_space", ExtraField::CallerCfSpace),
@@ -577,6 +578,7 @@ impl ExtraField {
         ("dns_time", ExtraField::DnsTime),
         ("dial_time", ExtraField::DialTime),
         ("tls_time", ExtraField::TlsTime),
+        ("resent", ExtraField::Resent),
     ];
 
     /// The field's name as it appears in the log line.

@@ -370,3 +370,289 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Finish<B> {
         self.inner.size_hint()
     }
 }
+
+/// How much of a request body is kept while it is sent, so that a request the backend did not
+/// process can be sent again whole (`proxy::send_retrying_stale`). A body that grows past it is
+/// not kept (nor the request sent again); a gRPC call or a form fits.
+pub const KEPT_BODY_LIMIT: usize = 64 * 1024;
+
+/// A piece of a body already sent, kept to be sent again.
+enum Piece {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
+}
+
+impl Piece {
+    fn frame(&self) -> Frame<Bytes> {
+        match self {
+            Piece::Data(d) => Frame::data(d.clone()),
+            Piece::Trailers(t) => Frame::trailers(t.clone()),
+        }
+    }
+}
+
+/// What the handles of one [`Kept`] body share.
+struct Tee {
+    inner: ProxyBody,
+    /// What `inner` has yielded so far, while `whole`.
+    pieces: Vec<Piece>,
+    bytes: usize,
+    /// Whether `pieces` holds all `inner` has yielded: false once it passed
+    /// [`KEPT_BODY_LIMIT`], failed, or the request was answered ([`Keeper::release`]).
+    whole: bool,
+    ended: bool,
+    /// The handle that may read on: earlier ones were sent with a request the backend did not
+    /// process, and are done.
+    turn: u32,
+}
+
+/// A request body that keeps what it yields (up to [`KEPT_BODY_LIMIT`] bytes), so that the
+/// request can be sent again with the same body ([`Keeper::again`]): its pieces already sent, then
+/// the rest as it comes. Each handle reads in its turn; a handle given to a request the backend
+/// did not process fails from then on.
+pub struct Kept {
+    tee: Arc<std::sync::Mutex<Tee>>,
+    turn: u32,
+    /// How many of the pieces this handle has yielded.
+    at: usize,
+}
+
+/// A [`Kept`] handle read after its turn: the body was taken back to be sent again.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was taken back to be sent again")]
+pub struct TakenBack;
+
+/// What sends a [`Kept`] body again, or frees what it keeps.
+pub struct Keeper {
+    tee: Arc<std::sync::Mutex<Tee>>,
+}
+
+fn lock(tee: &std::sync::Mutex<Tee>) -> std::sync::MutexGuard<'_, Tee> {
+    tee.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Kept {
+    /// `inner` as a body that keeps what it yields, and what sends it again.
+    pub fn new(inner: ProxyBody) -> (Kept, Keeper) {
+        let tee = Arc::new(std::sync::Mutex::new(Tee {
+            inner,
+            pieces: Vec::new(),
+            bytes: 0,
+            whole: true,
+            ended: false,
+            turn: 0,
+        }));
+        let keeper = Keeper { tee: tee.clone() };
+        (
+            Kept {
+                tee,
+                turn: 0,
+                at: 0,
+            },
+            keeper,
+        )
+    }
+}
+
+impl Keeper {
+    /// The body once more from its start, when all of it sent so far was kept; every earlier
+    /// handle is done.
+    pub fn again(&self) -> Option<Kept> {
+        let mut tee = lock(&self.tee);
+        if !tee.whole {
+            return None;
+        }
+        tee.turn += 1;
+        Some(Kept {
+            tee: self.tee.clone(),
+            turn: tee.turn,
+            at: 0,
+        })
+    }
+
+    /// The request was answered: nothing more needs keeping (the pieces are freed).
+    pub fn release(&self) {
+        let mut tee = lock(&self.tee);
+        tee.whole = false;
+        tee.pieces = Vec::new();
+    }
+}
+
+impl Body for Kept {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut guard = lock(&this.tee);
+        let tee = &mut *guard;
+        if tee.turn != this.turn {
+            return Poll::Ready(Some(Err(TakenBack.into())));
+        }
+        if let Some(p) = tee.pieces.get(this.at) {
+            this.at += 1;
+            return Poll::Ready(Some(Ok(p.frame())));
+        }
+        if tee.ended {
+            return Poll::Ready(None);
+        }
+        let res = Pin::new(&mut tee.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(f))) if tee.whole => {
+                tee.bytes += f.data_ref().map_or(0, Bytes::len);
+                if tee.bytes > KEPT_BODY_LIMIT {
+                    tee.whole = false;
+                    tee.pieces = Vec::new();
+                } else if let Some(d) = f.data_ref() {
+                    tee.pieces.push(Piece::Data(d.clone()));
+                } else if let Some(t) = f.trailers_ref() {
+                    tee.pieces.push(Piece::Trailers(t.clone()));
+                }
+                this.at = tee.pieces.len();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                tee.whole = false;
+                tee.pieces = Vec::new();
+            }
+            Poll::Ready(None) => tee.ended = true,
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let tee = lock(&self.tee);
+        tee.turn == self.turn
+            && self.at >= tee.pieces.len()
+            && (tee.ended || tee.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let tee = lock(&self.tee);
+        let kept: usize = tee.pieces[self.at.min(tee.pieces.len())..]
+            .iter()
+            .map(|p| match p {
+                Piece::Data(d) => d.len(),
+                Piece::Trailers(_) => 0,
+            })
+            .sum();
+        let rest = match tee.ended {
+            true => SizeHint::with_exact(0),
+            false => tee.inner.size_hint(),
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + kept as u64);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + kept as u64);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body of these data frames, then `trailers` if given.
+    fn body(data: &[&'static [u8]], trailers: bool) -> ProxyBody {
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = data
+            .iter()
+            .map(|d| Ok(Frame::data(Bytes::from_static(d))))
+            .collect();
+        if trailers {
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", http::HeaderValue::from_static("0"));
+            frames.push(Ok(Frame::trailers(t)));
+        }
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    /// The next frame, as text (`trailers` for trailers), or `None` at the end.
+    async fn next(b: &mut Kept) -> Option<Result<String, String>> {
+        let f = b.frame().await?;
+        Some(match f {
+            Ok(f) => match f.into_data() {
+                Ok(d) => Ok(String::from_utf8_lossy(&d).into_owned()),
+                Err(_) => Ok("trailers".into()),
+            },
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
+    async fn rest(b: &mut Kept) -> Vec<String> {
+        let mut all = Vec::new();
+        while let Some(f) = next(b).await {
+            all.push(f.unwrap());
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_kept_body_goes_again_from_its_start_then_on_from_where_it_was() {
+        let (mut first, keeper) = Kept::new(body(&[b"a", b"b", b"c"], true));
+        assert_eq!(next(&mut first).await, Some(Ok("a".into())));
+        assert_eq!(next(&mut first).await, Some(Ok("b".into())));
+        let mut second = keeper.again().expect("all of it sent so far was kept");
+        let taken = next(&mut first).await.unwrap().unwrap_err();
+        assert_eq!(taken, TakenBack.to_string(), "the first handle is done");
+        assert_eq!(next(&mut second).await, Some(Ok("a".into())));
+        assert_eq!(rest(&mut second).await, ["b", "c", "trailers"]);
+        // Sent whole and kept whole (trailers too): once more, all of it from the copy.
+        let mut third = keeper.again().unwrap();
+        assert_eq!(rest(&mut third).await, ["a", "b", "c", "trailers"]);
+        assert!(next(&mut second).await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_or_failed_or_answered_is_not_kept() {
+        static BIG: [u8; KEPT_BODY_LIMIT / 2 + 1] = [b'x'; KEPT_BODY_LIMIT / 2 + 1];
+        let (mut big, keeper) = Kept::new(body(&[&BIG, &BIG, b"z"], false));
+        let _ = next(&mut big).await;
+        assert!(keeper.again().is_some(), "half the limit is kept");
+        // `again` made a new turn: read on with the handle it gave.
+        let mut big = keeper.again().unwrap();
+        let _ = next(&mut big).await;
+        let _ = next(&mut big).await;
+        assert!(keeper.again().is_none(), "past the limit");
+        assert_eq!(rest(&mut big).await, ["z"], "the body itself goes on");
+
+        let failing = http_body_util::StreamBody::new(futures_util::stream::iter([
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Err::<Frame<Bytes>, BoxError>("client went away".into()),
+        ]));
+        let (mut failed, keeper) = Kept::new(failing.boxed_unsync());
+        let _ = next(&mut failed).await;
+        assert!(next(&mut failed).await.unwrap().is_err());
+        assert!(keeper.again().is_none(), "a body that failed");
+
+        let (mut answered, keeper) = Kept::new(body(&[b"a", b"b"], false));
+        let _ = next(&mut answered).await;
+        keeper.release();
+        assert!(keeper.again().is_none(), "released once answered");
+        assert_eq!(rest(&mut answered).await, ["b"]);
+    }
+
+    #[tokio::test]
+    async fn a_kept_body_says_its_size_and_end_from_where_each_handle_is() {
+        let (mut first, keeper) = Kept::new(full("0123456789"));
+        assert_eq!(first.size_hint().exact(), Some(10));
+        assert!(!first.is_end_stream());
+        assert_eq!(next(&mut first).await, Some(Ok("0123456789".into())));
+        assert!(
+            first.is_end_stream(),
+            "a body of known length ends with its data"
+        );
+        let mut second = keeper.again().unwrap();
+        assert!(!first.is_end_stream(), "a handle whose turn is over");
+        assert_eq!(second.size_hint().exact(), Some(10));
+        assert!(!second.is_end_stream());
+        assert_eq!(next(&mut second).await, Some(Ok("0123456789".into())));
+        assert_eq!(second.size_hint().exact(), Some(0));
+        assert!(second.is_end_stream());
+        assert_eq!(next(&mut second).await, None);
+        assert!(Kept::new(empty()).0.is_end_stream());
+    }
+}

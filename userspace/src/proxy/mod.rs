@@ -35,7 +35,8 @@ use crate::routing::Endpoint;
 use crate::state::State;
 use crate::tls::ConnTls;
 use body::{
-    empty, full, BoxError, Counted, End, Finish, ProxyBody, RequestStall, RequestWatch, Stall,
+    empty, full, BoxError, Counted, End, Finish, Keeper, Kept, ProxyBody, RequestStall,
+    RequestWatch, Stall,
 };
 pub use error_page::ErrorTemplate;
 pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
@@ -980,7 +981,14 @@ async fn send_to_endpoints(
         let timeout = rt.config.backends.response_header_timeout;
         let result = match tokio::time::timeout(
             timeout,
-            send_retrying_stale(state, &ep, settings, &mut lease, out),
+            send_retrying_stale(
+                state,
+                &ep,
+                settings,
+                &mut lease,
+                out,
+                &mut done.record.resent,
+            ),
         )
         .await
         {
@@ -1136,17 +1144,56 @@ fn idempotent(req: &Request<ProxyBody>) -> bool {
         .any(|k| req.headers().contains_key(*k))
 }
 
-/// A copy of `req` to send again, when it has no body (a streamed body is gone once sent).
-fn bodiless_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
-    if !req.body().is_end_stream() {
-        return None;
+/// What it takes to send a request again: its head, and its body kept as it is sent.
+struct Again {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+    /// `None`: the request has no body.
+    body: Option<Keeper>,
+}
+
+impl Again {
+    /// Keeps what it takes to send `req` again; `req`'s body, if it has one, is then a [`Kept`].
+    fn keep(req: &mut Request<ProxyBody>) -> Again {
+        let body = match req.body().is_end_stream() {
+            true => None,
+            false => {
+                let (kept, keeper) = Kept::new(std::mem::replace(req.body_mut(), empty()));
+                *req.body_mut() = kept.boxed_unsync();
+                Some(keeper)
+            }
+        };
+        Again {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body,
+        }
     }
-    let mut copy = Request::new(empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+
+    /// The request once more, if all of its body that was sent was kept.
+    fn request(&self) -> Option<Request<ProxyBody>> {
+        let body = match &self.body {
+            None => empty(),
+            Some(keeper) => keeper.again()?.boxed_unsync(),
+        };
+        let mut copy = Request::new(body);
+        *copy.method_mut() = self.method.clone();
+        *copy.uri_mut() = self.uri.clone();
+        *copy.version_mut() = self.version;
+        *copy.headers_mut() = self.headers.clone();
+        Some(copy)
+    }
+
+    /// The request was answered: its body need not be kept any longer.
+    fn release(&self) {
+        if let Some(keeper) = &self.body {
+            keeper.release();
+        }
+    }
 }
 
 /// Whether a send failed because the connection ended (closed or reset) before an answer came.
@@ -1186,42 +1233,50 @@ fn not_processed(e: &hyper::Error) -> Option<&'static str> {
 /// or a backend's refusal is not a failed endpoint) when:
 /// - a pooled connection turned out closed before anything was sent;
 /// - a pooled HTTP/1.1 connection idle for [`REPLAY_AFTER_IDLE`] ended without answering an
-///   [`idempotent`] request without a body: the backend's keep-alive timer closed it as the
-///   request went out;
-/// - an h2 backend did not process the stream of a request without a body ([`not_processed`]:
-///   an app at its stream limit, or shutting down).
+///   [`idempotent`] request: the backend's keep-alive timer closed it as the request went out;
+/// - an h2 backend did not process the request's stream ([`not_processed`]: an app at its
+///   stream limit, or shutting down).
 ///
-/// Each is counted in `portcullis_backend_resends_total{reason}`. Should that connect fail,
-/// the request is handed back to be tried elsewhere.
+/// A body goes again as it was sent, from a copy kept until the answer comes (up to
+/// [`KEPT_BODY_LIMIT`](body::KEPT_BODY_LIMIT) bytes; a larger one is not sent again), and on
+/// from where the client is. Each resend is counted in `portcullis_backend_resends_total{reason}`
+/// and its reason put in `resent` (the access log's field). Should that connect fail, the
+/// request is handed back to be tried elsewhere.
 async fn send_retrying_stale(
     state: &State,
     ep: &Arc<Endpoint>,
     settings: &ConnectSettings<'_>,
     lease: &mut Lease,
-    req: Request<ProxyBody>,
+    mut req: Request<ProxyBody>,
+    resent: &mut &'static str,
 ) -> Result<Response<Incoming>, Box<SendFailure>> {
     let h2 = lease.is_h2();
-    let copy = match lease.idle {
-        _ if h2 => bodiless_copy(&req),
-        Some(idle) if idle >= REPLAY_AFTER_IDLE && idempotent(&req) => bodiless_copy(&req),
+    let again = match lease.idle {
+        _ if h2 => Some(Again::keep(&mut req)),
+        Some(idle) if idle >= REPLAY_AFTER_IDLE && idempotent(&req) => Some(Again::keep(&mut req)),
         _ => None,
     };
-    match lease.send(req).await {
+    let result = match lease.send(req).await {
         Err(mut f) => {
             let pooled = lease.idle.is_some();
-            let unprocessed = if h2 { not_processed(&f.error) } else { None };
-            let (req, reason) = match (f.request.take(), copy, unprocessed) {
-                (Some(req), _, _) if pooled => (req, "stale_connection"),
-                (None, Some(copy), Some(why)) => (copy, why),
-                (None, Some(copy), None) if !h2 && pooled && connection_ended(&f.error) => {
-                    (copy, "idle_connection_closed")
+            let reason = match (&f.request, h2) {
+                (Some(_), _) if pooled => Some("stale_connection"),
+                (None, true) => not_processed(&f.error),
+                (None, false) if pooled && connection_ended(&f.error) => {
+                    Some("idle_connection_closed")
                 }
-                (given_back, _, _) => {
-                    f.request = given_back;
-                    return Err(f);
-                }
+                _ => None,
+            };
+            let req = match reason {
+                Some("stale_connection") => f.request.take(),
+                Some(_) => again.as_ref().and_then(Again::request),
+                None => None,
+            };
+            let (Some(req), Some(reason)) = (req, reason) else {
+                return Err(f);
             };
             tracing::debug!(endpoint = %ep.addr, error = %f.error, reason, "sending a request again on a new connection to its endpoint");
+            *resent = reason;
             state
                 .metrics
                 .backend_resends
@@ -1239,8 +1294,12 @@ async fn send_retrying_stale(
                 }
             }
         }
-        other => other,
+        answered => answered,
+    };
+    if let (Ok(_), Some(again)) = (&result, &again) {
+        again.release();
     }
+    result
 }
 
 async fn bridge(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
