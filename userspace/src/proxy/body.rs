@@ -406,6 +406,15 @@ struct Tee {
     turn: u32,
 }
 
+impl Tee {
+    /// Stops keeping (the limit passed, the body failed, or the request was answered) and frees
+    /// what was kept.
+    fn forget(&mut self) {
+        self.whole = false;
+        self.pieces = Vec::new();
+    }
+}
+
 /// A request body that keeps what it yields (up to [`KEPT_BODY_LIMIT`] bytes), so that the
 /// request can be sent again with the same body ([`Keeper::again`]): its pieces already sent, then
 /// the rest as it comes. Each handle reads in its turn; a handle given to a request the backend
@@ -472,9 +481,7 @@ impl Keeper {
 
     /// The request was answered: nothing more needs keeping (the pieces are freed).
     pub fn release(&self) {
-        let mut tee = lock(&self.tee);
-        tee.whole = false;
-        tee.pieces = Vec::new();
+        lock(&self.tee).forget();
     }
 }
 
@@ -504,8 +511,7 @@ impl Body for Kept {
             Poll::Ready(Some(Ok(f))) if tee.whole => {
                 tee.bytes += f.data_ref().map_or(0, Bytes::len);
                 if tee.bytes > KEPT_BODY_LIMIT {
-                    tee.whole = false;
-                    tee.pieces = Vec::new();
+                    tee.forget();
                 } else if let Some(d) = f.data_ref() {
                     tee.pieces.push(Piece::Data(d.clone()));
                 } else if let Some(t) = f.trailers_ref() {
@@ -513,10 +519,7 @@ impl Body for Kept {
                 }
                 this.at = tee.pieces.len();
             }
-            Poll::Ready(Some(Err(_))) => {
-                tee.whole = false;
-                tee.pieces = Vec::new();
-            }
+            Poll::Ready(Some(Err(_))) => tee.forget(),
             Poll::Ready(None) => tee.ended = true,
             _ => {}
         }
