@@ -176,7 +176,7 @@ async fn an_h2_rapid_reset_flood_ends_its_connection() {
 }
 
 /// HTTP/2 CONTINUATION flood (CVE-2024-27316 and its kin): a client that sends a request's
-/// HEADERS and then CONTINUATION frames without end. The gateway keeps at most about
+/// HEADERS and then CONTINUATION frames without end. The gateway keeps at most twice
 /// `max_header_bytes` of the header block and ends the connection with GOAWAY, long before the
 /// 64 MiB this client would send; it does not buffer or decode without bound.
 #[tokio::test]

@@ -8,35 +8,93 @@ use tokio::net::TcpStream;
 
 use crate::route;
 use crate::support::client::Conn;
-use crate::support::gateway::TestGateway;
+use crate::support::gateway::{LogLine, TestGateway};
 use crate::support::pki::TestPki;
 
 async fn gateway(pki: &TestPki) -> TestGateway {
     let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
     let mut y = String::from(
         "tls:\n  certificates: [{cert_chain: server.pem, private_key: server.key}]\n  handshake_timeout: 1s\n\
-         limits: {max_header_bytes: 8192, idle_timeout: 1s}\nroutes:\n",
+         limits: {max_header_bytes: 8192, idle_timeout: 1s}\naccess_log: {path: access.log}\nroutes:\n",
     );
     y += &route("open.apps.plain", backend.addr, "app_id: x", "");
     TestGateway::start(pki, &y).await
 }
 
+/// A request head over `limits.max_header_bytes` gets 431 over HTTP/1.1 (hyper's answer) and
+/// HTTP/2. An h2 header list up to twice the limit gets the gateway's own 431, logged, on a
+/// stream of a connection that goes on serving; a larger one is the `h2` crate's stream reset,
+/// which leaves the connection serving too.
 #[tokio::test]
 async fn oversized_headers_get_431() {
     let pki = TestPki::new();
     let gw = gateway(&pki).await;
-    let mut c = Conn::tls(
-        gw.https(),
-        &pki.server_ca,
-        Some("open.apps.plain"),
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let conn = |h2| {
+        Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("open.apps.plain"),
+            None,
+            h2,
+        )
+    };
+    let mut c = conn(false).await.unwrap();
     let big = "x".repeat(20_000);
     let req = c.build("open.apps.plain", "/", &[("x-big", &big)]);
     assert_eq!(c.send(req).await.unwrap().status, 431);
+    let lines = gw.log_lines(1).await;
+    let l = LogLine::parse(&lines[0]);
+    assert_eq!((l.request.as_str(), l.status), ("- - HTTP/1.1", 431));
+    assert_eq!(l.field("x_cf_routererror"), "headers_too_large");
+
+    let mut c = conn(true).await.unwrap();
+    // 8,192 bytes of header list (RFC 9113 §6.5.2: name, value and 32 per field, the four
+    // pseudo-header fields included) is the most that is taken.
+    let pseudo = [
+        ":method".len() + "GET".len(),
+        ":scheme".len() + "https".len(),
+        ":authority".len() + "open.apps.plain".len(),
+        ":path".len() + "/fits".len(),
+    ];
+    let fill = 8192 - pseudo.iter().map(|n| n + 32).sum::<usize>() - ("x-big".len() + 32);
+    let fits = "f".repeat(fill);
+    let req = c.build("open.apps.plain", "/fits", &[("x-big", &fits)]);
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echo().headers["x-big"].len(), fill);
+    let over = "o".repeat(fill + 1);
+    let req = c.build("open.apps.plain", "/over", &[("x-big", &over)]);
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 431);
+    assert_eq!(r.header("x-cf-routererror"), Some("headers_too_large"));
+    // Past twice the limit, the h2 crate answers 431 and resets the stream before the gateway
+    // sees it (not logged).
+    let req = c.build("open.apps.plain", "/far-over", &[("x-big", &big)]);
+    assert_eq!(c.send(req).await.unwrap().status, 431);
+    // The connection serves on.
+    assert_eq!(
+        c.get("open.apps.plain", "/after").await.unwrap().status,
+        200
+    );
+    let lines = gw.log_lines(4).await;
+    let got: Vec<_> = lines[1..]
+        .iter()
+        .map(|l| {
+            let l = LogLine::parse(l);
+            let why = l.field("x_cf_routererror").to_string();
+            (l.request, l.status, why)
+        })
+        .collect();
+    let want = |r: &str, s, w: &str| (r.to_string(), s, w.to_string());
+    assert_eq!(
+        got,
+        [
+            want("GET /fits HTTP/2.0", 200, "-"),
+            want("GET /over HTTP/2.0", 431, "headers_too_large"),
+            want("GET /after HTTP/2.0", 200, "-"),
+        ]
+    );
+    assert_eq!(gw.metric("portcullis_requests_total{code=\"431\"}"), 2.0);
 }
 
 #[tokio::test]

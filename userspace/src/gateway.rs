@@ -945,7 +945,11 @@ pub(crate) fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_header_list_size(limits.max_header_bytes as u32)
+        // Twice the limit: a header list between the two reaches the gateway, which answers
+        // 431 itself (`proxy::handle`), logged, and the connection goes on. Beyond it the `h2`
+        // crate answers 431 and resets the stream, unlogged; beyond 4 times that (8 times the
+        // limit) it ends the connection, as a client sending such lists is abusive.
+        .max_header_list_size(h2_header_list_limit(limits.max_header_bytes))
         // HTTP/2 Rapid Reset (CVE-2023-44487) and its variants: a client whose streams are reset
         // (by itself before they were taken up, or by the gateway because it opened more than
         // `max_concurrent_streams`) faster than they can be served gets GOAWAY
@@ -956,6 +960,12 @@ pub(crate) fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     b
+}
+
+/// The `SETTINGS_MAX_HEADER_LIST_SIZE` an h2 client connection has: twice
+/// `limits.max_header_bytes` (see `builder`).
+fn h2_header_list_limit(max_header_bytes: usize) -> u32 {
+    u32::try_from(max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX)
 }
 
 /// Streams a client may reset before the gateway took them up, at one time (see `builder`).

@@ -452,6 +452,31 @@ pub fn transfer_coding_ok(h: &HeaderMap) -> bool {
     }
 }
 
+/// The size of an HTTP/2 request's header list as RFC 9113 §6.5.2 counts it (and the `h2` crate
+/// against `SETTINGS_MAX_HEADER_LIST_SIZE`): each field line's name and value in octets plus 32,
+/// pseudo-header fields included.
+pub fn h2_header_list_size<B>(req: &http::Request<B>) -> usize {
+    const FIELD: usize = 32;
+    let uri = req.uri();
+    let pseudo = [
+        Some((":method", req.method().as_str())),
+        uri.scheme_str().map(|s| (":scheme", s)),
+        uri.authority().map(|a| (":authority", a.as_str())),
+        uri.path_and_query().map(|p| (":path", p.as_str())),
+    ];
+    let pseudo: usize = pseudo
+        .iter()
+        .flatten()
+        .map(|(name, value)| name.len() + value.len() + FIELD)
+        .sum();
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + FIELD)
+        .sum();
+    pseudo + fields
+}
+
 /// Whether the request asks for the trace headers with the operator's key (`X-Vcap-Trace`). A
 /// header carrying the key is removed, so that the key never reaches an app or the access log;
 /// one that does not is passed on as any other header.

@@ -142,6 +142,9 @@ enum Reject {
     /// More than one Host header: which one the app would read is anyone's guess (RFC 9112
     /// §3.2; Go's server answers the same 400).
     TooManyHosts,
+    /// An HTTP/2 request whose header list is larger than `limits.max_header_bytes` (HTTP/1.1's
+    /// larger heads are hyper's own 431).
+    HeadersTooLarge,
     /// An HTTP/1.1 request whose `Transfer-Encoding` is not `chunked` alone (`gzip, chunked`):
     /// the gateway would pass the body on still coded and unsaid (RFC 9112 §6.1; Go's server,
     /// so GoRouter, answers the same 501).
@@ -199,6 +202,7 @@ impl Reject {
             Reject::EndpointTimeout => (StatusCode::GATEWAY_TIMEOUT, String::new()),
             Reject::RequestBodyTimeout => (StatusCode::REQUEST_TIMEOUT, String::new()),
             Reject::TooManyHosts => (StatusCode::BAD_REQUEST, "too many Host headers".into()),
+            Reject::HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, String::new()),
             Reject::Connect => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT is not supported".into(),
@@ -292,6 +296,7 @@ impl Reject {
             Reject::EndpointFailure => "endpoint_failure",
             Reject::EndpointTimeout => "endpoint_timeout",
             Reject::RequestBodyTimeout => "request_body_timeout",
+            Reject::HeadersTooLarge => "headers_too_large",
             // GoRouter sends none with it; the log line says why (debug) and the metric counts it.
             Reject::RouteServiceSignature => "",
             Reject::Misdirected
@@ -484,6 +489,11 @@ pub async fn handle(
     let host = normalize_authority(&raw_host);
     // One snapshot of the running config for the whole request.
     let rt = state.runtime.load_full();
+    // An HTTP/2 header list over the limit, measured as the client sent it. hyper takes up to
+    // twice the limit (see `gateway::builder`), so that such a request gets the gateway's own
+    // answer, logged, on a stream of a connection that goes on serving.
+    let oversize = req.version() == Version::HTTP_2
+        && headers::h2_header_list_size(&req) > rt.config.limits.max_header_bytes;
     let record = AccessRecord {
         host: host.clone(),
         referer: header_str(&req, REFERER),
@@ -530,7 +540,11 @@ pub async fn handle(
         .as_deref()
         .filter(|_| error_page::accepts_html(req.headers()));
     let mut close = false;
-    let mut resp = match route(&state, &rt, &conn, req, &host, &raw_host, &mut done).await {
+    let routed = match oversize {
+        true => Err(Reject::HeadersTooLarge),
+        false => route(&state, &rt, &conn, req, &host, &raw_host, &mut done).await,
+    };
+    let mut resp = match routed {
         Ok(resp) => {
             if let Some(watch) = &done.request_watch {
                 watch.answered();
