@@ -225,6 +225,60 @@ async fn host_rows_empty_and_unknown() {
     }
 }
 
+/// `OPTIONS *` (RFC 9110 §9.3.7) asks about the server: the gateway answers it, as Go's server
+/// does for GoRouter, and no app is asked. `OPTIONS /` is the route's as any request.
+#[tokio::test]
+async fn options_star_is_the_gateways_to_answer() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let extra = "access_log:\n  path: access.log\n  extra_fields: [route_policy]\n";
+    let gw = TestGateway::start(&pki, &pipeline_yaml(backend.addr, extra)).await;
+    let host = "open.apps.plain";
+    for (i, h2) in [false, true].into_iter().enumerate() {
+        let mut c = Conn::tls(gw.https(), &pki.server_ca, Some(host), None, h2)
+            .await
+            .unwrap();
+        let star = match h2 {
+            // `:path *` beside the `:authority`.
+            true => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(http::uri::Scheme::HTTPS);
+                parts.authority = Some(host.parse().unwrap());
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("*"));
+                hyper::Request::options(http::Uri::from_parts(parts).unwrap())
+            }
+            false => hyper::Request::options("*").header("host", host),
+        };
+        let star = star.body(Default::default()).unwrap();
+        let r = c.send(star).await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, ""), "h2: {h2}");
+        assert_eq!(backend.requests(), i as u64, "h2: {h2}");
+        let mut root = c.build(host, "/", &[]);
+        *root.method_mut() = http::Method::OPTIONS;
+        let r = c.send(root).await.unwrap();
+        assert_eq!(r.echo().method, "OPTIONS");
+        assert_eq!(backend.requests(), i as u64 + 1, "h2: {h2}");
+    }
+    let lines = gw.log_lines(4).await;
+    let got: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            let l = LogLine::parse(l);
+            (l.request.clone(), l.status, l.backend.clone() == "-")
+        })
+        .collect();
+    let want = |r: &str, no_backend| (r.to_string(), 200, no_backend);
+    assert_eq!(
+        got,
+        [
+            want("OPTIONS * HTTP/1.1", true),
+            want("OPTIONS / HTTP/1.1", false),
+            want("OPTIONS * HTTP/2.0", true),
+            want("OPTIONS / HTTP/2.0", false),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn binding_rows_421_and_coalescing() {
     let pki = TestPki::new();

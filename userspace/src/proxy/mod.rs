@@ -610,6 +610,11 @@ async fn route(
     if host.is_empty() {
         return Err(Reject::EmptyHost);
     }
+    // `OPTIONS *` asks about the server, not about a resource (RFC 9110 §9.3.7): the gateway
+    // answers it, as Go's server does for GoRouter, and no app is asked.
+    if req.method() == http::Method::OPTIONS && req.uri().path() == "*" {
+        return Ok(Response::new(empty()));
+    }
     let path = headers::routing_path(req.uri().path()).ok_or(Reject::DotSegment)?;
     let table = state.registry.table();
     let pool = table
