@@ -164,6 +164,11 @@ async fn an_h2_rapid_reset_flood_ends_its_connection() {
         .expect("the gateway ends the connection")
         .unwrap();
     assert!(ended.is_err(), "{ended:?}");
+    gw.wait_metric(
+        "portcullis_client_connection_errors_total{kind=\"h2_abuse\"}",
+        1.0,
+    )
+    .await;
 
     serves_another_client(&gw, &pki).await;
     // The streams taken up were logged; then the one real request.
@@ -249,6 +254,11 @@ async fn an_h2_continuation_flood_ends_its_connection() {
     // What was written includes what the loopback's socket buffers hold (several MB).
     assert!(sent < 16 << 20, "{sent} bytes of CONTINUATION taken");
     assert!(types.contains(&0x7), "no GOAWAY among the frames {types:?}");
+    gw.wait_metric(
+        "portcullis_client_connection_errors_total{kind=\"h2_abuse\"}",
+        1.0,
+    )
+    .await;
     assert_eq!(backend.requests(), 0);
     serves_another_client(&gw, &pki).await;
 }

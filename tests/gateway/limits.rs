@@ -42,6 +42,11 @@ async fn oversized_headers_get_431() {
     let big = "x".repeat(20_000);
     let req = c.build("open.apps.plain", "/", &[("x-big", &big)]);
     assert_eq!(c.send(req).await.unwrap().status, 431);
+    gw.wait_metric(
+        "portcullis_client_connection_errors_total{kind=\"unparsed_head\"}",
+        1.0,
+    )
+    .await;
     let lines = gw.log_lines(1).await;
     let l = LogLine::parse(&lines[0]);
     assert_eq!((l.request.as_str(), l.status), ("- - HTTP/1.1", 431));
@@ -95,6 +100,61 @@ async fn oversized_headers_get_431() {
         ]
     );
     assert_eq!(gw.metric("portcullis_requests_total{code=\"431\"}"), 2.0);
+}
+
+/// A client that never finishes its request head (slowloris) is cut at
+/// `limits.header_read_timeout`, however it keeps its connection busy, and counted.
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_at_the_header_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let mut y = String::from(
+        "tls:\n  certificates: [{cert_chain: server.pem, private_key: server.key}]\n\
+         limits: {header_read_timeout: 1s}\nroutes:\n",
+    );
+    y += &route("open.apps.plain", backend.addr, "app_id: x", "");
+    let gw = TestGateway::start(&pki, &y).await;
+    let mut tls = crate::support::client::tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.plain"),
+        None,
+        &[b"http/1.1"],
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: open.apps.plain\r\n")
+        .await
+        .unwrap();
+    // A header line every 300 ms, never the blank line that ends the head.
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            tokio::select! {
+                read = tls.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                    if tls.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(closed.is_ok(), "still open after {took:?}");
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    gw.wait_metric(
+        "portcullis_client_connection_errors_total{kind=\"header_timeout\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(backend.requests(), 0);
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::accesslog::{AccessLogError, AccessLogger, Destination};
 use crate::config::{Config, Limits};
 use crate::cork::{Cork, Corked};
-use crate::metrics::{KtlsLabels, Metrics, ProxyHeaderLabels};
+use crate::metrics::{KindLabels, KtlsLabels, Metrics, ProxyHeaderLabels};
 use crate::names::DomainPattern;
 use crate::park::{ParkIo, Parking};
 use crate::proxy::{self, BackendPool, ConnCtx};
@@ -1029,7 +1029,7 @@ async fn serve_http(
             s.inner().graceful_shutdown()
         };
         let mut draining = state.draining.subscribe();
-        Box::pin(drive(
+        let (_, failed) = Box::pin(drive(
             serving,
             graceful,
             &conn,
@@ -1040,6 +1040,9 @@ async fn serve_http(
             },
         ))
         .await;
+        if let Some(e) = failed {
+            count_connection_error(&state, &*e);
+        }
         return;
     }
     // HTTP/1.1 in cycles, parked between them.
@@ -1068,6 +1071,9 @@ async fn serve_http(
         if let Some((status, why)) = failed.as_ref().and_then(proxy::unparsed_head) {
             proxy::log_unparsed_head(&state, &conn, status, why);
         }
+        if let Some(e) = &failed {
+            count_connection_error(&state, e);
+        }
         io = match parking.take() {
             Some(parked) => parked,
             // Closed by either side, failed, or upgraded (the tunnel owns the stream now).
@@ -1079,6 +1085,45 @@ async fn serve_http(
             None => return,
         }
     }
+}
+
+/// Counts a client connection that ended in an error in
+/// `portcullis_client_connection_errors_total`, by the first cause in `e`'s chain that says why.
+fn count_connection_error(state: &State, e: &(dyn std::error::Error + 'static)) {
+    let kind = connection_error_kind(e);
+    state
+        .metrics
+        .client_connection_errors
+        .get_or_create(&KindLabels { kind })
+        .inc();
+}
+
+fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            if e.is_timeout() {
+                return "header_timeout";
+            }
+            if e.is_parse() {
+                return "unparsed_head";
+            }
+            if e.is_incomplete_message() {
+                return "incomplete_request";
+            }
+        } else if let Some(e) = e.downcast_ref::<h2::Error>() {
+            if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) && e.is_library() {
+                return "h2_abuse";
+            }
+            if e.is_go_away() {
+                return "h2_protocol";
+            }
+        } else if e.is::<std::io::Error>() {
+            return "io";
+        }
+        cause = e.source();
+    }
+    "other"
 }
 
 /// Waits, counted as idle, for the first bytes of the next request; closes the connection when

@@ -152,6 +152,7 @@ pub struct Metrics {
     pub connections_active: Gauge,
     pub connections_idle: Gauge,
     pub accept_errors: Counter,
+    pub client_connection_errors: Family<KindLabels, Counter>,
     pub backend_errors: Family<ErrorLabels, Counter>,
     pub backend_resends: Family<ReasonLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -206,6 +207,7 @@ impl Metrics {
             connections_active: Gauge::default(),
             connections_idle: Gauge::default(),
             accept_errors: Counter::default(),
+            client_connection_errors: Family::default(),
             backend_errors: Family::default(),
             backend_resends: Family::default(),
             access_log_dropped: Counter::default(),
@@ -353,6 +355,17 @@ impl Metrics {
             "accept_errors",
             "Connections the listeners could not accept (out of file descriptors, most often)",
             m.accept_errors.clone(),
+        );
+        registry.register(
+            "client_connection_errors",
+            "Client connections (HTTP/1.1 and h2, after their TLS handshake) that ended in an \
+             error, by kind: header_timeout (no whole request head within \
+             limits.header_read_timeout), unparsed_head (an HTTP/1.1 head hyper answered itself: \
+             400, 414, 431), incomplete_request (closed in the middle of a request), h2_abuse (GOAWAY \
+             ENHANCE_YOUR_CALM: streams reset faster than served, header blocks without end), \
+             h2_protocol (another HTTP/2 connection error, sent or received), io (reset, or TLS \
+             failing after the handshake), other",
+            m.client_connection_errors.clone(),
         );
         registry.register(
             "backend_errors",
