@@ -103,7 +103,8 @@ async fn oversized_headers_get_431() {
 }
 
 /// A client that never finishes its request head (slowloris) is cut at
-/// `limits.header_read_timeout`, however it keeps its connection busy, and counted.
+/// `limits.header_read_timeout`, however it keeps its connection busy, and counted; one that
+/// gives up half way is counted apart.
 #[tokio::test]
 async fn a_request_head_that_never_ends_is_cut_at_the_header_read_timeout() {
     use tokio::io::AsyncWriteExt;
@@ -151,6 +152,25 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_read_timeout() {
     assert!(took >= Duration::from_millis(900), "{took:?}");
     gw.wait_metric(
         "portcullis_client_connection_errors_total{kind=\"header_timeout\"}",
+        1.0,
+    )
+    .await;
+    // One that ends its connection (close_notify) in the middle of a head is counted apart.
+    let mut tls = crate::support::client::tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.plain"),
+        None,
+        &[b"http/1.1"],
+    )
+    .await
+    .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: open.apps.plain\r\n")
+        .await
+        .unwrap();
+    tls.shutdown().await.unwrap();
+    gw.wait_metric(
+        "portcullis_client_connection_errors_total{kind=\"incomplete_request\"}",
         1.0,
     )
     .await;

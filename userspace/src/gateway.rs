@@ -1118,8 +1118,12 @@ fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> &'static str 
             if e.is_go_away() {
                 return "h2_protocol";
             }
-        } else if e.is::<std::io::Error>() {
-            return "io";
+        } else if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            // A TLS peer gone without close_notify, in the middle of a request.
+            return match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => "incomplete_request",
+                _ => "io",
+            };
         }
         cause = e.source();
     }
