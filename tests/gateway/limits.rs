@@ -116,19 +116,24 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_read_timeout() {
     );
     y += &route("open.apps.plain", backend.addr, "app_id: x", "");
     let gw = TestGateway::start(&pki, &y).await;
-    let mut tls = crate::support::client::tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some("open.apps.plain"),
-        None,
-        &[b"http/1.1"],
-    )
-    .await
-    .unwrap();
-    let started = Instant::now();
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: open.apps.plain\r\n")
+    // A TLS connection that has sent the first lines of a request head.
+    let half_a_head = || async {
+        let mut tls = crate::support::client::tls_connect(
+            gw.https(),
+            &pki.server_ca,
+            Some("open.apps.plain"),
+            None,
+            &[b"http/1.1"],
+        )
         .await
         .unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: open.apps.plain\r\n")
+            .await
+            .unwrap();
+        tls
+    };
+    let started = Instant::now();
+    let mut tls = half_a_head().await;
     // A header line every 300 ms, never the blank line that ends the head.
     let mut buf = [0u8; 1024];
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
@@ -156,19 +161,7 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_read_timeout() {
     )
     .await;
     // One that ends its connection (close_notify) in the middle of a head is counted apart.
-    let mut tls = crate::support::client::tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some("open.apps.plain"),
-        None,
-        &[b"http/1.1"],
-    )
-    .await
-    .unwrap();
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: open.apps.plain\r\n")
-        .await
-        .unwrap();
-    tls.shutdown().await.unwrap();
+    half_a_head().await.shutdown().await.unwrap();
     gw.wait_metric(
         "portcullis_client_connection_errors_total{kind=\"incomplete_request\"}",
         1.0,
