@@ -2,6 +2,7 @@
 //! endpoint selection → proxy → exactly one access-log record.
 
 pub mod body;
+mod early;
 mod error_page;
 /// Public for the `h2_frames` fuzz target.
 pub mod h2_settings;

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
+use super::early::EarlyAnswer;
 use crate::registry::Protocol;
 use crate::routing::Endpoint;
 
@@ -88,8 +89,22 @@ impl std::hash::Hash for Key {
 /// A backend connection's sending half, with the connection's local address (`None` where the
 /// socket did not say).
 enum Sender {
-    H1(http1::SendRequest<ProxyBody>, Option<SocketAddr>),
+    H1(H1Conn),
     H2(H2Conn),
+}
+
+/// An HTTP/1.1 backend connection.
+struct H1Conn {
+    send: http1::SendRequest<ProxyBody>,
+    local: Option<SocketAddr>,
+    /// Set when the app reset it while a request was being written ([`super::early`]).
+    reset: Arc<AtomicBool>,
+}
+
+impl H1Conn {
+    fn is_closed(&self) -> bool {
+        self.send.is_closed() || self.reset.load(Ordering::Relaxed)
+    }
 }
 
 /// An h2 backend connection and how many requests it carries.
@@ -131,7 +146,7 @@ impl Drop for StreamSlot {
 impl Sender {
     fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(s, _) => s.is_closed() || !s.is_ready(),
+            Sender::H1(c) => c.is_closed() || !c.send.is_ready(),
             Sender::H2(c) => c.send.is_closed() || !c.send.is_ready(),
         }
     }
@@ -192,7 +207,7 @@ impl Lease {
     /// The connection's local address (GoRouter's `local_address` access-log field).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.sender {
-            Sender::H1(_, local) => *local,
+            Sender::H1(c) => c.local,
             Sender::H2(c) => c.local,
         }
     }
@@ -211,7 +226,8 @@ impl Lease {
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, Box<SendFailure>> {
         let res = match &mut self.sender {
-            Sender::H1(s, _) => {
+            Sender::H1(c) => {
+                let s = &mut c.send;
                 if let Err(error) = s.ready().await {
                     return Err(Box::new(SendFailure {
                         error,
@@ -389,7 +405,7 @@ impl BackendPool {
     /// list, an h2 one (which stays listed while it is shared) marked as used now.
     pub fn checkin(&self, lease: Lease, max_idle: usize) {
         let closed = match &lease.sender {
-            Sender::H1(s, _) => s.is_closed(),
+            Sender::H1(c) => c.is_closed(),
             Sender::H2(c) => c.send.is_closed(),
         };
         if closed {
@@ -561,7 +577,9 @@ where
             local,
         }))
     } else {
-        let (sender, conn) = http1::handshake(io)
+        let io = EarlyAnswer::new(io.into_inner());
+        let reset = io.reset();
+        let (sender, conn) = http1::handshake(TokioIo::new(io))
             .await
             .map_err(ConnectError::Handshake)?;
         tokio::spawn(async move {
@@ -574,7 +592,11 @@ where
                 tracing::debug!(error = %e, "backend connection closed");
             }
         });
-        Ok(Sender::H1(sender, local))
+        Ok(Sender::H1(H1Conn {
+            send: sender,
+            local,
+            reset,
+        }))
     }
 }
 
@@ -596,7 +618,15 @@ mod tests {
             let _peer = _peer;
             let _ = conn.await;
         });
-        let lease = Lease::new(Sender::H1(sender, None), key(addr, false), None);
+        let lease = Lease::new(
+            Sender::H1(H1Conn {
+                send: sender,
+                local: None,
+                reset: Arc::default(),
+            }),
+            key(addr, false),
+            None,
+        );
         (lease, task)
     }
 
