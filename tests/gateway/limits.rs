@@ -170,6 +170,107 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_read_timeout() {
     assert_eq!(backend.requests(), 0);
 }
 
+/// Sends a POST head for `host` declaring a body of `declared` bytes, then `send` bytes of it,
+/// on a new TLS connection, and reads the answer to the end of the stream. Fails if a write
+/// fails: the gateway reset the connection while the body was still coming.
+async fn post_then_read(
+    gw: &TestGateway,
+    pki: &TestPki,
+    host: &str,
+    path: &str,
+    (declared, send): (usize, usize),
+) -> std::io::Result<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = crate::support::client::tls_connect(
+        gw.https(),
+        &pki.server_ca,
+        Some("open.apps.plain"),
+        None,
+        &[b"http/1.1"],
+    )
+    .await?;
+    let head =
+        format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {declared}\r\n\r\n");
+    tls.write_all(head.as_bytes()).await?;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut left = send;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        tls.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    tls.flush().await?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// An answer given before the request body was read reaches a client that writes its whole body
+/// before it reads (curl, most simple clients), over HTTP/1.1: the gateway's own (a 404) and an
+/// app's (the echo backend answers at once and closes its connection with the body unread,
+/// which resets it). The gateway reads and discards the rest of the body before it closes
+/// (`limits.linger_timeout`) rather than resetting the connection under its answer, and takes
+/// the app's answer from a connection the app reset while the body was being written rather
+/// than answering 502. The discarding is bounded: a client that goes on sending after the
+/// answer is cut at `linger_timeout`.
+#[tokio::test]
+async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let mut y = String::from(
+        "tls:\n  certificates: [{cert_chain: server.pem, private_key: server.key}]\n\
+         access_log: {path: access.log}\nroutes:\n",
+    );
+    y += &route("open.apps.plain", backend.addr, "app_id: x", "");
+    let gw = TestGateway::start(&pki, &y).await;
+    // 32 MiB: more than loopback's socket buffers take in flight.
+    let big = 32 << 20;
+    let answer = post_then_read(&gw, &pki, "nowhere.apps.plain", "/", (big, big))
+        .await
+        .expect("the body is taken to its end");
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    for _ in 0..5 {
+        let answer = post_then_read(&gw, &pki, "open.apps.plain", "/early", (big, big))
+            .await
+            .expect("the body is taken to its end");
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(answer.contains(r#""path": "/early""#), "{answer}");
+    }
+    let lines = gw.log_lines(6).await;
+    let statuses: Vec<u16> = lines.iter().map(|l| LogLine::parse(l).status).collect();
+    assert_eq!(statuses, [404, 200, 200, 200, 200, 200]);
+    assert_eq!(backend.requests(), 5);
+    assert_eq!(
+        gw.metric("portcullis_backend_errors_total{kind=\"send\"}"),
+        0.0
+    );
+    drop(gw);
+
+    // Bounded: one that declares 1 TiB and goes on sending after its answer is cut after
+    // `linger_timeout`.
+    let mut y = String::from(
+        "tls:\n  certificates: [{cert_chain: server.pem, private_key: server.key}]\n\
+         limits: {linger_timeout: 1s}\naccess_log: {path: access.log}\nroutes:\n",
+    );
+    y += &route("open.apps.plain", backend.addr, "app_id: x", "");
+    let gw = TestGateway::start(&pki, &y).await;
+    let started = Instant::now();
+    let tib = 1 << 40;
+    let sent = tokio::time::timeout(
+        Duration::from_secs(10),
+        post_then_read(&gw, &pki, "nowhere.apps.plain", "/", (tib, tib)),
+    )
+    .await
+    .expect("cut before 10 s");
+    let took = started.elapsed();
+    assert!(sent.is_err(), "{took:?} {sent:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert_eq!(LogLine::parse(&gw.log_lines(1).await[0]).status, 404);
+}
+
 #[tokio::test]
 async fn silent_clients_are_dropped_at_the_handshake_deadline() {
     let pki = TestPki::new();

@@ -1076,8 +1076,14 @@ async fn serve_http(
         }
         io = match parking.take() {
             Some(parked) => parked,
-            // Closed by either side, failed, or upgraded (the tunnel owns the stream now).
-            None => return,
+            None => {
+                // Closed by hyper (either side ended it): the client may still be sending.
+                if let Some(closed) = parking.take_closed() {
+                    Box::pin(linger(closed, limits.linger_timeout, &mut shutdown)).await;
+                }
+                // Else failed, or upgraded (the tunnel owns the stream now).
+                return;
+            }
         };
         let deadline = idle_since + limits.idle_timeout;
         match next_request(&state, &mut io, false, deadline, &mut shutdown).await {
@@ -1086,6 +1092,28 @@ async fn serve_http(
         }
     }
 }
+
+/// Reads and discards what a client still sends on an HTTP/1.1 connection the gateway has shut
+/// for writing, until the client ends its side, `limit` passes or the gateway shuts down, and
+/// then closes it (`limits.linger_timeout`). Closing a socket with bytes unread sends a reset, and
+/// a client still sending a request body that was answered before it was read (the gateway's
+/// 403 or 404, an app's early 413) would lose the answer to it: curl says "Send failure: Broken
+/// pipe". nginx's lingering close; Go's server waits 0.5 s after its FIN.
+async fn linger(mut io: Box<dyn ClientIo>, limit: Duration, shutdown: &mut watch::Receiver<bool>) {
+    if limit.is_zero() || *shutdown.borrow() {
+        return;
+    }
+    let mut buf = vec![0; LINGER_READ];
+    let discard = async { while let Ok(1..) = io.read(&mut buf).await {} };
+    tokio::select! {
+        _ = discard => {}
+        _ = tokio::time::sleep(limit) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// The buffer a lingering connection's discarded bytes are read into.
+const LINGER_READ: usize = 16 * 1024;
 
 /// Counts a client connection that ended in an error in
 /// `portcullis_client_connection_errors_total`, by the first cause in `e`'s chain that says why.

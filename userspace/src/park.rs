@@ -14,12 +14,17 @@
 //! bytes ended a request head (`\r\n\r\n`; chunked bodies end the same way) and a request started
 //! after them. A request body with a `Content-Length` ends anywhere, so a connection whose last
 //! request had such a body parks only after a later request without one.
+//!
+//! A cycle that hyper ends by closing the connection (the client's end of stream, `Connection:
+//! close`, or a request whose body was left unread) hands the stream, shut for writing, to
+//! [`Parking`] too, as closed: the loop reads what the client still sends for a while before it
+//! closes the socket (see `gateway::linger`).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -30,6 +35,7 @@ use crate::proxy::ConnCtx;
 pub struct Parking<S> {
     requested: AtomicBool,
     parked: Mutex<Option<S>>,
+    closed: Mutex<Option<S>>,
 }
 
 impl<S> Parking<S> {
@@ -37,6 +43,7 @@ impl<S> Parking<S> {
         Arc::new(Parking {
             requested: AtomicBool::new(false),
             parked: Mutex::new(None),
+            closed: Mutex::new(None),
         })
     }
 
@@ -49,6 +56,14 @@ impl<S> Parking<S> {
     pub fn take(&self) -> Option<S> {
         self.requested.store(false, Ordering::Relaxed);
         self.parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// The stream, shut for writing, when hyper ended the cycle by closing the connection.
+    pub fn take_closed(&self) -> Option<S> {
+        self.closed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
@@ -191,11 +206,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ParkIo<S> {
         r
     }
 
-    /// After parking, hyper's closing of its connection must not close the stream.
+    /// After parking, hyper's closing of its connection must not close the stream. Otherwise the
+    /// stream is shut for writing (TLS close_notify, then FIN) and left in [`Parking`] as closed,
+    /// for the loop to close once the client has stopped sending.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().io.as_mut() {
-            Some(io) => Pin::new(io).poll_shutdown(cx),
-            None => Poll::Ready(Ok(())),
-        }
+        let this = self.get_mut();
+        let Some(io) = this.io.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        ready!(Pin::new(io).poll_shutdown(cx))?;
+        *this
+            .parking
+            .closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = this.io.take();
+        Poll::Ready(Ok(()))
     }
 }

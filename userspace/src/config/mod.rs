@@ -636,6 +636,10 @@ pub struct Limits {
     /// before the endpoint answers (zero: no limit). Then 408 `request_body_timeout`.
     pub request_body_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long an HTTP/1.1 connection the gateway closes goes on reading and discarding what the
+    /// client still sends (a request body answered before it was read), so that closing does not
+    /// reset the connection under the answer (zero: not at all).
+    pub linger_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     /// Threads serving connections, each with its own event loop and backend pool
     /// (0 = one per CPU).
@@ -653,6 +657,9 @@ pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// default, so that a client that stops half way through its body is answered 408 before the
 /// endpoint waiting for it is blamed (504); nginx's `client_body_timeout` is 60 s.
 pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `limits.linger_timeout` unless set: nginx's `lingering_timeout` (Go's server waits 0.5 s).
+pub const DEFAULT_LINGER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most `limits.workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
@@ -689,6 +696,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(30),
             request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
             idle_timeout: Duration::from_secs(90),
+            linger_timeout: DEFAULT_LINGER_TIMEOUT,
             h2_max_concurrent_streams: 256,
             workers: 0,
             listen_backlog: DEFAULT_LISTEN_BACKLOG,
@@ -1907,6 +1915,11 @@ impl Validator<'_> {
                 l.idle_timeout.as_deref(),
                 defaults.idle_timeout,
             ),
+            linger_timeout: self.duration_or_zero(
+                "limits.linger_timeout",
+                l.linger_timeout.as_deref(),
+                defaults.linger_timeout,
+            ),
             h2_max_concurrent_streams: l
                 .h2_max_concurrent_streams
                 .unwrap_or(defaults.h2_max_concurrent_streams),
@@ -2286,6 +2299,16 @@ mod tests {
         assert_eq!(
             section_problems("limits", "request_body_timeout: a while"),
             ["limits.request_body_timeout: invalid duration 'a while', expected e.g. '10s' or '2m'"]
+        );
+    }
+
+    #[test]
+    fn linger_timeout_defaults_to_5s_and_takes_zero() {
+        assert_eq!(Limits::default().linger_timeout, Duration::from_secs(5));
+        assert!(section_problems("limits", "linger_timeout: 0s").is_empty());
+        assert_eq!(
+            section_problems("limits", "linger_timeout: -1s"),
+            ["limits.linger_timeout: invalid duration '-1s', expected e.g. '10s' or '2m'"]
         );
     }
 

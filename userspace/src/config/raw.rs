@@ -234,6 +234,7 @@ pub struct RawLimits {
     pub header_read_timeout: Option<String>,
     pub request_body_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub linger_timeout: Option<String>,
     pub h2_max_concurrent_streams: Option<u32>,
     pub workers: Option<usize>,
     pub listen_backlog: Option<u32>,
