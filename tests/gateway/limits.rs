@@ -208,7 +208,7 @@ async fn post_then_read(
 /// An answer given before the request body was read reaches a client that writes its whole body
 /// before it reads (curl, most simple clients), over HTTP/1.1: the gateway's own (a 404) and an
 /// app's (the echo backend answers at once and closes its connection with the body unread,
-/// which resets it). The gateway reads and discards the rest of the body before it closes
+/// which resets it); the app's over h2 too. The gateway reads and discards the rest of the body before it closes
 /// (`limits.linger_timeout`) rather than resetting the connection under its answer, and takes
 /// the app's answer from a connection the app reset while the body was being written rather
 /// than answering 502. The discarding is bounded: a client that goes on sending after the
@@ -236,10 +236,28 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
         assert!(answer.contains(r#""path": "/early""#), "{answer}");
     }
-    let lines = gw.log_lines(6).await;
+    // Over h2 the stream ends after the answer (RST_STREAM NO_ERROR); the app's answer still
+    // has to come from the connection it reset.
+    for _ in 0..5 {
+        let (mut tx, answer) =
+            streaming_post(&gw, &pki, "open.apps.plain", "/early", big, true).await;
+        tokio::spawn(async move {
+            let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+            for _ in 0..big / chunk.len() {
+                if tx.send_data(chunk.clone()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        assert_eq!(answer.await.unwrap().unwrap().status(), 200);
+    }
+    let lines = gw.log_lines(11).await;
     let statuses: Vec<u16> = lines.iter().map(|l| LogLine::parse(l).status).collect();
-    assert_eq!(statuses, [404, 200, 200, 200, 200, 200]);
-    assert_eq!(backend.requests(), 5);
+    assert_eq!(
+        statuses,
+        [404, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]
+    );
+    assert_eq!(backend.requests(), 10);
     assert_eq!(
         gw.metric("portcullis_backend_errors_total{kind=\"send\"}"),
         0.0

@@ -25,13 +25,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct EarlyAnswer<T> {
     io: T,
     reset: Arc<AtomicBool>,
+    /// Off for a connection opened for an upgrade: its stream becomes a tunnel, which a failed
+    /// write must end.
+    armed: bool,
 }
 
 impl<T> EarlyAnswer<T> {
-    pub fn new(io: T) -> Self {
+    pub fn new(io: T, armed: bool) -> Self {
         EarlyAnswer {
             io,
             reset: Arc::default(),
+            armed,
         }
     }
 
@@ -44,7 +48,7 @@ impl<T> EarlyAnswer<T> {
     /// connection is taken as done (`done` bytes), after noting the reset.
     fn written<R>(&self, r: Poll<io::Result<R>>, done: R) -> Poll<io::Result<R>> {
         match r {
-            Poll::Ready(Err(e)) if closed_by_peer(&e) => {
+            Poll::Ready(Err(e)) if self.armed && closed_by_peer(&e) => {
                 tracing::debug!(error = %e, "backend connection reset while the request was being written; reading its answer");
                 self.reset.store(true, Ordering::Relaxed);
                 Poll::Ready(Ok(done))
@@ -131,7 +135,7 @@ mod tests {
     #[tokio::test]
     async fn writes_after_a_reset_are_taken_as_done_and_the_answer_is_read() {
         let (a, mut b) = tokio::io::duplex(64);
-        let mut io = EarlyAnswer::new(a);
+        let mut io = EarlyAnswer::new(a, true);
         let reset = io.reset();
         io.write_all(b"POST / HTTP/1.1\r\n").await.unwrap();
         b.write_all(b"HTTP/1.1 413 Payload Too Large\r\n")
@@ -147,6 +151,16 @@ mod tests {
         io.read_to_string(&mut answer).await.unwrap();
         assert_eq!(answer, "HTTP/1.1 413 Payload Too Large\r\n");
         io.shutdown().await.unwrap();
+    }
+
+    /// Unarmed (an upgrade's tunnel), the error is the caller's.
+    #[tokio::test]
+    async fn unarmed_writes_fail() {
+        let (a, b) = tokio::io::duplex(64);
+        drop(b);
+        let mut io = EarlyAnswer::new(a, false);
+        assert!(io.write_all(b"x").await.is_err());
+        assert!(!io.reset().load(Ordering::Relaxed));
     }
 
     /// Other write errors are the caller's.

@@ -577,7 +577,7 @@ where
             local,
         }))
     } else {
-        let io = EarlyAnswer::new(io.into_inner());
+        let io = EarlyAnswer::new(io.into_inner(), !upgrades);
         let reset = io.reset();
         let (sender, conn) = http1::handshake(TokioIo::new(io))
             .await
