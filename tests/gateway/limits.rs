@@ -118,15 +118,7 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_read_timeout() {
     let gw = TestGateway::start(&pki, &y).await;
     // A TLS connection that has sent the first lines of a request head.
     let half_a_head = || async {
-        let mut tls = crate::support::client::tls_connect(
-            gw.https(),
-            &pki.server_ca,
-            Some("open.apps.plain"),
-            None,
-            &[b"http/1.1"],
-        )
-        .await
-        .unwrap();
+        let mut tls = h1_tls(&gw, &pki).await.unwrap();
         tls.write_all(b"GET / HTTP/1.1\r\nHost: open.apps.plain\r\n")
             .await
             .unwrap();
@@ -170,30 +162,31 @@ async fn a_request_head_that_never_ends_is_cut_at_the_header_read_timeout() {
     assert_eq!(backend.requests(), 0);
 }
 
-/// Sends a POST head for `host` declaring a body of `declared` bytes, then `send` bytes of it,
-/// on a new TLS connection, and reads the answer to the end of the stream. Fails if a write
-/// fails: the gateway reset the connection while the body was still coming.
+/// A new HTTP/1.1 TLS connection to the gateway, for `open.apps.plain`.
+async fn h1_tls(
+    gw: &TestGateway,
+    pki: &TestPki,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let (sni, alpn): (_, &[&[u8]]) = (Some("open.apps.plain"), &[b"http/1.1"]);
+    crate::support::client::tls_connect(gw.https(), &pki.server_ca, sni, None, alpn).await
+}
+
+/// Sends a POST for `host` with a body of `len` bytes on a new TLS connection, all of it, then
+/// reads the answer to the end of the stream. Fails if a write fails: the gateway reset the
+/// connection while the body was still coming.
 async fn post_then_read(
     gw: &TestGateway,
     pki: &TestPki,
     host: &str,
     path: &str,
-    (declared, send): (usize, usize),
+    len: usize,
 ) -> std::io::Result<String> {
     use tokio::io::AsyncWriteExt;
-    let mut tls = crate::support::client::tls_connect(
-        gw.https(),
-        &pki.server_ca,
-        Some("open.apps.plain"),
-        None,
-        &[b"http/1.1"],
-    )
-    .await?;
-    let head =
-        format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {declared}\r\n\r\n");
+    let mut tls = h1_tls(gw, pki).await?;
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\n\r\n");
     tls.write_all(head.as_bytes()).await?;
     let chunk = vec![b'x'; 64 * 1024];
-    let mut left = send;
+    let mut left = len;
     while left > 0 {
         let n = left.min(chunk.len());
         tls.write_all(&chunk[..n]).await?;
@@ -225,12 +218,12 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
     let gw = TestGateway::start(&pki, &y).await;
     // 32 MiB: more than loopback's socket buffers take in flight.
     let big = 32 << 20;
-    let answer = post_then_read(&gw, &pki, "nowhere.apps.plain", "/", (big, big))
+    let answer = post_then_read(&gw, &pki, "nowhere.apps.plain", "/", big)
         .await
         .expect("the body is taken to its end");
     assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
     for _ in 0..5 {
-        let answer = post_then_read(&gw, &pki, "open.apps.plain", "/early", (big, big))
+        let answer = post_then_read(&gw, &pki, "open.apps.plain", "/early", big)
             .await
             .expect("the body is taken to its end");
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
@@ -276,7 +269,7 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
     let tib = 1 << 40;
     let sent = tokio::time::timeout(
         Duration::from_secs(10),
-        post_then_read(&gw, &pki, "nowhere.apps.plain", "/", (tib, tib)),
+        post_then_read(&gw, &pki, "nowhere.apps.plain", "/", tib),
     )
     .await
     .expect("cut before 10 s");
