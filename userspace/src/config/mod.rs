@@ -658,7 +658,9 @@ pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// endpoint waiting for it is blamed (504); nginx's `client_body_timeout` is 60 s.
 pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `limits.linger_timeout` unless set: nginx's `lingering_timeout` (Go's server waits 0.5 s).
+/// `limits.linger_timeout` unless set: as long as nginx's `lingering_timeout`, but a bound on the
+/// whole linger where nginx's bounds each wait between reads (its `lingering_time`, 30 s, bounds
+/// the whole); Go's server waits 0.5 s.
 pub const DEFAULT_LINGER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most `limits.workers` may ask for.

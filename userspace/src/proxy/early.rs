@@ -62,7 +62,8 @@ impl<T> EarlyAnswer<T> {
     }
 }
 
-fn closed_by_peer(e: &io::Error) -> bool {
+/// Whether `e` says the other end closed or reset the connection.
+pub(crate) fn closed_by_peer(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted

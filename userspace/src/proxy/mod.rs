@@ -1218,18 +1218,11 @@ impl Again {
 
 /// Whether a send failed because the connection ended (closed or reset) before an answer came.
 fn connection_ended(e: &hyper::Error) -> bool {
-    use std::io::ErrorKind;
     e.is_incomplete_message()
         || std::error::Error::source(e)
             .and_then(|s| s.downcast_ref::<std::io::Error>())
             .is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    ErrorKind::ConnectionReset
-                        | ErrorKind::BrokenPipe
-                        | ErrorKind::ConnectionAborted
-                        | ErrorKind::UnexpectedEof
-                )
+                early::closed_by_peer(io) || io.kind() == std::io::ErrorKind::UnexpectedEof
             })
 }
 
