@@ -61,8 +61,10 @@ async fn tls_backend_with_san_check() {
 
 /// Backend connections go back to the pool once a response is fully sent, including responses
 /// with a known length (which hyper finishes without polling the body to its end): 30 requests
-/// (h1 and h2 clients, small and 256 KiB bodies, one at a time) need one backend connection per
-/// worker thread (each worker has its own pool): one with `workers: 1`, at most two with two.
+/// (h1 and h2 clients, small and 256 KiB bodies, one at a time), then POSTs with a body of each
+/// shape ([`posts_one_at_a_time`]), need one backend connection per worker thread (each worker
+/// has its own pool): one with `workers: 1`, at most two with two. A request body counts as all
+/// sent however its end is known, so none of them is taken for an answer that came early.
 #[tokio::test]
 async fn backend_connections_are_reused() {
     let pki = TestPki::new();
@@ -76,10 +78,11 @@ async fn backend_connections_are_reused() {
         );
         let gw = TestGateway::start(&pki, &y).await;
         requests_one_at_a_time(&gw, &pki, 30).await;
+        posts_one_at_a_time(&gw, &pki).await;
         let n = accepted.load(Ordering::Relaxed);
         assert!(
             (1..=most).contains(&n),
-            "{workers} worker(s): {n} backend connections for 30 requests one at a time"
+            "{workers} worker(s): {n} backend connections for 35 requests one at a time"
         );
     }
 }
@@ -111,6 +114,7 @@ async fn idle_backend_connections_expire() {
 /// A plain HTTP/1.1 backend answering `/big` with 256 KiB and anything else with 10 bytes,
 /// counting the connections it accepts.
 async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    use http_body_util::BodyExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicU64::new(0));
@@ -121,14 +125,19 @@ async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicU64>) {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     |req: http::Request<hyper::body::Incoming>| async move {
-                        let n = if req.uri().path() == "/big" {
-                            256 * 1024
-                        } else {
-                            10
+                        let n = match req.uri().path() {
+                            "/big" => 256 * 1024,
+                            _ => 10,
                         };
-                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                        // Read whole before the answer, as an app that takes uploads does: the
+                        // answer says how much came.
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let mut resp = http::Response::new(http_body_util::Full::new(
                             bytes::Bytes::from(vec![b'x'; n]),
-                        )))
+                        ));
+                        resp.headers_mut()
+                            .insert("x-body-length", body.len().into());
+                        Ok::<_, hyper::Error>(resp)
                     },
                 );
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -138,6 +147,82 @@ async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicU64>) {
         }
     });
     (backend, accepted)
+}
+
+/// POSTs for `reuse.apps.plain`, one at a time, each on a new client connection, with a body of
+/// every shape: whole with its length (HTTP/1.1 and h2, where the end of stream comes with the
+/// data); in pieces with a `Content-Length`, the h2 end of stream in a frame of its own after the
+/// last data; in pieces without a length (HTTP/1.1 chunked, h2). Each is answered 200 by an app
+/// that read all of it.
+async fn posts_one_at_a_time(gw: &TestGateway, pki: &TestPki) {
+    use http_body_util::BodyExt;
+    use hyper::client::conn::{http1, http2};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let piece = bytes::Bytes::from(vec![b'p'; 16 * 1024]);
+    let pieces = 5;
+    let len = pieces * piece.len();
+    for h2 in [false, true] {
+        let mut c = Conn::tls(
+            gw.https(),
+            &pki.server_ca,
+            Some("reuse.apps.plain"),
+            None,
+            h2,
+        )
+        .await
+        .unwrap();
+        let mut req = c.build("reuse.apps.plain", "/post", &[]);
+        *req.method_mut() = http::Method::POST;
+        *req.body_mut() = http_body_util::Full::new(bytes::Bytes::from(vec![b'w'; len]));
+        let resp = c.send(req).await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("x-body-length"), Some(len.to_string().as_str()));
+    }
+    for (h2, length) in [(true, true), (false, false), (true, false)] {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let sni = Some("reuse.apps.plain");
+        let tls = crate::support::client::tls_connect(gw.https(), &pki.server_ca, sni, None, alpn)
+            .await
+            .unwrap();
+        let (mut tx, body) =
+            http_body_util::channel::Channel::<_, std::convert::Infallible>::new(1);
+        let mut req = match h2 {
+            false => http::Request::post("/post").header("host", "reuse.apps.plain"),
+            true => http::Request::post("https://reuse.apps.plain/post"),
+        };
+        if length {
+            req = req.header("content-length", len);
+        }
+        let req = req.body(body).unwrap();
+        let send = async {
+            for _ in 0..pieces {
+                tx.send_data(piece.clone()).await.unwrap();
+            }
+            drop(tx);
+        };
+        let (resp, ()) = match h2 {
+            false => {
+                let (mut s, conn) = http1::handshake(TokioIo::new(tls)).await.unwrap();
+                tokio::spawn(conn);
+                tokio::join!(s.send_request(req), send)
+            }
+            true => {
+                let (mut s, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                tokio::join!(s.send_request(req), send)
+            }
+        };
+        let resp = resp.unwrap();
+        assert_eq!(resp.status(), 200, "h2 {h2}, length {length}");
+        let seen = resp.headers()["x-body-length"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(seen, len.to_string(), "h2 {h2}, length {length}");
+        resp.into_body().collect().await.unwrap();
+    }
 }
 
 async fn requests_one_at_a_time(gw: &TestGateway, pki: &TestPki, n: usize) {

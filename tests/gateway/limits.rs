@@ -282,6 +282,116 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
     assert_eq!(LogLine::parse(&gw.log_lines(1).await[0]).status, 404);
 }
 
+/// An app that answers before it has the whole body and then neither reads the rest nor closes
+/// its connection. Once its answer has ended with the body not all sent, the gateway closes the
+/// backend connection (as Go's transport, so GoRouter, does) and drops the rest of the body:
+/// the answer reaches a client that writes its whole body before it reads (over HTTP/1.1, after
+/// the gateway read and discarded the rest), and an h2 client's stream ends. Without that the
+/// write to the app waits on it for ever, and the client's upload with it.
+#[tokio::test]
+async fn an_app_that_answers_early_and_stops_reading_does_not_hold_the_request() {
+    let pki = TestPki::new();
+    let (app, mut conns) = stuck_app().await;
+    let mut y = String::from(
+        "tls:\n  certificates: [{cert_chain: server.pem, private_key: server.key}]\n\
+         access_log: {path: access.log}\nroutes:\n",
+    );
+    y += &route("stuck.apps.plain", app, "app_id: x", "");
+    let gw = TestGateway::start(&pki, &y).await;
+    let big = 32 << 20;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        post_then_read(&gw, &pki, "stuck.apps.plain", "/up", big),
+    )
+    .await
+    .expect("answered while the app still holds its connection")
+    .expect("the body is taken to its end");
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.ends_with("large"), "{answer}");
+    let (mut tx, answer) = streaming_post(&gw, &pki, "stuck.apps.plain", "/up", big, true).await;
+    let sender = tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        for _ in 0..big / chunk.len() {
+            if tx.send_data(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 413);
+    tokio::time::timeout(Duration::from_secs(10), sender)
+        .await
+        .expect("the h2 stream's body is ended, not left waiting")
+        .unwrap();
+    // Each request had a connection of its own (none went back to the pool), and the gateway
+    // closed both: the app, reading at last, finds the end of each well short of the body.
+    for _ in 0..2 {
+        let (conn, release) = conns.recv().await.unwrap();
+        release.send(()).unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the gateway closed the app's connection")
+            .unwrap();
+        assert!(read < big, "{read}");
+    }
+    assert!(conns.try_recv().is_err(), "a third connection");
+    let lines = gw.log_lines(2).await;
+    let statuses: Vec<u16> = lines.iter().map(|l| LogLine::parse(l).status).collect();
+    assert_eq!(statuses, [413, 413]);
+}
+
+/// An app's connection held by [`stuck_app`]: the task that, once released, reads to the end of
+/// the stream and returns how many bytes of body it found, and its release.
+type HeldConn = (
+    tokio::task::JoinHandle<usize>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+/// An app that answers every request at once with a 413 and then neither reads the rest of the
+/// request nor closes its connection until the test releases it. Each connection it accepts is
+/// reported as it comes.
+async fn stuck_app() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<HeldConn>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (release, released) = tokio::sync::oneshot::channel::<()>();
+            let conn = tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return 0,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 5\r\n\r\nlarge";
+                s.write_all(answer).await.unwrap();
+                let _ = released.await;
+                let body_start = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                let mut read = head.len() - body_start;
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    read += n;
+                }
+                read
+            });
+            if tx.send((conn, release)).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
 #[tokio::test]
 async fn silent_clients_are_dropped_at_the_handshake_deadline() {
     let pki = TestPki::new();

@@ -2,7 +2,7 @@
 //! dropped (which is when the access-log record is written and pooled connections are returned).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,18 +29,49 @@ pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-pin_project! {
-    /// Counts the data bytes that pass through into a shared counter.
-    pub struct Counted<B> {
-        #[pin]
-        inner: B,
-        count: Arc<AtomicU64>,
+/// How much of a request body has gone on to the endpoint: its data bytes, and whether all of it.
+#[derive(Debug, Default)]
+pub struct Taken {
+    bytes: AtomicU64,
+    all: AtomicBool,
+}
+
+impl Taken {
+    /// The data bytes taken so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body was taken to its end.
+    pub fn all(&self) -> bool {
+        self.all.load(Ordering::Relaxed)
     }
 }
 
-impl<B> Counted<B> {
-    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
-        Counted { inner, count }
+pin_project! {
+    /// Counts the data bytes that pass through, and notes the body's end, in a shared [`Taken`].
+    /// The end is the end of the stream, or the last of a declared length: hyper's HTTP/1.1
+    /// client stops taking a body once it has written its `Content-Length`, and an h2 client's
+    /// end of stream may come after its last data, in a frame of its own.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        taken: Arc<Taken>,
+        length: Option<u64>,
+    }
+}
+
+impl<B: Body> Counted<B> {
+    pub fn new(inner: B, taken: Arc<Taken>) -> Self {
+        if inner.is_end_stream() {
+            taken.all.store(true, Ordering::Relaxed);
+        }
+        let length = inner.size_hint().exact();
+        Counted {
+            inner,
+            taken,
+            length,
+        }
     }
 }
 
@@ -52,12 +83,18 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let res = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &res {
-            if let Some(d) = f.data_ref() {
-                this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        let mut this = self.project();
+        let res = this.inner.as_mut().poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(f))) => {
+                let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                let bytes = this.taken.bytes.fetch_add(n, Ordering::Relaxed) + n;
+                if this.inner.is_end_stream() || this.length.is_some_and(|l| bytes >= l) {
+                    this.taken.all.store(true, Ordering::Relaxed);
+                }
             }
+            Poll::Ready(None) => this.taken.all.store(true, Ordering::Relaxed),
+            _ => {}
         }
         res
     }
@@ -558,6 +595,54 @@ impl Body for Kept {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_counted_body_says_when_all_of_it_was_taken() {
+        // A length-delimited body knows its end with its last data frame; a stream learns it
+        // when it ends.
+        let taken = Arc::new(Taken::default());
+        let mut b = Counted::new(Full::new(Bytes::from_static(b"abc")), taken.clone());
+        assert!(!taken.all());
+        b.frame().await.unwrap().unwrap();
+        assert_eq!((taken.bytes(), taken.all()), (3, true));
+
+        let taken = Arc::new(Taken::default());
+        let mut b = Counted::new(body(&[b"ab", b"c"], true), taken.clone());
+        for _ in 0..3 {
+            b.frame().await.unwrap().unwrap();
+            assert!(!taken.all(), "trailers are not the end");
+        }
+        assert!(b.frame().await.is_none());
+        assert_eq!((taken.bytes(), taken.all()), (3, true));
+
+        // One of a declared length is all taken with its last byte, though its end of stream
+        // is still to come (an h2 client's, in a frame of its own).
+        struct Declared(ProxyBody);
+        impl Body for Declared {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                Pin::new(&mut self.0).poll_frame(cx)
+            }
+            fn size_hint(&self) -> SizeHint {
+                SizeHint::with_exact(3)
+            }
+        }
+        let taken = Arc::new(Taken::default());
+        let mut b = Counted::new(Declared(body(&[b"ab", b"c"], false)), taken.clone());
+        b.frame().await.unwrap().unwrap();
+        assert!(!taken.all());
+        b.frame().await.unwrap().unwrap();
+        assert_eq!((taken.bytes(), taken.all()), (3, true));
+
+        // One that came whole with its head (a GET's) was all taken from the start.
+        let taken = Arc::new(Taken::default());
+        let _ = Counted::new(Empty::<Bytes>::new(), taken.clone());
+        assert!(taken.all());
+    }
 
     /// A body of these data frames, then `trailers` if given.
     fn body(data: &[&'static [u8]], trailers: bool) -> ProxyBody {

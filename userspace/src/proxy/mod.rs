@@ -37,7 +37,7 @@ use crate::state::State;
 use crate::tls::ConnTls;
 use body::{
     empty, full, BoxError, Counted, End, Finish, Keeper, Kept, ProxyBody, RequestStall,
-    RequestWatch, Stall,
+    RequestWatch, Stall, Taken,
 };
 pub use error_page::ErrorTemplate;
 pub use headers::{is_upgrade, xfcc_value, XFCC, X_CF_ROUTERERROR};
@@ -333,7 +333,8 @@ struct Completion {
     rt: Arc<crate::state::Runtime>,
     record: AccessRecord,
     started: Instant,
-    request_bytes: Arc<AtomicU64>,
+    /// How much of the request's body went on to the endpoint.
+    request_body: Arc<Taken>,
     inflight: Arc<AtomicUsize>,
     endpoint_active: Option<Arc<AtomicUsize>>,
     lease: Option<(Lease, usize)>,
@@ -362,7 +363,7 @@ impl Completion {
             count_backend_error(&self.state, "body_timeout");
         }
         self.record.response_bytes = response_bytes;
-        self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.record.request_bytes = self.request_body.bytes();
         self.record.response_time = self.started.elapsed();
         self.state.metrics.count_request(self.record.status);
         self.state.metrics.time_request(
@@ -374,8 +375,21 @@ impl Completion {
         if let Some(a) = self.endpoint_active.take() {
             a.fetch_sub(1, Ordering::Relaxed);
         }
-        if let (true, Some((lease, max_idle))) = (clean, self.lease.take()) {
-            self.state.backends().checkin(lease, max_idle);
+        if let Some((lease, max_idle)) = self.lease.take() {
+            if !lease.is_h2() && !self.request_body.all() {
+                // The answer ended before the app had the whole body (an app that answers early,
+                // a 413 say): the rest is not sent on. An app that reads no more would otherwise
+                // hold the write, the connection and the client's upload for as long as it kept
+                // the connection open; one that reads on has said all it will. Go's transport
+                // (so GoRouter) does the same.
+                tracing::debug!(
+                    endpoint = self.record.endpoint.as_ref().map_or("-", |e| e.addr.as_str()),
+                    "the answer ended before the request body was all sent; closing the backend connection"
+                );
+                lease.close();
+            } else if clean {
+                self.state.backends().checkin(lease, max_idle);
+            }
         }
         self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -516,7 +530,7 @@ pub async fn handle(
         rt: rt.clone(),
         record,
         started,
-        request_bytes: Arc::default(),
+        request_body: Arc::default(),
         inflight: conn.inflight.clone(),
         endpoint_active: None,
         lease: None,
@@ -811,7 +825,7 @@ async fn route(
     // Logged as the app receives them (with the gateway's trace headers, say).
     done.record
         .take_headers(&rt.config.access_log, &parts.headers);
-    let body = Counted::new(body, done.request_bytes.clone()).map_err(BoxError::from);
+    let body = Counted::new(body, done.request_body.clone()).map_err(BoxError::from);
     let limit = rt.config.limits.request_body_timeout;
     // A request whose body came with its head (a GET) has nothing to time.
     let body = match limit.is_zero() || body.is_end_stream() {

@@ -99,6 +99,8 @@ struct H1Conn {
     local: Option<SocketAddr>,
     /// Set when the app reset it while a request was being written ([`super::early`]).
     reset: Arc<AtomicBool>,
+    /// The task that drives the connection; aborting it closes the connection.
+    task: tokio::task::AbortHandle,
 }
 
 impl H1Conn {
@@ -220,6 +222,14 @@ pub struct SendFailure {
 }
 
 impl Lease {
+    /// Closes an HTTP/1.1 connection at once, whatever it is doing: one whose request's answer
+    /// ended before the request's body was all sent. An h2 connection is shared: it goes on.
+    pub fn close(self) {
+        if let Sender::H1(c) = &self.sender {
+            c.task.abort();
+        }
+    }
+
     /// Sends one request on this connection.
     pub async fn send(
         &mut self,
@@ -582,7 +592,7 @@ where
         let (sender, conn) = http1::handshake(TokioIo::new(io))
             .await
             .map_err(ConnectError::Handshake)?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let res = if upgrades {
                 conn.with_upgrades().await
             } else {
@@ -596,6 +606,7 @@ where
             send: sender,
             local,
             reset,
+            task: task.abort_handle(),
         }))
     }
 }
@@ -623,6 +634,7 @@ mod tests {
                 send: sender,
                 local: None,
                 reset: Arc::default(),
+                task: task.abort_handle(),
             }),
             key(addr, false),
             None,
