@@ -7,7 +7,7 @@ use std::time::Duration;
 use portcullis::echo;
 
 use crate::support::bounded;
-use crate::support::client::{get, Conn};
+use crate::support::client::{get, streaming, Conn};
 use crate::support::gateway::{LogLine, TestGateway};
 use crate::support::pki::TestPki;
 
@@ -156,8 +156,6 @@ async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicU64>) {
 /// that read all of it.
 async fn posts_one_at_a_time(gw: &TestGateway, pki: &TestPki) {
     use http_body_util::BodyExt;
-    use hyper::client::conn::{http1, http2};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let piece = bytes::Bytes::from(vec![b'p'; 16 * 1024]);
     let pieces = 5;
     let len = pieces * piece.len();
@@ -179,13 +177,6 @@ async fn posts_one_at_a_time(gw: &TestGateway, pki: &TestPki) {
         assert_eq!(resp.header("x-body-length"), Some(len.to_string().as_str()));
     }
     for (h2, length) in [(true, true), (false, false), (true, false)] {
-        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let sni = Some("reuse.apps.plain");
-        let tls = crate::support::client::tls_connect(gw.https(), &pki.server_ca, sni, None, alpn)
-            .await
-            .unwrap();
-        let (mut tx, body) =
-            http_body_util::channel::Channel::<_, std::convert::Infallible>::new(1);
         let mut req = match h2 {
             false => http::Request::post("/post").header("host", "reuse.apps.plain"),
             true => http::Request::post("https://reuse.apps.plain/post"),
@@ -193,28 +184,13 @@ async fn posts_one_at_a_time(gw: &TestGateway, pki: &TestPki) {
         if length {
             req = req.header("content-length", len);
         }
-        let req = req.body(body).unwrap();
-        let send = async {
-            for _ in 0..pieces {
-                tx.send_data(piece.clone()).await.unwrap();
-            }
-            drop(tx);
-        };
-        let (resp, ()) = match h2 {
-            false => {
-                let (mut s, conn) = http1::handshake(TokioIo::new(tls)).await.unwrap();
-                tokio::spawn(conn);
-                tokio::join!(s.send_request(req), send)
-            }
-            true => {
-                let (mut s, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                tokio::join!(s.send_request(req), send)
-            }
-        };
-        let resp = resp.unwrap();
+        let (mut tx, answer) =
+            streaming(gw.https(), &pki.server_ca, "reuse.apps.plain", req, h2).await;
+        for _ in 0..pieces {
+            tx.send_data(piece.clone()).await.unwrap();
+        }
+        drop(tx);
+        let resp = answer.await.unwrap().unwrap();
         assert_eq!(resp.status(), 200, "h2 {h2}, length {length}");
         let seen = resp.headers()["x-body-length"]
             .to_str()

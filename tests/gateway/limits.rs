@@ -7,7 +7,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::route;
-use crate::support::client::Conn;
+use crate::support::client::{streaming, Answer, BodySender, Conn};
 use crate::support::gateway::{LogLine, TestGateway};
 use crate::support::pki::TestPki;
 
@@ -711,9 +711,6 @@ async fn upload_backend(
     (addr, seen)
 }
 
-type BodySender = http_body_util::channel::Sender<bytes::Bytes, std::convert::Infallible>;
-type Answer = Result<http::Response<hyper::body::Incoming>, hyper::Error>;
-
 /// A POST of `len` bytes (h1: with that `content-length`) for `host` on a new TLS connection
 /// whose body the caller sends piece by piece through the returned sender; the response comes
 /// on the returned task.
@@ -725,37 +722,13 @@ async fn streaming_post(
     len: usize,
     h2: bool,
 ) -> (BodySender, tokio::task::JoinHandle<Answer>) {
-    use hyper::client::conn::{http1, http2};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-    let tls =
-        crate::support::client::tls_connect(gw.https(), &pki.server_ca, Some(host), None, alpn)
-            .await
-            .unwrap();
-    let (tx, body) = http_body_util::channel::Channel::new(1);
     let req = match h2 {
         false => http::Request::post(path)
             .header("host", host)
             .header("content-length", len),
         true => http::Request::post(format!("https://{host}{path}")),
-    }
-    .body(body)
-    .unwrap();
-    let answer = match h2 {
-        false => {
-            let (mut s, c) = http1::handshake(TokioIo::new(tls)).await.unwrap();
-            tokio::spawn(c);
-            tokio::spawn(async move { s.send_request(req).await })
-        }
-        true => {
-            let (mut s, c) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-            tokio::spawn(c);
-            tokio::spawn(async move { s.send_request(req).await })
-        }
     };
-    (tx, answer)
+    streaming(gw.https(), &pki.server_ca, host, req, h2).await
 }
 
 /// `limits.request_body_timeout`: a client that sends part of its request body and then nothing

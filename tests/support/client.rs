@@ -219,3 +219,40 @@ pub async fn get(
     let mut c = Conn::tls(addr, ca, Some(host), cert, h2).await?;
     c.get(host, path).await
 }
+
+/// The sender of a request body sent piece by piece ([`streaming`]).
+pub type BodySender = http_body_util::channel::Sender<Bytes, std::convert::Infallible>;
+/// A streamed request's answer ([`streaming`]).
+pub type Answer = Result<http::Response<hyper::body::Incoming>, hyper::Error>;
+
+/// Sends `req` (built for the protocol: HTTP/1.1 with its `host`, h2 with the authority in its
+/// URI) on a new TLS connection to `addr` with SNI `host`, with a body the caller sends piece by
+/// piece through the returned sender and ends by dropping it; the response comes on the returned
+/// task.
+pub async fn streaming(
+    addr: SocketAddr,
+    ca: &Ca,
+    host: &str,
+    req: http::request::Builder,
+    h2: bool,
+) -> (BodySender, tokio::task::JoinHandle<Answer>) {
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let tls = tls_connect(addr, ca, Some(host), None, alpn).await.unwrap();
+    let (tx, body) = http_body_util::channel::Channel::new(1);
+    let req = req.body(body).unwrap();
+    let answer = match h2 {
+        false => {
+            let (mut s, c) = http1::handshake(TokioIo::new(tls)).await.unwrap();
+            tokio::spawn(c);
+            tokio::spawn(async move { s.send_request(req).await })
+        }
+        true => {
+            let (mut s, c) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(c);
+            tokio::spawn(async move { s.send_request(req).await })
+        }
+    };
+    (tx, answer)
+}
