@@ -62,7 +62,7 @@ async fn tls_backend_with_san_check() {
 /// Backend connections go back to the pool once a response is fully sent, including responses
 /// with a known length (which hyper finishes without polling the body to its end): 30 requests
 /// (h1 and h2 clients, small and 256 KiB bodies, one at a time), then POSTs with a body of each
-/// shape ([`posts_one_at_a_time`]), need one backend connection per worker thread (each worker
+/// shape ([`posts_one_at_a_time`]) and a last GET, need one backend connection per worker thread (each worker
 /// has its own pool): one with `workers: 1`, at most two with two. A request body counts as all
 /// sent however its end is known, so none of them is taken for an answer that came early.
 #[tokio::test]
@@ -79,10 +79,12 @@ async fn backend_connections_are_reused() {
         let gw = TestGateway::start(&pki, &y).await;
         requests_one_at_a_time(&gw, &pki, 30).await;
         posts_one_at_a_time(&gw, &pki).await;
+        // One more, which finds the connection the last POST left, if it was left.
+        requests_one_at_a_time(&gw, &pki, 1).await;
         let n = accepted.load(Ordering::Relaxed);
         assert!(
             (1..=most).contains(&n),
-            "{workers} worker(s): {n} backend connections for 35 requests one at a time"
+            "{workers} worker(s): {n} backend connections for 37 requests one at a time"
         );
     }
 }
@@ -152,13 +154,13 @@ async fn counting_backend() -> (std::net::SocketAddr, Arc<AtomicU64>) {
 /// POSTs for `reuse.apps.plain`, one at a time, each on a new client connection, with a body of
 /// every shape: whole with its length (HTTP/1.1 and h2, where the end of stream comes with the
 /// data); in pieces with a `Content-Length`, the h2 end of stream in a frame of its own after the
-/// last data; in pieces without a length (HTTP/1.1 chunked, h2). Each is answered 200 by an app
+/// last data; in pieces without a length (HTTP/1.1 chunked, h2); and an h2 one declared empty
+/// whose end of stream follows its head in a frame of its own. Each is answered 200 by an app
 /// that read all of it.
 async fn posts_one_at_a_time(gw: &TestGateway, pki: &TestPki) {
     use http_body_util::BodyExt;
     let piece = bytes::Bytes::from(vec![b'p'; 16 * 1024]);
-    let pieces = 5;
-    let len = pieces * piece.len();
+    let len = 5 * piece.len();
     for h2 in [false, true] {
         let mut c = Conn::tls(
             gw.https(),
@@ -176,7 +178,14 @@ async fn posts_one_at_a_time(gw: &TestGateway, pki: &TestPki) {
         assert_eq!(resp.status, 200);
         assert_eq!(resp.header("x-body-length"), Some(len.to_string().as_str()));
     }
-    for (h2, length) in [(true, true), (false, false), (true, false)] {
+    // (h2, with a Content-Length, pieces)
+    for (h2, length, pieces) in [
+        (true, true, 5),
+        (true, true, 0),
+        (false, false, 5),
+        (true, false, 5),
+    ] {
+        let len = pieces * piece.len();
         let mut req = match h2 {
             false => http::Request::post("/post").header("host", "reuse.apps.plain"),
             true => http::Request::post("https://reuse.apps.plain/post"),
@@ -189,8 +198,15 @@ async fn posts_one_at_a_time(gw: &TestGateway, pki: &TestPki) {
         for _ in 0..pieces {
             tx.send_data(piece.clone()).await.unwrap();
         }
-        drop(tx);
-        let resp = answer.await.unwrap().unwrap();
+        let resp = if pieces == 0 {
+            // Declared empty, it is whole with its head: answered before its end of stream.
+            let resp = answer.await.unwrap().unwrap();
+            drop(tx);
+            resp
+        } else {
+            drop(tx);
+            answer.await.unwrap().unwrap()
+        };
         assert_eq!(resp.status(), 200, "h2 {h2}, length {length}");
         let seen = resp.headers()["x-body-length"]
             .to_str()

@@ -63,10 +63,12 @@ pin_project! {
 
 impl<B: Body> Counted<B> {
     pub fn new(inner: B, taken: Arc<Taken>) -> Self {
-        if inner.is_end_stream() {
+        let length = inner.size_hint().exact();
+        // A declared length of 0 is all taken at once: hyper writes no body for it, though the
+        // end of stream may still be to come (an h2 client's, in a frame of its own).
+        if inner.is_end_stream() || length == Some(0) {
             taken.all.store(true, Ordering::Relaxed);
         }
-        let length = inner.size_hint().exact();
         Counted {
             inner,
             taken,
@@ -638,9 +640,27 @@ mod tests {
         b.frame().await.unwrap().unwrap();
         assert_eq!((taken.bytes(), taken.all()), (3, true));
 
-        // One that came whole with its head (a GET's) was all taken from the start.
+        // One that came whole with its head (a GET's) was all taken from the start, and so was
+        // one declared empty whose end of stream is still to come.
         let taken = Arc::new(Taken::default());
         let _ = Counted::new(Empty::<Bytes>::new(), taken.clone());
+        assert!(taken.all());
+        struct DeclaredEmpty;
+        impl Body for DeclaredEmpty {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                Poll::Pending
+            }
+            fn size_hint(&self) -> SizeHint {
+                SizeHint::with_exact(0)
+            }
+        }
+        let taken = Arc::new(Taken::default());
+        let _ = Counted::new(DeclaredEmpty, taken.clone());
         assert!(taken.all());
     }
 
