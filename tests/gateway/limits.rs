@@ -344,6 +344,117 @@ async fn an_app_that_answers_early_and_stops_reading_does_not_hold_the_request()
     assert_eq!(statuses, [413, 413]);
 }
 
+/// The same app over h2 (`protocol: http2`, as gRPC apps are routed): it answers each stream
+/// with a 413 at once and then neither reads the rest of the request, nor gives it flow-control
+/// window, nor resets the stream, as RFC 9113 §8.1 asks. The backend connection is shared, so it
+/// stays open; the client's upload is let go all the same, and the gateway resets the stream
+/// (`CANCEL`, as Go's transport does) once the app takes anything more of it. Nothing past the
+/// answer reaches the app as the body's end.
+#[tokio::test]
+async fn an_h2_app_that_answers_early_and_stops_reading_does_not_hold_the_request() {
+    let pki = TestPki::new();
+    let (app, mut streams) = stuck_h2_app().await;
+    let mut y = String::from(
+        "tls:\n  certificates: [{cert_chain: server.pem, private_key: server.key}]\n\
+         access_log: {path: access.log}\nroutes:\n",
+    );
+    y += &format!(
+        "  - {{uris: [stuck.apps.plain], host: 127.0.0.1, port: {}, protocol: http2}}\n",
+        app.port()
+    );
+    let gw = TestGateway::start(&pki, &y).await;
+    let big = 32 << 20;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        post_then_read(&gw, &pki, "stuck.apps.plain", "/up", big),
+    )
+    .await
+    .expect("answered while the app still holds its stream")
+    .expect("the body is taken to its end");
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.ends_with("large"), "{answer}");
+    let (mut tx, answer) = streaming_post(&gw, &pki, "stuck.apps.plain", "/up", big, true).await;
+    let sender = tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        for _ in 0..big / chunk.len() {
+            if tx.send_data(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 413);
+    tokio::time::timeout(Duration::from_secs(10), sender)
+        .await
+        .expect("the h2 stream's body is ended, not left waiting")
+        .unwrap();
+    // The app, reading at last, finds each stream reset by the gateway well short of the body.
+    for _ in 0..2 {
+        let mut body = tokio::time::timeout(Duration::from_secs(10), streams.recv())
+            .await
+            .expect("a stream")
+            .unwrap();
+        let mut read = 0;
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match body.data().await {
+                    Some(Ok(d)) => {
+                        read += d.len();
+                        let _ = body.flow_control().release_capacity(d.len());
+                    }
+                    Some(Err(e)) => return Some(e),
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("the stream ends once the app reads");
+        let reason = end.and_then(|e| e.reason());
+        assert_eq!(reason, Some(h2::Reason::CANCEL), "after {read} bytes");
+        assert!(read < big, "{read}");
+    }
+    let lines = gw.log_lines(2).await;
+    let statuses: Vec<u16> = lines.iter().map(|l| LogLine::parse(l).status).collect();
+    assert_eq!(statuses, [413, 413]);
+}
+
+/// An h2c app that answers every stream at once with a 413 and keeps the request body unread:
+/// each stream's body is handed to the test as the stream comes.
+async fn stuck_h2_app() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<h2::RecvStream>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let answer = http::Response::builder()
+                        .status(413)
+                        .header("content-length", "5")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut out) = respond.send_response(answer, false) {
+                        let _ = out.send_data(bytes::Bytes::from_static(b"large"), true);
+                    }
+                    let _ = tx.send(req.into_body());
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
 /// An app's connection held by [`stuck_app`]: the task that, once released, reads to the end of
 /// the stream and returns how many bytes of body it found, and its release.
 type HeldConn = (

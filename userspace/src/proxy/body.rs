@@ -3,8 +3,8 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,14 +29,38 @@ pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-/// How much of a request body has gone on to the endpoint: its data bytes, and whether all of it.
-#[derive(Debug, Default)]
-pub struct Taken {
+/// How much of a request body has gone on to the endpoint (its data bytes, and whether all of
+/// it), and the body itself while it is being sent, so that the rest of it can be let go when
+/// the answer ends first ([`Taken::stop`]).
+pub struct Taken<B> {
     bytes: AtomicU64,
     all: AtomicBool,
+    rest: Mutex<Rest<B>>,
 }
 
-impl Taken {
+/// The body a [`Counted`] sends on, and who waits on it. The sender (hyper's connection or its
+/// h2 body pipe) polls it; [`Taken::stop`] takes it from there.
+struct Rest<B> {
+    /// `None` once stopped.
+    body: Option<B>,
+    /// The sender's, while the body has nothing ready: woken by a stop, so it sees the end.
+    waker: Option<Waker>,
+}
+
+impl<B> Default for Taken<B> {
+    fn default() -> Self {
+        Taken {
+            bytes: AtomicU64::new(0),
+            all: AtomicBool::new(false),
+            rest: Mutex::new(Rest {
+                body: None,
+                waker: None,
+            }),
+        }
+    }
+}
+
+impl<B> Taken<B> {
     /// The data bytes taken so far.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
@@ -46,67 +70,124 @@ impl Taken {
     pub fn all(&self) -> bool {
         self.all.load(Ordering::Relaxed)
     }
-}
 
-pin_project! {
-    /// Counts the data bytes that pass through, and notes the body's end, in a shared [`Taken`].
-    /// The end is the end of the stream, or the last of a declared length: hyper's HTTP/1.1
-    /// client stops taking a body once it has written its `Content-Length`, and an h2 client's
-    /// end of stream may come after its last data, in a frame of its own.
-    pub struct Counted<B> {
-        #[pin]
-        inner: B,
-        taken: Arc<Taken>,
-        length: Option<u64>,
+    /// Lets go of the rest of the body: the answer ended before the endpoint had all of it.
+    /// The client's side of it is dropped at once, which frees the client: HTTP/1.1 discards
+    /// the rest and closes, an h2 stream is reset with `NO_ERROR`. The sender, the next time it
+    /// polls, gets [`Stopped`]: hyper's h2 client resets the backend's stream with it.
+    pub fn stop(&self) {
+        let (body, waker) = {
+            let mut rest = self.rest();
+            (rest.body.take(), rest.waker.take())
+        };
+        drop(body);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn rest(&self) -> std::sync::MutexGuard<'_, Rest<B>> {
+        self.rest.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
+impl<B> std::fmt::Debug for Taken<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Taken")
+            .field("bytes", &self.bytes())
+            .field("all", &self.all())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a [`Counted`] body ends with once [`Taken::stop`] let the rest go. Its source is h2's
+/// `CANCEL`, the reason hyper's h2 client resets the stream with (as Go's transport does when
+/// an answer ends before the request body was all sent).
+#[derive(Debug, thiserror::Error)]
+#[error("the answer ended before the request body was all sent; the rest is not sent on")]
+pub struct Stopped(#[source] h2::Error);
+
+/// Counts the data bytes that pass through, and notes the body's end, in a shared [`Taken`],
+/// which holds the body. The end is the end of the stream, or the last of a declared length:
+/// hyper's HTTP/1.1 client stops taking a body once it has written its `Content-Length`, and an
+/// h2 client's end of stream may come after its last data, in a frame of its own.
+pub struct Counted<B> {
+    taken: Arc<Taken<B>>,
+    length: Option<u64>,
+}
+
 impl<B: Body> Counted<B> {
-    pub fn new(inner: B, taken: Arc<Taken>) -> Self {
+    pub fn new(inner: B, taken: Arc<Taken<B>>) -> Self {
         let length = inner.size_hint().exact();
         // A declared length of 0 is all taken at once: hyper writes no body for it, though the
         // end of stream may still be to come (an h2 client's, in a frame of its own).
         if inner.is_end_stream() || length == Some(0) {
             taken.all.store(true, Ordering::Relaxed);
         }
-        Counted {
-            inner,
-            taken,
-            length,
-        }
+        taken.rest().body = Some(inner);
+        Counted { taken, length }
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for Counted<B> {
+/// The sender let go of the body (it was sent, or the request failed): so is the client's.
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        let body = self.taken.rest().body.take();
+        drop(body);
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let res = this.inner.as_mut().poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut rest = this.taken.rest();
+        let Rest { body, waker } = &mut *rest;
+        let Some(body) = body else {
+            let stopped = Stopped(h2::Error::from(h2::Reason::CANCEL));
+            return Poll::Ready(Some(Err(stopped.into())));
+        };
+        let res = Pin::new(&mut *body).poll_frame(cx);
         match &res {
             Poll::Ready(Some(Ok(f))) => {
                 let n = f.data_ref().map_or(0, |d| d.len() as u64);
                 let bytes = this.taken.bytes.fetch_add(n, Ordering::Relaxed) + n;
-                if this.inner.is_end_stream() || this.length.is_some_and(|l| bytes >= l) {
+                if body.is_end_stream() || this.length.is_some_and(|l| bytes >= l) {
                     this.taken.all.store(true, Ordering::Relaxed);
                 }
             }
             Poll::Ready(None) => this.taken.all.store(true, Ordering::Relaxed),
+            Poll::Pending if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => {
+                *waker = Some(cx.waker().clone());
+            }
             _ => {}
         }
-        res
+        res.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.taken
+            .rest()
+            .body
+            .as_ref()
+            .is_some_and(B::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.taken
+            .rest()
+            .body
+            .as_ref()
+            .map_or_else(SizeHint::default, B::size_hint)
     }
 }
 
@@ -651,6 +732,62 @@ mod tests {
     }
 
     /// A body of these data frames, then `trailers` if given.
+    #[test]
+    fn a_stopped_body_lets_the_client_go_and_ends_in_cancel() {
+        /// A client's body with nothing to give yet, that says when it is dropped.
+        struct Waiting(Arc<AtomicBool>);
+        impl Body for Waiting {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                Poll::Pending
+            }
+        }
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        struct Woken(AtomicBool);
+        impl std::task::Wake for Woken {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let woken = Arc::new(Woken(AtomicBool::new(false)));
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        let dropped = Arc::new(AtomicBool::new(false));
+        let taken = Arc::new(Taken::default());
+        let mut b = Counted::new(Waiting(dropped.clone()), taken.clone());
+        assert!(Pin::new(&mut b).poll_frame(&mut cx).is_pending());
+        taken.stop();
+        assert!(
+            dropped.load(Ordering::Relaxed),
+            "the client's body is let go at once"
+        );
+        assert!(
+            woken.0.load(Ordering::Relaxed),
+            "the sender is woken to see the end"
+        );
+        let Poll::Ready(Some(Err(e))) = Pin::new(&mut b).poll_frame(&mut cx) else {
+            panic!("a stopped body ends in an error");
+        };
+        let h2 = e.source().and_then(|s| s.downcast_ref::<h2::Error>());
+        assert_eq!(h2.and_then(h2::Error::reason), Some(h2::Reason::CANCEL));
+        assert!(!taken.all());
+
+        // A sender that lets go of the body lets go of the client's with it.
+        let dropped = Arc::new(AtomicBool::new(false));
+        let b = Counted::new(Waiting(dropped.clone()), Arc::new(Taken::default()));
+        drop(b);
+        assert!(dropped.load(Ordering::Relaxed));
+    }
+
     fn body(data: &[&'static [u8]], trailers: bool) -> ProxyBody {
         let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = data
             .iter()

@@ -333,8 +333,8 @@ struct Completion {
     rt: Arc<crate::state::Runtime>,
     record: AccessRecord,
     started: Instant,
-    /// How much of the request's body went on to the endpoint.
-    request_body: Arc<Taken>,
+    /// How much of the request's body went on to the endpoint, and the rest of it.
+    request_body: Arc<Taken<Incoming>>,
     inflight: Arc<AtomicUsize>,
     endpoint_active: Option<Arc<AtomicUsize>>,
     lease: Option<(Lease, usize)>,
@@ -375,21 +375,26 @@ impl Completion {
         if let Some(a) = self.endpoint_active.take() {
             a.fetch_sub(1, Ordering::Relaxed);
         }
+        let body_sent = self.request_body.all();
+        if !body_sent {
+            // The answer ended before the app had the whole body (an app that answers early,
+            // a 413 say): the rest is not sent on. An app that reads no more would otherwise
+            // hold the client's upload for as long as it kept the exchange open; one that reads
+            // on has said all it will. Go's transport (so GoRouter) does the same.
+            tracing::debug!(
+                endpoint = self
+                    .record
+                    .endpoint
+                    .as_ref()
+                    .map_or("-", |e| e.addr.as_str()),
+                "the answer ended before the request body was all sent; the rest is not sent on"
+            );
+            self.request_body.stop();
+        }
         if let Some((lease, max_idle)) = self.lease.take() {
-            if !lease.is_h2() && !self.request_body.all() {
-                // The answer ended before the app had the whole body (an app that answers early,
-                // a 413 say): the rest is not sent on. An app that reads no more would otherwise
-                // hold the write, the connection and the client's upload for as long as it kept
-                // the connection open; one that reads on has said all it will. Go's transport
-                // (so GoRouter) does the same.
-                tracing::debug!(
-                    endpoint = self.record.endpoint.as_ref().map_or("-", |e| e.addr.as_str()),
-                    "the answer ended before the request body was all sent; closing the backend connection"
-                );
-                lease.close();
-            } else if clean {
-                self.state.backends().checkin(lease, max_idle);
-            }
+            self.state
+                .backends()
+                .give_back(lease, max_idle, clean, body_sent);
         }
         self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -825,7 +830,7 @@ async fn route(
     // Logged as the app receives them (with the gateway's trace headers, say).
     done.record
         .take_headers(&rt.config.access_log, &parts.headers);
-    let body = Counted::new(body, done.request_body.clone()).map_err(BoxError::from);
+    let body = Counted::new(body, done.request_body.clone());
     let limit = rt.config.limits.request_body_timeout;
     // A request whose body came with its head (a GET) has nothing to time.
     let body = match limit.is_zero() || body.is_end_stream() {

@@ -222,14 +222,6 @@ pub struct SendFailure {
 }
 
 impl Lease {
-    /// Closes an HTTP/1.1 connection at once, whatever it is doing: one whose request's answer
-    /// ended before the request's body was all sent. An h2 connection is shared: it goes on.
-    pub fn close(self) {
-        if let Sender::H1(c) = &self.sender {
-            c.task.abort();
-        }
-    }
-
     /// Sends one request on this connection.
     pub async fn send(
         &mut self,
@@ -411,9 +403,22 @@ impl BackendPool {
         ))
     }
 
+    /// Gives a connection back once its request's answer has ended. An HTTP/1.1 connection
+    /// whose request body was not all sent is closed at once, whatever it is doing: it is
+    /// mid-request, and an app that reads no more would hold its write. Otherwise a connection
+    /// whose answer ended cleanly is checked in; one cut short is dropped (an HTTP/1.1 one
+    /// closes, an h2 one goes on carrying its other streams).
+    pub fn give_back(&self, lease: Lease, max_idle: usize, clean: bool, body_sent: bool) {
+        match &lease.sender {
+            Sender::H1(c) if !body_sent => c.task.abort(),
+            _ if clean => self.checkin(lease, max_idle),
+            _ => {}
+        }
+    }
+
     /// Returns a connection after its response body was fully read: an HTTP/1.1 one to the idle
     /// list, an h2 one (which stays listed while it is shared) marked as used now.
-    pub fn checkin(&self, lease: Lease, max_idle: usize) {
+    fn checkin(&self, lease: Lease, max_idle: usize) {
         let closed = match &lease.sender {
             Sender::H1(c) => c.is_closed(),
             Sender::H2(c) => c.send.is_closed(),
