@@ -114,6 +114,9 @@ pub struct Stopped(#[source] h2::Error);
 pub struct Counted<B> {
     taken: Arc<Taken<B>>,
     length: Option<u64>,
+    /// A body all taken from the start (a GET's, or one declared empty) is never stopped: it
+    /// stays here, where using it takes no lock.
+    whole: Option<B>,
 }
 
 impl<B: Body> Counted<B> {
@@ -121,19 +124,37 @@ impl<B: Body> Counted<B> {
         let length = inner.size_hint().exact();
         // A declared length of 0 is all taken at once: hyper writes no body for it, though the
         // end of stream may still be to come (an h2 client's, in a frame of its own).
-        if inner.is_end_stream() || length == Some(0) {
+        let whole = if inner.is_end_stream() || length == Some(0) {
             taken.all.store(true, Ordering::Relaxed);
+            Some(inner)
+        } else {
+            taken.rest().body = Some(inner);
+            None
+        };
+        Counted {
+            taken,
+            length,
+            whole,
         }
-        taken.rest().body = Some(inner);
-        Counted { taken, length }
+    }
+
+    /// Counts a frame taken, `end` if the body said it was its last.
+    fn took(&self, frame: &Frame<Bytes>, end: bool) {
+        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+        let bytes = self.taken.bytes.fetch_add(n, Ordering::Relaxed) + n;
+        if end || self.length.is_some_and(|l| bytes >= l) {
+            self.taken.all.store(true, Ordering::Relaxed);
+        }
     }
 }
 
 /// The sender let go of the body (it was sent, or the request failed): so is the client's.
 impl<B> Drop for Counted<B> {
     fn drop(&mut self) {
-        let body = self.taken.rest().body.take();
-        drop(body);
+        if self.whole.is_none() {
+            let body = self.taken.rest().body.take();
+            drop(body);
+        }
     }
 }
 
@@ -150,6 +171,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(body) = &mut this.whole {
+            let res = Pin::new(&mut *body).poll_frame(cx);
+            if let Poll::Ready(Some(Ok(f))) = &res {
+                this.took(f, true);
+            }
+            return res.map(|f| f.map(|r| r.map_err(Into::into)));
+        }
         let mut rest = this.taken.rest();
         let Rest { body, waker } = &mut *rest;
         let Some(body) = body else {
@@ -158,13 +186,7 @@ where
         };
         let res = Pin::new(&mut *body).poll_frame(cx);
         match &res {
-            Poll::Ready(Some(Ok(f))) => {
-                let n = f.data_ref().map_or(0, |d| d.len() as u64);
-                let bytes = this.taken.bytes.fetch_add(n, Ordering::Relaxed) + n;
-                if body.is_end_stream() || this.length.is_some_and(|l| bytes >= l) {
-                    this.taken.all.store(true, Ordering::Relaxed);
-                }
-            }
+            Poll::Ready(Some(Ok(f))) => this.took(f, body.is_end_stream()),
             Poll::Ready(None) => this.taken.all.store(true, Ordering::Relaxed),
             Poll::Pending if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => {
                 *waker = Some(cx.waker().clone());
@@ -175,19 +197,27 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.taken
-            .rest()
-            .body
-            .as_ref()
-            .is_some_and(B::is_end_stream)
+        match &self.whole {
+            Some(body) => body.is_end_stream(),
+            None => self
+                .taken
+                .rest()
+                .body
+                .as_ref()
+                .is_some_and(B::is_end_stream),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.taken
-            .rest()
-            .body
-            .as_ref()
-            .map_or_else(SizeHint::default, B::size_hint)
+        match &self.whole {
+            Some(body) => body.size_hint(),
+            None => self
+                .taken
+                .rest()
+                .body
+                .as_ref()
+                .map_or_else(SizeHint::default, B::size_hint),
+        }
     }
 }
 
