@@ -216,6 +216,16 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
     );
     y += &route("open.apps.plain", backend.addr, "app_id: x", "");
     let gw = TestGateway::start(&pki, &y).await;
+    // A connection closed with nothing left to discard is not a lingering close.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut tls = h1_tls(&gw, &pki).await.unwrap();
+        let head = "GET / HTTP/1.1\r\nHost: open.apps.plain\r\nConnection: close\r\n\r\n";
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200 "));
+    }
     // 32 MiB: more than loopback's socket buffers take in flight.
     let big = 32 << 20;
     let answer = post_then_read(&gw, &pki, "nowhere.apps.plain", "/", big)
@@ -244,17 +254,22 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
         });
         assert_eq!(answer.await.unwrap().unwrap().status(), 200);
     }
-    let lines = gw.log_lines(11).await;
+    let lines = gw.log_lines(12).await;
     let statuses: Vec<u16> = lines.iter().map(|l| LogLine::parse(l).status).collect();
     assert_eq!(
         statuses,
-        [404, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]
+        [200, 404, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]
     );
-    assert_eq!(backend.requests(), 10);
+    assert_eq!(backend.requests(), 11);
     assert_eq!(
         gw.metric("portcullis_backend_errors_total{kind=\"send\"}"),
         0.0
     );
+    // Each HTTP/1.1 answer was followed by a lingering close that the client ended.
+    let lingered = "portcullis_client_lingering_closes_total{outcome=\"client_closed\"}";
+    gw.wait_metric(lingered, 6.0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gw.metric(lingered), 6.0);
     drop(gw);
 
     // Bounded: one that declares 1 TiB and goes on sending after its answer is cut after
@@ -280,6 +295,15 @@ async fn an_answer_given_before_the_body_was_read_reaches_the_client() {
         "{took:?}"
     );
     assert_eq!(LogLine::parse(&gw.log_lines(1).await[0]).status, 404);
+    gw.wait_metric(
+        "portcullis_client_lingering_closes_total{outcome=\"timeout\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("portcullis_client_lingering_closes_total{outcome=\"client_closed\"}"),
+        0.0
+    );
 }
 
 /// An app that answers before it has the whole body and then neither reads the rest nor closes

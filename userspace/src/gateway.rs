@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::accesslog::{AccessLogError, AccessLogger, Destination};
 use crate::config::{Config, Limits};
 use crate::cork::{Cork, Corked};
-use crate::metrics::{KindLabels, KtlsLabels, Metrics, ProxyHeaderLabels};
+use crate::metrics::{KindLabels, KtlsLabels, Metrics, OutcomeLabels, ProxyHeaderLabels};
 use crate::names::DomainPattern;
 use crate::park::{ParkIo, Parking};
 use crate::proxy::{self, BackendPool, ConnCtx};
@@ -1079,7 +1079,14 @@ async fn serve_http(
             None => {
                 // Closed by hyper (either side ended it): the client may still be sending.
                 if let Some(closed) = parking.take_closed() {
-                    Box::pin(linger(closed, limits.linger_timeout, &mut shutdown)).await;
+                    let lingered = linger(closed, limits.linger_timeout, &mut shutdown);
+                    if let Some(outcome) = Box::pin(lingered).await {
+                        state
+                            .metrics
+                            .client_lingering_closes
+                            .get_or_create(&OutcomeLabels { outcome })
+                            .inc();
+                    }
                 }
                 // Else failed, or upgraded (the tunnel owns the stream now).
                 return;
@@ -1099,16 +1106,29 @@ async fn serve_http(
 /// a client still sending a request body that was answered before it was read (the gateway's
 /// 403 or 404, an app's early 413) would lose the answer to it: curl says "Send failure: Broken
 /// pipe". nginx's lingering close; Go's server waits 0.5 s after its FIN.
-async fn linger(mut io: Box<dyn ClientIo>, limit: Duration, shutdown: &mut watch::Receiver<bool>) {
+///
+/// Returns how it ended (`portcullis_client_lingering_closes_total{outcome}`), or `None` when
+/// there was nothing to wait for: a client that closed without sending more, as most do.
+async fn linger(
+    mut io: Box<dyn ClientIo>,
+    limit: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<&'static str> {
     if limit.is_zero() || *shutdown.borrow() {
-        return;
+        return None;
     }
     let mut buf = vec![0; LINGER_READ];
-    let discard = async { while let Ok(1..) = io.read(&mut buf).await {} };
+    let discard = async {
+        let mut discarded = 0;
+        while let Ok(n @ 1..) = io.read(&mut buf).await {
+            discarded += n;
+        }
+        discarded
+    };
     tokio::select! {
-        _ = discard => {}
-        _ = tokio::time::sleep(limit) => {}
-        _ = shutdown.changed() => {}
+        discarded = discard => (discarded > 0).then_some("client_closed"),
+        _ = tokio::time::sleep(limit) => Some("timeout"),
+        _ = shutdown.changed() => Some("shutdown"),
     }
 }
 

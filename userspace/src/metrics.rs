@@ -153,6 +153,7 @@ pub struct Metrics {
     pub connections_idle: Gauge,
     pub accept_errors: Counter,
     pub client_connection_errors: Family<KindLabels, Counter>,
+    pub client_lingering_closes: Family<OutcomeLabels, Counter>,
     pub backend_errors: Family<ErrorLabels, Counter>,
     pub backend_resends: Family<ReasonLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -208,6 +209,7 @@ impl Metrics {
             connections_idle: Gauge::default(),
             accept_errors: Counter::default(),
             client_connection_errors: Family::default(),
+            client_lingering_closes: Family::default(),
             backend_errors: Family::default(),
             backend_resends: Family::default(),
             access_log_dropped: Counter::default(),
@@ -366,6 +368,14 @@ impl Metrics {
              h2_protocol (another HTTP/2 connection error, sent or received), io (reset, or TLS \
              failing after the handshake), other",
             m.client_connection_errors.clone(),
+        );
+        registry.register(
+            "client_lingering_closes",
+            "HTTP/1.1 client connections the gateway closed while the client was still sending \
+             (a request body answered before it was read), reading and discarding it first \
+             (limits.linger_timeout), by outcome: client_closed (the client then closed), \
+             timeout (still open at linger_timeout), shutdown (cut by the gateway's shutdown)",
+            m.client_lingering_closes.clone(),
         );
         registry.register(
             "backend_errors",
