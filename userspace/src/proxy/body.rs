@@ -1,6 +1,7 @@
 //! Body wrappers: count bytes, and run a completion hook exactly once when a body is finished or
 //! dropped (which is when the access-log record is written and pooled connections are returned).
 
+use std::any::Any;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -45,6 +46,8 @@ struct Rest<B> {
     body: Option<B>,
     /// The sender's, while the body has nothing ready: woken by a stop, so it sees the end.
     waker: Option<Waker>,
+    /// What must last as long as the sender holds the body ([`Taken::hold`]).
+    held: Option<Box<dyn Any + Send>>,
 }
 
 impl<B> Default for Taken<B> {
@@ -55,6 +58,7 @@ impl<B> Default for Taken<B> {
             rest: Mutex::new(Rest {
                 body: None,
                 waker: None,
+                held: None,
             }),
         }
     }
@@ -84,6 +88,12 @@ impl<B> Taken<B> {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    /// Keeps `x` until the sender lets go of the body as well as the request: an h2 stream's
+    /// place on its connection, which hyper keeps open while it waits to send more of a body.
+    pub fn hold(&self, x: Box<dyn Any + Send>) {
+        self.rest().held = Some(x);
     }
 
     fn rest(&self) -> std::sync::MutexGuard<'_, Rest<B>> {
@@ -179,7 +189,7 @@ where
             return res.map(|f| f.map(|r| r.map_err(Into::into)));
         }
         let mut rest = this.taken.rest();
-        let Rest { body, waker } = &mut *rest;
+        let Rest { body, waker, .. } = &mut *rest;
         let Some(body) = body else {
             let stopped = Stopped(h2::Error::from(h2::Reason::CANCEL));
             return Poll::Ready(Some(Err(stopped.into())));

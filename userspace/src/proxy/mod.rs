@@ -375,8 +375,7 @@ impl Completion {
         if let Some(a) = self.endpoint_active.take() {
             a.fetch_sub(1, Ordering::Relaxed);
         }
-        let body_sent = self.request_body.all();
-        if !body_sent {
+        if !self.request_body.all() {
             // The answer ended before the app had the whole body (an app that answers early,
             // a 413 say): the rest is not sent on. An app that reads no more would otherwise
             // hold the client's upload for as long as it kept the exchange open; one that reads
@@ -394,7 +393,7 @@ impl Completion {
         if let Some((lease, max_idle)) = self.lease.take() {
             self.state
                 .backends()
-                .give_back(lease, max_idle, clean, body_sent);
+                .give_back(lease, max_idle, clean, &self.request_body);
         }
         self.inflight.fetch_sub(1, Ordering::Relaxed);
     }

@@ -16,7 +16,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use super::body::ProxyBody;
+use super::body::{ProxyBody, Taken};
 use super::early::EarlyAnswer;
 use crate::registry::Protocol;
 use crate::routing::Endpoint;
@@ -175,7 +175,7 @@ pub struct Lease {
     /// replayable request it took is sent again: `proxy::send_retrying_stale`).
     pub idle: Option<Duration>,
     /// For an h2 connection: this request's place among its streams.
-    _slot: Option<StreamSlot>,
+    slot: Option<StreamSlot>,
     /// How the connection was opened, when it was opened for this request (boxed: most requests
     /// go out on a pooled one).
     pub setup: Option<Box<Setup>>,
@@ -183,7 +183,7 @@ pub struct Lease {
 
 impl Lease {
     fn new(sender: Sender, key: Key, idle: Option<Duration>) -> Lease {
-        let _slot = match &sender {
+        let slot = match &sender {
             Sender::H2(c) => Some(c.slot()),
             Sender::H1(..) => None,
         };
@@ -191,7 +191,7 @@ impl Lease {
             sender,
             key,
             idle,
-            _slot,
+            slot,
             setup: None,
         }
     }
@@ -403,14 +403,20 @@ impl BackendPool {
         ))
     }
 
-    /// Gives a connection back once its request's answer has ended. An HTTP/1.1 connection
-    /// whose request body was not all sent is closed at once, whatever it is doing: it is
-    /// mid-request, and an app that reads no more would hold its write. Otherwise a connection
-    /// whose answer ended cleanly is checked in; one cut short is dropped (an HTTP/1.1 one
-    /// closes, an h2 one goes on carrying its other streams).
-    pub fn give_back(&self, lease: Lease, max_idle: usize, clean: bool, body_sent: bool) {
+    /// Gives a connection back once its request's answer has ended, `body` being the request's.
+    /// An HTTP/1.1 connection whose request body was not all sent is closed at once, whatever it
+    /// is doing: it is mid-request, and an app that reads no more would hold its write. On an h2
+    /// one the stream may stay open until hyper lets the body go (an app that gives no window
+    /// keeps hyper waiting to send more), so its place stays taken until then. Otherwise a
+    /// connection whose answer ended cleanly is checked in; one cut short is dropped (an HTTP/1.1
+    /// one closes, an h2 one goes on carrying its other streams).
+    pub fn give_back<B>(&self, mut lease: Lease, max_idle: usize, clean: bool, body: &Taken<B>) {
+        let sent = body.all();
+        if let (false, Some(slot)) = (sent, lease.slot.take()) {
+            body.hold(Box::new(slot));
+        }
         match &lease.sender {
-            Sender::H1(c) if !body_sent => c.task.abort(),
+            Sender::H1(c) if !sent => c.task.abort(),
             _ if clean => self.checkin(lease, max_idle),
             _ => {}
         }
@@ -650,8 +656,8 @@ mod tests {
     /// A request that found its pooled connection closed is retried on a fresh one, which for
     /// an h2 backend must speak h2 again (an h2-only backend cannot answer HTTP/1.1); only an
     /// upgrade (WebSocket) takes HTTP/1.1.
-    #[tokio::test]
-    async fn a_fresh_connection_to_an_h2_backend_speaks_h2_unless_upgrading() {
+    /// An h2 backend on loopback that answers each request with its HTTP version: its endpoint.
+    async fn h2_backend() -> Arc<Endpoint> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
@@ -668,11 +674,14 @@ mod tests {
                 );
             }
         });
-        let ep = Arc::new(Endpoint {
+        Arc::new(Endpoint {
             protocol: Protocol::Http2,
             ..Endpoint::plain("127.0.0.1", port)
-        });
-        let settings = ConnectSettings {
+        })
+    }
+
+    fn settings() -> ConnectSettings<'static> {
+        ConnectSettings {
             tls: None,
             ktls: None,
             connect_timeout: Duration::from_secs(5),
@@ -680,7 +689,17 @@ mod tests {
             idle_timeout: Duration::from_secs(90),
             max_idle: 100,
             h2_streams: 100,
-        };
+        }
+    }
+
+    /// A request that found its pooled connection closed is retried on a fresh one, which for
+    /// an h2 backend must speak h2 again (an h2-only backend cannot answer HTTP/1.1); only an
+    /// upgrade (WebSocket) takes HTTP/1.1.
+    #[tokio::test]
+    async fn a_fresh_connection_to_an_h2_backend_speaks_h2_unless_upgrading() {
+        let ep = h2_backend().await;
+        let settings = settings();
+        let port = ep.port;
         let pool = BackendPool::default();
         let mut fresh = pool.connect_fresh(&ep, &settings, false).await.unwrap();
         assert!(matches!(fresh.sender, Sender::H2(_)));
@@ -699,6 +718,39 @@ mod tests {
         assert_eq!(&body[..], b"HTTP/2.0");
         let upgrade = pool.connect_fresh(&ep, &settings, true).await.unwrap();
         assert!(matches!(upgrade.sender, Sender::H1(..)));
+    }
+
+    /// An h2 stream whose answer ended before its request body was all sent keeps its place on
+    /// the connection until the sender lets the body go (hyper keeps the stream open while it
+    /// waits for window to send more); one whose body was all sent gives it back at once.
+    #[tokio::test]
+    async fn an_h2_stream_left_with_its_body_unsent_keeps_its_place() {
+        use super::super::body::Counted;
+        let ep = h2_backend().await;
+        let pool = BackendPool::default();
+        let lease = pool.checkout(&ep, &settings()).await.unwrap();
+        let Sender::H2(conn) = &lease.sender else {
+            panic!("an h2 connection");
+        };
+        let streams = conn.streams.clone();
+        assert_eq!(streams.load(Ordering::Relaxed), 1);
+        let unsent = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<bytes::Bytes>, super::super::body::BoxError>,
+        >());
+        let taken = Arc::new(Taken::default());
+        let body = Counted::new(unsent, taken.clone());
+        pool.give_back(lease, 100, true, &taken);
+        drop(taken);
+        assert_eq!(streams.load(Ordering::Relaxed), 1, "held with the body");
+        drop(body);
+        assert_eq!(streams.load(Ordering::Relaxed), 0, "let go with it");
+
+        let lease = pool.checkout(&ep, &settings()).await.unwrap();
+        assert_eq!(streams.load(Ordering::Relaxed), 1, "the same connection");
+        let taken = Arc::new(Taken::default());
+        let _body = Counted::new(super::super::body::empty(), taken.clone());
+        pool.give_back(lease, 100, true, &taken);
+        assert_eq!(streams.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
