@@ -320,16 +320,38 @@ async fn an_app_that_answers_early_and_stops_reading_does_not_hold_the_request()
     y += &route("stuck.apps.plain", app, "app_id: x", "");
     let gw = TestGateway::start(&pki, &y).await;
     let big = 32 << 20;
+    uploads_answered_early(&gw, &pki, big).await;
+    // Each request had a connection of its own (none went back to the pool), and the gateway
+    // closed both: the app, reading at last, finds the end of each well short of the body.
+    for _ in 0..2 {
+        let (conn, release) = conns.recv().await.unwrap();
+        release.send(()).unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the gateway closed the app's connection")
+            .unwrap();
+        assert!(read < big, "{read}");
+    }
+    assert!(conns.try_recv().is_err(), "a third connection");
+    let lines = gw.log_lines(2).await;
+    let statuses: Vec<u16> = lines.iter().map(|l| LogLine::parse(l).status).collect();
+    assert_eq!(statuses, [413, 413]);
+}
+
+/// Two uploads of `big` bytes to `stuck.apps.plain`, whose app answers 413 at once and then
+/// holds the request: an HTTP/1.1 client that writes its whole body before it reads gets the
+/// answer within 10 s, and so does an h2 client, whose body sender is then ended.
+async fn uploads_answered_early(gw: &TestGateway, pki: &TestPki, big: usize) {
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
-        post_then_read(&gw, &pki, "stuck.apps.plain", "/up", big),
+        post_then_read(gw, pki, "stuck.apps.plain", "/up", big),
     )
     .await
-    .expect("answered while the app still holds its connection")
+    .expect("answered while the app still holds the request")
     .expect("the body is taken to its end");
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     assert!(answer.ends_with("large"), "{answer}");
-    let (mut tx, answer) = streaming_post(&gw, &pki, "stuck.apps.plain", "/up", big, true).await;
+    let (mut tx, answer) = streaming_post(gw, pki, "stuck.apps.plain", "/up", big, true).await;
     let sender = tokio::spawn(async move {
         let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
         for _ in 0..big / chunk.len() {
@@ -348,21 +370,6 @@ async fn an_app_that_answers_early_and_stops_reading_does_not_hold_the_request()
         .await
         .expect("the h2 stream's body is ended, not left waiting")
         .unwrap();
-    // Each request had a connection of its own (none went back to the pool), and the gateway
-    // closed both: the app, reading at last, finds the end of each well short of the body.
-    for _ in 0..2 {
-        let (conn, release) = conns.recv().await.unwrap();
-        release.send(()).unwrap();
-        let read = tokio::time::timeout(Duration::from_secs(10), conn)
-            .await
-            .expect("the gateway closed the app's connection")
-            .unwrap();
-        assert!(read < big, "{read}");
-    }
-    assert!(conns.try_recv().is_err(), "a third connection");
-    let lines = gw.log_lines(2).await;
-    let statuses: Vec<u16> = lines.iter().map(|l| LogLine::parse(l).status).collect();
-    assert_eq!(statuses, [413, 413]);
 }
 
 /// The same app over h2 (`protocol: http2`, as gRPC apps are routed): it answers each stream
@@ -389,34 +396,7 @@ async fn an_h2_app_that_answers_early_and_stops_reading_does_not_hold_the_reques
     );
     let gw = TestGateway::start(&pki, &y).await;
     let big = 32 << 20;
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        post_then_read(&gw, &pki, "stuck.apps.plain", "/up", big),
-    )
-    .await
-    .expect("answered while the app still holds its stream")
-    .expect("the body is taken to its end");
-    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
-    assert!(answer.ends_with("large"), "{answer}");
-    let (mut tx, answer) = streaming_post(&gw, &pki, "stuck.apps.plain", "/up", big, true).await;
-    let sender = tokio::spawn(async move {
-        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
-        for _ in 0..big / chunk.len() {
-            if tx.send_data(chunk.clone()).await.is_err() {
-                return;
-            }
-        }
-    });
-    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("answered")
-        .unwrap()
-        .unwrap();
-    assert_eq!(answer.status(), 413);
-    tokio::time::timeout(Duration::from_secs(10), sender)
-        .await
-        .expect("the h2 stream's body is ended, not left waiting")
-        .unwrap();
+    uploads_answered_early(&gw, &pki, big).await;
     // The app, reading at last, finds each stream reset by the gateway well short of the body.
     for _ in 0..2 {
         let mut body = tokio::time::timeout(Duration::from_secs(10), streams.recv())

@@ -771,7 +771,6 @@ mod tests {
         assert!(taken.all());
     }
 
-    /// A body of these data frames, then `trailers` if given.
     #[test]
     fn a_stopped_body_lets_the_client_go_and_ends_in_cancel() {
         /// A client's body with nothing to give yet, that says when it is dropped.
@@ -828,6 +827,7 @@ mod tests {
         assert!(dropped.load(Ordering::Relaxed));
     }
 
+    /// A body of these data frames, then `trailers` if given.
     fn body(data: &[&'static [u8]], trailers: bool) -> ProxyBody {
         let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = data
             .iter()
