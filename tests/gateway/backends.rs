@@ -86,6 +86,12 @@ async fn backend_connections_are_reused() {
             (1..=most).contains(&n),
             "{workers} worker(s): {n} backend connections for 37 requests one at a time"
         );
+        // Every body reached the app whole, however it came: no answer counts as early.
+        for protocol in ["http1", "http2"] {
+            let early =
+                format!("portcullis_backend_early_answers_total{{protocol=\"{protocol}\"}}");
+            assert_eq!(gw.metric(&early), 0.0, "{early}");
+        }
     }
 }
 

@@ -320,7 +320,7 @@ async fn an_app_that_answers_early_and_stops_reading_does_not_hold_the_request()
     y += &route("stuck.apps.plain", app, "app_id: x", "");
     let gw = TestGateway::start(&pki, &y).await;
     let big = 32 << 20;
-    uploads_answered_early(&gw, &pki, big).await;
+    uploads_answered_early(&gw, &pki, big, "http1").await;
     // Each request had a connection of its own (none went back to the pool), and the gateway
     // closed both: the app, reading at last, finds the end of each well short of the body.
     for _ in 0..2 {
@@ -341,7 +341,7 @@ async fn an_app_that_answers_early_and_stops_reading_does_not_hold_the_request()
 /// Two uploads of `big` bytes to `stuck.apps.plain`, whose app answers 413 at once and then
 /// holds the request: an HTTP/1.1 client that writes its whole body before it reads gets the
 /// answer within 10 s, and so does an h2 client, whose body sender is then ended.
-async fn uploads_answered_early(gw: &TestGateway, pki: &TestPki, big: usize) {
+async fn uploads_answered_early(gw: &TestGateway, pki: &TestPki, big: usize, protocol: &str) {
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
         post_then_read(gw, pki, "stuck.apps.plain", "/up", big),
@@ -370,6 +370,16 @@ async fn uploads_answered_early(gw: &TestGateway, pki: &TestPki, big: usize) {
         .await
         .expect("the h2 stream's body is ended, not left waiting")
         .unwrap();
+    // Both counted, under the backend connection's protocol, so an operator can tell an app
+    // that answers before it reads.
+    let early = |p: &str| format!("portcullis_backend_early_answers_total{{protocol=\"{p}\"}}");
+    gw.wait_metric(&early(protocol), 2.0).await;
+    let other = if protocol == "http1" {
+        "http2"
+    } else {
+        "http1"
+    };
+    assert_eq!(gw.metric(&early(other)), 0.0);
 }
 
 /// The same app over h2 (`protocol: http2`, as gRPC apps are routed): it answers each stream
@@ -396,7 +406,7 @@ async fn an_h2_app_that_answers_early_and_stops_reading_does_not_hold_the_reques
     );
     let gw = TestGateway::start(&pki, &y).await;
     let big = 32 << 20;
-    uploads_answered_early(&gw, &pki, big).await;
+    uploads_answered_early(&gw, &pki, big, "http2").await;
     // The app, reading at last, finds each stream reset by the gateway well short of the body.
     for _ in 0..2 {
         let mut body = tokio::time::timeout(Duration::from_secs(10), streams.recv())
@@ -436,6 +446,11 @@ async fn an_h2_app_that_answers_early_and_stops_reading_does_not_hold_the_reques
     let lines = gw.log_lines(3).await;
     let statuses: Vec<u16> = lines.iter().map(|l| LogLine::parse(l).status).collect();
     assert_eq!(statuses, [413, 413, 413]);
+    // The GET's answer came with all of its (empty) body sent: not an early answer.
+    assert_eq!(
+        gw.metric("portcullis_backend_early_answers_total{protocol=\"http2\"}"),
+        2.0
+    );
 }
 
 /// An h2c app that answers every stream at once with a 413 and keeps the request body unread,

@@ -83,6 +83,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// The backend connection's: `http1` or `http2`.
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: &'static str,
 }
@@ -155,6 +161,7 @@ pub struct Metrics {
     pub client_connection_errors: Family<KindLabels, Counter>,
     pub client_lingering_closes: Family<OutcomeLabels, Counter>,
     pub backend_errors: Family<ErrorLabels, Counter>,
+    pub backend_early_answers: Family<ProtocolLabels, Counter>,
     pub backend_resends: Family<ReasonLabels, Counter>,
     pub access_log_dropped: Counter,
     pub admin_refused: Counter,
@@ -211,6 +218,7 @@ impl Metrics {
             client_connection_errors: Family::default(),
             client_lingering_closes: Family::default(),
             backend_errors: Family::default(),
+            backend_early_answers: Family::default(),
             backend_resends: Family::default(),
             access_log_dropped: Counter::default(),
             admin_refused: Counter::default(),
@@ -381,6 +389,14 @@ impl Metrics {
             "backend_errors",
             "Backend failures, by kind",
             m.backend_errors.clone(),
+        );
+        registry.register(
+            "backend_early_answers",
+            "Answers an app ended whole before it had the whole request body (an early 413, say), \
+             whose rest the gateway then did not send on, by the backend connection's protocol: \
+             http1 (the connection was closed), http2 (the stream was reset with CANCEL, once \
+             the app took more of it)",
+            m.backend_early_answers.clone(),
         );
         registry.register(
             "backend_resends",

@@ -379,7 +379,16 @@ impl Completion {
             // The answer ended before the app had the whole body (an app that answers early,
             // a 413 say): the rest is not sent on. An app that reads no more would otherwise
             // hold the client's upload for as long as it kept the exchange open; one that reads
-            // on has said all it will. Go's transport (so GoRouter) does the same.
+            // on has said all it will. Go's transport (so GoRouter) does the same. Counted when
+            // an app's answer ended whole: one cut short, or the gateway's own, is another story.
+            if let (true, Some((lease, _))) = (clean, &self.lease) {
+                let protocol = if lease.is_h2() { "http2" } else { "http1" };
+                self.state
+                    .metrics
+                    .backend_early_answers
+                    .get_or_create(&crate::metrics::ProtocolLabels { protocol })
+                    .inc();
+            }
             tracing::debug!(
                 endpoint = self
                     .record
