@@ -127,6 +127,9 @@ pub struct Counted<B> {
     /// A body all taken from the start (a GET's, or one declared empty) is never stopped: it
     /// stays here, where using it takes no lock.
     whole: Option<B>,
+    /// For a body sent from `taken`: whether its last poll said nothing follows. hyper asks
+    /// after every frame; this answers without taking the lock again.
+    ended: bool,
 }
 
 impl<B: Body> Counted<B> {
@@ -145,6 +148,7 @@ impl<B: Body> Counted<B> {
             taken,
             length,
             whole,
+            ended: false,
         }
     }
 
@@ -196,8 +200,14 @@ where
         };
         let res = Pin::new(&mut *body).poll_frame(cx);
         match &res {
-            Poll::Ready(Some(Ok(f))) => this.took(f, body.is_end_stream()),
-            Poll::Ready(None) => this.taken.all.store(true, Ordering::Relaxed),
+            Poll::Ready(Some(Ok(f))) => {
+                this.ended = body.is_end_stream();
+                this.took(f, this.ended);
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                this.taken.all.store(true, Ordering::Relaxed);
+            }
             Poll::Pending if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => {
                 *waker = Some(cx.waker().clone());
             }
@@ -206,15 +216,13 @@ where
         res.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
+    /// A body sent from `taken` answers from its last poll: it was not at its end when it was
+    /// put there, and an end that comes without a poll (an h2 client's empty last frame) is
+    /// then found by the next poll, which returns `None`.
     fn is_end_stream(&self) -> bool {
         match &self.whole {
             Some(body) => body.is_end_stream(),
-            None => self
-                .taken
-                .rest()
-                .body
-                .as_ref()
-                .is_some_and(B::is_end_stream),
+            None => self.ended,
         }
     }
 
@@ -725,18 +733,23 @@ mod tests {
         // when it ends.
         let taken = Arc::new(Taken::default());
         let mut b = Counted::new(Full::new(Bytes::from_static(b"abc")), taken.clone());
-        assert!(!taken.all());
+        assert!(!taken.all() && !b.is_end_stream());
         b.frame().await.unwrap().unwrap();
         assert_eq!((taken.bytes(), taken.all()), (3, true));
+        // Said with the last frame, so that an h2 sender ends the stream on it (no empty DATA
+        // frame after).
+        assert!(b.is_end_stream());
 
         let taken = Arc::new(Taken::default());
         let mut b = Counted::new(body(&[b"ab", b"c"], true), taken.clone());
         for _ in 0..3 {
             b.frame().await.unwrap().unwrap();
             assert!(!taken.all(), "trailers are not the end");
+            assert!(!b.is_end_stream());
         }
         assert!(b.frame().await.is_none());
         assert_eq!((taken.bytes(), taken.all()), (3, true));
+        assert!(b.is_end_stream());
 
         // One of a declared length is all taken with its last byte, though its end of stream
         // is still to come (an h2 client's, in a frame of its own).
