@@ -78,6 +78,14 @@ struct Sample {
     cpu_per_unit_us: f64,
     /// The part of `cpu_per_unit_us` spent in the kernel (system time).
     sys_per_unit_us: f64,
+    /// The backend nginx's CPU per unit of work: a proxy that sends it more, or in smaller
+    /// pieces, costs it more, and on this shared box that is time the proxy and the load
+    /// generator do not get.
+    backend_per_unit_us: f64,
+    /// The share of the machine's CPU time left idle during the measurement (0–1, `/proc/stat`):
+    /// a closed-loop load generator whose rate falls while CPU is idle is waiting on latency, not
+    /// on work.
+    idle: f64,
     /// W5b: the allowed caller's p99 (ms) at [`ALLOWED_RATE`] alone, and during the flood.
     allowed_p99_ms: Option<(f64, f64)>,
 }
@@ -120,7 +128,7 @@ fn main() {
     pki(d);
     std::fs::write(d.join("1k"), vec![b'x'; 1024]).unwrap();
     std::fs::write(d.join("1m"), vec![b'y'; 1 << 20]).unwrap();
-    let _backend = Proc::start(nginx("backend", d, &backend_conf(d)), &[BACKEND]);
+    let backend = Proc::start(nginx("backend", d, &backend_conf(d)), &[BACKEND]);
     // Optional filters for a focused run: RIVALS_PROXIES=portcullis,nginx RIVALS_WORKLOADS=W1,M
     let only = |var: &str, name: &str| {
         std::env::var(var).map_or(true, |v| v.split(',').any(|x| x == name))
@@ -176,17 +184,19 @@ fn main() {
         for (k, w) in workloads.enumerate() {
             for i in turn(round + k) {
                 let (proxy, port) = proxies[i];
-                let s = measure(w, port, d, secs, &running[i]);
+                let s = measure(w, port, d, secs, &running[i], &backend);
                 eprintln!(
                     "round {} {proxy:>10} {:>5}: {:>10.0}/s p99 {:>7} cpu {:>8.1} µs/{} \
-                     (kernel {:.1})",
+                     (kernel {:.1}) backend {:.1} idle {:.0}%",
                     round + 1,
                     w.id,
                     s.rate,
                     s.p99_ms.map_or("-".into(), |p| format!("{p:.2}ms")),
                     s.cpu_per_unit_us,
                     w.unit,
-                    s.sys_per_unit_us
+                    s.sys_per_unit_us,
+                    s.backend_per_unit_us,
+                    s.idle * 100.0
                 );
                 results.entry((w.id, proxy)).or_default().push(s);
             }
@@ -376,6 +386,9 @@ fn medians(v: &[Sample]) -> Medians {
             p99_ms: mid(sorted(v.iter().filter_map(|s| s.p99_ms))),
             cpu_per_unit_us: mid(sorted(v.iter().map(|s| s.cpu_per_unit_us))).unwrap_or(0.0),
             sys_per_unit_us: mid(sorted(v.iter().map(|s| s.sys_per_unit_us))).unwrap_or(0.0),
+            backend_per_unit_us: mid(sorted(v.iter().map(|s| s.backend_per_unit_us)))
+                .unwrap_or(0.0),
+            idle: mid(sorted(v.iter().map(|s| s.idle))).unwrap_or(0.0),
             allowed_p99_ms: mid(sorted(allowed.iter().map(|a| a.0)))
                 .zip(mid(sorted(allowed.iter().map(|a| a.1)))),
         },
@@ -407,8 +420,8 @@ fn report(meds: &Medianed, rounds: usize, secs: u64) {
          workload; medians (min–max).\n",
         rounds
     );
-    println!("| workload | proxy | rate /s | p99 ms | proxy CPU µs per unit | of which kernel | rate vs best rival | CPU vs best rival |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| workload | proxy | rate /s | p99 ms | proxy CPU µs per unit | of which kernel | rate vs best rival | CPU vs best rival | backend CPU µs per unit | machine idle |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for w in WORKLOADS {
         let best = |f: fn(&Sample) -> Option<f64>, higher: bool| {
             best_of(
@@ -432,7 +445,7 @@ fn report(meds: &Medianed, rounds: usize, secs: u64) {
                 continue;
             };
             println!(
-                "| {} {} | {proxy} | {:.0} ({:.0}–{:.0}) | {} | {:.1} per {} | {:.1} | {} | {} |",
+                "| {} {} | {proxy} | {:.0} ({:.0}–{:.0}) | {} | {:.1} per {} | {:.1} | {} | {} | {:.1} | {:.0}% |",
                 w.id,
                 w.what,
                 m.rate,
@@ -444,6 +457,8 @@ fn report(meds: &Medianed, rounds: usize, secs: u64) {
                 m.sys_per_unit_us,
                 ratio(m.rate, best_rate),
                 ratio(m.cpu_per_unit_us, best_cpu),
+                m.backend_per_unit_us,
+                m.idle * 100.0,
             );
         }
     }
@@ -611,7 +626,7 @@ fn ratio(x: f64, best: f64) -> String {
     }
 }
 
-fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
+fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc, backend: &Proc) -> Sample {
     let url = |host: &str, path: &str| format!("https://{host}:{port}{path}");
     let a_cert = d.join("a.pem");
     let a_key = d.join("a.key");
@@ -653,6 +668,8 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
         std::thread::spawn(move || oha_run(&mut cmd, 1.0, 200).1)
     });
     let cpu0 = p.cpu();
+    let backend0 = backend.cpu();
+    let machine0 = machine_cpu();
     let t0 = Instant::now();
     let (units, p99) = match w.id {
         "W1" => oha_run(
@@ -702,6 +719,9 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
     };
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = p.cpu() - cpu0;
+    let backend_cpu = backend.cpu() - backend0;
+    let (busy, idle) = machine_cpu();
+    let (busy, idle) = (busy - machine0.0, idle - machine0.1);
     let during = beside.map(|t| t.join().expect("the allowed caller's oha"));
     let allowed_p99_ms = match (alone.flatten(), during.flatten()) {
         (Some(a), Some(d)) => Some((a, d)),
@@ -719,8 +739,27 @@ fn measure(w: &Workload, port: u16, d: &Path, secs: u64, p: &Proc) -> Sample {
         p99_ms: p99,
         cpu_per_unit_us: per_unit(cpu.user + cpu.sys),
         sys_per_unit_us: per_unit(cpu.sys),
+        backend_per_unit_us: per_unit(backend_cpu.user + backend_cpu.sys),
+        idle: idle / (busy + idle).max(1.0),
         allowed_p99_ms,
     }
+}
+
+/// The machine's CPU time so far in clock ticks, (busy, idle), from `/proc/stat`'s `cpu` line;
+/// idle counts iowait too.
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let idle = f.get(3).unwrap_or(&0.0) + f.get(4).unwrap_or(&0.0);
+    (f.iter().sum::<f64>() - idle, idle)
 }
 
 /// Runs oha; returns (units done, p99 ms). `unit_mb` scales responses to MB for W4. Every
