@@ -629,6 +629,77 @@ async fn connections_beyond_the_limit_wait_for_a_slot() {
     );
 }
 
+/// Every worker accepts from the same listening sockets and whichever wakes first takes the
+/// connection, so connections could pile up on one worker (a load generator's 64 did: one
+/// worker served nearly three times the other's, its core full while the other idled). A
+/// worker that accepts while another serves fewer hands the connection over: opened one after
+/// another, connections alternate, and after some close, new ones go to the worker that lost
+/// them, over either listener. Each is served where it was counted, and the counts
+/// (`portcullis_worker_connections`) return to zero as connections close.
+#[tokio::test]
+async fn new_connections_go_to_the_worker_serving_fewest() {
+    let pki = TestPki::new();
+    let backend = echo::start("b", ([127, 0, 0, 1], 0).into()).await.unwrap();
+    let mut y = String::from("limits: {workers: 2}\nroutes:\n");
+    y += &route("open.apps.plain", backend.addr, "app_id: x", "");
+    let gw = TestGateway::start(&pki, &y).await;
+    let ca = &pki.server_ca;
+    let load = |w: usize| gw.metric(&format!("portcullis_worker_connections{{worker=\"{w}\"}}"));
+    let loads = || (load(0), load(1));
+    assert_eq!(loads(), (0.0, 0.0));
+
+    // Six connections one after another, HTTP/1.1 and h2 in turn: each lands on the worker
+    // serving fewer, so the counts never differ by more than one.
+    let mut on = [Vec::new(), Vec::new()];
+    for i in 0..6 {
+        let before = loads();
+        let mut c = Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, i % 2 == 1)
+            .await
+            .unwrap();
+        assert_eq!(c.get("open.apps.plain", "/").await.unwrap().status, 200);
+        let after = loads();
+        let worker = match (after.0 - before.0, after.1 - before.1) {
+            (1.0, 0.0) => 0,
+            (0.0, 1.0) => 1,
+            d => panic!("connection {i} changed the counts by {d:?}: {before:?} → {after:?}"),
+        };
+        assert!(
+            (after.0 - after.1).abs() <= 1.0,
+            "connection {i} went to worker {worker}: {after:?}"
+        );
+        on[worker].push(c);
+    }
+    assert_eq!(loads(), (3.0, 3.0));
+
+    // Worker 0's three close: the next three go to it, whichever worker accepts them, the last
+    // over the plain listener.
+    on[0].clear();
+    gw.wait_metric("portcullis_worker_connections{worker=\"0\"}", 0.0)
+        .await;
+    for i in 0..3 {
+        let mut c = if i < 2 {
+            Conn::tls(gw.https(), ca, Some("open.apps.plain"), None, i == 1)
+                .await
+                .unwrap()
+        } else {
+            Conn::plain(gw.http()).await.unwrap()
+        };
+        assert_eq!(c.get("open.apps.plain", "/").await.unwrap().status, 200);
+        assert_eq!(loads(), (f64::from(i + 1), 3.0), "new connection {i}");
+        on[0].push(c);
+    }
+    // Every connection still serves, on both workers.
+    for c in on.iter_mut().flatten() {
+        assert_eq!(c.get("open.apps.plain", "/").await.unwrap().status, 200);
+    }
+    drop(on);
+    gw.wait_metric("portcullis_worker_connections{worker=\"0\"}", 0.0)
+        .await;
+    gw.wait_metric("portcullis_worker_connections{worker=\"1\"}", 0.0)
+        .await;
+    gw.wait_metric("portcullis_connections_active", 0.0).await;
+}
+
 /// The backlog `ss` shows for the listener on `addr` (Send-Q of a LISTEN socket).
 fn listen_backlog(addr: std::net::SocketAddr) -> u32 {
     let out = std::process::Command::new("ss")

@@ -298,8 +298,9 @@ impl Gateway {
             .map(|(l, tls)| Ok((l.into_std()?, tls)))
             .collect::<std::io::Result<_>>()
             .map_err(StartError::Workers)?;
-        for index in 0..workers {
-            gw.spawn_worker(index, &listeners, &slots, &failures)?;
+        let (spread, inboxes) = Spread::new(&state.metrics, workers);
+        for (index, inbox) in inboxes.into_iter().enumerate() {
+            gw.spawn_worker(index, &listeners, &slots, &failures, &spread, inbox)?;
         }
         if let Some(l) = admin_l {
             let open = Listening::new(&gw.listening);
@@ -314,15 +315,19 @@ impl Gateway {
     }
 
     /// Starts worker thread `index`: a single-threaded event loop that accepts from every listener
-    /// (the same sockets in each worker: an idle worker wakes first and takes the connection) and
-    /// serves what it accepted to the end. A connection, its tasks and its backend connections
-    /// stay on one thread, so a request costs no cross-thread wake-ups.
+    /// (the same sockets in each worker: an idle worker wakes first and takes the connection),
+    /// serves what it accepted unless another worker serves fewer connections (then it hands the
+    /// connection over, see [`Spread`]), and serves what other workers hand it through `inbox`.
+    /// A connection, its tasks and its backend connections stay on one thread, so a request costs
+    /// no cross-thread wake-ups.
     fn spawn_worker(
         &self,
         index: usize,
         listeners: &[(std::net::TcpListener, bool)],
         slots: &Arc<Semaphore>,
         failures: &Arc<AcceptFailures>,
+        spread: &Arc<Spread>,
+        mut inbox: mpsc::UnboundedReceiver<Handed>,
     ) -> Result<(), StartError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -337,8 +342,9 @@ impl Gateway {
                 Listening::new(&self.listening),
             ));
         }
-        let (slots, failures) = (slots.clone(), failures.clone());
+        let (slots, failures, spread) = (slots.clone(), failures.clone(), spread.clone());
         let state = self.state.clone();
+        let handed = self.clone_parts();
         let mut stop = self.stop_workers.subscribe();
         std::thread::Builder::new()
             .name(format!("portcullis-w{index}"))
@@ -348,11 +354,44 @@ impl Gateway {
                     tokio::spawn(
                         async move { crate::liveness::beat(&state.liveness, index).await },
                     );
+                    tokio::spawn(async move {
+                        while let Some(h) = inbox.recv().await {
+                            match TcpStream::from_std(h.tcp) {
+                                Ok(tcp) => {
+                                    let serving = serve_accepted(
+                                        handed.state.clone(),
+                                        tcp,
+                                        h.client,
+                                        h.tls,
+                                        handed.shutdown.clone(),
+                                        h.held,
+                                    );
+                                    tokio::spawn(serving);
+                                }
+                                // Registering with this worker's epoll failed (out of memory):
+                                // the connection closes, as an accept failure's would.
+                                Err(e) => tracing::warn!(
+                                    worker = index,
+                                    error = %e,
+                                    "cannot serve a connection another worker handed over; closed it"
+                                ),
+                            }
+                        }
+                    });
                     for (l, tls, parts, open) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {
-                                let accepting =
-                                    accept_loop(parts, l, slots.clone(), failures.clone(), tls);
+                                let accepting = accept_loop(
+                                    parts,
+                                    l,
+                                    Accepting {
+                                        worker: index,
+                                        slots: slots.clone(),
+                                        failures: failures.clone(),
+                                        spread: spread.clone(),
+                                        tls,
+                                    },
+                                );
                                 tokio::spawn(async move {
                                     accepting.await;
                                     drop(open);
@@ -728,13 +767,110 @@ impl AcceptFailures {
     }
 }
 
-async fn accept_loop(
-    mut p: Parts,
-    listener: TcpListener,
+/// Where accepted connections are served. Every worker accepts from the same listening sockets
+/// and whichever wakes first takes the connection, so a burst of connections (a load balancer's
+/// pool opening, a load generator's 64) can land mostly on one worker. That one then runs out of
+/// its core while another idles, for as long as the connections last. So a worker that accepts a
+/// connection while another serves fewer hands it over, as HAProxy's threads do: the counts stay
+/// within one of each other as connections open. (Connections that close unevenly are not moved.)
+struct Spread {
+    /// Connections each worker serves, or has been handed and will serve
+    /// (`portcullis_worker_connections`).
+    loads: Box<[prometheus_client::metrics::gauge::Gauge]>,
+    inboxes: Box<[mpsc::UnboundedSender<Handed>]>,
+}
+
+impl Spread {
+    fn new(
+        metrics: &Metrics,
+        workers: usize,
+    ) -> (Arc<Spread>, Vec<mpsc::UnboundedReceiver<Handed>>) {
+        let (inboxes, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+        let loads = (0..workers)
+            .map(|worker| {
+                let labels = crate::metrics::WorkerLabels { worker };
+                metrics.worker_connections.get_or_create(&labels).clone()
+            })
+            .collect();
+        let spread = Spread {
+            loads,
+            inboxes: Vec::into_boxed_slice(inboxes),
+        };
+        (Arc::new(spread), receivers)
+    }
+
+    /// The worker to serve a connection worker `me` accepted, counted as serving it from now on.
+    fn take(&self, me: usize) -> usize {
+        let to = least_loaded(me, self.loads.iter().map(|l| l.get()));
+        self.loads[to].inc();
+        to
+    }
+}
+
+/// Which of the workers with these loads should serve a connection that worker `me` accepted:
+/// `me`, unless another serves fewer (then the first of those that serve fewest).
+fn least_loaded(me: usize, loads: impl IntoIterator<Item = i64>) -> usize {
+    let (mut least, mut mine) = (None, None);
+    for (i, load) in loads.into_iter().enumerate() {
+        if i == me {
+            mine = Some(load);
+        }
+        if least.is_none_or(|(_, l)| load < l) {
+            least = Some((i, load));
+        }
+    }
+    match (least, mine) {
+        (Some((i, l)), Some(m)) if l < m => i,
+        _ => me,
+    }
+}
+
+/// A connection one worker accepted for another to serve.
+struct Handed {
+    /// Deregistered from the accepting worker's event loop, registered again by the serving one.
+    tcp: std::net::TcpStream,
+    client: SocketAddr,
+    tls: bool,
+    held: Held,
+}
+
+/// What an accepted connection holds until it ends, wherever it is served and however it ends
+/// (even dropped in a hand-over at shutdown): its slot under `limits.max_connections` and its
+/// place in the counts of open connections.
+struct Held {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    connections: Arc<AtomicUsize>,
+    active: prometheus_client::metrics::gauge::Gauge,
+    /// The serving worker's count (`Spread::loads`).
+    load: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.active.dec();
+        self.load.dec();
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one worker's accept loop for one listener is set up.
+struct Accepting {
+    worker: usize,
     slots: Arc<Semaphore>,
     failures: Arc<AcceptFailures>,
+    spread: Arc<Spread>,
+    /// Whether the listener is the TLS one (`listen.https`).
     tls: bool,
-) {
+}
+
+async fn accept_loop(mut p: Parts, listener: TcpListener, a: Accepting) {
+    let Accepting {
+        worker,
+        slots,
+        failures,
+        spread,
+        tls,
+    } = a;
     loop {
         let (tcp, client) = tokio::select! {
             r = listener.accept() => match r {
@@ -763,27 +899,60 @@ async fn accept_loop(
         // that IPv4 address for the access log, X-Forwarded-For, deny learning and its exempt
         // CIDRs, as it is for the XDP gate.
         let client = SocketAddr::new(client.ip().to_canonical(), client.port());
-        let state = p.state.clone();
-        let shutdown = p.shutdown.clone();
-        let connections = p.connections.clone();
-        connections.fetch_add(1, Ordering::Relaxed);
-        state.metrics.connections_active.inc();
-        tokio::spawn(async move {
-            let mut tcp = tcp;
-            match client_of(&state, &mut tcp, client).await {
-                Some(client) if tls => serve_tls(state.clone(), tcp, client, shutdown).await,
-                Some(client) => {
-                    let mut conn = ConnCtx::new(client, None);
-                    conn.local = local_ip(&tcp);
-                    serve_http(state.clone(), Box::new(tcp), conn, shutdown).await;
+        let to = spread.take(worker);
+        p.connections.fetch_add(1, Ordering::Relaxed);
+        p.state.metrics.connections_active.inc();
+        let held = Held {
+            _permit: permit,
+            connections: p.connections.clone(),
+            active: p.state.metrics.connections_active.clone(),
+            load: spread.loads[to].clone(),
+        };
+        if to == worker {
+            let (state, shutdown) = (p.state.clone(), p.shutdown.clone());
+            tokio::spawn(serve_accepted(state, tcp, client, tls, shutdown, held));
+            continue;
+        }
+        // Fails only when the other worker has ended (shutdown) or the socket cannot leave this
+        // event loop; either way the connection closes, as one left in the backlog would.
+        match tcp.into_std() {
+            Ok(tcp) => {
+                let handed = Handed {
+                    tcp,
+                    client,
+                    tls,
+                    held,
+                };
+                if spread.inboxes[to].send(handed).is_err() {
+                    tracing::debug!(worker = to, %client, "closed a connection handed to a worker that has ended");
                 }
-                None => {}
             }
-            state.metrics.connections_active.dec();
-            connections.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        });
+            Err(e) => {
+                tracing::warn!(%client, error = %e, "cannot hand a connection to another worker; closed it")
+            }
+        }
     }
+}
+
+/// Serves a connection to its end on the worker this runs on.
+async fn serve_accepted(
+    state: Arc<State>,
+    mut tcp: TcpStream,
+    client: SocketAddr,
+    tls: bool,
+    shutdown: watch::Receiver<bool>,
+    held: Held,
+) {
+    match client_of(&state, &mut tcp, client).await {
+        Some(client) if tls => serve_tls(state.clone(), tcp, client, shutdown).await,
+        Some(client) => {
+            let mut conn = ConnCtx::new(client, None);
+            conn.local = local_ip(&tcp);
+            serve_http(state.clone(), Box::new(tcp), conn, shutdown).await;
+        }
+        None => {}
+    }
+    drop(held);
 }
 
 /// The gateway's address a connection came to, as the client sees it (`X-Vcap-Router`): one
@@ -1362,6 +1531,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_goes_to_the_worker_serving_fewest_and_stays_on_a_tie() {
+        assert_eq!(least_loaded(0, [0]), 0, "one worker");
+        assert_eq!(least_loaded(0, [3, 3]), 0, "a tie stays");
+        assert_eq!(least_loaded(1, [3, 3]), 1, "a tie stays");
+        assert_eq!(least_loaded(0, [4, 3]), 1);
+        assert_eq!(least_loaded(1, [2, 3, 2]), 0, "the first of the fewest");
+        assert_eq!(least_loaded(2, [5, 1, 1, 0]), 3);
+        assert_eq!(least_loaded(1, [5, 1, 1, 2]), 1, "already among the fewest");
+    }
 
     #[test]
     fn repeated_failures_are_said_once_per_period_with_their_count() {

@@ -99,6 +99,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// The worker event loop's index, as in its thread's name (`portcullis-w<worker>`).
+    pub worker: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
     /// The status code's class: `2xx`, `4xx`, …
     pub class: &'static str,
@@ -156,6 +162,7 @@ pub struct Metrics {
     pub xdp_attached: Family<XdpAttachLabels, Gauge>,
     pub xdp_unparsed: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
+    pub worker_connections: Family<WorkerLabels, Gauge>,
     pub connections_idle: Gauge,
     pub accept_errors: Counter,
     pub client_connection_errors: Family<KindLabels, Counter>,
@@ -213,6 +220,7 @@ impl Metrics {
             xdp_attached: Family::default(),
             xdp_unparsed: Family::default(),
             connections_active: Gauge::default(),
+            worker_connections: Family::default(),
             connections_idle: Gauge::default(),
             accept_errors: Counter::default(),
             client_connection_errors: Family::default(),
@@ -355,6 +363,12 @@ impl Metrics {
             "connections_active",
             "Client connections open",
             m.connections_active.clone(),
+        );
+        registry.register(
+            "worker_connections",
+            "Client connections each worker event loop serves (a new connection goes to the least \
+             loaded)",
+            m.worker_connections.clone(),
         );
         registry.register(
             "connections_idle",
