@@ -515,18 +515,29 @@ async fn health_fails_while_a_worker_is_stalled() {
         "{body:?}"
     );
     gw.wait_metric("portcullis_event_loops_stalled", 1.0).await;
-    // The other worker serves.
-    let r = crate::support::client::get(
-        gw.https(),
-        &pki.server_ca,
-        Some(&pki.a),
-        "any-a.apps.identity",
-        "/",
-        false,
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
+    // The other worker serves, and keeps every new connection even once it serves more than the
+    // stalled one: a stalled worker is not handed connections, which it would hold unserved.
+    // (Within 3 s each: the wedge lets go by itself after 20 s.)
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let served = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut c = Conn::tls(
+                gw.https(),
+                &pki.server_ca,
+                Some("any-a.apps.identity"),
+                Some(&pki.a),
+                i == 1,
+            )
+            .await
+            .unwrap();
+            let r = c.get("any-a.apps.identity", "/").await.unwrap();
+            (c, r.status)
+        })
+        .await;
+        let (c, status) = served.unwrap_or_else(|_| panic!("connection {i} not served within 3 s"));
+        assert_eq!(status, 200, "connection {i}");
+        open.push(c);
+    }
 
     drop(_release);
     assert_eq!(health_becomes(200).await, (200, "ok\n".to_string()));

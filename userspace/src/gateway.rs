@@ -773,6 +773,8 @@ impl AcceptFailures {
 /// its core while another idles, for as long as the connections last. So a worker that accepts a
 /// connection while another serves fewer hands it over, as HAProxy's threads do: the counts stay
 /// within one of each other as connections open. (Connections that close unevenly are not moved.)
+/// A worker whose event loop has missed its beats is not handed any: stuck, it would hold them
+/// unserved (before the change it simply stopped accepting, and the others took everything).
 struct Spread {
     /// Connections each worker serves, or has been handed and will serve
     /// (`portcullis_worker_connections`).
@@ -800,18 +802,29 @@ impl Spread {
     }
 
     /// The worker to serve a connection worker `me` accepted, counted as serving it from now on.
-    fn take(&self, me: usize) -> usize {
-        let to = least_loaded(me, self.loads.iter().map(|l| l.get()));
+    fn take(&self, me: usize, liveness: &crate::liveness::Liveness) -> usize {
+        let loads = self.loads.iter().enumerate().map(|(worker, load)| {
+            let running = worker == me || liveness.silent(worker) <= HAND_OVER_SILENCE;
+            running.then(|| load.get())
+        });
+        let to = least_loaded(me, loads);
         self.loads[to].inc();
         to
     }
 }
 
-/// Which of the workers with these loads should serve a connection that worker `me` accepted:
-/// `me`, unless another serves fewer (then the first of those that serve fewest).
-fn least_loaded(me: usize, loads: impl IntoIterator<Item = i64>) -> usize {
+/// How long a worker's event loop may go without its beat (every second) and still be handed
+/// connections. A loop busy with ready work still beats; one that is not is either stuck or
+/// about to be, and a connection it is not handed stays with the worker that accepted it.
+const HAND_OVER_SILENCE: Duration = Duration::from_secs(2);
+
+/// Which of the workers with these loads (`None`: not to be handed connections) should serve a
+/// connection that worker `me` accepted: `me`, unless another serves fewer (then the first of
+/// those that serve fewest).
+fn least_loaded(me: usize, loads: impl IntoIterator<Item = Option<i64>>) -> usize {
     let (mut least, mut mine) = (None, None);
     for (i, load) in loads.into_iter().enumerate() {
+        let Some(load) = load else { continue };
         if i == me {
             mine = Some(load);
         }
@@ -899,7 +912,7 @@ async fn accept_loop(mut p: Parts, listener: TcpListener, a: Accepting) {
         // that IPv4 address for the access log, X-Forwarded-For, deny learning and its exempt
         // CIDRs, as it is for the XDP gate.
         let client = SocketAddr::new(client.ip().to_canonical(), client.port());
-        let to = spread.take(worker);
+        let to = spread.take(worker, &p.state.liveness);
         p.connections.fetch_add(1, Ordering::Relaxed);
         p.state.metrics.connections_active.inc();
         let held = Held {
@@ -1534,13 +1547,25 @@ mod tests {
 
     #[test]
     fn a_connection_goes_to_the_worker_serving_fewest_and_stays_on_a_tie() {
-        assert_eq!(least_loaded(0, [0]), 0, "one worker");
-        assert_eq!(least_loaded(0, [3, 3]), 0, "a tie stays");
-        assert_eq!(least_loaded(1, [3, 3]), 1, "a tie stays");
-        assert_eq!(least_loaded(0, [4, 3]), 1);
-        assert_eq!(least_loaded(1, [2, 3, 2]), 0, "the first of the fewest");
-        assert_eq!(least_loaded(2, [5, 1, 1, 0]), 3);
-        assert_eq!(least_loaded(1, [5, 1, 1, 2]), 1, "already among the fewest");
+        let all = |loads: &[i64]| loads.iter().map(|&l| Some(l)).collect::<Vec<_>>();
+        assert_eq!(least_loaded(0, all(&[0])), 0, "one worker");
+        assert_eq!(least_loaded(0, all(&[3, 3])), 0, "a tie stays");
+        assert_eq!(least_loaded(1, all(&[3, 3])), 1, "a tie stays");
+        assert_eq!(least_loaded(0, all(&[4, 3])), 1);
+        assert_eq!(
+            least_loaded(1, all(&[2, 3, 2])),
+            0,
+            "the first of the fewest"
+        );
+        assert_eq!(least_loaded(2, all(&[5, 1, 1, 0])), 3);
+        assert_eq!(
+            least_loaded(1, all(&[5, 1, 1, 2])),
+            1,
+            "already among the fewest"
+        );
+        // A worker whose loop missed its beats is passed over, however few it serves.
+        assert_eq!(least_loaded(0, [Some(4), None]), 0);
+        assert_eq!(least_loaded(0, [Some(4), None, Some(3)]), 2);
     }
 
     #[test]

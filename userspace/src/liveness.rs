@@ -63,6 +63,14 @@ impl Liveness {
         }
     }
 
+    /// How long since `slot`'s last beat (zero for a slot that does not exist).
+    pub fn silent(&self, slot: usize) -> Duration {
+        let Some(b) = self.beats.get(slot) else {
+            return Duration::ZERO;
+        };
+        Duration::from_millis(self.now_ms().saturating_sub(b.load(Ordering::Relaxed)))
+    }
+
     fn name(&self, slot: usize) -> String {
         if slot == self.main_slot() {
             "main".to_string()
