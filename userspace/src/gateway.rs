@@ -774,7 +774,7 @@ impl AcceptFailures {
 /// connection while another serves fewer hands it over, as HAProxy's threads do: the counts stay
 /// within one of each other as connections open. (Connections that close unevenly are not moved.)
 /// A worker whose event loop has missed its beats is not handed any: stuck, it would hold them
-/// unserved (before the change it simply stopped accepting, and the others took everything).
+/// unserved, while the worker that accepted them can serve them.
 struct Spread {
     /// Connections each worker serves, or has been handed and will serve
     /// (`portcullis_worker_connections`).
