@@ -81,12 +81,9 @@ impl Liveness {
 
     /// The loops whose last beat is older than `limit`, in slot order.
     pub fn stalled(&self, limit: Duration) -> Vec<Stalled> {
-        let now = self.now_ms();
-        self.beats
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, b)| {
-                let silent = Duration::from_millis(now.saturating_sub(b.load(Ordering::Relaxed)));
+        (0..self.beats.len())
+            .filter_map(|slot| {
+                let silent = self.silent(slot);
                 (silent > limit).then(|| Stalled {
                     name: self.name(slot),
                     silent,
