@@ -327,7 +327,7 @@ impl Gateway {
         slots: &Arc<Semaphore>,
         failures: &Arc<AcceptFailures>,
         spread: &Arc<Spread>,
-        mut inbox: mpsc::UnboundedReceiver<Handed>,
+        inbox: mpsc::UnboundedReceiver<Handed>,
     ) -> Result<(), StartError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -354,30 +354,7 @@ impl Gateway {
                     tokio::spawn(
                         async move { crate::liveness::beat(&state.liveness, index).await },
                     );
-                    tokio::spawn(async move {
-                        while let Some(h) = inbox.recv().await {
-                            match TcpStream::from_std(h.tcp) {
-                                Ok(tcp) => {
-                                    let serving = serve_accepted(
-                                        handed.state.clone(),
-                                        tcp,
-                                        h.client,
-                                        h.tls,
-                                        handed.shutdown.clone(),
-                                        h.held,
-                                    );
-                                    tokio::spawn(serving);
-                                }
-                                // Registering with this worker's epoll failed (out of memory):
-                                // the connection closes, as an accept failure's would.
-                                Err(e) => tracing::warn!(
-                                    worker = index,
-                                    error = %e,
-                                    "cannot serve a connection another worker handed over; closed it"
-                                ),
-                            }
-                        }
-                    });
+                    tokio::spawn(serve_handed(handed, inbox, index));
                     for (l, tls, parts, open) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {
@@ -943,6 +920,27 @@ async fn accept_loop(mut p: Parts, listener: TcpListener, a: Accepting) {
             Err(e) => {
                 tracing::warn!(%client, error = %e, "cannot hand a connection to another worker; closed it")
             }
+        }
+    }
+}
+
+/// Serves, on worker `worker`, the connections other workers hand it.
+async fn serve_handed(p: Parts, mut inbox: mpsc::UnboundedReceiver<Handed>, worker: usize) {
+    while let Some(h) = inbox.recv().await {
+        match TcpStream::from_std(h.tcp) {
+            Ok(tcp) => {
+                let (state, shutdown) = (p.state.clone(), p.shutdown.clone());
+                tokio::spawn(serve_accepted(
+                    state, tcp, h.client, h.tls, shutdown, h.held,
+                ));
+            }
+            // Registering with this worker's epoll failed (out of memory): the connection
+            // closes, as an accept failure's would.
+            Err(e) => tracing::warn!(
+                worker,
+                error = %e,
+                "cannot serve a connection another worker handed over; closed it"
+            ),
         }
     }
 }
