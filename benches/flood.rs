@@ -36,7 +36,7 @@
 //! their range over the rounds.
 //!
 //! `cargo bench -p portcullis --bench flood [-- --seconds N] [--rounds N]` (10 s, 3 rounds;
-//! `--quick`: 2 s, 1 round, without the two control modes)
+//! `--quick`: 1 s, 1 round, without the two control modes)
 
 #[path = "rivals/conf.rs"]
 mod conf;
@@ -217,9 +217,9 @@ fn main() {
             .nth(1)
             .and_then(|s| s.parse::<u64>().ok())
     };
-    // --quick (`cargo xtask bench --quick`): one round of 2 s, without the control modes.
+    // --quick (`cargo xtask bench --quick`): one round of 1 s, without the control modes.
     let quick = std::env::args().any(|a| a == "--quick");
-    let seconds = arg("--seconds").unwrap_or(if quick { 2 } else { 10 });
+    let seconds = arg("--seconds").unwrap_or(if quick { 1 } else { 10 });
     let rounds = arg("--rounds").unwrap_or(if quick { 1 } else { 3 }).max(1);
     if unsafe { libc::geteuid() } != 0 || portcullis::xdp::OBJECT.is_empty() {
         eprintln!("flood bench: needs root and the XDP object (cargo xtask build-ebpf)");
@@ -466,7 +466,7 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
     // the flood); then the allowed caller alone again for `secs / 2`. Both alone phases count
     // towards the p99 alone, so that a drift of the machine over the run (its tail latency moves
     // by milliseconds between minutes here) does not land on one side of the ratio only.
-    let half = Duration::from_secs(secs.div_ceil(2));
+    let half = Duration::from_millis(secs * 500);
     let (mut alone, _) = allowed_caller(ns, pki.clone(), target, half);
     let stop = Arc::new(AtomicBool::new(false));
     let attempts = Arc::new(AtomicU64::new(0));
@@ -499,8 +499,8 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
             )
         })
     };
-    // Let the flood reach its steady state before measuring.
-    std::thread::sleep(Duration::from_secs(1));
+    // Let the flood reach its steady state before measuring (half a second in `--quick`'s 1 s).
+    std::thread::sleep(half.min(Duration::from_secs(1)));
     let (a0, r0, cpu0, t0) = (
         attempts.load(Ordering::Relaxed),
         refused.load(Ordering::Relaxed),

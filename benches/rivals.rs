@@ -154,12 +154,13 @@ fn main() {
         if only("RIVALS_WORKLOADS", "M") {
             for i in turn(round) {
                 let (proxy, port) = proxies[i];
-                let (kib, kept) = idle_memory(port, d, IDLE_CONNECTIONS, &running[i]);
+                let (kib, kept) =
+                    idle_memory(port, d, IDLE_CONNECTIONS, &running[i], after_close(quick));
                 eprintln!(
                     "round {} {proxy:>10}     M: {kib:.1} KiB per idle mTLS connection, \
                      {kept:.1} still resident {}s after they closed",
                     round + 1,
-                    AFTER_CLOSE.as_secs()
+                    after_close(quick).as_secs()
                 );
                 for (key, v) in [("M", kib), ("M-closed", kept)] {
                     results.entry((key, proxy)).or_default().push(Sample {
@@ -205,7 +206,7 @@ fn main() {
     let meds = all_medians(&results);
     report(&meds, rounds, secs);
     if only("RIVALS_WORKLOADS", "M") {
-        report_memory(&results, IDLE_CONNECTIONS);
+        report_memory(&results, IDLE_CONNECTIONS, after_close(quick));
     }
     report_targets(&meds, &results);
     // Table I adds about 45 s; `--quick` (kept under 3 minutes in all) counts only when asked.
@@ -216,12 +217,12 @@ fn main() {
     }
 }
 
-fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize) {
+fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize, wait: Duration) {
     println!("\nM: {n} idle keep-alive mTLS connections (one request each), resident memory of the proxy's processes\n");
     println!(
         "| proxy | KiB per connection (median, min–max) | vs best rival | \
          KiB per connection still resident {} s after all closed |",
-        AFTER_CLOSE.as_secs()
+        wait.as_secs()
     );
     println!("|---|---|---|---|");
     let med = |key: &str, proxy: &str| -> Option<(f64, f64, f64)> {
@@ -265,13 +266,16 @@ fn rss_kib(p: &Proc) -> f64 {
 }
 
 /// How long after M's connections close their memory is looked at again: what a proxy keeps
-/// after a burst of connections has gone.
-const AFTER_CLOSE: Duration = Duration::from_secs(5);
+/// after a burst of connections has gone (`--quick`: 2 s, which is jemalloc's decay for the
+/// gateway, so its figure reads a little higher there).
+const fn after_close(quick: bool) -> Duration {
+    Duration::from_secs(if quick { 2 } else { 5 })
+}
 
 /// M: opens `n` mTLS connections with one keep-alive request each, holds them idle, and returns
-/// the proxy's resident memory growth per connection, then (all closed, [`AFTER_CLOSE`] later)
-/// what of that growth is still resident, per connection opened.
-fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc) -> (f64, f64) {
+/// the proxy's resident memory growth per connection, then (all closed, `wait` later) what of
+/// that growth is still resident, per connection opened.
+fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc, wait: Duration) -> (f64, f64) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(d.join("a.pem"))
@@ -359,7 +363,7 @@ fn idle_memory(port: u16, d: &Path, n: usize, p: &Proc) -> (f64, f64) {
     if opened < n * 9 / 10 {
         eprintln!("M: only {opened} of {n} connections opened");
     }
-    std::thread::sleep(AFTER_CLOSE);
+    std::thread::sleep(wait);
     let kept = rss_kib(p);
     let per = |kib: f64| (kib - before) / opened.max(1) as f64;
     (per(after), per(kept))
