@@ -264,9 +264,9 @@ pub fn vm_test() -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask vm-bench`: `benches/ktls_cost.rs` (the release build) in Debian's 6.1
-/// and (unless `quick`) in the newest backports kernel, each booted with an instruction-counting clock
-/// ([`Clock::Instructions`]); its tables are printed with the console.
+/// `cargo xtask vm-bench`: `benches/ktls_cost.rs` (the release build) in Debian's 6.1 and
+/// (unless `quick`) in the newest backports kernel, each booted with an instruction-counting
+/// clock ([`Clock::Instructions`]); its tables are printed with the console.
 pub fn vm_bench(quick: bool) -> Result<()> {
     let work = PathBuf::from("target/vm");
     std::fs::create_dir_all(&work)?;
