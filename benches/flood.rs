@@ -36,7 +36,7 @@
 //! their range over the rounds.
 //!
 //! `cargo bench -p portcullis --bench flood [-- --seconds N] [--rounds N]` (10 s, 3 rounds;
-//! `--quick`: 1 s, 1 round, without the two control modes)
+//! `--quick`: 2 s with half-second phases around it, 1 round, without the two control modes)
 
 #[path = "rivals/conf.rs"]
 mod conf;
@@ -217,9 +217,17 @@ fn main() {
             .nth(1)
             .and_then(|s| s.parse::<u64>().ok())
     };
-    // --quick (`cargo xtask bench --quick`): one round of 1 s, without the control modes.
+    // --quick (`cargo xtask bench --quick`): one round of 2 s, without the control modes, and
+    // the allowed caller's phases around the flood half a second each. The flood itself stays
+    // 2 s: a gated daemon's CPU is a bound of one clock tick (10 ms) over the attempts of that
+    // phase, so with 1 s (about 1,200 attempts) the bound came within 2× of the 1/50 target.
     let quick = std::env::args().any(|a| a == "--quick");
-    let seconds = arg("--seconds").unwrap_or(if quick { 1 } else { 10 });
+    let seconds = arg("--seconds").unwrap_or(if quick { 2 } else { 10 });
+    let phase = if quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_millis(seconds * 500)
+    };
     let rounds = arg("--rounds").unwrap_or(if quick { 1 } else { 3 }).max(1);
     if unsafe { libc::geteuid() } != 0 || portcullis::xdp::OBJECT.is_empty() {
         eprintln!("flood bench: needs root and the XDP object (cargo xtask build-ebpf)");
@@ -257,7 +265,7 @@ fn main() {
                 continue;
             }
             eprintln!("round {round} of {rounds}: {}", mode.name);
-            out.push(run(&ns, &pki, backend.addr, mode, seconds));
+            out.push(run(&ns, &pki, backend.addr, mode, seconds, phase));
         }
     }
     // /proc counts CPU in clock ticks: a daemon that used none is only known to have used less
@@ -425,7 +433,14 @@ fn median_spread(mut v: Vec<f64>, digits: usize) -> String {
     }
 }
 
-fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u64) -> Outcome {
+fn run(
+    ns: &Netns,
+    pki: &Arc<TestPki>,
+    backend: SocketAddr,
+    mode: &Mode,
+    secs: u64,
+    half: Duration,
+) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     pki.write(dir.path());
     let target: SocketAddr = format!("{}:{PORT}", ns.host()).parse().unwrap();
@@ -461,12 +476,11 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
     }
     let pid = proxy.0.id();
 
-    // The allowed caller alone for `secs / 2`; then the flood alone for `secs` (attempts and
-    // proxy CPU are measured over this phase only); then both for `secs / 2` (allowed p99 during
-    // the flood); then the allowed caller alone again for `secs / 2`. Both alone phases count
+    // The allowed caller alone for `half` (`secs / 2`, or 0.5 s in `--quick`); then the flood
+    // alone for `secs` (attempts and proxy CPU are measured over this phase only); then both for
+    // `half` (allowed p99 during the flood); then the allowed caller alone again for `half`. Both alone phases count
     // towards the p99 alone, so that a drift of the machine over the run (its tail latency moves
     // by milliseconds between minutes here) does not land on one side of the ratio only.
-    let half = Duration::from_millis(secs * 500);
     let (mut alone, _) = allowed_caller(ns, pki.clone(), target, half);
     let stop = Arc::new(AtomicBool::new(false));
     let attempts = Arc::new(AtomicU64::new(0));
@@ -499,7 +513,7 @@ fn run(ns: &Netns, pki: &Arc<TestPki>, backend: SocketAddr, mode: &Mode, secs: u
             )
         })
     };
-    // Let the flood reach its steady state before measuring (half a second in `--quick`'s 1 s).
+    // Let the flood reach its steady state before measuring.
     std::thread::sleep(half.min(Duration::from_secs(1)));
     let (a0, r0, cpu0, t0) = (
         attempts.load(Ordering::Relaxed),

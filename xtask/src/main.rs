@@ -38,7 +38,7 @@ enum Task {
     /// with wrk, h2load and oha), portcullis built by `build-pgo` in the full run.
     Bench {
         /// A short pass for use during development, under 3 minutes once built: one round of
-        /// 3 s per workload, 1 s per flood mode, one VM kernel, the rivals against the plain
+        /// 3 s per workload, 2 s per flood mode, one VM kernel, the rivals against the plain
         /// release build.
         #[arg(long)]
         quick: bool,
@@ -369,7 +369,7 @@ fn bench(quick: bool) -> Result<()> {
         if quick {
             run(&mut bench_cmd(
                 "micro",
-                &["--warm-up-time", "0.2", "--measurement-time", "0.5"],
+                &["--warm-up-time", "0.1", "--measurement-time", "0.3"],
             ))
         } else {
             run(&mut bench_cmd("micro", &[]))?;
