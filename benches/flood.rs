@@ -478,9 +478,10 @@ fn run(
 
     // The allowed caller alone for `half` (`secs / 2`, or 0.5 s in `--quick`); then the flood
     // alone for `secs` (attempts and proxy CPU are measured over this phase only); then both for
-    // `half` (allowed p99 during the flood); then the allowed caller alone again for `half`. Both alone phases count
-    // towards the p99 alone, so that a drift of the machine over the run (its tail latency moves
-    // by milliseconds between minutes here) does not land on one side of the ratio only.
+    // `half` (allowed p99 during the flood); then the allowed caller alone again for `half`.
+    // Both alone phases count towards the p99 alone, so that a drift of the machine over the run
+    // (its tail latency moves by milliseconds between minutes here) does not land on one side of
+    // the ratio only.
     let (mut alone, _) = allowed_caller(ns, pki.clone(), target, half);
     let stop = Arc::new(AtomicBool::new(false));
     let attempts = Arc::new(AtomicU64::new(0));
