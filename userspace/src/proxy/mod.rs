@@ -862,9 +862,11 @@ async fn route(
         h2_streams: rt.config.backends.h2_streams_per_connection,
     };
     if let Some((services, url)) = to_route_service {
-        return route_service::send(
+        // Boxed: its future (3.9 KB) would otherwise make every request's future that much
+        // larger, route service or not, and hyper moves that future into place per request.
+        return Box::pin(route_service::send(
             state, rt, &table, services, &url, host, &pq, out, &settings, done,
-        )
+        ))
         .await;
     }
     let eligible = |e: &Endpoint| {
