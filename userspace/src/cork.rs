@@ -27,6 +27,10 @@ const LIMIT: usize = 64 * 1024;
 /// A write at least this large, arriving while nothing is held, goes to the stream directly.
 const DIRECT: usize = 16 * 1024;
 
+/// Room a batch starts with: several small responses (HEADERS and a DATA frame of 1 KiB are
+/// about 1.1 KB) fit without the buffer growing (and copying itself) once per doubling.
+const FIRST: usize = 8 * 1024;
+
 struct Shared<S> {
     io: S,
     /// Written by hyper, not yet by the stream; `buf[sent..]` is what is left.
@@ -77,6 +81,14 @@ impl<S: AsyncWrite + Unpin> Shared<S> {
 
     fn held(&self) -> usize {
         self.buf.len() - self.sent
+    }
+
+    /// Makes room for `len` more bytes; a batch's first write takes at least [`FIRST`].
+    fn hold(&mut self, len: usize) {
+        match self.buf.capacity() {
+            0 => self.buf.reserve(len.max(FIRST)),
+            _ => self.buf.reserve(len),
+        }
     }
 
     fn failure(&mut self) -> io::Result<()> {
@@ -138,6 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Cork<S> {
             s.unflushed = true;
             return Pin::new(&mut s.io).poll_write(cx, data);
         }
+        s.hold(data.len());
         s.buf.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
     }
@@ -153,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Cork<S> {
             s.unflushed = true;
             return Pin::new(&mut s.io).poll_write_vectored(cx, bufs);
         }
-        s.buf.reserve(len);
+        s.hold(len);
         for b in bufs {
             s.buf.extend_from_slice(b);
         }
