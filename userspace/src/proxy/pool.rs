@@ -653,9 +653,6 @@ mod tests {
         (lease, task)
     }
 
-    /// A request that found its pooled connection closed is retried on a fresh one, which for
-    /// an h2 backend must speak h2 again (an h2-only backend cannot answer HTTP/1.1); only an
-    /// upgrade (WebSocket) takes HTTP/1.1.
     /// An h2 backend on loopback that answers each request with its HTTP version: its endpoint.
     async fn h2_backend() -> Arc<Endpoint> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
