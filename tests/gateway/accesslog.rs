@@ -1,5 +1,7 @@
 //! SPEC §9: one line per request, asserted field by field for a 200, a 403, a 404 and a 421.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use portcullis::echo;
 
 use crate::pipeline_yaml;
@@ -31,11 +33,22 @@ async fn lines_for_200_403_404_421() {
             ("user-agent", "test-agent"),
             ("referer", "http://ref/"),
             ("x-forwarded-for", "10.1.1.1"),
+            // A caller's own is replaced.
+            ("x-request-start", "1"),
         ],
     );
+    let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    let before = ms(SystemTime::now());
     let ok = a.send(req).await.unwrap();
+    let after = ms(SystemTime::now());
     assert_eq!(ok.status, 200);
     let vcap = ok.echo().headers["x-vcap-request-id"].clone();
+    // SPEC §6: when the request arrived, in ms since the epoch.
+    let request_start: u64 = ok.echo().headers["x-request-start"].parse().unwrap();
+    assert!(
+        (before..=after).contains(&request_start),
+        "{before} <= {request_start} <= {after}"
+    );
     let mut b = Conn::tls(
         gw.https(),
         ca,
@@ -94,6 +107,9 @@ async fn lines_for_200_403_404_421() {
 
     let l = LogLine::parse(&lines[0]);
     assert_eq!(keys(&l), expected_keys);
+    // The app and the log agree on when the request arrived.
+    let logged = humantime::parse_rfc3339(&l.time).unwrap();
+    assert_eq!(ms(logged), request_start, "{}", l.time);
     assert_eq!(
         (l.host.as_str(), l.request.as_str(), l.status),
         ("any-a.apps.identity", "GET /ok?x=1 HTTP/1.1", 200)

@@ -156,6 +156,8 @@ impl TestGateway {
 #[derive(Debug)]
 pub struct LogLine {
     pub host: String,
+    /// When the request arrived: the bracketed RFC 3339 time.
+    pub time: String,
     pub request: String,
     pub status: u16,
     pub req_bytes: u64,
@@ -171,7 +173,7 @@ pub struct LogLine {
 impl LogLine {
     pub fn parse(line: &str) -> LogLine {
         let (host, rest) = line.split_once(" - [").expect("host");
-        let (_time, rest) = rest.split_once("] ").expect("time");
+        let (time, rest) = rest.split_once("] ").expect("time");
         let mut quoted = Vec::new();
         let mut rest = rest;
         // "request" status req resp "referer" "ua" "client" "backend"
@@ -208,6 +210,7 @@ impl LogLine {
         }
         LogLine {
             host: host.to_string(),
+            time: time.to_string(),
             request,
             status,
             req_bytes,

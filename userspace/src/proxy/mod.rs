@@ -809,11 +809,14 @@ async fn route(
         HeaderValue::from_static(done.record.x_forwarded_proto),
     );
     // `X-Forwarded-For` was set by `handle`, and no `Connection` token takes it away.
-    let now_ms = SystemTime::now()
+    // When the request arrived (as GoRouter stamps it): the access line's start, in ms.
+    let start_ms = done
+        .record
+        .start
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    h.insert(headers::X_REQUEST_START, HeaderValue::from(now_ms as u64));
+    h.insert(headers::X_REQUEST_START, HeaderValue::from(start_ms as u64));
     headers::trace(h, rt.config.w3c_tracestate_key.as_deref());
     let (mode, format) = match rt.config.domain_for(host) {
         Some(d) => (d.forwarded_client_cert, d.xfcc_format),
@@ -1026,21 +1029,22 @@ async fn send_to_endpoints(
         if let Some(u) = target {
             *out.uri_mut() = u;
         }
-        let sent_at = Instant::now();
+        // One clock read for the backend time's start and the response-header deadline.
+        let sent_at = tokio::time::Instant::now();
         let timeout = rt.config.backends.response_header_timeout;
-        let result = match tokio::time::timeout(
-            timeout,
-            send_retrying_stale(
-                state,
-                &ep,
-                settings,
-                &mut lease,
-                out,
-                &mut done.record.resent,
-            ),
-        )
-        .await
-        {
+        let send = send_retrying_stale(
+            state,
+            &ep,
+            settings,
+            &mut lease,
+            out,
+            &mut done.record.resent,
+        );
+        let send = match sent_at.checked_add(timeout) {
+            Some(deadline) => tokio::time::timeout_at(deadline, send),
+            None => tokio::time::timeout(timeout, send),
+        };
+        let result = match send.await {
             Ok(r) => r,
             Err(_) => {
                 count_backend_error(state, "timeout");
