@@ -39,7 +39,7 @@ enum Task {
     Bench {
         /// A short pass for use during development, under 3 minutes once built: one round of
         /// 3 s per workload, 2 s per flood mode, one VM kernel, the rivals against the plain
-        /// release build.
+        /// release build (unless `--pgo`).
         #[arg(long)]
         quick: bool,
         /// With `--quick`: the rivals face the profile-guided build (`build-pgo`, made here), as
@@ -346,9 +346,10 @@ fn bench(quick: bool, profile_guided: bool) -> Result<()> {
         c
     };
     // The XDP object first: every build below embeds it (the gateway's build script reads it),
-    // and one that appeared later would rebuild them inside the timed XDP bench.
+    // and one that appeared later would rebuild them inside the timed XDP bench. Building it
+    // needs no root; only the benches that attach it do.
+    build_ebpf()?;
     if is_root() {
-        build_ebpf()?;
         mount_bpffs()?;
     }
     // Build every bench binary in one cargo run (in parallel) before timing any of them.
@@ -436,10 +437,7 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "portcullis"]))
         }
         Task::BuildEbpf => build_ebpf(),
-        Task::BuildPgo => {
-            build_ebpf()?;
-            pgo::build().map(|_| ())
-        }
+        Task::BuildPgo => pgo::build().map(|_| ()),
         Task::Test => {
             deps()?;
             build_ebpf()?;

@@ -38,8 +38,10 @@ pub fn binary(host: &str) -> PathBuf {
         .join("release/portcullis")
 }
 
-/// Builds, trains and rebuilds; returns the optimised binary's path.
+/// Builds, trains and rebuilds; returns the optimised binary's path. The XDP object is built
+/// first, since the binary embeds it (a no-op when it is up to date).
 pub fn build() -> Result<PathBuf> {
+    super::build_ebpf()?;
     let host = host_triple()?;
     let profdata = llvm_profdata(&host)?;
     let gen = std::env::current_dir()?.join("target/pgo-gen");
