@@ -5,6 +5,11 @@
 //! are reported with min–max, ratios to the best rival, and the proxy's CPU per unit of work
 //! (from `/proc/<pid>/stat`, all its processes).
 //!
+//! The full run also measures a floor beside them (`rivals/floor.rs`): the least proxy
+//! portcullis' crates make (rustls, hyper, hyper-util's pooled client) with none of the gateway's
+//! work. portcullis' distance above it is the cost of its own code; the floor's distance from
+//! the rivals is the crates'.
+//!
 //! After the timed rounds each proxy runs once more under callgrind, which counts the userspace
 //! instructions one request costs (see `rivals/instructions.rs`): a figure this VM's drift does
 //! not move.
@@ -29,6 +34,12 @@ use conf::{nginx, raise_fd_limit, which};
 
 const BACKEND: u16 = 18080;
 const PROXIES: &[(&str, u16)] = &[("portcullis", 19443), ("nginx", 19444), ("haproxy", 19445)];
+/// The floor (`rivals/floor.rs`): the least proxy portcullis' crates make, doing none of the
+/// gateway's work. Not a rival: no ratio is taken against it, and it does not run W5b (it
+/// refuses nobody). It runs in the full bench, and in `--quick` when `RIVALS_PROXIES` names it.
+const FLOOR: (&str, u16) = ("floor", 19446);
+/// Every proxy a row can be printed for, in the tables' order.
+const ALL: &[(&str, u16)] = &[PROXIES[0], PROXIES[1], PROXIES[2], FLOOR];
 
 struct Workload {
     id: &'static str,
@@ -134,11 +145,14 @@ fn main() {
         std::env::var(var).map_or(true, |v| v.split(',').any(|x| x == name))
     };
     let mut results: BTreeMap<(&str, &str), Vec<Sample>> = BTreeMap::new();
-    let proxies: Vec<(&str, u16)> = PROXIES
+    let mut proxies: Vec<(&str, u16)> = PROXIES
         .iter()
         .copied()
         .filter(|(proxy, _)| only("RIVALS_PROXIES", proxy))
         .collect();
+    if with_floor(quick) {
+        proxies.push(FLOOR);
+    }
     for round in 0..rounds {
         // Every proxy runs, fresh, for the whole round, and each workload visits them one after
         // another: the three figures a ratio compares are taken within a minute of each other.
@@ -185,6 +199,9 @@ fn main() {
         for (k, w) in workloads.enumerate() {
             for i in turn(round + k) {
                 let (proxy, port) = proxies[i];
+                if proxy == FLOOR.0 && w.id == "W5b" {
+                    continue;
+                }
                 let s = measure(w, port, d, secs, &running[i], &backend);
                 eprintln!(
                     "round {} {proxy:>10} {:>5}: {:>10.0}/s p99 {:>7} cpu {:>8.1} µs/{} \
@@ -209,6 +226,7 @@ fn main() {
         report_memory(&results, IDLE_CONNECTIONS, after_close(quick));
     }
     report_targets(&meds, &results);
+    report_floor(&meds);
     // Table I adds about 45 s; `--quick` (kept under 3 minutes in all) counts only when asked.
     let named = std::env::var_os("RIVALS_WORKLOADS").is_some();
     if only("RIVALS_WORKLOADS", "I") && (named || !quick) {
@@ -238,7 +256,7 @@ fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize, wait: 
         .iter()
         .filter_map(|p| med("M", p).map(|m| m.0))
         .fold(f64::INFINITY, f64::min);
-    for &(proxy, _) in PROXIES {
+    for &(proxy, _) in ALL {
         if let Some((m, lo, hi)) = med("M", proxy) {
             let kept = med("M-closed", proxy).map_or("-".into(), |(k, lo, hi)| {
                 format!("{k:.1} ({lo:.1}–{hi:.1})")
@@ -438,7 +456,7 @@ fn report(meds: &Medianed, rounds: usize, secs: u64) {
         };
         let best_rate = best(|s| Some(s.rate), true);
         let best_cpu = best(|s| Some(s.cpu_per_unit_us), false);
-        for &(proxy, _) in PROXIES {
+        for &(proxy, _) in ALL {
             let Some(Medians {
                 m,
                 rate_lo,
@@ -1026,6 +1044,82 @@ fn proxy_command(proxy: &str, port: u16, d: &Path, counted: bool) -> Command {
             c
         }
         "nginx" => conf::nginx_front(listen, backend, d, counted),
+        "floor" => {
+            let mut c = Command::new(floor_bin());
+            c.arg(listen.to_string())
+                .args(["server.pem", "server.key", "identity-ca.pem"].map(|f| d.join(f)))
+                .arg(backend.to_string());
+            c
+        }
         _ => conf::haproxy(listen, backend, d),
+    }
+}
+
+/// The floor's binary: `RIVALS_FLOOR_BIN`, else the `floor` example beside this bench's build
+/// (`cargo xtask bench` builds it; `cargo build --release -p portcullis --example floor`).
+fn floor_bin() -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("RIVALS_FLOOR_BIN") {
+        return bin.into();
+    }
+    // This bench runs as target/release/deps/rivals-<hash>.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    dir.join("examples").join("floor")
+}
+
+/// Whether the floor runs: in the full bench unless `RIVALS_PROXIES` leaves it out, in
+/// `--quick` only when it names it. A floor that was not built is said and skipped.
+fn with_floor(quick: bool) -> bool {
+    let named = std::env::var("RIVALS_PROXIES").ok();
+    let wanted = match &named {
+        Some(v) => v.split(',').any(|x| x == FLOOR.0),
+        None => !quick,
+    };
+    if wanted && !floor_bin().is_file() {
+        eprintln!(
+            "the floor ({}) is not built: `cargo build --release -p portcullis --example floor`; \
+             measuring without it",
+            floor_bin().display()
+        );
+        return false;
+    }
+    wanted
+}
+
+/// portcullis against the floor of the same rounds: what the gateway's own work costs over the
+/// crates it is made of, per unit of work.
+fn report_floor(meds: &Medianed) {
+    let rows: Vec<_> = WORKLOADS
+        .iter()
+        .filter_map(|w| {
+            let ours = &meds.get(&(w.id, "portcullis"))?.m;
+            let floor = &meds.get(&(w.id, FLOOR.0))?.m;
+            Some((w, ours, floor))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "\nportcullis against the floor (rustls, hyper and hyper-util's pooled client, nothing \
+         else; medians)\n"
+    );
+    println!(
+        "| workload | rate vs floor | CPU vs floor | CPU above the floor µs per unit (kernel) |"
+    );
+    println!("|---|---|---|---|");
+    for (w, ours, floor) in rows {
+        println!(
+            "| {} | {} | {} | {:.1} per {} ({:.1}) |",
+            w.id,
+            ratio(ours.rate, floor.rate),
+            ratio(ours.cpu_per_unit_us, floor.cpu_per_unit_us),
+            ours.cpu_per_unit_us - floor.cpu_per_unit_us,
+            w.unit,
+            ours.sys_per_unit_us - floor.sys_per_unit_us,
+        );
     }
 }

@@ -354,6 +354,20 @@ fn bench(quick: bool, profile_guided: bool) -> Result<()> {
     }
     // Build every bench binary in one cargo run (in parallel) before timing any of them.
     run(cargo().args(["bench", "-p", "portcullis", "--no-run"]))?;
+    // The rivals bench's floor (the least proxy the gateway's crates make): in the full run, and
+    // in `--quick` when RIVALS_PROXIES names it.
+    let floor =
+        std::env::var("RIVALS_PROXIES").map_or(!quick, |v| v.split(',').any(|p| p == "floor"));
+    if floor {
+        run(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "portcullis",
+            "--example",
+            "floor",
+        ]))?;
+    }
     // The gateway the rivals face: the full run (and `--quick --pgo`) measures the build an
     // operator should run, the profile-guided one (`build-pgo`, two more release builds);
     // `--quick` alone, for use during development, the release build the line above made.
