@@ -150,7 +150,8 @@ fn main() {
         .copied()
         .filter(|(proxy, _)| only("RIVALS_PROXIES", proxy))
         .collect();
-    if with_floor(quick) {
+    let floor = with_floor(quick);
+    if floor {
         proxies.push(FLOOR);
     }
     for round in 0..rounds {
@@ -230,7 +231,13 @@ fn main() {
     // Table I adds about 45 s; `--quick` (kept under 3 minutes in all) counts only when asked.
     let named = std::env::var_os("RIVALS_WORKLOADS").is_some();
     if only("RIVALS_WORKLOADS", "I") && (named || !quick) {
-        let counts = instructions::count(d, quick, |proxy| only("RIVALS_PROXIES", proxy));
+        let counts = instructions::count(d, quick, |proxy| {
+            if proxy == FLOOR.0 {
+                floor
+            } else {
+                only("RIVALS_PROXIES", proxy)
+            }
+        });
         instructions::report(&counts, quick);
     }
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{output, parse_h2load, proxy_command, Proc, PROXIES};
+use super::{output, parse_h2load, proxy_command, Proc, ALL, FLOOR};
 
 /// The workloads counted: the keep-alive ones whose per-request cost is the question.
 pub const COUNTED: &[(&str, &str)] = &[
@@ -40,7 +40,7 @@ pub type Counts = BTreeMap<(&'static str, &'static str), f64>;
 pub fn count(d: &Path, quick: bool, wanted: impl Fn(&str) -> bool) -> Counts {
     let (n1, n2) = batches(quick);
     let mut counts = Counts::new();
-    for &(proxy, port) in PROXIES {
+    for &(proxy, port) in ALL {
         if !wanted(proxy) {
             continue;
         }
@@ -50,6 +50,10 @@ pub fn count(d: &Path, quick: bool, wanted: impl Fn(&str) -> bool) -> Counts {
             continue;
         };
         for &(w, _) in COUNTED {
+            // The floor refuses nobody.
+            if proxy == FLOOR.0 && w == "W5b" {
+                continue;
+            }
             match count_one(w, proxy, port, d, &pids, n1, n2) {
                 Ok(per_request) => {
                     eprintln!("I {proxy:>10} {w:>5}: {per_request:>9.0} instructions per request");
@@ -62,15 +66,22 @@ pub fn count(d: &Path, quick: bool, wanted: impl Fn(&str) -> bool) -> Counts {
     counts
 }
 
-/// Prints the table of [`count`]'s figures with portcullis' ratio to the best rival.
+/// Prints the table of [`count`]'s figures with portcullis' ratio to the best rival, and, when
+/// the floor was counted, the instructions portcullis' own work adds to it.
 pub fn report(counts: &Counts, quick: bool) {
     let (n1, n2) = batches(quick);
     println!(
         "\nI: userspace instructions per request (callgrind; the proxy's processes, ({n2} − {n1} requests) / {}, same configuration as above)\n",
         n2 - n1
     );
-    println!("| workload | portcullis | nginx | haproxy | portcullis vs best rival |");
-    println!("|---|---|---|---|---|");
+    let floor = counts.keys().any(|(_, p)| *p == FLOOR.0);
+    let (floor_head, floor_rule) = if floor {
+        (" floor | portcullis above the floor |", "---|---|")
+    } else {
+        ("", "")
+    };
+    println!("| workload | portcullis | nginx | haproxy | portcullis vs best rival |{floor_head}");
+    println!("|---|---|---|---|---|{floor_rule}");
     for &(w, what) in COUNTED {
         let cell = |proxy: &'static str| {
             counts
@@ -85,8 +96,17 @@ pub fn report(counts: &Counts, quick: bool) {
             .get(&(w, "portcullis"))
             .filter(|_| best.is_finite())
             .map_or("-".to_string(), |c| format!("{:.2}×", c / best));
+        let above = match (counts.get(&(w, "portcullis")), counts.get(&(w, FLOOR.0))) {
+            (Some(ours), Some(bare)) => format!("{:+.1}k", (ours - bare) / 1000.0),
+            _ => "-".to_string(),
+        };
+        let floor_cells = if floor {
+            format!(" {} | {above} |", cell(FLOOR.0))
+        } else {
+            String::new()
+        };
         println!(
-            "| {w} {what} | {} | {} | {} | {ratio} |",
+            "| {w} {what} | {} | {} | {} | {ratio} |{floor_cells}",
             cell("portcullis"),
             cell("nginx"),
             cell("haproxy")
