@@ -33,13 +33,20 @@ mod instructions;
 use conf::{nginx, raise_fd_limit, which};
 
 const BACKEND: u16 = 18080;
-const PROXIES: &[(&str, u16)] = &[("portcullis", 19443), ("nginx", 19444), ("haproxy", 19445)];
+/// Every proxy a row can be printed for, in the tables' order: portcullis, its rivals, then the
+/// floor.
+const ALL: &[(&str, u16)] = &[
+    ("portcullis", 19443),
+    ("nginx", 19444),
+    ("haproxy", 19445),
+    ("floor", 19446),
+];
+/// portcullis and its rivals.
+const PROXIES: &[(&str, u16)] = ALL.split_at(3).0;
 /// The floor (`rivals/floor.rs`): the least proxy portcullis' crates make, doing none of the
 /// gateway's work. Not a rival: no ratio is taken against it, and it does not run W5b (it
 /// refuses nobody). It runs in the full bench, and in `--quick` when `RIVALS_PROXIES` names it.
-const FLOOR: (&str, u16) = ("floor", 19446);
-/// Every proxy a row can be printed for, in the tables' order.
-const ALL: &[(&str, u16)] = &[PROXIES[0], PROXIES[1], PROXIES[2], FLOOR];
+const FLOOR: (&str, u16) = ALL[3];
 
 struct Workload {
     id: &'static str,
@@ -259,7 +266,7 @@ fn report_memory(results: &BTreeMap<(&str, &str), Vec<Sample>>, n: usize, wait: 
         );
         Some((v[v.len() / 2], v[0], v[v.len() - 1]))
     };
-    let best = ["nginx", "haproxy"]
+    let best = RIVALS
         .iter()
         .filter_map(|p| med("M", p).map(|m| m.0))
         .fold(f64::INFINITY, f64::min);

@@ -11,11 +11,11 @@
 //!
 //! Usage: `floor LISTEN CERT_CHAIN KEY CLIENT_CA BACKEND`, addresses as `ip:port`, PEM files.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::http::uri::{Authority, Scheme};
@@ -29,7 +29,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-type Failure = Box<dyn std::error::Error>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() {
@@ -39,7 +38,7 @@ fn main() {
     }
 }
 
-fn run(args: Vec<String>) -> Result<(), Failure> {
+fn run(args: Vec<String>) -> Result<(), BoxError> {
     let [listen, chain, key, client_ca, backend] = &args[..] else {
         return Err("usage: floor LISTEN CERT_CHAIN KEY CLIENT_CA BACKEND".into());
     };
@@ -67,7 +66,11 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
     Ok(())
 }
 
-fn server_config(chain: &str, key: &str, client_ca: &str) -> Result<rustls::ServerConfig, Failure> {
+fn server_config(
+    chain: &str,
+    key: &str,
+    client_ca: &str,
+) -> Result<rustls::ServerConfig, BoxError> {
     let chain = CertificateDer::pem_file_iter(chain)?.collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_file(key)?;
     let mut roots = rustls::RootCertStore::empty();
@@ -100,8 +103,10 @@ async fn serve(
         .pool_max_idle_per_host(1000)
         .build_http();
     loop {
-        // Out of descriptors, say: the load generator sees it.
+        // Out of descriptors, say: the load generator sees it. A pause, so that the loop does
+        // not spin on the error and charge the floor CPU it did not spend serving.
         let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let _ = tcp.set_nodelay(true);

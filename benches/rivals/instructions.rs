@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{output, parse_h2load, proxy_command, Proc, ALL, FLOOR};
+use super::{output, parse_h2load, proxy_command, Proc, ALL, FLOOR, RIVALS};
 
 /// The workloads counted: the keep-alive ones whose per-request cost is the question.
 pub const COUNTED: &[(&str, &str)] = &[
@@ -88,7 +88,7 @@ pub fn report(counts: &Counts, quick: bool) {
                 .get(&(w, proxy))
                 .map_or("-".to_string(), |c| format!("{:.1}k", c / 1000.0))
         };
-        let best = ["nginx", "haproxy"]
+        let best = RIVALS
             .iter()
             .filter_map(|p| counts.get(&(w, *p)))
             .fold(f64::INFINITY, |a, b| a.min(*b));
